@@ -1,0 +1,165 @@
+"""The Qwen3 dense family by architecture, and how a model name resolves.
+
+Everything here is plain data so the solver, the estimator and the tests can build any of these models
+from architecture alone (random init), without downloading weights. Figures are from the published
+config.json files. Importing this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from autotune.errors import UserError
+
+TINY = "tiny-qwen3"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    vocab_size: int = 151936
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+    def to_hf_config(self, **extra):
+        """A transformers Qwen3Config for this architecture (imports transformers lazily)."""
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**asdict(self), **extra)
+
+    def param_count(self) -> int:
+        """Parameters of the base model (embeddings counted once when tied)."""
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + 2 * self.head_dim  # q,k,v,o + q/k norms
+        mlp = 3 * h * i
+        layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return embed + L * layer + h + head
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "Architecture":
+        fields = cls.__dataclass_fields__
+        kwargs = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
+        if "head_dim" not in kwargs and "hidden_size" in cfg and "num_attention_heads" in cfg:
+            kwargs["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+                   if k not in kwargs]
+        if missing:
+            raise UserError(f"config.json lacks {', '.join(missing)}: it does not describe a Qwen3 model")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str                 # short name, e.g. Qwen3-14B
+    hub_id: str | None        # Qwen/Qwen3-14B; None for the built-in tiny model
+    architecture: Architecture
+    thinking: bool = False    # the assistant turn follows a <think> block (Qwen3 hybrid and -Thinking models)
+    tokenizer: str | None = None  # None: the model's own (hub id or local path)
+    local_path: str | None = None
+
+    @property
+    def source(self) -> str:
+        """What from_pretrained is given for real weights."""
+        return self.local_path or self.hub_id or self.name
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.source
+
+
+_QWEN3 = dict(num_key_value_heads=8, head_dim=128, vocab_size=151936)
+_4B = Architecture(2560, 9728, 36, 32, tie_word_embeddings=True, **_QWEN3)
+_4B_2507 = replace(_4B, max_position_embeddings=262144, rope_theta=5_000_000.0)
+
+# Qwen3 hybrid models render an empty <think></think> block before a non-thinking answer; the 2507
+# Instruct model has no thinking mode at all; the 2507 Thinking model always thinks.
+CATALOG: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("Qwen3-0.6B", "Qwen/Qwen3-0.6B", Architecture(1024, 3072, 28, 16, tie_word_embeddings=True, **_QWEN3), thinking=True),
+        ModelSpec("Qwen3-1.7B", "Qwen/Qwen3-1.7B", Architecture(2048, 6144, 28, 16, tie_word_embeddings=True, **_QWEN3), thinking=True),
+        ModelSpec("Qwen3-4B", "Qwen/Qwen3-4B", _4B, thinking=True),
+        ModelSpec("Qwen3-4B-Thinking-2507", "Qwen/Qwen3-4B-Thinking-2507", _4B_2507, thinking=True),
+        ModelSpec("Qwen3-4B-Instruct-2507", "Qwen/Qwen3-4B-Instruct-2507", _4B_2507, thinking=False),
+        ModelSpec("Qwen3-8B", "Qwen/Qwen3-8B", Architecture(4096, 12288, 36, 32, **_QWEN3), thinking=True),
+        ModelSpec("Qwen3-14B", "Qwen/Qwen3-14B", Architecture(5120, 17408, 40, 40, **_QWEN3), thinking=True),
+        ModelSpec("Qwen3-32B", "Qwen/Qwen3-32B", Architecture(5120, 25600, 64, 64, **_QWEN3), thinking=True),
+        # The offline demo and the tests: Qwen3's real vocabulary (so the real tokenizer works) on a
+        # model small enough to train on two CPU cores in seconds.
+        ModelSpec(TINY, None, Architecture(64, 128, 2, 4, num_key_value_heads=2, head_dim=16,
+                                           tie_word_embeddings=True, max_position_embeddings=4096),
+                  thinking=True, tokenizer="qwen3-offline"),
+    ]
+}
+
+# Names people type that are not Qwen3 models, and what they most likely meant.
+_NOT_QWEN3 = {
+    "qwen3-7b": "Qwen3-8B (there is no Qwen3-7B: 7B is a Qwen2/Qwen2.5 size; Qwen3's nearest dense model is 8B)",
+}
+
+
+def _suggest(name: str) -> str:
+    names = list(CATALOG)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
+        name.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
+    known = ", ".join(n for n in names)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"{hint} Known models: {known}; or a local directory holding a config.json."
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Turn a short name, a hub id, or a local directory into a ModelSpec. Never touches the network."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError("model_name is empty: give a Qwen3 model such as Qwen3-8B, or a local directory")
+    name = name.strip()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_local_dir(path)
+    short = name.split("/")[-1]
+    if short.lower() in _NOT_QWEN3:
+        raise UserError(f"model_name {name!r} does not exist. Use {_NOT_QWEN3[short.lower()]}.")
+    for spec in CATALOG.values():
+        if spec.name.lower() == short.lower():
+            if "/" in name and spec.hub_id is not None:
+                # A mirror or fine-tune of a catalog model under another org keeps the architecture.
+                return replace(spec, hub_id=name)
+            return spec
+    if name.startswith((".", "/", "~")) or name.endswith("config.json"):
+        raise UserError(f"model_name {name!r}: no such directory (a local model needs a folder with config.json)")
+    raise UserError(f"model_name {name!r} is not a Qwen3 dense model autotune knows.{_suggest(short)}")
+
+
+def _from_local_dir(path: Path) -> ModelSpec:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"model directory {path} has no config.json: point model_name at a saved model folder")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{cfg_file}: cannot read it as JSON ({exc})") from None
+    model_type = cfg.get("model_type")
+    if model_type not in (None, "qwen3"):
+        raise UserError(f"{cfg_file}: model_type is {model_type!r}; autotune tunes Qwen3 dense models (qwen3)")
+    arch = Architecture.from_hf_config(cfg)
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    return ModelSpec(path.name, None, arch, thinking=True, local_path=str(path),
+                     tokenizer=None if has_tokenizer else "qwen3-offline")
+
+
+def has_weights(spec: ModelSpec) -> bool:
+    """True when real weights can be loaded without a download: a local folder with safetensors."""
+    return spec.local_path is not None and any(Path(spec.local_path).glob("*.safetensors"))

@@ -1,0 +1,354 @@
+"""The typed run configuration: every key of the original guide, inheritance, validation, presets.
+
+A config file is JSON. It may name a `base_config` (a path relative to the file, or a preset name from
+profiles/) and put its own values at top level or under `overrides`; chains are followed and cycles
+reported. Every error of a file is collected and reported at once, as a UserError (exit code 2).
+Importing this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UserError
+
+PROFILES_DIR = Path(os.environ.get("AUTOTUNE_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+PRESET_KINDS = ("hardware", "models", "strategies", "lora", "configs")
+
+# Per key: (documentation, constraint). The constraint is checked by _check_value.
+# Kinds: "int>=1", "float>0", "ratio" (0..1), "bool", "str", "str?", "list[str]", "dict", "choice:a|b".
+
+
+def _key(default, doc: str, kind: str):
+    return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc, "kind": kind})
+
+
+@dataclass
+class StructuredLogging:
+    enabled: bool = _key(True, "Write the JSONL training log.", "bool")
+    log_file: str = _key("./logs/structured/training.jsonl", "Path of the JSONL log (relative to the working directory).", "str")
+    log_level: str = _key("INFO", "Lowest level written.", "choice:DEBUG|INFO|WARNING|ERROR")
+    include_memory_stats: bool = _key(True, "Add process RAM and GPU memory to each metrics record.", "bool")
+    include_model_stats: bool = _key(True, "Log trainable and total parameter counts.", "bool")
+
+
+@dataclass
+class Config:
+    # --- model and output ---
+    model_name: str = _key("Qwen/Qwen3-4B-Thinking-2507", "Qwen3 short name (Qwen3-14B), hub id, or local directory with config.json.", "str")
+    tokenizer_name: str | None = _key(None, "Tokenizer to use; null: the model's own. `qwen3-offline` builds Qwen3's tokenizer without network.", "str?")
+    init: str = _key("pretrained", "`pretrained` loads real weights; `random` builds the architecture with random weights (demo, tests, solver trials).", "choice:pretrained|random")
+    output_dir: str = _key("./qwen3-finetuned", "Where the adapter, tokenizer, resolved config and run summary go.", "str")
+    max_memory_gb: float | None = _key(13.0, "GPU memory budget in GiB; solve fits inside it, validate checks it. null: probed free memory less a margin.", "float>0?")
+    quantization: str = _key("4bit", "Base weights: `4bit` (nf4 + double quant, QLoRA), `8bit`, or `none`.", "choice:4bit|8bit|none")
+    # --- batch and schedule ---
+    batch_size: int = _key(4, "Per-device micro-batch.", "int>=1")
+    gradient_accumulation_steps: int = _key(16, "Micro-batches per optimizer step.", "int>=1")
+    effective_batch_size: int | None = _key(None, "Samples per optimizer step across devices; null: batch_size x gradient_accumulation_steps. solve keeps it fixed.", "int>=1?")
+    learning_rate: float = _key(5e-5, "Peak learning rate.", "float>0")
+    num_epochs: float = _key(100, "Epochs over the training split (ignored when max_steps is set).", "float>0")
+    max_steps: int | None = _key(None, "Stop after this many optimizer steps; null: run num_epochs.", "int>=1?")
+    max_sequence_length: int = _key(256, "Tokens per sample (prompt + answer); longer samples follow `overflow`.", "int>=8")
+    warmup_ratio: float = _key(0.1, "Fraction of steps spent warming up the learning rate.", "ratio")
+    weight_decay: float = _key(0.01, "AdamW weight decay.", "float>=0")
+    max_grad_norm: float = _key(1.0, "Gradient clipping norm (0 disables).", "float>=0")
+    seed: int = _key(42, "Seed for init, shuffling and the train/eval split.", "int>=0")
+    # --- LoRA ---
+    lora_r: int = _key(6, "LoRA rank.", "int>=1")
+    lora_alpha: float = _key(12, "LoRA scaling numerator (scale = alpha / r).", "float>0")
+    lora_dropout: float = _key(0.1, "Dropout on the LoRA path.", "ratio")
+    target_modules: list[str] = _key(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.", "list[str]")
+    # --- data ---
+    data_dir: str = _key("data/raw", "Folder of *.md QA files (README.md skipped), *.jsonl or *.json.", "str")
+    data_format: str = _key("auto", "`auto` detects per file; or force one format.", "choice:auto|simple_qa|header_qa|jsonl|json")
+    question_prefix: str = _key("Q", "Question marker in markdown (Q1:).", "str")
+    answer_prefix: str = _key("A", "Answer marker in markdown (A1:).", "str")
+    separator: str = _key(":", "Marker separator; a full-width colon is always accepted too.", "str")
+    question_pattern: str | None = _key(None, "Regex that starts a question line; overrides prefix/separator.", "str?")
+    answer_pattern: str | None = _key(None, "Regex that starts an answer line; overrides prefix/separator.", "str?")
+    eval_ratio: float = _key(0.1, "Share of pairs held out for evaluation and the inference test.", "ratio")
+    system_prompt: str | None = _key(None, "Optional system message in every sample.", "str?")
+    overflow: str = _key("truncate", "A sample longer than max_sequence_length: `truncate` its answer (end-of-turn kept) or `drop` it.", "choice:truncate|drop")
+    data_cache_dir: str = _key("data/processed", "Where the tokenized dataset is cached.", "str")
+    # --- logging and checkpoints ---
+    log_dir: str = _key("./logs", "Run logs.", "str")
+    enable_tensorboard: bool = _key(True, "Write TensorBoard event files.", "bool")
+    tensorboard_log_dir: str | None = _key(None, "TensorBoard folder; null: <log_dir>/tensorboard.", "str?")
+    log_every_n_steps: int = _key(10, "Optimizer steps between metric records.", "int>=1")
+    save_every_n_steps: int = _key(100, "Optimizer steps between checkpoints.", "int>=1")
+    save_total_limit: int = _key(3, "Checkpoints kept (oldest deleted).", "int>=1")
+    structured_logging: StructuredLogging = field(default_factory=StructuredLogging, metadata={"doc": "JSONL log settings (nested object).", "kind": "nested"})
+    # --- after training ---
+    enable_inference_test: bool = _key(True, "Answer held-out questions with base and tuned model; write a report.", "bool")
+    inference_samples: int = _key(5, "Held-out questions in the inference test.", "int>=1")
+    inference_max_new_tokens: int = _key(128, "Generation length in the inference test.", "int>=1")
+    # --- environment ---
+    verify_environment: bool = _key(True, "Run the hardware validation before training; stop on a hard problem.", "bool")
+    auto_install_deps: bool = _key(False, "Offer to install missing packages: prints the command and asks on a TTY; never installs silently.", "bool")
+    # --- precision, memory, optimizer ---
+    gradient_checkpointing: bool = _key(True, "Recompute activations in backward to save memory.", "bool")
+    gradient_checkpointing_kwargs: dict = _key({"use_reentrant": False}, "Passed to gradient checkpointing.", "dict")
+    fp16: bool = _key(False, "fp16 mixed precision (GPUs without bf16).", "bool")
+    bf16: bool = _key(True, "bf16 mixed precision (Ampere and newer).", "bool")
+    tf32: bool = _key(True, "TF32 matmuls on Ampere and newer.", "bool")
+    optimizer: str = _key("paged_adamw_8bit", "Any HF Trainer optimizer name (adamw_torch, paged_adamw_8bit, ...).", "str")
+    optimizer_kwargs: dict = _key({}, "Extra optimizer arguments (betas, eps, ...).", "dict")
+    lr_scheduler_type: str = _key("cosine", "HF scheduler name.", "str")
+    lr_scheduler_kwargs: dict = _key({}, "Extra scheduler arguments.", "dict")
+    max_oom_retries: int = _key(4, "Times a training OOM may halve the micro-batch (accumulation doubles) before giving up.", "int>=0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.effective_batch_size or self.batch_size * self.gradient_accumulation_steps
+
+
+KEY_DOCS = {f.name: (f.metadata["doc"], f.metadata["kind"]) for f in fields(Config)}
+NESTED = {"structured_logging": StructuredLogging}
+INHERITANCE_KEYS = ("base_config", "overrides")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; malformed JSON is reported with file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read it ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}. "
+                        "Only JSON is accepted (no comments or trailing commas).") from None
+
+
+def preset_path(name: str) -> Path | None:
+    """A preset by name: `kind/name` (hardware/16gb) or a bare name when unique."""
+    candidates = []
+    if "/" in name:
+        candidates.append(PROFILES_DIR / f"{name}.json")
+    else:
+        candidates += [PROFILES_DIR / kind / f"{name}.json" for kind in PRESET_KINDS]
+    found = [p for p in candidates if p.is_file()]
+    return found[0] if found else None
+
+
+def list_presets() -> list[dict]:
+    out = []
+    for kind in PRESET_KINDS:
+        for p in sorted((PROFILES_DIR / kind).glob("*.json")):
+            doc = read_json(p)
+            out.append({"name": f"{kind}/{p.stem}", "kind": kind, "path": str(p),
+                        "description": doc.get("description", "") if isinstance(doc, dict) else ""})
+    return out
+
+
+def _resolve_base(ref: str, referrer: Path) -> Path:
+    as_path = (referrer.parent / ref).resolve()
+    if as_path.is_file():
+        return as_path
+    preset = preset_path(ref.removesuffix(".json"))
+    if preset is not None:
+        return preset.resolve()
+    raise UserError(f"{referrer}: base_config {ref!r} is neither a file (looked at {as_path}) nor a preset name. "
+                    "Run `autotune profiles list` for presets.")
+
+
+def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The file and its base chain, base first. Each layer is (file, flat values)."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise UserError(f"base_config cycle: {cycle}. Remove one base_config link.")
+    doc = read_json(path)
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: a config must be a JSON object, got {type(doc).__name__}")
+    values = {k: v for k, v in doc.items() if k not in INHERITANCE_KEYS and k != "description"}
+    overrides = doc.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise UserError(f"{path}: key 'overrides' must be an object of config keys, got {overrides!r}")
+    values.update(overrides)
+    layers: list[tuple[Path, dict]] = []
+    base = doc.get("base_config")
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: key 'base_config' must be a path or preset name (a string), got {base!r}")
+        layers = _layers(_resolve_base(base, path), (*chain, path))
+    return layers + [(path, values)]
+
+
+# ----------------------------------------------------------------------------------- checking
+
+def _describe(kind: str) -> str:
+    if kind.startswith("choice:"):
+        return "one of " + ", ".join(repr(c) for c in kind[7:].split("|"))
+    opt = kind.endswith("?")
+    base = kind.rstrip("?")
+    text = {
+        "int>=1": "an integer >= 1", "int>=0": "an integer >= 0", "int>=8": "an integer >= 8",
+        "float>0": "a number > 0", "float>=0": "a number >= 0", "ratio": "a number from 0 to 1",
+        "bool": "true or false", "str": "a string", "list[str]": "a list of strings", "dict": "a JSON object",
+    }[base]
+    return text + (" or null" if opt else "")
+
+
+def _check_value(kind: str, value: Any) -> bool:
+    if kind.endswith("?"):
+        if value is None:
+            return True
+        kind = kind[:-1]
+    if kind.startswith("choice:"):
+        return value in kind[7:].split("|")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= int(kind[5:])
+    if kind in ("float>0", "float>=0", "ratio"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return False
+        return {"float>0": value > 0, "float>=0": value >= 0, "ratio": 0 <= value <= 1}[kind] and value != float("inf")
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "list[str]":
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+    if kind == "dict":
+        return isinstance(value, dict)
+    raise AssertionError(kind)
+
+
+def _closest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_values(values: dict, where: str, errors: list[str]) -> None:
+    """Append one message per unknown key or bad value; never raises."""
+    for key, value in values.items():
+        if key in NESTED:
+            if not isinstance(value, dict):
+                errors.append(f"{where}: key {key!r}: value {value!r} is not allowed: must be a JSON object")
+                continue
+            sub = {f.name: f.metadata["kind"] for f in fields(NESTED[key])}
+            for k, v in value.items():
+                if k not in sub:
+                    errors.append(f"{where}: unknown key {key}.{k!r}{_closest(k, sub)}")
+                elif not _check_value(sub[k], v):
+                    errors.append(f"{where}: key '{key}.{k}': value {v!r} is not allowed: must be {_describe(sub[k])}")
+            continue
+        if key not in KEY_DOCS:
+            errors.append(f"{where}: unknown key {key!r}{_closest(key, KEY_DOCS)}")
+            continue
+        kind = KEY_DOCS[key][1]
+        if not _check_value(kind, value):
+            errors.append(f"{where}: key {key!r}: value {value!r} is not allowed: must be {_describe(kind)}")
+
+
+def _check_consistency(values: dict, errors: list[str]) -> None:
+    """Checks across keys, on the merged values (run even when some values are bad, so that every
+    error of a file is reported at once)."""
+    from autotune.catalog import resolve_model
+
+    if isinstance(values.get("model_name"), str):
+        try:
+            resolve_model(values["model_name"])
+        except UserError as exc:
+            errors.append(f"key 'model_name': {exc}")
+    if values.get("fp16") is True and values.get("bf16") is True:
+        errors.append("keys 'fp16' and 'bf16' are both true: choose one mixed precision (bf16 on Ampere and newer)")
+    eff, batch = values.get("effective_batch_size"), values.get("batch_size")
+    if isinstance(eff, int) and isinstance(batch, int) and batch > 0 and eff % batch:
+        errors.append(f"key 'effective_batch_size': {eff} is not a multiple of batch_size {batch}: "
+                      "the effective batch would silently change")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if k in NESTED and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(values: dict, where: str = "config") -> Config:
+    """A Config from flat values over the defaults; every problem reported in one UserError."""
+    errors: list[str] = []
+    check_values(values, where, errors)
+    return _finish(values, where, errors)
+
+
+def _finish(values: dict, where: str, errors: list[str]) -> Config:
+    full = _merge(Config().to_dict(), values)
+    consistency: list[str] = []
+    _check_consistency(full, consistency)
+    errors = errors + [f"{where}: {e}" for e in consistency]
+    if errors:
+        raise UserError("\n".join(dict.fromkeys(errors)))
+    full["structured_logging"] = StructuredLogging(**full["structured_logging"])
+    return Config(**full)
+
+
+def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
+    """`--set key=value` pairs, typed by the schema: JSON where it parses, else a plain string."""
+    values: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set batch_size=2")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        kind = KEY_DOCS.get(key, ("", ""))[1]
+        if kind.rstrip("?") in ("str", "choice") or kind.startswith("choice:") or kind == "str?":
+            if not isinstance(value, str) and not (value is None and kind.endswith("?")):
+                value = raw  # `--set model_name=123` means the string "123"
+        if "." in key and key.split(".", 1)[0] in NESTED:
+            outer, inner = key.split(".", 1)
+            values.setdefault(outer, {})[inner] = value
+        else:
+            values[key] = value
+    return values
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
+    """Defaults < base chain < the file < CLI overrides. All errors of all layers reported together."""
+    errors: list[str] = []
+    merged: dict = {}
+    if path is not None:
+        for layer_path, values in _layers(Path(path)):
+            check_values(values, str(layer_path), errors)
+            merged = _merge(merged, values)
+    if overrides:
+        check_values(overrides, "--set", errors)
+        merged = _merge(merged, overrides)
+    # Values were checked per layer, so each message names the file that holds the bad value.
+    return _finish(merged, str(path) if path else "config", errors)
+
+
+def config_reference_markdown() -> str:
+    """The config-key table for the README, generated from the schema so it cannot drift."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    defaults = Config().to_dict()
+    for f in fields(Config):
+        if f.name in NESTED:
+            for sf in fields(NESTED[f.name]):
+                rows.append(f"| `{f.name}.{sf.name}` | `{json.dumps(defaults[f.name][sf.name])}` | "
+                            f"{_describe(sf.metadata['kind'])} | {sf.metadata['doc']} |")
+            continue
+        rows.append(f"| `{f.name}` | `{json.dumps(defaults[f.name])}` | {_describe(f.metadata['kind'])} | "
+                    f"{f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,464 @@
+"""Hardware probe: what GPUs CUDA will see, how much memory they have, and the host around them.
+
+The probe must answer fast and on machines with no GPU at all, so nothing heavy (torch,
+transformers, ...) is imported at module import time, and NVML failures become data in the
+document instead of exceptions.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UserError
+from autotune.fsutil import atomic_write_json
+
+SCHEMA_VERSION = 1
+KIND = "autotune.probe"
+
+_GIB = 1024**3
+
+# Distribution names, not module names: importlib.metadata reads them without importing anything.
+_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+# NVML bindings ship as `nvidia-ml-py` (official) or the older `pynvml` distribution.
+_NVML_DISTS = ("nvidia-ml-py", "pynvml")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else round(n / _GIB, 2)
+
+
+def _text(value: Any) -> Any:
+    """Older pynvml versions return bytes for names, UUIDs and PCI bus ids."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+def _cuda_version_str(v: int | None) -> str | None:
+    """NVML encodes CUDA versions as 1000*major + 10*minor (12040 -> "12.4")."""
+    if v is None:
+        return None
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- packages / torch
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {name: _dist_version(name) for name in _PACKAGES}
+    versions["nvidia-ml-py"] = next(
+        (v for v in map(_dist_version, _NVML_DISTS) if v is not None), None
+    )
+    return versions
+
+
+def _cuda_from_torch_version_file() -> tuple[bool, str | None]:
+    """Read `cuda = ...` from torch/version.py without importing torch (which takes seconds).
+
+    Returns (found, value): found is False when torch is missing or the file is unreadable.
+    """
+    try:
+        spec = importlib.util.find_spec("torch")  # top-level find_spec imports nothing
+    except (ImportError, ValueError):
+        return False, None
+    if spec is None or not spec.origin:
+        return False, None
+    try:
+        tree = ast.parse(Path(spec.origin).with_name("version.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return False, None
+    for node in tree.body:
+        target, value = None, None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and target.id == "cuda" and value is not None:
+            try:
+                cuda = ast.literal_eval(value)
+            except ValueError:
+                return False, None
+            return True, cuda if isinstance(cuda, str) else None
+    return False, None
+
+
+def torch_cuda_build() -> str | None:
+    """The CUDA version torch was built against ("12.4"), or None for CPU builds / no torch.
+
+    Prefers an already-imported torch, then torch/version.py read as text; imports torch only
+    as a last resort, since that costs seconds.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "version"):
+        return getattr(torch.version, "cuda", None)
+    found, cuda = _cuda_from_torch_version_file()
+    if found:
+        return cuda
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        import torch  # noqa: F811  (lazy on purpose)
+    except Exception:  # a broken torch install must not break the probe
+        return None
+    return getattr(torch.version, "cuda", None)
+
+
+# --------------------------------------------------------------------------- host
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _existing_ancestor(path: str | Path) -> Path:
+    """The output dir may not exist yet; its free space is that of the nearest existing parent."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def probe_host(output_dir: str | Path = ".") -> dict[str, Any]:
+    import psutil  # lazy: keeps `import autotune.hardware` cheap for the CLI's other commands
+
+    mem = psutil.virtual_memory()
+    disk_path = _existing_ancestor(output_dir)
+    try:
+        disk_free = shutil.disk_usage(disk_path).free
+    except OSError:
+        disk_free = None
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_logical_cores": psutil.cpu_count(logical=True),
+        "ram_total_bytes": mem.total,
+        "ram_available_bytes": mem.available,
+        "ram_total_gb": _gib(mem.total),
+        "ram_available_gb": _gib(mem.available),
+        "disk_path": str(disk_path),
+        "disk_free_bytes": disk_free,
+        "disk_free_gb": _gib(disk_free),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "torch_cuda_build": torch_cuda_build(),
+    }
+
+
+# --------------------------------------------------------------------------- GPUs via NVML
+
+
+class _GpuReader:
+    """Runs NVML queries for one GPU, keeping the first NVMLError instead of raising it,
+    so a single sick GPU never hides the healthy ones."""
+
+    def __init__(self, nvml: Any, nvml_index: int):
+        self.nvml = nvml
+        self.errors: list[str] = []
+        self.handle = self.query("handle", nvml.nvmlDeviceGetHandleByIndex, nvml_index)
+
+    def query(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except self.nvml.NVMLError as err:
+            self.errors.append(f"{what}: {err}")
+            return None
+
+    def device(self, what: str, fn_name: str) -> Any:
+        if self.handle is None:
+            return None
+        return self.query(what, getattr(self.nvml, fn_name), self.handle)
+
+
+def _other_processes(nvml: Any, handle: Any) -> list[dict[str, Any]] | None:
+    # Not readable is routine (containers, permissions, unsupported), so it is None rather than
+    # a GPU error: it says nothing about whether the GPU can train.
+    if handle is None:
+        return None
+    try:
+        procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except nvml.NVMLError:
+        return None
+    # usedGpuMemory is None when the driver cannot tell (e.g. Windows WDDM).
+    return [{"pid": p.pid, "used_bytes": getattr(p, "usedGpuMemory", None)} for p in procs]
+
+
+def _read_gpu(nvml: Any, nvml_index: int) -> dict[str, Any]:
+    r = _GpuReader(nvml, nvml_index)
+    mem = r.device("memory", "nvmlDeviceGetMemoryInfo")
+    pci = r.device("pci", "nvmlDeviceGetPciInfo")
+    cc = r.device("compute capability", "nvmlDeviceGetCudaComputeCapability")
+    total = getattr(mem, "total", None)
+    free = getattr(mem, "free", None)
+    return {
+        "index": None,  # the CUDA index, assigned once visibility is resolved
+        "nvml_index": nvml_index,
+        "name": _text(r.device("name", "nvmlDeviceGetName")),
+        "uuid": _text(r.device("uuid", "nvmlDeviceGetUUID")),
+        "pci_bus_id": _text(getattr(pci, "busId", None)),
+        "memory_total_bytes": total,
+        "memory_free_bytes": free,
+        "memory_used_bytes": getattr(mem, "used", None),
+        "memory_total_gb": _gib(total),
+        "memory_free_gb": _gib(free),
+        "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
+        "bf16_supported": cc[0] >= 8 if cc else None,
+        "other_processes": _other_processes(nvml, r.handle),
+        "error": "; ".join(r.errors) or None,
+    }
+
+
+def _read_driver(nvml: Any) -> dict[str, str | None]:
+    def call(*names: str) -> Any:
+        for name in names:
+            fn = getattr(nvml, name, None)
+            if fn is None:
+                continue
+            try:
+                return fn()
+            except nvml.NVMLError:
+                continue
+        return None
+
+    return {
+        "version": _text(call("nvmlSystemGetDriverVersion")),
+        "cuda": _cuda_version_str(
+            call("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion")
+        ),
+    }
+
+
+def _resolve_entry(entry: str, gpus: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One CUDA_VISIBLE_DEVICES entry -> the physical GPU it names, or None if invalid."""
+    if entry.lstrip("+-").isdigit():
+        n = int(entry)
+        return next((g for g in gpus if g["nvml_index"] == n), None)
+    # CUDA accepts full UUIDs or any unambiguous prefix of one ("GPU-8a3f").
+    matches = [g for g in gpus if g["uuid"] and g["uuid"].lower().startswith(entry.lower())]
+    return matches[0] if len(matches) == 1 else None
+
+
+def visible_gpus(gpus: list[dict[str, Any]], cuda_visible: str | None) -> list[dict[str, Any]]:
+    """Apply CUDA_VISIBLE_DEVICES (which NVML ignores) and number GPUs the way CUDA will.
+
+    Like CUDA, parsing stops at the first entry that names no GPU (or repeats one): the GPUs
+    listed before it stay visible, the rest are hidden.
+    """
+    if cuda_visible is None:
+        chosen = list(gpus)
+    else:
+        chosen = []
+        for raw in cuda_visible.split(","):
+            gpu = _resolve_entry(raw.strip(), gpus)
+            if gpu is None or any(gpu is c for c in chosen):
+                break
+            chosen.append(gpu)
+    return [dict(g, index=i) for i, g in enumerate(chosen)]
+
+
+def _load_nvml() -> Any:
+    import pynvml  # lazy: only the probe needs it
+
+    return pynvml
+
+
+def probe_gpus(nvml: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """(visible gpus, driver info, nvml_error). Never raises for NVML problems."""
+    driver: dict[str, Any] = {"version": None, "cuda": None}
+    if nvml is None:
+        try:
+            nvml = _load_nvml()
+        except ImportError as err:
+            return [], driver, f"NVML Python bindings not installed (nvidia-ml-py): {err}"
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as err:
+        return [], driver, str(err)
+    try:
+        driver = _read_driver(nvml)
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as err:
+            return [], driver, str(err)
+        physical = [_read_gpu(nvml, i) for i in range(count)]
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass  # the data is already read; a failing shutdown must not lose it
+    return visible_gpus(physical, os.environ.get("CUDA_VISIBLE_DEVICES")), driver, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def probe(output_dir: str | Path = ".", nvml: Any = None) -> dict[str, Any]:
+    """Describe the GPUs CUDA will see and the host, as one versioned JSON-able document."""
+    gpus, driver, nvml_error = probe_gpus(nvml)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "created_at": _now_iso(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpus": gpus,
+        "driver": driver,
+        "host": probe_host(output_dir),
+        "nvml_error": nvml_error,
+    }
+
+
+def best_gpu(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The GPU training would run on: CUDA device 0, if any is visible."""
+    return next((g for g in doc.get("gpus") or [] if g.get("index") == 0), None)
+
+
+def save_probe(doc: dict[str, Any], path: str | Path) -> Path:
+    return atomic_write_json(path, doc)
+
+
+def load_probe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"probe file not found: {path}. Run the probe first to create it.") from None
+    except OSError as err:
+        raise UserError(f"cannot read probe file {path}: {err}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"probe file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg}). Delete it and run the probe again."
+        ) from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise UserError(f"{path} is not an autotune probe file (expected kind {KIND!r}).")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"probe file {path} has schema_version {version!r}; this autotune reads "
+            f"version {SCHEMA_VERSION}. Run the probe again to regenerate it."
+        )
+    return doc
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    return "?" if value is None else format(value, spec)
+
+
+def _fmt_procs(procs: list[dict[str, Any]] | None) -> str:
+    if procs is None:
+        return "unknown"
+    if not procs:
+        return "none"
+    used = [p["used_bytes"] for p in procs if p.get("used_bytes") is not None]
+    return f"{len(procs)} ({sum(used) / _GIB:.2f} GiB)" if used else str(len(procs))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def _no_gpu_line(doc: dict[str, Any]) -> str:
+    if doc.get("nvml_error"):
+        return (
+            f"No NVIDIA GPU available: {doc['nvml_error']} "
+            "(no driver, or no GPU on this machine)"
+        )
+    cvd = doc.get("cuda_visible_devices")
+    if cvd is not None:
+        return f"No NVIDIA GPU visible to CUDA: CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU"
+    return "No NVIDIA GPU available: the driver reports zero devices"
+
+
+def _gpu_lines(doc: dict[str, Any]) -> list[str]:
+    gpus = doc.get("gpus") or []
+    if not gpus:
+        return [_no_gpu_line(doc)]
+    headers = ["CUDA", "NVML", "Name", "Total GiB", "Free GiB", "Used GiB", "CC", "bf16",
+               "Other processes"]
+    rows = [
+        [
+            str(g["index"]),
+            str(g["nvml_index"]),
+            _fmt(g.get("name")),
+            _fmt(g.get("memory_total_gb"), ".2f"),
+            _fmt(g.get("memory_free_gb"), ".2f"),
+            _fmt(_gib(g.get("memory_used_bytes")), ".2f"),
+            _fmt(g.get("compute_capability")),
+            {True: "yes", False: "no"}.get(g.get("bf16_supported"), "?"),
+            _fmt_procs(g.get("other_processes")),
+        ]
+        for g in gpus
+    ]
+    lines = _table(headers, rows)
+    lines += [f"  GPU {g['index']} error: {g['error']}" for g in gpus if g.get("error")]
+    return lines
+
+
+def _host_lines(host: dict[str, Any]) -> list[str]:
+    pkgs = host.get("packages") or {}
+    fields = [
+        ("CPU", f"{_fmt(host.get('cpu_model'))} ({_fmt(host.get('cpu_physical_cores'))} "
+                f"physical / {_fmt(host.get('cpu_logical_cores'))} logical cores)"),
+        ("RAM", f"{_fmt(host.get('ram_available_gb'), '.2f')} GiB available of "
+                f"{_fmt(host.get('ram_total_gb'), '.2f')} GiB"),
+        ("Disk", f"{_fmt(host.get('disk_free_gb'), '.2f')} GiB free at {host.get('disk_path')}"),
+        ("OS", _fmt(host.get("os"))),
+        ("Python", _fmt(host.get("python"))),
+        ("torch CUDA", host.get("torch_cuda_build") or "none (CPU-only build or no torch)"),
+        ("Packages", ", ".join(f"{k} {v or 'not installed'}" for k, v in pkgs.items())),
+    ]
+    width = max(len(k) for k, _ in fields)
+    return ["Host"] + [f"  {k.ljust(width)}  {v}" for k, v in fields]
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    """Plain-text report: GPU table (or one line saying why there is none), driver, host."""
+    driver = doc.get("driver") or {}
+    lines = ["GPUs", *_gpu_lines(doc), ""]
+    lines.append(
+        f"Driver: {driver.get('version') or 'n/a'}   CUDA (driver): {driver.get('cuda') or 'n/a'}"
+    )
+    lines += ["", *_host_lines(doc.get("host") or {})]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""Checks of a config against the machine (the guide's --validate-hardware-only), and dependency checks.
+
+Each finding says what is wrong and what to change. `error` findings stop a run; `warning` ones do not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from autotune.config import Config
+from autotune.errors import UserError
+
+# Room the output needs at least: an adapter, a few checkpoints with optimizer state, logs.
+MIN_FREE_DISK_GB = 2.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "warning" | "ok"
+    message: str
+
+
+def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
+    found: list[Finding] = []
+    gpus = [g for g in probe.get("gpus", []) if not g.get("error")]
+    if not gpus:
+        reason = probe.get("nvml_error") or "no GPU visible"
+        found.append(Finding("warning", f"no usable NVIDIA GPU ({reason}): training would run on the CPU, "
+                                        "which suits only the tiny demo model"))
+    else:
+        gpu = gpus[0]
+        total, free = gpu["memory_total_gb"], gpu["memory_free_gb"]
+        if cfg.max_memory_gb is not None:
+            if cfg.max_memory_gb > total:
+                found.append(Finding("error", f"max_memory_gb {cfg.max_memory_gb} exceeds GPU {gpu['index']} "
+                                              f"({gpu['name']}) total of {total:.1f} GiB: set max_memory_gb <= {total * 0.95:.1f}"))
+            elif cfg.max_memory_gb > free:
+                found.append(Finding("warning", f"max_memory_gb {cfg.max_memory_gb} exceeds the {free:.1f} GiB free "
+                                                f"on GPU {gpu['index']} now: other processes hold memory; free it "
+                                                f"or set max_memory_gb <= {free * 0.95:.1f}"))
+            else:
+                found.append(Finding("ok", f"max_memory_gb {cfg.max_memory_gb} fits GPU {gpu['index']} "
+                                           f"({free:.1f} of {total:.1f} GiB free)"))
+        if cfg.bf16 and not gpu.get("bf16_supported"):
+            found.append(Finding("error", f"bf16 is on but {gpu['name']} (compute capability "
+                                          f"{gpu.get('compute_capability')}) has no bf16: set bf16=false, fp16=true"))
+    if cfg.fp16 and cfg.bf16:
+        found.append(Finding("error", "fp16 and bf16 are both on: turn one off"))
+    disk = probe.get("host", {}).get("disk_free_gb")
+    if disk is not None and disk < MIN_FREE_DISK_GB:
+        found.append(Finding("error", f"only {disk:.1f} GiB free at {probe['host'].get('disk_path')}: "
+                                      f"free at least {MIN_FREE_DISK_GB} GiB or move output_dir"))
+    return found
+
+
+# ------------------------------------------------------------------------------ dependencies
+
+REQUIRED_MODULES = {"torch": "torch", "transformers": "transformers", "peft": "peft",
+                    "accelerate": "accelerate", "bitsandbytes": "bitsandbytes", "tensorboard": "tensorboard",
+                    "safetensors": "safetensors", "pynvml": "nvidia-ml-py", "psutil": "psutil"}
+
+
+def missing_packages() -> list[str]:
+    return [pkg for module, pkg in REQUIRED_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def install_command(packages: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", "install", *packages]
+
+
+def ensure_dependencies(auto_install: bool, *, isatty: bool | None = None, ask=input, run=subprocess.run) -> None:
+    """Missing packages are an error; with auto_install_deps the exact command is shown and, on a TTY
+    only, run after the user says yes. Nothing is ever installed silently."""
+    missing = missing_packages()
+    if not missing:
+        return
+    cmd = install_command(missing)
+    shown = " ".join(shlex.quote(c) for c in cmd)
+    if not auto_install:
+        raise UserError(f"missing packages: {', '.join(missing)}. Install them with:\n  {shown}")
+    if isatty is None:
+        isatty = sys.stdin.isatty()
+    if not isatty:
+        raise UserError(f"missing packages: {', '.join(missing)}. auto_install_deps asks before installing, "
+                        f"and there is no terminal to ask on. Run it yourself:\n  {shown}")
+    answer = ask(f"autotune needs {', '.join(missing)}. Run `{shown}` now? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UserError(f"not installed. Run it yourself when ready:\n  {shown}")
+    if run(cmd).returncode != 0:
+        raise UserError(f"the install failed: `{shown}` exited non-zero; see pip's output above")

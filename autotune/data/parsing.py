@@ -1,0 +1,740 @@
+"""Read a data directory of QA files (markdown, JSONL, JSON) into question/answer pairs.
+
+Markdown formats (from the original Qwen3 fine-tuning guide):
+
+* ``simple_qa``::
+
+      Q1: What is LoRA?
+      A1: A low-rank adapter ...
+
+* ``header_qa``::
+
+      ### Q1: What is LoRA?
+      A1: A low-rank adapter ...
+
+Both are read by one line-based parser, so a forced ``simple_qa`` still reads ``### Q1:`` lines; the
+format name only says which style a file uses. A marker is recognised only at the start of a line
+(up to 3 spaces, optional ``#``..``######`` heading hashes, optional ``**`` bold), the prefix must be
+the whole word (``Q3:`` yes, ``FAQ3:`` no), the number is optional (``Q:`` works), and the separator is
+the configured one or a full-width colon. The answer may start on the line after ``A1:``.
+
+Answers run until the next question, a heading (``#``..``######``), a horizontal rule (``---``) or the
+end of the file; everything in between is kept verbatim (lists, indentation, ``_``/``*``/backticks),
+only surrounding blank lines are trimmed. Inside fenced code blocks nothing is a marker or a heading.
+Setext headings (text underlined with ``===``) are not recognised: the title line would stay in the
+answer. Numbers are optional, and gaps are fine, but an answer numbered differently from the open
+question is skipped, like a question without an answer; every skip is listed with its line and reason.
+
+Custom markers: ``question_pattern`` / ``answer_pattern`` are regular expressions matched at the
+start of a line (``re.match``). Optional named groups: ``num`` (the pair number, used to check that
+Q and A numbers match) and ``text`` (the text on the marker line; without it, the rest of the line
+after the match is used).
+
+JSON Lines / JSON records: chat ``{"messages": [{"role": ..., "content": ...}]}`` (and ShareGPT
+``{"conversations": [{"from": ..., "value": ...}]}``), alpaca ``{"instruction", "input", "output"}``
+and ``{"question", "answer"}``. A JSON file holds a list of records or ``{"data": [...]}``.
+
+This module must stay cheap to import: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from autotune.errors import UserError
+
+MARKDOWN_FORMATS = ("simple_qa", "header_qa")
+DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json")
+MARKDOWN_EXTENSIONS = (".md", ".markdown")
+EXTENSIONS = {"simple_qa": MARKDOWN_EXTENSIONS, "header_qa": MARKDOWN_EXTENSIONS, "jsonl": (".jsonl",), "json": (".json",)}
+EXTENSIONS["auto"] = MARKDOWN_EXTENSIONS + EXTENSIONS["jsonl"] + EXTENSIONS["json"]
+
+FULL_WIDTH_COLON = "\uff1a"
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+# --------------------------------------------------------------------------------------------------
+# Data model
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+    source: str  # file path relative to data_dir, with forward slashes
+    line: int  # 1-based line where the question starts (JSONL: the record's line; JSON: record index + 1)
+    system: str | None = None
+    history: tuple = ()  # earlier chat turns: ({"role": ..., "content": ...}, ...)
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the history dicts; equal pairs still hash equal without them.
+        return hash((self.question, self.answer, self.source, self.line, self.system, len(self.history)))
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"question": self.question, "answer": self.answer, "source": self.source, "line": self.line}
+        if self.system is not None:
+            out["system"] = self.system
+        if self.history:
+            out["history"] = [dict(turn) for turn in self.history]
+        return out
+
+
+@dataclass
+class FileReport:
+    path: str
+    format: str
+    pairs: int
+    skipped: list[dict] = field(default_factory=list)  # each {"line": int, "reason": str}
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "format": self.format, "pairs": self.pairs, "skipped": [dict(s) for s in self.skipped]}
+
+
+@dataclass
+class DataReport:
+    files: list[FileReport]
+    pairs: list[QAPair]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"files": [f.to_json() for f in self.files], "pairs": [p.to_json() for p in self.pairs]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Decode a data file: UTF-8 (BOM stripped), UTF-16 with BOM, else GBK/GB18030, else UserError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read data file ({e.strerror or e}). Fix: check the path and its permissions.") from e
+    if data.startswith(UTF8_BOM):
+        data, encodings = data[len(UTF8_BOM):], ("utf-8",)  # the BOM says UTF-8: no guessing
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encodings = ("utf-16",)
+    else:
+        # GB18030 is a superset of GBK, so one attempt covers both encodings Chinese editors save in.
+        encodings = ("utf-8", "gb18030")
+    for encoding in encodings:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise UserError(
+        f"{path}: cannot decode the file as UTF-8 or GBK/GB18030 text. "
+        "Fix: re-save it as UTF-8 (most editors: 'Save with encoding' -> UTF-8)."
+    )
+
+
+def _split_lines(text: str) -> list[str]:
+    # Not str.splitlines(): it also splits on form feeds and U+2028, which would shift line numbers
+    # away from what an editor shows.
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+
+
+@dataclass(frozen=True)
+class _Marker:
+    num: int | None
+    text: str
+    styled: bool  # written as a heading or in bold (header_qa style)
+
+
+class _MarkerMatcher:
+    """Recognises question/answer marker lines, from prefixes or from user regexes."""
+
+    def __init__(self, question_prefix="Q", answer_prefix="A", separator=":", question_pattern=None, answer_pattern=None):
+        _check_prefixes(question_prefix, answer_prefix, separator, question_pattern, answer_pattern)
+        self.question = _compile_user_pattern("question_pattern", question_pattern) or _builtin_marker(question_prefix, separator)
+        self.answer = _compile_user_pattern("answer_pattern", answer_pattern) or _builtin_marker(answer_prefix, separator)
+
+    def match_question(self, line: str) -> _Marker | None:
+        return _match_marker(self.question, line)
+
+    def match_answer(self, line: str) -> _Marker | None:
+        return _match_marker(self.answer, line)
+
+
+def _check_prefixes(question_prefix, answer_prefix, separator, question_pattern, answer_pattern) -> None:
+    # A prefix (and with it the separator) is only needed when no pattern replaces it.
+    needed = {}
+    if not question_pattern:
+        needed["question_prefix"] = (question_prefix, "Q")
+    if not answer_pattern:
+        needed["answer_prefix"] = (answer_prefix, "A")
+    if needed:
+        needed["separator"] = (separator, ":")
+    for key, (value, default) in needed.items():
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{key}: must be a non-empty string, got {value!r}. Fix: set {key} (default {default!r}).")
+    if "question_prefix" in needed and "answer_prefix" in needed and question_prefix.strip() == answer_prefix.strip():
+        raise UserError(
+            f"question_prefix and answer_prefix are both {question_prefix!r}, so questions and answers cannot be told apart. "
+            "Fix: use different prefixes (default Q and A)."
+        )
+
+
+def _builtin_marker(prefix: str, separator: str) -> re.Pattern:
+    seps = sorted({separator.strip(), FULL_WIDTH_COLON}, key=len, reverse=True)
+    sep = "(?:" + "|".join(re.escape(s) for s in seps) + ")"
+    bold = r"(?:\*\*|__)"
+    return re.compile(
+        r"[ ]{0,3}(?P<hashes>\#{1,6}[ \t]+)?"  # optional ATX heading (header_qa)
+        rf"(?P<bold>{bold})?"  # optional **Q1:** bold marker
+        rf"{re.escape(prefix.strip())}[ \t]*(?P<num>\d+)?[ \t]*"  # the prefix must start right here: FAQ3 is no marker
+        rf"{bold}?[ \t]*{sep}[ \t]*(?P<close>{bold})?"
+        r"(?P<text>.*)$"
+    )
+
+
+def _compile_user_pattern(key: str, pattern: str | None) -> re.Pattern | None:
+    if pattern is None or pattern == "":
+        return None
+    if not isinstance(pattern, str):
+        raise UserError(f"{key}: must be a regular expression string, got {type(pattern).__name__}. Fix: quote it in the config.")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise UserError(
+            f"{key}: invalid regular expression {pattern!r}: {e}. Fix: correct the regex (it is matched at the start of each line)."
+        ) from e
+    if compiled.match(""):
+        raise UserError(
+            f"{key}: the regular expression {pattern!r} matches an empty line, so every line would be a marker. "
+            "Fix: make it require the marker text, e.g. '^Q\\d+:'."
+        )
+    return compiled
+
+
+def _match_marker(pattern: re.Pattern, line: str) -> _Marker | None:
+    m = pattern.match(line)
+    if m is None:
+        return None
+    groups = m.groupdict()
+    text = groups["text"] if groups.get("text") is not None else line[m.end():]
+    text = text.strip()
+    if groups.get("hashes"):
+        text = re.sub(r"(^|[ \t]+)#+$", "", text).strip()  # optional closing hashes of an ATX heading
+    if groups.get("bold") and not groups.get("close") and text.endswith(groups["bold"]):
+        text = text[: -len(groups["bold"])].rstrip()  # **Q1: whole question in bold**
+    num = groups.get("num")
+    try:
+        number = int(num) if num else None
+    except ValueError:  # a user group named num that caught something other than digits
+        number = None
+    styled = bool(groups.get("hashes") or groups.get("bold")) or line.lstrip().startswith(("#", "**"))
+    return _Marker(number, text, styled)
+
+
+_HEADING = re.compile(r"[ ]{0,3}#{1,6}(?:[ \t]|$)")
+_THEMATIC_BREAK = re.compile(r"[ ]{0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
+_FENCE_OPEN = re.compile(r"[ \t]*(`{3,}|~{3,})")
+
+
+class _Fence:
+    """Tracks fenced code blocks: inside one, marker and heading lines are plain content.
+
+    Fences may be indented (inside list items), so any indentation opens or closes one.
+    """
+
+    def __init__(self):
+        self.marker: str | None = None
+        self.opened_at = 0
+
+    def feed(self, number: int, line: str) -> bool:
+        """Return True when `line` belongs to a code block (its opening and closing fence included)."""
+        if self.marker is None:
+            m = _FENCE_OPEN.match(line)
+            if m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):  # ```x``` is inline code, no fence
+                self.marker, self.opened_at = m.group(1), number
+                return True
+            return False
+        stripped = line.strip()
+        if stripped and set(stripped) == {self.marker[0]} and len(stripped) >= len(self.marker):
+            self.marker = None
+        return True
+
+
+@dataclass
+class _Open:
+    """The question (and maybe answer) being collected."""
+
+    question: _Marker
+    line: int
+    question_lines: list[str]
+    answer: _Marker | None = None
+    answer_lines: list[str] = field(default_factory=list)
+
+
+class _MarkdownParser:
+    def __init__(self, source: str, matcher: _MarkerMatcher):
+        self.source = source
+        self.matcher = matcher
+        self.pairs: list[QAPair] = []
+        self.skipped: list[dict] = []
+        self.styled_questions = 0
+        self.open: _Open | None = None
+        self.discarding = False  # inside the body of a skipped answer
+
+    def parse(self, text: str) -> None:
+        fence = _Fence()
+        for number, line in enumerate(_split_lines(text), start=1):
+            if fence.feed(number, line):
+                self._content(line)
+            else:
+                self._line(number, line)
+        self._close()
+        if fence.marker is not None:
+            # Markdown reads the rest of the file as code, and so do we; say so, since later pairs vanish.
+            self._skip(fence.opened_at, "code fence opened here is never closed; the rest of the file was read as code")
+
+    def _line(self, number: int, line: str) -> None:
+        """Handle one line outside code blocks."""
+        question = self.matcher.match_question(line)
+        if question is not None:
+            self._close()
+            self.styled_questions += question.styled
+            self.open = _Open(question, number, [question.text])
+            return
+        answer = self.matcher.match_answer(line)
+        if answer is not None:
+            self._answer(number, answer)
+        elif _HEADING.match(line) or _THEMATIC_BREAK.match(line):
+            # A heading or horizontal rule starts something new: it never belongs to the answer above.
+            self._close()
+        else:
+            self._content(line)
+
+    def _answer(self, number: int, answer: _Marker) -> None:
+        current = self.open
+        if current is None or current.answer is not None:
+            self._close()
+            self._skip(number, "answer without a question before it")
+            self.discarding = True
+            return
+        if answer.num is not None and current.question.num is not None and answer.num != current.question.num:
+            self._skip(number, f"answer number {answer.num} does not match question number {current.question.num} (line {current.line})")
+            self.discarding = True
+            return
+        current.answer = answer
+        current.answer_lines = [answer.text]
+        self.discarding = False
+
+    def _content(self, line: str) -> None:
+        if self.discarding or self.open is None:
+            return  # prose outside any pair, or the body of a skipped answer
+        target = self.open.answer_lines if self.open.answer is not None else self.open.question_lines
+        target.append(line)
+
+    def _close(self) -> None:
+        current, self.open, self.discarding = self.open, None, False
+        if current is None:
+            return
+        question = _trim_block(current.question_lines)
+        if current.answer is None:
+            self._skip(current.line, "question without answer")
+        elif not question:
+            self._skip(current.line, "empty question")
+        else:
+            answer = _trim_block(current.answer_lines)
+            if not answer:
+                self._skip(current.line, "empty answer")
+            else:
+                self.pairs.append(QAPair(question, answer, self.source, current.line))
+
+    def _skip(self, line: int, reason: str) -> None:
+        self.skipped.append({"line": line, "reason": reason})
+
+
+def _trim_block(lines: list[str]) -> str:
+    """Drop blank lines around a block; keep its inner lines (indentation, markdown) as written."""
+    start, end = 0, len(lines)
+    while start < end and not lines[start].strip():
+        start += 1
+    while end > start and not lines[end - 1].strip():
+        end -= 1
+    return "\n".join(lines[start:end]).rstrip()
+
+
+def parse_markdown(
+    text: str,
+    source: str,
+    fmt: str = "auto",
+    question_prefix: str = "Q",
+    answer_prefix: str = "A",
+    separator: str = ":",
+    question_pattern: str | None = None,
+    answer_pattern: str | None = None,
+) -> tuple[list[QAPair], FileReport]:
+    """Parse one markdown text. `fmt` "auto" reports header_qa when questions are headings or bold."""
+    _check_format(fmt, allowed=("auto", *MARKDOWN_FORMATS))
+    matcher = _MarkerMatcher(question_prefix, answer_prefix, separator, question_pattern, answer_pattern)
+    parser = _MarkdownParser(source, matcher)
+    parser.parse(text)
+    if fmt == "auto":
+        fmt = "header_qa" if parser.styled_questions else "simple_qa"
+    return parser.pairs, FileReport(source, fmt, len(parser.pairs), parser.skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON Lines / JSON records
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+_Found = tuple[str, str, "str | None", tuple]  # (question, answer, system, history) of one pair in a record
+
+
+class _BadRecord(Exception):
+    """A record that yields no pair; the message is the skip reason."""
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:  # e.g. an assistant turn that only calls tools
+        return ""
+    if isinstance(value, str):
+        return value
+    # OpenAI-style content parts: [{"type": "text", "text": ...}, ...]
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise _BadRecord(f"{what} must be a string, got {type(value).__name__}")
+
+
+def _chat_turns(record: dict) -> list[dict]:
+    if "messages" in record:
+        messages, role_key, content_key, roles = record["messages"], "role", "content", None
+    else:
+        messages, role_key, content_key, roles = record["conversations"], "from", "value", _SHAREGPT_ROLES
+    if not isinstance(messages, list):
+        raise _BadRecord(f"'{'messages' if roles is None else 'conversations'}' must be a list of turns")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or role_key not in message:
+            raise _BadRecord(f"turn {i + 1} is not an object with a '{role_key}'")
+        role = str(message[role_key])
+        role = roles.get(role, role) if roles else role
+        turns.append({"role": role, "content": _text(message.get(content_key, ""), f"turn {i + 1} {content_key}")})
+    return turns
+
+
+def _pairs_from_chat(record: dict) -> list[_Found]:
+    """One pair per assistant turn that directly follows a user turn."""
+    system = _text(record["system"], "system") if isinstance(record.get("system"), (str, list)) else None
+    history: list[dict] = []
+    out = []
+    turns = _chat_turns(record)
+    for i, turn in enumerate(turns):
+        if turn["role"] == "system":
+            system = turn["content"]
+            continue
+        previous = history[-1] if history else None
+        if turn["role"] == "assistant" and previous and previous["role"] == "user":
+            question, answer = previous["content"].strip(), turn["content"].strip()
+            if question and answer:
+                out.append((question, answer, system, tuple(history[:-1])))
+        history.append(turn)
+    if not out:
+        raise _BadRecord("chat record has no non-empty user turn followed by an assistant turn")
+    return out
+
+
+def _pairs_from_alpaca(record: dict) -> list[_Found]:
+    question = _text(record["instruction"], "instruction").strip()
+    extra = _text(record.get("input") or "", "input").strip()
+    if extra:
+        question = f"{question}\n\n{extra}" if question else extra
+    answer = _text(record["output"], "output").strip()
+    system = _text(record["system"], "system") if record.get("system") else None
+    history: list[dict] = []
+    for turn in record.get("history") or []:  # LLaMA-Factory style: [[question, answer], ...]
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise _BadRecord("'history' must be a list of [question, answer] pairs")
+        history += [{"role": "user", "content": _text(turn[0], "history")}, {"role": "assistant", "content": _text(turn[1], "history")}]
+    return _checked(question, answer, system, tuple(history))
+
+
+def _pairs_from_qa(record: dict) -> list[_Found]:
+    system = _text(record["system"], "system") if record.get("system") else None
+    return _checked(_text(record["question"], "question").strip(), _text(record["answer"], "answer").strip(), system, ())
+
+
+def _checked(question: str, answer: str, system: str | None, history: tuple) -> list[_Found]:
+    if not question:
+        raise _BadRecord("empty question")
+    if not answer:
+        raise _BadRecord("empty answer")
+    return [(question, answer, system, history)]
+
+
+def _record_pairs(record: Any) -> list[_Found]:
+    """(question, answer, system, history) for each pair in one record; _BadRecord says why there are none."""
+    if not isinstance(record, dict):
+        raise _BadRecord(f"record is a {type(record).__name__}, not an object")
+    if "messages" in record or "conversations" in record:
+        return _pairs_from_chat(record)
+    if "instruction" in record and "output" in record:
+        return _pairs_from_alpaca(record)
+    if "question" in record and "answer" in record:
+        return _pairs_from_qa(record)
+    keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+    raise _BadRecord(f"unknown record shape (keys: {keys}); expected 'messages', 'instruction'+'output' or 'question'+'answer'")
+
+
+def _add_record(record: Any, source: str, line: int, pairs: list[QAPair], skipped: list[dict]) -> None:
+    try:
+        found = _record_pairs(record)
+    except _BadRecord as e:
+        skipped.append({"line": line, "reason": str(e)})
+        return
+    pairs.extend(QAPair(q, a, source, line, system, history) for q, a, system, history in found)
+
+
+def _loads(text: str) -> Any:
+    """json.loads that reports every failure as ValueError (deep nesting raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+
+
+def parse_jsonl(text: str, source: str) -> tuple[list[QAPair], FileReport]:
+    pairs: list[QAPair] = []
+    skipped: list[dict] = []
+    for number, line in enumerate(_split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = _loads(line)
+        except ValueError as e:
+            skipped.append({"line": number, "reason": f"invalid JSON: {_json_error(e)}"})
+            continue
+        _add_record(record, source, number, pairs, skipped)
+    return pairs, FileReport(source, "jsonl", len(pairs), skipped)
+
+
+def parse_json(text: str, source: str) -> tuple[list[QAPair], FileReport]:
+    pairs: list[QAPair] = []
+    skipped: list[dict] = []
+    try:
+        data = _loads(text.lstrip("\ufeff")) if text.strip() else []
+    except ValueError as e:
+        skipped.append({"line": getattr(e, "lineno", 1), "reason": f"invalid JSON: {_json_error(e)}"})
+        return pairs, FileReport(source, "json", 0, skipped)
+    records = _json_records(data)
+    if records is None:
+        skipped.append({"line": 1, "reason": 'top-level JSON must be a list of records or {"data": [...]}'})
+    else:
+        for index, record in enumerate(records):
+            _add_record(record, source, index + 1, pairs, skipped)
+    return pairs, FileReport(source, "json", len(pairs), skipped)
+
+
+def _json_records(data: Any) -> list | None:
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        return data["data"]
+    if isinstance(data, dict) and any(k in data for k in ("messages", "conversations", "instruction", "question")):
+        return [data]  # a file holding a single record
+    return None
+
+
+def _json_error(e: ValueError) -> str:
+    return e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+
+
+# --------------------------------------------------------------------------------------------------
+# Directory
+
+
+def parse_data_dir(
+    data_dir: str | os.PathLike,
+    data_format: str = "auto",
+    question_prefix: str = "Q",
+    answer_prefix: str = "A",
+    separator: str = ":",
+    question_pattern: str | None = None,
+    answer_pattern: str | None = None,
+) -> DataReport:
+    """Parse every data file under `data_dir` (recursively, in sorted order) into one report."""
+    _check_format(data_format, allowed=DATA_FORMATS)
+    root = Path(data_dir)
+    if not root.exists():
+        raise UserError(
+            f"data_dir {str(data_dir)!r} does not exist. Fix: set data_dir to the folder holding your QA files (e.g. data/raw)."
+        )
+    if not root.is_dir():
+        raise UserError(f"data_dir {str(data_dir)!r} is a file, not a folder. Fix: set data_dir to the folder that contains it.")
+    options = dict(
+        question_prefix=question_prefix,
+        answer_prefix=answer_prefix,
+        separator=separator,
+        question_pattern=question_pattern,
+        answer_pattern=answer_pattern,
+    )
+    _MarkerMatcher(**options)  # validate the options once, before any file is read
+
+    report = DataReport(files=[], pairs=[])
+    for relative in _data_files(root, EXTENSIONS[data_format]):
+        shown = _display(data_dir, relative)
+        pairs, file_report = _parse_file(root / relative, relative, data_format, options)
+        report.files.append(file_report)
+        report.pairs.extend(pairs)
+        report.warnings.extend(_file_warnings(shown, file_report))
+    if not report.pairs:
+        raise UserError(_no_pairs_message(data_dir, data_format, report, options))
+    report.warnings.extend(_duplicate_warnings(report.pairs))
+    return report
+
+
+def _check_format(fmt: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if fmt not in allowed:
+        raise UserError(f"data_format: unknown value {fmt!r}. Fix: use one of {', '.join(allowed)}.")
+
+
+def _data_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Relative posix paths of data files, sorted; hidden entries and README files are skipped."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(name)
+            if name.startswith(".") or path.stem.lower() == "readme" or path.suffix.lower() not in extensions:
+                continue
+            found.append((Path(folder) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _parse_file(path: Path, relative: str, data_format: str, options: dict) -> tuple[list[QAPair], FileReport]:
+    text = read_text(path)
+    suffix = path.suffix.lower()
+    if data_format == "jsonl" or (data_format == "auto" and suffix == ".jsonl"):
+        return parse_jsonl(text, relative)
+    if data_format == "json" or (data_format == "auto" and suffix == ".json"):
+        return parse_json(text, relative)
+    return parse_markdown(text, relative, data_format, **options)
+
+
+def _display(data_dir: str | os.PathLike, relative: str) -> str:
+    return (Path(data_dir) / relative).as_posix()
+
+
+def _file_warnings(shown: str, report: FileReport) -> list[str]:
+    warnings = []
+    if report.pairs == 0:
+        warnings.append(f"{shown}: no QA pairs found (format {report.format})")
+    if report.skipped:
+        first = report.skipped[0]
+        more = f" (and {len(report.skipped) - 1} more)" if len(report.skipped) > 1 else ""
+        warnings.append(f"{shown}: skipped {len(report.skipped)} item(s); line {first['line']}: {first['reason']}{more}")
+    return warnings
+
+
+def _duplicate_warnings(pairs: list[QAPair]) -> list[str]:
+    # Repeated questions matter: split_pairs keeps them on one side, and a model trained on conflicting
+    # answers to one question learns neither well.
+    seen: dict[str, QAPair] = {}
+    duplicates = []
+    for pair in pairs:
+        first = seen.setdefault(pair.question, pair)
+        if first is not pair:
+            duplicates.append((first, pair))
+    if not duplicates:
+        return []
+    first, again = duplicates[0]
+    return [f"{len(duplicates)} question(s) appear more than once, e.g. {first.source}:{first.line} and {again.source}:{again.line}"]
+
+
+def _no_pairs_message(data_dir, data_format: str, report: DataReport, options: dict) -> str:
+    patterns = ", ".join(f"*{ext}" for ext in EXTENSIONS[data_format])
+    if not report.files:
+        found = f"no {patterns} files (README.md is skipped)"
+    else:
+        found = f"{len(report.files)} file(s) with no usable pairs: " + "; ".join(w for w in report.warnings[:3])
+    q = options["question_pattern"] or f"{options['question_prefix']}1{options['separator']} ..."
+    a = options["answer_pattern"] or f"{options['answer_prefix']}1{options['separator']} ..."
+    return (
+        f"no QA pairs found in data_dir {str(data_dir)!r} (data_format {data_format!r}; looked for {patterns} files): {found}. "
+        f"Markdown pairs look like '{q}' (or '### {q}') followed by '{a}'; JSONL/JSON records need "
+        "'messages', 'instruction'+'output' or 'question'+'answer'. "
+        "Fix: point data_dir at a folder with *.md files of Q1:/A1: pairs (e.g. data/raw), "
+        "or set data_format / question_prefix / answer_prefix / separator to match your files."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Train/eval split
+
+
+def _sort_key(pair: QAPair) -> tuple:
+    return (pair.source, pair.line, len(pair.history), pair.question, pair.answer)
+
+
+def _groups(pairs: list[QAPair]) -> list[list[QAPair]]:
+    """Pairs that must land on the same side: turns of one chat record, and repeats of one question.
+
+    Otherwise eval would score questions the model was trained on.
+    """
+    parent = list(range(len(pairs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[tuple, int] = {}
+    for i, pair in enumerate(pairs):
+        for key in (("record", pair.source, pair.line), ("question", pair.question.strip())):
+            j = first_of.setdefault(key, i)
+            parent[find(i)] = find(j)
+    grouped: dict[int, list[QAPair]] = {}
+    for i, pair in enumerate(pairs):
+        grouped.setdefault(find(i), []).append(pair)
+    return list(grouped.values())  # in order of each group's first (sorted) pair
+
+
+def split_pairs(pairs: Iterable[QAPair], eval_ratio: float = 0.1, seed: int = 42) -> tuple[list[QAPair], list[QAPair]]:
+    """Deterministic (train, eval) split, independent of the order the pairs come in.
+
+    With >= 2 pairs and eval_ratio > 0 there is at least one eval pair and at least one train pair.
+    Pairs of one chat record or with the same question stay together when that is possible.
+    Both lists come back in (source, line) order.
+    """
+    if not isinstance(eval_ratio, (int, float)) or not 0 <= eval_ratio < 1:
+        raise UserError(
+            f"eval_ratio: must be a number in [0, 1), got {eval_ratio!r}. Fix: use e.g. 0.1 (10% held out) or 0 for no eval split."
+        )
+    ordered = sorted(pairs, key=_sort_key)
+    if eval_ratio == 0 or len(ordered) < 2:
+        return ordered, []
+    target = min(len(ordered) - 1, max(1, round(len(ordered) * eval_ratio)))
+    groups = _groups(ordered)
+    if len(groups) < 2:
+        groups = [[pair] for pair in ordered]  # one big group cannot be split while keeping it whole
+    random.Random(seed).shuffle(groups)
+    eval_set: list[QAPair] = []
+    for group in groups:  # greedy: whole groups, never past the target
+        if len(eval_set) + len(group) <= target:
+            eval_set.extend(group)
+        if len(eval_set) == target:
+            break
+    if not eval_set:  # every group is bigger than the target: hold out the smallest one
+        eval_set = min(groups, key=len)
+    chosen = {id(pair) for pair in eval_set}
+    train = [pair for pair in ordered if id(pair) not in chosen]
+    return train, sorted(eval_set, key=_sort_key)

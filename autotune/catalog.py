@@ -53,12 +53,22 @@ class Architecture:
     def from_hf_config(cls, cfg: dict) -> "Architecture":
         fields = cls.__dataclass_fields__
         kwargs = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
-        if "head_dim" not in kwargs and "hidden_size" in cfg and "num_attention_heads" in cfg:
-            kwargs["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        # transformers >= 5 saves rope_theta inside rope_parameters.
+        rope = cfg.get("rope_parameters")
+        if "rope_theta" not in kwargs and isinstance(rope, dict) and rope.get("rope_theta") is not None:
+            kwargs["rope_theta"] = rope["rope_theta"]
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
                    if k not in kwargs]
         if missing:
             raise UserError(f"config.json lacks {', '.join(missing)}: it does not describe a Qwen3 model")
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+        bad = [f"{k}={kwargs[k]!r}" for k in sizes
+               if k in kwargs and (not isinstance(kwargs[k], int) or isinstance(kwargs[k], bool) or kwargs[k] < 1)]
+        if bad:
+            raise UserError(f"config.json has {', '.join(bad)}: sizes must be positive integers")
+        if "head_dim" not in kwargs:
+            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
         return cls(**kwargs)
 
 
@@ -126,9 +136,8 @@ def resolve_model(name: str) -> ModelSpec:
     if not isinstance(name, str) or not name.strip():
         raise UserError("model_name is empty: give a Qwen3 model such as Qwen3-8B, or a local directory")
     name = name.strip()
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _from_local_dir(path)
+    if _is_dir(name):
+        return _from_local_dir(Path(name).expanduser())
     short = name.split("/")[-1]
     if short.lower() in _NOT_QWEN3:
         raise UserError(f"model_name {name!r} does not exist. Use {_NOT_QWEN3[short.lower()]}.")
@@ -143,6 +152,15 @@ def resolve_model(name: str) -> ModelSpec:
     raise UserError(f"model_name {name!r} is not a Qwen3 dense model autotune knows.{_suggest(short)}")
 
 
+def _is_dir(name: str) -> bool:
+    """Whether name is an existing directory; False (not an exception) for names the OS or the
+    home-directory lookup rejects (~nosuchuser, too long, NUL byte)."""
+    try:
+        return Path(name).expanduser().is_dir()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def _from_local_dir(path: Path) -> ModelSpec:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -151,6 +169,10 @@ def _from_local_dir(path: Path) -> ModelSpec:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{cfg_file}: cannot read it as JSON ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{cfg_file}: cannot read it as JSON (nested too deeply)") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_file}: must be a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in (None, "qwen3"):
         raise UserError(f"{cfg_file}: model_type is {model_type!r}; autotune tunes Qwen3 dense models (qwen3)")

@@ -124,13 +124,15 @@ def read_json(path: Path) -> Any:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: undecodable bytes, a NUL byte in the name
         raise UserError(f"{path}: cannot read it ({exc})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}. "
                         "Only JSON is accepted (no comments or trailing commas).") from None
+    except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
+        raise UserError(f"{path}: unreadable JSON: {exc}") from None
 
 
 def preset_path(name: str) -> Path | None:
@@ -140,8 +142,16 @@ def preset_path(name: str) -> Path | None:
         candidates.append(PROFILES_DIR / f"{name}.json")
     else:
         candidates += [PROFILES_DIR / kind / f"{name}.json" for kind in PRESET_KINDS]
-    found = [p for p in candidates if p.is_file()]
+    found = [p for p in candidates if _is_file(p)]
     return found[0] if found else None
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file that says False for names the OS rejects (too long, NUL byte) instead of raising."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def list_presets() -> list[dict]:
@@ -155,9 +165,9 @@ def list_presets() -> list[dict]:
 
 
 def _resolve_base(ref: str, referrer: Path) -> Path:
-    as_path = (referrer.parent / ref).resolve()
-    if as_path.is_file():
-        return as_path
+    as_path = referrer.parent / ref
+    if _is_file(as_path):
+        return as_path.resolve()
     preset = preset_path(ref.removesuffix(".json"))
     if preset is not None:
         return preset.resolve()
@@ -167,7 +177,10 @@ def _resolve_base(ref: str, referrer: Path) -> Path:
 
 def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """The file and its base chain, base first. Each layer is (file, flat values)."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a usable file name ({exc})") from None
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise UserError(f"base_config cycle: {cycle}. Remove one base_config link.")
@@ -242,7 +255,7 @@ def check_values(values: dict, where: str, errors: list[str]) -> None:
             sub = {f.name: f.metadata["kind"] for f in fields(NESTED[key])}
             for k, v in value.items():
                 if k not in sub:
-                    errors.append(f"{where}: unknown key {key}.{k!r}{_closest(k, sub)}")
+                    errors.append(f"{where}: unknown key '{key}.{k}'{_closest(k, sub)}")
                 elif not _check_value(sub[k], v):
                     errors.append(f"{where}: key '{key}.{k}': value {v!r} is not allowed: must be {_describe(sub[k])}")
             continue
@@ -310,15 +323,24 @@ def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set batch_size=2")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or an integer too long, nesting too deep)
             value = raw
-        kind = KEY_DOCS.get(key, ("", ""))[1]
-        if kind.rstrip("?") in ("str", "choice") or kind.startswith("choice:") or kind == "str?":
+        outer, _, inner = key.partition(".")
+        nested = bool(inner) and outer in NESTED
+        if nested:
+            kind = next((f.metadata["kind"] for f in fields(NESTED[outer]) if f.name == inner), "")
+        else:
+            kind = KEY_DOCS.get(key, ("", ""))[1]
+        if kind.rstrip("?") == "str" or kind.startswith("choice:"):
             if not isinstance(value, str) and not (value is None and kind.endswith("?")):
                 value = raw  # `--set model_name=123` means the string "123"
-        if "." in key and key.split(".", 1)[0] in NESTED:
-            outer, inner = key.split(".", 1)
-            values.setdefault(outer, {})[inner] = value
+        if nested:
+            target = values.setdefault(outer, {})
+            if not isinstance(target, dict):
+                raise UserError(f"--set {item!r}: {outer} was set to {target!r} before, which is not an object")
+            target[inner] = value
+        elif key in NESTED and isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}  # like a config layer: nested keys merge
         else:
             values[key] = value
     return values

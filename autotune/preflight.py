@@ -87,7 +87,10 @@ def ensure_dependencies(auto_install: bool, *, isatty: bool | None = None, ask=i
     if not isatty:
         raise UserError(f"missing packages: {', '.join(missing)}. auto_install_deps asks before installing, "
                         f"and there is no terminal to ask on. Run it yourself:\n  {shown}")
-    answer = ask(f"autotune needs {', '.join(missing)}. Run `{shown}` now? [y/N] ")
+    try:
+        answer = ask(f"autotune needs {', '.join(missing)}. Run `{shown}` now? [y/N] ")
+    except EOFError:  # the terminal closed (Ctrl-D): no answer is no
+        answer = ""
     if answer.strip().lower() not in ("y", "yes"):
         raise UserError(f"not installed. Run it yourself when ready:\n  {shown}")
     if run(cmd).returncode != 0:

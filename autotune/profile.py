@@ -1,0 +1,122 @@
+"""The solved profile: the one contract between `autotune solve` and `autotune train`.
+
+solve writes it (atomically); train reads it, applies its choice over the config, and warns when
+the hardware or the model it was solved for differ from the ones at hand. Importing this module
+must not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from autotune import __version__
+from autotune.catalog import Architecture
+from autotune.config import Config, build_config
+from autotune.errors import UserError
+from autotune.fsutil import atomic_write_json
+
+SCHEMA_VERSION = 1
+KIND = "autotune.profile"
+
+# The choice keys that train applies over the config (they are config keys too).
+CHOICE_KEYS = ("batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_sequence_length",
+               "lora_r", "lora_alpha", "target_modules", "quantization", "gradient_checkpointing", "optimizer")
+
+
+def architecture_hash(arch: Architecture) -> str:
+    blob = json.dumps(dataclasses.asdict(arch), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hardware_fingerprint(probe: dict | None, device: str) -> dict:
+    from autotune.hardware import best_gpu
+
+    host = (probe or {}).get("host", {})
+    gpu = best_gpu(probe) if probe else None
+    packages = host.get("packages", {})
+    return {
+        "device": device,
+        "gpu_name": gpu["name"] if gpu else None,
+        "memory_total_gb": gpu["memory_total_gb"] if gpu else None,
+        "driver": (probe or {}).get("driver", {}).get("version"),
+        "cuda": (probe or {}).get("driver", {}).get("cuda"),
+        "torch_cuda_build": host.get("torch_cuda_build"),
+        **{name: packages.get(name) for name in ("torch", "transformers", "peft", "bitsandbytes")},
+    }
+
+
+def new_profile(*, hardware: dict, model: dict, data: dict | None, constraints: dict, choice: dict,
+                prediction: dict, measurement: dict, runner_up: dict | None, reason: str, trials: list[dict]) -> dict:
+    missing = [k for k in CHOICE_KEYS if k not in choice]
+    if missing:
+        raise ValueError(f"profile choice lacks {missing}")
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "autotune_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware, "model": model, "data": data, "constraints": constraints, "choice": choice,
+        "prediction": prediction, "measurement": measurement, "runner_up": runner_up, "reason": reason,
+        "trials": trials,
+    }
+
+
+def save_profile(profile: dict, path: str | Path) -> Path:
+    return atomic_write_json(path, profile)
+
+
+def load_profile(path: str | Path) -> dict:
+    """Read and check a profile; a corrupt, foreign or older-schema file gets one clear error."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: profile not found; create one with `autotune solve`") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}:{exc.colno}: the profile is corrupt ({exc.msg}); "
+                        "solve again with `autotune solve`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the profile ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise UserError(f"{path}: not an autotune profile (no \"kind\": \"{KIND}\"); "
+                        "give a file written by `autotune solve`")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{path}: profile schema_version {version!r}, this autotune reads {SCHEMA_VERSION}; "
+                        "solve again with this version of autotune")
+    choice = doc.get("choice")
+    if not isinstance(choice, dict) or any(k not in choice for k in CHOICE_KEYS):
+        raise UserError(f"{path}: the profile's \"choice\" is missing keys "
+                        f"{[k for k in CHOICE_KEYS if not isinstance(choice, dict) or k not in choice]}")
+    try:
+        build_config({k: choice[k] for k in CHOICE_KEYS})
+    except UserError as exc:
+        raise UserError(f"{path}: the profile's choice is invalid: {exc}") from None
+    return doc
+
+
+def apply_profile(cfg: Config, profile: dict) -> Config:
+    """The config with the profile's solved fields winning, and its memory budget recorded."""
+    values = cfg.to_dict()
+    values.update({k: profile["choice"][k] for k in CHOICE_KEYS})
+    budget = profile.get("constraints", {}).get("max_memory_gb")
+    if budget is not None:
+        values["max_memory_gb"] = budget
+    return build_config(values, "config + profile")
+
+
+def mismatches(profile: dict, hardware_now: dict, model_name: str, arch: Architecture) -> list[str]:
+    """What differs between where the profile was solved and where it is used (warnings, not errors:
+    a profile solved on one 24 GB card is a fair start on another)."""
+    out = []
+    then = profile.get("hardware", {})
+    for key in ("gpu_name", "memory_total_gb", "bitsandbytes", "torch"):
+        if then.get(key) != hardware_now.get(key):
+            out.append(f"profile was solved with {key}={then.get(key)!r}, this machine has {hardware_now.get(key)!r}")
+    model = profile.get("model", {})
+    if model.get("architecture_hash") != architecture_hash(arch):
+        out.append(f"profile was solved for model {model.get('name')!r} (another architecture) but the config "
+                   f"trains {model_name!r}: its memory figures do not apply")
+    return out

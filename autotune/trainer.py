@@ -1,0 +1,276 @@
+"""`autotune train`: data -> model -> HF Trainer, with logging, checkpoints, resume and OOM recovery.
+
+The training step itself lives in step.py (shared with the solver); this module is the runner
+around it: what is written where, and what happens when the GPU runs out of memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from autotune.catalog import ModelSpec, resolve_model
+from autotune.config import Config
+from autotune.data.encoding import CausalLMCollator, length_stats, load_or_encode
+from autotune.data.parsing import parse_data_dir, split_pairs
+from autotune.errors import UserError
+from autotune.fsutil import atomic_write_json
+from autotune.modeling import BuiltModel, build_model, quiet_libraries
+from autotune.runlog import RunLog
+from autotune.step import ListDataset, make_trainer, training_arguments
+from autotune.tokenizer import load_tokenizer
+
+CHECKPOINTS = "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------ data
+
+@dataclass
+class PreparedData:
+    train: ListDataset
+    eval: ListDataset | None
+    eval_pairs: list
+    report: dict      # what the parser and the encoder did, for the run summary
+
+
+def prepare_data(cfg: Config, tokenizer, spec: ModelSpec, echo=print) -> PreparedData:
+    parsed = parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
+                            cfg.question_pattern, cfg.answer_pattern)
+    for warning in parsed.warnings:
+        echo(f"warning: {warning}")
+    train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
+    opts = dict(system_prompt=cfg.system_prompt, thinking_model=spec.thinking, overflow=cfg.overflow)
+    train_rows, train_report, hit = load_or_encode(tokenizer, train_pairs, cfg.max_sequence_length,
+                                                   cfg.data_cache_dir, **opts)
+    eval_rows, eval_report, _ = load_or_encode(tokenizer, eval_pairs, cfg.max_sequence_length, cfg.data_cache_dir,
+                                               **opts)
+    if not train_rows:
+        raise UserError(f"no training sample fits max_sequence_length={cfg.max_sequence_length} "
+                        f"({train_report.dropped} dropped): raise max_sequence_length or set overflow=\"truncate\"")
+    if train_report.truncated or train_report.dropped:
+        echo(f"note: {train_report.truncated} training samples truncated (answer cut, end-of-turn kept), "
+             f"{train_report.dropped} dropped as longer than {cfg.max_sequence_length} tokens")
+    report = {"files": len(parsed.files), "pairs": len(parsed.pairs), "train_pairs": len(train_pairs),
+              "eval_pairs": len(eval_pairs), "train_encoding": asdict(train_report),
+              "eval_encoding": asdict(eval_report), "cache_hit": hit}
+    return PreparedData(ListDataset(train_rows), ListDataset(eval_rows) if eval_rows else None, eval_pairs, report)
+
+
+def data_length_stats(cfg: Config, tokenizer, spec: ModelSpec) -> dict:
+    """Token-length statistics of the training data (the solver sizes the sequence from them)."""
+    parsed = parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
+                            cfg.question_pattern, cfg.answer_pattern)
+    return length_stats(tokenizer, parsed.pairs, cfg.system_prompt, spec.thinking)
+
+
+# --------------------------------------------------------------------------------- callbacks
+
+class StructuredLogCallback(TrainerCallback):
+    def __init__(self, runlog: RunLog, built: BuiltModel, include_model_stats: bool):
+        self.runlog, self.built, self.include_model_stats = runlog, built, include_model_stats
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        metrics = self.built.parameter_counts() if self.include_model_stats else {}
+        self.runlog.write("trainer", "training started", metrics=metrics, global_step=state.global_step,
+                          batch_size=args.per_device_train_batch_size,
+                          gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kind = "evaluation" if any(k.startswith("eval_") for k in logs or {}) else "metrics"
+        self.runlog.write("trainer", kind, metrics=dict(logs or {}), global_step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.runlog.write("checkpoint", "checkpoint saved", global_step=state.global_step)
+
+
+class InjectOOM(TrainerCallback):
+    """Raise a CUDA-style OOM at the start of the given optimizer steps (each once): lets tests on a
+    CPU exercise the recovery path exactly as a real OOM would reach it."""
+
+    def __init__(self, at_steps):
+        self.pending = set(at_steps)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step in self.pending:
+            self.pending.discard(state.global_step)
+            raise torch.OutOfMemoryError(f"injected OOM at step {state.global_step}")
+
+
+def tensorboard_callback(log_dir: str):
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=log_dir))
+
+
+# -------------------------------------------------------------------------------- the runner
+
+@dataclass
+class Run:
+    cfg: Config
+    built: BuiltModel
+    tokenizer: object
+    data: PreparedData
+    output_dir: Path
+    runlog: RunLog
+    callbacks: list
+    echo: object
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / CHECKPOINTS
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fit_with_oom_recovery(run: Run, resume_from: str | None) -> tuple[object, list[dict]]:
+    """trainer.train(), and on an OOM: keep the completed optimizer steps, halve the micro-batch,
+    double the accumulation (same effective batch) and go on from the last completed step."""
+    cfg = run.cfg
+    changes: list[dict] = []
+    batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    collator = CausalLMCollator(run.tokenizer.pad_token_id, pad_to_multiple_of=8)
+    while True:
+        args = training_arguments(cfg, run.built, run.checkpoint_dir, batch_size=batch, accumulation=accumulation,
+                                  evaluate=run.data.eval is not None)
+        trainer = make_trainer(run.built, args, run.data.train, eval_dataset=run.data.eval, collator=collator,
+                               callbacks=run.callbacks, tokenizer=run.tokenizer)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+            return trainer, changes
+        except torch.OutOfMemoryError as exc:
+            step = trainer.state.global_step
+            if batch == 1 or len(changes) >= cfg.max_oom_retries:
+                run.runlog.write("oom", "out of memory, giving up", level="ERROR", global_step=step, batch_size=batch)
+                raise UserError(
+                    f"out of GPU memory at step {step} with batch_size={batch}"
+                    f"{' (the smallest)' if batch == 1 else f' after {len(changes)} halvings'}: lower "
+                    f"max_sequence_length (now {cfg.max_sequence_length}) or lora_r (now {cfg.lora_r}), "
+                    "use quantization=\"4bit\", or run `autotune solve` for a profile that fits") from None
+            # Partial gradients of the interrupted step are discarded; everything up to the last
+            # completed optimizer step is kept in a checkpoint the next attempt resumes from.
+            run.built.model.zero_grad(set_to_none=True)
+            resume_from = None
+            if step > 0:
+                trainer._save_checkpoint(trainer.model, trial=None)
+                resume_from = str(run.checkpoint_dir / f"checkpoint-{step}")
+            change = {"at_step": step, "error": str(exc).splitlines()[0][:200], "batch_size": [batch, batch // 2],
+                      "gradient_accumulation_steps": [accumulation, accumulation * 2],
+                      "effective_batch_size": batch * accumulation}
+            batch, accumulation = batch // 2, accumulation * 2
+            changes.append(change)
+            run.runlog.write("oom", "out of memory: halved the micro-batch, doubled accumulation", level="WARNING",
+                             global_step=step, metrics=change)
+            run.echo(f"OOM at step {step}: batch_size {change['batch_size'][0]} -> {batch}, "
+                     f"gradient_accumulation_steps {change['gradient_accumulation_steps'][0]} -> {accumulation} "
+                     f"(effective batch {batch * accumulation} unchanged); continuing from step {step}")
+            trainer.optimizer = trainer.lr_scheduler = None
+            del trainer
+            _free_memory()
+
+
+def _check_environment(cfg: Config, echo) -> dict:
+    from autotune.hardware import probe
+    from autotune.preflight import check_hardware, ensure_dependencies
+
+    ensure_dependencies(cfg.auto_install_deps)
+    doc = probe(cfg.output_dir)
+    findings = check_hardware(cfg, doc)
+    for f in findings:
+        if f.level == "warning":
+            echo(f"warning: {f.message}")
+    errors = [f.message for f in findings if f.level == "error"]
+    if errors:
+        raise UserError("environment check failed (verify_environment): " + "; ".join(errors))
+    return doc
+
+
+def train(cfg: Config, *, profile: dict | None = None, resume: bool = False, extra_callbacks=(), echo=print) -> dict:
+    """Run a fine-tune. Returns the run summary (also written to <output_dir>/run_summary.json)."""
+    quiet_libraries()
+    output_dir = Path(cfg.output_dir)
+    summary: dict = {"status": "failed", "output_dir": str(output_dir), "started_at": time.time()}
+    runlog = RunLog(cfg.structured_logging.log_file if cfg.structured_logging.enabled else None,
+                    cfg.structured_logging.log_level, cfg.structured_logging.include_memory_stats)
+    try:
+        if cfg.verify_environment:
+            _check_environment(cfg, echo)
+        resume_from = None
+        if resume:
+            resume_from = get_last_checkpoint(str(output_dir / CHECKPOINTS)) if (output_dir / CHECKPOINTS).is_dir() else None
+            if resume_from is None:
+                raise UserError(f"--resume: no checkpoint under {output_dir / CHECKPOINTS}; start without --resume")
+        spec = resolve_model(cfg.model_name)
+        tokenizer = load_tokenizer(cfg.tokenizer_name or spec.tokenizer_name)
+        data = prepare_data(cfg, tokenizer, spec, echo)
+        summary["data"] = data.report
+        runlog.write("data", "dataset ready", metrics=data.report)
+        built = build_model(cfg, spec=spec)
+        summary["model"] = {"name": spec.name, "device": str(built.device), "dtype": str(built.dtype),
+                            "quantization": built.quantization, **built.parameter_counts()}
+        callbacks = [StructuredLogCallback(runlog, built, cfg.structured_logging.include_model_stats)]
+        if cfg.enable_tensorboard:
+            callbacks.append(tensorboard_callback(cfg.tensorboard_log_dir or str(Path(cfg.log_dir) / "tensorboard")))
+        callbacks.extend(extra_callbacks)
+        run = Run(cfg, built, tokenizer, data, output_dir, runlog, callbacks, echo)
+        trainer, oom_changes = _fit_with_oom_recovery(run, resume_from)
+        summary["oom_recoveries"] = oom_changes
+        summary["final"] = _final_metrics(trainer)
+        _save_outputs(run, trainer, profile)
+        if cfg.enable_inference_test and data.eval_pairs:
+            from autotune.inference import run_inference_test
+
+            summary["inference_report"] = run_inference_test(built, tokenizer, data.eval_pairs, cfg, output_dir)
+        summary["status"] = "succeeded"
+        return summary
+    except UserError as exc:
+        summary["error"] = str(exc)
+        raise
+    except BaseException as exc:
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        summary["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        summary["finished_at"] = time.time()
+        summary["seconds"] = round(summary["finished_at"] - summary["started_at"], 2)
+        runlog.write("run", f"run {summary['status']}", level="INFO" if summary["status"] == "succeeded" else "ERROR",
+                     metrics={k: summary.get(k) for k in ("seconds", "final") if k in summary})
+        runlog.close()
+        try:
+            atomic_write_json(output_dir / "run_summary.json", summary)
+        except OSError as exc:  # pragma: no cover - a full disk must not hide the real error
+            echo(f"warning: could not write run_summary.json: {exc}")
+
+
+def _final_metrics(trainer) -> dict:
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    train_out = next((h for h in reversed(history) if "train_runtime" in h), {})
+    return {"global_step": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
+            "train_runtime": train_out.get("train_runtime"), "train_loss": train_out.get("train_loss"),
+            "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen)}
+
+
+def _save_outputs(run: Run, trainer, profile: dict | None) -> None:
+    out = run.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run.built.model.save_pretrained(str(out), safe_serialization=True)
+    run.tokenizer.save_pretrained(str(out))
+    atomic_write_json(out / "autotune_config.json", run.cfg.to_dict())
+    if profile is not None:
+        atomic_write_json(out / "profile.json", profile)

@@ -1,0 +1,200 @@
+"""Tests for autotune.catalog: architecture facts against transformers, and model-name resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from autotune.catalog import CATALOG, TINY, Architecture, ModelSpec, has_weights, resolve_model
+from autotune.errors import UserError
+
+# Published sizes (total parameters, embeddings counted once when tied), in billions.
+PUBLISHED_B = {
+    "Qwen3-0.6B": 0.596,
+    "Qwen3-1.7B": 1.72,
+    "Qwen3-4B": 4.02,
+    "Qwen3-4B-Thinking-2507": 4.02,
+    "Qwen3-4B-Instruct-2507": 4.02,
+    "Qwen3-8B": 8.19,
+    "Qwen3-14B": 14.77,
+    "Qwen3-32B": 32.76,
+}
+
+
+def user_error(fn, *args) -> str:
+    with pytest.raises(UserError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------- architecture facts
+
+
+def test_catalog_holds_the_qwen3_dense_family():
+    assert set(PUBLISHED_B) | {TINY} == set(CATALOG)
+    for name, spec in CATALOG.items():
+        assert spec.name == name
+        if name != TINY:
+            assert spec.hub_id == f"Qwen/{name}"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_param_counts_match_published_sizes(name):
+    assert CATALOG[name].architecture.param_count() / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.01)
+
+
+def test_known_architecture_facts():
+    a = CATALOG["Qwen3-0.6B"].architecture
+    assert (a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.num_attention_heads) == (1024, 3072, 28, 16)
+    assert a.tie_word_embeddings and a.param_count() == 596_049_920
+    assert not CATALOG["Qwen3-8B"].architecture.tie_word_embeddings
+    assert CATALOG["Qwen3-4B-Thinking-2507"].architecture.rope_theta == 5_000_000.0
+    assert CATALOG["Qwen3-4B-Thinking-2507"].architecture.max_position_embeddings == 262144
+    assert CATALOG["Qwen3-4B"].architecture.max_position_embeddings == 40960
+    assert CATALOG["Qwen3-4B-Thinking-2507"].thinking and not CATALOG["Qwen3-4B-Instruct-2507"].thinking
+    for spec in CATALOG.values():
+        a = spec.architecture
+        assert a.num_attention_heads % a.num_key_value_heads == 0
+        assert a.vocab_size == 151936
+
+
+@pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-14B", TINY])
+def test_param_count_equals_transformers_on_the_meta_device(name):
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3ForCausalLM
+
+    arch = CATALOG[name].architecture
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(arch.to_hf_config())
+    assert sum(p.numel() for p in model.parameters()) == arch.param_count()
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == arch.tie_word_embeddings
+
+
+def test_to_hf_config_carries_every_field():
+    arch = CATALOG["Qwen3-4B-Thinking-2507"].architecture
+    cfg = arch.to_hf_config().to_dict()
+    assert cfg["model_type"] == "qwen3"
+    for key, value in dataclasses.asdict(arch).items():
+        if key == "rope_theta":
+            value_seen = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+            assert value_seen == value
+        else:
+            assert cfg[key] == value, key
+
+
+# -------------------------------------------------------------------------------- resolution
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_short_names_and_hub_ids_resolve(name):
+    spec = resolve_model(name)
+    assert spec is CATALOG[name]
+    assert spec.hub_id == f"Qwen/{name}" == spec.source == spec.tokenizer_name
+    assert resolve_model(f"Qwen/{name}") == spec
+    assert resolve_model(name.lower()) is spec
+    assert resolve_model(f"  {name} ") is spec
+
+
+def test_tiny_model_uses_the_offline_tokenizer():
+    spec = resolve_model(TINY)
+    assert spec.hub_id is None and spec.source == TINY
+    assert spec.tokenizer_name == "qwen3-offline"
+
+
+def test_other_org_keeps_the_architecture_with_its_hub_id():
+    spec = resolve_model("my-org/Qwen3-14B")
+    assert spec.hub_id == spec.source == "my-org/Qwen3-14B"
+    assert spec.architecture == CATALOG["Qwen3-14B"].architecture
+    assert spec.name == "Qwen3-14B"
+
+
+@pytest.mark.parametrize("name", ["Qwen3-7B", "qwen3-7b", "Qwen/Qwen3-7B"])
+def test_qwen3_7b_suggests_qwen3_8b(name):
+    msg = user_error(resolve_model, name)
+    assert "does not exist" in msg and "Use Qwen3-8B" in msg
+
+
+def test_unknown_name_gets_suggestions_and_the_known_list():
+    msg = user_error(resolve_model, "Qwen3-15B")
+    assert "not a Qwen3 dense model" in msg
+    assert "Did you mean" in msg and "Qwen3-14B" in msg.split("Known models")[0]
+    assert "Known models: Qwen3-0.6B" in msg and "local directory" in msg
+    assert "Did you mean" not in user_error(resolve_model, "llama-3-70b-zzz")
+
+
+@pytest.mark.parametrize("name", ["", "   ", None, 5])
+def test_empty_or_non_string_name(name):
+    assert "model_name is empty" in user_error(resolve_model, name)
+
+
+@pytest.mark.parametrize("name", ["./no/such/dir", "/no/such/dir", "~/no/such/dir", "x/config.json"])
+def test_path_that_is_not_a_directory(name):
+    assert "no such directory" in user_error(resolve_model, name)
+
+
+@pytest.mark.parametrize("name", ["~nosuchuser-zz/model", "x" * 300, "a\x00b", "/" + "a/" * 3000])
+def test_names_the_os_rejects_are_user_errors(name):
+    user_error(resolve_model, name)
+
+
+# ------------------------------------------------------------------------------ local folders
+
+
+@pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-4B-Thinking-2507", "Qwen3-14B", TINY])
+def test_local_directory_saved_by_transformers(tmp_path, name):
+    arch = CATALOG[name].architecture
+    arch.to_hf_config().save_pretrained(tmp_path / "model")
+    spec = resolve_model(str(tmp_path / "model"))
+    assert isinstance(spec, ModelSpec)
+    assert spec.architecture == arch  # rope_theta included, though transformers 5 nests it
+    assert spec.local_path == str(tmp_path / "model") == spec.source
+    assert spec.hub_id is None
+    assert spec.tokenizer_name == "qwen3-offline"  # no tokenizer files in the folder
+    assert not has_weights(spec)
+
+
+def test_local_directory_with_tokenizer_and_weights(tmp_path):
+    CATALOG[TINY].architecture.to_hf_config().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    spec = resolve_model(str(tmp_path))
+    assert spec.tokenizer_name == str(tmp_path)
+    assert has_weights(spec)
+    assert not has_weights(CATALOG["Qwen3-8B"])
+
+
+def test_old_style_config_without_head_dim(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}))
+    arch = resolve_model(str(tmp_path)).architecture
+    assert arch.head_dim == 64 and arch.rope_theta == 10000.0 and arch.vocab_size == 151936
+
+
+def test_directory_without_config_json(tmp_path):
+    msg = user_error(resolve_model, str(tmp_path))
+    assert str(tmp_path) in msg and "no config.json" in msg
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "cannot read it as JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    (json.dumps({"model_type": "llama", "hidden_size": 8}), "model_type is 'llama'"),
+    (json.dumps({"model_type": "qwen3", "hidden_size": 8}), "lacks intermediate_size"),
+    (json.dumps({"model_type": "qwen3", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                 "num_attention_heads": 0}), "num_attention_heads=0"),
+    (json.dumps({"model_type": "qwen3", "hidden_size": "8", "intermediate_size": 8, "num_hidden_layers": 1,
+                 "num_attention_heads": 2}), "hidden_size='8'"),
+])
+def test_bad_config_json(tmp_path, content, needle):
+    (tmp_path / "config.json").write_text(content)
+    assert needle in user_error(resolve_model, str(tmp_path))
+
+
+def test_from_hf_config_ignores_unknown_keys():
+    arch = Architecture.from_hf_config({**dataclasses.asdict(CATALOG["Qwen3-8B"].architecture),
+                                        "architectures": ["Qwen3ForCausalLM"], "torch_dtype": "bfloat16"})
+    assert arch == CATALOG["Qwen3-8B"].architecture

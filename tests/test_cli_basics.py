@@ -1,0 +1,191 @@
+"""The `autotune` CLI's config commands: validate, profiles, probe; in-process and as the real console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autotune import hardware
+from autotune.cli import main
+from autotune.config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = sorted((REPO / "profiles").glob("*/*.json"))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run autotune in-process; (exit code, stdout, stderr)."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(path: Path, doc) -> Path:
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------- validate
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_preset_validates(capsys, path):
+    code, out, err = run_cli(capsys, "validate", str(path), "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert set(doc["config"]) == set(Config().to_dict())
+    assert doc["hardware"] is None
+
+
+def test_validate_defaults_prints_every_key(capsys):
+    code, out, err = run_cli(capsys, "validate")
+    assert code == 0 and out.startswith("config OK: (defaults)")
+    for key in Config().to_dict():
+        assert f"  {key} " in out
+
+
+def test_validate_json_with_set(capsys, tmp_path):
+    path = write(tmp_path / "c.json", {"base_config": "hardware/8gb", "overrides": {"lora_r": 2}})
+    code, out, _ = run_cli(capsys, "validate", str(path), "--json", "--set", "batch_size=2",
+                           "--set", "structured_logging.log_level=DEBUG")
+    assert code == 0
+    cfg = json.loads(out)["config"]
+    assert (cfg["batch_size"], cfg["lora_r"], cfg["max_memory_gb"]) == (2, 2, 7.5)
+    assert cfg["structured_logging"]["log_level"] == "DEBUG"
+
+
+def test_validate_errors_exit_2_with_every_error_and_no_traceback(capsys, tmp_path):
+    path = write(tmp_path / "bad.json", {"batchsize": 4, "lora_r": 0, "model_name": "Qwen3-7B"})
+    code, out, err = run_cli(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err.startswith("error: ")
+    assert "did you mean 'batch_size'?" in err and "'lora_r'" in err and "Qwen3-8B" in err
+    assert len(err.strip().splitlines()) == 3
+    assert "Traceback" not in err
+
+
+def test_validate_malformed_json(capsys, tmp_path):
+    path = write(tmp_path / "bad.json", '{"batch_size": 4,,}')
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2 and f"error: {path.resolve()}:1:18: malformed JSON" in err
+
+
+def test_validate_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "validate", str(tmp_path / "nope.json"))
+    assert code == 2 and "config file not found" in err
+
+
+def test_validate_bad_set(capsys):
+    code, _, err = run_cli(capsys, "validate", "--set", "batch_size")
+    assert code == 2 and "expected key=value" in err
+    code, _, err = run_cli(capsys, "validate", "--set", "bach_size=2")
+    assert code == 2 and "did you mean 'batch_size'?" in err
+
+
+def test_validate_hardware_against_this_machine(capsys):
+    code, out, _ = run_cli(capsys, "validate", "--hardware", "--json")
+    assert code == 0
+    findings = json.loads(out)["hardware"]
+    assert isinstance(findings, list)
+    if not hardware.probe()["gpus"]:
+        assert findings[0]["level"] == "warning"
+
+
+def test_validate_hardware_errors_exit_2(capsys, monkeypatch):
+    small = {"index": 0, "name": "RTX 3060", "memory_total_gb": 12.0, "memory_free_gb": 11.5,
+             "bf16_supported": True, "compute_capability": "8.6", "error": None}
+    monkeypatch.setattr(hardware, "probe", lambda output_dir=".", nvml=None: {
+        "gpus": [small], "host": {"disk_free_gb": 100.0, "disk_path": "/"}})
+    code, out, err = run_cli(capsys, "validate", "--hardware", "--set", "max_memory_gb=20")
+    assert code == 2
+    assert "ERROR" in out and "1 hardware problem(s)" in err and "max_memory_gb 20 exceeds GPU 0" in err
+    code, out, err = run_cli(capsys, "validate", "--hardware", "--set", "max_memory_gb=10")
+    assert code == 0 and "max_memory_gb 10 fits GPU 0" in out and err == ""
+
+
+# ---------------------------------------------------------------------------------- profiles
+
+
+def test_profiles_list(capsys):
+    code, out, _ = run_cli(capsys, "profiles", "list", "--json")
+    assert code == 0
+    items = json.loads(out)
+    assert {i["name"] for i in items} == {f"{p.parent.name}/{p.stem}" for p in PRESETS}
+    assert all(set(i) == {"name", "kind", "path", "description"} for i in items)
+    code, out, _ = run_cli(capsys, "profiles", "list")
+    assert code == 0 and "hardware/16gb" in out and "Guide tier: 16 GB cards." in out
+
+
+@pytest.mark.parametrize("name", ["hardware/16gb", "16gb", "16gb.json"])
+def test_profiles_show(capsys, name):
+    code, out, _ = run_cli(capsys, "profiles", "show", name)
+    assert code == 0
+    header, body = out.split("\n", 1)
+    assert header == f"# {REPO / 'profiles' / 'hardware' / '16gb.json'}"
+    assert json.loads(body) == json.loads((REPO / "profiles" / "hardware" / "16gb.json").read_text())
+
+
+def test_profiles_show_unknown(capsys):
+    code, out, err = run_cli(capsys, "profiles", "show", "hardware/99gb")
+    assert code == 2 and out == "" and "no preset named 'hardware/99gb'" in err
+
+
+def test_unknown_command_exits_2(capsys):
+    code, _, err = run_cli(capsys, "valdate")
+    assert code == 2 and "No such command" in err
+
+
+# --------------------------------------------------------------------- the real console script
+
+
+def autotune_exe() -> str:
+    exe = Path(sys.executable).parent / "autotune"
+    return str(exe) if exe.exists() else shutil.which("autotune")
+
+
+def sh(*argv, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return subprocess.run([autotune_exe(), *argv], cwd=cwd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_console_script_validate():
+    res = sh("validate", "profiles/configs/default.json", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["config"] == Config().to_dict()
+
+
+def test_console_script_validate_bad_file(tmp_path):
+    bad = write(tmp_path / "bad.json", {"learning_rate": "fast", "lora_dropout": 3})
+    res = sh("validate", str(bad))
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:")
+    assert "'learning_rate'" in res.stderr and "'lora_dropout'" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_console_script_profiles_list():
+    res = sh("profiles", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "hardware/16gb" in {i["name"] for i in json.loads(res.stdout)}
+
+
+def test_console_script_probe(tmp_path):
+    res = sh("probe", "--json", "--save", str(tmp_path / "p.json"), "--output-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert {"gpus", "host"} <= set(doc)
+    if not Path("/dev/nvidiactl").exists():
+        assert doc["gpus"] == []  # no GPU on the test machine
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["gpus"] == doc["gpus"] and saved["host"]["disk_path"] == str(tmp_path)
+    assert saved["kind"] == doc["kind"]

@@ -114,6 +114,230 @@ def profiles_show(name):
     _echo_json(read_json(path))
 
 
+# ------------------------------------------------------------------------------------- data
+
+@cli.group()
+def data():
+    """Look at what the parser and the tokenizer make of a data folder."""
+
+
+def _data_config(config, sets, data_dir):
+    cfg = _load(config, sets)
+    if data_dir:
+        from dataclasses import replace
+
+        cfg = replace(cfg, data_dir=data_dir)
+    return cfg
+
+
+@data.command("inspect")
+@click.argument("data_dir", required=False)
+@click.option("--config", type=click.Path(dir_okay=False), help="Take data_format, prefixes and patterns from here.")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="files (path, format, pairs, skipped) and pairs (question, answer, source, line).")
+def data_inspect(data_dir, config, sets, as_json):
+    """Per file: the format found, the pairs, and each skipped item with its reason."""
+    from autotune.data.parsing import parse_data_dir
+
+    cfg = _data_config(config, sets, data_dir)
+    report = parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
+                            cfg.question_pattern, cfg.answer_pattern)
+    if as_json:
+        _echo_json(report.to_json())
+        return
+    for f in report.files:
+        click.echo(f"{f.path:40} {f.format:10} {f.pairs:5} pairs  {len(f.skipped)} skipped")
+        for item in f.skipped:
+            click.echo(f"    line {item['line']}: {item['reason']}")
+    for w in report.warnings:
+        click.echo(f"warning: {w}")
+    click.echo(f"{len(report.pairs)} pairs in {len(report.files)} files")
+
+
+@data.command("stats")
+@click.argument("data_dir", required=False)
+@click.option("--config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--json", "as_json", is_flag=True)
+def data_stats(data_dir, config, sets, as_json):
+    """Token lengths (p50/p90/p95/p99/max) of prompts and answers with the model's chat template."""
+    from autotune.catalog import resolve_model
+    from autotune.tokenizer import load_tokenizer
+    from autotune.trainer import data_length_stats
+
+    cfg = _data_config(config, sets, data_dir)
+    spec = resolve_model(cfg.model_name)
+    stats = data_length_stats(cfg, load_tokenizer(cfg.tokenizer_name or spec.tokenizer_name), spec)
+    if as_json:
+        _echo_json(stats)
+        return
+    click.echo(f"{stats['count']} samples, tokens with {spec.name}'s chat template")
+    click.echo(f"{'':8}" + "".join(f"{k:>8}" for k in ("p50", "p90", "p95", "p99", "max", "mean")))
+    for part in ("prompt", "answer", "total"):
+        click.echo(f"{part:8}" + "".join(f"{stats[part][k]:>8}" for k in ("p50", "p90", "p95", "p99", "max"))
+                   + f"{stats[part]['mean']:>8.1f}")
+
+
+# ------------------------------------------------------------------------------------ train
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON (default: built-in defaults).")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), help="A solved profile; its choice wins over the config.")
+@set_option
+@click.option("--resume", is_flag=True, help="Go on from the latest checkpoint in output_dir/checkpoints.")
+@click.option("--inject-oom-at", type=int, multiple=True, hidden=True, help="Testing: raise an OOM at this step.")
+def train(config_path, profile_path, sets, resume, inject_oom_at):
+    """Fine-tune with LoRA/QLoRA on the HF Trainer: TensorBoard, JSONL log, checkpoints, resume."""
+    cfg = _load(config_path, sets)
+    profile = None
+    if profile_path:
+        from autotune.catalog import resolve_model
+        from autotune.hardware import probe as run_probe
+        from autotune.profile import apply_profile, hardware_fingerprint, load_profile, mismatches
+
+        profile = load_profile(profile_path)
+        cfg = apply_profile(cfg, profile)
+        spec = resolve_model(cfg.model_name)
+        device = profile.get("hardware", {}).get("device", "cpu")
+        for warning in mismatches(profile, hardware_fingerprint(run_probe(cfg.output_dir), device), cfg.model_name,
+                                  spec.architecture):
+            click.echo(f"warning: {warning}", err=True)
+    from autotune.trainer import InjectOOM, train as run_training
+
+    extra = [InjectOOM(inject_oom_at)] if inject_oom_at else []
+    summary = run_training(cfg, profile=profile, resume=resume, extra_callbacks=extra,
+                           echo=lambda m: click.echo(m, err=True))
+    final = summary.get("final", {})
+    click.echo(f"\ntraining {summary['status']} in {summary['seconds']:.0f}s: {final.get('global_step')} steps, "
+               f"loss {final.get('first_loss')} -> {final.get('last_loss')}, eval loss {final.get('eval_loss')}")
+    click.echo(f"adapter, tokenizer and run summary: {summary['output_dir']}")
+    if "inference_report" in summary:
+        click.echo(f"inference report: {summary['inference_report']['markdown']}")
+
+
+# ------------------------------------------------------------------------------------ solve
+
+def _budget_gb(flag: float | None, cfg, config_given: bool, probe_doc: dict) -> tuple[float, str]:
+    from autotune.hardware import best_gpu
+
+    if flag is not None:
+        return flag, "--max-memory-gb"
+    if config_given and cfg.max_memory_gb is not None:
+        return cfg.max_memory_gb, "the config's max_memory_gb"
+    gpu = best_gpu(probe_doc)
+    if gpu is None or gpu.get("error"):
+        raise UserError("no GPU to measure a budget on: give --max-memory-gb (on a CPU it sets a simulated card)")
+    free = gpu["memory_free_gb"]
+    return round(free * 0.95, 2), f"the {free:.1f} GiB free on GPU {gpu['index']} less 5%"
+
+
+@cli.command()
+@click.option("--model", "model_name", help="Qwen3 model: short name, hub id or local dir (default: the config's).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--data", "data_dir", help="Data folder whose token lengths size the sequence (default: the config's data_dir).")
+@click.option("--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget (default: config, else probed free memory).")
+@click.option("--output", type=click.Path(dir_okay=False), help="Profile path (default: profiles/solved/<gpu>__<model>__<budget>.json).")
+@click.option("--objective", type=click.Choice(["throughput", "max-seq", "max-rank"]), default="throughput", show_default=True)
+@click.option("--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True, help="Safety margin under the budget.")
+@click.option("--seq", type=click.IntRange(min=8), help="Fix the sequence length instead of covering the data's p99.")
+@click.option("--rank", type=click.IntRange(min=1), help="Fix the LoRA rank.")
+@click.option("--ranks", help="Rank candidates, comma-separated (max-rank objective), e.g. 8,16,32,64.")
+@click.option("--max-trials", type=click.IntRange(min=2))
+@click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds; stop searching and keep the best so far.")
+@click.option("--real-weights", is_flag=True, help="Trial on the real weights (downloads/loads them) instead of random init.")
+@click.option("--plot", is_flag=True, help="Also write a PNG beside the profile.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, objective, margin, seq, rank, ranks,
+          max_trials, time_budget, real_weights, plot, as_json):
+    """Choose micro-batch, accumulation, sequence length and LoRA rank by measured training steps."""
+    import time as _time
+    from dataclasses import replace
+
+    from autotune.memory import ensure_expandable_segments
+
+    ensure_expandable_segments()  # before anything touches CUDA
+    started = _time.monotonic()
+    cfg = _load(config_path, sets)
+    updates = {k: v for k, v in {"model_name": model_name, "data_dir": data_dir, "lora_r": rank}.items() if v}
+    if updates:
+        from autotune.config import build_config
+
+        cfg = build_config({**cfg.to_dict(), **updates}, "solve options")
+    rank_list = None
+    if ranks:
+        try:
+            rank_list = sorted({int(r) for r in ranks.split(",") if r.strip()})
+            assert rank_list and all(r > 0 for r in rank_list)
+        except (ValueError, AssertionError):
+            raise UserError(f"--ranks {ranks!r}: give positive integers separated by commas, e.g. 8,16,32") from None
+    elif rank:
+        rank_list = [rank]
+    elif objective == "max-rank":
+        rank_list = [4, 8, 16, 32, 64]
+    from autotune.hardware import best_gpu, probe as run_probe
+    from autotune.profile import hardware_fingerprint, save_profile
+    from autotune.solver import SolveRequest, TrialRunner, build_profile, default_profile_path, solve as run_solve
+
+    probe_doc = run_probe(cfg.output_dir)
+    budget, budget_source = _budget_gb(max_memory_gb, cfg, config_path is not None, probe_doc)
+    stats = _solver_data_stats(cfg)
+    req = SolveRequest(cfg=cfg, budget_gb=budget, margin=margin, objective=objective, seq=seq, ranks=rank_list,
+                       max_trials=max_trials, time_budget_s=time_budget, data_stats=stats)
+    runner = TrialRunner(cfg, int(budget * 2**30), init="pretrained" if real_weights else "random",
+                         echo=lambda m: click.echo(m, err=True))
+    device = runner.device.type
+    click.echo(f"solving {cfg.model_name} ({cfg.quantization}) on {device} within {budget:g} GiB ({budget_source}), "
+               f"margin {margin:.0%}, objective {objective}", err=True)
+    result = run_solve(req, runner.measure, on_trial=lambda t: click.echo("  " + t.describe(int(budget * 2**30)), err=True))
+    profile = build_profile(req, result, hardware=hardware_fingerprint(probe_doc, device), runner=runner)
+    profile["solve_seconds"] = round(_time.monotonic() - started, 2)
+    profile["model_build_seconds"] = round(runner.build_seconds, 2)
+    gpu = best_gpu(probe_doc) if device == "cuda" else None
+    path = output or default_profile_path(gpu["name"] if gpu else None, cfg.model_name, budget)
+    save_profile(profile, path)
+    if plot:
+        from autotune.plot import plot_profile
+
+        png = plot_profile(profile, str(path).removesuffix(".json") + ".png")
+        click.echo(f"plot: {png}", err=True)
+    if as_json:
+        _echo_json(profile)
+        return
+    c = profile["choice"]
+    click.echo(f"\nchoice: batch_size {c['batch_size']} x gradient_accumulation_steps {c['gradient_accumulation_steps']} "
+               f"(effective {c['effective_batch_size']}), max_sequence_length {c['max_sequence_length']}, "
+               f"lora_r {c['lora_r']}; peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}")
+    click.echo(f"why: {profile['reason']}")
+    click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
+    click.echo(f"next: autotune train --profile {path}" + (f" --config {config_path}" if config_path else ""))
+
+
+def _solver_data_stats(cfg):
+    from pathlib import Path
+
+    if not Path(cfg.data_dir).is_dir():
+        return None
+    from autotune.catalog import resolve_model
+    from autotune.tokenizer import load_tokenizer
+    from autotune.trainer import data_length_stats
+
+    spec = resolve_model(cfg.model_name)
+    return data_length_stats(cfg, load_tokenizer(cfg.tokenizer_name or spec.tokenizer_name), spec)
+
+
+@profiles.command("plot")
+@click.argument("profile_path", type=click.Path(dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="PNG path (default: beside the profile).")
+def profiles_plot(profile_path, output):
+    """Draw a solved profile: measured peak per trial, the budget, the margin and the choice."""
+    from autotune.plot import plot_profile
+    from autotune.profile import load_profile
+
+    profile = load_profile(profile_path)
+    click.echo(plot_profile(profile, output or profile_path.removesuffix(".json") + ".png"))
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="autotune", standalone_mode=False)

@@ -176,7 +176,8 @@ def _resolve_base(ref: str, referrer: Path) -> Path:
 
 
 def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
-    """The file and its base chain, base first. Each layer is (file, flat values)."""
+    """The file and its base chain, base first. Each layer is (file, flat values); a file gives two
+    layers, its top-level keys then its `overrides`, so each is checked and nested objects merge."""
     try:
         path = path.resolve()
     except (OSError, ValueError) as exc:
@@ -191,14 +192,13 @@ def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]
     overrides = doc.get("overrides", {})
     if not isinstance(overrides, dict):
         raise UserError(f"{path}: key 'overrides' must be an object of config keys, got {overrides!r}")
-    values.update(overrides)
     layers: list[tuple[Path, dict]] = []
     base = doc.get("base_config")
     if base is not None:
         if not isinstance(base, str):
             raise UserError(f"{path}: key 'base_config' must be a path or preset name (a string), got {base!r}")
         layers = _layers(_resolve_base(base, path), (*chain, path))
-    return layers + [(path, values)]
+    return layers + [(path, values), (path, overrides)]
 
 
 # ----------------------------------------------------------------------------------- checking

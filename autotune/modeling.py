@@ -181,3 +181,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    # transformers 5.24 renamed gradient to activation checkpointing; peft still asks the old name.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes' paged optimizers page only on CUDA; on the CPU (demo, tests) they run unpaged.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU.*")

@@ -26,13 +26,17 @@ class Finding:
 
 def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
     found: list[Finding] = []
-    gpus = [g for g in probe.get("gpus", []) if not g.get("error")]
-    if not gpus:
+    gpus = probe.get("gpus") or []
+    # Training runs on CUDA device 0 (hardware.best_gpu), so that is the GPU the config must fit.
+    gpu = next((g for g in gpus if g.get("index") == 0), gpus[0] if gpus else None)
+    if gpu is None:
         reason = probe.get("nvml_error") or "no GPU visible"
         found.append(Finding("warning", f"no usable NVIDIA GPU ({reason}): training would run on the CPU, "
                                         "which suits only the tiny demo model"))
+    elif gpu.get("error"):
+        found.append(Finding("warning", f"GPU {gpu.get('index')} ({gpu.get('name')}) could not be fully read "
+                                        f"({gpu['error']}): max_memory_gb and bf16 are not checked against it"))
     else:
-        gpu = gpus[0]
         total, free = gpu["memory_total_gb"], gpu["memory_free_gb"]
         if cfg.max_memory_gb is not None:
             if cfg.max_memory_gb > total:

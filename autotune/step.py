@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from autotune.config import Config
 from autotune.modeling import BuiltModel
@@ -84,8 +84,7 @@ def training_arguments(cfg: Config, built: BuiltModel, output_dir: str | Path, *
         fp16=built.dtype == torch.float16,
         use_cpu=on_cpu,
         # Checkpointing is switched on by modeling.build_model (once, the same way for trials and
-        # training); letting the Trainer do it again would wrap the layers twice.
-        gradient_checkpointing=False,
+        # training), so the Trainer's own gradient_checkpointing flag stays at its default (off).
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_strategy="steps" if log else "no",
@@ -162,6 +161,7 @@ def run_trial_steps(built: BuiltModel, cfg: Config, *, batch_size: int, seq_len:
                               evaluate=False, save=False, log=False, progress=False)
     data = synthetic_rows(batch_size * steps, seq_len, built.spec.architecture.vocab_size, seed=cfg.seed)
     trainer = make_trainer(built, args, data, collator=collator, callbacks=[timer, *(callbacks or [])])
+    trainer.remove_callback(PrinterCallback)  # a trial prints its own one-line summary
     try:
         trainer.train()
     finally:

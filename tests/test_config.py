@@ -227,6 +227,17 @@ def test_overrides_win_over_top_level_keys_of_the_same_file(tmp_path):
     assert cfg.lora_r == 2
 
 
+def test_top_level_and_overrides_of_one_file_are_both_checked_and_nested_objects_merge(tmp_path):
+    path = write(tmp_path / "c.json", {
+        "structured_logging": {"enabled": False}, "lora_r": "x",
+        "overrides": {"structured_logging": {"log_level": "DEBUG"}, "lora_r": 2}})
+    assert "'lora_r': value 'x'" in error_of(load_config, path)
+    path = write(tmp_path / "c.json", {
+        "structured_logging": {"enabled": False}, "overrides": {"structured_logging": {"log_level": "DEBUG"}}})
+    logging = load_config(path).structured_logging
+    assert (logging.enabled, logging.log_level) == (False, "DEBUG")
+
+
 def test_set_wins_over_everything(tmp_path):
     write(tmp_path / "base.json", {"batch_size": 8, "structured_logging": {"log_level": "ERROR"}})
     path = write(tmp_path / "c.json", {"base_config": "base.json", "overrides": {"batch_size": 2}})

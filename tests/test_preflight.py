@@ -99,12 +99,23 @@ def test_no_gpu_is_a_warning_naming_the_reason():
     assert "no GPU visible" in check_hardware(Config(), {"gpus": [], "host": {}})[0].message
 
 
-def test_a_gpu_with_an_error_is_skipped():
-    broken = gpu(index=0, error="memory: Unknown Error", memory_total_gb=None, memory_free_gb=None)
+def test_the_gpu_checked_is_cuda_device_0():
+    small = gpu(index=0, memory_total_gb=12.0, memory_free_gb=11.0)
+    big = gpu(index=1, name="NVIDIA A100", memory_total_gb=80.0, memory_free_gb=79.0)
+    for order in ((small, big), (big, small)):
+        found = check_hardware(Config(max_memory_gb=40.0), probe(*order))
+        (msg,) = only(found, "error")
+        assert "GPU 0" in msg and "total of 12.0 GiB" in msg
+
+
+def test_an_unreadable_gpu_0_is_a_warning_not_a_pass_on_another_gpu():
+    broken = gpu(index=0, name=None, error="memory: Unknown Error", memory_total_gb=None, memory_free_gb=None,
+                 bf16_supported=None, compute_capability=None)
     healthy = gpu(index=1, name="NVIDIA A100", memory_total_gb=80.0, memory_free_gb=79.0)
     found = check_hardware(Config(max_memory_gb=40.0), probe(broken, healthy))
-    assert levels(found) == ["ok"] and "GPU 1" in found[0].message
-    assert levels(check_hardware(Config(max_memory_gb=40.0), probe(broken))) == ["warning"]
+    assert levels(found) == ["warning"]
+    assert "GPU 0" in found[0].message and "memory: Unknown Error" in found[0].message
+    assert "not checked" in found[0].message
 
 
 def test_several_problems_at_once():

@@ -1,0 +1,433 @@
+"""`autotune solve`: choose micro-batch, accumulation, sequence length and LoRA rank by measured trials.
+
+Two parts, kept apart (as Lightning's batch-size tuner keeps its search apart from its trial):
+- `TrialRunner` runs one trial: the training step of step.py, for two optimizer steps at a
+  worst-case shape, under a memory meter capped at the budget. It knows nothing of search.
+- `search` decides which trials to run: a linear memory model fitted from two measured trials
+  predicts the largest micro-batch, one trial verifies it, and it bisects only where the prediction
+  misses. It knows nothing of models or GPUs, only of a `measure(batch, seq, rank)` function.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from autotune.config import Config
+from autotune.errors import UserError
+
+GiB = 2**30
+TRIAL_STEPS = 2  # the second optimizer step is the first to hold the optimizer state
+
+
+@dataclass
+class Trial:
+    batch: int
+    seq: int
+    rank: int
+    fits: bool                 # ran, and its peak is inside the usable budget (budget less margin)
+    oom: bool                  # the step ran out of memory under the cap
+    peak_bytes: int | None
+    seconds: float             # wall time of the whole trial
+    step_seconds: float | None  # the last optimizer step
+    tokens_per_second: float | None
+    predicted_bytes: int | None = None
+    note: str = ""
+
+    def describe(self, budget: int) -> str:
+        peak = f"{self.peak_bytes / GiB:7.3f} GiB ({self.peak_bytes / budget:5.1%})" if self.peak_bytes else "      -"
+        verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
+        speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""
+        return (f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d} peak {peak}  {verdict:11s} "
+                f"{self.seconds:6.1f}s {speed}")
+
+
+Measure = Callable[[int, int, int], Trial]
+
+
+# ------------------------------------------------------------------------------ the search
+
+@dataclass
+class LinearMemoryModel:
+    """peak ~ fixed + per_token * batch * seq, for one rank and sequence length."""
+
+    fixed: float
+    per_token: float
+
+    @classmethod
+    def fit(cls, a: Trial, b: Trial) -> "LinearMemoryModel":
+        ta, tb = a.batch * a.seq, b.batch * b.seq
+        slope = (b.peak_bytes - a.peak_bytes) / (tb - ta) if tb != ta else 0.0
+        slope = max(slope, 1.0)
+        return cls(a.peak_bytes - slope * ta, slope)
+
+    def predict(self, batch: int, seq: int) -> int:
+        return int(self.fixed + self.per_token * batch * seq)
+
+    def largest_batch(self, seq: int, usable: int) -> int:
+        return max(0, math.floor((usable - self.fixed) / (self.per_token * seq)))
+
+
+class TrialBudgetExceeded(Exception):
+    """The search ran out of trials or time; it keeps what it measured."""
+
+
+@dataclass
+class SearchLog:
+    trials: list[Trial] = field(default_factory=list)
+    max_trials: int | None = None
+    deadline: float | None = None
+    on_trial: Callable[[Trial], None] | None = None
+    _cache: dict = field(default_factory=dict)
+
+    def run(self, measure: Measure, batch: int, seq: int, rank: int, predicted: int | None = None) -> Trial:
+        key = (batch, seq, rank)
+        if key in self._cache:
+            return self._cache[key]
+        if self.max_trials is not None and len(self.trials) >= self.max_trials:
+            raise TrialBudgetExceeded(f"--max-trials {self.max_trials} reached")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TrialBudgetExceeded("--time-budget reached")
+        trial = measure(batch, seq, rank)
+        trial.predicted_bytes = predicted
+        self.trials.append(trial)
+        self._cache[key] = trial
+        if self.on_trial:
+            self.on_trial(trial)
+        return trial
+
+
+def largest_batch(measure: Measure, log: SearchLog, seq: int, rank: int, usable: int, *, first_guess: int = 2,
+                  upper: int = 4096) -> tuple[int, LinearMemoryModel | None]:
+    """The largest micro-batch at (seq, rank) whose measured peak fits `usable` bytes; 0 if none does.
+
+    Two trials fit the memory model, one verifies its prediction, and bisection covers a miss.
+    """
+    one = log.run(measure, 1, seq, rank)
+    if not one.fits:
+        return 0, None
+    best_fit, first_fail = 1, None  # invariant: best_fit fits; first_fail (if known) does not
+    second_batch = max(2, min(first_guess, upper))
+    second = log.run(measure, second_batch, seq, rank)
+    if not second.fits:
+        first_fail = second_batch
+        if second.peak_bytes is None:  # an OOM tells us no slope; bisect from here
+            return _bisect(measure, log, seq, rank, best_fit, first_fail), None
+    else:
+        best_fit = second_batch
+    model = LinearMemoryModel.fit(one, second) if second.peak_bytes is not None else None
+    guess = model.largest_batch(seq, usable) if model else best_fit
+    guess = max(1, min(guess, upper, (first_fail - 1) if first_fail else upper))
+    while guess > best_fit:
+        trial = log.run(measure, guess, seq, rank, model.predict(guess, seq) if model else None)
+        if trial.fits:
+            best_fit = guess
+            # The prediction was good (or pessimistic): confirm that one more does not fit.
+            if first_fail is None or first_fail > guess + 1:
+                nxt = log.run(measure, guess + 1, seq, rank, model.predict(guess + 1, seq) if model else None)
+                if not nxt.fits:
+                    return guess, model
+                best_fit = guess + 1
+                if nxt.peak_bytes and one.peak_bytes:
+                    model = LinearMemoryModel.fit(one, nxt)
+                guess = min(upper, max(best_fit + 1, model.largest_batch(seq, usable) if model else best_fit * 2))
+                continue
+            return best_fit, model
+        first_fail = guess
+        break
+    if first_fail is None:
+        return best_fit, model
+    return _bisect(measure, log, seq, rank, best_fit, first_fail), model
+
+
+def _bisect(measure: Measure, log: SearchLog, seq: int, rank: int, lo: int, hi: int) -> int:
+    """lo fits, hi does not: the largest fitting batch in between."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if log.run(measure, mid, seq, rank).fits:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def divisors_up_to(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def largest_seq(measure: Measure, log: SearchLog, rank: int, lo: int, hi: int, step: int = 64) -> int:
+    """The longest sequence (a multiple of `step`) that fits at batch 1; 0 if `lo` does not."""
+    if not log.run(measure, 1, lo, rank).fits:
+        return 0
+    if log.run(measure, 1, hi, rank).fits:
+        return hi
+    lo_u, hi_u = lo // step, hi // step
+    while hi_u - lo_u > 1:
+        mid = (lo_u + hi_u) // 2
+        if log.run(measure, 1, mid * step, rank).fits:
+            lo_u = mid
+        else:
+            hi_u = mid
+    return max(lo, lo_u * step)
+
+
+# ----------------------------------------------------------------------- choosing the sequence
+
+def choose_seq(stats: dict | None, *, fixed: int | None, fallback: int, max_position: int, multiple: int = 8,
+               percentile: str = "p99") -> tuple[int, str]:
+    """The sequence length to solve at, and why."""
+    if fixed:
+        return min(fixed, max_position), f"fixed at {fixed} by the user"
+    if stats and stats.get("count"):
+        need = stats["total"][percentile]
+        seq = min(max_position, max(multiple, -(-need // multiple) * multiple))
+        return seq, (f"covers the data's {percentile} length of {need} tokens "
+                     f"(max {stats['total']['max']}, {stats['count']} samples), rounded up to a multiple of {multiple}")
+    return min(fallback, max_position), f"no data statistics: the config's max_sequence_length {fallback}"
+
+
+# ------------------------------------------------------------------------------- the runner
+
+class TrialRunner:
+    """Builds the training model once per rank and measures trials on it under a capped meter."""
+
+    def __init__(self, cfg: Config, budget_bytes: int, *, meter=None, init: str = "random", echo=print):
+        from autotune.memory import make_meter
+        from autotune.modeling import pick_device, quiet_libraries
+
+        quiet_libraries()
+        self.cfg = cfg
+        self.budget = budget_bytes
+        self.device = pick_device()
+        self.meter = meter or make_meter(self.device.type)
+        self.init = init
+        self.echo = echo
+        self._built = None
+        self._rank = None
+        self.build_seconds = 0.0
+
+    def _model_for(self, rank: int):
+        if self._rank == rank:
+            return self._built
+        from autotune.modeling import build_model
+
+        self._built = None
+        self.meter.cleanup()
+        t = time.perf_counter()
+        self._built = build_model(self.cfg, init=self.init, lora_r=rank, device=self.device)
+        self.build_seconds += time.perf_counter() - t
+        self._rank = rank
+        if self.meter.device == "cpu":
+            self.meter.track_existing(self._built.model)
+        return self._built
+
+    def measure(self, batch: int, seq: int, rank: int, usable: int) -> Trial:
+        import torch
+
+        from autotune.data.encoding import CausalLMCollator
+        from autotune.step import run_trial_steps
+
+        built = self._model_for(rank)
+        collator = CausalLMCollator(pad_token_id=0, pad_to_length=seq)
+        t = time.perf_counter()
+        peak, steps, oom = None, None, False
+        self.meter.cap(self.budget)
+        self.meter.reset_peak()
+        try:
+            with self.meter:
+                steps = run_trial_steps(built, self.cfg, batch_size=batch, seq_len=seq, steps=TRIAL_STEPS,
+                                        workdir=Path(self.cfg.output_dir) / ".solver", collator=collator)
+            peak = self.meter.peak_bytes()
+        except torch.OutOfMemoryError:
+            oom = True
+        finally:
+            self.meter.cap(None)
+            built.model.zero_grad(set_to_none=True)
+            self.meter.cleanup()
+        step_s = steps[-1] if steps else None
+        fits = not oom and peak is not None and peak <= usable
+        return Trial(batch, seq, rank, fits, oom, peak, time.perf_counter() - t, step_s,
+                     (batch * seq / step_s) if step_s else None)
+
+
+# -------------------------------------------------------------------------------- the solve
+
+@dataclass
+class SolveRequest:
+    cfg: Config
+    budget_gb: float
+    margin: float = 0.05
+    objective: str = "throughput"     # throughput | max-seq | max-rank
+    seq: int | None = None            # fixed sequence length
+    ranks: list[int] | None = None    # candidates; None: the config's lora_r
+    max_trials: int | None = None
+    time_budget_s: float | None = None
+    world_size: int = 1
+    data_stats: dict | None = None
+    max_seq: int | None = None        # upper bound for max-seq
+
+
+def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, on_trial=None) -> dict:
+    """Run the search; returns the choice, the runner-up, the reason and every trial.
+
+    `measure(batch, seq, rank, usable_bytes)` runs one trial (TrialRunner.measure in real use).
+    """
+    cfg = req.cfg
+    budget = int(req.budget_gb * GiB)
+    usable = int(budget * (1 - req.margin))
+    log = SearchLog(max_trials=req.max_trials, on_trial=on_trial,
+                    deadline=time.monotonic() + req.time_budget_s if req.time_budget_s else None)
+    m: Measure = lambda b, s, r: measure(b, s, r, usable)  # noqa: E731
+    from autotune.catalog import resolve_model
+
+    max_pos = resolve_model(cfg.model_name).architecture.max_position_embeddings
+    seq, seq_reason = choose_seq(req.data_stats, fixed=req.seq, fallback=cfg.max_sequence_length, max_position=max_pos)
+    ranks = sorted(set(req.ranks or [cfg.lora_r]))
+    effective = cfg.effective_batch
+    per_device_effective = max(1, effective // req.world_size)
+    found: dict[int, int] = {}
+    stopped = None
+    try:
+        if req.objective == "max-seq":
+            rank = ranks[-1]
+            upper = min(max_pos, req.max_seq or max_pos)
+            seq = largest_seq(m, log, rank, lo=min(seq, upper), hi=upper)
+            seq_reason = f"the longest sequence that fits at batch 1 (searched {min(seq, upper)}..{upper})"
+            found[rank] = 1 if seq else 0
+        elif req.objective == "max-rank":
+            for rank in ranks:
+                b = largest_batch(m, log, seq, rank, usable, first_guess=2)[0]
+                found[rank] = b
+                if b == 0:
+                    break
+        else:
+            for rank in ranks:
+                found[rank], _ = largest_batch(m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank))
+    except TrialBudgetExceeded as exc:
+        stopped = str(exc)
+    fitting = [t for t in log.trials if t.fits]
+    if not fitting:
+        raise UserError(
+            f"nothing fits in {req.budget_gb} GiB (less a {req.margin:.0%} margin) for {cfg.model_name} at "
+            f"sequence {seq}, rank {ranks[0]}: {len(log.trials)} trial(s), smallest peak "
+            f"{_smallest_peak(log.trials)}. Lower max_sequence_length or lora_r, use quantization \"4bit\", "
+            "or a smaller model" + (f" ({stopped})" if stopped else ""))
+    candidates = _candidates(req, log.trials, found, seq, per_device_effective)
+    best, runner_up = candidates[0], (candidates[1] if len(candidates) > 1 else None)
+    accumulation = math.ceil(effective / (best.batch * req.world_size))
+    reason = _reason(req, best, runner_up, found, seq_reason, effective, accumulation, stopped)
+    return {"best": best, "runner_up": runner_up, "accumulation": accumulation, "effective": effective,
+            "max_feasible_batch": found, "trials": log.trials, "seq": best.seq, "seq_reason": seq_reason,
+            "reason": reason, "stopped": stopped, "budget_bytes": budget, "usable_bytes": usable}
+
+
+def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
+    """Where the second trial goes: half the batch the analytic estimate predicts, so the fitted
+    line spans a wide range (a short lever arm magnifies measurement noise)."""
+    try:
+        from autotune.catalog import resolve_model
+        from autotune.estimate import largest_fitting
+
+        cfg = req.cfg
+        arch = resolve_model(cfg.model_name).architecture
+        pred = largest_fitting(arch, int(req.budget_gb * GiB), seq=seq, rank=rank,
+                               target_modules=cfg.target_modules, quantization=cfg.quantization,
+                               gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+                               margin=req.margin, device=_device_type())
+        batch = int(pred.get("batch") or 0)
+        return max(2, batch // 2)
+    except Exception:  # the estimate only places a trial; the measurements decide
+        return 2
+
+
+def _device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _smallest_peak(trials: list[Trial]) -> str:
+    peaks = [t.peak_bytes for t in trials if t.peak_bytes]
+    return f"{min(peaks) / GiB:.2f} GiB" if peaks else "unknown (every trial ran out of memory)"
+
+
+def _candidates(req: SolveRequest, trials: list[Trial], found: dict, seq: int, per_device_effective: int) -> list[Trial]:
+    """Fitting trials ranked by the objective. For throughput only micro-batches that divide the
+    effective batch qualify, so accumulation x batch is exactly the effective batch."""
+    fitting = [t for t in trials if t.fits]
+    if req.objective == "max-seq":
+        return sorted(fitting, key=lambda t: (t.seq, t.tokens_per_second or 0), reverse=True)
+    if req.objective == "max-rank":
+        return sorted(fitting, key=lambda t: (t.rank, t.batch if t.seq == seq else 0, t.tokens_per_second or 0),
+                      reverse=True)
+    exact = [t for t in fitting if per_device_effective % t.batch == 0 and t.seq == seq]
+    pool = exact or fitting
+    return sorted(pool, key=lambda t: (t.tokens_per_second or 0, t.batch), reverse=True)
+
+
+def _reason(req, best: Trial, runner_up: Trial | None, found: dict, seq_reason: str, effective: int,
+            accumulation: int, stopped: str | None) -> str:
+    parts = [f"sequence {best.seq}: {seq_reason}."]
+    for rank, b in sorted(found.items()):
+        parts.append(f"rank {rank}: the largest micro-batch that fits is {b}.")
+    objective = {"throughput": "the highest measured tokens/s", "max-seq": "the longest sequence",
+                 "max-rank": "the highest rank"}[req.objective]
+    parts.append(f"Chose batch {best.batch} x accumulation {accumulation} (effective {best.batch * accumulation * req.world_size}"
+                 f", asked {effective}) at rank {best.rank} for {objective}"
+                 + (f": {best.tokens_per_second:.0f} tokens/s" if best.tokens_per_second else "") + ".")
+    if best.batch * accumulation * req.world_size != effective:
+        parts.append(f"No fitting micro-batch divides {effective}, so the effective batch rounds up.")
+    if runner_up is not None:
+        parts.append(f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}"
+                     + (f" ({runner_up.tokens_per_second:.0f} tokens/s)" if runner_up.tokens_per_second else "") + ".")
+    if stopped:
+        parts.append(f"Search stopped early: {stopped}; the choice is the best measured so far.")
+    return " ".join(parts)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
+
+
+def default_profile_path(gpu_name: str | None, model_name: str, budget_gb: float) -> Path:
+    from autotune.config import PROFILES_DIR
+
+    return PROFILES_DIR / "solved" / f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+
+
+def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: TrialRunner | None) -> dict:
+    from autotune.catalog import resolve_model
+    from autotune.profile import architecture_hash, new_profile
+
+    cfg, best = req.cfg, result["best"]
+    spec = resolve_model(cfg.model_name)
+    choice = {"batch_size": best.batch, "gradient_accumulation_steps": result["accumulation"],
+              "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
+              "max_sequence_length": best.seq, "lora_r": best.rank,
+              "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r, "target_modules": list(cfg.target_modules),
+              "quantization": cfg.quantization, "gradient_checkpointing": cfg.gradient_checkpointing,
+              "optimizer": cfg.optimizer,
+              "dtype": str(runner._built.dtype).removeprefix("torch.") if runner and runner._built else None}
+    ru = result["runner_up"]
+    return new_profile(
+        hardware=hardware,
+        model={"name": cfg.model_name, "architecture_hash": architecture_hash(spec.architecture),
+               "architecture": asdict(spec.architecture), "init": runner.init if runner else "random"},
+        data=req.data_stats,
+        constraints={"max_memory_gb": req.budget_gb, "margin": req.margin, "objective": req.objective,
+                     "usable_bytes": result["usable_bytes"], "world_size": req.world_size,
+                     "effective_batch_size": result["effective"], "max_trials": req.max_trials,
+                     "time_budget_s": req.time_budget_s},
+        choice=choice,
+        prediction={"peak_bytes": best.predicted_bytes},
+        measurement={"peak_bytes": best.peak_bytes, "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
+                     "tokens_per_second": best.tokens_per_second, "step_seconds": best.step_seconds,
+                     "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()}},
+        runner_up=asdict(ru) if ru else None,
+        reason=result["reason"],
+        trials=[asdict(t) for t in result["trials"]],
+    )

@@ -338,6 +338,39 @@ def profiles_plot(profile_path, output):
     click.echo(plot_profile(profile, output or profile_path.removesuffix(".json") + ".png"))
 
 
+# ------------------------------------------------------------------------------------- demo
+
+DEMO_CONFIG = "configs/demo"
+
+
+@cli.command()
+@click.option("--max-memory-gb", type=click.FloatRange(min=0.01), default=0.4, show_default=True,
+              help="The simulated card the tiny model is solved for.")
+@click.option("--output-dir", default="outputs/demo", show_default=True)
+@click.pass_context
+def demo(ctx, max_memory_gb, output_dir):
+    """The whole pipeline offline on the embedded default: probe, solve the tiny model under a
+    simulated cap, train it with the solved profile on data/raw, show the inference report."""
+    from pathlib import Path
+
+    from autotune.config import preset_path
+
+    config = str(preset_path(DEMO_CONFIG))
+    sets = (f"output_dir={output_dir}", f"log_dir={output_dir}/logs",
+            f"structured_logging.log_file={output_dir}/logs/training.jsonl")
+    profile = str(Path(output_dir) / "profile.json")
+    click.echo("== 1/3 autotune probe", err=True)
+    ctx.invoke(probe)
+    click.echo(f"\n== 2/3 autotune solve (tiny-qwen3, simulated {max_memory_gb:g} GiB card)", err=True)
+    ctx.invoke(solve, config_path=config, sets=sets, max_memory_gb=max_memory_gb, output=profile, plot=True,
+               objective="throughput", margin=0.05)
+    click.echo("\n== 3/3 autotune train --profile", err=True)
+    ctx.invoke(train, config_path=config, profile_path=profile, sets=sets)
+    report = Path(output_dir) / "inference_report.md"
+    if report.is_file():
+        click.echo("\n" + report.read_text(encoding="utf-8"))
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="autotune", standalone_mode=False)

@@ -102,6 +102,9 @@ def load_base_model(spec: ModelSpec, *, init: str, quantization: str, dtype: tor
             hf_config = spec.architecture.to_hf_config(attn_implementation="sdpa")
             state = _random_state_dict(hf_config, dtype, seed)
             model = Qwen3ForCausalLM.from_pretrained(None, config=hf_config, state_dict=state, **common)
+            # from_pretrained(None) records the name "None", which peft would later look up on the hub
+            # when saving; an empty name marks a from-config model and skips that lookup.
+            model.config._name_or_path = ""
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(spec.source, use_safetensors=True, trust_remote_code=False,
@@ -170,6 +173,9 @@ def build_model(cfg: Config, *, spec: ModelSpec | None = None, init: str | None 
     base = load_base_model(spec, init=init or cfg.init, quantization=quantization, dtype=dtype, device=device,
                            seed=cfg.seed)
     prepare_for_training(base, quantization != "none", cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+    # LoRA A matrices are drawn from torch's global RNG (the Trainer seeds it only later, in its
+    # __init__): seed it here, or two runs of one config start from different adapters.
+    torch.manual_seed(cfg.seed)
     model = attach_lora(base, r=r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
     return BuiltModel(model=model, spec=spec, device=device, dtype=dtype, quantization=quantization, lora_r=r,
                       lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),

@@ -101,47 +101,70 @@ class SearchLog:
         return trial
 
 
-def largest_batch(measure: Measure, log: SearchLog, seq: int, rank: int, usable: int, *, first_guess: int = 2,
-                  upper: int = 4096) -> tuple[int, LinearMemoryModel | None]:
-    """The largest micro-batch at (seq, rank) whose measured peak fits `usable` bytes; 0 if none does.
+# Peaks of one shape repeat within this fraction of the usable budget (the CPU meter counts bytes exactly;
+# CUDA's allocator rounds to pages of a few MiB). A prediction confirmed this closely is trusted one batch on.
+NOISE_TOLERANCE = 0.005
 
-    Two trials fit the memory model, one verifies its prediction, and bisection covers a miss.
+
+def largest_batch(measure: Measure, log: SearchLog, seq: int, rank: int, usable: int, *, first_guess: int = 2,
+                  upper: int = 4096, tolerance: float | None = NOISE_TOLERANCE) -> tuple[int, LinearMemoryModel | None]:
+    """The largest micro-batch in 1..upper at (seq, rank) whose measured peak fits `usable` bytes; 0 if none does.
+
+    Batch 1 and `first_guess` fit the memory model; the next trial goes where the model puts the largest
+    fitting batch (refitted after every trial to the two measured trials nearest the boundary). A prediction
+    that fits, measures within `tolerance` x usable of what was predicted and puts batch+1 over the budget by
+    more than that is taken as is; otherwise batch+1 is measured too (`tolerance=None`: always). After two
+    misses in a row (a nonlinearity) one bisection step (doubling while nothing has failed) follows, so the
+    search stays logarithmic however wrong the model is. Nothing above `upper` is ever tried.
     """
+    upper = max(1, upper)
     one = log.run(measure, 1, seq, rank)
     if not one.fits:
         return 0, None
-    best_fit, first_fail = 1, None  # invariant: best_fit fits; first_fail (if known) does not
-    second_batch = max(2, min(first_guess, upper))
-    second = log.run(measure, second_batch, seq, rank)
-    if not second.fits:
-        first_fail = second_batch
-        if second.peak_bytes is None:  # an OOM tells us no slope; bisect from here
-            return _bisect(measure, log, seq, rank, best_fit, first_fail), None
-    else:
-        best_fit = second_batch
-    model = LinearMemoryModel.fit(one, second) if second.peak_bytes is not None else None
-    guess = model.largest_batch(seq, usable) if model else best_fit
-    guess = max(1, min(guess, upper, (first_fail - 1) if first_fail else upper))
-    while guess > best_fit:
-        trial = log.run(measure, guess, seq, rank, model.predict(guess, seq) if model else None)
+    measured = {1: one}
+    lo, hi = 1, None  # lo fits; hi, once known, does not
+    batch, expected, predicted, misses = max(2, min(first_guess, upper)), None, None, 0
+    model = None
+    while lo < upper and (hi is None or hi - lo > 1):
+        trial = log.run(measure, batch, seq, rank, predicted)
+        measured[batch] = trial
         if trial.fits:
-            best_fit = guess
-            # The prediction was good (or pessimistic): confirm that one more does not fit.
-            if first_fail is None or first_fail > guess + 1:
-                nxt = log.run(measure, guess + 1, seq, rank, model.predict(guess + 1, seq) if model else None)
-                if not nxt.fits:
-                    return guess, model
-                best_fit = guess + 1
-                if nxt.peak_bytes and one.peak_bytes:
-                    model = LinearMemoryModel.fit(one, nxt)
-                guess = min(upper, max(best_fit + 1, model.largest_batch(seq, usable) if model else best_fit * 2))
-                continue
-            return best_fit, model
-        first_fail = guess
-        break
-    if first_fail is None:
-        return best_fit, model
-    return _bisect(measure, log, seq, rank, best_fit, first_fail), model
+            lo = batch
+        else:
+            hi = batch
+        model = _local_model(measured, lo, hi)
+        nxt = model.largest_batch(seq, usable) if model else None
+        if expected is not None:  # this trial tested a prediction
+            slack = None if tolerance is None else tolerance * usable
+            if (trial.fits and nxt is not None and nxt <= batch and slack is not None
+                    and abs(trial.peak_bytes - predicted) <= slack and model.predict(batch + 1, seq) > usable + slack):
+                return batch, model  # measured where predicted, and batch+1 is clearly over
+            missed = trial.fits != expected or (trial.fits and nxt is not None and nxt > batch)
+            misses = misses + 1 if missed else 0
+        limit = upper if hi is None else hi - 1
+        if nxt is None or misses >= 2:  # no usable model, or it keeps missing: halve the gap (or double)
+            batch = (lo + hi) // 2 if hi is not None else min(upper, 2 * lo)
+            expected, predicted, misses = None, None, 0
+        else:
+            batch = min(max(nxt, lo + 1), limit)
+            expected, predicted = nxt >= batch, model.predict(batch, seq)
+    return lo, model
+
+
+def _local_model(measured: dict[int, Trial], lo: int, hi: int | None) -> LinearMemoryModel | None:
+    """The line through the measured peaks nearest the boundary: lo's and hi's (when hi ran with a peak,
+    over the margin but under the cap), else lo's and the nearest fitting batch below it. None when there
+    is no second point or the peak does not grow with the batch (the model would predict no limit)."""
+    a = measured[lo]
+    b = measured.get(hi) if hi is not None else None
+    if b is None or b.peak_bytes is None:
+        below = [k for k, t in measured.items() if k < lo and t.peak_bytes is not None]
+        if not below:
+            return None
+        a, b = measured[max(below)], a
+    if b.peak_bytes <= a.peak_bytes:
+        return None
+    return LinearMemoryModel.fit(a, b)
 
 
 def _bisect(measure: Measure, log: SearchLog, seq: int, rank: int, lo: int, hi: int) -> int:

@@ -109,6 +109,7 @@ class AutotuneTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._last_log = (time.perf_counter(), 0)
+        self.add_callback(_ThroughputStart(self))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # a training record, not an eval one
@@ -121,6 +122,18 @@ class AutotuneTrainer(Trainer):
                 logs["gpu_memory_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
                 logs["gpu_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         super().log(logs, start_time)
+
+
+class _ThroughputStart(TrainerCallback):
+    """Starts the tokens/s clock when train() starts, from the tokens the state already counts: a
+    resumed run (--resume, or after an OOM) restores num_input_tokens_seen from its checkpoint, and
+    those tokens were not processed by this run."""
+
+    def __init__(self, trainer: AutotuneTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log = (time.perf_counter(), int(state.num_input_tokens_seen))
 
 
 def make_trainer(built: BuiltModel, args: TrainingArguments, train_dataset, *, collator, eval_dataset=None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from autotune.catalog import ModelSpec, resolve_model
 from autotune.config import Config
@@ -30,6 +30,7 @@ from autotune.step import ListDataset, make_trainer, training_arguments
 from autotune.tokenizer import load_tokenizer
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -136,11 +137,26 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _fit_with_oom_recovery(run: Run, resume_from: str | None) -> tuple[object, list[dict]]:
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N that was written to the end. The Trainer writes trainer_state.json
+    last, so a run killed while saving leaves a newer folder without it, which cannot be resumed."""
+    if not folder.is_dir():
+        return None
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            steps[int(suffix)] = path
+    return str(steps[max(steps)]) if steps else None
+
+
+def _fit_with_oom_recovery(run: Run, resume_from: str | None,
+                           changes: list[dict] | None = None) -> tuple[object, list[dict]]:
     """trainer.train(), and on an OOM: keep the completed optimizer steps, halve the micro-batch,
-    double the accumulation (same effective batch) and go on from the last completed step."""
+    double the accumulation (same effective batch) and go on from the last completed step.
+    Each change is appended to `changes` as it happens (a failed run's summary reports them too)."""
     cfg = run.cfg
-    changes: list[dict] = []
+    changes = [] if changes is None else changes
     batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
     collator = CausalLMCollator(run.tokenizer.pad_token_id, pad_to_multiple_of=8)
     while True:
@@ -210,9 +226,10 @@ def train(cfg: Config, *, profile: dict | None = None, resume: bool = False, ext
             _check_environment(cfg, echo)
         resume_from = None
         if resume:
-            resume_from = get_last_checkpoint(str(output_dir / CHECKPOINTS)) if (output_dir / CHECKPOINTS).is_dir() else None
+            resume_from = last_complete_checkpoint(output_dir / CHECKPOINTS)
             if resume_from is None:
-                raise UserError(f"--resume: no checkpoint under {output_dir / CHECKPOINTS}; start without --resume")
+                raise UserError(f"--resume: no complete checkpoint under {output_dir / CHECKPOINTS}; "
+                                "start without --resume")
         spec = resolve_model(cfg.model_name)
         tokenizer = load_tokenizer(cfg.tokenizer_name or spec.tokenizer_name)
         data = prepare_data(cfg, tokenizer, spec, echo)
@@ -226,8 +243,8 @@ def train(cfg: Config, *, profile: dict | None = None, resume: bool = False, ext
             callbacks.append(tensorboard_callback(cfg.tensorboard_log_dir or str(Path(cfg.log_dir) / "tensorboard")))
         callbacks.extend(extra_callbacks)
         run = Run(cfg, built, tokenizer, data, output_dir, runlog, callbacks, echo)
-        trainer, oom_changes = _fit_with_oom_recovery(run, resume_from)
-        summary["oom_recoveries"] = oom_changes
+        summary["oom_recoveries"] = []
+        trainer, _ = _fit_with_oom_recovery(run, resume_from, summary["oom_recoveries"])
         summary["final"] = _final_metrics(trainer)
         _save_outputs(run, trainer, profile)
         if cfg.enable_inference_test and data.eval_pairs:

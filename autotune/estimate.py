@@ -1,0 +1,500 @@
+"""Peak-memory prediction for a Qwen3 LoRA/QLoRA training step, without a GPU.
+
+`estimate_peak` is arithmetic over the architecture (milliseconds), so the solver can rank candidate shapes
+and pick its first trials, and `autotune estimate --model Qwen3-14B --max-memory-gb 16` answers at once.
+
+The model follows what the installed transformers/peft/bitsandbytes actually allocate in the step
+    loss = model(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+(see `reference_step`), read off the code and then checked tensor by tensor against `CpuTrackedMeter`:
+
+* Persistent: base weights, LoRA adapters (fp32: peft upcasts adapters of a bf16/fp16 model), their grads,
+  the optimizer state.
+* Saved activations, per token and layer (`layer_saved_bytes_per_token`): what autograd keeps for backward.
+  The frozen base Linears keep nothing (their weight grad is not needed); the two RMSNorms and the QK-norms
+  keep an fp32 copy of their input; SDPA keeps q, k, v, its output and a logsumexp (no seq^2 term: the
+  flash/memory-efficient kernels are used, the mask is `is_causal`); the MLP keeps gate, up and silu(gate);
+  each LoRA module keeps its input cast to fp32 and its rank-r hidden. With gradient checkpointing only each
+  layer's input is kept, and one layer's activations come back during its recompute.
+* The loss head: transformers upcasts logits to fp32 for the cross entropy; the peak of the whole step is
+  normally in `log_softmax_backward`, where the saved log-probabilities, their gradient and the gradient of
+  the logits are all alive: 3 x 4 bytes x tokens x vocab (12 bytes per token per vocabulary entry).
+* Transients of a layer's backward (gradients of the MLP intermediate), the bf16 weight that bitsandbytes
+  dequantizes for a 4-bit matmul's backward, and the optimizer step's temporaries.
+
+The peak is the persistent bytes plus the larger of two moments: the loss head's backward with every saved
+activation alive, or the last decoder layer's backward.
+
+`calibrate_by_trace` runs the real step under FakeTensorMode (no memory is allocated) with the tracker, for
+shapes too big to run, and `measure_step` runs it for real on the CPU; the tests compare both to the formula.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+from autotune.catalog import Architecture
+
+GIB = 1024**3
+MIB = 1024**2
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# What a CUDA process holds outside PyTorch's allocator (context, cuBLAS/cuBLASLt handles and workspaces):
+# ~0.5 GiB on an H100 with CUDA 12/13 and lazy module loading; the measured figure replaces it in trials
+# (memory.CudaMeter). Not counted for device="cpu".
+CUDA_OVERHEAD_BYTES = 640 * MIB
+
+# bitsandbytes' 8-bit optimizers keep fp32 state for tensors smaller than this (min_8bit_size).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCKWISE = 256  # elements per absmax of the 8-bit optimizer state
+NF4_BLOCK = 64       # elements per absmax of a 4-bit weight
+NESTED_BLOCK = 256   # absmaxes per second-level absmax with double quantization
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+
+_OPTIMIZER_STATE = {
+    # bytes of state per trainable element: (large tensors, small tensors); None -> 8-bit rules
+    "adamw_torch": (8, 8), "adamw_torch_fused": (8, 8), "adamw_hf": (8, 8), "adamw_apex_fused": (8, 8),
+    "adamw": (8, 8), "adam": (8, 8), "paged_adamw_32bit": (8, 8), "adamw_bnb_32bit": (8, 8),
+    "adamw_8bit": None, "adamw_bnb_8bit": None, "paged_adamw_8bit": None, "adamw_bnb": None,
+    "lion_8bit": None, "paged_lion_8bit": None,
+    "lion_32bit": (4, 4), "paged_lion_32bit": (4, 4), "adafactor": (4, 4),
+    "sgd": (0, 0), "adagrad": (4, 4), "rmsprop": (4, 4),
+}
+
+
+@dataclass
+class Estimate:
+    components: dict[str, int]
+    peak_bytes: int
+    shape: dict
+    phase: str = "loss"  # the moment of the step that sets the peak: "loss", "layer_backward", "optimizer"
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The breakdown as aligned text lines (GiB)."""
+        rows = [f"  {name:16} {value / GIB:8.3f} GiB" for name, value in self.components.items()]
+        return "\n".join(rows + [f"  {'peak':16} {self.peak_gib:8.3f} GiB  (at {self.phase})"])
+
+
+# ------------------------------------------------------------------------------- parameters
+
+
+def linear_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each projection of one decoder layer."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _check_targets(target_modules: Iterable[str]) -> tuple[str, ...]:
+    targets = tuple(dict.fromkeys(target_modules))
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"target_modules must be a non-empty subset of {ALL_TARGETS}, got {list(target_modules)}")
+    return targets
+
+
+def lora_param_tensors(arch: Architecture, rank: int, target_modules: Sequence[str]) -> list[int]:
+    """Element counts of every LoRA tensor (A: r x in, B: out x r), all layers."""
+    shapes = linear_shapes(arch)
+    per_layer = [n for t in _check_targets(target_modules) for n in (rank * shapes[t][0], shapes[t][1] * rank)]
+    return per_layer * arch.num_hidden_layers
+
+
+def _nonlinear_param_counts(arch: Architecture) -> tuple[int, int]:
+    """(elements of all projection weights, elements of everything else: embeddings, lm_head, norms)."""
+    linear = sum(i * o for i, o in linear_shapes(arch).values()) * arch.num_hidden_layers
+    return linear, arch.param_count() - linear
+
+
+def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, kbit_prepare: bool,
+                 double_quant: bool = True) -> int:
+    """Bytes of the base model's weights.
+
+    4-bit (bitsandbytes nf4): each projection is packed two values per byte, plus its quantization state:
+    one absmax per 64-element block, fp32, or, with double quantization, one uint8 per block plus an fp32
+    absmax per 256 blocks (and a 256-entry code book and offset per tensor). 8-bit (LLM.int8): one byte per
+    element plus an fp32 scale per row. Embeddings, lm_head and norms are never quantized by
+    bitsandbytes; `prepare_model_for_kbit_training` then upcasts them to fp32 (kbit_prepare).
+    """
+    linear, other = _nonlinear_param_counts(arch)
+    n_linear_tensors = 7 * arch.num_hidden_layers
+    if quantization == "none":
+        return (linear + other) * dtype_bytes
+    other_bytes = other * (4 if kbit_prepare else dtype_bytes)
+    if quantization == "8bit":
+        rows = sum(o for _, o in linear_shapes(arch).values()) * arch.num_hidden_layers
+        return linear + rows * 4 + other_bytes
+    if quantization != "4bit":
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    blocks = math.ceil(linear / NF4_BLOCK)
+    if double_quant:
+        state = blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + n_linear_tensors * (2 * 256 * 4 + 4)
+    else:
+        state = blocks * 4 + n_linear_tensors * 16 * 4
+    return math.ceil(linear / 2) + state + other_bytes
+
+
+def optimizer_state_bytes(tensor_numels: Sequence[int], optimizer: str) -> int:
+    """State the optimizer keeps for the trainable tensors. 8-bit bitsandbytes optimizers: one byte per
+    element and state (two for Adam) plus an fp32 absmax per 256 elements, only for tensors of at least
+    4096 elements; smaller tensors keep fp32 state."""
+    name = optimizer.lower()
+    rule = _OPTIMIZER_STATE.get(name, (8, 8))  # unknown names: assume AdamW-like fp32 state (conservative)
+    if rule is not None:
+        large, small = rule
+        return sum(n * (large if n >= BNB_MIN_8BIT_SIZE else small) for n in tensor_numels)
+    states = 1 if "lion" in name else 2
+    total = 0
+    for n in tensor_numels:
+        if n >= BNB_MIN_8BIT_SIZE:
+            total += states * (n + math.ceil(n / BNB_BLOCKWISE) * 4)
+        else:
+            total += states * 4 * n
+    return total
+
+
+# ------------------------------------------------------------------------------- activations
+
+
+def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str],
+                                act_bytes: int, lora_dropout: float = 0.0, first_layer: bool = False) -> float:
+    """Bytes autograd keeps per token for one decoder layer when nothing is checkpointed.
+
+    `act_bytes` is the dtype of the hidden states (bf16: 2; fp32: 4, also for k-bit models after
+    prepare_model_for_kbit_training, whose fp32 norms turn the residual stream fp32). The first layer's
+    input RMSNorm keeps nothing when the embeddings do not require grad (no input-grad hook).
+    """
+    h, I = arch.hidden_size, arch.intermediate_size
+    nh, nkv = arch.num_attention_heads, arch.num_key_value_heads
+    q, kv = nh * arch.head_dim, nkv * arch.head_dim
+    a = act_bytes
+    norm = 4 * h + 4  # fp32 copy of the input + fp32 rsqrt per token
+    total = norm * (1 if first_layer else 2)
+    total += 4 * q + 4 * nh + 4 * kv + 4 * nkv    # q_norm / k_norm: fp32 input + rsqrt per head
+    total += a * (2 * q + 2 * kv) + 4 * nh         # SDPA: q, k, v, output, logsumexp
+    total += 3 * I * a                             # MLP: gate, up, silu(gate)
+    total += lora_saved_bytes_per_token(arch, rank=rank, target_modules=target_modules, act_bytes=a,
+                                        lora_dropout=lora_dropout)
+    return total
+
+
+def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str], act_bytes: int,
+                               lora_dropout: float = 0.0) -> float:
+    """What the LoRA branches keep per token: lora_A's fp32 input and lora_B's rank-r fp32 input.
+
+    peft casts the module input to the adapter dtype (fp32) per module, so q, k and v each keep their own
+    fp32 copy of the same hidden state when the activations are bf16; when they are already fp32 the cast is
+    a no-op and the modules that share an input share one tensor. With dropout each module keeps its own
+    dropped-out fp32 input plus a one-byte mask.
+    """
+    shapes = linear_shapes(arch)
+    targets = _check_targets(target_modules)
+    total = 4 * rank * len(targets)
+    shared_input = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                    "gate_proj": "mlp_in", "up_proj": "mlp_in"}
+    seen: set[str] = set()
+    for t in targets:
+        fan_in = shapes[t][0]
+        if lora_dropout > 0:
+            total += 5 * fan_in
+        elif act_bytes != 4:
+            total += 4 * fan_in
+        else:
+            group = shared_input.get(t, t)
+            if group not in seen:
+                seen.add(group)
+                total += 4 * fan_in
+    return total
+
+
+# ------------------------------------------------------------------------------- the estimate
+
+
+def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
+                  target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "4bit",
+                  gradient_checkpointing: bool = True, dtype_bytes: int = 2, optimizer: str = "paged_adamw_8bit",
+                  device: str = "cuda", lora_dropout: float = 0.0, kbit_prepare: bool = True,
+                  double_quant: bool = True, cuda_overhead_bytes: int | None = None) -> Estimate:
+    """Predict the peak memory of one training step (the second: the optimizer state exists).
+
+    quantization: "4bit" (nf4 QLoRA), "8bit" or "none" (weights in dtype_bytes).
+    kbit_prepare: the k-bit model went through peft's prepare_model_for_kbit_training, which upcasts the
+        non-quantized weights to fp32, so embeddings, lm_head and activations are fp32.
+    device: "cuda" adds the CUDA context/workspace overhead; "cpu" predicts what CpuTrackedMeter measures.
+    """
+    if batch < 1 or seq < 1 or rank < 1:
+        raise ValueError(f"batch, seq and rank must be >= 1 (got {batch}, {seq}, {rank})")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    targets = _check_targets(target_modules)
+    quantized = quantization != "none"
+    kbit_prepare = kbit_prepare and quantized
+    a = 4 if kbit_prepare else dtype_bytes           # dtype of the hidden states
+    tokens = batch * seq
+    h, L, V = arch.hidden_size, arch.num_hidden_layers, arch.vocab_size
+
+    lora_numels = lora_param_tensors(arch, rank, targets)
+    n_lora = sum(lora_numels)
+    weights = weight_bytes(arch, quantization, dtype_bytes, kbit_prepare, double_quant)
+    weights += 2 * (arch.head_dim // 2) * 4      # rotary inv_freq buffers (fp32)
+    lora_params = 4 * n_lora
+    lora_grads = 4 * n_lora  # resident from the first backward on when gradients accumulate
+    opt_state = optimizer_state_bytes(lora_numels, optimizer)
+
+    per_layer = layer_saved_bytes_per_token(arch, rank=rank, target_modules=targets, act_bytes=a,
+                                            lora_dropout=lora_dropout)
+    first_layer = layer_saved_bytes_per_token(arch, rank=rank, target_modules=targets, act_bytes=a,
+                                              lora_dropout=lora_dropout, first_layer=not gradient_checkpointing)
+    final_norm = 4 * h + 4
+    if gradient_checkpointing:
+        saved = tokens * (L * a * h + final_norm)  # each layer's input (the previous layer's output)
+    else:
+        saved = tokens * (first_layer + (L - 1) * per_layer + final_norm)
+    rope = 2 * seq * arch.head_dim * a             # cos/sin, shared by all layers
+    inputs = tokens * 8 * 2                        # input_ids and the shifted labels (int64)
+
+    # The loss head at log_softmax_backward: saved log-probs + their grad + the logits' grad, fp32.
+    logits = 12 * tokens * V
+    # The last layer's backward: everything it saved (recomputed first under checkpointing), plus, in the
+    # MLP's backward, three intermediate-sized grads and the incoming hidden-state grad; plus a dequantized
+    # bf16 copy of the biggest k-bit weight (bitsandbytes' backward matmul).
+    layer_bwd = tokens * (3 * arch.intermediate_size * a + h * a)
+    if "down_proj" in targets:  # down_proj's fp32 input copy is released before the MLP's grads peak
+        layer_bwd -= tokens * 4 * arch.intermediate_size
+    if gradient_checkpointing:
+        layer_bwd += tokens * (L * a * h + per_layer)
+    else:
+        layer_bwd += saved - tokens * final_norm
+    if quantized:
+        biggest = max(i * o for i, o in linear_shapes(arch).values())
+        layer_bwd += 2 * biggest + (math.ceil(biggest / NF4_BLOCK) * 4 if quantization == "4bit" else 0)
+    opt_step = lora_grads_step_temporaries(lora_numels, device)
+
+    misc = rope + inputs
+    candidates = {"loss": saved + logits, "layer_backward": layer_bwd, "optimizer": opt_step}
+    phase = max(candidates, key=candidates.get)
+    temporaries = misc + max(0, candidates[phase] - saved - logits)
+    overhead = 0 if device == "cpu" else (CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes)
+    components = {
+        "weights": int(weights),
+        "lora_params": int(lora_params),
+        "lora_grads": int(lora_grads),
+        "optimizer_state": int(opt_state),
+        "activations": int(saved),
+        "logits_and_loss": int(logits),
+        "temporaries": int(temporaries),
+        "cuda_overhead": int(overhead),
+    }
+    shape = dict(batch=batch, seq=seq, rank=rank, quantization=quantization,
+                 gradient_checkpointing=gradient_checkpointing, target_modules=list(targets),
+                 dtype_bytes=dtype_bytes, optimizer=optimizer, device=device, lora_dropout=lora_dropout,
+                 kbit_prepare=kbit_prepare)
+    return Estimate(components=components, peak_bytes=sum(components.values()), shape=shape, phase=phase)
+
+
+def lora_grads_step_temporaries(tensor_numels: Sequence[int], device: str) -> int:
+    """Extra bytes while the optimizer steps: the foreach implementation (CUDA default) materialises
+    sqrt(exp_avg_sq) for all tensors at once; the per-tensor loop (CPU default) one tensor at a time."""
+    if not tensor_numels:
+        return 0
+    return 4 * (sum(tensor_numels) if device != "cpu" else max(tensor_numels))
+
+
+# ------------------------------------------------------------------------------- measuring the real step
+# These build real (random-init) models with transformers/peft, imported lazily: estimate_peak above must
+# stay pure arithmetic.
+
+
+def _torch_dtype(dtype_bytes: int):
+    import torch
+
+    return {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a (peft-wrapped) transformers model, under whichever
+    name the installed transformers has (5.24 renamed gradient_checkpointing_enable and deprecated the old
+    name; older versions only have the old one), plus the input-grad hook peft needs when the embeddings
+    are frozen."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def _quiet():
+    """Silence the deprecation chatter of transformers/peft while building throwaway models."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        stack.callback(hf_logging.set_verbosity, level)
+    except ImportError:
+        pass
+    return stack
+
+
+def _attach_lora(model, rank: int, target_modules: Sequence[str], lora_dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout,
+                        target_modules=list(target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS,
+                     dtype_bytes: int = 2, gradient_checkpointing: bool = True, lora_dropout: float = 0.0,
+                     quantization: str = "none", workdir=None, seed: int = 0):
+    """A random-init Qwen3 of this architecture with LoRA attached, ready to train on the CPU.
+
+    quantization="4bit"|"8bit": the model is saved to `workdir` and reloaded through bitsandbytes (nf4 with
+    double quantization, bf16 compute), then prepared with prepare_model_for_kbit_training, as QLoRA does.
+    """
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    dtype = _torch_dtype(dtype_bytes)
+    with _quiet():
+        model = Qwen3ForCausalLM(arch.to_hf_config()).to(dtype)
+        if quantization != "none":
+            model = _reload_quantized(model, quantization, workdir, gradient_checkpointing)
+        model = _attach_lora(model, rank, target_modules, lora_dropout)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+    model.train()
+    return model
+
+
+def _reload_quantized(model, quantization: str, workdir, gradient_checkpointing: bool):
+    import tempfile
+
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization == "4bit":
+        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        model.save_pretrained(tmp)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qconfig, dtype=torch.bfloat16,
+                                                     device_map="cpu")
+    # Checkpointing is enabled after LoRA is attached (build_lora_model), the same for every quantization.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def make_optimizer(model, optimizer: str = "adamw_torch"):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer in ("adamw_torch", "adamw"):
+        return torch.optim.AdamW(params, lr=1e-4)
+    if optimizer in ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if optimizer.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(params, lr=1e-4)
+    raise ValueError(f"make_optimizer: unsupported optimizer {optimizer!r}")
+
+
+def reference_step(model, input_ids, optimizer) -> None:
+    """The step the estimate models: full-length inputs as their own labels, then AdamW."""
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _measure(model, meter, batch: int, seq: int, optimizer: str, steps: int) -> dict[str, int]:
+    """Run `steps` reference steps under `meter` (which must already count the model) and report bytes."""
+    import torch
+
+    weights = meter.current_bytes()
+    with meter:
+        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    meter.track_existing(input_ids)
+    with meter:
+        opt = make_optimizer(model, optimizer)
+    meter.reset_peak()
+    start = time.perf_counter()
+    with meter:
+        for _ in range(steps):
+            reference_step(model, input_ids, opt)
+    return {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes(),
+            "seconds": time.perf_counter() - start}
+
+
+def measure_step(arch: Architecture, *, batch: int, seq: int, rank: int,
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "none",
+                 gradient_checkpointing: bool = True, dtype_bytes: int = 4, optimizer: str = "adamw_torch",
+                 lora_dropout: float = 0.0, steps: int = 2, workdir=None) -> dict[str, int]:
+    """Peak tracked bytes of real CPU steps (random-init model): the ground truth for estimate_peak(device="cpu").
+
+    The peak includes weights, adapters, optimizer state and the inputs, like a GPU's would.
+    """
+    from autotune.memory import CpuTrackedMeter
+
+    model = build_lora_model(arch, rank=rank, target_modules=target_modules, dtype_bytes=dtype_bytes,
+                             gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
+                             quantization=quantization, workdir=workdir)
+    meter = CpuTrackedMeter()
+    meter.track_existing(model)
+    return _measure(model, meter, batch, seq, optimizer, steps)
+
+
+def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
+                       target_modules: Sequence[str] = DEFAULT_TARGETS, gradient_checkpointing: bool = True,
+                       dtype_bytes: int = 2, optimizer: str = "adamw_torch", lora_dropout: float = 0.0,
+                       steps: int = 2) -> dict[str, int]:
+    """The real forward/backward/optimizer step of a model of any size, traced under FakeTensorMode.
+
+    Nothing is allocated: the model is built on the meta device, LoRA attached by peft, then materialised
+    as fake tensors (`to_empty` inside FakeTensorMode); the tracker counts the fake storages. Unquantized
+    only (bitsandbytes kernels cannot run on fake tensors). Returns the measured peak, weights and more.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import Qwen3ForCausalLM
+
+    from autotune.memory import CpuTrackedMeter
+
+    dtype = _torch_dtype(dtype_bytes)
+    with _quiet():
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(arch.to_hf_config()).to(dtype)
+            model = _attach_lora(model, rank, target_modules, lora_dropout)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            meter = CpuTrackedMeter()
+            meter.track_existing(model)
+            result = _measure(model, meter, batch, seq, optimizer, steps)
+    return result

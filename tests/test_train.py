@@ -1,0 +1,522 @@
+"""`autotune train` for real, on the tiny Qwen3 (real 151k vocabulary, hidden 64, 2 layers) on the CPU.
+
+Each run is a handful of optimizer steps on ten short QA pairs: what is asserted is behaviour (the
+loss falls, files are loadable, a killed run resumes to the same numbers, an OOM keeps the effective
+batch), not just that nothing crashed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from autotune.catalog import resolve_model
+from autotune.config import Config, build_config
+from autotune.errors import UserError
+from autotune.trainer import InjectOOM, train
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = dict(echo=lambda message: None)
+
+PAIRS = [(f"What is the code word for box {i}?", f"The code word for box {i} is {word}.")
+         for i, word in enumerate(["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron",
+                                   "inlet", "juniper"], 1)]
+
+
+def write_qa(folder: Path, pairs) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"Q{i}: {q}\nA{i}: {a}\n\n" for i, (q, a) in enumerate(pairs, 1))
+    (folder / "qa.md").write_text(text, encoding="utf-8")
+    return folder
+
+
+def config_values(tmp: Path, **overrides) -> dict:
+    """A few-second CPU run; every path inside `tmp`."""
+    values = dict(
+        model_name="tiny-qwen3", init="random", tokenizer_name="qwen3-offline", quantization="none",
+        bf16=False, optimizer="adamw_torch",  # bf16 autocast is ~4x slower on this CPU
+        batch_size=2, gradient_accumulation_steps=1, max_steps=4, max_sequence_length=64,
+        learning_rate=1e-2, warmup_ratio=0.0, lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        data_dir=str(write_qa(tmp / "data", PAIRS)), data_cache_dir=str(tmp / "cache"),
+        output_dir=str(tmp / "out"), log_dir=str(tmp / "logs"),
+        structured_logging={"log_file": str(tmp / "logs" / "run.jsonl")},
+        enable_tensorboard=False, enable_inference_test=False, verify_environment=False,
+        log_every_n_steps=1, save_every_n_steps=100,
+    )
+    for key, value in overrides.items():
+        if key == "structured_logging":
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return values
+
+
+@pytest.fixture
+def make_cfg(tmp_path, autotune_cache):
+    def make(sub: str = "run", **overrides) -> Config:
+        return build_config(config_values(tmp_path / sub, **overrides))
+
+    return make
+
+
+def read_jsonl(cfg: Config) -> list[dict]:
+    lines = Path(cfg.structured_logging.log_file).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def loss_by_step(records: list[dict]) -> dict[int, float]:
+    """The training loss of each logged step (a later record of a step wins: after a resume)."""
+    return {r["global_step"]: r["metrics"]["loss"] for r in records
+            if r["message"] == "metrics" and "loss" in r["metrics"]}
+
+
+def summary_file(cfg: Config) -> dict:
+    return json.loads((Path(cfg.output_dir) / "run_summary.json").read_text(encoding="utf-8"))
+
+
+class BatchRows(TrainerCallback):
+    """Records (optimizer step, rows) for every forward pass of training."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, int]] = []
+        self._handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._handle is not None:  # a trainer that died of an OOM never reached on_train_end
+            self._handle.remove()
+
+        def hook(module, args, kwargs):
+            if module.training:
+                self.seen.append((state.global_step + 1, kwargs["input_ids"].shape[0]))
+
+        self._handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._handle.remove()
+        self._handle = None
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
+def test_qlora_4bit_loss_falls_on_a_repeated_batch(tmp_path, autotune_cache):
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from autotune.data.encoding import CausalLMCollator, encode_pairs
+    from autotune.data.parsing import QAPair
+    from autotune.modeling import build_model
+    from autotune.step import ListDataset, make_trainer, training_arguments
+    from autotune.tokenizer import load_tokenizer
+
+    cfg = build_config(config_values(tmp_path, quantization="4bit", learning_rate=2e-2, lr_scheduler_type="constant",
+                                     lora_dropout=0.0, max_steps=8))
+    built = build_model(cfg)
+    quantized = [m for m in built.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    # Every linear layer of both blocks (q, k, v, o, gate, up, down) holds nf4 weights.
+    assert len(quantized) == 2 * 7
+    assert all(m.weight.quant_type == "nf4" for m in quantized)
+    adapted = [m for m in built.model.modules() if isinstance(m, LoraLinear4bit)]
+    assert len(adapted) == 2 * len(cfg.target_modules)
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+    tokenizer = load_tokenizer("qwen3-offline")
+    pair = QAPair(question=PAIRS[0][0], answer=PAIRS[0][1], source="qa.md", line=1)
+    (row,), _ = encode_pairs(tokenizer, [pair], cfg.max_sequence_length, thinking_model=True)
+    args = training_arguments(cfg, built, tmp_path / "trainer", evaluate=False, save=False, progress=False)
+    trainer = make_trainer(built, args, ListDataset([row] * 16), collator=CausalLMCollator(tokenizer.pad_token_id))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_train_writes_a_loadable_adapter_and_a_true_summary(make_cfg):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from autotune.modeling import load_base_model
+    from autotune.tokenizer import load_tokenizer
+
+    cfg = make_cfg(max_steps=4, save_every_n_steps=2)
+    summary = train(cfg, **QUIET)
+    out = Path(cfg.output_dir)
+
+    assert summary["status"] == "succeeded"
+    assert summary_file(cfg) == json.loads(json.dumps(summary, default=str))
+    final = summary["final"]
+    assert final["global_step"] == cfg.max_steps
+    assert math.isfinite(final["last_loss"]) and final["last_loss"] < final["first_loss"]
+    assert final["eval_loss"] is not None  # 1 of 10 pairs held out, evaluated at steps 2 and 4
+    assert summary["oom_recoveries"] == []
+    assert summary["data"]["pairs"] == len(PAIRS)
+
+    saved_cfg = json.loads((out / "autotune_config.json").read_text(encoding="utf-8"))
+    assert saved_cfg == json.loads(json.dumps(cfg.to_dict()))
+    assert build_config(saved_cfg) == cfg  # the saved config reproduces the run
+
+    # The adapter loads onto a freshly built base (same seeded random init) and is what was saved.
+    adapter_config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert adapter_config["r"] == cfg.lora_r and adapter_config["lora_alpha"] == cfg.lora_alpha
+    assert sorted(adapter_config["target_modules"]) == sorted(cfg.target_modules)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert len(saved) == 2 * len(cfg.target_modules) * 2  # layers x targets x (A, B)
+    spec = resolve_model(cfg.model_name)
+    base = load_base_model(spec, init="random", quantization="none", dtype=torch.float32,
+                           device=torch.device("cpu"), seed=cfg.seed)
+    model = PeftModel.from_pretrained(base, str(out))
+    state = model.state_dict()
+    for key, tensor in saved.items():
+        loaded = state[key.replace(".weight", ".default.weight")]
+        assert torch.equal(loaded, tensor), key
+        if "lora_B" in key:
+            assert tensor.abs().sum() > 0, f"{key} is still its zero init: training did not reach the file"
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, plain)
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    text = "Q: what is box 3?\n<|im_start|>assistant"
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == load_tokenizer("qwen3-offline")(text)["input_ids"]
+
+
+def test_failed_run_summary_says_failed_with_the_error(make_cfg, tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "notes.md").write_text("Some notes, but no Q1:/A1: pairs.\n", encoding="utf-8")
+    cfg = make_cfg(data_dir=str(empty))
+    with pytest.raises(UserError, match="no QA pairs") as caught:
+        train(cfg, **QUIET)
+    summary = summary_file(cfg)
+    assert summary["status"] == "failed"
+    assert summary["error"] == str(caught.value)
+    assert "final" not in summary and "traceback" not in summary
+    last = read_jsonl(cfg)[-1]
+    assert (last["level"], last["message"]) == ("ERROR", "run failed")
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def test_tensorboard_event_files_hold_the_training_scalars(make_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(enable_tensorboard=True, max_steps=3)
+    train(cfg, **QUIET)
+    tb_dir = Path(cfg.log_dir) / "tensorboard"
+    events = list(tb_dir.rglob("events.out.tfevents*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert "train/loss" in scalars and "train/tokens_per_second" in scalars
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    losses = loss_by_step(read_jsonl(cfg))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([losses[s] for s in (1, 2, 3)])
+    assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_second"))
+
+
+def test_tensorboard_off_writes_no_event_files(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so that a writer with a relative default dir (./runs) would show too
+    cfg = make_cfg(enable_tensorboard=False, max_steps=2)
+    train(cfg, **QUIET)
+    assert loss_by_step(read_jsonl(cfg))  # it did log, to the JSONL file only
+    assert not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_jsonl_records_carry_the_documented_fields(make_cfg):
+    cfg = make_cfg(max_steps=2, structured_logging={"include_memory_stats": True, "include_model_stats": True})
+    summary = train(cfg, **QUIET)
+    records = read_jsonl(cfg)
+    for r in records:
+        assert {"timestamp", "level", "component", "message", "metrics", "memory"} <= set(r), r
+        assert datetime.fromisoformat(r["timestamp"]).tzinfo is not None
+        assert r["level"] in ("DEBUG", "INFO", "WARNING", "ERROR")
+        assert isinstance(r["metrics"], dict)
+        assert r["memory"]["process_rss_gb"] > 0
+    started = next(r for r in records if r["message"] == "training started")
+    counts = {k: summary["model"][k] for k in ("trainable_parameters", "total_parameters")}
+    assert started["metrics"] == counts
+    assert 0 < counts["trainable_parameters"] < counts["total_parameters"]
+    assert (started["batch_size"], started["gradient_accumulation_steps"], started["max_steps"]) == (2, 1, 2)
+    assert sorted(loss_by_step(records)) == [1, 2]
+    assert all("tokens_per_second" in r["metrics"] for r in records if "loss" in r["metrics"])
+    assert records[-1]["message"] == "run succeeded"
+
+
+def test_jsonl_without_memory_or_model_stats(make_cfg):
+    cfg = make_cfg(max_steps=1, structured_logging={"include_memory_stats": False, "include_model_stats": False})
+    train(cfg, **QUIET)
+    records = read_jsonl(cfg)
+    assert len(records) >= 4  # dataset ready, training started, metrics, run succeeded
+    assert all("memory" not in r for r in records)
+    started = next(r for r in records if r["message"] == "training started")
+    assert "trainable_parameters" not in started["metrics"]
+
+
+# ----------------------------------------------------------------------------- OOM recovery
+
+
+def test_oom_halves_the_batch_keeps_the_effective_batch_and_repeats_no_step(make_cfg):
+    common = dict(batch_size=2, gradient_accumulation_steps=1, max_steps=6, save_every_n_steps=100,
+                  lora_dropout=0.0, eval_ratio=0.0)
+    cfg = make_cfg("oom", **common)
+    rows = BatchRows()
+    summary = train(cfg, extra_callbacks=[InjectOOM({3}), rows], **QUIET)
+
+    assert summary["status"] == "succeeded" and summary["final"]["global_step"] == 6
+    assert summary_file(cfg)["oom_recoveries"] == summary["oom_recoveries"]
+    (change,) = summary["oom_recoveries"]
+    assert change["at_step"] == 3
+    assert change["batch_size"] == [2, 1] and change["gradient_accumulation_steps"] == [1, 2]
+    assert change["effective_batch_size"] == 2
+    assert "injected OOM" in change["error"]
+
+    records = read_jsonl(cfg)
+    steps = [r["global_step"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # every step exactly once, none repeated after the recovery
+    starts = [(r["global_step"], r["batch_size"], r["gradient_accumulation_steps"])
+              for r in records if r["message"] == "training started"]
+    assert starts == [(0, 2, 1), (3, 1, 2)]
+    assert any(r["level"] == "WARNING" and r["component"] == "oom" for r in records)
+    # The micro-batch really halved: full steps before the OOM ran 2 rows, after it 2 x 1 row.
+    per_step: dict[int, list[int]] = {}
+    for step, n in rows.seen:
+        per_step.setdefault(step, []).append(n)
+    assert per_step[1] == per_step[2] == per_step[3] == [2]
+    assert per_step[4] == [1, 1] and per_step[6] == [1, 1]
+
+    # Same samples, same effective batch: the losses match a run that never ran out of memory.
+    baseline_cfg = make_cfg("baseline", **common)
+    train(baseline_cfg, **QUIET)
+    expected = loss_by_step(read_jsonl(baseline_cfg))
+    got = loss_by_step(records)
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_oom_at_batch_one_says_what_to_lower(make_cfg):
+    cfg = make_cfg(batch_size=1, gradient_accumulation_steps=2, max_steps=3,
+                   structured_logging={"log_level": "WARNING"})
+    with pytest.raises(UserError) as caught:
+        train(cfg, extra_callbacks=[InjectOOM({1})], **QUIET)
+    message = str(caught.value)
+    assert "out of GPU memory at step 1 with batch_size=1" in message
+    for hint in ("max_sequence_length (now 64)", "lora_r (now 4)", 'quantization="4bit"', "autotune solve"):
+        assert hint in message
+    summary = summary_file(cfg)
+    assert summary["status"] == "failed" and summary["error"] == message
+    assert summary["oom_recoveries"] == []
+    # log_level WARNING: the INFO records of step 1 (dataset, start, metrics) are filtered out.
+    records = read_jsonl(cfg)
+    assert [(r["level"], r["message"]) for r in records] == [("ERROR", "out of memory, giving up"),
+                                                           ("ERROR", "run failed")]
+
+
+def test_oom_gives_up_after_max_oom_retries(make_cfg):
+    cfg = make_cfg(batch_size=4, gradient_accumulation_steps=1, max_steps=3, max_oom_retries=1)
+    with pytest.raises(UserError, match="after 1 halvings") as caught:
+        train(cfg, extra_callbacks=[InjectOOM({1, 2})], **QUIET)
+    assert "batch_size=2" in str(caught.value)
+    summary = summary_file(cfg)
+    assert summary["status"] == "failed"
+    # The one recovery that did happen is in the failed run's summary too.
+    assert [(c["at_step"], c["batch_size"]) for c in summary["oom_recoveries"]] == [(1, [4, 2])]
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+def _cli(*args) -> subprocess.Popen:
+    """`python -m autotune.cli ARGS` in the background (the caller bounds its time)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "autotune.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache):
+    # lora_dropout stays on: resuming must restore the RNG state, not only weights and optimizer.
+    common = dict(max_steps=8, save_every_n_steps=2, log_every_n_steps=1, eval_ratio=0.0, lora_dropout=0.1)
+    values = config_values(tmp_path / "killed", **common)
+    config_path = tmp_path / "killed.json"
+    config_path.write_text(json.dumps(values), encoding="utf-8")
+    out = Path(values["output_dir"])
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+
+    proc = _cli("train", "--config", str(config_path))
+    deadline = time.monotonic() + 300
+    try:
+        while not checkpoint.is_dir():
+            if proc.poll() is not None:
+                pytest.fail(f"training exited (rc {proc.returncode}) before checkpoint-4:\n{proc.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint-4 within 300 s")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+
+    resumed = _cli("train", "--config", str(config_path), "--resume")
+    try:
+        stdout, stderr = resumed.communicate(timeout=300)
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.communicate()
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "training succeeded" in stdout
+
+    baseline = build_config(config_values(tmp_path / "uninterrupted", **common))
+    expected = train(baseline, **QUIET)
+
+    cfg = build_config(values)
+    got = summary_file(cfg)
+    assert got["status"] == "succeeded"
+    assert got["final"]["global_step"] == expected["final"]["global_step"] == 8
+    assert got["final"]["last_loss"] == pytest.approx(expected["final"]["last_loss"], rel=1e-4)
+    records = read_jsonl(cfg)  # both processes appended to it
+    starts = [r["global_step"] for r in records if r["message"] == "training started"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] in (4, 6), starts  # not from scratch
+    # Every step, including those re-run after the resume, matches the uninterrupted run.
+    assert loss_by_step(records) == pytest.approx(loss_by_step(read_jsonl(baseline)), rel=1e-4)
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(make_cfg):
+    cfg = make_cfg()
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train(cfg, resume=True, **QUIET)
+    assert summary_file(cfg)["status"] == "failed"
+    # A checkpoint folder that a kill cut short (no trainer_state.json) is not resumable either.
+    partial = Path(cfg.output_dir) / "checkpoints" / "checkpoint-4"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train(cfg, resume=True, **QUIET)
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    from autotune.trainer import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # numeric order; 12 cut short
+
+
+# -------------------------------------------------------------------------------- inference
+
+
+def test_inference_report_has_base_and_tuned_answers_and_whole_references(make_cfg, tmp_path):
+    long_pairs = [(q, a + " " + " ".join(f"Detail {n} about box {i} follows here, stated in full." for n in range(12)))
+                  for i, (q, a) in enumerate(PAIRS, 1)]
+    data = write_qa(tmp_path / "long", long_pairs)
+    cfg = make_cfg(data_dir=str(data), max_steps=2, enable_inference_test=True, inference_samples=1,
+                   inference_max_new_tokens=8)
+    summary = train(cfg, **QUIET)
+    assert summary["inference_report"]["samples"] == 1
+    out = Path(cfg.output_dir)
+    report = json.loads((out / "inference_report.json").read_text(encoding="utf-8"))
+    (sample,) = report["samples"]
+    assert {"question", "reference", "base", "tuned"} <= set(sample)
+    assert (sample["question"], sample["reference"]) in long_pairs  # the held-out pair, answer whole
+    assert isinstance(sample["base"], str) and isinstance(sample["tuned"], str)
+    markdown = (out / "inference_report.md").read_text(encoding="utf-8")
+    assert len(sample["reference"]) > 500  # far longer than the 64-token training window
+    assert sample["reference"] in markdown
+    assert sample["question"] in markdown
+
+
+# ---------------------------------------------------------------------------------- profiles
+
+
+def _profile(**choice) -> dict:
+    from autotune.profile import CHOICE_KEYS, architecture_hash, hardware_fingerprint, new_profile
+
+    spec = resolve_model("tiny-qwen3")
+    full = {"batch_size": 1, "gradient_accumulation_steps": 2, "effective_batch_size": 2, "max_sequence_length": 64,
+            "lora_r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj"], "quantization": "none",
+            "gradient_checkpointing": True, "optimizer": "adamw_torch", **choice}
+    assert set(full) == set(CHOICE_KEYS)
+    return new_profile(hardware=hardware_fingerprint(None, "cpu"),
+                       model={"name": spec.name, "architecture_hash": architecture_hash(spec.architecture)},
+                       data=None, constraints={"max_memory_gb": 2.0}, choice=full, prediction={}, measurement={},
+                       runner_up=None, reason="test", trials=[])
+
+
+def test_train_with_profile_uses_its_choice(tmp_path, capsys, autotune_cache):
+    from autotune.cli import main
+    from autotune.profile import save_profile
+
+    values = config_values(tmp_path, max_steps=2)
+    assert (values["batch_size"], values["lora_r"]) == (2, 4)  # the profile must change these
+    config_path = tmp_path / "cfg.json"
+    config_path.write_text(json.dumps(values), encoding="utf-8")
+    profile = _profile()
+    profile_path = save_profile(profile, tmp_path / "profile.json")
+    try:
+        main(["train", "--config", str(config_path), "--profile", str(profile_path)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    out = Path(values["output_dir"])
+    used = json.loads((out / "autotune_config.json").read_text(encoding="utf-8"))
+    assert (used["batch_size"], used["gradient_accumulation_steps"], used["lora_r"]) == (1, 2, 2)
+    assert used["target_modules"] == ["q_proj", "k_proj"] and used["max_memory_gb"] == 2.0
+    assert json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["r"] == 2
+    assert json.loads((out / "profile.json").read_text(encoding="utf-8")) == profile
+    records = [json.loads(line) for line in Path(values["structured_logging"]["log_file"]).read_text().splitlines()]
+    started = next(r for r in records if r["message"] == "training started")
+    assert (started["batch_size"], started["gradient_accumulation_steps"]) == (1, 2)
+    assert "training succeeded" in captured.out
+
+
+def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
+    config_path = tmp_path / "cfg.json"
+    config_path.write_text(json.dumps(config_values(tmp_path)), encoding="utf-8")
+    bad = tmp_path / "profile.json"
+    bad.write_text('{"schema_version": 1, "kind": "autotune.profile", "choice": {', encoding="utf-8")
+    proc = _cli("train", "--config", str(config_path), "--profile", str(bad))
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert f"error: {bad}:1:" in stderr and "corrupt" in stderr and "autotune solve" in stderr
+    assert not (tmp_path / "out").exists()  # nothing trained

@@ -53,6 +53,10 @@ BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCKWISE = 256  # elements per absmax of the 8-bit optimizer state
 NF4_BLOCK = 64       # elements per absmax of a 4-bit weight
 NESTED_BLOCK = 256   # absmaxes per second-level absmax with double quantization
+NF4_CODE_BYTES = 16 * 4  # the nf4 code book (16 fp32), per quantized tensor
+# Per tensor with double quantization: nf4 code book, fp32 offset, and the 256-entry fp32 code book of the
+# 8-bit absmax quantization.
+NESTED_STATE_CONSTANT = NF4_CODE_BYTES + 4 + 256 * 4
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 
@@ -125,7 +129,7 @@ def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, kbit_p
 
     4-bit (bitsandbytes nf4): each projection is packed two values per byte, plus its quantization state:
     one absmax per 64-element block, fp32, or, with double quantization, one uint8 per block plus an fp32
-    absmax per 256 blocks (and a 256-entry code book and offset per tensor). 8-bit (LLM.int8): one byte per
+    absmax per 256 blocks (plus code books and an offset per tensor, ~1 KiB). 8-bit (LLM.int8): one byte per
     element plus an fp32 scale per row. Embeddings, lm_head and norms are never quantized by
     bitsandbytes; `prepare_model_for_kbit_training` then upcasts them to fp32 (kbit_prepare).
     """
@@ -141,9 +145,9 @@ def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, kbit_p
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     blocks = math.ceil(linear / NF4_BLOCK)
     if double_quant:
-        state = blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + n_linear_tensors * (2 * 256 * 4 + 4)
+        state = blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + n_linear_tensors * NESTED_STATE_CONSTANT
     else:
-        state = blocks * 4 + n_linear_tensors * 16 * 4
+        state = blocks * 4 + n_linear_tensors * NF4_CODE_BYTES
     return math.ceil(linear / 2) + state + other_bytes
 
 
@@ -268,19 +272,25 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
 
     # The loss head at log_softmax_backward: saved log-probs + their grad + the logits' grad, fp32.
     logits = 12 * tokens * V
-    # The last layer's backward: everything it saved (recomputed first under checkpointing), plus, in the
-    # MLP's backward, three intermediate-sized grads and the incoming hidden-state grad; plus a dequantized
-    # bf16 copy of the biggest k-bit weight (bitsandbytes' backward matmul).
-    layer_bwd = tokens * (3 * arch.intermediate_size * a + h * a)
+    # The last layer's backward: everything it saved (recomputed first under checkpointing) plus the incoming
+    # hidden-state grad, plus the larger of: the MLP's backward (three intermediate-sized grads alive at the
+    # act*up product), or a k-bit weight's backward matmul (a dequantized bf16 copy of the biggest weight and
+    # the intermediate-sized grad it produces).
+    I = arch.intermediate_size
+    mlp_grads = 3 * I * a * tokens
     if "down_proj" in targets:  # down_proj's fp32 input copy is released before the MLP's grads peak
-        layer_bwd -= tokens * 4 * arch.intermediate_size
-    if gradient_checkpointing:
-        layer_bwd += tokens * (L * a * h + per_layer)
-    else:
-        layer_bwd += saved - tokens * final_norm
+        mlp_grads -= 4 * I * tokens
+    dequant = 0
     if quantized:
         biggest = max(i * o for i, o in linear_shapes(arch).values())
-        layer_bwd += 2 * biggest + (math.ceil(biggest / NF4_BLOCK) * 4 if quantization == "4bit" else 0)
+        scales = math.ceil(biggest / NF4_BLOCK) * 4 if quantization == "4bit" else 0
+        dequant = 2 * biggest + scales + I * a * tokens
+    layer_bwd = tokens * h * a + max(mlp_grads, dequant)
+    if gradient_checkpointing:
+        recomputed = per_layer - (4 * h if a == 4 else 0)  # fp32: the input norm keeps the checkpointed input
+        layer_bwd += tokens * (L * a * h + recomputed)
+    else:
+        layer_bwd += saved - tokens * final_norm
     opt_step = lora_grads_step_temporaries(lora_numels, device)
 
     misc = rope + inputs
@@ -351,6 +361,10 @@ def _quiet():
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         stack.callback(hf_logging.set_verbosity, level)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        if bars:
+            stack.callback(hf_logging.enable_progress_bar)
     except ImportError:
         pass
     return stack

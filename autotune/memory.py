@@ -297,6 +297,24 @@ class _StorageTracker(TorchDispatchMode):
         return out
 
 
+def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a module holds on its device: parameters, buffers, and the quantization state that
+    bitsandbytes keeps beside a 4-bit weight (absmax, code books; not registered as parameters or buffers)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for param in module.parameters():
+        tensors.extend(_quant_state_tensors(getattr(param, "quant_state", None)))
+    return tensors
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes QuantState, nested state (double quantization) included. Duck-typed,
+    so bitsandbytes is never imported here."""
+    if state is None or not hasattr(state, "__dict__"):
+        return []
+    found = [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+    return found + _quant_state_tensors(getattr(state, "state2", None))
+
+
 class CpuTrackedMeter(MemoryMeter):
     """Counts tensor storage bytes of CPU (or fake) tensors; simulates a card with `cap` bytes.
 
@@ -347,7 +365,7 @@ class CpuTrackedMeter(MemoryMeter):
         model too big for the card would.
         """
         if isinstance(tensors, torch.nn.Module):
-            tensors = [*tensors.parameters(), *tensors.buffers()]
+            tensors = module_tensors(tensors)
         elif isinstance(tensors, torch.Tensor):
             tensors = [tensors]
         before = self._live

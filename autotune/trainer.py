@@ -247,6 +247,8 @@ def train(cfg: Config, *, profile: dict | None = None, resume: bool = False, ext
         trainer, _ = _fit_with_oom_recovery(run, resume_from, summary["oom_recoveries"])
         summary["final"] = _final_metrics(trainer)
         _save_outputs(run, trainer, profile)
+        if cfg.enable_inference_test and not data.eval_pairs:
+            echo("note: inference test skipped: no held-out pairs (eval_ratio is 0 or the data is too small)")
         if cfg.enable_inference_test and data.eval_pairs:
             from autotune.inference import run_inference_test
 

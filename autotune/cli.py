@@ -192,7 +192,7 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
     profile = None
     if profile_path:
         from autotune.catalog import resolve_model
-        from autotune.config import _merge, build_config, parse_set
+        from autotune.config import merge_values, build_config, parse_set
         from autotune.hardware import probe as run_probe
         from autotune.profile import CHOICE_KEYS, apply_profile, hardware_fingerprint, load_profile, mismatches
 
@@ -201,7 +201,7 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
         overrides = parse_set(sets)
         if overrides:
             # What the user types on this command line wins over the profile, and is said aloud.
-            cfg = build_config(_merge(cfg.to_dict(), overrides), "config + profile + --set")
+            cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")
             for key in sorted(set(overrides) & set(CHOICE_KEYS)):
                 click.echo(f"warning: --set {key} overrides the profile's solved {key}: the profile's memory "
                            "figures no longer apply", err=True)

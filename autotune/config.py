@@ -285,7 +285,7 @@ def _check_consistency(values: dict, errors: list[str]) -> None:
                       "the effective batch would silently change")
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge_values(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
         if k in NESTED and isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -303,7 +303,7 @@ def build_config(values: dict, where: str = "config") -> Config:
 
 
 def _finish(values: dict, where: str, errors: list[str]) -> Config:
-    full = _merge(Config().to_dict(), values)
+    full = merge_values(Config().to_dict(), values)
     consistency: list[str] = []
     _check_consistency(full, consistency)
     errors = errors + [f"{where}: {e}" for e in consistency]
@@ -353,10 +353,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if path is not None:
         for layer_path, values in _layers(Path(path)):
             check_values(values, str(layer_path), errors)
-            merged = _merge(merged, values)
+            merged = merge_values(merged, values)
     if overrides:
         check_values(overrides, "--set", errors)
-        merged = _merge(merged, overrides)
+        merged = merge_values(merged, overrides)
     # Values were checked per layer, so each message names the file that holds the bad value.
     return _finish(merged, str(path) if path else "config", errors)
 

@@ -174,7 +174,8 @@ def optimizer_state_bytes(tensor_numels: Sequence[int], optimizer: str) -> int:
 
 
 def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str],
-                                act_bytes: int, lora_dropout: float = 0.0, first_layer: bool = False) -> float:
+                                act_bytes: int, lora_dropout: float = 0.0, first_layer: bool = False,
+                                quantization: str = "none", dropout_mask_bytes: int = 1) -> float:
     """Bytes autograd keeps per token for one decoder layer when nothing is checkpointed.
 
     `act_bytes` is the dtype of the hidden states (bf16: 2; fp32: 4, also for k-bit models after
@@ -191,18 +192,44 @@ def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules
     total += a * (2 * q + 2 * kv) + 4 * nh         # SDPA: q, k, v, output, logsumexp
     total += 3 * I * a                             # MLP: gate, up, silu(gate)
     total += lora_saved_bytes_per_token(arch, rank=rank, target_modules=target_modules, act_bytes=a,
-                                        lora_dropout=lora_dropout)
+                                        lora_dropout=lora_dropout, dropout_mask_bytes=dropout_mask_bytes,
+                                        first_layer=first_layer)
+    if quantization == "8bit":
+        total += int8_saved_bytes_per_token(arch, target_modules=target_modules, act_bytes=a,
+                                            lora_dropout=lora_dropout, first_layer=first_layer)
+    return total
+
+
+def int8_saved_bytes_per_token(arch: Architecture, *, target_modules: Sequence[str], act_bytes: int,
+                               lora_dropout: float = 0.0, first_layer: bool = False) -> float:
+    """bitsandbytes' LLM.int8 matmul keeps its input for backward (`ctx.tensors`), even with frozen weights.
+    Projections that share an input share the tensor, and so does a LoRA branch whose fp32 cast of that
+    input was a no-op (fp32 activations, no dropout). Nothing is kept where the input needs no grad (the
+    first layer's q/k/v without checkpointing)."""
+    q = arch.num_attention_heads * arch.head_dim
+    groups = {"attn_in": (arch.hidden_size, ("q_proj", "k_proj", "v_proj")), "o_in": (q, ("o_proj",)),
+              "mlp_in": (arch.hidden_size, ("gate_proj", "up_proj")), "down_in": (arch.intermediate_size, ("down_proj",))}
+    total = 0
+    for name, (width, members) in groups.items():
+        if first_layer and name == "attn_in":
+            continue
+        shared_with_lora = act_bytes == 4 and lora_dropout == 0 and any(m in target_modules for m in members)
+        if not shared_with_lora:
+            total += act_bytes * width
     return total
 
 
 def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str], act_bytes: int,
-                               lora_dropout: float = 0.0) -> float:
+                               lora_dropout: float = 0.0, dropout_mask_bytes: int = 1,
+                               first_layer: bool = False) -> float:
     """What the LoRA branches keep per token: lora_A's fp32 input and lora_B's rank-r fp32 input.
 
     peft casts the module input to the adapter dtype (fp32) per module, so q, k and v each keep their own
     fp32 copy of the same hidden state when the activations are bf16; when they are already fp32 the cast is
     a no-op and the modules that share an input share one tensor. With dropout each module keeps its own
-    dropped-out fp32 input plus a one-byte mask.
+    dropped-out fp32 input plus the dropout mask: bool on CUDA (fused native_dropout), fp32 on the CPU
+    (dropout there is input * noise); no mask where the input needs no grad (the first layer's q/k/v
+    without checkpointing).
     """
     shapes = linear_shapes(arch)
     targets = _check_targets(target_modules)
@@ -213,7 +240,8 @@ def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules:
     for t in targets:
         fan_in = shapes[t][0]
         if lora_dropout > 0:
-            total += 5 * fan_in
+            needs_mask = not (first_layer and shared_input.get(t) == "attn_in")
+            total += (4 + (dropout_mask_bytes if needs_mask else 0)) * fan_in
         elif act_bytes != 4:
             total += 4 * fan_in
         else:
@@ -232,82 +260,52 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
                   gradient_checkpointing: bool = True, dtype_bytes: int = 2, optimizer: str = "paged_adamw_8bit",
                   device: str = "cuda", lora_dropout: float = 0.0, kbit_prepare: bool = True,
                   double_quant: bool = True, cuda_overhead_bytes: int | None = None) -> Estimate:
-    """Predict the peak memory of one training step (the second: the optimizer state exists).
+    """Predict the peak memory of a training step once the optimizer state exists (from the second on).
 
-    quantization: "4bit" (nf4 QLoRA), "8bit" or "none" (weights in dtype_bytes).
+    quantization: "4bit" (nf4 QLoRA), "8bit" (LLM.int8) or "none" (weights in dtype_bytes).
     kbit_prepare: the k-bit model went through peft's prepare_model_for_kbit_training, which upcasts the
-        non-quantized weights to fp32, so embeddings, lm_head and activations are fp32.
-    device: "cuda" adds the CUDA context/workspace overhead; "cpu" predicts what CpuTrackedMeter measures.
+        weights bitsandbytes leaves alone (embeddings, lm_head, norms) to fp32, and with them the hidden
+        states. Ignored for quantization="none".
+    device: "cuda" adds the CUDA context/workspace overhead (cuda_overhead_bytes, default
+        CUDA_OVERHEAD_BYTES); "cpu" predicts what CpuTrackedMeter measures.
+    LoRA gradients are counted as resident throughout (they are, with gradient accumulation).
     """
     if batch < 1 or seq < 1 or rank < 1:
         raise ValueError(f"batch, seq and rank must be >= 1 (got {batch}, {seq}, {rank})")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     targets = _check_targets(target_modules)
-    quantized = quantization != "none"
-    kbit_prepare = kbit_prepare and quantized
-    a = 4 if kbit_prepare else dtype_bytes           # dtype of the hidden states
-    tokens = batch * seq
-    h, L, V = arch.hidden_size, arch.num_hidden_layers, arch.vocab_size
+    kbit_prepare = kbit_prepare and quantization != "none"
+    act = _ActivationModel(arch, batch=batch, seq=seq, rank=rank, targets=targets, quantization=quantization,
+                           gradient_checkpointing=gradient_checkpointing,
+                           act_bytes=4 if kbit_prepare else dtype_bytes, lora_dropout=lora_dropout,
+                           dropout_mask_bytes=4 if device == "cpu" else 1)
 
     lora_numels = lora_param_tensors(arch, rank, targets)
-    n_lora = sum(lora_numels)
+    lora = 4 * sum(lora_numels)
     weights = weight_bytes(arch, quantization, dtype_bytes, kbit_prepare, double_quant)
-    weights += 2 * (arch.head_dim // 2) * 4      # rotary inv_freq buffers (fp32)
-    lora_params = 4 * n_lora
-    lora_grads = 4 * n_lora  # resident from the first backward on when gradients accumulate
-    opt_state = optimizer_state_bytes(lora_numels, optimizer)
+    weights += 2 * (arch.head_dim // 2) * 4  # rotary inv_freq + original_inv_freq buffers (fp32)
 
-    per_layer = layer_saved_bytes_per_token(arch, rank=rank, target_modules=targets, act_bytes=a,
-                                            lora_dropout=lora_dropout)
-    first_layer = layer_saved_bytes_per_token(arch, rank=rank, target_modules=targets, act_bytes=a,
-                                              lora_dropout=lora_dropout, first_layer=not gradient_checkpointing)
-    final_norm = 4 * h + 4
-    if gradient_checkpointing:
-        saved = tokens * (L * a * h + final_norm)  # each layer's input (the previous layer's output)
-    else:
-        saved = tokens * (first_layer + (L - 1) * per_layer + final_norm)
-    rope = 2 * seq * arch.head_dim * a             # cos/sin, shared by all layers
-    inputs = tokens * 8 * 2                        # input_ids and the shifted labels (int64)
-
-    # The loss head at log_softmax_backward: saved log-probs + their grad + the logits' grad, fp32.
-    logits = 12 * tokens * V
-    # The last layer's backward: everything it saved (recomputed first under checkpointing) plus the incoming
-    # hidden-state grad, plus the larger of: the MLP's backward (three intermediate-sized grads alive at the
-    # act*up product), or a k-bit weight's backward matmul (a dequantized bf16 copy of the biggest weight and
-    # the intermediate-sized grad it produces).
-    I = arch.intermediate_size
-    mlp_grads = 3 * I * a * tokens
-    if "down_proj" in targets:  # down_proj's fp32 input copy is released before the MLP's grads peak
-        mlp_grads -= 4 * I * tokens
-    dequant = 0
-    if quantized:
-        biggest = max(i * o for i, o in linear_shapes(arch).values())
-        scales = math.ceil(biggest / NF4_BLOCK) * 4 if quantization == "4bit" else 0
-        dequant = 2 * biggest + scales + I * a * tokens
-    layer_bwd = tokens * h * a + max(mlp_grads, dequant)
-    if gradient_checkpointing:
-        recomputed = per_layer - (4 * h if a == 4 else 0)  # fp32: the input norm keeps the checkpointed input
-        layer_bwd += tokens * (L * a * h + recomputed)
-    else:
-        layer_bwd += saved - tokens * final_norm
-    opt_step = lora_grads_step_temporaries(lora_numels, device)
-
-    misc = rope + inputs
-    candidates = {"loss": saved + logits, "layer_backward": layer_bwd, "optimizer": opt_step}
+    saved, logits = act.saved(), act.loss_head()
+    candidates = {"loss": saved + logits, "layer_backward": act.layer_backward(),
+                  "optimizer": optimizer_step_temporaries(lora_numels, device)}
     phase = max(candidates, key=candidates.get)
-    temporaries = misc + max(0, candidates[phase] - saved - logits)
-    overhead = 0 if device == "cpu" else (CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes)
+    if device == "cpu":
+        overhead = 0
+    else:
+        overhead = CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes
     components = {
-        "weights": int(weights),
-        "lora_params": int(lora_params),
-        "lora_grads": int(lora_grads),
-        "optimizer_state": int(opt_state),
-        "activations": int(saved),
-        "logits_and_loss": int(logits),
-        "temporaries": int(temporaries),
-        "cuda_overhead": int(overhead),
+        "weights": weights,
+        "lora_params": lora,
+        "lora_grads": lora,
+        "optimizer_state": optimizer_state_bytes(lora_numels, optimizer),
+        "activations": saved,
+        "logits_and_loss": logits,
+        # whatever the winning moment holds beyond saved activations and the loss head, plus small fry
+        "temporaries": act.misc() + max(0, candidates[phase] - saved - logits),
+        "cuda_overhead": overhead,
     }
+    components = {k: int(v) for k, v in components.items()}
     shape = dict(batch=batch, seq=seq, rank=rank, quantization=quantization,
                  gradient_checkpointing=gradient_checkpointing, target_modules=list(targets),
                  dtype_bytes=dtype_bytes, optimizer=optimizer, device=device, lora_dropout=lora_dropout,
@@ -315,7 +313,85 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
     return Estimate(components=components, peak_bytes=sum(components.values()), shape=shape, phase=phase)
 
 
-def lora_grads_step_temporaries(tensor_numels: Sequence[int], device: str) -> int:
+@dataclass
+class _ActivationModel:
+    """Bytes of the activations of one step's shape, moment by moment."""
+
+    arch: Architecture
+    batch: int
+    seq: int
+    rank: int
+    targets: tuple[str, ...]
+    quantization: str
+    gradient_checkpointing: bool
+    act_bytes: int
+    lora_dropout: float
+    dropout_mask_bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def _layer(self, first: bool = False) -> float:
+        return layer_saved_bytes_per_token(
+            self.arch, rank=self.rank, target_modules=self.targets, act_bytes=self.act_bytes,
+            lora_dropout=self.lora_dropout, first_layer=first, quantization=self.quantization,
+            dropout_mask_bytes=self.dropout_mask_bytes)
+
+    def _final_norm(self) -> int:
+        return self.tokens * (4 * self.arch.hidden_size + 4)
+
+    def saved(self) -> int:
+        """Everything autograd holds when the forward ends (the loss head's log-probs excepted)."""
+        arch, a, L = self.arch, self.act_bytes, self.arch.num_hidden_layers
+        if not self.gradient_checkpointing:
+            # Without the input-grad hook the first layer's input norm (and the k-bit inputs of q/k/v) keep
+            # nothing: the frozen embeddings' output needs no grad.
+            return int(self.tokens * (self._layer(first=True) + (L - 1) * self._layer()) + self._final_norm())
+        saved = self.tokens * L * a * arch.hidden_size  # each layer's input (the previous layer's output)
+        if self.quantization == "8bit":
+            # LLM.int8 keeps its inputs as ctx attributes, which checkpointing cannot drop: every layer keeps
+            # one copy per distinct projection input.
+            q = arch.num_attention_heads * arch.head_dim
+            saved += self.tokens * L * a * (2 * arch.hidden_size + q + arch.intermediate_size)
+        return saved + self._final_norm()
+
+    def loss_head(self) -> int:
+        """The cross entropy's backward (log_softmax_backward): transformers upcasts the logits to fp32; the
+        saved log-probs, their grad and the logits' grad are alive at once: 3 x 4 bytes per token and
+        vocabulary entry. The forward holds less (bf16 logits + fp32 logits + log-probs)."""
+        return 12 * self.tokens * self.arch.vocab_size
+
+    def layer_backward(self) -> int:
+        """The last decoder layer's backward: what every layer saved (under checkpointing, this layer's
+        activations recomputed), the incoming hidden-state grad, and the larger of the MLP's backward
+        (three intermediate-sized grads alive at the act*up product) or a k-bit weight's backward matmul
+        (a dequantized copy of the biggest weight plus the intermediate-sized grad it produces)."""
+        arch, a, tokens = self.arch, self.act_bytes, self.tokens
+        h, I = arch.hidden_size, arch.intermediate_size
+        mlp_grads = 3 * I * a * tokens
+        if "down_proj" in self.targets:  # down_proj's fp32 input copy is released before the grads peak
+            mlp_grads -= 4 * I * tokens
+        dequant = 0
+        if self.quantization != "none":
+            biggest = max(i * o for i, o in linear_shapes(arch).values())
+            if self.quantization == "4bit":  # bf16 (compute dtype) weight + the fp32 absmax it was scaled by
+                dequant = 2 * biggest + math.ceil(biggest / NF4_BLOCK) * 4
+            else:  # the int8 weight times its row scales, in the input's dtype
+                dequant = a * biggest
+            dequant += I * a * tokens
+        held = self.saved() - self._final_norm()
+        if self.gradient_checkpointing:
+            # fp32 hidden states: the input norm's fp32 "copy" is the checkpointed input itself
+            held += tokens * (self._layer() - (4 * h if a == 4 else 0))
+        return int(held + tokens * h * a + max(mlp_grads, dequant))
+
+    def misc(self) -> int:
+        """RoPE cos/sin (shared by all layers) and the int64 input ids and shifted labels."""
+        return 2 * self.seq * self.arch.head_dim * self.act_bytes + 2 * 8 * self.tokens
+
+
+def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str) -> int:
     """Extra bytes while the optimizer steps: the foreach implementation (CUDA default) materialises
     sqrt(exp_avg_sq) for all tensors at once; the per-tensor loop (CPU default) one tensor at a time."""
     if not tensor_numels:
@@ -323,9 +399,55 @@ def lora_grads_step_temporaries(tensor_numels: Sequence[int], device: str) -> in
     return 4 * (sum(tensor_numels) if device != "cpu" else max(tensor_numels))
 
 
+# ------------------------------------------------------------------------------- what fits
+
+
+def largest_fitting(arch: Architecture, budget_bytes: int, *, seq: int | None = None, batch: int | None = None,
+                    rank: int, margin: float = 0.05, max_batch: int = 4096, max_seq: int | None = None,
+                    **options) -> dict:
+    """The biggest shapes predicted to fit `budget_bytes * (1 - margin)`.
+
+    max_batch: the largest micro-batch at `seq` (None when no seq is given); max_seq: the longest sequence
+    at `batch` (default 1), capped at the model's max_position_embeddings. 0 means not even the smallest
+    shape fits. `options` go to estimate_peak (quantization, target_modules, ...). The peak grows with
+    batch and seq, so a doubling search then bisection needs ~2 log2(limit) estimates (milliseconds).
+    """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    limit = int(budget_bytes * (1 - margin))
+
+    def fits(b: int, s: int) -> bool:
+        return estimate_peak(arch, batch=b, seq=s, rank=rank, **options).peak_bytes <= limit
+
+    at_batch = batch or 1
+    seq_cap = max_seq or arch.max_position_embeddings
+    result = {"budget_bytes": int(budget_bytes), "limit_bytes": limit, "margin": margin,
+              "seq": seq, "max_batch": None, "batch": at_batch,
+              "max_seq": _largest(lambda s: fits(at_batch, s), seq_cap)}
+    if seq is not None:
+        result["max_batch"] = _largest(lambda b: fits(b, seq), max_batch)
+    return result
+
+
+def _largest(fits, cap: int) -> int:
+    """The largest n in [1, cap] with fits(n), for a monotone fits; 0 if fits(1) is False."""
+    if cap < 1 or not fits(1):
+        return 0
+    lo = 1
+    while lo < cap and fits(min(2 * lo, cap)):
+        lo = min(2 * lo, cap)
+    if lo == cap:
+        return cap
+    hi = min(2 * lo, cap)  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 # ------------------------------------------------------------------------------- measuring the real step
 # These build real (random-init) models with transformers/peft, imported lazily: estimate_peak above must
-# stay pure arithmetic.
+# stay pure arithmetic. They calibrate and test the formulas; solver trials run the trainer's own step.
 
 
 def _torch_dtype(dtype_bytes: int):
@@ -348,7 +470,7 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def _quiet():
-    """Silence the deprecation chatter of transformers/peft while building throwaway models."""
+    """Silence the deprecation chatter and progress bars of transformers/peft while building models."""
     import contextlib
     import warnings
 
@@ -357,16 +479,14 @@ def _quiet():
     warnings.simplefilter("ignore")
     try:
         from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        stack.callback(hf_logging.set_verbosity, level)
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        if bars:
-            stack.callback(hf_logging.enable_progress_bar)
     except ImportError:
-        pass
+        return stack
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    stack.callback(hf_logging.set_verbosity, level)
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        stack.callback(hf_logging.enable_progress_bar)
     return stack
 
 
@@ -378,23 +498,37 @@ def _attach_lora(model, rank: int, target_modules: Sequence[str], lora_dropout: 
     return get_peft_model(model, config)
 
 
-def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS,
-                     dtype_bytes: int = 2, gradient_checkpointing: bool = True, lora_dropout: float = 0.0,
-                     quantization: str = "none", workdir=None, seed: int = 0):
-    """A random-init Qwen3 of this architecture with LoRA attached, ready to train on the CPU.
-
-    quantization="4bit"|"8bit": the model is saved to `workdir` and reloaded through bitsandbytes (nf4 with
-    double quantization, bf16 compute), then prepared with prepare_model_for_kbit_training, as QLoRA does.
-    """
+def _random_model(arch: Architecture, dtype, device: str):
+    """Qwen3ForCausalLM with random weights, created directly in `dtype` on `device` (an 8B model never
+    passes through fp32 or host memory)."""
     import torch
     from transformers import Qwen3ForCausalLM
 
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen3ForCausalLM(arch.to_hf_config())
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS,
+                     dtype_bytes: int = 2, gradient_checkpointing: bool = True, lora_dropout: float = 0.0,
+                     quantization: str = "none", device: str = "cpu", workdir=None, seed: int = 0):
+    """A random-init Qwen3 of this architecture with LoRA attached, in train mode.
+
+    quantization="4bit"|"8bit": the model is saved to a temporary folder (under `workdir`) and reloaded
+    through bitsandbytes (nf4 + double quantization, bf16 compute; or LLM.int8), then prepared with
+    prepare_model_for_kbit_training, as QLoRA recipes do.
+    """
+    import torch
+
     torch.manual_seed(seed)
-    dtype = _torch_dtype(dtype_bytes)
     with _quiet():
-        model = Qwen3ForCausalLM(arch.to_hf_config()).to(dtype)
+        model = _random_model(arch, _torch_dtype(dtype_bytes), device if quantization == "none" else "cpu")
         if quantization != "none":
-            model = _reload_quantized(model, quantization, workdir, gradient_checkpointing)
+            model = _reload_quantized(model, quantization, workdir, device)
         model = _attach_lora(model, rank, target_modules, lora_dropout)
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -402,7 +536,7 @@ def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[
     return model
 
 
-def _reload_quantized(model, quantization: str, workdir, gradient_checkpointing: bool):
+def _reload_quantized(model, quantization: str, workdir, device: str):
     import tempfile
 
     import torch
@@ -418,12 +552,13 @@ def _reload_quantized(model, quantization: str, workdir, gradient_checkpointing:
         model.save_pretrained(tmp)
         del model
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qconfig, dtype=torch.bfloat16,
-                                                     device_map="cpu")
-    # Checkpointing is enabled after LoRA is attached (build_lora_model), the same for every quantization.
+                                                     device_map=device)
+    # Checkpointing is switched on after LoRA is attached (build_lora_model), as for unquantized models.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def make_optimizer(model, optimizer: str = "adamw_torch"):
+    """torch AdamW or a bitsandbytes 8-bit AdamW over the trainable parameters."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -438,48 +573,62 @@ def make_optimizer(model, optimizer: str = "adamw_torch"):
 
 
 def reference_step(model, input_ids, optimizer) -> None:
-    """The step the estimate models: full-length inputs as their own labels, then AdamW."""
+    """The step the estimate models: full-length inputs as their own labels, then the optimizer."""
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def _measure(model, meter, batch: int, seq: int, optimizer: str, steps: int) -> dict[str, int]:
-    """Run `steps` reference steps under `meter` (which must already count the model) and report bytes."""
+def _run_measured(model, meter, batch: int, seq: int, optimizer: str, steps: int, device: str) -> dict[str, int]:
+    """Run `steps` reference steps under `meter` and report its peak. A CPU meter must already count the
+    model; the inputs and optimizer state are counted here, as a GPU would hold them."""
     import torch
 
+    tracks = hasattr(meter, "track_existing")
     weights = meter.current_bytes()
     with meter:
-        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    meter.track_existing(input_ids)
-    with meter:
+        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
         opt = make_optimizer(model, optimizer)
+    if tracks:
+        meter.track_existing(input_ids)
     meter.reset_peak()
     start = time.perf_counter()
     with meter:
         for _ in range(steps):
             reference_step(model, input_ids, opt)
-    return {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes(),
-            "seconds": time.perf_counter() - start}
+    result = {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes(),
+              "seconds": time.perf_counter() - start}
+    if meter.device == "cuda":
+        result["peak_allocated"] = torch.cuda.max_memory_allocated()
+        result["overhead"] = meter.overhead_bytes
+    return result
 
 
 def measure_step(arch: Architecture, *, batch: int, seq: int, rank: int,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "none",
                  gradient_checkpointing: bool = True, dtype_bytes: int = 4, optimizer: str = "adamw_torch",
-                 lora_dropout: float = 0.0, steps: int = 2, workdir=None) -> dict[str, int]:
-    """Peak tracked bytes of real CPU steps (random-init model): the ground truth for estimate_peak(device="cpu").
+                 lora_dropout: float = 0.0, steps: int = 2, device: str = "cpu", workdir=None) -> dict[str, int]:
+    """Peak bytes of real steps of a random-init model: the ground truth for estimate_peak.
 
-    The peak includes weights, adapters, optimizer state and the inputs, like a GPU's would.
+    device="cpu": CpuTrackedMeter, whose peak includes weights, adapters, optimizer state and inputs.
+    device="cuda": CudaMeter (peak reserved + the process's non-allocator overhead).
     """
-    from autotune.memory import CpuTrackedMeter
+    from autotune.memory import make_meter
 
+    meter = make_meter(device)
+    if meter.device == "cuda":
+        meter.overhead_bytes  # measured before the model exists: context + cuBLAS, nothing else
     model = build_lora_model(arch, rank=rank, target_modules=target_modules, dtype_bytes=dtype_bytes,
                              gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
-                             quantization=quantization, workdir=workdir)
-    meter = CpuTrackedMeter()
-    meter.track_existing(model)
-    return _measure(model, meter, batch, seq, optimizer, steps)
+                             quantization=quantization, device=device, workdir=workdir)
+    if hasattr(meter, "track_existing"):
+        meter.track_existing(model)
+    try:
+        return _run_measured(model, meter, batch, seq, optimizer, steps, device)
+    finally:
+        del model
+        meter.cleanup()
 
 
 def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
@@ -490,25 +639,24 @@ def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
 
     Nothing is allocated: the model is built on the meta device, LoRA attached by peft, then materialised
     as fake tensors (`to_empty` inside FakeTensorMode); the tracker counts the fake storages. Unquantized
-    only (bitsandbytes kernels cannot run on fake tensors). Returns the measured peak, weights and more.
+    only (bitsandbytes kernels cannot run on fake tensors). Qwen3-14B takes ~10 s and 0.5 GB of RAM.
+    Returns peak_bytes (weights, adapters, optimizer state, inputs, activations), weights, after_step.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import Qwen3ForCausalLM
 
     from autotune.memory import CpuTrackedMeter
 
-    dtype = _torch_dtype(dtype_bytes)
     with _quiet():
-        with torch.device("meta"):
-            model = Qwen3ForCausalLM(arch.to_hf_config()).to(dtype)
-            model = _attach_lora(model, rank, target_modules, lora_dropout)
+        model = _random_model(arch, _torch_dtype(dtype_bytes), "meta")
+        model = _attach_lora(model, rank, target_modules, lora_dropout)
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
+            # to_empty gives every parameter its own storage; tie the embeddings again (Qwen3 <= 4B ties them).
+            model.get_base_model().tie_weights()
             meter = CpuTrackedMeter()
             meter.track_existing(model)
-            result = _measure(model, meter, batch, seq, optimizer, steps)
-    return result
+            return _run_measured(model, meter, batch, seq, optimizer, steps, "cpu")

@@ -299,9 +299,12 @@ class _StorageTracker(TorchDispatchMode):
 
 def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """Every tensor a module holds on its device: parameters, buffers, and the quantization state that
-    bitsandbytes keeps beside a 4-bit weight (absmax, code books; not registered as parameters or buffers)."""
+    bitsandbytes keeps beside a k-bit weight (absmax, code books, row scales; not registered as parameters or
+    buffers)."""
     tensors = [*module.parameters(), *module.buffers()]
     for param in module.parameters():
+        # Int8Params keeps CB (the int8 weight, same storage) and SCB (fp32 row scales) as attributes.
+        tensors.extend(v for v in vars(param).values() if isinstance(v, torch.Tensor))
         tensors.extend(_quant_state_tensors(getattr(param, "quant_state", None)))
     return tensors
 

@@ -200,7 +200,8 @@ def choose_seq(stats: dict | None, *, fixed: int | None, fallback: int, max_posi
         rounded = max(multiple, -(-need // multiple) * multiple)
         return min(max_position, rounded), (
             f"covers the data's {percentile} length of {need} tokens (max {stats['total']['max']}, "
-            f"{stats['count']} samples), rounded up to a multiple of {multiple}" + (clamp if rounded > max_position else ""))
+            f"{stats['count']} samples), rounded up to a multiple of {multiple}"
+            + (clamp if rounded > max_position else ""))
     return min(fallback, max_position), (f"no data statistics: the config's max_sequence_length {fallback}"
                                          + (clamp if fallback > max_position else ""))
 
@@ -344,7 +345,8 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
             "reason": reason, "stopped": stopped, "budget_bytes": budget, "usable_bytes": usable}
 
 
-def _measure_divisor(measure: Measure, log: SearchLog, seq: int, rank: int, largest: int, per_device_effective: int) -> None:
+def _measure_divisor(measure: Measure, log: SearchLog, seq: int, rank: int, largest: int,
+                     per_device_effective: int) -> None:
     """Measure the largest micro-batch up to `largest` that divides the effective batch (the search may not
     have), so the choice can keep accumulation x micro-batch exactly the effective batch."""
     if largest > 0:
@@ -364,7 +366,7 @@ def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
                                target_modules=cfg.target_modules, quantization=cfg.quantization,
                                gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                                margin=req.margin, device=_device_type())
-        batch = int(pred.get("batch") or 0)
+        batch = int(pred.get("max_batch") or 0)
         return max(2, batch // 2)
     except Exception:  # the estimate only places a trial; the measurements decide
         return 2

@@ -70,7 +70,7 @@ def git_commit() -> str | None:
 
 
 class Plan:
-    def __init__(self, rehearse: bool, deadline: float):
+    def __init__(self, rehearse: bool, deadline: float, quick: bool = False):
         self.rehearse = rehearse
         self.deadline = deadline
         if rehearse:
@@ -84,6 +84,8 @@ class Plan:
             self.solve_seq = None  # the data's p99
             self.reserve_s = 0
             self.train_step_budget_s = 60
+            if quick:  # the test suite's rehearsal: every stage once, at the smallest size
+                self.caps, self.train_steps, self.longseq_max = [0.35], 2, 256
         else:
             self.models = ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B"]
             self.caps = [8.0, 12.0, 16.0, 24.0]
@@ -297,10 +299,11 @@ def main() -> int:
     ap.add_argument("--rehearse", action="store_true")
     ap.add_argument("--budget-s", type=float, default=450, help="Stop starting new work after this many seconds.")
     ap.add_argument("--stages", default="probe,solve,throughput,longseq,fixed")
+    ap.add_argument("--quick", action="store_true", help="With --rehearse: one cap, two steps (the test suite's run).")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan(args.rehearse, time.monotonic() + args.budget_s)
+    plan = Plan(args.rehearse, time.monotonic() + args.budget_s, quick=args.quick)
     from autotune.memory import ensure_expandable_segments
 
     ensure_expandable_segments()

@@ -99,8 +99,13 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                     f"{r['peak_tracked_gib']} |" for r in doc["rows"]]
             out.append("")
         elif doc.get("kind") == "solver_bench":
-            out += [f"### Solver benchmark, CPU ({doc.get('date')})", "", "```", doc.get("table", json.dumps(doc, indent=1)),
-                    "```", ""]
+            out += [f"### Solver benchmark, CPU ({doc.get('date') or doc['_file'][:10]}; {doc.get('model')}, seq "
+                    f"{doc.get('seq')}, rank {doc.get('rank')}, simulated cap {doc.get('budget_bytes', 0) / 2**20:.0f} MiB)",
+                    "", "Target: at most a third of Lightning's trials, within one of the true maximum.", "",
+                    "| strategy | trials | seconds | batch found | true max | within 1 |", "|---|---|---|---|---|---|"]
+            out += [f"| {r['strategy']} | {r['trials']} | {r['seconds']} | {r['batch']} | {r['true_max']} | "
+                    f"{'yes' if r['within_1'] else 'no'} |" for r in doc["strategies"]]
+            out.append("")
     return out
 
 

@@ -98,7 +98,7 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
             out += [f"| {r['quantization']} | {r['batch']} x {r['seq']} | {r['step_seconds']} | {r['tokens_per_second']} | "
                     f"{r['peak_tracked_gib']} |" for r in doc["rows"]]
             out.append("")
-        elif doc.get("kind") == "solver_bench":
+        elif doc.get("kind") in ("solver_bench", "autotune.solver_bench"):
             out += [f"### Solver benchmark, CPU ({doc.get('date') or doc['_file'][:10]}; {doc.get('model')}, seq "
                     f"{doc.get('seq')}, rank {doc.get('rank')}, simulated cap {doc.get('budget_bytes', 0) / 2**20:.0f} MiB)",
                     "", "Target: at most a third of Lightning's trials, within one of the true maximum.", "",

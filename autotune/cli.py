@@ -253,11 +253,13 @@ def _budget_gb(flag: float | None, cfg, config_given: bool, probe_doc: dict) -> 
 @click.option("--ranks", help="Rank candidates, comma-separated (max-rank objective), e.g. 8,16,32,64.")
 @click.option("--max-trials", type=click.IntRange(min=2))
 @click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds; stop searching and keep the best so far.")
+@click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Gradient checkpointing: auto measures with and without it (throughput) and keeps the faster.")
 @click.option("--real-weights", is_flag=True, help="Trial on the real weights (downloads/loads them) instead of random init.")
 @click.option("--plot", is_flag=True, help="Also write a PNG beside the profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, objective, margin, seq, rank, ranks,
-          max_trials, time_budget, real_weights, plot, as_json):
+          max_trials, time_budget, checkpointing, real_weights, plot, as_json):
     """Choose micro-batch, accumulation, sequence length and LoRA rank by measured training steps."""
     import time as _time
     from dataclasses import replace
@@ -268,6 +270,8 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
     started = _time.monotonic()
     cfg = _load(config_path, sets)
     updates = {k: v for k, v in {"model_name": model_name, "data_dir": data_dir, "lora_r": rank}.items() if v}
+    if checkpointing != "auto":
+        updates["gradient_checkpointing"] = checkpointing == "on"
     if updates:
         from autotune.config import build_config
 
@@ -291,7 +295,8 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
     budget, budget_source = _budget_gb(max_memory_gb, cfg, config_path is not None, probe_doc)
     stats = _solver_data_stats(cfg)
     req = SolveRequest(cfg=cfg, budget_gb=budget, margin=margin, objective=objective, seq=seq, ranks=rank_list,
-                       max_trials=max_trials, time_budget_s=time_budget, data_stats=stats)
+                       max_trials=max_trials, time_budget_s=time_budget, data_stats=stats,
+                       try_without_checkpointing=checkpointing == "auto" and objective == "throughput")
     runner = TrialRunner(cfg, int(budget * 2**30), init="pretrained" if real_weights else "random",
                          echo=lambda m: click.echo(m, err=True))
     device = runner.device.type
@@ -315,7 +320,8 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
     c = profile["choice"]
     click.echo(f"\nchoice: batch_size {c['batch_size']} x gradient_accumulation_steps {c['gradient_accumulation_steps']} "
                f"(effective {c['effective_batch_size']}), max_sequence_length {c['max_sequence_length']}, "
-               f"lora_r {c['lora_r']}; peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}")
+               f"lora_r {c['lora_r']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}; "
+               f"peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}")
     click.echo(f"why: {profile['reason']}")
     click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
     click.echo(f"next: autotune train --profile {path}" + (f" --config {config_path}" if config_path else ""))
@@ -371,7 +377,7 @@ def demo(ctx, max_memory_gb, output_dir):
     ctx.invoke(probe)
     click.echo(f"\n== 2/3 autotune solve (tiny-qwen3, simulated {max_memory_gb:g} GiB card)", err=True)
     ctx.invoke(solve, config_path=config, sets=sets, max_memory_gb=max_memory_gb, output=profile, plot=True,
-               objective="throughput", margin=0.05)
+               objective="throughput", margin=0.05, checkpointing="auto")
     click.echo("\n== 3/3 autotune train --profile", err=True)
     ctx.invoke(train, config_path=config, profile_path=profile, sets=sets)
     report = Path(output_dir) / "inference_report.md"

@@ -130,6 +130,20 @@ def enable_checkpointing(model, kwargs: dict | None) -> None:
     model.enable_input_require_grads()
 
 
+def set_checkpointing(built: "BuiltModel", on: bool, kwargs: dict | None = None) -> None:
+    """Switch checkpointing of a built model on or off (the solver measures both, on one model)."""
+    if built.gradient_checkpointing == on:
+        return
+    base = built.model.get_base_model()
+    if on:
+        enable_checkpointing(base, kwargs)
+    elif hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+    built.gradient_checkpointing = on
+
+
 def prepare_for_training(model, quantized: bool, checkpointing: bool, checkpointing_kwargs: dict | None) -> None:
     """Our k-bit preparation. peft's prepare_model_for_kbit_training also casts every non-quantized
     weight to fp32, which for Qwen3-8B's untied embeddings and lm_head costs an extra 2.5 GB; we

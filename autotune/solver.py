@@ -37,12 +37,14 @@ class Trial:
     tokens_per_second: float | None
     predicted_bytes: int | None = None
     note: str = ""
+    checkpointing: bool | None = None  # gradient checkpointing in this trial (None: as configured)
 
     def describe(self, budget: int) -> str:
         peak = f"{self.peak_bytes / GiB:7.3f} GiB ({self.peak_bytes / budget:5.1%})" if self.peak_bytes else "      -"
         verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
         speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""
-        return (f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d} peak {peak}  {verdict:11s} "
+        ckpt = {True: " ckpt", False: " no-ckpt", None: ""}[self.checkpointing]
+        return (f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{ckpt} peak {peak}  {verdict:11s} "
                 f"{self.seconds:6.1f}s {speed}")
 
 
@@ -82,10 +84,11 @@ class SearchLog:
     max_trials: int | None = None
     deadline: float | None = None
     on_trial: Callable[[Trial], None] | None = None
+    variant: object = None  # what else distinguishes the shapes being searched now (e.g. checkpointing)
     _cache: dict = field(default_factory=dict)
 
     def run(self, measure: Measure, batch: int, seq: int, rank: int, predicted: int | None = None) -> Trial:
-        key = (batch, seq, rank)
+        key = (batch, seq, rank, self.variant)
         if key in self._cache:
             return self._cache[key]
         if self.max_trials is not None and len(self.trials) >= self.max_trials:
@@ -241,13 +244,17 @@ class TrialRunner:
             self.meter.track_existing(self._built.model)
         return self._built
 
-    def measure(self, batch: int, seq: int, rank: int, usable: int) -> Trial:
+    def measure(self, batch: int, seq: int, rank: int, usable: int, checkpointing: bool | None = None) -> Trial:
         import torch
 
         from autotune.data.encoding import CausalLMCollator
         from autotune.step import run_trial_steps
 
+        from autotune.modeling import set_checkpointing
+
         built = self._model_for(rank)
+        want = self.cfg.gradient_checkpointing if checkpointing is None else checkpointing
+        set_checkpointing(built, want, self.cfg.gradient_checkpointing_kwargs)
         collator = CausalLMCollator(pad_token_id=0, pad_to_length=seq)
         t = time.perf_counter()
         peak, steps, oom = None, None, False
@@ -267,7 +274,7 @@ class TrialRunner:
         step_s = steps[-1] if steps else None
         fits = not oom and peak is not None and peak <= usable
         return Trial(batch, seq, rank, fits, oom, peak, time.perf_counter() - t, step_s,
-                     (batch * seq / step_s) if step_s else None)
+                     (batch * seq / step_s) if step_s else None, checkpointing=want)
 
 
 # -------------------------------------------------------------------------------- the solve
@@ -285,6 +292,9 @@ class SolveRequest:
     world_size: int = 1
     data_stats: dict | None = None
     max_seq: int | None = None        # upper bound for max-seq
+    # Throughput only: also search without gradient checkpointing (faster when it fits). Needs a
+    # measure that takes `checkpointing=`; TrialRunner.measure does.
+    try_without_checkpointing: bool = False
 
 
 def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, on_trial=None) -> dict:
@@ -306,6 +316,7 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
     effective = cfg.effective_batch
     per_device_effective = max(1, effective // req.world_size)
     found: dict[int, int] = {}
+    found_without_checkpointing: dict[int, int] = {}
     stopped = None
     try:
         if req.objective == "max-seq":
@@ -327,6 +338,14 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
             for rank in ranks:
                 found[rank], _ = largest_batch(m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank))
                 _measure_divisor(m, log, seq, rank, found[rank], per_device_effective)
+            if req.try_without_checkpointing and cfg.gradient_checkpointing:
+                # Checkpointing trades ~a third more compute for activation memory; where the memory
+                # allows a useful batch without it, that is usually the faster run. Measure, don't assume.
+                log.variant = "no-checkpointing"
+                m_off: Measure = lambda b, s, r: measure(b, s, r, usable, checkpointing=False)  # noqa: E731
+                for rank in ranks:
+                    found_without_checkpointing[rank], _ = largest_batch(m_off, log, seq, rank, usable)
+                    _measure_divisor(m_off, log, seq, rank, found_without_checkpointing[rank], per_device_effective)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
     fitting = [t for t in log.trials if t.fits]
@@ -339,9 +358,11 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
     candidates = _candidates(req, log.trials, found, seq, per_device_effective)
     best, runner_up = candidates[0], (candidates[1] if len(candidates) > 1 else None)
     accumulation = math.ceil(effective / (best.batch * req.world_size))
-    reason = _reason(req, best, runner_up, found, seq_reason, effective, accumulation, stopped)
+    reason = _reason(req, best, runner_up, found, seq_reason, effective, accumulation, stopped,
+                     found_without_checkpointing)
     return {"best": best, "runner_up": runner_up, "accumulation": accumulation, "effective": effective,
-            "max_feasible_batch": found, "trials": log.trials, "seq": best.seq, "seq_reason": seq_reason,
+            "max_feasible_batch": found, "max_feasible_batch_without_checkpointing": found_without_checkpointing,
+            "trials": log.trials, "seq": best.seq, "seq_reason": seq_reason,
             "reason": reason, "stopped": stopped, "budget_bytes": budget, "usable_bytes": usable}
 
 
@@ -398,10 +419,14 @@ def _candidates(req: SolveRequest, trials: list[Trial], found: dict, seq: int, p
 
 
 def _reason(req, best: Trial, runner_up: Trial | None, found: dict, seq_reason: str, effective: int,
-            accumulation: int, stopped: str | None) -> str:
+            accumulation: int, stopped: str | None, found_without_checkpointing: dict | None = None) -> str:
     parts = [f"sequence {best.seq}: {seq_reason}."]
     for rank, b in sorted(found.items()):
         parts.append(f"rank {rank}: the largest micro-batch that fits is {b}.")
+    for rank, b in sorted((found_without_checkpointing or {}).items()):
+        parts.append(f"rank {rank} without gradient checkpointing: {b}.")
+    if best.checkpointing is not None and found_without_checkpointing:
+        parts.append(f"Gradient checkpointing {'on' if best.checkpointing else 'off'}: the faster of the two as measured.")
     objective = {"throughput": "the highest measured tokens/s", "max-seq": "the longest sequence",
                  "max-rank": "the highest rank"}[req.objective]
     parts.append(f"Chose batch {best.batch} x accumulation {accumulation} (effective {best.batch * accumulation * req.world_size}"
@@ -410,7 +435,8 @@ def _reason(req, best: Trial, runner_up: Trial | None, found: dict, seq_reason: 
     if best.batch * accumulation * req.world_size != effective:
         parts.append(f"No fitting micro-batch divides {effective}, so the effective batch rounds up.")
     if runner_up is not None:
-        parts.append(f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}"
+        ckpt = {True: ", checkpointing on", False: ", checkpointing off", None: ""}[runner_up.checkpointing]
+        parts.append(f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}{ckpt}"
                      + (f" ({runner_up.tokens_per_second:.0f} tokens/s)" if runner_up.tokens_per_second else "") + ".")
     if stopped:
         parts.append(f"Search stopped early: {stopped}; the choice is the best measured so far.")
@@ -437,7 +463,7 @@ def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: Tr
               "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
               "max_sequence_length": best.seq, "lora_r": best.rank,
               "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r, "target_modules": list(cfg.target_modules),
-              "quantization": cfg.quantization, "gradient_checkpointing": cfg.gradient_checkpointing,
+              "quantization": cfg.quantization, "gradient_checkpointing": cfg.gradient_checkpointing if best.checkpointing is None else best.checkpointing,
               "optimizer": cfg.optimizer,
               "dtype": str(runner._built.dtype).removeprefix("torch.") if runner and runner._built else None}
     ru = result["runner_up"]
@@ -454,7 +480,9 @@ def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: Tr
         prediction={"peak_bytes": best.predicted_bytes},
         measurement={"peak_bytes": best.peak_bytes, "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
                      "tokens_per_second": best.tokens_per_second, "step_seconds": best.step_seconds,
-                     "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()}},
+                     "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
+                     "max_feasible_batch_without_checkpointing": {
+                         str(k): v for k, v in result.get("max_feasible_batch_without_checkpointing", {}).items()}},
         runner_up=asdict(ru) if ru else None,
         reason=result["reason"],
         trials=[asdict(t) for t in result["trials"]],

@@ -579,3 +579,44 @@ def test_cli_solve_without_budget_or_gpu_exits_2(capsys, monkeypatch, tmp_path, 
     monkeypatch.setattr(hardware, "probe", lambda output_dir=".", nvml=None: {"gpus": [], "host": {}})
     code, out, err = run_cli(capsys, "solve", "--model", "tiny-qwen3", "--set", f"output_dir={tmp_path}")
     assert code == 2 and "--max-memory-gb" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
+    """Checkpointing is a fifth knob: without it the step is faster but needs more memory. The solver
+    searches both and the choice (and the profile) carry whichever measured faster among the fits."""
+    cfg = build_config({"model_name": "tiny-qwen3", "effective_batch_size": 16, "batch_size": 1,
+                        "gradient_accumulation_steps": 16, "gradient_checkpointing": True})
+    usable_cap = 10 * GiB
+
+    def measure(batch, seq, rank, usable, checkpointing=None):
+        ckpt = True if checkpointing is None else checkpointing
+        peak = int((1 + batch * (0.4 if ckpt else 1.1)) * GiB)  # no checkpointing: ~3x the activations
+        fits = peak <= usable
+        speed = 1000 * batch * (1.0 if ckpt else 1.3)
+        return Trial(batch, seq, rank, fits, False, peak, 0.01, 0.01, speed if fits else None, checkpointing=ckpt)
+
+    req = SolveRequest(cfg=cfg, budget_gb=usable_cap / GiB, seq=64, try_without_checkpointing=True)
+    result = solve(req, measure)
+    usable = result["usable_bytes"]
+    assert result["max_feasible_batch"][cfg.lora_r] == max(b for b in range(1, 64) if (1 + b * 0.4) * GiB <= usable)
+    off = result["max_feasible_batch_without_checkpointing"][cfg.lora_r]
+    assert off == max(b for b in range(1, 64) if (1 + b * 1.1) * GiB <= usable)
+    best = result["best"]
+    # With checkpointing the largest divisor of 16 that fits is 16 (16000 tok/s); without, 4 (5200 tok/s).
+    assert best.checkpointing is True and best.batch == 16
+    assert "without gradient checkpointing" in result["reason"]
+
+    # Make the un-checkpointed run much faster: now it wins, and the profile says so.
+    def fast_off(batch, seq, rank, usable, checkpointing=None):
+        t = measure(batch, seq, rank, usable, checkpointing)
+        if t.checkpointing is False and t.fits:
+            t.tokens_per_second *= 5  # 4 x 1300 x 5 = 26000 > 16000
+        return t
+
+    result = solve(req, fast_off)
+    assert result["best"].checkpointing is False
+    from autotune.solver import build_profile
+
+    profile = build_profile(req, result, hardware={"device": "cpu"}, runner=None)
+    assert profile["choice"]["gradient_checkpointing"] is False
+    assert profile["choice"]["batch_size"] * profile["choice"]["gradient_accumulation_steps"] == 16

@@ -124,7 +124,10 @@ def measure_steps(runner, cfg, batch: int, seq: int, steps: int) -> dict:
     from autotune.data.encoding import CausalLMCollator
     from autotune.step import run_trial_steps
 
+    from autotune.modeling import set_checkpointing
+
     built = runner._model_for(cfg.lora_r)
+    set_checkpointing(built, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     runner.meter.cap(runner.budget)
     runner.meter.reset_peak()
     t = time.perf_counter()
@@ -258,11 +261,13 @@ def stage_throughput(plan: Plan, results: Results) -> None:
     guide = measure_steps(runner, cfg, g["batch_size"], seq, steps)
     out = {"model": plan.throughput_model, "cap_gb": plan.throughput_cap, "seq": seq, "guide": guide}
     results.put("throughput", out)
-    req = SolveRequest(cfg=cfg, budget_gb=plan.throughput_cap, seq=seq, time_budget_s=min(90, plan.left() - 30))
+    req = SolveRequest(cfg=cfg, budget_gb=plan.throughput_cap, seq=seq, time_budget_s=min(90, plan.left() - 30),
+                       try_without_checkpointing=True)
     result = solve(req, runner.measure)
     best = result["best"]
-    ours = measure_steps(runner, cfg, best.batch, seq, steps)
-    out["autotune"] = {**ours, "choice_batch": best.batch, "accumulation": result["accumulation"]}
+    ours = measure_steps(runner, replace(cfg, gradient_checkpointing=best.checkpointing), best.batch, seq, steps)
+    out["autotune"] = {**ours, "choice_batch": best.batch, "accumulation": result["accumulation"],
+                       "checkpointing": best.checkpointing, "solve_trials": len(result["trials"])}
     if guide.get("tokens_per_second") and ours.get("tokens_per_second"):
         out["speedup"] = ours["tokens_per_second"] / guide["tokens_per_second"]
     results.put("throughput", out)

@@ -1,38 +1,36 @@
 """Peak-memory prediction for a Qwen3 LoRA/QLoRA training step, without a GPU.
 
-`estimate_peak` is arithmetic over the architecture (milliseconds), so the solver can rank candidate shapes
-and pick its first trials, and `autotune estimate --model Qwen3-14B --max-memory-gb 16` answers at once.
+`estimate_peak` is arithmetic over the architecture (microseconds), so the solver can place its first trials
+and `autotune estimate --model Qwen3-14B --max-memory-gb 16` answers at once; `largest_fitting` inverts it.
 
-The model follows what the installed transformers/peft/bitsandbytes actually allocate in the step
+The model follows what the installed transformers/peft/bitsandbytes allocate in the step
     loss = model(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-(see `reference_step`), read off the code and then checked tensor by tensor against `CpuTrackedMeter`:
+(`reference_step`; optionally with the forward under bf16 autocast, as the HF Trainer runs it), read off
+their code and checked tensor by tensor with `memory.CpuTrackedMeter`:
 
-* Persistent: base weights, LoRA adapters (fp32: peft upcasts adapters of a bf16/fp16 model), their grads,
-  the optimizer state.
-* Saved activations, per token and layer (`layer_saved_bytes_per_token`): what autograd keeps for backward.
-  The frozen base Linears keep nothing (their weight grad is not needed); the two RMSNorms and the QK-norms
-  keep an fp32 copy of their input; SDPA keeps q, k, v, its output and a logsumexp (no seq^2 term: the
-  flash/memory-efficient kernels are used, the mask is `is_causal`); the MLP keeps gate, up and silu(gate);
-  each LoRA module keeps its input cast to fp32 and its rank-r hidden. With gradient checkpointing only each
-  layer's input is kept, and one layer's activations come back during its recompute.
-* The loss head: transformers upcasts logits to fp32 for the cross entropy; the peak of the whole step is
-  normally in `log_softmax_backward`, where the saved log-probabilities, their gradient and the gradient of
-  the logits are all alive: 3 x 4 bytes x tokens x vocab (12 bytes per token per vocabulary entry).
-* Transients of a layer's backward (gradients of the MLP intermediate), the bf16 weight that bitsandbytes
-  dequantizes for a 4-bit matmul's backward, and the optimizer step's temporaries.
+* Persistent: the base weights (nf4/int8 packed plus quantization state, the rest in the compute dtype),
+  the LoRA adapters (fp32: peft upcasts adapters of a bf16 model), their grads, the optimizer state.
+* Saved activations per token and layer (`layer_saved_bytes_per_token`). The frozen base Linears keep
+  nothing; the RMSNorms and QK-norms keep an fp32 copy of their input; SDPA keeps q, k, v, its output and a
+  logsumexp (no seq^2 term: flash/memory-efficient kernels with `is_causal`); the MLP keeps gate, up and
+  silu(gate); each LoRA module keeps its input cast to fp32 (bf16 under autocast) and its rank-r hidden.
+  With gradient checkpointing each layer keeps only its input and one layer is recomputed at a time.
+* The loss head: transformers upcasts the logits to fp32; in `log_softmax_backward` the saved log-probs,
+  their grad and the logits' grad are alive together: 12 bytes per token and vocabulary entry. With
+  Qwen3's 151,936-entry vocabulary this is normally the peak of the whole step.
+* The last layer's backward: its recompute, bursts of intermediate-sized grads in the MLP's backward, and
+  the bf16 weight bitsandbytes dequantizes for a 4-bit matmul's backward; then the optimizer's temporaries.
 
-The peak is the persistent bytes plus the larger of two moments: the loss head's backward with every saved
-activation alive, or the last decoder layer's backward.
-
-`calibrate_by_trace` runs the real step under FakeTensorMode (no memory is allocated) with the tracker, for
-shapes too big to run, and `measure_step` runs it for real on the CPU; the tests compare both to the formula.
+Peak = persistent + the largest of those moments (+ `cuda_overhead` on a GPU). `calibrate_by_trace` runs the
+real step of any model size under FakeTensorMode (nothing is allocated), `measure_step` runs it for real;
+the tests hold the formulas to both.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from autotune.catalog import Architecture
@@ -62,12 +60,11 @@ QUANTIZATIONS = ("4bit", "8bit", "none")
 
 _OPTIMIZER_STATE = {
     # bytes of state per trainable element: (large tensors, small tensors); None -> 8-bit rules
-    "adamw_torch": (8, 8), "adamw_torch_fused": (8, 8), "adamw_hf": (8, 8), "adamw_apex_fused": (8, 8),
-    "adamw": (8, 8), "adam": (8, 8), "paged_adamw_32bit": (8, 8), "adamw_bnb_32bit": (8, 8),
-    "adamw_8bit": None, "adamw_bnb_8bit": None, "paged_adamw_8bit": None, "adamw_bnb": None,
-    "lion_8bit": None, "paged_lion_8bit": None,
-    "lion_32bit": (4, 4), "paged_lion_32bit": (4, 4), "adafactor": (4, 4),
-    "sgd": (0, 0), "adagrad": (4, 4), "rmsprop": (4, 4),
+    # (HF Trainer `optim` names; unknown names are treated as fp32 AdamW, the conservative choice)
+    "adamw_torch": (8, 8), "adamw_torch_fused": (8, 8), "adamw_apex_fused": (8, 8), "adamw": (8, 8),
+    "paged_adamw_32bit": (8, 8), "adamw_8bit": None, "adamw_bnb_8bit": None, "paged_adamw_8bit": None,
+    "lion_8bit": None, "paged_lion_8bit": None, "lion_32bit": (4, 4), "paged_lion_32bit": (4, 4),
+    "adafactor": (4, 4), "sgd": (0, 0), "adagrad": (4, 4), "rmsprop": (4, 4),
 }
 
 
@@ -134,7 +131,7 @@ def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, kbit_p
     bitsandbytes; `prepare_model_for_kbit_training` then upcasts them to fp32 (kbit_prepare).
     """
     linear, other = _nonlinear_param_counts(arch)
-    n_linear_tensors = 7 * arch.num_hidden_layers
+    numels = [i * o for i, o in linear_shapes(arch).values()] * arch.num_hidden_layers
     if quantization == "none":
         return (linear + other) * dtype_bytes
     other_bytes = other * (4 if kbit_prepare else dtype_bytes)
@@ -143,12 +140,14 @@ def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, kbit_p
         return linear + rows * 4 + other_bytes
     if quantization != "4bit":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    blocks = math.ceil(linear / NF4_BLOCK)
-    if double_quant:
-        state = blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + n_linear_tensors * NESTED_STATE_CONSTANT
-    else:
-        state = blocks * 4 + n_linear_tensors * NF4_CODE_BYTES
-    return math.ceil(linear / 2) + state + other_bytes
+    total = other_bytes
+    for n in numels:
+        blocks = math.ceil(n / NF4_BLOCK)
+        if double_quant:
+            total += math.ceil(n / 2) + blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + NESTED_STATE_CONSTANT
+        else:
+            total += math.ceil(n / 2) + blocks * 4 + NF4_CODE_BYTES
+    return total
 
 
 def optimizer_state_bytes(tensor_numels: Sequence[int], optimizer: str) -> int:
@@ -175,7 +174,8 @@ def optimizer_state_bytes(tensor_numels: Sequence[int], optimizer: str) -> int:
 
 def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str],
                                 act_bytes: int, lora_dropout: float = 0.0, first_layer: bool = False,
-                                quantization: str = "none", dropout_mask_bytes: int = 1) -> float:
+                                quantization: str = "none", dropout_mask_bytes: int = 1,
+                                autocast: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer when nothing is checkpointed.
 
     `act_bytes` is the dtype of the hidden states (bf16: 2; fp32: 4, also for k-bit models after
@@ -193,27 +193,31 @@ def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules
     total += 3 * I * a                             # MLP: gate, up, silu(gate)
     total += lora_saved_bytes_per_token(arch, rank=rank, target_modules=target_modules, act_bytes=a,
                                         lora_dropout=lora_dropout, dropout_mask_bytes=dropout_mask_bytes,
-                                        first_layer=first_layer)
+                                        first_layer=first_layer, autocast=autocast)
     if quantization == "8bit":
         total += int8_saved_bytes_per_token(arch, target_modules=target_modules, act_bytes=a,
-                                            lora_dropout=lora_dropout, first_layer=first_layer)
+                                            lora_dropout=lora_dropout, first_layer=first_layer,
+                                            autocast=autocast)
     return total
 
 
 def int8_saved_bytes_per_token(arch: Architecture, *, target_modules: Sequence[str], act_bytes: int,
-                               lora_dropout: float = 0.0, first_layer: bool = False) -> float:
+                               lora_dropout: float = 0.0, first_layer: bool = False,
+                               autocast: bool = False) -> float:
     """bitsandbytes' LLM.int8 matmul keeps its input for backward (`ctx.tensors`), even with frozen weights.
     Projections that share an input share the tensor, and so does a LoRA branch whose fp32 cast of that
-    input was a no-op (fp32 activations, no dropout). Nothing is kept where the input needs no grad (the
-    first layer's q/k/v without checkpointing)."""
+    input was a no-op (fp32 activations, no dropout, no autocast). Nothing is kept where the input needs no
+    grad (the first layer's q/k/v without checkpointing)."""
     q = arch.num_attention_heads * arch.head_dim
     groups = {"attn_in": (arch.hidden_size, ("q_proj", "k_proj", "v_proj")), "o_in": (q, ("o_proj",)),
-              "mlp_in": (arch.hidden_size, ("gate_proj", "up_proj")), "down_in": (arch.intermediate_size, ("down_proj",))}
+              "mlp_in": (arch.hidden_size, ("gate_proj", "up_proj")),
+              "down_in": (arch.intermediate_size, ("down_proj",))}
     total = 0
     for name, (width, members) in groups.items():
         if first_layer and name == "attn_in":
             continue
-        shared_with_lora = act_bytes == 4 and lora_dropout == 0 and any(m in target_modules for m in members)
+        shared_with_lora = (act_bytes == 4 and lora_dropout == 0 and not autocast
+                            and any(m in target_modules for m in members))
         if not shared_with_lora:
             total += act_bytes * width
     return total
@@ -221,7 +225,7 @@ def int8_saved_bytes_per_token(arch: Architecture, *, target_modules: Sequence[s
 
 def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str], act_bytes: int,
                                lora_dropout: float = 0.0, dropout_mask_bytes: int = 1,
-                               first_layer: bool = False) -> float:
+                               first_layer: bool = False, autocast: bool = False) -> float:
     """What the LoRA branches keep per token: lora_A's fp32 input and lora_B's rank-r fp32 input.
 
     peft casts the module input to the adapter dtype (fp32) per module, so q, k and v each keep their own
@@ -229,10 +233,18 @@ def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules:
     a no-op and the modules that share an input share one tensor. With dropout each module keeps its own
     dropped-out fp32 input plus the dropout mask: bool on CUDA (fused native_dropout), fp32 on the CPU
     (dropout there is input * noise); no mask where the input needs no grad (the first layer's q/k/v
-    without checkpointing).
+    without checkpointing). Under bf16 autocast (the HF Trainer's mixed precision) lora_A's matmul keeps
+    the bf16 cast of that fp32 input instead, one per module, and lora_B's input is bf16 too.
     """
     shapes = linear_shapes(arch)
     targets = _check_targets(target_modules)
+    if autocast:
+        total = 0
+        for t in targets:
+            fan_in = shapes[t][0]
+            needs_mask = lora_dropout > 0 and not (first_layer and t in ("q_proj", "k_proj", "v_proj"))
+            total += (2 + (dropout_mask_bytes if needs_mask else 0)) * fan_in + 2 * rank
+        return total
     total = 4 * rank * len(targets)
     shared_input = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                     "gate_proj": "mlp_in", "up_proj": "mlp_in"}
@@ -252,20 +264,47 @@ def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules:
     return total
 
 
+def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act_bytes: int,
+                                 autocast: bool) -> float:
+    """The largest burst of intermediate-sized grads in the MLP's backward, per token, net of the MLP's
+    saved tensors already released at that moment (the layer's saved tensors are counted elsewhere).
+
+    Candidates, in backward order:
+    * a LoRA'd down_proj: the grad of its input comes back along both branches, the LoRA one in fp32
+      (peft computes it in fp32) or, under autocast, bf16 cast up to fp32 and down again;
+    * the act*up product: its grad and the grads of both factors, once down_proj's saved input is gone;
+    * a LoRA'd gate/up without autocast: the grad arriving at the fp32 LoRA sum is upcast to fp32,
+      scaled, and cast back for the base weight, while the other factor's grad waits; act and up are
+      released by then.
+    """
+    I, a = arch.intermediate_size, act_bytes
+    down_input = (2 if autocast else 4) * I if "down_proj" in targets else 0
+    bursts = [3 * I * a - down_input]
+    if "down_proj" in targets:
+        bursts.append((2 + 4 + 2) * I if autocast else 4 * I + a * I)
+    if not autocast and ("gate_proj" in targets or "up_proj" in targets):
+        bursts.append(8 * I - down_input)
+    return max(bursts)
+
+
 # ------------------------------------------------------------------------------- the estimate
 
 
 def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
                   target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "4bit",
                   gradient_checkpointing: bool = True, dtype_bytes: int = 2, optimizer: str = "paged_adamw_8bit",
-                  device: str = "cuda", lora_dropout: float = 0.0, kbit_prepare: bool = True,
-                  double_quant: bool = True, cuda_overhead_bytes: int | None = None) -> Estimate:
+                  device: str = "cuda", lora_dropout: float = 0.0, autocast: bool | None = None,
+                  kbit_prepare: bool = False, double_quant: bool = True,
+                  cuda_overhead_bytes: int | None = None) -> Estimate:
     """Predict the peak memory of a training step once the optimizer state exists (from the second on).
 
     quantization: "4bit" (nf4 QLoRA), "8bit" (LLM.int8) or "none" (weights in dtype_bytes).
+    autocast: the forward runs under bf16/fp16 autocast, as the HF Trainer does with bf16=True (default:
+        when dtype_bytes == 2). Only the LoRA branches change: they keep half-precision inputs.
     kbit_prepare: the k-bit model went through peft's prepare_model_for_kbit_training, which upcasts the
         weights bitsandbytes leaves alone (embeddings, lm_head, norms) to fp32, and with them the hidden
-        states. Ignored for quantization="none".
+        states. autotune's own preparation (modeling.prepare_for_training) keeps them in the compute
+        dtype, hence the default False. Ignored for quantization="none".
     device: "cuda" adds the CUDA context/workspace overhead (cuda_overhead_bytes, default
         CUDA_OVERHEAD_BYTES); "cpu" predicts what CpuTrackedMeter measures.
     LoRA gradients are counted as resident throughout (they are, with gradient accumulation).
@@ -276,10 +315,12 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     targets = _check_targets(target_modules)
     kbit_prepare = kbit_prepare and quantization != "none"
+    if autocast is None:
+        autocast = dtype_bytes == 2
     act = _ActivationModel(arch, batch=batch, seq=seq, rank=rank, targets=targets, quantization=quantization,
                            gradient_checkpointing=gradient_checkpointing,
                            act_bytes=4 if kbit_prepare else dtype_bytes, lora_dropout=lora_dropout,
-                           dropout_mask_bytes=4 if device == "cpu" else 1)
+                           dropout_mask_bytes=4 if device == "cpu" else 1, autocast=autocast)
 
     lora_numels = lora_param_tensors(arch, rank, targets)
     lora = 4 * sum(lora_numels)
@@ -287,6 +328,12 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
     weights += 2 * (arch.head_dim // 2) * 4  # rotary inv_freq + original_inv_freq buffers (fp32)
 
     saved, logits = act.saved(), act.loss_head()
+    if device != "cpu" and dtype_bytes == 2:
+        # Calibrated on an H200 (bench/results/2026-11-27-NVIDIA-H200.json): on CUDA the measured peak
+        # grows by one more half-precision logits tensor per token than the CPU tracker sees (+0.30 MB per
+        # token for Qwen3-0.6B, 8B and 14B alike): the autocast bf16 logits stay allocated through the
+        # loss backward there.
+        logits += 2 * batch * seq * arch.vocab_size
     candidates = {"loss": saved + logits, "layer_backward": act.layer_backward(),
                   "optimizer": optimizer_step_temporaries(lora_numels, device)}
     phase = max(candidates, key=candidates.get)
@@ -309,7 +356,7 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
     shape = dict(batch=batch, seq=seq, rank=rank, quantization=quantization,
                  gradient_checkpointing=gradient_checkpointing, target_modules=list(targets),
                  dtype_bytes=dtype_bytes, optimizer=optimizer, device=device, lora_dropout=lora_dropout,
-                 kbit_prepare=kbit_prepare)
+                 autocast=autocast, kbit_prepare=kbit_prepare)
     return Estimate(components=components, peak_bytes=sum(components.values()), shape=shape, phase=phase)
 
 
@@ -327,6 +374,7 @@ class _ActivationModel:
     act_bytes: int
     lora_dropout: float
     dropout_mask_bytes: int
+    autocast: bool
 
     @property
     def tokens(self) -> int:
@@ -336,7 +384,7 @@ class _ActivationModel:
         return layer_saved_bytes_per_token(
             self.arch, rank=self.rank, target_modules=self.targets, act_bytes=self.act_bytes,
             lora_dropout=self.lora_dropout, first_layer=first, quantization=self.quantization,
-            dropout_mask_bytes=self.dropout_mask_bytes)
+            dropout_mask_bytes=self.dropout_mask_bytes, autocast=self.autocast)
 
     def _final_norm(self) -> int:
         return self.tokens * (4 * self.arch.hidden_size + 4)
@@ -359,32 +407,41 @@ class _ActivationModel:
     def loss_head(self) -> int:
         """The cross entropy's backward (log_softmax_backward): transformers upcasts the logits to fp32; the
         saved log-probs, their grad and the logits' grad are alive at once: 3 x 4 bytes per token and
-        vocabulary entry. The forward holds less (bf16 logits + fp32 logits + log-probs)."""
-        return 12 * self.tokens * self.arch.vocab_size
+        vocabulary entry. The forward holds less (bf16 logits + fp32 logits + log-probs).
+
+        An fp32 lm_head (peft's k-bit preparation) under autocast also keeps its bf16 cast of the weight
+        for the backward (autocast caches casts of trainable weights only, so this one is a fresh copy)."""
+        head = 12 * self.tokens * self.arch.vocab_size
+        if self.act_bytes == 4 and self.autocast and self.quantization != "none":
+            head += 2 * self.arch.vocab_size * self.arch.hidden_size
+        return head
 
     def layer_backward(self) -> int:
         """The last decoder layer's backward: what every layer saved (under checkpointing, this layer's
-        activations recomputed), the incoming hidden-state grad, and the larger of the MLP's backward
-        (three intermediate-sized grads alive at the act*up product) or a k-bit weight's backward matmul
-        (a dequantized copy of the biggest weight plus the intermediate-sized grad it produces)."""
+        activations recomputed), the incoming hidden-state grad, and the largest burst of: grads inside
+        the MLP's backward (`mlp_backward_bytes_per_token`), the LoRA'd down_proj's input copies during
+        the recompute, or a k-bit weight's backward matmul (a dequantized copy of the biggest weight plus
+        the intermediate-sized grad it produces)."""
         arch, a, tokens = self.arch, self.act_bytes, self.tokens
         h, I = arch.hidden_size, arch.intermediate_size
-        mlp_grads = 3 * I * a * tokens
-        if "down_proj" in self.targets:  # down_proj's fp32 input copy is released before the grads peak
-            mlp_grads -= 4 * I * tokens
-        dequant = 0
+        burst = tokens * mlp_backward_bytes_per_token(arch, self.targets, a, self.autocast)
+        if self.gradient_checkpointing and "down_proj" in self.targets:
+            # The recompute reaching down_proj: its input, peft's fp32 copy of it, and (under autocast,
+            # where only the bf16 cast is kept) the dropped-out fp32 copy, on top of what is recomputed.
+            fp32_copies = (4 if a != 4 else 0) + (4 if self.lora_dropout > 0 and self.autocast else 0)
+            burst = max(burst, tokens * I * (a + fp32_copies))
         if self.quantization != "none":
             biggest = max(i * o for i, o in linear_shapes(arch).values())
             if self.quantization == "4bit":  # bf16 (compute dtype) weight + the fp32 absmax it was scaled by
                 dequant = 2 * biggest + math.ceil(biggest / NF4_BLOCK) * 4
             else:  # the int8 weight times its row scales, in the input's dtype
                 dequant = a * biggest
-            dequant += I * a * tokens
+            burst = max(burst, dequant + I * a * tokens)
         held = self.saved() - self._final_norm()
         if self.gradient_checkpointing:
             # fp32 hidden states: the input norm's fp32 "copy" is the checkpointed input itself
             held += tokens * (self._layer() - (4 * h if a == 4 else 0))
-        return int(held + tokens * h * a + max(mlp_grads, dequant))
+        return int(held + tokens * h * a + burst)
 
     def misc(self) -> int:
         """RoPE cos/sin (shared by all layers) and the int64 input ids and shifted labels."""
@@ -407,10 +464,11 @@ def largest_fitting(arch: Architecture, budget_bytes: int, *, seq: int | None = 
                     **options) -> dict:
     """The biggest shapes predicted to fit `budget_bytes * (1 - margin)`.
 
-    max_batch: the largest micro-batch at `seq` (None when no seq is given); max_seq: the longest sequence
-    at `batch` (default 1), capped at the model's max_position_embeddings. 0 means not even the smallest
-    shape fits. `options` go to estimate_peak (quantization, target_modules, ...). The peak grows with
-    batch and seq, so a doubling search then bisection needs ~2 log2(limit) estimates (milliseconds).
+    Returns "batch": the largest micro-batch at sequence length `seq` (None when no seq is given), and
+    "seq": the longest sequence at micro-batch `batch` (default 1), capped at max_seq or the model's
+    max_position_embeddings; 0 means not even the smallest shape fits. "at_seq"/"at_batch" echo the
+    fixed side. `options` go to estimate_peak (quantization, target_modules, device, ...). The peak grows
+    with batch and seq, so a doubling search then bisection takes ~2 log2(limit) estimates (milliseconds).
     """
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
@@ -421,12 +479,12 @@ def largest_fitting(arch: Architecture, budget_bytes: int, *, seq: int | None = 
 
     at_batch = batch or 1
     seq_cap = max_seq or arch.max_position_embeddings
-    result = {"budget_bytes": int(budget_bytes), "limit_bytes": limit, "margin": margin,
-              "seq": seq, "max_batch": None, "batch": at_batch,
-              "max_seq": _largest(lambda s: fits(at_batch, s), seq_cap)}
-    if seq is not None:
-        result["max_batch"] = _largest(lambda b: fits(b, seq), max_batch)
-    return result
+    return {
+        "batch": None if seq is None else _largest(lambda b: fits(b, seq), max_batch),
+        "seq": _largest(lambda s: fits(at_batch, s), seq_cap),
+        "at_seq": seq, "at_batch": at_batch,
+        "budget_bytes": int(budget_bytes), "limit_bytes": limit, "margin": margin,
+    }
 
 
 def _largest(fits, cap: int) -> int:
@@ -515,12 +573,14 @@ def _random_model(arch: Architecture, dtype, device: str):
 
 def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS,
                      dtype_bytes: int = 2, gradient_checkpointing: bool = True, lora_dropout: float = 0.0,
-                     quantization: str = "none", device: str = "cpu", workdir=None, seed: int = 0):
+                     quantization: str = "none", kbit_prepare: bool = False, device: str = "cpu", workdir=None,
+                     seed: int = 0):
     """A random-init Qwen3 of this architecture with LoRA attached, in train mode.
 
     quantization="4bit"|"8bit": the model is saved to a temporary folder (under `workdir`) and reloaded
-    through bitsandbytes (nf4 + double quantization, bf16 compute; or LLM.int8), then prepared with
-    prepare_model_for_kbit_training, as QLoRA recipes do.
+    through bitsandbytes (nf4 + double quantization, bf16 compute; or LLM.int8). kbit_prepare=True then
+    runs peft's prepare_model_for_kbit_training (the classic QLoRA recipe: non-quantized weights upcast to
+    fp32); False only freezes the base weights, as autotune's modeling.prepare_for_training does.
     """
     import torch
 
@@ -528,7 +588,7 @@ def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[
     with _quiet():
         model = _random_model(arch, _torch_dtype(dtype_bytes), device if quantization == "none" else "cpu")
         if quantization != "none":
-            model = _reload_quantized(model, quantization, workdir, device)
+            model = _reload_quantized(model, quantization, workdir, device, kbit_prepare)
         model = _attach_lora(model, rank, target_modules, lora_dropout)
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -536,7 +596,7 @@ def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[
     return model
 
 
-def _reload_quantized(model, quantization: str, workdir, device: str):
+def _reload_quantized(model, quantization: str, workdir, device: str, kbit_prepare: bool):
     import tempfile
 
     import torch
@@ -553,8 +613,12 @@ def _reload_quantized(model, quantization: str, workdir, device: str):
         del model
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qconfig, dtype=torch.bfloat16,
                                                      device_map=device)
-    # Checkpointing is switched on after LoRA is attached (build_lora_model), as for unquantized models.
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if kbit_prepare:
+        # Checkpointing is switched on after LoRA is attached (build_lora_model), as for unquantized models.
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def make_optimizer(model, optimizer: str = "adamw_torch"):
@@ -572,15 +636,23 @@ def make_optimizer(model, optimizer: str = "adamw_torch"):
     raise ValueError(f"make_optimizer: unsupported optimizer {optimizer!r}")
 
 
-def reference_step(model, input_ids, optimizer) -> None:
-    """The step the estimate models: full-length inputs as their own labels, then the optimizer."""
-    loss = model(input_ids=input_ids, labels=input_ids).loss
+def reference_step(model, input_ids, optimizer, autocast: bool = False) -> None:
+    """The step the estimate models: full-length inputs as their own labels, then the optimizer. With
+    `autocast` the forward (loss included) runs under bf16 autocast, as the HF Trainer runs it."""
+    import contextlib
+
+    import torch
+
+    amp = torch.autocast(input_ids.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with amp:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def _run_measured(model, meter, batch: int, seq: int, optimizer: str, steps: int, device: str) -> dict[str, int]:
+def _run_measured(model, meter, batch: int, seq: int, optimizer: str, steps: int, device: str,
+                  autocast: bool = False) -> dict[str, int]:
     """Run `steps` reference steps under `meter` and report its peak. A CPU meter must already count the
     model; the inputs and optimizer state are counted here, as a GPU would hold them."""
     import torch
@@ -596,19 +668,24 @@ def _run_measured(model, meter, batch: int, seq: int, optimizer: str, steps: int
     start = time.perf_counter()
     with meter:
         for _ in range(steps):
-            reference_step(model, input_ids, opt)
+            reference_step(model, input_ids, opt, autocast)
     result = {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes(),
               "seconds": time.perf_counter() - start}
     if meter.device == "cuda":
-        result["peak_allocated"] = torch.cuda.max_memory_allocated()
+        from autotune.memory import measure_cuda_overhead
+
+        result["peak_allocated"] = torch.cuda.max_memory_allocated(meter.index)
         result["overhead"] = meter.overhead_bytes
+        # lazily loaded kernels (attention, cuBLASLt) grow the context during the first steps
+        result["overhead_after"] = measure_cuda_overhead(meter.index)
     return result
 
 
 def measure_step(arch: Architecture, *, batch: int, seq: int, rank: int,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "none",
                  gradient_checkpointing: bool = True, dtype_bytes: int = 4, optimizer: str = "adamw_torch",
-                 lora_dropout: float = 0.0, steps: int = 2, device: str = "cpu", workdir=None) -> dict[str, int]:
+                 lora_dropout: float = 0.0, autocast: bool = False, kbit_prepare: bool = False, steps: int = 2,
+                 device: str = "cpu", workdir=None) -> dict[str, int]:
     """Peak bytes of real steps of a random-init model: the ground truth for estimate_peak.
 
     device="cpu": CpuTrackedMeter, whose peak includes weights, adapters, optimizer state and inputs.
@@ -621,11 +698,11 @@ def measure_step(arch: Architecture, *, batch: int, seq: int, rank: int,
         meter.overhead_bytes  # measured before the model exists: context + cuBLAS, nothing else
     model = build_lora_model(arch, rank=rank, target_modules=target_modules, dtype_bytes=dtype_bytes,
                              gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
-                             quantization=quantization, device=device, workdir=workdir)
+                             quantization=quantization, kbit_prepare=kbit_prepare, device=device, workdir=workdir)
     if hasattr(meter, "track_existing"):
         meter.track_existing(model)
     try:
-        return _run_measured(model, meter, batch, seq, optimizer, steps, device)
+        return _run_measured(model, meter, batch, seq, optimizer, steps, device, autocast)
     finally:
         del model
         meter.cleanup()

@@ -33,6 +33,8 @@ _MIB = 1024**2
 # more with lazy module loading off) plus cuBLAS/cuBLASLt handles. Used when NVML cannot tell us
 # (no NVML, or our pid is invisible from inside a container's pid namespace).
 DEFAULT_CUDA_OVERHEAD_BYTES = 500 * _MIB
+# Device-wide usage above this is taken to include other processes (see overhead_from_device_usage).
+MAX_PLAUSIBLE_OVERHEAD_BYTES = 2 * 1024 * _MIB
 
 
 class SimulatedOOM(torch.OutOfMemoryError):
@@ -167,21 +169,33 @@ def _nvml_handle(pynvml, index: int):
     return None
 
 
+def overhead_from_device_usage(total: int, free: int, reserved: int) -> int | None:
+    """The overhead read off device-wide usage (total - free - reserved), which also counts every other
+    process on the card: believed only when small enough to be ours alone, else None."""
+    used = total - free - reserved
+    return used if 0 <= used <= MAX_PLAUSIBLE_OVERHEAD_BYTES else None
+
+
 def measure_cuda_overhead(index: int = 0) -> int:
     """Bytes this process holds on the GPU outside PyTorch's allocator (context, cuBLAS handles).
 
     Initialises CUDA and runs one small matmul first so the cuBLAS handle and workspace exist, since a
-    training step will create them anyway.
+    training step will create them anyway. Sources, best first: NVML's figure for our pid (invisible from
+    inside a container's pid namespace), the device-wide usage when it is plausibly ours alone,
+    DEFAULT_CUDA_OVERHEAD_BYTES.
     """
     with torch.cuda.device(index):
         a = torch.ones(64, 64, device=f"cuda:{index}")
         (a @ a).sum().item()
         del a
         torch.cuda.synchronize(index)
+    reserved = torch.cuda.memory_reserved(index)
     used = _nvml_process_used_bytes(index)
-    if used is None:
-        return DEFAULT_CUDA_OVERHEAD_BYTES
-    return max(0, used - torch.cuda.memory_reserved(index))
+    if used is not None:
+        return max(0, used - reserved)
+    free, total = torch.cuda.mem_get_info(index)
+    device_wide = overhead_from_device_usage(total, free, reserved)
+    return DEFAULT_CUDA_OVERHEAD_BYTES if device_wide is None else device_wide
 
 
 class CudaMeter(MemoryMeter):

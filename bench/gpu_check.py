@@ -304,11 +304,16 @@ def main() -> int:
     ap.add_argument("--rehearse", action="store_true")
     ap.add_argument("--budget-s", type=float, default=450, help="Stop starting new work after this many seconds.")
     ap.add_argument("--stages", default="probe,solve,throughput,longseq,fixed")
+    ap.add_argument("--models", help="Comma-separated models for the solve stage (default: all four, smallest first).")
     ap.add_argument("--quick", action="store_true", help="With --rehearse: one cap, two steps (the test suite's run).")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan(args.rehearse, time.monotonic() + args.budget_s, quick=args.quick)
+    if args.models:
+        plan.models = args.models.split(",")
+    if not {"throughput", "longseq", "fixed"} & set(args.stages.split(",")):
+        plan.reserve_s = 0  # nothing after the solve stage to keep time for
     from autotune.memory import ensure_expandable_segments
 
     ensure_expandable_segments()

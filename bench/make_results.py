@@ -38,7 +38,10 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
            "| run | model | cap GB | batch | acc | seq | r | steps | peak ÷ budget | OOM | tokens/s | solve s | trials |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     est = ["## Estimate against measured peak (goal ≤ 10 %)", "",
-           "| run | model | cap GB | batch x seq | estimated GiB | measured GiB | error |", "|---|---|---|---|---|---|---|"]
+           "`at run` is the estimate the run computed; `current` is today's estimate.py evaluated offline against the "
+           "same measured peak (where the run calibrated it, that is in-sample).", "",
+           "| run | model | cap GB | batch x seq | measured GiB | estimated at run | error | current estimate | error |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for doc in gpu:
         for e in doc["stages"].get("solve_train", []):
             c, tr = e.get("choice") or {}, e.get("train") or {}
@@ -52,11 +55,12 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
                        f"{c['gradient_accumulation_steps']} | {c['max_sequence_length']} | {c['lora_r']} | "
                        f"{tr.get('steps', '—')} | {frac} | {'yes' if tr.get('oom') else 'no'} | {tps} | "
                        f"{e.get('solve_seconds')} | {e.get('trials')} |")
-            x = e.get("estimate") or {}
+            x, now = e.get("estimate") or {}, e.get("estimate_current") or {}
             if x.get("peak_bytes") and tr.get("peak_bytes"):
+                cur = (f"{now['peak_bytes'] / GiB:.2f} | {now['error']:+.1%}" if now.get("peak_bytes") else "— | —")
                 est.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} x "
-                           f"{c['max_sequence_length']} | {x['peak_bytes'] / GiB:.2f} | {tr['peak_bytes'] / GiB:.2f} | "
-                           f"{x['error']:+.1%} |")
+                           f"{c['max_sequence_length']} | {tr['peak_bytes'] / GiB:.2f} | {x['peak_bytes'] / GiB:.2f} | "
+                           f"{x['error']:+.1%} | {cur} |")
     tp = ["## Throughput: the guide's 16 GB preset against autotune's profile (goal 2x)", "",
           "| run | model | cap GB | seq | guide tokens/s | autotune batch | autotune tokens/s | speedup |",
           "|---|---|---|---|---|---|---|---|"]
@@ -148,6 +152,13 @@ def main() -> int:
     real = [d for d in gpu if not d["meta"].get("rehearse")]
     if not real:
         lines += ["**No GPU run collected yet.**", ""]
+    for d in gpu:
+        m = d["meta"]
+        pk = m.get("packages") or {}
+        lines += [f"- **{_run_label(d)}** (`{d['_file']}`): torch {pk.get('torch')}, transformers {pk.get('transformers')}, "
+                  f"peft {pk.get('peft')}, bitsandbytes {pk.get('bitsandbytes')}, driver "
+                  f"{(m.get('driver') or {}).get('version')}. {m.get('note', '')}"]
+    lines.append("")
     png = chart(gpu)
     if png:
         lines += [f"![peak ÷ budget and tokens/s]({png.relative_to(HERE)})", ""]

@@ -352,6 +352,56 @@ def profiles_plot(profile_path, output):
     click.echo(plot_profile(profile, output or profile_path.removesuffix(".json") + ".png"))
 
 
+# --------------------------------------------------------------------------------- estimate
+
+@cli.command()
+@click.option("--model", "model_name", help="Qwen3 model (default: the config's).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget to compare with (default: the config's).")
+@click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default: the config's max_sequence_length).")
+@click.option("--batch", type=click.IntRange(min=1), help="Micro-batch (default: the config's batch_size).")
+@click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: the config's lora_r).")
+@click.option("--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cuda adds the CUDA context; cpu predicts what the CPU memory tracker measures.")
+@click.option("--json", "as_json", is_flag=True)
+def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, as_json):
+    """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
+    from autotune.catalog import resolve_model
+    from autotune.estimate import estimate_peak, largest_fitting
+
+    cfg = _load(config_path, sets)
+    spec = resolve_model(model_name or cfg.model_name)
+    budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
+    seq, batch, rank = seq or cfg.max_sequence_length, batch or cfg.batch_size, rank or cfg.lora_r
+    options = dict(target_modules=cfg.target_modules, quantization=cfg.quantization,
+                   gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, device=device,
+                   dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4, lora_dropout=cfg.lora_dropout)
+    est = estimate_peak(spec.architecture, batch=batch, seq=seq, rank=rank, **options)
+    doc = {"model": spec.name, "shape": est.shape, "peak_bytes": est.peak_bytes, "peak_gb": round(est.peak_gib, 3),
+           "phase": est.phase, "components_gb": {k: round(v / 2**30, 3) for k, v in est.components.items()}}
+    if budget_gb is not None:
+        fit = largest_fitting(spec.architecture, int(budget_gb * 2**30), seq=seq, batch=batch, rank=rank,
+                              margin=margin, max_seq=spec.architecture.max_position_embeddings, **options)
+        doc.update(max_memory_gb=budget_gb, margin=margin,
+                   fits=est.peak_bytes <= budget_gb * 2**30 * (1 - margin),
+                   largest_batch_at_seq=fit["batch"], largest_seq_at_batch=fit["seq"])
+    if as_json:
+        _echo_json(doc)
+        return
+    click.echo(f"{spec.name}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
+               f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device})")
+    for name, gb in doc["components_gb"].items():
+        click.echo(f"  {name:18} {gb:9.3f} GiB")
+    click.echo(f"  {'peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
+    if budget_gb is not None:
+        verdict = "fits" if doc["fits"] else "does NOT fit"
+        click.echo(f"{verdict} {budget_gb:g} GiB less a {margin:.0%} margin; predicted to fit: batch "
+                   f"{doc['largest_batch_at_seq']} at seq {seq}, seq {doc['largest_seq_at_batch']} at batch {batch}")
+    click.echo("a prediction: `autotune solve` measures real steps", err=True)
+
+
 # ------------------------------------------------------------------------------------- demo
 
 DEMO_CONFIG = "configs/demo"

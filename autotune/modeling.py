@@ -105,6 +105,7 @@ def load_base_model(spec: ModelSpec, *, init: str, quantization: str, dtype: tor
             # from_pretrained(None) records the name "None", which peft would later look up on the hub
             # when saving; an empty name marks a from-config model and skips that lookup.
             model.config._name_or_path = ""
+            model.name_or_path = ""
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(spec.source, use_safetensors=True, trust_remote_code=False,
@@ -176,6 +177,7 @@ def build_model(cfg: Config, *, spec: ModelSpec | None = None, init: str | None 
 
     `init` and `lora_r` override the config (the solver tries ranks on random weights).
     """
+    quiet_libraries()
     spec = spec or resolve_model(cfg.model_name)
     device = device or pick_device()
     dtype = compute_dtype(cfg, device)

@@ -137,11 +137,10 @@ def _data_config(config, sets, data_dir):
 @click.option("--json", "as_json", is_flag=True, help="files (path, format, pairs, skipped) and pairs (question, answer, source, line).")
 def data_inspect(data_dir, config, sets, as_json):
     """Per file: the format found, the pairs, and each skipped item with its reason."""
-    from autotune.data.parsing import parse_data_dir
+    from autotune.data.parsing import parse_data
 
     cfg = _data_config(config, sets, data_dir)
-    report = parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
-                            cfg.question_pattern, cfg.answer_pattern)
+    report = parse_data(cfg)
     if as_json:
         _echo_json(report.to_json())
         return

@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from autotune.catalog import ModelSpec, resolve_model
 from autotune.config import Config
 from autotune.data.encoding import CausalLMCollator, length_stats, load_or_encode
-from autotune.data.parsing import parse_data_dir, split_pairs
+from autotune.data.parsing import parse_data, split_pairs
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
 from autotune.modeling import BuiltModel, build_model, quiet_libraries
@@ -44,8 +44,7 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config, tokenizer, spec: ModelSpec, echo=print) -> PreparedData:
-    parsed = parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
-                            cfg.question_pattern, cfg.answer_pattern)
+    parsed = parse_data(cfg)
     for warning in parsed.warnings:
         echo(f"warning: {warning}")
     train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
@@ -68,8 +67,7 @@ def prepare_data(cfg: Config, tokenizer, spec: ModelSpec, echo=print) -> Prepare
 
 def data_length_stats(cfg: Config, tokenizer, spec: ModelSpec) -> dict:
     """Token-length statistics of the training data (the solver sizes the sequence from them)."""
-    parsed = parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
-                            cfg.question_pattern, cfg.answer_pattern)
+    parsed = parse_data(cfg)
     return length_stats(tokenizer, parsed.pairs, cfg.system_prompt, spec.thinking)
 
 

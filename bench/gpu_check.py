@@ -211,9 +211,14 @@ def stage_solve_and_train(plan: Plan, results: Results, stats: dict | None) -> N
             print(f"  {model} @ {cap} GB: {json.dumps({k: entry.get(k) for k in ('choice', 'error')}, default=str)[:300]}",
                   flush=True)
             results.append("solve_train", entry)
-        del runner
-        gc.collect()
-        _empty_cache()
+        release(runner)
+
+
+def release(runner) -> None:
+    """Free a runner's model before the next one is built (the next model's peak must not include it)."""
+    runner._built = None
+    gc.collect()
+    _empty_cache()
 
 
 def _empty_cache():
@@ -239,9 +244,7 @@ def stage_fixed_shape(plan: Plan, results: Results) -> None:
         run = measure_steps(runner, cfg, batch, seq, plan.train_steps)
         run["model"] = model
         results.append("fixed_shape", run)
-        del runner
-        gc.collect()
-        _empty_cache()
+        release(runner)
 
 
 def stage_throughput(plan: Plan, results: Results) -> None:
@@ -271,9 +274,7 @@ def stage_throughput(plan: Plan, results: Results) -> None:
     if guide.get("tokens_per_second") and ours.get("tokens_per_second"):
         out["speedup"] = ours["tokens_per_second"] / guide["tokens_per_second"]
     results.put("throughput", out)
-    del runner
-    gc.collect()
-    _empty_cache()
+    release(runner)
 
 
 def stage_longest_seq(plan: Plan, results: Results) -> None:

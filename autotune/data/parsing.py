@@ -738,3 +738,10 @@ def split_pairs(pairs: Iterable[QAPair], eval_ratio: float = 0.1, seed: int = 42
     chosen = {id(pair) for pair in eval_set}
     train = [pair for pair in ordered if id(pair) not in chosen]
     return train, sorted(eval_set, key=_sort_key)
+
+
+def parse_data(cfg) -> DataReport:
+    """`data_dir` parsed with a config's data_format, prefixes, separator and patterns (any object with
+    those attributes: autotune.config.Config in practice)."""
+    return parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
+                          cfg.question_pattern, cfg.answer_pattern)

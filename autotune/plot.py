@@ -18,14 +18,17 @@ def plot_profile(profile: dict, path: str | Path) -> Path:
     usable = profile["constraints"]["usable_bytes"] / GiB
     choice = profile["choice"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for rank in sorted({t["rank"] for t in trials}):
-        fits = [t for t in trials if t["rank"] == rank and t["peak_bytes"]]
-        ax.plot([t["batch"] * t["seq"] for t in fits], [t["peak_bytes"] / GiB for t in fits], "o",
-                label=f"rank {rank} (measured)")
-        ooms = [t for t in trials if t["rank"] == rank and t["oom"]]
+    groups = sorted({(t["rank"], t.get("checkpointing")) for t in trials}, key=lambda g: (g[0], g[1] is False))
+    for rank, ckpt in groups:
+        name = f"rank {rank}" + {True: ", checkpointing", False: ", no checkpointing", None: ""}[ckpt]
+        mine = [t for t in trials if t["rank"] == rank and t.get("checkpointing") == ckpt]
+        fits = [t for t in mine if t["peak_bytes"]]
+        ax.plot([t["batch"] * t["seq"] for t in fits], [t["peak_bytes"] / GiB for t in fits],
+                "o" if ckpt is not False else "s", label=f"{name} (measured)")
+        ooms = [t for t in mine if t["oom"]]
         if ooms:
             ax.plot([t["batch"] * t["seq"] for t in ooms], [budget] * len(ooms), "x", color="red", markersize=9,
-                    label=f"rank {rank}: out of memory")
+                    label=f"{name}: out of memory")
     ax.axhline(budget, color="red", linestyle="-", linewidth=1, label=f"budget {budget:g} GiB")
     ax.axhline(usable, color="orange", linestyle="--", linewidth=1,
                label=f"budget less {profile['constraints']['margin']:.0%} margin")

@@ -193,9 +193,13 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
         from autotune.catalog import resolve_model
         from autotune.config import merge_values, build_config, parse_set
         from autotune.hardware import probe as run_probe
-        from autotune.profile import CHOICE_KEYS, apply_profile, hardware_fingerprint, load_profile, mismatches
+        from autotune.profile import (CHOICE_KEYS, apply_profile, hardware_fingerprint, load_profile, mismatches,
+                                      profile_config)
 
         profile = load_profile(profile_path)
+        if config_path is None:
+            # Without a config, train what the profile was solved for (model, tokenizer, data).
+            cfg = profile_config(profile)
         cfg = apply_profile(cfg, profile)
         overrides = parse_set(sets)
         if overrides:
@@ -205,7 +209,7 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
                 click.echo(f"warning: --set {key} overrides the profile's solved {key}: the profile's memory "
                            "figures no longer apply", err=True)
         spec = resolve_model(cfg.model_name)
-        device = profile.get("hardware", {}).get("device", "cpu")
+        device = profile["hardware"].get("device") or "cpu"
         for warning in mismatches(profile, hardware_fingerprint(run_probe(cfg.output_dir), device), cfg.model_name,
                                   spec.architecture):
             click.echo(f"warning: {warning}", err=True)
@@ -215,8 +219,10 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
     summary = run_training(cfg, profile=profile, resume=resume, extra_callbacks=extra,
                            echo=lambda m: click.echo(m, err=True))
     final = summary.get("final", {})
+    loss = (f"loss {final['first_loss']:.4f} -> {final['last_loss']:.4f}" if final.get("first_loss") is not None
+            else f"mean training loss {final.get('train_loss')}")
     click.echo(f"\ntraining {summary['status']} in {summary['seconds']:.0f}s: {final.get('global_step')} steps, "
-               f"loss {final.get('first_loss')} -> {final.get('last_loss')}, eval loss {final.get('eval_loss')}")
+               f"{loss}, eval loss {final.get('eval_loss')}")
     click.echo(f"adapter, tokenizer and run summary: {summary['output_dir']}")
     if "inference_report" in summary:
         click.echo(f"inference report: {summary['inference_report']['markdown']}")
@@ -224,12 +230,12 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
 
 # ------------------------------------------------------------------------------------ solve
 
-def _budget_gb(flag: float | None, cfg, config_given: bool, probe_doc: dict) -> tuple[float, str]:
+def _budget_gb(flag: float | None, cfg, budget_explicit: bool, probe_doc: dict) -> tuple[float, str]:
     from autotune.hardware import best_gpu
 
     if flag is not None:
         return flag, "--max-memory-gb"
-    if config_given and cfg.max_memory_gb is not None:
+    if budget_explicit and cfg.max_memory_gb is not None:
         return cfg.max_memory_gb, "the config's max_memory_gb"
     gpu = best_gpu(probe_doc)
     if gpu is None or gpu.get("error"):
@@ -250,6 +256,7 @@ def _budget_gb(flag: float | None, cfg, config_given: bool, probe_doc: dict) -> 
 @click.option("--seq", type=click.IntRange(min=8), help="Fix the sequence length instead of covering the data's p99.")
 @click.option("--rank", type=click.IntRange(min=1), help="Fix the LoRA rank.")
 @click.option("--ranks", help="Rank candidates, comma-separated (max-rank objective), e.g. 8,16,32,64.")
+@click.option("--max-seq", type=click.IntRange(min=8), help="Upper bound for --objective max-seq (default: the model's maximum).")
 @click.option("--max-trials", type=click.IntRange(min=2))
 @click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds; stop searching and keep the best so far.")
 @click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -258,7 +265,7 @@ def _budget_gb(flag: float | None, cfg, config_given: bool, probe_doc: dict) -> 
 @click.option("--plot", is_flag=True, help="Also write a PNG beside the profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, objective, margin, seq, rank, ranks,
-          max_trials, time_budget, checkpointing, real_weights, plot, as_json):
+          max_seq, max_trials, time_budget, checkpointing, real_weights, plot, as_json):
     """Choose micro-batch, accumulation, sequence length and LoRA rank by measured training steps."""
     import time as _time
     from dataclasses import replace
@@ -290,10 +297,20 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
     from autotune.profile import hardware_fingerprint, save_profile
     from autotune.solver import SolveRequest, TrialRunner, build_profile, default_profile_path, solve as run_solve
 
+    from autotune.step import check_training_settings
+
+    check_training_settings(cfg)
     probe_doc = run_probe(cfg.output_dir)
-    budget, budget_source = _budget_gb(max_memory_gb, cfg, config_path is not None, probe_doc)
-    stats = _solver_data_stats(cfg)
+    from autotune.config import explicit_keys
+
+    explicit = explicit_keys(config_path, sets)
+    budget, budget_source = _budget_gb(max_memory_gb, cfg, "max_memory_gb" in explicit, probe_doc)
+    if output:
+        _check_writable(output)
+    stats = _solver_data_stats(cfg, required=bool(data_dir) or "data_dir" in explicit,
+                               echo=lambda m: click.echo(m, err=True))
     req = SolveRequest(cfg=cfg, budget_gb=budget, margin=margin, objective=objective, seq=seq, ranks=rank_list,
+                       max_seq=max_seq,
                        max_trials=max_trials, time_budget_s=time_budget, data_stats=stats,
                        try_without_checkpointing=checkpointing == "auto" and objective == "throughput")
     runner = TrialRunner(cfg, int(budget * 2**30), init="pretrained" if real_weights else "random",
@@ -323,13 +340,29 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
                f"peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}")
     click.echo(f"why: {profile['reason']}")
     click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
-    click.echo(f"next: autotune train --profile {path}" + (f" --config {config_path}" if config_path else ""))
+    click.echo(f"next: autotune train --profile {path}")
 
 
-def _solver_data_stats(cfg):
+def _check_writable(path) -> None:
+    """Fail before a long solve, not after it, when the profile cannot be written where asked."""
+    import os
+    from pathlib import Path
+
+    parent = Path(path).resolve().parent
+    probe_dir = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if probe_dir is None or not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK):
+        raise UserError(f"--output {path}: cannot write there ({probe_dir} is not a writable folder)")
+
+
+def _solver_data_stats(cfg, required: bool, echo):
     from pathlib import Path
 
     if not Path(cfg.data_dir).is_dir():
+        if required:
+            raise UserError(f"data folder {cfg.data_dir!r} does not exist: give --data DIR with your QA files, "
+                            "or --seq N to solve at a fixed sequence length")
+        echo(f"note: no data folder at {cfg.data_dir!r}: solving at the config's max_sequence_length "
+             f"{cfg.max_sequence_length} (give --data DIR to size it from your data's p99)")
         return None
     from autotune.catalog import resolve_model
     from autotune.tokenizer import load_tokenizer
@@ -377,7 +410,10 @@ def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, mar
     options = dict(target_modules=cfg.target_modules, quantization=cfg.quantization,
                    gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, device=device,
                    dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4, lora_dropout=cfg.lora_dropout)
-    est = estimate_peak(spec.architecture, batch=batch, seq=seq, rank=rank, **options)
+    try:
+        est = estimate_peak(spec.architecture, batch=batch, seq=seq, rank=rank, **options)
+    except ValueError as exc:  # e.g. target_modules that are not Qwen3 projections
+        raise UserError(f"cannot estimate: {exc}") from None
     doc = {"model": spec.name, "shape": est.shape, "peak_bytes": est.peak_bytes, "peak_gb": round(est.peak_gib, 3),
            "phase": est.phase, "components_gb": {k: round(v / 2**30, 3) for k, v in est.components.items()}}
     if budget_gb is not None:
@@ -418,8 +454,13 @@ def demo(ctx, max_memory_gb, output_dir):
 
     from autotune.config import preset_path
 
-    config = str(preset_path(DEMO_CONFIG))
-    sets = (f"output_dir={output_dir}", f"log_dir={output_dir}/logs",
+    preset = preset_path(DEMO_CONFIG)
+    sample_data = Path(__file__).resolve().parent.parent / "data" / "raw"
+    if preset is None or not sample_data.is_dir():
+        raise UserError("the demo needs profiles/configs/demo.json and data/raw from the autotune source tree: "
+                        "run it from a clone installed with `pip install -e .` (scripts/bootstrap.sh does)")
+    config = str(preset)
+    sets = (f"output_dir={output_dir}", f"log_dir={output_dir}/logs", f"data_dir={sample_data}",
             f"structured_logging.log_file={output_dir}/logs/training.jsonl")
     profile = str(Path(output_dir) / "profile.json")
     click.echo("== 1/3 autotune probe", err=True)
@@ -440,6 +481,11 @@ def main(argv=None) -> None:
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # A path the user gave that cannot be read or written: say which, without a traceback.
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        click.echo(f"error: cannot use{where}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -50,7 +50,7 @@ class Config:
     # --- batch and schedule ---
     batch_size: int = _key(4, "Per-device micro-batch.", "int>=1")
     gradient_accumulation_steps: int = _key(16, "Micro-batches per optimizer step.", "int>=1")
-    effective_batch_size: int | None = _key(None, "Samples per optimizer step across devices; null: batch_size x gradient_accumulation_steps. solve keeps it fixed.", "int>=1?")
+    effective_batch_size: int | None = _key(None, "Samples per optimizer step; when set, gradient_accumulation_steps = effective_batch_size / batch_size (solve keeps it fixed); null: batch_size x gradient_accumulation_steps.", "int>=1?")
     learning_rate: float = _key(5e-5, "Peak learning rate.", "float>0")
     num_epochs: float = _key(100, "Epochs over the training split (ignored when max_steps is set).", "float>0")
     max_steps: int | None = _key(None, "Stop after this many optimizer steps; null: run num_epochs.", "int>=1?")
@@ -279,6 +279,9 @@ def _check_consistency(values: dict, errors: list[str]) -> None:
             errors.append(f"key 'model_name': {exc}")
     if values.get("fp16") is True and values.get("bf16") is True:
         errors.append("keys 'fp16' and 'bf16' are both true: choose one mixed precision (bf16 on Ampere and newer)")
+    if isinstance(values.get("eval_ratio"), (int, float)) and not isinstance(values["eval_ratio"], bool) \
+            and values["eval_ratio"] >= 1:
+        errors.append(f"key 'eval_ratio': {values['eval_ratio']!r} would leave nothing to train on: must be below 1")
     eff, batch = values.get("effective_batch_size"), values.get("batch_size")
     if isinstance(eff, int) and isinstance(batch, int) and batch > 0 and eff % batch:
         errors.append(f"key 'effective_batch_size': {eff} is not a multiple of batch_size {batch}: "
@@ -309,6 +312,9 @@ def _finish(values: dict, where: str, errors: list[str]) -> Config:
     errors = errors + [f"{where}: {e}" for e in consistency]
     if errors:
         raise UserError("\n".join(dict.fromkeys(errors)))
+    if full["effective_batch_size"] is not None:
+        # The effective batch, when given, is the contract: accumulation follows from it.
+        full["gradient_accumulation_steps"] = full["effective_batch_size"] // full["batch_size"]
     full["structured_logging"] = StructuredLogging(**full["structured_logging"])
     return Config(**full)
 
@@ -359,6 +365,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         merged = merge_values(merged, overrides)
     # Values were checked per layer, so each message names the file that holds the bad value.
     return _finish(merged, str(path) if path else "config", errors)
+
+
+def explicit_keys(path: str | os.PathLike | None, sets=()) -> set[str]:
+    """Keys a user actually wrote (in the file, its base chain, or --set), as opposed to defaults."""
+    keys: set[str] = set(parse_set(sets)) if sets else set()
+    if path is not None:
+        for _, values in _layers(Path(path)):
+            keys.update(values)
+    return keys
 
 
 def config_reference_markdown() -> str:

@@ -262,6 +262,8 @@ def _read_driver(nvml: Any) -> dict[str, str | None]:
 
 def _resolve_entry(entry: str, gpus: list[dict[str, Any]]) -> dict[str, Any] | None:
     """One CUDA_VISIBLE_DEVICES entry -> the physical GPU it names, or None if invalid."""
+    if not entry:
+        return None  # "" is a prefix of every UUID, but CUDA reads an empty entry as no device
     if entry.lstrip("+-").isdigit():
         n = int(entry)
         return next((g for g in gpus if g["nvml_index"] == n), None)
@@ -272,6 +274,9 @@ def _resolve_entry(entry: str, gpus: list[dict[str, Any]]) -> dict[str, Any] | N
 
 def visible_gpus(gpus: list[dict[str, Any]], cuda_visible: str | None) -> list[dict[str, Any]]:
     """Apply CUDA_VISIBLE_DEVICES (which NVML ignores) and number GPUs the way CUDA will.
+
+    Integer entries are NVML (PCI bus) indices; CUDA numbers GPUs fastest-first unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, so on a machine with mixed GPU models use UUIDs or set that order.
 
     Like CUDA, parsing stops at the first entry that names no GPU (or repeats one): the GPUs
     listed before it stay visible, the rest are hidden.

@@ -50,7 +50,8 @@ def hardware_fingerprint(probe: dict | None, device: str) -> dict:
 
 
 def new_profile(*, hardware: dict, model: dict, data: dict | None, constraints: dict, choice: dict,
-                prediction: dict, measurement: dict, runner_up: dict | None, reason: str, trials: list[dict]) -> dict:
+                prediction: dict, measurement: dict, runner_up: dict | None, reason: str, trials: list[dict],
+                config: dict | None = None) -> dict:
     missing = [k for k in CHOICE_KEYS if k not in choice]
     if missing:
         raise ValueError(f"profile choice lacks {missing}")
@@ -60,6 +61,9 @@ def new_profile(*, hardware: dict, model: dict, data: dict | None, constraints: 
         "hardware": hardware, "model": model, "data": data, "constraints": constraints, "choice": choice,
         "prediction": prediction, "measurement": measurement, "runner_up": runner_up, "reason": reason,
         "trials": trials,
+        # The resolved config solve ran with: `train --profile P` without --config starts from it, so
+        # the model, tokenizer and data it trains are the ones the profile was measured for.
+        "config": config,
     }
 
 
@@ -86,22 +90,36 @@ def load_profile(path: str | Path) -> dict:
     if version != SCHEMA_VERSION:
         raise UserError(f"{path}: profile schema_version {version!r}, this autotune reads {SCHEMA_VERSION}; "
                         "solve again with this version of autotune")
+    sections = {"hardware": dict, "model": dict, "constraints": dict, "measurement": dict, "trials": list}
+    wrong = [k for k, kind in sections.items() if not isinstance(doc.get(k), kind)]
+    if not isinstance(doc.get("config"), (dict, type(None))):
+        wrong.append("config")
+    if wrong:
+        raise UserError(f"{path}: the profile is corrupt: {', '.join(repr(k) for k in wrong)} missing or of the "
+                        "wrong type; solve again with `autotune solve`")
     choice = doc.get("choice")
     if not isinstance(choice, dict) or any(k not in choice for k in CHOICE_KEYS):
         raise UserError(f"{path}: the profile's \"choice\" is missing keys "
                         f"{[k for k in CHOICE_KEYS if not isinstance(choice, dict) or k not in choice]}")
     try:
         build_config({k: choice[k] for k in CHOICE_KEYS})
+        if doc.get("config") is not None:
+            build_config(doc["config"], f"{path} (its config)")
     except UserError as exc:
         raise UserError(f"{path}: the profile's choice is invalid: {exc}") from None
     return doc
+
+
+def profile_config(profile: dict) -> Config:
+    """The config solve ran with (for `train --profile` without --config); defaults if absent."""
+    return build_config(profile.get("config") or {}, "profile config")
 
 
 def apply_profile(cfg: Config, profile: dict) -> Config:
     """The config with the profile's solved fields winning, and its memory budget recorded."""
     values = cfg.to_dict()
     values.update({k: profile["choice"][k] for k in CHOICE_KEYS})
-    budget = profile.get("constraints", {}).get("max_memory_gb")
+    budget = profile["constraints"].get("max_memory_gb")
     if budget is not None:
         values["max_memory_gb"] = budget
     return build_config(values, "config + profile")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -228,6 +229,9 @@ class TrialRunner:
         self._built = None
         self._rank = None
         self.build_seconds = 0.0
+        self._overhead_remeasured = False
+        # Trials save nothing, but the Trainer wants an output folder: keep it out of the user's tree.
+        self.workdir = tempfile.mkdtemp(prefix="autotune-solve-")
 
     def _model_for(self, rank: int):
         if self._rank == rank:
@@ -263,7 +267,7 @@ class TrialRunner:
         try:
             with self.meter:
                 steps = run_trial_steps(built, self.cfg, batch_size=batch, seq_len=seq, steps=TRIAL_STEPS,
-                                        workdir=Path(self.cfg.output_dir) / ".solver", collator=collator)
+                                        workdir=self.workdir, collator=collator)
             peak = self.meter.peak_bytes()
         except torch.OutOfMemoryError:
             oom = True
@@ -271,6 +275,12 @@ class TrialRunner:
             self.meter.cap(None)
             built.model.zero_grad(set_to_none=True)
             self.meter.cleanup()
+        if steps and not self._overhead_remeasured and hasattr(self.meter, "remeasure_overhead"):
+            # The first real step loads kernels and library workspaces lazily: the CUDA context grows.
+            # Measure it again once, and count the grown figure in this and every later peak.
+            before = self.meter.overhead_bytes
+            self._overhead_remeasured = True
+            peak += self.meter.remeasure_overhead() - before
         step_s = steps[-1] if steps else None
         fits = not oom and peak is not None and peak <= usable
         return Trial(batch, seq, rank, fits, oom, peak, time.perf_counter() - t, step_s,
@@ -336,7 +346,9 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
                 _measure_divisor(m, log, seq, rank, b, per_device_effective)
         else:
             for rank in ranks:
-                found[rank], _ = largest_batch(m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank))
+                # Nothing above the per-device effective batch can be chosen, so nothing above it is tried.
+                found[rank], _ = largest_batch(m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank),
+                                               upper=per_device_effective)
                 _measure_divisor(m, log, seq, rank, found[rank], per_device_effective)
             if req.try_without_checkpointing and cfg.gradient_checkpointing:
                 # Checkpointing trades ~a third more compute for activation memory; where the memory
@@ -344,7 +356,8 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
                 log.variant = "no-checkpointing"
                 m_off: Measure = lambda b, s, r: measure(b, s, r, usable, checkpointing=False)  # noqa: E731
                 for rank in ranks:
-                    found_without_checkpointing[rank], _ = largest_batch(m_off, log, seq, rank, usable)
+                    found_without_checkpointing[rank], _ = largest_batch(m_off, log, seq, rank, usable,
+                                                                         upper=per_device_effective)
                     _measure_divisor(m_off, log, seq, rank, found_without_checkpointing[rank], per_device_effective)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
@@ -443,14 +456,28 @@ def _reason(req, best: Trial, runner_up: Trial | None, found: dict, seq_reason: 
     return " ".join(parts)
 
 
+def _estimate_bytes(cfg: Config, trial: Trial, runner: TrialRunner | None) -> int | None:
+    """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
+    try:
+        from autotune.catalog import resolve_model
+        from autotune.estimate import estimate_peak
+
+        return estimate_peak(resolve_model(cfg.model_name).architecture, batch=trial.batch, seq=trial.seq,
+                             rank=trial.rank, target_modules=cfg.target_modules, quantization=cfg.quantization,
+                             gradient_checkpointing=cfg.gradient_checkpointing if trial.checkpointing is None
+                             else trial.checkpointing, optimizer=cfg.optimizer, lora_dropout=cfg.lora_dropout,
+                             device=runner.device.type if runner else "cuda").peak_bytes
+    except (ValueError, UserError):
+        return None
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
 
 
 def default_profile_path(gpu_name: str | None, model_name: str, budget_gb: float) -> Path:
-    from autotune.config import PROFILES_DIR
-
-    return PROFILES_DIR / "solved" / f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+    # Relative to the working directory: solved profiles belong to the user's project, not to autotune.
+    return Path("profiles") / "solved" / f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
 
 
 def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: TrialRunner | None) -> dict:
@@ -477,7 +504,7 @@ def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: Tr
                      "effective_batch_size": result["effective"], "max_trials": req.max_trials,
                      "time_budget_s": req.time_budget_s},
         choice=choice,
-        prediction={"peak_bytes": best.predicted_bytes},
+        prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(cfg, best, runner)},
         measurement={"peak_bytes": best.peak_bytes, "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
                      "tokens_per_second": best.tokens_per_second, "step_seconds": best.step_seconds,
                      "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
@@ -486,4 +513,7 @@ def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: Tr
         runner_up=asdict(ru) if ru else None,
         reason=result["reason"],
         trials=[asdict(t) for t in result["trials"]],
+        config={**cfg.to_dict(), **{k: choice[k] for k in ("batch_size", "gradient_accumulation_steps",
+                                                          "effective_batch_size", "max_sequence_length", "lora_r",
+                                                          "lora_alpha", "gradient_checkpointing")}},
     )

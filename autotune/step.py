@@ -14,6 +14,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from autotune.config import Config
+from autotune.errors import UserError
 from autotune.modeling import BuiltModel
 
 # Optimizer arguments that TrainingArguments takes as fields of its own; the rest go to optim_args.
@@ -46,15 +47,50 @@ def _warmup(ratio: float) -> dict:
     return {"warmup_steps": min(ratio, 0.999)}
 
 
+_CHECKPOINT_KWARGS = {"use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"}
+
+
+def check_training_settings(cfg: Config) -> None:
+    """Names and kwargs the Trainer would only reject mid-run, checked up front as a UserError."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if cfg.optimizer not in names:
+        raise UserError(f"optimizer {cfg.optimizer!r} is not an HF Trainer optimizer; use one of: {', '.join(names)}")
+    schedulers = [t.value for t in SchedulerType]
+    if cfg.lr_scheduler_type not in schedulers:
+        raise UserError(f"lr_scheduler_type {cfg.lr_scheduler_type!r} is unknown; use one of: {', '.join(schedulers)}")
+    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(cfg.lr_scheduler_type)]
+    allowed = set(inspect.signature(fn).parameters) - {"optimizer", "num_warmup_steps", "num_training_steps"}
+    unknown = set(cfg.lr_scheduler_kwargs) - allowed
+    if unknown:
+        raise UserError(f"lr_scheduler_kwargs {sorted(unknown)} are not arguments of the {cfg.lr_scheduler_type!r} "
+                        f"schedule; it takes {sorted(allowed) or 'none'}")
+    unknown = set(cfg.gradient_checkpointing_kwargs) - _CHECKPOINT_KWARGS
+    if unknown:
+        raise UserError(f"gradient_checkpointing_kwargs {sorted(unknown)} unknown; allowed: {sorted(_CHECKPOINT_KWARGS)}")
+    optimizer_arguments(cfg)  # raises a UserError for malformed betas / eps
+
+
 def optimizer_arguments(cfg: Config) -> dict:
     kwargs = dict(cfg.optimizer_kwargs)
     out: dict = {"optim": cfg.optimizer}
     betas = kwargs.pop("betas", None)
-    if betas is not None:
-        out["adam_beta1"], out["adam_beta2"] = float(betas[0]), float(betas[1])
-    for key, field_name in _OPTIM_FIELDS.items():
-        if key in kwargs:
-            out[field_name] = float(kwargs.pop(key))
+    try:
+        if betas is not None:
+            if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+                raise TypeError
+            out["adam_beta1"], out["adam_beta2"] = float(betas[0]), float(betas[1])
+        for key, field_name in _OPTIM_FIELDS.items():
+            if key in kwargs:
+                out[field_name] = float(kwargs.pop(key))
+    except (TypeError, ValueError):
+        raise UserError(f"optimizer_kwargs {cfg.optimizer_kwargs!r}: betas must be two numbers, e.g. [0.9, 0.999], "
+                        "and eps a number") from None
     if kwargs:
         out["optim_args"] = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return out

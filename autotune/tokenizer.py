@@ -92,8 +92,8 @@ QWEN3_CHAT_TEMPLATE = (
 def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None):
     """Return a fast tokenizer for `name_or_path`, never touching the network.
 
-    `qwen3-offline` builds (first time) or reloads the bundled Qwen3 tokenizer; anything
-    else must already be a local directory or in the local HF cache.
+    `qwen3-offline` builds (first time) or reloads the bundled Qwen3 tokenizer; a local directory
+    is read from disk; a hub id comes from the HF cache or the hub (never with HF_HUB_OFFLINE=1).
     """
     if name_or_path == OFFLINE_QWEN3:
         return _load_offline_qwen3(_offline_dir(cache_dir))
@@ -110,18 +110,25 @@ def _load_pretrained(name_or_path: str):
     if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         # Otherwise transformers reports it as a malformed hub repo id, which misleads.
         raise UserError(f"tokenizer directory {name_or_path!r} does not exist. {hint}")
+    # A hub id is fetched like its weights are (the user asked for that model); HF_HUB_OFFLINE=1 keeps
+    # everything local, and a local directory never touches the network.
+    local_only = _looks_like_path(name_or_path) or _hub_offline()
     try:
-        # local_files_only: autotune never downloads, whatever HF_HUB_OFFLINE says.
         return AutoTokenizer.from_pretrained(
             str(Path(name_or_path).expanduser()) if _looks_like_path(name_or_path) else name_or_path,
             trust_remote_code=False,
-            local_files_only=True,
+            local_files_only=local_only,
         )
     except (OSError, ValueError) as exc:
         # ValueError covers "unrecognized tokenizer" from a directory missing its config.
+        where = "offline" if local_only else "from the local cache or the hub"
         raise UserError(
-            f"could not load tokenizer {name_or_path!r} offline ({exc.__class__.__name__}: {exc}). {hint}"
+            f"could not load tokenizer {name_or_path!r} {where} ({exc.__class__.__name__}: {exc}). {hint}"
         ) from exc
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -26,7 +26,7 @@ from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
 from autotune.modeling import BuiltModel, build_model, quiet_libraries
 from autotune.runlog import RunLog
-from autotune.step import ListDataset, make_trainer, training_arguments
+from autotune.step import ListDataset, check_training_settings, make_trainer, training_arguments
 from autotune.tokenizer import load_tokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -148,15 +148,27 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(steps[max(steps)]) if steps else None
 
 
+def smaller_batch(batch: int, effective: int) -> tuple[int, int]:
+    """After an OOM: the largest micro-batch of at most half the current one that divides the effective
+    batch, and the accumulation that keeps the effective batch exactly (halve and double, when batch is
+    a power of two; 3 x 2 becomes 1 x 6, never 1 x 4)."""
+    new = max(d for d in range(1, max(1, batch // 2) + 1) if effective % d == 0)
+    return new, effective // new
+
+
 def _fit_with_oom_recovery(run: Run, resume_from: str | None,
                            changes: list[dict] | None = None) -> tuple[object, list[dict]]:
-    """trainer.train(), and on an OOM: keep the completed optimizer steps, halve the micro-batch,
-    double the accumulation (same effective batch) and go on from the last completed step.
+    """trainer.train(), and on an OOM: keep the completed optimizer steps, at least halve the micro-batch
+    with the accumulation that keeps the effective batch (smaller_batch), and go on from the last
+    completed step.
     Each change is appended to `changes` as it happens (a failed run's summary reports them too)."""
     cfg = run.cfg
     changes = [] if changes is None else changes
     batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
-    collator = CausalLMCollator(run.tokenizer.pad_token_id, pad_to_multiple_of=8)
+    # Rounding rows up to a multiple of 8 suits tensor cores, but never past max_sequence_length: the
+    # solver measured rows of exactly that length.
+    collator = CausalLMCollator(run.tokenizer.pad_token_id,
+                                pad_to_multiple_of=8 if cfg.max_sequence_length % 8 == 0 else None)
     while True:
         args = training_arguments(cfg, run.built, run.checkpoint_dir, batch_size=batch, accumulation=accumulation,
                                   evaluate=run.data.eval is not None)
@@ -169,11 +181,12 @@ def _fit_with_oom_recovery(run: Run, resume_from: str | None,
             step = trainer.state.global_step
             if batch == 1 or len(changes) >= cfg.max_oom_retries:
                 run.runlog.write("oom", "out of memory, giving up", level="ERROR", global_step=step, batch_size=batch)
+                four_bit = "" if cfg.quantization == "4bit" else "use quantization=\"4bit\", "
                 raise UserError(
                     f"out of GPU memory at step {step} with batch_size={batch}"
                     f"{' (the smallest)' if batch == 1 else f' after {len(changes)} halvings'}: lower "
                     f"max_sequence_length (now {cfg.max_sequence_length}) or lora_r (now {cfg.lora_r}), "
-                    "use quantization=\"4bit\", or run `autotune solve` for a profile that fits") from None
+                    f"{four_bit}or run `autotune solve` for a profile that fits") from None
             # Partial gradients of the interrupted step are discarded; everything up to the last
             # completed optimizer step is kept in a checkpoint the next attempt resumes from.
             run.built.model.zero_grad(set_to_none=True)
@@ -181,12 +194,13 @@ def _fit_with_oom_recovery(run: Run, resume_from: str | None,
             if step > 0:
                 trainer._save_checkpoint(trainer.model, trial=None)
                 resume_from = str(run.checkpoint_dir / f"checkpoint-{step}")
-            change = {"at_step": step, "error": str(exc).splitlines()[0][:200], "batch_size": [batch, batch // 2],
-                      "gradient_accumulation_steps": [accumulation, accumulation * 2],
+            new_batch, new_accumulation = smaller_batch(batch, batch * accumulation)
+            change = {"at_step": step, "error": str(exc).splitlines()[0][:200], "batch_size": [batch, new_batch],
+                      "gradient_accumulation_steps": [accumulation, new_accumulation],
                       "effective_batch_size": batch * accumulation}
-            batch, accumulation = batch // 2, accumulation * 2
+            batch, accumulation = new_batch, new_accumulation
             changes.append(change)
-            run.runlog.write("oom", "out of memory: halved the micro-batch, doubled accumulation", level="WARNING",
+            run.runlog.write("oom", "out of memory: smaller micro-batch, more accumulation", level="WARNING",
                              global_step=step, metrics=change)
             run.echo(f"OOM at step {step}: batch_size {change['batch_size'][0]} -> {batch}, "
                      f"gradient_accumulation_steps {change['gradient_accumulation_steps'][0]} -> {accumulation} "
@@ -220,6 +234,7 @@ def train(cfg: Config, *, profile: dict | None = None, resume: bool = False, ext
     runlog = RunLog(cfg.structured_logging.log_file if cfg.structured_logging.enabled else None,
                     cfg.structured_logging.log_level, cfg.structured_logging.include_memory_stats)
     try:
+        check_training_settings(cfg)
         if cfg.verify_environment:
             _check_environment(cfg, echo)
         resume_from = None

@@ -358,8 +358,12 @@ def main() -> int:
             results.error(name, exc)
     results.doc["meta"]["finished"] = now()
     results.save()
+    # The name bench/results/ expects, so a run's file can be committed as it is.
+    card = "".join(c if c.isalnum() or c in ".-" else "-" for c in meta["card"])
+    (out / f"{meta['date'][:10]}-{card}{'-rehearsal' if args.rehearse else ''}.json").write_text(
+        json.dumps(results.doc, indent=2, default=str))
     print_summary(results.doc)
-    return 0
+    return 1 if results.doc["errors"] else 0
 
 
 def print_summary(doc: dict) -> None:

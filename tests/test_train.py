@@ -537,3 +537,14 @@ def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in stderr
     assert f"error: {bad}:1:" in stderr and "corrupt" in stderr and "autotune solve" in stderr
     assert not (tmp_path / "out").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("batch,effective,expected", [
+    (2, 2, (1, 2)), (8, 64, (4, 16)), (3, 6, (1, 6)), (6, 12, (3, 4)), (5, 15, (1, 15)), (4, 12, (2, 6)),
+])
+def test_smaller_batch_keeps_the_effective_batch_exactly(batch, effective, expected):
+    from autotune.trainer import smaller_batch
+
+    new, accumulation = smaller_batch(batch, effective)
+    assert (new, accumulation) == expected
+    assert new <= batch // 2 and new * accumulation == effective

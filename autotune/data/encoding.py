@@ -30,10 +30,14 @@ from typing import Any
 from autotune.fsutil import atomic_write_json
 
 # Bump whenever the output of encode_pair changes for the same inputs: invalidates caches.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: an open <think> left by a thinking-only template is closed
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+THINK_OPEN = "<think>"
+# What Qwen3's hybrid template emits with enable_thinking=False: the answer follows it.
+EMPTY_THINK = "<think>\n\n</think>\n\n"
 OVERFLOW_POLICIES = ("truncate", "drop")
 
 # Touches the byte-level, CJK, emoji, digit-splitting and special-token paths of a tokenizer:
@@ -93,11 +97,29 @@ def render_prompt(tokenizer, pair, system_prompt: str | None = None, thinking_mo
     For a thinking model (Qwen3 hybrid) we pass enable_thinking=False, which makes the template
     emit the empty `<think>\\n\\n</think>\\n\\n` block: training answers carry no reasoning, so
     the model is taught the "answer directly" mode it will be prompted with.
+
+    Thinking-only templates (Qwen3-*-Thinking-2507) ignore enable_thinking and end the prompt
+    with an open `<think>\\n`; we close it as the same empty block (whatever thinking_model
+    says), else the answer would be trained, and prompted, as reasoning in a never-closed block.
+    A template with no think handling at all (Qwen3-*-Instruct-2507) is left alone, even with
+    thinking_model=True: that model has no thinking mode to switch off.
     """
     extra = {"enable_thinking": False} if thinking_model else {}
-    return tokenizer.apply_chat_template(
+    prompt = tokenizer.apply_chat_template(
         build_messages(pair, system_prompt), tokenize=False, add_generation_prompt=True, **extra
     )
+    return _close_open_think(prompt)
+
+
+def _close_open_think(prompt: str) -> str:
+    """Turn a trailing unclosed `<think>` after the last assistant header into EMPTY_THINK."""
+    start = prompt.rfind(ASSISTANT_HEADER)
+    if start < 0:
+        return prompt
+    start += len(ASSISTANT_HEADER)
+    if prompt[start:].strip() != THINK_OPEN:
+        return prompt  # no think block, or one the template already closed
+    return prompt[:start] + EMPTY_THINK
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ the configured one or a full-width colon. The answer may start on the line after
 
 Answers run until the next question, a heading (``#``..``######``), a horizontal rule (``---``) or the
 end of the file; everything in between is kept verbatim (lists, indentation, ``_``/``*``/backticks),
-only surrounding blank lines are trimmed. Inside fenced code blocks nothing is a marker or a heading.
+only surrounding blank lines are trimmed. Text after a heading or rule that ended an answer is in no pair
+(a sub-heading inside an answer cuts it short), so it is reported as skipped; a heading followed only by
+blank lines and the next question is not. Inside fenced code blocks nothing is a marker or a heading.
 Setext headings (text underlined with ``===``) are not recognised: the title line would stay in the
 answer. Numbers are optional, and gaps are fine, but an answer numbered differently from the open
 question is skipped, like a question without an answer; every skip is listed with its line and reason.
@@ -269,6 +271,20 @@ class _Fence:
 
 
 @dataclass
+class _AfterBreak:
+    """A heading or horizontal rule that ended an answer, and the text lines that follow it.
+
+    Those lines belong to no pair; counting them lets the parser report text cut off by a
+    sub-heading inside an answer instead of dropping it silently.
+    """
+
+    line: int
+    marker: str  # the heading / rule line as written
+    kind: str  # "heading" or "horizontal rule"
+    text_lines: int = 0
+
+
+@dataclass
 class _Open:
     """The question (and maybe answer) being collected."""
 
@@ -288,6 +304,7 @@ class _MarkdownParser:
         self.styled_questions = 0
         self.open: _Open | None = None
         self.discarding = False  # inside the body of a skipped answer
+        self.after_break: _AfterBreak | None = None
 
     def parse(self, text: str) -> None:
         fence = _Fence()
@@ -296,6 +313,7 @@ class _MarkdownParser:
                 self._content(line)
             else:
                 self._line(number, line)
+        self._end_break()
         self._close()
         if fence.marker is not None:
             # Markdown reads the rest of the file as code, and so do we; say so, since later pairs vanish.
@@ -305,15 +323,26 @@ class _MarkdownParser:
         """Handle one line outside code blocks."""
         question = self.matcher.match_question(line)
         if question is not None:
+            self._end_break()
             self._close()
             self.styled_questions += question.styled
             self.open = _Open(question, number, [question.text])
             return
         answer = self.matcher.match_answer(line)
         if answer is not None:
+            self._end_break()
             self._answer(number, answer)
         elif _HEADING.match(line) or _THEMATIC_BREAK.match(line):
             # A heading or horizontal rule starts something new: it never belongs to the answer above.
+            # Text under it, up to the next marker, is then in no pair; it is likely the rest of the
+            # answer (e.g. "#### Linux" steps), so it is counted and reported. Later headings in that
+            # stretch (a "#### macOS" after it) are watched too; a heading that ends no answer (a
+            # title above the first question) is not: prose under it is not lost answer text.
+            ends_answer = self.open is not None and self.open.answer is not None
+            if ends_answer or self.after_break is not None:
+                self._end_break()
+                kind = "heading" if _HEADING.match(line) else "horizontal rule"
+                self.after_break = _AfterBreak(number, line.strip(), kind)
             self._close()
         else:
             self._content(line)
@@ -334,6 +363,9 @@ class _MarkdownParser:
         self.discarding = False
 
     def _content(self, line: str) -> None:
+        if self.after_break is not None:
+            self.after_break.text_lines += bool(line.strip())
+            return
         if self.discarding or self.open is None:
             return  # prose outside any pair, or the body of a skipped answer
         target = self.open.answer_lines if self.open.answer is not None else self.open.question_lines
@@ -354,6 +386,16 @@ class _MarkdownParser:
                 self._skip(current.line, "empty answer")
             else:
                 self.pairs.append(QAPair(question, answer, self.source, current.line))
+
+    def _end_break(self) -> None:
+        """Report the text lines after the last answer-ending heading/rule, if there were any."""
+        found, self.after_break = self.after_break, None
+        if found is not None and found.text_lines:
+            self._skip(
+                found.line,
+                f"text after {found.kind} {found.marker!r} is outside any Q/A pair (a {found.kind} ends an answer): "
+                f"{found.text_lines} line(s) not used",
+            )
 
     def _skip(self, line: int, reason: str) -> None:
         self.skipped.append({"line": line, "reason": reason})

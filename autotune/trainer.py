@@ -229,12 +229,12 @@ def _check_environment(cfg: Config, echo) -> dict:
 def train(cfg: Config, *, profile: dict | None = None, resume: bool = False, extra_callbacks=(), echo=print) -> dict:
     """Run a fine-tune. Returns the run summary (also written to <output_dir>/run_summary.json)."""
     quiet_libraries()
+    check_training_settings(cfg)  # a bad name is a config error: nothing is started or written
     output_dir = Path(cfg.output_dir)
     summary: dict = {"status": "failed", "output_dir": str(output_dir), "started_at": time.time()}
     runlog = RunLog(cfg.structured_logging.log_file if cfg.structured_logging.enabled else None,
                     cfg.structured_logging.log_level, cfg.structured_logging.include_memory_stats)
     try:
-        check_training_settings(cfg)
         if cfg.verify_environment:
             _check_environment(cfg, echo)
         resume_from = None

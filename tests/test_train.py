@@ -548,3 +548,34 @@ def test_smaller_batch_keeps_the_effective_batch_exactly(batch, effective, expec
     new, accumulation = smaller_batch(batch, effective)
     assert (new, accumulation) == expected
     assert new <= batch // 2 and new * accumulation == effective
+
+
+@pytest.mark.parametrize("section,value", [("hardware", None), ("constraints", []), ("model", None),
+                                           ("trials", {}), ("measurement", "x"), ("config", [1])])
+def test_a_parseable_but_corrupt_profile_is_one_clear_error(tmp_path, section, value):
+    from autotune.profile import load_profile, save_profile
+
+    doc = _profile()
+    doc[section] = value
+    path = save_profile(doc, tmp_path / "p.json")
+    with pytest.raises(UserError, match=f"corrupt.*'{section}'"):
+        load_profile(path)
+
+
+def test_train_with_only_a_profile_trains_what_it_was_solved_for(tmp_path, capsys, autotune_cache):
+    """No --config: the profile's own config (model, tokenizer, data, output) is the base."""
+    from autotune.cli import main
+    from autotune.profile import save_profile
+
+    values = config_values(tmp_path, max_steps=1)
+    doc = _profile()
+    doc["config"] = values
+    path = save_profile(doc, tmp_path / "p.json")
+    try:
+        main(["train", "--profile", str(path), "--set", "enable_inference_test=false"])
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    saved = json.loads((Path(values["output_dir"]) / "autotune_config.json").read_text())
+    assert saved["model_name"] == "tiny-qwen3" and saved["data_dir"] == values["data_dir"]
+    assert saved["batch_size"] == 1 and saved["lora_r"] == 2  # the profile's choice still wins
+    assert saved["enable_inference_test"] is False  # and --set over both

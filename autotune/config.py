@@ -18,7 +18,19 @@ from typing import Any
 
 from autotune.errors import UserError
 
-PROFILES_DIR = Path(os.environ.get("AUTOTUNE_PROFILES", Path(__file__).resolve().parent.parent / "profiles"))
+def _profiles_dir() -> Path:
+    """Presets: $AUTOTUNE_PROFILES, else profiles/ of the source tree (editable install), else the copy a
+    wheel installs under <prefix>/share/autotune/profiles."""
+    import sys
+
+    if os.environ.get("AUTOTUNE_PROFILES"):
+        return Path(os.environ["AUTOTUNE_PROFILES"])
+    source = Path(__file__).resolve().parent.parent / "profiles"
+    installed = Path(sys.prefix) / "share" / "autotune" / "profiles"
+    return source if source.is_dir() or not installed.is_dir() else installed
+
+
+PROFILES_DIR = _profiles_dir()
 PRESET_KINDS = ("hardware", "models", "strategies", "lora", "configs")
 
 # Per key: (documentation, constraint). The constraint is checked by _check_value.

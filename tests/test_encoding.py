@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import unicodedata
@@ -201,6 +202,56 @@ def test_thinking_model_gets_empty_think_block_masked(tok):
     # <think> \n\n </think> \n\n are the last four prompt tokens, all unlabelled.
     assert ex["input_ids"][n - 4 : n] == [THINK, 271, END_THINK, 271]
     assert ex["labels"][:n] == [IGNORE_INDEX] * n
+    assert tok.decode(answer_part(tok, ex)) == pair.answer + "<|im_end|>"
+
+
+# Compact stand-ins for the Qwen3 2507 templates, same turn format as Qwen3's. The Thinking one
+# ignores enable_thinking and opens a think block in the generation prompt; the Instruct one has
+# no think handling at all.
+_TURNS = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+THINKING_2507_TEMPLATE = _TURNS + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
+INSTRUCT_2507_TEMPLATE = _TURNS + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+
+
+def with_template(tok, template):
+    # A shallow copy shares the (read-only here) vocabulary; only the template attribute differs.
+    other = copy.copy(tok)
+    other.chat_template = template
+    return other
+
+
+@pytest.mark.parametrize("thinking_model", [True, False])
+def test_thinking_only_template_gets_open_think_closed_and_masked(tok, thinking_model):
+    thinking_tok = with_template(tok, THINKING_2507_TEMPLATE)
+    pair = qa(history=(("France?", "Paris."),))
+    messages = [{"role": "user", "content": "France?"}, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": pair.question}]
+    raw = thinking_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert raw.endswith("<|im_start|>assistant\n<think>\n")  # the stand-in does force thinking
+
+    prompt = render_prompt(thinking_tok, pair, thinking_model=thinking_model)
+    assert prompt == raw + "\n</think>\n\n"
+    assert prompt.endswith("<|im_start|>assistant\n" + EMPTY_THINK) and prompt.count("<think>") == 1
+    # Same prompt as the hybrid template's enable_thinking=False path.
+    assert prompt == render_prompt(tok, pair, thinking_model=True)
+
+    ex = encode_pair(thinking_tok, pair, max_length=512, thinking_model=thinking_model)
+    n = ex["prompt_tokens"]
+    assert ex["input_ids"][:n] == thinking_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][n - 4 : n] == [THINK, 271, END_THINK, 271]
+    assert ex["labels"][:n] == [IGNORE_INDEX] * n
+    assert tok.decode(answer_part(tok, ex)) == pair.answer + "<|im_end|>"
+
+
+@pytest.mark.parametrize("thinking_model", [True, False])
+def test_template_without_think_support_is_left_alone(tok, thinking_model):
+    # No thinking mode to switch off, so no think block is added even for thinking_model=True.
+    instruct_tok = with_template(tok, INSTRUCT_2507_TEMPLATE)
+    pair = qa()
+    prompt = render_prompt(instruct_tok, pair, thinking_model=thinking_model)
+    assert prompt == "<|im_start|>user\n" + pair.question + "<|im_end|>\n<|im_start|>assistant\n"
+    ex = encode_pair(instruct_tok, pair, max_length=512, thinking_model=thinking_model)
+    assert ex["input_ids"][: ex["prompt_tokens"]] == tok(prompt, add_special_tokens=False)["input_ids"]
     assert tok.decode(answer_part(tok, ex)) == pair.answer + "<|im_end|>"
 
 

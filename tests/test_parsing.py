@@ -151,6 +151,42 @@ def test_heading_directly_under_answer_never_leaks():
     assert pairs == [("a?", "one"), ("b?", "two")]
 
 
+def test_text_after_sub_heading_in_answer_is_reported():
+    text = "Q1: Install?\nA1: Steps:\n\n#### Linux\nRun apt\nthen reboot\n\n#### macOS\n\nRun brew\n\nQ2: b?\nA2: two\n"
+    pairs, report = md(text)
+    assert [(p.question, p.answer) for p in pairs] == [("Install?", "Steps:"), ("b?", "two")]
+    assert reasons(report) == [
+        (4, "text after heading '#### Linux' is outside any Q/A pair (a heading ends an answer): 2 line(s) not used"),
+        (8, "text after heading '#### macOS' is outside any Q/A pair (a heading ends an answer): 1 line(s) not used"),
+    ]
+
+
+def test_text_after_heading_reported_up_to_any_marker_or_end_of_file():
+    # Fenced lines count as text; an answer marker ends the stretch (and is skipped on its own).
+    _, report = md("Q1: a?\nA1: one\n## Part\n```\ncode\n```\nA2: orphan\n")
+    assert reasons(report) == [
+        (3, "text after heading '## Part' is outside any Q/A pair (a heading ends an answer): 3 line(s) not used"),
+        (7, "answer without a question before it"),
+    ]
+    _, report = md("Q1: a?\nA1: one\n\n---\nmore\n")
+    assert reasons(report) == [
+        (4, "text after horizontal rule '---' is outside any Q/A pair (a horizontal rule ends an answer): 1 line(s) not used")
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# Title\n\nIntro prose.\n\n## Section\n\nQ1: a?\nA1: one\n\n## Next\n\n\nQ2: b?\nA2: two\n\n## Empty end\n\n",
+        "### Q1: a?\nA1: one\n## Part 2\n#### Sub\n### Q2: b?\nA2: two\n---\n\n",
+        "Q1: a?\nA1: one\n```\n## in code\nafter\n```\nQ2: b?\nA2: two\n",
+    ],
+)
+def test_headings_without_lost_text_are_not_reported(text):
+    pairs, report = md(text)
+    assert len(pairs) == 2 and report.skipped == []
+
+
 @pytest.mark.parametrize("rule", ["---", "***", "___", "- - -", "-----------"])
 def test_horizontal_rule_between_pairs_never_leaks(rule):
     assert qa(f"Q1: a?\nA1: one\n\n{rule}\n\nQ2: b?\nA2: two\n{rule}\n") == [("a?", "one"), ("b?", "two")]

@@ -158,6 +158,7 @@ def main() -> int:
         lines += [f"- **{_run_label(d)}** (`{d['_file']}`): torch {pk.get('torch')}, transformers {pk.get('transformers')}, "
                   f"peft {pk.get('peft')}, bitsandbytes {pk.get('bitsandbytes')}, driver "
                   f"{(m.get('driver') or {}).get('version')}. {m.get('note', '')}"]
+        lines += [f"  - {f}" for f in m.get("findings", [])]
     lines.append("")
     png = chart(gpu)
     if png:

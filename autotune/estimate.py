@@ -3,10 +3,11 @@
 `estimate_peak` is arithmetic over the architecture (microseconds), so the solver can place its first trials
 and `autotune estimate --model Qwen3-14B --max-memory-gb 16` answers at once; `largest_fitting` inverts it.
 
-The model follows what the installed transformers/peft/bitsandbytes allocate in the step
-    loss = model(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-(`reference_step`; optionally with the forward under bf16 autocast, as the HF Trainer runs it), read off
-their code and checked tensor by tensor with `memory.CpuTrackedMeter`:
+The model follows what the installed transformers/peft/bitsandbytes allocate in THE training step,
+`step.run_trial_steps` (the HF Trainer as `autotune train` runs it: bf16 autocast for a bf16 model, full-length
+rows as their own labels) on a `modeling.build_model` model, read off their code and checked against that
+step measured tensor by tensor with `memory.CpuTrackedMeter`, as a solver trial measures it
+(tests/test_estimate.py):
 
 * Persistent: the base weights (nf4/int8 packed plus quantization state, the rest in the compute dtype),
   the LoRA adapters (fp32: peft upcasts adapters of a bf16 model), their grads, the optimizer state.
@@ -21,15 +22,14 @@ their code and checked tensor by tensor with `memory.CpuTrackedMeter`:
 * The last layer's backward: its recompute, bursts of intermediate-sized grads in the MLP's backward, and
   the bf16 weight bitsandbytes dequantizes for a 4-bit matmul's backward; then the optimizer's temporaries.
 
-Peak = persistent + the largest of those moments (+ `cuda_overhead` on a GPU). `calibrate_by_trace` runs the
-real step of any model size under FakeTensorMode (nothing is allocated), `measure_step` runs it for real;
-the tests hold the formulas to both.
+Peak = persistent + the largest of those moments (+ `cuda_overhead` on a GPU). This module builds no model and
+runs no step of its own, except `calibrate_by_trace`: a FakeTensorMode trace for models too big to run on the
+CPU, which allocates nothing and which nothing in the solver or in training relies on.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -427,9 +427,10 @@ class _ActivationModel:
         burst = tokens * mlp_backward_bytes_per_token(arch, self.targets, a, self.autocast)
         if self.gradient_checkpointing and "down_proj" in self.targets:
             # The recompute reaching down_proj: its input, peft's fp32 copy of it, and (under autocast,
-            # where only the bf16 cast is kept) the dropped-out fp32 copy, on top of what is recomputed.
+            # where only the bf16 cast is kept) the dropped-out fp32 copy, on top of what is recomputed;
+            # the recomputed layer's residual, the MLP's input and down_proj's base output are alive too.
             fp32_copies = (4 if a != 4 else 0) + (4 if self.lora_dropout > 0 and self.autocast else 0)
-            burst = max(burst, tokens * I * (a + fp32_copies))
+            burst = max(burst, tokens * (I * (a + fp32_copies) + 3 * h * a))
         if self.quantization != "none":
             biggest = max(i * o for i, o in linear_shapes(arch).values())
             if self.quantization == "4bit":  # bf16 (compute dtype) weight + the fp32 absmax it was scaled by
@@ -439,8 +440,14 @@ class _ActivationModel:
             burst = max(burst, dequant + I * a * tokens)
         held = self.saved() - self._final_norm()
         if self.gradient_checkpointing:
-            # fp32 hidden states: the input norm's fp32 "copy" is the checkpointed input itself
-            held += tokens * (self._layer() - (4 * h if a == 4 else 0))
+            # fp32 hidden states: the input norm's fp32 "copy" is the checkpointed input itself. LLM.int8's
+            # inputs are not recomputed into the original graph: `saved` already holds them for every layer
+            # (the recompute's own copies die with its graph, stopped early once the saved tensors are back).
+            recomputed = self._layer() - (4 * h if a == 4 else 0)
+            if self.quantization == "8bit":
+                recomputed -= int8_saved_bytes_per_token(arch, target_modules=self.targets, act_bytes=a,
+                                                         lora_dropout=self.lora_dropout, autocast=self.autocast)
+            held += tokens * recomputed
         return int(held + tokens * h * a + burst)
 
     def misc(self) -> int:
@@ -503,232 +510,59 @@ def _largest(fits, cap: int) -> int:
     return lo
 
 
-# ------------------------------------------------------------------------------- measuring the real step
-# These build real (random-init) models with transformers/peft, imported lazily: estimate_peak above must
-# stay pure arithmetic. They calibrate and test the formulas; solver trials run the trainer's own step.
-
-
-def _torch_dtype(dtype_bytes: int):
-    import torch
-
-    return {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing on a (peft-wrapped) transformers model, under whichever
-    name the installed transformers has (5.24 renamed gradient_checkpointing_enable and deprecated the old
-    name; older versions only have the old one), plus the input-grad hook peft needs when the embeddings
-    are frozen."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
-
-
-def _quiet():
-    """Silence the deprecation chatter and progress bars of transformers/peft while building models."""
-    import contextlib
-    import warnings
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return stack
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    stack.callback(hf_logging.set_verbosity, level)
-    if hf_logging.is_progress_bar_enabled():
-        hf_logging.disable_progress_bar()
-        stack.callback(hf_logging.enable_progress_bar)
-    return stack
-
-
-def _attach_lora(model, rank: int, target_modules: Sequence[str], lora_dropout: float):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout,
-                        target_modules=list(target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def _random_model(arch: Architecture, dtype, device: str):
-    """Qwen3ForCausalLM with random weights, created directly in `dtype` on `device` (an 8B model never
-    passes through fp32 or host memory)."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return Qwen3ForCausalLM(arch.to_hf_config())
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_lora_model(arch: Architecture, *, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS,
-                     dtype_bytes: int = 2, gradient_checkpointing: bool = True, lora_dropout: float = 0.0,
-                     quantization: str = "none", kbit_prepare: bool = False, device: str = "cpu", workdir=None,
-                     seed: int = 0):
-    """A random-init Qwen3 of this architecture with LoRA attached, in train mode.
-
-    quantization="4bit"|"8bit": the model is saved to a temporary folder (under `workdir`) and reloaded
-    through bitsandbytes (nf4 + double quantization, bf16 compute; or LLM.int8). kbit_prepare=True then
-    runs peft's prepare_model_for_kbit_training (the classic QLoRA recipe: non-quantized weights upcast to
-    fp32); False only freezes the base weights, as autotune's modeling.prepare_for_training does.
-    """
-    import torch
-
-    torch.manual_seed(seed)
-    with _quiet():
-        model = _random_model(arch, _torch_dtype(dtype_bytes), device if quantization == "none" else "cpu")
-        if quantization != "none":
-            model = _reload_quantized(model, quantization, workdir, device, kbit_prepare)
-        model = _attach_lora(model, rank, target_modules, lora_dropout)
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-    model.train()
-    return model
-
-
-def _reload_quantized(model, quantization: str, workdir, device: str, kbit_prepare: bool):
-    import tempfile
-
-    import torch
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if quantization == "4bit":
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=torch.bfloat16)
-    else:
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        model.save_pretrained(tmp)
-        del model
-        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qconfig, dtype=torch.bfloat16,
-                                                     device_map=device)
-    if kbit_prepare:
-        # Checkpointing is switched on after LoRA is attached (build_lora_model), as for unquantized models.
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
-
-
-def make_optimizer(model, optimizer: str = "adamw_torch"):
-    """torch AdamW or a bitsandbytes 8-bit AdamW over the trainable parameters."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer in ("adamw_torch", "adamw"):
-        return torch.optim.AdamW(params, lr=1e-4)
-    if optimizer in ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit"):
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.PagedAdamW8bit if optimizer.startswith("paged") else bnb.optim.AdamW8bit
-        return cls(params, lr=1e-4)
-    raise ValueError(f"make_optimizer: unsupported optimizer {optimizer!r}")
-
-
-def reference_step(model, input_ids, optimizer, autocast: bool = False) -> None:
-    """The step the estimate models: full-length inputs as their own labels, then the optimizer. With
-    `autocast` the forward (loss included) runs under bf16 autocast, as the HF Trainer runs it."""
-    import contextlib
-
-    import torch
-
-    amp = torch.autocast(input_ids.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with amp:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _run_measured(model, meter, batch: int, seq: int, optimizer: str, steps: int, device: str,
-                  autocast: bool = False) -> dict[str, int]:
-    """Run `steps` reference steps under `meter` and report its peak. A CPU meter must already count the
-    model; the inputs and optimizer state are counted here, as a GPU would hold them."""
-    import torch
-
-    tracks = hasattr(meter, "track_existing")
-    weights = meter.current_bytes()
-    with meter:
-        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-        opt = make_optimizer(model, optimizer)
-    if tracks:
-        meter.track_existing(input_ids)
-    meter.reset_peak()
-    start = time.perf_counter()
-    with meter:
-        for _ in range(steps):
-            reference_step(model, input_ids, opt, autocast)
-    result = {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes(),
-              "seconds": time.perf_counter() - start}
-    if meter.device == "cuda":
-        from autotune.memory import measure_cuda_overhead
-
-        result["peak_allocated"] = torch.cuda.max_memory_allocated(meter.index)
-        result["overhead"] = meter.overhead_bytes
-        # lazily loaded kernels (attention, cuBLASLt) grow the context during the first steps
-        result["overhead_after"] = measure_cuda_overhead(meter.index)
-    return result
-
-
-def measure_step(arch: Architecture, *, batch: int, seq: int, rank: int,
-                 target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "none",
-                 gradient_checkpointing: bool = True, dtype_bytes: int = 4, optimizer: str = "adamw_torch",
-                 lora_dropout: float = 0.0, autocast: bool = False, kbit_prepare: bool = False, steps: int = 2,
-                 device: str = "cpu", workdir=None) -> dict[str, int]:
-    """Peak bytes of real steps of a random-init model: the ground truth for estimate_peak.
-
-    device="cpu": CpuTrackedMeter, whose peak includes weights, adapters, optimizer state and inputs.
-    device="cuda": CudaMeter (peak reserved + the process's non-allocator overhead).
-    """
-    from autotune.memory import make_meter
-
-    meter = make_meter(device)
-    if meter.device == "cuda":
-        meter.overhead_bytes  # measured before the model exists: context + cuBLAS, nothing else
-    model = build_lora_model(arch, rank=rank, target_modules=target_modules, dtype_bytes=dtype_bytes,
-                             gradient_checkpointing=gradient_checkpointing, lora_dropout=lora_dropout,
-                             quantization=quantization, kbit_prepare=kbit_prepare, device=device, workdir=workdir)
-    if hasattr(meter, "track_existing"):
-        meter.track_existing(model)
-    try:
-        return _run_measured(model, meter, batch, seq, optimizer, steps, device, autocast)
-    finally:
-        del model
-        meter.cleanup()
+# ------------------------------------------------------------------------------- tracing big models
+# The one place outside step.py with a forward/backward/optimizer loop, and why: the real step
+# (step.run_trial_steps, the HF Trainer on a modeling.build_model model) is the ground truth, and the tests
+# hold estimate_peak to it on models that fit in RAM. A 14B model does not, and the Trainer cannot run on
+# fake tensors, so `calibrate_by_trace` replays the step's allocations under FakeTensorMode with a minimal
+# loop. It allocates nothing and measures nothing the solver or `autotune train` relies on: it only checks
+# the arithmetic at sizes no CPU can run (and the tests check it against the real step where both run).
 
 
 def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
                        target_modules: Sequence[str] = DEFAULT_TARGETS, gradient_checkpointing: bool = True,
                        dtype_bytes: int = 2, optimizer: str = "adamw_torch", lora_dropout: float = 0.0,
-                       steps: int = 2) -> dict[str, int]:
-    """The real forward/backward/optimizer step of a model of any size, traced under FakeTensorMode.
+                       autocast: bool | None = None, steps: int = 2) -> dict[str, int]:
+    """A training step of a model of any size, traced under FakeTensorMode: nothing is allocated.
 
-    Nothing is allocated: the model is built on the meta device, LoRA attached by peft, then materialised
-    as fake tensors (`to_empty` inside FakeTensorMode); the tracker counts the fake storages. Unquantized
-    only (bitsandbytes kernels cannot run on fake tensors). Qwen3-14B takes ~10 s and 0.5 GB of RAM.
+    The model is built on the meta device in the compute dtype and prepared as modeling.build_model does
+    (`prepare_for_training`: frozen base, non-reentrant checkpointing; `attach_lora`), then materialised as
+    fake tensors (`to_empty` inside FakeTensorMode); a CpuTrackedMeter counts the fake storages. The loop
+    is the Trainer's step reduced to what allocates: full-length inputs as their own labels, the forward
+    under bf16 autocast (`autocast`, default: when dtype_bytes == 2, as the Trainer runs a bf16 model),
+    backward, torch AdamW, zero_grad. Unquantized only (bitsandbytes kernels cannot run on fake tensors);
+    optimizer "adamw_torch" only. Qwen3-14B takes ~10 s and 0.5 GB of RAM.
     Returns peak_bytes (weights, adapters, optimizer state, inputs, activations), weights, after_step.
     """
+    import contextlib
+    import warnings
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import Qwen3ForCausalLM
 
     from autotune.memory import CpuTrackedMeter
+    from autotune.modeling import attach_lora, prepare_for_training, quiet_libraries
 
-    with _quiet():
-        model = _random_model(arch, _torch_dtype(dtype_bytes), "meta")
-        model = _attach_lora(model, rank, target_modules, lora_dropout)
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+    if optimizer != "adamw_torch":
+        raise ValueError(f"calibrate_by_trace traces torch AdamW only, not {optimizer!r}")
+    if autocast is None:
+        autocast = dtype_bytes == 2
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    quiet_libraries()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # weights in the compute dtype; RoPE buffers stay fp32, as loaded
+        try:
+            with torch.device("meta"):
+                base = Qwen3ForCausalLM(arch.to_hf_config(attn_implementation="sdpa"))
+        finally:
+            torch.set_default_dtype(previous)
+        base.config.use_cache = False
+        prepare_for_training(base, quantized=False, checkpointing=gradient_checkpointing,
+                             checkpointing_kwargs={"use_reentrant": False})
+        model = attach_lora(base, r=rank, alpha=2 * rank, dropout=lora_dropout, target_modules=list(target_modules))
         model.train()
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
@@ -736,4 +570,19 @@ def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
             model.get_base_model().tie_weights()
             meter = CpuTrackedMeter()
             meter.track_existing(model)
-            return _run_measured(model, meter, batch, seq, optimizer, steps, "cpu")
+            weights = meter.current_bytes()
+            with meter:
+                input_ids = torch.randint(0, arch.vocab_size, (batch, seq))
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            meter.track_existing(input_ids)
+            meter.reset_peak()
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with meter:
+                for _ in range(steps):
+                    with amp:
+                        loss = model(input_ids=input_ids, labels=input_ids).loss
+                    loss.backward()
+                    del loss
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            return {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes()}

@@ -68,7 +68,7 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _random_state_dict(hf_config, dtype: torch.dtype, seed: int) -> dict:
+def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool = False) -> dict:
     """Random weights for every tensor of the architecture, without ever holding a full copy.
 
     Memory and speed do not depend on weight values, so all matrices are views into one pool of
@@ -85,7 +85,12 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(largest, generator=gen, dtype=torch.float32).mul_(hf_config.initializer_range).to(dtype)
     ones = torch.ones(max(s.numel() for k, s in shapes.items() if "norm" in k), dtype=dtype)
-    return {k: (ones if "norm" in k else pool)[: s.numel()].view(s) for k, s in shapes.items()}
+    state = {k: (ones if "norm" in k else pool)[: s.numel()].view(s) for k, s in shapes.items()}
+    if separate:
+        # On the CPU from_pretrained keeps these views, so every weight would share one storage and a
+        # memory meter would count the model once: give each its own (the GPU path copies anyway).
+        state = {k: v.clone() for k, v in state.items()}
+    return state
 
 
 def load_base_model(spec: ModelSpec, *, init: str, quantization: str, dtype: torch.dtype, device: torch.device,
@@ -100,7 +105,7 @@ def load_base_model(spec: ModelSpec, *, init: str, quantization: str, dtype: tor
         warnings.filterwarnings("ignore", message=".*kernels.*")
         if init == "random":
             hf_config = spec.architecture.to_hf_config(attn_implementation="sdpa")
-            state = _random_state_dict(hf_config, dtype, seed)
+            state = _random_state_dict(hf_config, dtype, seed, separate=device.type == "cpu")
             model = Qwen3ForCausalLM.from_pretrained(None, config=hf_config, state_dict=state, **common)
             # from_pretrained(None) records the name "None", which peft would later look up on the hub
             # when saving; an empty name marks a from-config model and skips that lookup.

@@ -400,7 +400,7 @@ def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
                                target_modules=cfg.target_modules, quantization=cfg.quantization,
                                gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                                margin=req.margin, device=_device_type())
-        batch = int(pred.get("max_batch") or 0)
+        batch = int(pred.get("batch") or 0)
         return max(2, batch // 2)
     except Exception:  # the estimate only places a trial; the measurements decide
         return 2

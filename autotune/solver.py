@@ -366,8 +366,9 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
         raise UserError(
             f"nothing fits in {req.budget_gb} GiB (less a {req.margin:.0%} margin) for {cfg.model_name} at "
             f"sequence {seq}, rank {ranks[0]}: {len(log.trials)} trial(s), smallest peak "
-            f"{_smallest_peak(log.trials)}. Lower max_sequence_length or lora_r, use quantization \"4bit\", "
-            "or a smaller model" + (f" ({stopped})" if stopped else ""))
+            f"{_smallest_peak(log.trials)}. Lower max_sequence_length or lora_r, "
+            + ("" if cfg.quantization == "4bit" else "use quantization \"4bit\", ")
+            + "or a smaller model" + (f" ({stopped})" if stopped else ""))
     candidates = _candidates(req, log.trials, found, seq, per_device_effective)
     best, runner_up = candidates[0], (candidates[1] if len(candidates) > 1 else None)
     accumulation = math.ceil(effective / (best.batch * req.world_size))

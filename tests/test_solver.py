@@ -335,7 +335,12 @@ def test_solve_nothing_fits_says_what_to_do():
         solve(SolveRequest(tiny_cfg(), budget_gb=0.05, seq=64), synthetic(per_token(), speed=speed))
     msg = str(err.value)
     assert "nothing fits in 0.05 GiB" in msg and "sequence 64" in msg and "smallest peak 0.16 GiB" in msg
-    assert "max_sequence_length" in msg and "quantization" in msg and "\n" not in msg
+    assert "max_sequence_length" in msg and "\n" not in msg
+    # 4-bit is suggested only to a config that is not already 4-bit.
+    assert ("quantization" in msg) == (tiny_cfg().quantization != "4bit")
+    unquantized = build_config({**tiny_cfg().to_dict(), "quantization": "none"})
+    with pytest.raises(UserError, match='use quantization "4bit"'):
+        solve(SolveRequest(unquantized, budget_gb=0.05, seq=64), synthetic(per_token(), speed=speed))
 
 
 def test_solve_max_rank_picks_the_highest_rank_that_fits():

@@ -268,7 +268,6 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
           max_seq, max_trials, time_budget, checkpointing, real_weights, plot, as_json):
     """Choose micro-batch, accumulation, sequence length and LoRA rank by measured training steps."""
     import time as _time
-    from dataclasses import replace
 
     from autotune.memory import ensure_expandable_segments
 
@@ -401,15 +400,13 @@ def profiles_plot(profile_path, output):
 def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, as_json):
     """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
     from autotune.catalog import resolve_model
-    from autotune.estimate import estimate_peak, largest_fitting
+    from autotune.estimate import estimate_peak, largest_fitting, options_for
 
     cfg = _load(config_path, sets)
     spec = resolve_model(model_name or cfg.model_name)
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
     seq, batch, rank = seq or cfg.max_sequence_length, batch or cfg.batch_size, rank or cfg.lora_r
-    options = dict(target_modules=cfg.target_modules, quantization=cfg.quantization,
-                   gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, device=device,
-                   dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4, lora_dropout=cfg.lora_dropout)
+    options = options_for(cfg, device)
     try:
         est = estimate_peak(spec.architecture, batch=batch, seq=seq, rank=rank, **options)
     except ValueError as exc:  # e.g. target_modules that are not Qwen3 projections

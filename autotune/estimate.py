@@ -290,6 +290,16 @@ def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act
 # ------------------------------------------------------------------------------- the estimate
 
 
+def options_for(cfg, device: str = "cuda", gradient_checkpointing: bool | None = None) -> dict:
+    """estimate_peak's keyword arguments for a config (an autotune.config.Config): the one mapping the
+    CLI, the solver and the benchmarks share, so their estimates describe the same step."""
+    return dict(target_modules=cfg.target_modules, quantization=cfg.quantization,
+                gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
+                else gradient_checkpointing,
+                optimizer=cfg.optimizer, device=device, dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4,
+                lora_dropout=cfg.lora_dropout)
+
+
 def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
                   target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "4bit",
                   gradient_checkpointing: bool = True, dtype_bytes: int = 2, optimizer: str = "paged_adamw_8bit",

@@ -14,7 +14,7 @@ import math
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -248,7 +248,10 @@ class TrialRunner:
             self.meter.track_existing(self._built.model)
         return self._built
 
-    def measure(self, batch: int, seq: int, rank: int, usable: int, checkpointing: bool | None = None) -> Trial:
+    def measure(self, batch: int, seq: int, rank: int, usable: int, checkpointing: bool | None = None,
+                steps: int = TRIAL_STEPS) -> Trial:
+        """`steps` optimizer steps (>= 2) at batch x seq under the cap; the step time is the mean of the
+        steps after the first (the first builds the optimizer state)."""
         import torch
 
         from autotune.data.encoding import CausalLMCollator
@@ -261,30 +264,31 @@ class TrialRunner:
         set_checkpointing(built, want, self.cfg.gradient_checkpointing_kwargs)
         collator = CausalLMCollator(pad_token_id=0, pad_to_length=seq)
         t = time.perf_counter()
-        peak, steps, oom = None, None, False
+        peak, seconds, oom, note = None, None, False, ""
         self.meter.cap(self.budget)
         self.meter.reset_peak()
         try:
             with self.meter:
-                steps = run_trial_steps(built, self.cfg, batch_size=batch, seq_len=seq, steps=TRIAL_STEPS,
-                                        workdir=self.workdir, collator=collator)
+                seconds = run_trial_steps(built, self.cfg, batch_size=batch, seq_len=seq, steps=steps,
+                                          workdir=self.workdir, collator=collator)
             peak = self.meter.peak_bytes()
-        except torch.OutOfMemoryError:
-            oom = True
+        except torch.OutOfMemoryError as exc:
+            oom, note = True, str(exc).splitlines()[0][:300]
         finally:
             self.meter.cap(None)
             built.model.zero_grad(set_to_none=True)
             self.meter.cleanup()
-        if steps and not self._overhead_remeasured and hasattr(self.meter, "remeasure_overhead"):
+        if seconds and not self._overhead_remeasured and hasattr(self.meter, "remeasure_overhead"):
             # The first real step loads kernels and library workspaces lazily: the CUDA context grows.
             # Measure it again once, and count the grown figure in this and every later peak.
             before = self.meter.overhead_bytes
             self._overhead_remeasured = True
             peak += self.meter.remeasure_overhead() - before
-        step_s = steps[-1] if steps else None
+        steady = (seconds[1:] or seconds) if seconds else None
+        step_s = sum(steady) / len(steady) if steady else None
         fits = not oom and peak is not None and peak <= usable
         return Trial(batch, seq, rank, fits, oom, peak, time.perf_counter() - t, step_s,
-                     (batch * seq / step_s) if step_s else None, checkpointing=want)
+                     (batch * seq / step_s) if step_s else None, note=note, checkpointing=want)
 
 
 # -------------------------------------------------------------------------------- the solve
@@ -393,24 +397,17 @@ def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
     line spans a wide range (a short lever arm magnifies measurement noise)."""
     try:
         from autotune.catalog import resolve_model
-        from autotune.estimate import largest_fitting
+        from autotune.estimate import largest_fitting, options_for
+        from autotune.modeling import pick_device
 
         cfg = req.cfg
         arch = resolve_model(cfg.model_name).architecture
-        pred = largest_fitting(arch, int(req.budget_gb * GiB), seq=seq, rank=rank,
-                               target_modules=cfg.target_modules, quantization=cfg.quantization,
-                               gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-                               margin=req.margin, device=_device_type())
+        pred = largest_fitting(arch, int(req.budget_gb * GiB), seq=seq, rank=rank, margin=req.margin,
+                               **options_for(cfg, pick_device().type))
         batch = int(pred.get("batch") or 0)
         return max(2, batch // 2)
     except Exception:  # the estimate only places a trial; the measurements decide
         return 2
-
-
-def _device_type() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _smallest_peak(trials: list[Trial]) -> str:
@@ -461,13 +458,11 @@ def _estimate_bytes(cfg: Config, trial: Trial, runner: TrialRunner | None) -> in
     """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
     try:
         from autotune.catalog import resolve_model
-        from autotune.estimate import estimate_peak
+        from autotune.estimate import estimate_peak, options_for
 
+        options = options_for(cfg, runner.device.type if runner else "cuda", trial.checkpointing)
         return estimate_peak(resolve_model(cfg.model_name).architecture, batch=trial.batch, seq=trial.seq,
-                             rank=trial.rank, target_modules=cfg.target_modules, quantization=cfg.quantization,
-                             gradient_checkpointing=cfg.gradient_checkpointing if trial.checkpointing is None
-                             else trial.checkpointing, optimizer=cfg.optimizer, lora_dropout=cfg.lora_dropout,
-                             device=runner.device.type if runner else "cuda").peak_bytes
+                             rank=trial.rank, **options).peak_bytes
     except (ValueError, UserError):
         return None
 

@@ -90,6 +90,14 @@ class MemoryMeter(ABC):
         gc.collect()
 
 
+def free_memory() -> None:
+    """Collect reference cycles (an OOM's traceback frames hold activations) and, on CUDA, return the
+    allocator's cached blocks, so the next model or attempt starts from what is really live."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------------- CUDA
 
 

@@ -6,12 +6,9 @@ around it: what is written where, and what happens when the GPU runs out of memo
 
 from __future__ import annotations
 
-import gc
-import json
-import math
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from autotune.data.encoding import CausalLMCollator, length_stats, load_or_encod
 from autotune.data.parsing import parse_data, split_pairs
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
+from autotune.memory import free_memory
 from autotune.modeling import BuiltModel, build_model, quiet_libraries
 from autotune.runlog import RunLog
 from autotune.step import ListDataset, check_training_settings, make_trainer, training_arguments
@@ -129,11 +127,6 @@ class Run:
         return self.output_dir / CHECKPOINTS
 
 
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
 
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint-N that was written to the end. The Trainer writes trainer_state.json
@@ -207,7 +200,7 @@ def _fit_with_oom_recovery(run: Run, resume_from: str | None,
                      f"(effective batch {batch * accumulation} unchanged); continuing from step {step}")
             trainer.optimizer = trainer.lr_scheduler = None
             del trainer
-            _free_memory()
+            free_memory()
 
 
 def _check_environment(cfg: Config, echo) -> dict:

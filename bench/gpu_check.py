@@ -12,9 +12,7 @@ OOMs); estimate error against the measured peak; the guide's 16 GB preset agains
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import subprocess
 import sys
 import time
@@ -118,47 +116,26 @@ def base_config(model: str, rehearse: bool, **extra):
 
 
 def measure_steps(runner, cfg, batch: int, seq: int, steps: int) -> dict:
-    """`steps` optimizer steps of the training step under the runner's cap: peak, OOM, tokens/s."""
-    import torch
-
-    from autotune.data.encoding import CausalLMCollator
-    from autotune.step import run_trial_steps
-
-    from autotune.modeling import set_checkpointing
-
-    built = runner._model_for(cfg.lora_r)
-    set_checkpointing(built, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
-    runner.meter.cap(runner.budget)
-    runner.meter.reset_peak()
-    t = time.perf_counter()
-    out = {"batch": batch, "seq": seq, "steps": steps, "oom": False}
-    try:
-        with runner.meter:
-            secs = run_trial_steps(built, cfg, batch_size=batch, seq_len=seq, steps=steps, workdir="/tmp/autotune-gpu-check",
-                                   collator=CausalLMCollator(pad_token_id=0, pad_to_length=seq))
-        steady = secs[1:] or secs
-        out.update(peak_bytes=runner.meter.peak_bytes(), step_seconds=sum(steady) / len(steady),
-                   tokens_per_second=batch * seq * len(steady) / sum(steady))
-    except torch.OutOfMemoryError as exc:
-        out.update(oom=True, error=str(exc).splitlines()[0][:300])
-    finally:
-        runner.meter.cap(None)
-        built.model.zero_grad(set_to_none=True)
-        runner.meter.cleanup()
-    out["seconds"] = time.perf_counter() - t
-    out["peak_fraction"] = out.get("peak_bytes", 0) / runner.budget if out.get("peak_bytes") else None
+    """`steps` optimizer steps of the solver's trial (the training step) under the runner's cap:
+    peak, OOM, tokens/s. The shape's checkpointing and rank come from `cfg`."""
+    trial = runner.measure(batch, seq, cfg.lora_r, usable=runner.budget, checkpointing=cfg.gradient_checkpointing,
+                           steps=steps)
+    out = {"batch": batch, "seq": seq, "steps": steps, "oom": trial.oom, "seconds": trial.seconds,
+           "peak_fraction": trial.peak_bytes / runner.budget if trial.peak_bytes else None}
+    if trial.oom:
+        out["error"] = trial.note
+    else:
+        out.update(peak_bytes=trial.peak_bytes, step_seconds=trial.step_seconds,
+                   tokens_per_second=trial.tokens_per_second)
     return out
 
 
 def estimate_for(cfg, batch: int, seq: int, device: str) -> dict | None:
-    try:
-        from autotune.catalog import resolve_model
-        from autotune.estimate import estimate_peak
-    except ImportError:
-        return None
+    from autotune.catalog import resolve_model
+    from autotune.estimate import estimate_peak, options_for
+
     est = estimate_peak(resolve_model(cfg.model_name).architecture, batch=batch, seq=seq, rank=cfg.lora_r,
-                        target_modules=cfg.target_modules, quantization=cfg.quantization,
-                        gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, device=device)
+                        **options_for(cfg, device))
     return {"peak_bytes": est.peak_bytes, "components": est.components}
 
 
@@ -216,19 +193,10 @@ def stage_solve_and_train(plan: Plan, results: Results, stats: dict | None) -> N
 
 def release(runner) -> None:
     """Free a runner's model before the next one is built (the next model's peak must not include it)."""
+    from autotune.memory import free_memory
+
     runner._built = None
-    gc.collect()
-    _empty_cache()
-
-
-def _empty_cache():
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_memory()
 
 
 def stage_fixed_shape(plan: Plan, results: Results) -> None:

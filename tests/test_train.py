@@ -369,6 +369,18 @@ def _cli(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _cli_run(*args, timeout: float) -> tuple[int, str, str]:
+    """`python -m autotune.cli ARGS` to completion within `timeout` (killed, never leaked, past it)."""
+    proc = _cli(*args)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, stdout, stderr
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache):
     # lora_dropout stays on: resuming must restore the RNG state, not only weights and optimizer.
@@ -399,14 +411,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
 
-    resumed = _cli("train", "--config", str(config_path), "--resume")
-    try:
-        stdout, stderr = resumed.communicate(timeout=300)
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
-            resumed.communicate()
-    assert resumed.returncode == 0, stderr[-3000:]
+    code, stdout, stderr = _cli_run("train", "--config", str(config_path), "--resume", timeout=300)
+    assert code == 0, stderr[-3000:]
     assert "training succeeded" in stdout
 
     baseline = build_config(config_values(tmp_path / "uninterrupted", **common))
@@ -526,14 +532,8 @@ def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
     config_path.write_text(json.dumps(config_values(tmp_path)), encoding="utf-8")
     bad = tmp_path / "profile.json"
     bad.write_text('{"schema_version": 1, "kind": "autotune.profile", "choice": {', encoding="utf-8")
-    proc = _cli("train", "--config", str(config_path), "--profile", str(bad))
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 2, stderr
+    code, stdout, stderr = _cli_run("train", "--config", str(config_path), "--profile", str(bad), timeout=120)
+    assert code == 2, stderr
     assert "Traceback" not in stderr
     assert f"error: {bad}:1:" in stderr and "corrupt" in stderr and "autotune solve" in stderr
     assert not (tmp_path / "out").exists()  # nothing trained

@@ -50,21 +50,35 @@ class Architecture:
         return embed + L * layer + h + head
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "Architecture":
+    def from_hf_config(cls, cfg: dict) -> Architecture:
         fields = cls.__dataclass_fields__
         kwargs = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
         # transformers >= 5 saves rope_theta inside rope_parameters.
         rope = cfg.get("rope_parameters")
         if "rope_theta" not in kwargs and isinstance(rope, dict) and rope.get("rope_theta") is not None:
             kwargs["rope_theta"] = rope["rope_theta"]
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-                   if k not in kwargs]
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in kwargs
+        ]
         if missing:
             raise UserError(f"config.json lacks {', '.join(missing)}: it does not describe a Qwen3 model")
-        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
-        bad = [f"{k}={kwargs[k]!r}" for k in sizes
-               if k in kwargs and (not isinstance(kwargs[k], int) or isinstance(kwargs[k], bool) or kwargs[k] < 1)]
+        sizes = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+        )
+        bad = [
+            f"{k}={kwargs[k]!r}"
+            for k in sizes
+            if k in kwargs and (not isinstance(kwargs[k], int) or isinstance(kwargs[k], bool) or kwargs[k] < 1)
+        ]
         if bad:
             raise UserError(f"config.json has {', '.join(bad)}: sizes must be positive integers")
         if "head_dim" not in kwargs:
@@ -74,10 +88,10 @@ class Architecture:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str                 # short name, e.g. Qwen3-14B
-    hub_id: str | None        # Qwen/Qwen3-14B; None for the built-in tiny model
+    name: str  # short name, e.g. Qwen3-14B
+    hub_id: str | None  # Qwen/Qwen3-14B; None for the built-in tiny model
     architecture: Architecture
-    thinking: bool = False    # the assistant turn follows a <think> block (Qwen3 hybrid and -Thinking models)
+    thinking: bool = False  # the assistant turn follows a <think> block (Qwen3 hybrid and -Thinking models)
     tokenizer: str | None = None  # None: the model's own (hub id or local path)
     local_path: str | None = None
 
@@ -100,8 +114,18 @@ _4B_2507 = replace(_4B, max_position_embeddings=262144, rope_theta=5_000_000.0)
 CATALOG: dict[str, ModelSpec] = {
     s.name: s
     for s in [
-        ModelSpec("Qwen3-0.6B", "Qwen/Qwen3-0.6B", Architecture(1024, 3072, 28, 16, tie_word_embeddings=True, **_QWEN3), thinking=True),
-        ModelSpec("Qwen3-1.7B", "Qwen/Qwen3-1.7B", Architecture(2048, 6144, 28, 16, tie_word_embeddings=True, **_QWEN3), thinking=True),
+        ModelSpec(
+            "Qwen3-0.6B",
+            "Qwen/Qwen3-0.6B",
+            Architecture(1024, 3072, 28, 16, tie_word_embeddings=True, **_QWEN3),
+            thinking=True,
+        ),
+        ModelSpec(
+            "Qwen3-1.7B",
+            "Qwen/Qwen3-1.7B",
+            Architecture(2048, 6144, 28, 16, tie_word_embeddings=True, **_QWEN3),
+            thinking=True,
+        ),
         ModelSpec("Qwen3-4B", "Qwen/Qwen3-4B", _4B, thinking=True),
         ModelSpec("Qwen3-4B-Thinking-2507", "Qwen/Qwen3-4B-Thinking-2507", _4B_2507, thinking=True),
         ModelSpec("Qwen3-4B-Instruct-2507", "Qwen/Qwen3-4B-Instruct-2507", _4B_2507, thinking=False),
@@ -110,9 +134,22 @@ CATALOG: dict[str, ModelSpec] = {
         ModelSpec("Qwen3-32B", "Qwen/Qwen3-32B", Architecture(5120, 25600, 64, 64, **_QWEN3), thinking=True),
         # The offline demo and the tests: Qwen3's real vocabulary (so the real tokenizer works) on a
         # model small enough to train on two CPU cores in seconds.
-        ModelSpec(TINY, None, Architecture(64, 128, 2, 4, num_key_value_heads=2, head_dim=16,
-                                           tie_word_embeddings=True, max_position_embeddings=4096),
-                  thinking=True, tokenizer="qwen3-offline"),
+        ModelSpec(
+            TINY,
+            None,
+            Architecture(
+                64,
+                128,
+                2,
+                4,
+                num_key_value_heads=2,
+                head_dim=16,
+                tie_word_embeddings=True,
+                max_position_embeddings=4096,
+            ),
+            thinking=True,
+            tokenizer="qwen3-offline",
+        ),
     ]
 }
 
@@ -125,7 +162,8 @@ _NOT_QWEN3 = {
 def _suggest(name: str) -> str:
     names = list(CATALOG)
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
-        name.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
+        name.lower(), [n.lower() for n in names], n=3, cutoff=0.5
+    )
     known = ", ".join(n for n in names)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
     return f"{hint} Known models: {known}; or a local directory holding a config.json."
@@ -178,8 +216,9 @@ def _from_local_dir(path: Path) -> ModelSpec:
         raise UserError(f"{cfg_file}: model_type is {model_type!r}; autotune tunes Qwen3 dense models (qwen3)")
     arch = Architecture.from_hf_config(cfg)
     has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-    return ModelSpec(path.name, None, arch, thinking=True, local_path=str(path),
-                     tokenizer=None if has_tokenizer else "qwen3-offline")
+    return ModelSpec(
+        path.name, None, arch, thinking=True, local_path=str(path), tokenizer=None if has_tokenizer else "qwen3-offline"
+    )
 
 
 def has_weights(spec: ModelSpec) -> bool:

@@ -25,8 +25,13 @@ def _load(config_path, sets):
     return load_config(config_path, parse_set(sets))
 
 
-set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                          help="Override a config key (repeatable), typed by the schema: --set batch_size=2")
+set_option = click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key (repeatable), typed by the schema: --set batch_size=2",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,13 +42,15 @@ def cli():
 
 # ------------------------------------------------------------------------------------ probe
 
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one versioned JSON document (keys: gpus, host).")
 @click.option("--save", type=click.Path(dir_okay=False), help="Also write the JSON document here (atomically).")
 @click.option("--output-dir", default=".", show_default=True, help="Where free disk space is measured.")
 def probe(as_json, save, output_dir):
     """Report every GPU (NVML) and the host: memory, driver, CUDA, bf16, CPU, RAM, disk, versions."""
-    from autotune.hardware import probe as run_probe, render_table, save_probe
+    from autotune.hardware import probe as run_probe
+    from autotune.hardware import render_table, save_probe
 
     doc = run_probe(output_dir)
     if save:
@@ -53,11 +60,14 @@ def probe(as_json, save, output_dir):
 
 # --------------------------------------------------------------------------------- validate
 
+
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fully resolved config as JSON.")
-@click.option("--hardware", is_flag=True, help="Also check it against this machine (the guide's --validate-hardware-only).")
+@click.option(
+    "--hardware", is_flag=True, help="Also check it against this machine (the guide's --validate-hardware-only)."
+)
 def validate(config, sets, as_json, hardware):
     """Check CONFIG (default: the built-in defaults) and print it fully resolved; exit 2 on errors."""
     cfg = _load(config, sets)
@@ -81,6 +91,7 @@ def validate(config, sets, as_json, hardware):
 
 
 # --------------------------------------------------------------------------------- profiles
+
 
 @cli.group()
 def profiles():
@@ -116,6 +127,7 @@ def profiles_show(name):
 
 # ------------------------------------------------------------------------------------- data
 
+
 @cli.group()
 def data():
     """Look at what the parser and the tokenizer make of a data folder."""
@@ -134,7 +146,12 @@ def _data_config(config, sets, data_dir):
 @click.argument("data_dir", required=False)
 @click.option("--config", type=click.Path(dir_okay=False), help="Take data_format, prefixes and patterns from here.")
 @set_option
-@click.option("--json", "as_json", is_flag=True, help="files (path, format, pairs, skipped) and pairs (question, answer, source, line).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="files (path, format, pairs, skipped) and pairs (question, answer, source, line).",
+)
 def data_inspect(data_dir, config, sets, as_json):
     """Per file: the format found, the pairs, and each skipped item with its reason."""
     from autotune.data.parsing import parse_data
@@ -173,15 +190,26 @@ def data_stats(data_dir, config, sets, as_json):
     click.echo(f"{stats['count']} samples, tokens with {spec.name}'s chat template")
     click.echo(f"{'':8}" + "".join(f"{k:>8}" for k in ("p50", "p90", "p95", "p99", "max", "mean")))
     for part in ("prompt", "answer", "total"):
-        click.echo(f"{part:8}" + "".join(f"{stats[part][k]:>8}" for k in ("p50", "p90", "p95", "p99", "max"))
-                   + f"{stats[part]['mean']:>8.1f}")
+        click.echo(
+            f"{part:8}"
+            + "".join(f"{stats[part][k]:>8}" for k in ("p50", "p90", "p95", "p99", "max"))
+            + f"{stats[part]['mean']:>8.1f}"
+        )
 
 
 # ------------------------------------------------------------------------------------ train
 
+
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON (default: built-in defaults).")
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), help="A solved profile; its choice wins over the config.")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON (default: built-in defaults)."
+)
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(dir_okay=False),
+    help="A solved profile; its choice wins over the config.",
+)
 @set_option
 @click.option("--resume", is_flag=True, help="Go on from the latest checkpoint in output_dir/checkpoints.")
 @click.option("--inject-oom-at", type=int, multiple=True, hidden=True, help="Testing: raise an OOM at this step.")
@@ -191,10 +219,16 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
     profile = None
     if profile_path:
         from autotune.catalog import resolve_model
-        from autotune.config import merge_values, build_config, parse_set
+        from autotune.config import build_config, merge_values, parse_set
         from autotune.hardware import probe as run_probe
-        from autotune.profile import (CHOICE_KEYS, apply_profile, hardware_fingerprint, load_profile, mismatches,
-                                      profile_config)
+        from autotune.profile import (
+            CHOICE_KEYS,
+            apply_profile,
+            hardware_fingerprint,
+            load_profile,
+            mismatches,
+            profile_config,
+        )
 
         profile = load_profile(profile_path)
         if config_path is None:
@@ -206,29 +240,41 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
             # What the user types on this command line wins over the profile, and is said aloud.
             cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")
             for key in sorted(set(overrides) & set(CHOICE_KEYS)):
-                click.echo(f"warning: --set {key} overrides the profile's solved {key}: the profile's memory "
-                           "figures no longer apply", err=True)
+                click.echo(
+                    f"warning: --set {key} overrides the profile's solved {key}: the profile's memory "
+                    "figures no longer apply",
+                    err=True,
+                )
         spec = resolve_model(cfg.model_name)
         device = profile["hardware"].get("device") or "cpu"
-        for warning in mismatches(profile, hardware_fingerprint(run_probe(cfg.output_dir), device), cfg.model_name,
-                                  spec.architecture):
+        for warning in mismatches(
+            profile, hardware_fingerprint(run_probe(cfg.output_dir), device), cfg.model_name, spec.architecture
+        ):
             click.echo(f"warning: {warning}", err=True)
-    from autotune.trainer import InjectOOM, train as run_training
+    from autotune.trainer import InjectOOM
+    from autotune.trainer import train as run_training
 
     extra = [InjectOOM(inject_oom_at)] if inject_oom_at else []
-    summary = run_training(cfg, profile=profile, resume=resume, extra_callbacks=extra,
-                           echo=lambda m: click.echo(m, err=True))
+    summary = run_training(
+        cfg, profile=profile, resume=resume, extra_callbacks=extra, echo=lambda m: click.echo(m, err=True)
+    )
     final = summary.get("final", {})
-    loss = (f"loss {final['first_loss']:.4f} -> {final['last_loss']:.4f}" if final.get("first_loss") is not None
-            else f"mean training loss {final.get('train_loss')}")
-    click.echo(f"\ntraining {summary['status']} in {summary['seconds']:.0f}s: {final.get('global_step')} steps, "
-               f"{loss}, eval loss {final.get('eval_loss')}")
+    loss = (
+        f"loss {final['first_loss']:.4f} -> {final['last_loss']:.4f}"
+        if final.get("first_loss") is not None
+        else f"mean training loss {final.get('train_loss')}"
+    )
+    click.echo(
+        f"\ntraining {summary['status']} in {summary['seconds']:.0f}s: {final.get('global_step')} steps, "
+        f"{loss}, eval loss {final.get('eval_loss')}"
+    )
     click.echo(f"adapter, tokenizer and run summary: {summary['output_dir']}")
     if "inference_report" in summary:
         click.echo(f"inference report: {summary['inference_report']['markdown']}")
 
 
 # ------------------------------------------------------------------------------------ solve
+
 
 def _budget_gb(flag: float | None, cfg, budget_explicit: bool, probe_doc: dict) -> tuple[float, str]:
     from autotune.hardware import best_gpu
@@ -248,24 +294,63 @@ def _budget_gb(flag: float | None, cfg, budget_explicit: bool, probe_doc: dict) 
 @click.option("--model", "model_name", help="Qwen3 model: short name, hub id or local dir (default: the config's).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 @set_option
-@click.option("--data", "data_dir", help="Data folder whose token lengths size the sequence (default: the config's data_dir).")
-@click.option("--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget (default: config, else probed free memory).")
-@click.option("--output", type=click.Path(dir_okay=False), help="Profile path (default: profiles/solved/<gpu>__<model>__<budget>.json).")
-@click.option("--objective", type=click.Choice(["throughput", "max-seq", "max-rank"]), default="throughput", show_default=True)
-@click.option("--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True, help="Safety margin under the budget.")
+@click.option(
+    "--data", "data_dir", help="Data folder whose token lengths size the sequence (default: the config's data_dir)."
+)
+@click.option(
+    "--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget (default: config, else probed free memory)."
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Profile path (default: profiles/solved/<gpu>__<model>__<budget>.json).",
+)
+@click.option(
+    "--objective", type=click.Choice(["throughput", "max-seq", "max-rank"]), default="throughput", show_default=True
+)
+@click.option(
+    "--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True, help="Safety margin under the budget."
+)
 @click.option("--seq", type=click.IntRange(min=8), help="Fix the sequence length instead of covering the data's p99.")
 @click.option("--rank", type=click.IntRange(min=1), help="Fix the LoRA rank.")
 @click.option("--ranks", help="Rank candidates, comma-separated (max-rank objective), e.g. 8,16,32,64.")
-@click.option("--max-seq", type=click.IntRange(min=8), help="Upper bound for --objective max-seq (default: the model's maximum).")
+@click.option(
+    "--max-seq", type=click.IntRange(min=8), help="Upper bound for --objective max-seq (default: the model's maximum)."
+)
 @click.option("--max-trials", type=click.IntRange(min=2))
 @click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds; stop searching and keep the best so far.")
-@click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Gradient checkpointing: auto measures with and without it (throughput) and keeps the faster.")
-@click.option("--real-weights", is_flag=True, help="Trial on the real weights (downloads/loads them) instead of random init.")
+@click.option(
+    "--checkpointing",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Gradient checkpointing: auto measures with and without it (throughput) and keeps the faster.",
+)
+@click.option(
+    "--real-weights", is_flag=True, help="Trial on the real weights (downloads/loads them) instead of random init."
+)
 @click.option("--plot", is_flag=True, help="Also write a PNG beside the profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
-def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, objective, margin, seq, rank, ranks,
-          max_seq, max_trials, time_budget, checkpointing, real_weights, plot, as_json):
+def solve(
+    model_name,
+    config_path,
+    sets,
+    data_dir,
+    max_memory_gb,
+    output,
+    objective,
+    margin,
+    seq,
+    rank,
+    ranks,
+    max_seq,
+    max_trials,
+    time_budget,
+    checkpointing,
+    real_weights,
+    plot,
+    as_json,
+):
     """Choose micro-batch, accumulation, sequence length and LoRA rank by measured training steps."""
     import time as _time
 
@@ -292,10 +377,11 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
         rank_list = [rank]
     elif objective == "max-rank":
         rank_list = [4, 8, 16, 32, 64]
-    from autotune.hardware import best_gpu, probe as run_probe
+    from autotune.hardware import best_gpu
+    from autotune.hardware import probe as run_probe
     from autotune.profile import hardware_fingerprint, save_profile
-    from autotune.solver import SolveRequest, TrialRunner, build_profile, default_profile_path, solve as run_solve
-
+    from autotune.solver import SolveRequest, TrialRunner, build_profile, default_profile_path
+    from autotune.solver import solve as run_solve
     from autotune.step import check_training_settings
 
     check_training_settings(cfg)
@@ -306,18 +392,37 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
     budget, budget_source = _budget_gb(max_memory_gb, cfg, "max_memory_gb" in explicit, probe_doc)
     if output:
         _check_writable(output)
-    stats = _solver_data_stats(cfg, required=bool(data_dir) or "data_dir" in explicit,
-                               echo=lambda m: click.echo(m, err=True))
-    req = SolveRequest(cfg=cfg, budget_gb=budget, margin=margin, objective=objective, seq=seq, ranks=rank_list,
-                       max_seq=max_seq,
-                       max_trials=max_trials, time_budget_s=time_budget, data_stats=stats,
-                       try_without_checkpointing=checkpointing == "auto" and objective == "throughput")
-    runner = TrialRunner(cfg, int(budget * 2**30), init="pretrained" if real_weights else "random",
-                         echo=lambda m: click.echo(m, err=True))
+    stats = _solver_data_stats(
+        cfg, required=bool(data_dir) or "data_dir" in explicit, echo=lambda m: click.echo(m, err=True)
+    )
+    req = SolveRequest(
+        cfg=cfg,
+        budget_gb=budget,
+        margin=margin,
+        objective=objective,
+        seq=seq,
+        ranks=rank_list,
+        max_seq=max_seq,
+        max_trials=max_trials,
+        time_budget_s=time_budget,
+        data_stats=stats,
+        try_without_checkpointing=checkpointing == "auto" and objective == "throughput",
+    )
+    runner = TrialRunner(
+        cfg,
+        int(budget * 2**30),
+        init="pretrained" if real_weights else "random",
+        echo=lambda m: click.echo(m, err=True),
+    )
     device = runner.device.type
-    click.echo(f"solving {cfg.model_name} ({cfg.quantization}) on {device} within {budget:g} GiB ({budget_source}), "
-               f"margin {margin:.0%}, objective {objective}", err=True)
-    result = run_solve(req, runner.measure, on_trial=lambda t: click.echo("  " + t.describe(int(budget * 2**30)), err=True))
+    click.echo(
+        f"solving {cfg.model_name} ({cfg.quantization}) on {device} within {budget:g} GiB ({budget_source}), "
+        f"margin {margin:.0%}, objective {objective}",
+        err=True,
+    )
+    result = run_solve(
+        req, runner.measure, on_trial=lambda t: click.echo("  " + t.describe(int(budget * 2**30)), err=True)
+    )
     profile = build_profile(req, result, hardware=hardware_fingerprint(probe_doc, device), runner=runner)
     profile["solve_seconds"] = round(_time.monotonic() - started, 2)
     profile["model_build_seconds"] = round(runner.build_seconds, 2)
@@ -333,10 +438,12 @@ def solve(model_name, config_path, sets, data_dir, max_memory_gb, output, object
         _echo_json(profile)
         return
     c = profile["choice"]
-    click.echo(f"\nchoice: batch_size {c['batch_size']} x gradient_accumulation_steps {c['gradient_accumulation_steps']} "
-               f"(effective {c['effective_batch_size']}), max_sequence_length {c['max_sequence_length']}, "
-               f"lora_r {c['lora_r']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}; "
-               f"peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}")
+    click.echo(
+        f"\nchoice: batch_size {c['batch_size']} x gradient_accumulation_steps {c['gradient_accumulation_steps']} "
+        f"(effective {c['effective_batch_size']}), max_sequence_length {c['max_sequence_length']}, "
+        f"lora_r {c['lora_r']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}; "
+        f"peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}"
+    )
     click.echo(f"why: {profile['reason']}")
     click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
     click.echo(f"next: autotune train --profile {path}")
@@ -358,10 +465,14 @@ def _solver_data_stats(cfg, required: bool, echo):
 
     if not Path(cfg.data_dir).is_dir():
         if required:
-            raise UserError(f"data folder {cfg.data_dir!r} does not exist: give --data DIR with your QA files, "
-                            "or --seq N to solve at a fixed sequence length")
-        echo(f"note: no data folder at {cfg.data_dir!r}: solving at the config's max_sequence_length "
-             f"{cfg.max_sequence_length} (give --data DIR to size it from your data's p99)")
+            raise UserError(
+                f"data folder {cfg.data_dir!r} does not exist: give --data DIR with your QA files, "
+                "or --seq N to solve at a fixed sequence length"
+            )
+        echo(
+            f"note: no data folder at {cfg.data_dir!r}: solving at the config's max_sequence_length "
+            f"{cfg.max_sequence_length} (give --data DIR to size it from your data's p99)"
+        )
         return None
     from autotune.catalog import resolve_model
     from autotune.tokenizer import load_tokenizer
@@ -385,17 +496,25 @@ def profiles_plot(profile_path, output):
 
 # --------------------------------------------------------------------------------- estimate
 
+
 @cli.command()
 @click.option("--model", "model_name", help="Qwen3 model (default: the config's).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 @set_option
-@click.option("--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget to compare with (default: the config's).")
+@click.option(
+    "--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget to compare with (default: the config's)."
+)
 @click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default: the config's max_sequence_length).")
 @click.option("--batch", type=click.IntRange(min=1), help="Micro-batch (default: the config's batch_size).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: the config's lora_r).")
 @click.option("--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True)
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="cuda adds the CUDA context; cpu predicts what the CPU memory tracker measures.")
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "cpu"]),
+    default="cuda",
+    show_default=True,
+    help="cuda adds the CUDA context; cpu predicts what the CPU memory tracker measures.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, as_json):
     """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
@@ -411,26 +530,48 @@ def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, mar
         est = estimate_peak(spec.architecture, batch=batch, seq=seq, rank=rank, **options)
     except ValueError as exc:  # e.g. target_modules that are not Qwen3 projections
         raise UserError(f"cannot estimate: {exc}") from None
-    doc = {"model": spec.name, "shape": est.shape, "peak_bytes": est.peak_bytes, "peak_gb": round(est.peak_gib, 3),
-           "phase": est.phase, "components_gb": {k: round(v / 2**30, 3) for k, v in est.components.items()}}
+    doc = {
+        "model": spec.name,
+        "shape": est.shape,
+        "peak_bytes": est.peak_bytes,
+        "peak_gb": round(est.peak_gib, 3),
+        "phase": est.phase,
+        "components_gb": {k: round(v / 2**30, 3) for k, v in est.components.items()},
+    }
     if budget_gb is not None:
-        fit = largest_fitting(spec.architecture, int(budget_gb * 2**30), seq=seq, batch=batch, rank=rank,
-                              margin=margin, max_seq=spec.architecture.max_position_embeddings, **options)
-        doc.update(max_memory_gb=budget_gb, margin=margin,
-                   fits=est.peak_bytes <= budget_gb * 2**30 * (1 - margin),
-                   largest_batch_at_seq=fit["batch"], largest_seq_at_batch=fit["seq"])
+        fit = largest_fitting(
+            spec.architecture,
+            int(budget_gb * 2**30),
+            seq=seq,
+            batch=batch,
+            rank=rank,
+            margin=margin,
+            max_seq=spec.architecture.max_position_embeddings,
+            **options,
+        )
+        doc.update(
+            max_memory_gb=budget_gb,
+            margin=margin,
+            fits=est.peak_bytes <= budget_gb * 2**30 * (1 - margin),
+            largest_batch_at_seq=fit["batch"],
+            largest_seq_at_batch=fit["seq"],
+        )
     if as_json:
         _echo_json(doc)
         return
-    click.echo(f"{spec.name}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
-               f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device})")
+    click.echo(
+        f"{spec.name}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device})"
+    )
     for name, gb in doc["components_gb"].items():
         click.echo(f"  {name:18} {gb:9.3f} GiB")
     click.echo(f"  {'peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
     if budget_gb is not None:
         verdict = "fits" if doc["fits"] else "does NOT fit"
-        click.echo(f"{verdict} {budget_gb:g} GiB less a {margin:.0%} margin; predicted to fit: batch "
-                   f"{doc['largest_batch_at_seq']} at seq {seq}, seq {doc['largest_seq_at_batch']} at batch {batch}")
+        click.echo(
+            f"{verdict} {budget_gb:g} GiB less a {margin:.0%} margin; predicted to fit: batch "
+            f"{doc['largest_batch_at_seq']} at seq {seq}, seq {doc['largest_seq_at_batch']} at batch {batch}"
+        )
     click.echo("a prediction: `autotune solve` measures real steps", err=True)
 
 
@@ -440,8 +581,13 @@ DEMO_CONFIG = "configs/demo"
 
 
 @cli.command()
-@click.option("--max-memory-gb", type=click.FloatRange(min=0.01), default=0.4, show_default=True,
-              help="The simulated card the tiny model is solved for.")
+@click.option(
+    "--max-memory-gb",
+    type=click.FloatRange(min=0.01),
+    default=0.4,
+    show_default=True,
+    help="The simulated card the tiny model is solved for.",
+)
 @click.option("--output-dir", default="outputs/demo", show_default=True)
 @click.pass_context
 def demo(ctx, max_memory_gb, output_dir):
@@ -454,17 +600,32 @@ def demo(ctx, max_memory_gb, output_dir):
     preset = preset_path(DEMO_CONFIG)
     sample_data = Path(__file__).resolve().parent.parent / "data" / "raw"
     if preset is None or not sample_data.is_dir():
-        raise UserError("the demo needs profiles/configs/demo.json and data/raw from the autotune source tree: "
-                        "run it from a clone installed with `pip install -e .` (scripts/bootstrap.sh does)")
+        raise UserError(
+            "the demo needs profiles/configs/demo.json and data/raw from the autotune source tree: "
+            "run it from a clone installed with `pip install -e .` (scripts/bootstrap.sh does)"
+        )
     config = str(preset)
-    sets = (f"output_dir={output_dir}", f"log_dir={output_dir}/logs", f"data_dir={sample_data}",
-            f"structured_logging.log_file={output_dir}/logs/training.jsonl")
+    sets = (
+        f"output_dir={output_dir}",
+        f"log_dir={output_dir}/logs",
+        f"data_dir={sample_data}",
+        f"structured_logging.log_file={output_dir}/logs/training.jsonl",
+    )
     profile = str(Path(output_dir) / "profile.json")
     click.echo("== 1/3 autotune probe", err=True)
     ctx.invoke(probe)
     click.echo(f"\n== 2/3 autotune solve (tiny-qwen3, simulated {max_memory_gb:g} GiB card)", err=True)
-    ctx.invoke(solve, config_path=config, sets=sets, max_memory_gb=max_memory_gb, output=profile, plot=True,
-               objective="throughput", margin=0.05, checkpointing="auto")
+    ctx.invoke(
+        solve,
+        config_path=config,
+        sets=sets,
+        max_memory_gb=max_memory_gb,
+        output=profile,
+        plot=True,
+        objective="throughput",
+        margin=0.05,
+        checkpointing="auto",
+    )
     click.echo("\n== 3/3 autotune train --profile", err=True)
     ctx.invoke(train, config_path=config, profile_path=profile, sets=sets)
     report = Path(output_dir) / "inference_report.md"

@@ -18,6 +18,7 @@ from typing import Any
 
 from autotune.errors import UserError
 
+
 def _profiles_dir() -> Path:
     """Presets: $AUTOTUNE_PROFILES, else profiles/ of the source tree (editable install), else the copy a
     wheel installs under <prefix>/share/autotune/profiles."""
@@ -44,7 +45,9 @@ def _key(default, doc: str, kind: str):
 @dataclass
 class StructuredLogging:
     enabled: bool = _key(True, "Write the JSONL training log.", "bool")
-    log_file: str = _key("./logs/structured/training.jsonl", "Path of the JSONL log (relative to the working directory).", "str")
+    log_file: str = _key(
+        "./logs/structured/training.jsonl", "Path of the JSONL log (relative to the working directory).", "str"
+    )
     log_level: str = _key("INFO", "Lowest level written.", "choice:DEBUG|INFO|WARNING|ERROR")
     include_memory_stats: bool = _key(True, "Add process RAM and GPU memory to each metrics record.", "bool")
     include_model_stats: bool = _key(True, "Log trainable and total parameter counts.", "bool")
@@ -53,20 +56,46 @@ class StructuredLogging:
 @dataclass
 class Config:
     # --- model and output ---
-    model_name: str = _key("Qwen/Qwen3-4B-Thinking-2507", "Qwen3 short name (Qwen3-14B), hub id, or local directory with config.json.", "str")
-    tokenizer_name: str | None = _key(None, "Tokenizer to use; null: the model's own. `qwen3-offline` builds Qwen3's tokenizer without network.", "str?")
-    init: str = _key("pretrained", "`pretrained` loads real weights; `random` builds the architecture with random weights (demo, tests, solver trials).", "choice:pretrained|random")
-    output_dir: str = _key("./qwen3-finetuned", "Where the adapter, tokenizer, resolved config and run summary go.", "str")
-    max_memory_gb: float | None = _key(13.0, "GPU memory budget in GiB; solve fits inside it, validate checks it. null: probed free memory less a margin.", "float>0?")
-    quantization: str = _key("4bit", "Base weights: `4bit` (nf4 + double quant, QLoRA), `8bit`, or `none`.", "choice:4bit|8bit|none")
+    model_name: str = _key(
+        "Qwen/Qwen3-4B-Thinking-2507",
+        "Qwen3 short name (Qwen3-14B), hub id, or local directory with config.json.",
+        "str",
+    )
+    tokenizer_name: str | None = _key(
+        None,
+        "Tokenizer to use; null: the model's own. `qwen3-offline` builds Qwen3's tokenizer without network.",
+        "str?",
+    )
+    init: str = _key(
+        "pretrained",
+        "`pretrained` loads real weights; `random` builds the architecture with random weights (demo, tests, solver trials).",
+        "choice:pretrained|random",
+    )
+    output_dir: str = _key(
+        "./qwen3-finetuned", "Where the adapter, tokenizer, resolved config and run summary go.", "str"
+    )
+    max_memory_gb: float | None = _key(
+        13.0,
+        "GPU memory budget in GiB; solve fits inside it, validate checks it. null: probed free memory less a margin.",
+        "float>0?",
+    )
+    quantization: str = _key(
+        "4bit", "Base weights: `4bit` (nf4 + double quant, QLoRA), `8bit`, or `none`.", "choice:4bit|8bit|none"
+    )
     # --- batch and schedule ---
     batch_size: int = _key(4, "Per-device micro-batch.", "int>=1")
     gradient_accumulation_steps: int = _key(16, "Micro-batches per optimizer step.", "int>=1")
-    effective_batch_size: int | None = _key(None, "Samples per optimizer step; when set, gradient_accumulation_steps = effective_batch_size / batch_size (solve keeps it fixed); null: batch_size x gradient_accumulation_steps.", "int>=1?")
+    effective_batch_size: int | None = _key(
+        None,
+        "Samples per optimizer step; when set, gradient_accumulation_steps = effective_batch_size / batch_size (solve keeps it fixed); null: batch_size x gradient_accumulation_steps.",
+        "int>=1?",
+    )
     learning_rate: float = _key(5e-5, "Peak learning rate.", "float>0")
     num_epochs: float = _key(100, "Epochs over the training split (ignored when max_steps is set).", "float>0")
     max_steps: int | None = _key(None, "Stop after this many optimizer steps; null: run num_epochs.", "int>=1?")
-    max_sequence_length: int = _key(256, "Tokens per sample (prompt + answer); longer samples follow `overflow`.", "int>=8")
+    max_sequence_length: int = _key(
+        256, "Tokens per sample (prompt + answer); longer samples follow `overflow`.", "int>=8"
+    )
     warmup_ratio: float = _key(0.1, "Fraction of steps spent warming up the learning rate.", "ratio")
     weight_decay: float = _key(0.01, "AdamW weight decay.", "float>=0")
     max_grad_norm: float = _key(1.0, "Gradient clipping norm (0 disables).", "float>=0")
@@ -75,10 +104,14 @@ class Config:
     lora_r: int = _key(6, "LoRA rank.", "int>=1")
     lora_alpha: float = _key(12, "LoRA scaling numerator (scale = alpha / r).", "float>0")
     lora_dropout: float = _key(0.1, "Dropout on the LoRA path.", "ratio")
-    target_modules: list[str] = _key(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.", "list[str]")
+    target_modules: list[str] = _key(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.", "list[str]"
+    )
     # --- data ---
     data_dir: str = _key("data/raw", "Folder of *.md QA files (README.md skipped), *.jsonl or *.json.", "str")
-    data_format: str = _key("auto", "`auto` detects per file; or force one format.", "choice:auto|simple_qa|header_qa|jsonl|json")
+    data_format: str = _key(
+        "auto", "`auto` detects per file; or force one format.", "choice:auto|simple_qa|header_qa|jsonl|json"
+    )
     question_prefix: str = _key("Q", "Question marker in markdown (Q1:).", "str")
     answer_prefix: str = _key("A", "Answer marker in markdown (A1:).", "str")
     separator: str = _key(":", "Marker separator; a full-width colon is always accepted too.", "str")
@@ -86,7 +119,11 @@ class Config:
     answer_pattern: str | None = _key(None, "Regex that starts an answer line; overrides prefix/separator.", "str?")
     eval_ratio: float = _key(0.1, "Share of pairs held out for evaluation and the inference test.", "ratio")
     system_prompt: str | None = _key(None, "Optional system message in every sample.", "str?")
-    overflow: str = _key("truncate", "A sample longer than max_sequence_length: `truncate` its answer (end-of-turn kept) or `drop` it.", "choice:truncate|drop")
+    overflow: str = _key(
+        "truncate",
+        "A sample longer than max_sequence_length: `truncate` its answer (end-of-turn kept) or `drop` it.",
+        "choice:truncate|drop",
+    )
     data_cache_dir: str = _key("data/processed", "Where the tokenized dataset is cached.", "str")
     # --- logging and checkpoints ---
     log_dir: str = _key("./logs", "Run logs.", "str")
@@ -95,25 +132,39 @@ class Config:
     log_every_n_steps: int = _key(10, "Optimizer steps between metric records.", "int>=1")
     save_every_n_steps: int = _key(100, "Optimizer steps between checkpoints.", "int>=1")
     save_total_limit: int = _key(3, "Checkpoints kept (oldest deleted).", "int>=1")
-    structured_logging: StructuredLogging = field(default_factory=StructuredLogging, metadata={"doc": "JSONL log settings (nested object).", "kind": "nested"})
+    structured_logging: StructuredLogging = field(
+        default_factory=StructuredLogging, metadata={"doc": "JSONL log settings (nested object).", "kind": "nested"}
+    )
     # --- after training ---
-    enable_inference_test: bool = _key(True, "Answer held-out questions with base and tuned model; write a report.", "bool")
+    enable_inference_test: bool = _key(
+        True, "Answer held-out questions with base and tuned model; write a report.", "bool"
+    )
     inference_samples: int = _key(5, "Held-out questions in the inference test.", "int>=1")
     inference_max_new_tokens: int = _key(128, "Generation length in the inference test.", "int>=1")
     # --- environment ---
-    verify_environment: bool = _key(True, "Run the hardware validation before training; stop on a hard problem.", "bool")
-    auto_install_deps: bool = _key(False, "Offer to install missing packages: prints the command and asks on a TTY; never installs silently.", "bool")
+    verify_environment: bool = _key(
+        True, "Run the hardware validation before training; stop on a hard problem.", "bool"
+    )
+    auto_install_deps: bool = _key(
+        False,
+        "Offer to install missing packages: prints the command and asks on a TTY; never installs silently.",
+        "bool",
+    )
     # --- precision, memory, optimizer ---
     gradient_checkpointing: bool = _key(True, "Recompute activations in backward to save memory.", "bool")
     gradient_checkpointing_kwargs: dict = _key({"use_reentrant": False}, "Passed to gradient checkpointing.", "dict")
     fp16: bool = _key(False, "fp16 mixed precision (GPUs without bf16).", "bool")
     bf16: bool = _key(True, "bf16 mixed precision (Ampere and newer).", "bool")
     tf32: bool = _key(True, "TF32 matmuls on Ampere and newer.", "bool")
-    optimizer: str = _key("paged_adamw_8bit", "Any HF Trainer optimizer name (adamw_torch, paged_adamw_8bit, ...).", "str")
+    optimizer: str = _key(
+        "paged_adamw_8bit", "Any HF Trainer optimizer name (adamw_torch, paged_adamw_8bit, ...).", "str"
+    )
     optimizer_kwargs: dict = _key({}, "Extra optimizer arguments (betas, eps, ...).", "dict")
     lr_scheduler_type: str = _key("cosine", "HF scheduler name.", "str")
     lr_scheduler_kwargs: dict = _key({}, "Extra scheduler arguments.", "dict")
-    max_oom_retries: int = _key(4, "Times a training OOM may halve the micro-batch (accumulation doubles) before giving up.", "int>=0")
+    max_oom_retries: int = _key(
+        4, "Times a training OOM may halve the micro-batch (accumulation doubles) before giving up.", "int>=0"
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,6 +181,7 @@ INHERITANCE_KEYS = ("base_config", "overrides")
 
 # ----------------------------------------------------------------------------------- loading
 
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file; malformed JSON is reported with file, line and column."""
     try:
@@ -141,8 +193,10 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}. "
-                        "Only JSON is accepted (no comments or trailing commas).") from None
+        raise UserError(
+            f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}. "
+            "Only JSON is accepted (no comments or trailing commas)."
+        ) from None
     except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
         raise UserError(f"{path}: unreadable JSON: {exc}") from None
 
@@ -171,8 +225,14 @@ def list_presets() -> list[dict]:
     for kind in PRESET_KINDS:
         for p in sorted((PROFILES_DIR / kind).glob("*.json")):
             doc = read_json(p)
-            out.append({"name": f"{kind}/{p.stem}", "kind": kind, "path": str(p),
-                        "description": doc.get("description", "") if isinstance(doc, dict) else ""})
+            out.append(
+                {
+                    "name": f"{kind}/{p.stem}",
+                    "kind": kind,
+                    "path": str(p),
+                    "description": doc.get("description", "") if isinstance(doc, dict) else "",
+                }
+            )
     return out
 
 
@@ -183,8 +243,10 @@ def _resolve_base(ref: str, referrer: Path) -> Path:
     preset = preset_path(ref.removesuffix(".json"))
     if preset is not None:
         return preset.resolve()
-    raise UserError(f"{referrer}: base_config {ref!r} is neither a file (looked at {as_path}) nor a preset name. "
-                    "Run `autotune profiles list` for presets.")
+    raise UserError(
+        f"{referrer}: base_config {ref!r} is neither a file (looked at {as_path}) nor a preset name. "
+        "Run `autotune profiles list` for presets."
+    )
 
 
 def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
@@ -215,15 +277,23 @@ def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]
 
 # ----------------------------------------------------------------------------------- checking
 
+
 def _describe(kind: str) -> str:
     if kind.startswith("choice:"):
         return "one of " + ", ".join(repr(c) for c in kind[7:].split("|"))
     opt = kind.endswith("?")
     base = kind.rstrip("?")
     text = {
-        "int>=1": "an integer >= 1", "int>=0": "an integer >= 0", "int>=8": "an integer >= 8",
-        "float>0": "a number > 0", "float>=0": "a number >= 0", "ratio": "a number from 0 to 1",
-        "bool": "true or false", "str": "a string", "list[str]": "a list of strings", "dict": "a JSON object",
+        "int>=1": "an integer >= 1",
+        "int>=0": "an integer >= 0",
+        "int>=8": "an integer >= 8",
+        "float>0": "a number > 0",
+        "float>=0": "a number >= 0",
+        "ratio": "a number from 0 to 1",
+        "bool": "true or false",
+        "str": "a string",
+        "list[str]": "a list of strings",
+        "dict": "a JSON object",
     }[base]
     return text + (" or null" if opt else "")
 
@@ -291,13 +361,18 @@ def _check_consistency(values: dict, errors: list[str]) -> None:
             errors.append(f"key 'model_name': {exc}")
     if values.get("fp16") is True and values.get("bf16") is True:
         errors.append("keys 'fp16' and 'bf16' are both true: choose one mixed precision (bf16 on Ampere and newer)")
-    if isinstance(values.get("eval_ratio"), (int, float)) and not isinstance(values["eval_ratio"], bool) \
-            and values["eval_ratio"] >= 1:
+    if (
+        isinstance(values.get("eval_ratio"), (int, float))
+        and not isinstance(values["eval_ratio"], bool)
+        and values["eval_ratio"] >= 1
+    ):
         errors.append(f"key 'eval_ratio': {values['eval_ratio']!r} would leave nothing to train on: must be below 1")
     eff, batch = values.get("effective_batch_size"), values.get("batch_size")
     if isinstance(eff, int) and isinstance(batch, int) and batch > 0 and eff % batch:
-        errors.append(f"key 'effective_batch_size': {eff} is not a multiple of batch_size {batch}: "
-                      "the effective batch would silently change")
+        errors.append(
+            f"key 'effective_batch_size': {eff} is not a multiple of batch_size {batch}: "
+            "the effective batch would silently change"
+        )
 
 
 def merge_values(base: dict, top: dict) -> dict:
@@ -395,9 +470,12 @@ def config_reference_markdown() -> str:
     for f in fields(Config):
         if f.name in NESTED:
             for sf in fields(NESTED[f.name]):
-                rows.append(f"| `{f.name}.{sf.name}` | `{json.dumps(defaults[f.name][sf.name])}` | "
-                            f"{_describe(sf.metadata['kind'])} | {sf.metadata['doc']} |")
+                rows.append(
+                    f"| `{f.name}.{sf.name}` | `{json.dumps(defaults[f.name][sf.name])}` | "
+                    f"{_describe(sf.metadata['kind'])} | {sf.metadata['doc']} |"
+                )
             continue
-        rows.append(f"| `{f.name}` | `{json.dumps(defaults[f.name])}` | {_describe(f.metadata['kind'])} | "
-                    f"{f.metadata['doc']} |")
+        rows.append(
+            f"| `{f.name}` | `{json.dumps(defaults[f.name])}` | {_describe(f.metadata['kind'])} | {f.metadata['doc']} |"
+        )
     return "\n".join(rows)

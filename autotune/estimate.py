@@ -30,8 +30,8 @@ CPU, which allocates nothing and which nothing in the solver or in training reli
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 from autotune.catalog import Architecture
 
@@ -49,8 +49,8 @@ CUDA_OVERHEAD_BYTES = 640 * MIB
 # bitsandbytes' 8-bit optimizers keep fp32 state for tensors smaller than this (min_8bit_size).
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCKWISE = 256  # elements per absmax of the 8-bit optimizer state
-NF4_BLOCK = 64       # elements per absmax of a 4-bit weight
-NESTED_BLOCK = 256   # absmaxes per second-level absmax with double quantization
+NF4_BLOCK = 64  # elements per absmax of a 4-bit weight
+NESTED_BLOCK = 256  # absmaxes per second-level absmax with double quantization
 NF4_CODE_BYTES = 16 * 4  # the nf4 code book (16 fp32), per quantized tensor
 # Per tensor with double quantization: nf4 code book, fp32 offset, and the 256-entry fp32 code book of the
 # 8-bit absmax quantization.
@@ -61,10 +61,22 @@ QUANTIZATIONS = ("4bit", "8bit", "none")
 _OPTIMIZER_STATE = {
     # bytes of state per trainable element: (large tensors, small tensors); None -> 8-bit rules
     # (HF Trainer `optim` names; unknown names are treated as fp32 AdamW, the conservative choice)
-    "adamw_torch": (8, 8), "adamw_torch_fused": (8, 8), "adamw_apex_fused": (8, 8), "adamw": (8, 8),
-    "paged_adamw_32bit": (8, 8), "adamw_8bit": None, "adamw_bnb_8bit": None, "paged_adamw_8bit": None,
-    "lion_8bit": None, "paged_lion_8bit": None, "lion_32bit": (4, 4), "paged_lion_32bit": (4, 4),
-    "adafactor": (4, 4), "sgd": (0, 0), "adagrad": (4, 4), "rmsprop": (4, 4),
+    "adamw_torch": (8, 8),
+    "adamw_torch_fused": (8, 8),
+    "adamw_apex_fused": (8, 8),
+    "adamw": (8, 8),
+    "paged_adamw_32bit": (8, 8),
+    "adamw_8bit": None,
+    "adamw_bnb_8bit": None,
+    "paged_adamw_8bit": None,
+    "lion_8bit": None,
+    "paged_lion_8bit": None,
+    "lion_32bit": (4, 4),
+    "paged_lion_32bit": (4, 4),
+    "adafactor": (4, 4),
+    "sgd": (0, 0),
+    "adagrad": (4, 4),
+    "rmsprop": (4, 4),
 }
 
 
@@ -95,8 +107,15 @@ def linear_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each projection of one decoder layer."""
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
 
 
 def _check_targets(target_modules: Iterable[str]) -> tuple[str, ...]:
@@ -120,8 +139,9 @@ def _nonlinear_param_counts(arch: Architecture) -> tuple[int, int]:
     return linear, arch.param_count() - linear
 
 
-def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, kbit_prepare: bool,
-                 double_quant: bool = True) -> int:
+def weight_bytes(
+    arch: Architecture, quantization: str, dtype_bytes: int, kbit_prepare: bool, double_quant: bool = True
+) -> int:
     """Bytes of the base model's weights.
 
     4-bit (bitsandbytes nf4): each projection is packed two values per byte, plus its quantization state:
@@ -172,10 +192,18 @@ def optimizer_state_bytes(tensor_numels: Sequence[int], optimizer: str) -> int:
 # ------------------------------------------------------------------------------- activations
 
 
-def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str],
-                                act_bytes: int, lora_dropout: float = 0.0, first_layer: bool = False,
-                                quantization: str = "none", dropout_mask_bytes: int = 1,
-                                autocast: bool = False) -> float:
+def layer_saved_bytes_per_token(
+    arch: Architecture,
+    *,
+    rank: int,
+    target_modules: Sequence[str],
+    act_bytes: int,
+    lora_dropout: float = 0.0,
+    first_layer: bool = False,
+    quantization: str = "none",
+    dropout_mask_bytes: int = 1,
+    autocast: bool = False,
+) -> float:
     """Bytes autograd keeps per token for one decoder layer when nothing is checkpointed.
 
     `act_bytes` is the dtype of the hidden states (bf16: 2; fp32: 4, also for k-bit models after
@@ -188,44 +216,74 @@ def layer_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules
     a = act_bytes
     norm = 4 * h + 4  # fp32 copy of the input + fp32 rsqrt per token
     total = norm * (1 if first_layer else 2)
-    total += 4 * q + 4 * nh + 4 * kv + 4 * nkv    # q_norm / k_norm: fp32 input + rsqrt per head
-    total += a * (2 * q + 2 * kv) + 4 * nh         # SDPA: q, k, v, output, logsumexp
-    total += 3 * I * a                             # MLP: gate, up, silu(gate)
-    total += lora_saved_bytes_per_token(arch, rank=rank, target_modules=target_modules, act_bytes=a,
-                                        lora_dropout=lora_dropout, dropout_mask_bytes=dropout_mask_bytes,
-                                        first_layer=first_layer, autocast=autocast)
+    total += 4 * q + 4 * nh + 4 * kv + 4 * nkv  # q_norm / k_norm: fp32 input + rsqrt per head
+    total += a * (2 * q + 2 * kv) + 4 * nh  # SDPA: q, k, v, output, logsumexp
+    total += 3 * I * a  # MLP: gate, up, silu(gate)
+    total += lora_saved_bytes_per_token(
+        arch,
+        rank=rank,
+        target_modules=target_modules,
+        act_bytes=a,
+        lora_dropout=lora_dropout,
+        dropout_mask_bytes=dropout_mask_bytes,
+        first_layer=first_layer,
+        autocast=autocast,
+    )
     if quantization == "8bit":
-        total += int8_saved_bytes_per_token(arch, target_modules=target_modules, act_bytes=a,
-                                            lora_dropout=lora_dropout, first_layer=first_layer,
-                                            autocast=autocast)
+        total += int8_saved_bytes_per_token(
+            arch,
+            target_modules=target_modules,
+            act_bytes=a,
+            lora_dropout=lora_dropout,
+            first_layer=first_layer,
+            autocast=autocast,
+        )
     return total
 
 
-def int8_saved_bytes_per_token(arch: Architecture, *, target_modules: Sequence[str], act_bytes: int,
-                               lora_dropout: float = 0.0, first_layer: bool = False,
-                               autocast: bool = False) -> float:
+def int8_saved_bytes_per_token(
+    arch: Architecture,
+    *,
+    target_modules: Sequence[str],
+    act_bytes: int,
+    lora_dropout: float = 0.0,
+    first_layer: bool = False,
+    autocast: bool = False,
+) -> float:
     """bitsandbytes' LLM.int8 matmul keeps its input for backward (`ctx.tensors`), even with frozen weights.
     Projections that share an input share the tensor, and so does a LoRA branch whose fp32 cast of that
     input was a no-op (fp32 activations, no dropout, no autocast). Nothing is kept where the input needs no
     grad (the first layer's q/k/v without checkpointing)."""
     q = arch.num_attention_heads * arch.head_dim
-    groups = {"attn_in": (arch.hidden_size, ("q_proj", "k_proj", "v_proj")), "o_in": (q, ("o_proj",)),
-              "mlp_in": (arch.hidden_size, ("gate_proj", "up_proj")),
-              "down_in": (arch.intermediate_size, ("down_proj",))}
+    groups = {
+        "attn_in": (arch.hidden_size, ("q_proj", "k_proj", "v_proj")),
+        "o_in": (q, ("o_proj",)),
+        "mlp_in": (arch.hidden_size, ("gate_proj", "up_proj")),
+        "down_in": (arch.intermediate_size, ("down_proj",)),
+    }
     total = 0
     for name, (width, members) in groups.items():
         if first_layer and name == "attn_in":
             continue
-        shared_with_lora = (act_bytes == 4 and lora_dropout == 0 and not autocast
-                            and any(m in target_modules for m in members))
+        shared_with_lora = (
+            act_bytes == 4 and lora_dropout == 0 and not autocast and any(m in target_modules for m in members)
+        )
         if not shared_with_lora:
             total += act_bytes * width
     return total
 
 
-def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules: Sequence[str], act_bytes: int,
-                               lora_dropout: float = 0.0, dropout_mask_bytes: int = 1,
-                               first_layer: bool = False, autocast: bool = False) -> float:
+def lora_saved_bytes_per_token(
+    arch: Architecture,
+    *,
+    rank: int,
+    target_modules: Sequence[str],
+    act_bytes: int,
+    lora_dropout: float = 0.0,
+    dropout_mask_bytes: int = 1,
+    first_layer: bool = False,
+    autocast: bool = False,
+) -> float:
     """What the LoRA branches keep per token: lora_A's fp32 input and lora_B's rank-r fp32 input.
 
     peft casts the module input to the adapter dtype (fp32) per module, so q, k and v each keep their own
@@ -246,8 +304,13 @@ def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules:
             total += (2 + (dropout_mask_bytes if needs_mask else 0)) * fan_in + 2 * rank
         return total
     total = 4 * rank * len(targets)
-    shared_input = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                    "gate_proj": "mlp_in", "up_proj": "mlp_in"}
+    shared_input = {
+        "q_proj": "attn_in",
+        "k_proj": "attn_in",
+        "v_proj": "attn_in",
+        "gate_proj": "mlp_in",
+        "up_proj": "mlp_in",
+    }
     seen: set[str] = set()
     for t in targets:
         fan_in = shapes[t][0]
@@ -264,8 +327,7 @@ def lora_saved_bytes_per_token(arch: Architecture, *, rank: int, target_modules:
     return total
 
 
-def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act_bytes: int,
-                                 autocast: bool) -> float:
+def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act_bytes: int, autocast: bool) -> float:
     """The largest burst of intermediate-sized grads in the MLP's backward, per token, net of the MLP's
     saved tensors already released at that moment (the layer's saved tensors are counted elsewhere).
 
@@ -293,19 +355,35 @@ def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act
 def options_for(cfg, device: str = "cuda", gradient_checkpointing: bool | None = None) -> dict:
     """estimate_peak's keyword arguments for a config (an autotune.config.Config): the one mapping the
     CLI, the solver and the benchmarks share, so their estimates describe the same step."""
-    return dict(target_modules=cfg.target_modules, quantization=cfg.quantization,
-                gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
-                else gradient_checkpointing,
-                optimizer=cfg.optimizer, device=device, dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4,
-                lora_dropout=cfg.lora_dropout)
+    return dict(
+        target_modules=cfg.target_modules,
+        quantization=cfg.quantization,
+        gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing,
+        optimizer=cfg.optimizer,
+        device=device,
+        dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4,
+        lora_dropout=cfg.lora_dropout,
+    )
 
 
-def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
-                  target_modules: Sequence[str] = DEFAULT_TARGETS, quantization: str = "4bit",
-                  gradient_checkpointing: bool = True, dtype_bytes: int = 2, optimizer: str = "paged_adamw_8bit",
-                  device: str = "cuda", lora_dropout: float = 0.0, autocast: bool | None = None,
-                  kbit_prepare: bool = False, double_quant: bool = True,
-                  cuda_overhead_bytes: int | None = None) -> Estimate:
+def estimate_peak(
+    arch: Architecture,
+    *,
+    batch: int,
+    seq: int,
+    rank: int,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    quantization: str = "4bit",
+    gradient_checkpointing: bool = True,
+    dtype_bytes: int = 2,
+    optimizer: str = "paged_adamw_8bit",
+    device: str = "cuda",
+    lora_dropout: float = 0.0,
+    autocast: bool | None = None,
+    kbit_prepare: bool = False,
+    double_quant: bool = True,
+    cuda_overhead_bytes: int | None = None,
+) -> Estimate:
     """Predict the peak memory of a training step once the optimizer state exists (from the second on).
 
     quantization: "4bit" (nf4 QLoRA), "8bit" (LLM.int8) or "none" (weights in dtype_bytes).
@@ -327,10 +405,19 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
     kbit_prepare = kbit_prepare and quantization != "none"
     if autocast is None:
         autocast = dtype_bytes == 2
-    act = _ActivationModel(arch, batch=batch, seq=seq, rank=rank, targets=targets, quantization=quantization,
-                           gradient_checkpointing=gradient_checkpointing,
-                           act_bytes=4 if kbit_prepare else dtype_bytes, lora_dropout=lora_dropout,
-                           dropout_mask_bytes=4 if device == "cpu" else 1, autocast=autocast)
+    act = _ActivationModel(
+        arch,
+        batch=batch,
+        seq=seq,
+        rank=rank,
+        targets=targets,
+        quantization=quantization,
+        gradient_checkpointing=gradient_checkpointing,
+        act_bytes=4 if kbit_prepare else dtype_bytes,
+        lora_dropout=lora_dropout,
+        dropout_mask_bytes=4 if device == "cpu" else 1,
+        autocast=autocast,
+    )
 
     lora_numels = lora_param_tensors(arch, rank, targets)
     lora = 4 * sum(lora_numels)
@@ -344,8 +431,11 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
         # token for Qwen3-0.6B, 8B and 14B alike): the autocast bf16 logits stay allocated through the
         # loss backward there.
         logits += 2 * batch * seq * arch.vocab_size
-    candidates = {"loss": saved + logits, "layer_backward": act.layer_backward(),
-                  "optimizer": optimizer_step_temporaries(lora_numels, device)}
+    candidates = {
+        "loss": saved + logits,
+        "layer_backward": act.layer_backward(),
+        "optimizer": optimizer_step_temporaries(lora_numels, device),
+    }
     phase = max(candidates, key=candidates.get)
     if device == "cpu":
         overhead = 0
@@ -363,10 +453,20 @@ def estimate_peak(arch: Architecture, *, batch: int, seq: int, rank: int,
         "cuda_overhead": overhead,
     }
     components = {k: int(v) for k, v in components.items()}
-    shape = dict(batch=batch, seq=seq, rank=rank, quantization=quantization,
-                 gradient_checkpointing=gradient_checkpointing, target_modules=list(targets),
-                 dtype_bytes=dtype_bytes, optimizer=optimizer, device=device, lora_dropout=lora_dropout,
-                 autocast=autocast, kbit_prepare=kbit_prepare)
+    shape = dict(
+        batch=batch,
+        seq=seq,
+        rank=rank,
+        quantization=quantization,
+        gradient_checkpointing=gradient_checkpointing,
+        target_modules=list(targets),
+        dtype_bytes=dtype_bytes,
+        optimizer=optimizer,
+        device=device,
+        lora_dropout=lora_dropout,
+        autocast=autocast,
+        kbit_prepare=kbit_prepare,
+    )
     return Estimate(components=components, peak_bytes=sum(components.values()), shape=shape, phase=phase)
 
 
@@ -392,9 +492,16 @@ class _ActivationModel:
 
     def _layer(self, first: bool = False) -> float:
         return layer_saved_bytes_per_token(
-            self.arch, rank=self.rank, target_modules=self.targets, act_bytes=self.act_bytes,
-            lora_dropout=self.lora_dropout, first_layer=first, quantization=self.quantization,
-            dropout_mask_bytes=self.dropout_mask_bytes, autocast=self.autocast)
+            self.arch,
+            rank=self.rank,
+            target_modules=self.targets,
+            act_bytes=self.act_bytes,
+            lora_dropout=self.lora_dropout,
+            first_layer=first,
+            quantization=self.quantization,
+            dropout_mask_bytes=self.dropout_mask_bytes,
+            autocast=self.autocast,
+        )
 
     def _final_norm(self) -> int:
         return self.tokens * (4 * self.arch.hidden_size + 4)
@@ -455,8 +562,13 @@ class _ActivationModel:
             # (the recompute's own copies die with its graph, stopped early once the saved tensors are back).
             recomputed = self._layer() - (4 * h if a == 4 else 0)
             if self.quantization == "8bit":
-                recomputed -= int8_saved_bytes_per_token(arch, target_modules=self.targets, act_bytes=a,
-                                                         lora_dropout=self.lora_dropout, autocast=self.autocast)
+                recomputed -= int8_saved_bytes_per_token(
+                    arch,
+                    target_modules=self.targets,
+                    act_bytes=a,
+                    lora_dropout=self.lora_dropout,
+                    autocast=self.autocast,
+                )
             held += tokens * recomputed
         return int(held + tokens * h * a + burst)
 
@@ -476,9 +588,18 @@ def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str) -> int
 # ------------------------------------------------------------------------------- what fits
 
 
-def largest_fitting(arch: Architecture, budget_bytes: int, *, seq: int | None = None, batch: int | None = None,
-                    rank: int, margin: float = 0.05, max_batch: int = 4096, max_seq: int | None = None,
-                    **options) -> dict:
+def largest_fitting(
+    arch: Architecture,
+    budget_bytes: int,
+    *,
+    seq: int | None = None,
+    batch: int | None = None,
+    rank: int,
+    margin: float = 0.05,
+    max_batch: int = 4096,
+    max_seq: int | None = None,
+    **options,
+) -> dict:
     """The biggest shapes predicted to fit `budget_bytes * (1 - margin)`.
 
     Returns "batch": the largest micro-batch at sequence length `seq` (None when no seq is given), and
@@ -499,8 +620,11 @@ def largest_fitting(arch: Architecture, budget_bytes: int, *, seq: int | None = 
     return {
         "batch": None if seq is None else _largest(lambda b: fits(b, seq), max_batch),
         "seq": _largest(lambda s: fits(at_batch, s), seq_cap),
-        "at_seq": seq, "at_batch": at_batch,
-        "budget_bytes": int(budget_bytes), "limit_bytes": limit, "margin": margin,
+        "at_seq": seq,
+        "at_batch": at_batch,
+        "budget_bytes": int(budget_bytes),
+        "limit_bytes": limit,
+        "margin": margin,
     }
 
 
@@ -529,10 +653,20 @@ def _largest(fits, cap: int) -> int:
 # the arithmetic at sizes no CPU can run (and the tests check it against the real step where both run).
 
 
-def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
-                       target_modules: Sequence[str] = DEFAULT_TARGETS, gradient_checkpointing: bool = True,
-                       dtype_bytes: int = 2, optimizer: str = "adamw_torch", lora_dropout: float = 0.0,
-                       autocast: bool | None = None, steps: int = 2) -> dict[str, int]:
+def calibrate_by_trace(
+    arch: Architecture,
+    *,
+    batch: int,
+    seq: int,
+    rank: int,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    gradient_checkpointing: bool = True,
+    dtype_bytes: int = 2,
+    optimizer: str = "adamw_torch",
+    lora_dropout: float = 0.0,
+    autocast: bool | None = None,
+    steps: int = 2,
+) -> dict[str, int]:
     """A training step of a model of any size, traced under FakeTensorMode: nothing is allocated.
 
     The model is built on the meta device in the compute dtype and prepared as modeling.build_model does
@@ -570,8 +704,9 @@ def calibrate_by_trace(arch: Architecture, *, batch: int, seq: int, rank: int,
         finally:
             torch.set_default_dtype(previous)
         base.config.use_cache = False
-        prepare_for_training(base, quantized=False, checkpointing=gradient_checkpointing,
-                             checkpointing_kwargs={"use_reentrant": False})
+        prepare_for_training(
+            base, quantized=False, checkpointing=gradient_checkpointing, checkpointing_kwargs={"use_reentrant": False}
+        )
         model = attach_lora(base, r=rank, alpha=2 * rank, dropout=lora_dropout, target_modules=list(target_modules))
         model.train()
         with FakeTensorMode(allow_non_fake_inputs=True):

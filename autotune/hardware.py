@@ -70,9 +70,7 @@ def _dist_version(name: str) -> str | None:
 
 def package_versions() -> dict[str, str | None]:
     versions = {name: _dist_version(name) for name in _PACKAGES}
-    versions["nvidia-ml-py"] = next(
-        (v for v in map(_dist_version, _NVML_DISTS) if v is not None), None
-    )
+    versions["nvidia-ml-py"] = next((v for v in map(_dist_version, _NVML_DISTS) if v is not None), None)
     return versions
 
 
@@ -121,7 +119,7 @@ def torch_cuda_build() -> str | None:
     if importlib.util.find_spec("torch") is None:
         return None
     try:
-        import torch  # noqa: F811  (lazy on purpose)
+        import torch
     except Exception:  # a broken torch install must not break the probe
         return None
     return getattr(torch.version, "cuda", None)
@@ -254,9 +252,7 @@ def _read_driver(nvml: Any) -> dict[str, str | None]:
 
     return {
         "version": _text(call("nvmlSystemGetDriverVersion")),
-        "cuda": _cuda_version_str(
-            call("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion")
-        ),
+        "cuda": _cuda_version_str(call("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion")),
     }
 
 
@@ -406,10 +402,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def _no_gpu_line(doc: dict[str, Any]) -> str:
     if doc.get("nvml_error"):
-        return (
-            f"No NVIDIA GPU available: {doc['nvml_error']} "
-            "(no driver, or no GPU on this machine)"
-        )
+        return f"No NVIDIA GPU available: {doc['nvml_error']} (no driver, or no GPU on this machine)"
     cvd = doc.get("cuda_visible_devices")
     if cvd is not None:
         return f"No NVIDIA GPU visible to CUDA: CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU"
@@ -420,8 +413,7 @@ def _gpu_lines(doc: dict[str, Any]) -> list[str]:
     gpus = doc.get("gpus") or []
     if not gpus:
         return [_no_gpu_line(doc)]
-    headers = ["CUDA", "NVML", "Name", "Total GiB", "Free GiB", "Used GiB", "CC", "bf16",
-               "Other processes"]
+    headers = ["CUDA", "NVML", "Name", "Total GiB", "Free GiB", "Used GiB", "CC", "bf16", "Other processes"]
     rows = [
         [
             str(g["index"]),
@@ -444,10 +436,15 @@ def _gpu_lines(doc: dict[str, Any]) -> list[str]:
 def _host_lines(host: dict[str, Any]) -> list[str]:
     pkgs = host.get("packages") or {}
     fields = [
-        ("CPU", f"{_fmt(host.get('cpu_model'))} ({_fmt(host.get('cpu_physical_cores'))} "
-                f"physical / {_fmt(host.get('cpu_logical_cores'))} logical cores)"),
-        ("RAM", f"{_fmt(host.get('ram_available_gb'), '.2f')} GiB available of "
-                f"{_fmt(host.get('ram_total_gb'), '.2f')} GiB"),
+        (
+            "CPU",
+            f"{_fmt(host.get('cpu_model'))} ({_fmt(host.get('cpu_physical_cores'))} "
+            f"physical / {_fmt(host.get('cpu_logical_cores'))} logical cores)",
+        ),
+        (
+            "RAM",
+            f"{_fmt(host.get('ram_available_gb'), '.2f')} GiB available of {_fmt(host.get('ram_total_gb'), '.2f')} GiB",
+        ),
         ("Disk", f"{_fmt(host.get('disk_free_gb'), '.2f')} GiB free at {host.get('disk_path')}"),
         ("OS", _fmt(host.get("os"))),
         ("Python", _fmt(host.get("python"))),
@@ -462,8 +459,6 @@ def render_table(doc: dict[str, Any]) -> str:
     """Plain-text report: GPU table (or one line saying why there is none), driver, host."""
     driver = doc.get("driver") or {}
     lines = ["GPUs", *_gpu_lines(doc), ""]
-    lines.append(
-        f"Driver: {driver.get('version') or 'n/a'}   CUDA (driver): {driver.get('cuda') or 'n/a'}"
-    )
+    lines.append(f"Driver: {driver.get('version') or 'n/a'}   CUDA (driver): {driver.get('cuda') or 'n/a'}")
     lines += ["", *_host_lines(doc.get("host") or {})]
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import gc
 import os
 import weakref
 from abc import ABC, abstractmethod
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -78,7 +78,7 @@ class MemoryMeter(ABC):
         """Bytes held now, recorded before a trial so a leak check can compare after it."""
         return self.current_bytes()
 
-    def __enter__(self) -> "MemoryMeter":
+    def __enter__(self) -> MemoryMeter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -231,8 +231,9 @@ class CudaMeter(MemoryMeter):
         return torch.cuda.get_device_properties(self.index).total_memory
 
     def cap(self, budget_bytes: int | None) -> None:
-        fraction = 1.0 if budget_bytes is None else allocator_fraction(
-            budget_bytes, self.overhead_bytes, self.total_bytes())
+        fraction = (
+            1.0 if budget_bytes is None else allocator_fraction(budget_bytes, self.overhead_bytes, self.total_bytes())
+        )
         torch.cuda.set_per_process_memory_fraction(fraction, self.index)
 
     def reset_peak(self) -> None:
@@ -296,7 +297,7 @@ class _StorageTracker(TorchDispatchMode):
     that happens (inside or outside the mode, in the autograd engine, during gc).
     """
 
-    def __init__(self, meter: "CpuTrackedMeter"):
+    def __init__(self, meter: CpuTrackedMeter):
         super().__init__()
         self.meter = meter
 
@@ -315,7 +316,8 @@ class _StorageTracker(TorchDispatchMode):
             del out, args, kwargs
             raise SimulatedOOM(
                 f"Simulated CUDA out of memory: {live / _MIB:.1f} MiB live exceeds the cap of "
-                f"{meter._cap / _MIB:.1f} MiB (while running {func})")
+                f"{meter._cap / _MIB:.1f} MiB (while running {func})"
+            )
         return out
 
 
@@ -378,7 +380,7 @@ class CpuTrackedMeter(MemoryMeter):
         if self._live > self._peak:
             self._peak = self._live
 
-    def _release(self, ref: "_StorageRef") -> None:
+    def _release(self, ref: _StorageRef) -> None:
         # Called by the weakref machinery when the storage dies, from whatever thread frees it.
         if self._refs.pop(ref.key, None) is not None:
             self._live -= ref.nbytes
@@ -397,8 +399,10 @@ class CpuTrackedMeter(MemoryMeter):
         for t in tensors:
             self._track(t)
         if self._cap is not None and self._live > self._cap:
-            raise SimulatedOOM(f"Simulated CUDA out of memory: the tracked tensors alone take "
-                               f"{self._live / _MIB:.1f} MiB, over the cap of {self._cap / _MIB:.1f} MiB")
+            raise SimulatedOOM(
+                f"Simulated CUDA out of memory: the tracked tensors alone take "
+                f"{self._live / _MIB:.1f} MiB, over the cap of {self._cap / _MIB:.1f} MiB"
+            )
         return self._live - before
 
     # -- MemoryMeter
@@ -421,7 +425,7 @@ class CpuTrackedMeter(MemoryMeter):
         # a leak check on RSS sees leaks and not allocator caching (the CPU analogue of empty_cache).
         release_host_memory()
 
-    def __enter__(self) -> "CpuTrackedMeter":
+    def __enter__(self) -> CpuTrackedMeter:
         if self._depth == 0:
             self._mode.__enter__()
         self._depth += 1
@@ -434,7 +438,7 @@ class CpuTrackedMeter(MemoryMeter):
 
 
 def make_meter(device: str) -> MemoryMeter:
-    """"cuda", "cuda:N" -> CudaMeter; "cpu" -> CpuTrackedMeter."""
+    """ "cuda", "cuda:N" -> CudaMeter; "cpu" -> CpuTrackedMeter."""
     kind, _, index = str(device).partition(":")
     if kind == "cuda":
         return CudaMeter(int(index) if index else 0)

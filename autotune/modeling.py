@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuiltModel:
-    model: torch.nn.Module       # the PeftModel
+    model: torch.nn.Module  # the PeftModel
     spec: ModelSpec
     device: torch.device
-    dtype: torch.dtype           # compute dtype
-    quantization: str            # "4bit" | "8bit" | "none"
+    dtype: torch.dtype  # compute dtype
+    quantization: str  # "4bit" | "8bit" | "none"
     lora_r: int
     lora_alpha: float
     target_modules: list[str]
@@ -57,14 +57,17 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:  # pragma: no cover - depends on the machine
-        raise UserError(f"quantization {quantization!r} needs bitsandbytes, which is not installed: "
-                        "`pip install bitsandbytes`, or set quantization to \"none\"") from None
+        raise UserError(
+            f"quantization {quantization!r} needs bitsandbytes, which is not installed: "
+            '`pip install bitsandbytes`, or set quantization to "none"'
+        ) from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         # nf4 + double quantization: the QLoRA recipe (Dettmers et al. 2023), ~0.5 byte per weight.
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -93,8 +96,9 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
     return state
 
 
-def load_base_model(spec: ModelSpec, *, init: str, quantization: str, dtype: torch.dtype, device: torch.device,
-                    seed: int = 42):
+def load_base_model(
+    spec: ModelSpec, *, init: str, quantization: str, dtype: torch.dtype, device: torch.device, seed: int = 42
+):
     """Real weights (hub id or local path; safetensors only, no remote code) or random init."""
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
@@ -113,13 +117,15 @@ def load_base_model(spec: ModelSpec, *, init: str, quantization: str, dtype: tor
             model.name_or_path = ""
         else:
             try:
-                model = AutoModelForCausalLM.from_pretrained(spec.source, use_safetensors=True, trust_remote_code=False,
-                                                             **common)
+                model = AutoModelForCausalLM.from_pretrained(
+                    spec.source, use_safetensors=True, trust_remote_code=False, **common
+                )
             except (OSError, ValueError) as exc:
                 raise UserError(
                     f"cannot load weights for {spec.source!r}: {exc}. Give a local directory with config.json and "
                     "*.safetensors, make sure the hub is reachable (and HF_HUB_OFFLINE is not set), or set "
-                    "init=\"random\" to build the architecture with random weights.") from None
+                    'init="random" to build the architecture with random weights.'
+                ) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
 
@@ -136,7 +142,7 @@ def enable_checkpointing(model, kwargs: dict | None) -> None:
     model.enable_input_require_grads()
 
 
-def set_checkpointing(built: "BuiltModel", on: bool, kwargs: dict | None = None) -> None:
+def set_checkpointing(built: BuiltModel, on: bool, kwargs: dict | None = None) -> None:
     """Switch checkpointing of a built model on or off (the solver measures both, on one model)."""
     if built.gradient_checkpointing == on:
         return
@@ -169,15 +175,29 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in target_modules if t not in present]
     if missing:
-        raise UserError(f"target_modules {missing} are not layers of this model; Qwen3 has "
-                        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+        raise UserError(
+            f"target_modules {missing} are not layers of this model; Qwen3 has "
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        )
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
-def build_model(cfg: Config, *, spec: ModelSpec | None = None, init: str | None = None, lora_r: int | None = None,
-                device: torch.device | None = None) -> BuiltModel:
+def build_model(
+    cfg: Config,
+    *,
+    spec: ModelSpec | None = None,
+    init: str | None = None,
+    lora_r: int | None = None,
+    device: torch.device | None = None,
+) -> BuiltModel:
     """The model `autotune train` trains and a solver trial measures, from a config.
 
     `init` and `lora_r` override the config (the solver tries ranks on random weights).
@@ -191,16 +211,25 @@ def build_model(cfg: Config, *, spec: ModelSpec | None = None, init: str | None 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     r = lora_r or cfg.lora_r
-    base = load_base_model(spec, init=init or cfg.init, quantization=quantization, dtype=dtype, device=device,
-                           seed=cfg.seed)
+    base = load_base_model(
+        spec, init=init or cfg.init, quantization=quantization, dtype=dtype, device=device, seed=cfg.seed
+    )
     prepare_for_training(base, quantization != "none", cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     # LoRA A matrices are drawn from torch's global RNG (the Trainer seeds it only later, in its
     # __init__): seed it here, or two runs of one config start from different adapters.
     torch.manual_seed(cfg.seed)
     model = attach_lora(base, r=r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
-    return BuiltModel(model=model, spec=spec, device=device, dtype=dtype, quantization=quantization, lora_r=r,
-                      lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
-                      gradient_checkpointing=cfg.gradient_checkpointing)
+    return BuiltModel(
+        model=model,
+        spec=spec,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        lora_r=r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.target_modules),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
 
 
 def quiet_libraries() -> None:

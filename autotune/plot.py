@@ -23,18 +23,39 @@ def plot_profile(profile: dict, path: str | Path) -> Path:
         name = f"rank {rank}" + {True: ", checkpointing", False: ", no checkpointing", None: ""}[ckpt]
         mine = [t for t in trials if t["rank"] == rank and t.get("checkpointing") == ckpt]
         fits = [t for t in mine if t["peak_bytes"]]
-        ax.plot([t["batch"] * t["seq"] for t in fits], [t["peak_bytes"] / GiB for t in fits],
-                "o" if ckpt is not False else "s", label=f"{name} (measured)")
+        ax.plot(
+            [t["batch"] * t["seq"] for t in fits],
+            [t["peak_bytes"] / GiB for t in fits],
+            "o" if ckpt is not False else "s",
+            label=f"{name} (measured)",
+        )
         ooms = [t for t in mine if t["oom"]]
         if ooms:
-            ax.plot([t["batch"] * t["seq"] for t in ooms], [budget] * len(ooms), "x", color="red", markersize=9,
-                    label=f"{name}: out of memory")
+            ax.plot(
+                [t["batch"] * t["seq"] for t in ooms],
+                [budget] * len(ooms),
+                "x",
+                color="red",
+                markersize=9,
+                label=f"{name}: out of memory",
+            )
     ax.axhline(budget, color="red", linestyle="-", linewidth=1, label=f"budget {budget:g} GiB")
-    ax.axhline(usable, color="orange", linestyle="--", linewidth=1,
-               label=f"budget less {profile['constraints']['margin']:.0%} margin")
+    ax.axhline(
+        usable,
+        color="orange",
+        linestyle="--",
+        linewidth=1,
+        label=f"budget less {profile['constraints']['margin']:.0%} margin",
+    )
     peak = profile["measurement"]["peak_bytes"] / GiB
-    ax.plot([choice["batch_size"] * choice["max_sequence_length"]], [peak], "*", color="green", markersize=16,
-            label=f"choice: batch {choice['batch_size']} x seq {choice['max_sequence_length']}, r={choice['lora_r']}")
+    ax.plot(
+        [choice["batch_size"] * choice["max_sequence_length"]],
+        [peak],
+        "*",
+        color="green",
+        markersize=16,
+        label=f"choice: batch {choice['batch_size']} x seq {choice['max_sequence_length']}, r={choice['lora_r']}",
+    )
     ax.set_xlabel("tokens per micro-batch (batch x sequence length)")
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title(f"{profile['model']['name']} on {profile['hardware'].get('gpu_name') or 'CPU (simulated cap)'}")

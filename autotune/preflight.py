@@ -31,41 +31,83 @@ def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
     gpu = next((g for g in gpus if g.get("index") == 0), gpus[0] if gpus else None)
     if gpu is None:
         reason = probe.get("nvml_error") or "no GPU visible"
-        found.append(Finding("warning", f"no usable NVIDIA GPU ({reason}): training would run on the CPU, "
-                                        "which suits only the tiny demo model"))
+        found.append(
+            Finding(
+                "warning",
+                f"no usable NVIDIA GPU ({reason}): training would run on the CPU, which suits only the tiny demo model",
+            )
+        )
     elif gpu.get("error"):
-        found.append(Finding("warning", f"GPU {gpu.get('index')} ({gpu.get('name')}) could not be fully read "
-                                        f"({gpu['error']}): max_memory_gb and bf16 are not checked against it"))
+        found.append(
+            Finding(
+                "warning",
+                f"GPU {gpu.get('index')} ({gpu.get('name')}) could not be fully read "
+                f"({gpu['error']}): max_memory_gb and bf16 are not checked against it",
+            )
+        )
     else:
         total, free = gpu["memory_total_gb"], gpu["memory_free_gb"]
         if cfg.max_memory_gb is not None:
             if cfg.max_memory_gb > total:
-                found.append(Finding("error", f"max_memory_gb {cfg.max_memory_gb} exceeds GPU {gpu['index']} "
-                                              f"({gpu['name']}) total of {total:.1f} GiB: set max_memory_gb <= {total * 0.95:.1f}"))
+                found.append(
+                    Finding(
+                        "error",
+                        f"max_memory_gb {cfg.max_memory_gb} exceeds GPU {gpu['index']} "
+                        f"({gpu['name']}) total of {total:.1f} GiB: set max_memory_gb <= {total * 0.95:.1f}",
+                    )
+                )
             elif cfg.max_memory_gb > free:
-                found.append(Finding("warning", f"max_memory_gb {cfg.max_memory_gb} exceeds the {free:.1f} GiB free "
-                                                f"on GPU {gpu['index']} now: other processes hold memory; free it "
-                                                f"or set max_memory_gb <= {free * 0.95:.1f}"))
+                found.append(
+                    Finding(
+                        "warning",
+                        f"max_memory_gb {cfg.max_memory_gb} exceeds the {free:.1f} GiB free "
+                        f"on GPU {gpu['index']} now: other processes hold memory; free it "
+                        f"or set max_memory_gb <= {free * 0.95:.1f}",
+                    )
+                )
             else:
-                found.append(Finding("ok", f"max_memory_gb {cfg.max_memory_gb} fits GPU {gpu['index']} "
-                                           f"({free:.1f} of {total:.1f} GiB free)"))
+                found.append(
+                    Finding(
+                        "ok",
+                        f"max_memory_gb {cfg.max_memory_gb} fits GPU {gpu['index']} "
+                        f"({free:.1f} of {total:.1f} GiB free)",
+                    )
+                )
         if cfg.bf16 and not gpu.get("bf16_supported"):
-            found.append(Finding("error", f"bf16 is on but {gpu['name']} (compute capability "
-                                          f"{gpu.get('compute_capability')}) has no bf16: set bf16=false, fp16=true"))
+            found.append(
+                Finding(
+                    "error",
+                    f"bf16 is on but {gpu['name']} (compute capability "
+                    f"{gpu.get('compute_capability')}) has no bf16: set bf16=false, fp16=true",
+                )
+            )
     if cfg.fp16 and cfg.bf16:
         found.append(Finding("error", "fp16 and bf16 are both on: turn one off"))
     disk = probe.get("host", {}).get("disk_free_gb")
     if disk is not None and disk < MIN_FREE_DISK_GB:
-        found.append(Finding("error", f"only {disk:.1f} GiB free at {probe['host'].get('disk_path')}: "
-                                      f"free at least {MIN_FREE_DISK_GB} GiB or move output_dir"))
+        found.append(
+            Finding(
+                "error",
+                f"only {disk:.1f} GiB free at {probe['host'].get('disk_path')}: "
+                f"free at least {MIN_FREE_DISK_GB} GiB or move output_dir",
+            )
+        )
     return found
 
 
 # ------------------------------------------------------------------------------ dependencies
 
-REQUIRED_MODULES = {"torch": "torch", "transformers": "transformers", "peft": "peft",
-                    "accelerate": "accelerate", "bitsandbytes": "bitsandbytes", "tensorboard": "tensorboard",
-                    "safetensors": "safetensors", "pynvml": "nvidia-ml-py", "psutil": "psutil"}
+REQUIRED_MODULES = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "peft": "peft",
+    "accelerate": "accelerate",
+    "bitsandbytes": "bitsandbytes",
+    "tensorboard": "tensorboard",
+    "safetensors": "safetensors",
+    "pynvml": "nvidia-ml-py",
+    "psutil": "psutil",
+}
 
 
 def missing_packages() -> list[str]:
@@ -89,8 +131,10 @@ def ensure_dependencies(auto_install: bool, *, isatty: bool | None = None, ask=i
     if isatty is None:
         isatty = sys.stdin.isatty()
     if not isatty:
-        raise UserError(f"missing packages: {', '.join(missing)}. auto_install_deps asks before installing, "
-                        f"and there is no terminal to ask on. Run it yourself:\n  {shown}")
+        raise UserError(
+            f"missing packages: {', '.join(missing)}. auto_install_deps asks before installing, "
+            f"and there is no terminal to ask on. Run it yourself:\n  {shown}"
+        )
     try:
         answer = ask(f"autotune needs {', '.join(missing)}. Run `{shown}` now? [y/N] ")
     except EOFError:  # the terminal closed (Ctrl-D): no answer is no

@@ -23,8 +23,18 @@ SCHEMA_VERSION = 1
 KIND = "autotune.profile"
 
 # The choice keys that train applies over the config (they are config keys too).
-CHOICE_KEYS = ("batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_sequence_length",
-               "lora_r", "lora_alpha", "target_modules", "quantization", "gradient_checkpointing", "optimizer")
+CHOICE_KEYS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "effective_batch_size",
+    "max_sequence_length",
+    "lora_r",
+    "lora_alpha",
+    "target_modules",
+    "quantization",
+    "gradient_checkpointing",
+    "optimizer",
+)
 
 
 def architecture_hash(arch: Architecture) -> str:
@@ -49,17 +59,37 @@ def hardware_fingerprint(probe: dict | None, device: str) -> dict:
     }
 
 
-def new_profile(*, hardware: dict, model: dict, data: dict | None, constraints: dict, choice: dict,
-                prediction: dict, measurement: dict, runner_up: dict | None, reason: str, trials: list[dict],
-                config: dict | None = None) -> dict:
+def new_profile(
+    *,
+    hardware: dict,
+    model: dict,
+    data: dict | None,
+    constraints: dict,
+    choice: dict,
+    prediction: dict,
+    measurement: dict,
+    runner_up: dict | None,
+    reason: str,
+    trials: list[dict],
+    config: dict | None = None,
+) -> dict:
     missing = [k for k in CHOICE_KEYS if k not in choice]
     if missing:
         raise ValueError(f"profile choice lacks {missing}")
     return {
-        "schema_version": SCHEMA_VERSION, "kind": KIND, "autotune_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "autotune_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware, "model": model, "data": data, "constraints": constraints, "choice": choice,
-        "prediction": prediction, "measurement": measurement, "runner_up": runner_up, "reason": reason,
+        "hardware": hardware,
+        "model": model,
+        "data": data,
+        "constraints": constraints,
+        "choice": choice,
+        "prediction": prediction,
+        "measurement": measurement,
+        "runner_up": runner_up,
+        "reason": reason,
         "trials": trials,
         # The resolved config solve ran with: `train --profile P` without --config starts from it, so
         # the model, tokenizer and data it trains are the ones the profile was measured for.
@@ -79,28 +109,36 @@ def load_profile(path: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: profile not found; create one with `autotune solve`") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}:{exc.colno}: the profile is corrupt ({exc.msg}); "
-                        "solve again with `autotune solve`") from None
+        raise UserError(
+            f"{path}:{exc.lineno}:{exc.colno}: the profile is corrupt ({exc.msg}); solve again with `autotune solve`"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the profile ({exc})") from None
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise UserError(f"{path}: not an autotune profile (no \"kind\": \"{KIND}\"); "
-                        "give a file written by `autotune solve`")
+        raise UserError(
+            f'{path}: not an autotune profile (no "kind": "{KIND}"); give a file written by `autotune solve`'
+        )
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise UserError(f"{path}: profile schema_version {version!r}, this autotune reads {SCHEMA_VERSION}; "
-                        "solve again with this version of autotune")
+        raise UserError(
+            f"{path}: profile schema_version {version!r}, this autotune reads {SCHEMA_VERSION}; "
+            "solve again with this version of autotune"
+        )
     sections = {"hardware": dict, "model": dict, "constraints": dict, "measurement": dict, "trials": list}
     wrong = [k for k, kind in sections.items() if not isinstance(doc.get(k), kind)]
     if not isinstance(doc.get("config"), (dict, type(None))):
         wrong.append("config")
     if wrong:
-        raise UserError(f"{path}: the profile is corrupt: {', '.join(repr(k) for k in wrong)} missing or of the "
-                        "wrong type; solve again with `autotune solve`")
+        raise UserError(
+            f"{path}: the profile is corrupt: {', '.join(repr(k) for k in wrong)} missing or of the "
+            "wrong type; solve again with `autotune solve`"
+        )
     choice = doc.get("choice")
     if not isinstance(choice, dict) or any(k not in choice for k in CHOICE_KEYS):
-        raise UserError(f"{path}: the profile's \"choice\" is missing keys "
-                        f"{[k for k in CHOICE_KEYS if not isinstance(choice, dict) or k not in choice]}")
+        raise UserError(
+            f'{path}: the profile\'s "choice" is missing keys '
+            f"{[k for k in CHOICE_KEYS if not isinstance(choice, dict) or k not in choice]}"
+        )
     try:
         build_config({k: choice[k] for k in CHOICE_KEYS})
         if doc.get("config") is not None:
@@ -135,6 +173,8 @@ def mismatches(profile: dict, hardware_now: dict, model_name: str, arch: Archite
             out.append(f"profile was solved with {key}={then.get(key)!r}, this machine has {hardware_now.get(key)!r}")
     model = profile.get("model", {})
     if model.get("architecture_hash") != architecture_hash(arch):
-        out.append(f"profile was solved for model {model.get('name')!r} (another architecture) but the config "
-                   f"trains {model_name!r}: its memory figures do not apply")
+        out.append(
+            f"profile was solved for model {model.get('name')!r} (another architecture) but the config "
+            f"trains {model_name!r}: its memory figures do not apply"
+        )
     return out

@@ -39,12 +39,19 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8", buffering=1)
 
-    def write(self, component: str, message: str, *, level: str = "INFO", metrics: dict | None = None,
-              **fields) -> None:
+    def write(
+        self, component: str, message: str, *, level: str = "INFO", metrics: dict | None = None, **fields
+    ) -> None:
         if self._file is None or LEVELS[level] < self.threshold:
             return
-        record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": level,
-                  "component": component, "message": message, "metrics": metrics or {}, **fields}
+        record = {
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "level": level,
+            "component": component,
+            "message": message,
+            "metrics": metrics or {},
+            **fields,
+        }
         if self.include_memory:
             record["memory"] = memory_stats()
         self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")

@@ -14,9 +14,9 @@ import math
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from autotune.config import Config
 from autotune.errors import UserError
@@ -30,10 +30,10 @@ class Trial:
     batch: int
     seq: int
     rank: int
-    fits: bool                 # ran, and its peak is inside the usable budget (budget less margin)
-    oom: bool                  # the step ran out of memory under the cap
+    fits: bool  # ran, and its peak is inside the usable budget (budget less margin)
+    oom: bool  # the step ran out of memory under the cap
     peak_bytes: int | None
-    seconds: float             # wall time of the whole trial
+    seconds: float  # wall time of the whole trial
     step_seconds: float | None  # the last optimizer step
     tokens_per_second: float | None
     predicted_bytes: int | None = None
@@ -45,14 +45,17 @@ class Trial:
         verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
         speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""
         ckpt = {True: " ckpt", False: " no-ckpt", None: ""}[self.checkpointing]
-        return (f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{ckpt} peak {peak}  {verdict:11s} "
-                f"{self.seconds:6.1f}s {speed}")
+        return (
+            f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{ckpt} peak {peak}  {verdict:11s} "
+            f"{self.seconds:6.1f}s {speed}"
+        )
 
 
 Measure = Callable[[int, int, int], Trial]
 
 
 # ------------------------------------------------------------------------------ the search
+
 
 @dataclass
 class LinearMemoryModel:
@@ -62,7 +65,7 @@ class LinearMemoryModel:
     per_token: float
 
     @classmethod
-    def fit(cls, a: Trial, b: Trial) -> "LinearMemoryModel":
+    def fit(cls, a: Trial, b: Trial) -> LinearMemoryModel:
         ta, tb = a.batch * a.seq, b.batch * b.seq
         slope = (b.peak_bytes - a.peak_bytes) / (tb - ta) if tb != ta else 0.0
         slope = max(slope, 1.0)
@@ -110,8 +113,17 @@ class SearchLog:
 NOISE_TOLERANCE = 0.005
 
 
-def largest_batch(measure: Measure, log: SearchLog, seq: int, rank: int, usable: int, *, first_guess: int = 2,
-                  upper: int = 4096, tolerance: float | None = NOISE_TOLERANCE) -> tuple[int, LinearMemoryModel | None]:
+def largest_batch(
+    measure: Measure,
+    log: SearchLog,
+    seq: int,
+    rank: int,
+    usable: int,
+    *,
+    first_guess: int = 2,
+    upper: int = 4096,
+    tolerance: float | None = NOISE_TOLERANCE,
+) -> tuple[int, LinearMemoryModel | None]:
     """The largest micro-batch in 1..upper at (seq, rank) whose measured peak fits `usable` bytes; 0 if none does.
 
     Batch 1 and `first_guess` fit the memory model; the next trial goes where the model puts the largest
@@ -140,8 +152,14 @@ def largest_batch(measure: Measure, log: SearchLog, seq: int, rank: int, usable:
         nxt = model.largest_batch(seq, usable) if model else None
         if expected is not None:  # this trial tested a prediction
             slack = None if tolerance is None else tolerance * usable
-            if (trial.fits and nxt is not None and nxt <= batch and slack is not None
-                    and abs(trial.peak_bytes - predicted) <= slack and model.predict(batch + 1, seq) > usable + slack):
+            if (
+                trial.fits
+                and nxt is not None
+                and nxt <= batch
+                and slack is not None
+                and abs(trial.peak_bytes - predicted) <= slack
+                and model.predict(batch + 1, seq) > usable + slack
+            ):
                 return batch, model  # measured where predicted, and batch+1 is clearly over
             missed = trial.fits != expected or (trial.fits and nxt is not None and nxt > batch)
             misses = misses + 1 if missed else 0
@@ -193,8 +211,16 @@ def largest_seq(measure: Measure, log: SearchLog, rank: int, lo: int, hi: int, s
 
 # ----------------------------------------------------------------------- choosing the sequence
 
-def choose_seq(stats: dict | None, *, fixed: int | None, fallback: int, max_position: int, multiple: int = 8,
-               percentile: str = "p99") -> tuple[int, str]:
+
+def choose_seq(
+    stats: dict | None,
+    *,
+    fixed: int | None,
+    fallback: int,
+    max_position: int,
+    multiple: int = 8,
+    percentile: str = "p99",
+) -> tuple[int, str]:
     """The sequence length to solve at, and why."""
     clamp = f", clamped to the model's max_position_embeddings {max_position}"
     if fixed:
@@ -205,12 +231,15 @@ def choose_seq(stats: dict | None, *, fixed: int | None, fallback: int, max_posi
         return min(max_position, rounded), (
             f"covers the data's {percentile} length of {need} tokens (max {stats['total']['max']}, "
             f"{stats['count']} samples), rounded up to a multiple of {multiple}"
-            + (clamp if rounded > max_position else ""))
-    return min(fallback, max_position), (f"no data statistics: the config's max_sequence_length {fallback}"
-                                         + (clamp if fallback > max_position else ""))
+            + (clamp if rounded > max_position else "")
+        )
+    return min(fallback, max_position), (
+        f"no data statistics: the config's max_sequence_length {fallback}" + (clamp if fallback > max_position else "")
+    )
 
 
 # ------------------------------------------------------------------------------- the runner
+
 
 class TrialRunner:
     """Builds the training model once per rank and measures trials on it under a capped meter."""
@@ -248,16 +277,16 @@ class TrialRunner:
             self.meter.track_existing(self._built.model)
         return self._built
 
-    def measure(self, batch: int, seq: int, rank: int, usable: int, checkpointing: bool | None = None,
-                steps: int = TRIAL_STEPS) -> Trial:
+    def measure(
+        self, batch: int, seq: int, rank: int, usable: int, checkpointing: bool | None = None, steps: int = TRIAL_STEPS
+    ) -> Trial:
         """`steps` optimizer steps (>= 2) at batch x seq under the cap; the step time is the mean of the
         steps after the first (the first builds the optimizer state)."""
         import torch
 
         from autotune.data.encoding import CausalLMCollator
-        from autotune.step import run_trial_steps
-
         from autotune.modeling import set_checkpointing
+        from autotune.step import run_trial_steps
 
         built = self._model_for(rank)
         want = self.cfg.gradient_checkpointing if checkpointing is None else checkpointing
@@ -269,8 +298,9 @@ class TrialRunner:
         self.meter.reset_peak()
         try:
             with self.meter:
-                seconds = run_trial_steps(built, self.cfg, batch_size=batch, seq_len=seq, steps=steps,
-                                          workdir=self.workdir, collator=collator)
+                seconds = run_trial_steps(
+                    built, self.cfg, batch_size=batch, seq_len=seq, steps=steps, workdir=self.workdir, collator=collator
+                )
             peak = self.meter.peak_bytes()
         except torch.OutOfMemoryError as exc:
             oom, note = True, str(exc).splitlines()[0][:300]
@@ -287,25 +317,37 @@ class TrialRunner:
         steady = (seconds[1:] or seconds) if seconds else None
         step_s = sum(steady) / len(steady) if steady else None
         fits = not oom and peak is not None and peak <= usable
-        return Trial(batch, seq, rank, fits, oom, peak, time.perf_counter() - t, step_s,
-                     (batch * seq / step_s) if step_s else None, note=note, checkpointing=want)
+        return Trial(
+            batch,
+            seq,
+            rank,
+            fits,
+            oom,
+            peak,
+            time.perf_counter() - t,
+            step_s,
+            (batch * seq / step_s) if step_s else None,
+            note=note,
+            checkpointing=want,
+        )
 
 
 # -------------------------------------------------------------------------------- the solve
+
 
 @dataclass
 class SolveRequest:
     cfg: Config
     budget_gb: float
     margin: float = 0.05
-    objective: str = "throughput"     # throughput | max-seq | max-rank
-    seq: int | None = None            # fixed sequence length
-    ranks: list[int] | None = None    # candidates; None: the config's lora_r
+    objective: str = "throughput"  # throughput | max-seq | max-rank
+    seq: int | None = None  # fixed sequence length
+    ranks: list[int] | None = None  # candidates; None: the config's lora_r
     max_trials: int | None = None
     time_budget_s: float | None = None
     world_size: int = 1
     data_stats: dict | None = None
-    max_seq: int | None = None        # upper bound for max-seq
+    max_seq: int | None = None  # upper bound for max-seq
     # Throughput only: also search without gradient checkpointing (faster when it fits). Needs a
     # measure that takes `checkpointing=`; TrialRunner.measure does.
     try_without_checkpointing: bool = False
@@ -319,8 +361,11 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
     cfg = req.cfg
     budget = int(req.budget_gb * GiB)
     usable = int(budget * (1 - req.margin))
-    log = SearchLog(max_trials=req.max_trials, on_trial=on_trial,
-                    deadline=time.monotonic() + req.time_budget_s if req.time_budget_s else None)
+    log = SearchLog(
+        max_trials=req.max_trials,
+        on_trial=on_trial,
+        deadline=time.monotonic() + req.time_budget_s if req.time_budget_s else None,
+    )
     m: Measure = lambda b, s, r: measure(b, s, r, usable)  # noqa: E731
     from autotune.catalog import resolve_model
 
@@ -351,8 +396,9 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
         else:
             for rank in ranks:
                 # Nothing above the per-device effective batch can be chosen, so nothing above it is tried.
-                found[rank], _ = largest_batch(m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank),
-                                               upper=per_device_effective)
+                found[rank], _ = largest_batch(
+                    m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank), upper=per_device_effective
+                )
                 _measure_divisor(m, log, seq, rank, found[rank], per_device_effective)
             if req.try_without_checkpointing and cfg.gradient_checkpointing:
                 # Checkpointing trades ~a third more compute for activation memory; where the memory
@@ -360,8 +406,9 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
                 log.variant = "no-checkpointing"
                 m_off: Measure = lambda b, s, r: measure(b, s, r, usable, checkpointing=False)  # noqa: E731
                 for rank in ranks:
-                    found_without_checkpointing[rank], _ = largest_batch(m_off, log, seq, rank, usable,
-                                                                         upper=per_device_effective)
+                    found_without_checkpointing[rank], _ = largest_batch(
+                        m_off, log, seq, rank, usable, upper=per_device_effective
+                    )
                     _measure_divisor(m_off, log, seq, rank, found_without_checkpointing[rank], per_device_effective)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
@@ -371,21 +418,36 @@ def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, 
             f"nothing fits in {req.budget_gb} GiB (less a {req.margin:.0%} margin) for {cfg.model_name} at "
             f"sequence {seq}, rank {ranks[0]}: {len(log.trials)} trial(s), smallest peak "
             f"{_smallest_peak(log.trials)}. Lower max_sequence_length or lora_r, "
-            + ("" if cfg.quantization == "4bit" else "use quantization \"4bit\", ")
-            + "or a smaller model" + (f" ({stopped})" if stopped else ""))
+            + ("" if cfg.quantization == "4bit" else 'use quantization "4bit", ')
+            + "or a smaller model"
+            + (f" ({stopped})" if stopped else "")
+        )
     candidates = _candidates(req, log.trials, found, seq, per_device_effective)
     best, runner_up = candidates[0], (candidates[1] if len(candidates) > 1 else None)
     accumulation = math.ceil(effective / (best.batch * req.world_size))
-    reason = _reason(req, best, runner_up, found, seq_reason, effective, accumulation, stopped,
-                     found_without_checkpointing)
-    return {"best": best, "runner_up": runner_up, "accumulation": accumulation, "effective": effective,
-            "max_feasible_batch": found, "max_feasible_batch_without_checkpointing": found_without_checkpointing,
-            "trials": log.trials, "seq": best.seq, "seq_reason": seq_reason,
-            "reason": reason, "stopped": stopped, "budget_bytes": budget, "usable_bytes": usable}
+    reason = _reason(
+        req, best, runner_up, found, seq_reason, effective, accumulation, stopped, found_without_checkpointing
+    )
+    return {
+        "best": best,
+        "runner_up": runner_up,
+        "accumulation": accumulation,
+        "effective": effective,
+        "max_feasible_batch": found,
+        "max_feasible_batch_without_checkpointing": found_without_checkpointing,
+        "trials": log.trials,
+        "seq": best.seq,
+        "seq_reason": seq_reason,
+        "reason": reason,
+        "stopped": stopped,
+        "budget_bytes": budget,
+        "usable_bytes": usable,
+    }
 
 
-def _measure_divisor(measure: Measure, log: SearchLog, seq: int, rank: int, largest: int,
-                     per_device_effective: int) -> None:
+def _measure_divisor(
+    measure: Measure, log: SearchLog, seq: int, rank: int, largest: int, per_device_effective: int
+) -> None:
     """Measure the largest micro-batch up to `largest` that divides the effective batch (the search may not
     have), so the choice can keep accumulation x micro-batch exactly the effective batch."""
     if largest > 0:
@@ -402,8 +464,14 @@ def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
 
         cfg = req.cfg
         arch = resolve_model(cfg.model_name).architecture
-        pred = largest_fitting(arch, int(req.budget_gb * GiB), seq=seq, rank=rank, margin=req.margin,
-                               **options_for(cfg, pick_device().type))
+        pred = largest_fitting(
+            arch,
+            int(req.budget_gb * GiB),
+            seq=seq,
+            rank=rank,
+            margin=req.margin,
+            **options_for(cfg, pick_device().type),
+        )
         batch = int(pred.get("batch") or 0)
         return max(2, batch // 2)
     except Exception:  # the estimate only places a trial; the measurements decide
@@ -415,40 +483,71 @@ def _smallest_peak(trials: list[Trial]) -> str:
     return f"{min(peaks) / GiB:.2f} GiB" if peaks else "unknown (every trial ran out of memory)"
 
 
-def _candidates(req: SolveRequest, trials: list[Trial], found: dict, seq: int, per_device_effective: int) -> list[Trial]:
+def _candidates(
+    req: SolveRequest, trials: list[Trial], found: dict, seq: int, per_device_effective: int
+) -> list[Trial]:
     """Fitting trials ranked by the objective. For throughput only micro-batches that divide the
     effective batch qualify, so accumulation x batch is exactly the effective batch."""
     fitting = [t for t in trials if t.fits]
     if req.objective == "max-seq":
         return sorted(fitting, key=lambda t: (t.seq, t.tokens_per_second or 0), reverse=True)
     if req.objective == "max-rank":
-        return sorted(fitting, key=lambda t: (t.rank, t.seq == seq, per_device_effective % t.batch == 0, t.batch,
-                                              t.tokens_per_second or 0), reverse=True)
+        return sorted(
+            fitting,
+            key=lambda t: (
+                t.rank,
+                t.seq == seq,
+                per_device_effective % t.batch == 0,
+                t.batch,
+                t.tokens_per_second or 0,
+            ),
+            reverse=True,
+        )
     exact = [t for t in fitting if per_device_effective % t.batch == 0 and t.seq == seq]
     pool = exact or fitting
     return sorted(pool, key=lambda t: (t.tokens_per_second or 0, t.batch), reverse=True)
 
 
-def _reason(req, best: Trial, runner_up: Trial | None, found: dict, seq_reason: str, effective: int,
-            accumulation: int, stopped: str | None, found_without_checkpointing: dict | None = None) -> str:
+def _reason(
+    req,
+    best: Trial,
+    runner_up: Trial | None,
+    found: dict,
+    seq_reason: str,
+    effective: int,
+    accumulation: int,
+    stopped: str | None,
+    found_without_checkpointing: dict | None = None,
+) -> str:
     parts = [f"sequence {best.seq}: {seq_reason}."]
     for rank, b in sorted(found.items()):
         parts.append(f"rank {rank}: the largest micro-batch that fits is {b}.")
     for rank, b in sorted((found_without_checkpointing or {}).items()):
         parts.append(f"rank {rank} without gradient checkpointing: {b}.")
     if best.checkpointing is not None and found_without_checkpointing:
-        parts.append(f"Gradient checkpointing {'on' if best.checkpointing else 'off'}: the faster of the two as measured.")
-    objective = {"throughput": "the highest measured tokens/s", "max-seq": "the longest sequence",
-                 "max-rank": "the highest rank"}[req.objective]
-    parts.append(f"Chose batch {best.batch} x accumulation {accumulation} (effective {best.batch * accumulation * req.world_size}"
-                 f", asked {effective}) at rank {best.rank} for {objective}"
-                 + (f": {best.tokens_per_second:.0f} tokens/s" if best.tokens_per_second else "") + ".")
+        parts.append(
+            f"Gradient checkpointing {'on' if best.checkpointing else 'off'}: the faster of the two as measured."
+        )
+    objective = {
+        "throughput": "the highest measured tokens/s",
+        "max-seq": "the longest sequence",
+        "max-rank": "the highest rank",
+    }[req.objective]
+    parts.append(
+        f"Chose batch {best.batch} x accumulation {accumulation} (effective {best.batch * accumulation * req.world_size}"
+        f", asked {effective}) at rank {best.rank} for {objective}"
+        + (f": {best.tokens_per_second:.0f} tokens/s" if best.tokens_per_second else "")
+        + "."
+    )
     if best.batch * accumulation * req.world_size != effective:
         parts.append(f"No fitting micro-batch divides {effective}, so the effective batch rounds up.")
     if runner_up is not None:
         ckpt = {True: ", checkpointing on", False: ", checkpointing off", None: ""}[runner_up.checkpointing]
-        parts.append(f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}{ckpt}"
-                     + (f" ({runner_up.tokens_per_second:.0f} tokens/s)" if runner_up.tokens_per_second else "") + ".")
+        parts.append(
+            f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}{ckpt}"
+            + (f" ({runner_up.tokens_per_second:.0f} tokens/s)" if runner_up.tokens_per_second else "")
+            + "."
+        )
     if stopped:
         parts.append(f"Search stopped early: {stopped}; the choice is the best measured so far.")
     return " ".join(parts)
@@ -461,8 +560,9 @@ def _estimate_bytes(cfg: Config, trial: Trial, runner: TrialRunner | None) -> in
         from autotune.estimate import estimate_peak, options_for
 
         options = options_for(cfg, runner.device.type if runner else "cuda", trial.checkpointing)
-        return estimate_peak(resolve_model(cfg.model_name).architecture, batch=trial.batch, seq=trial.seq,
-                             rank=trial.rank, **options).peak_bytes
+        return estimate_peak(
+            resolve_model(cfg.model_name).architecture, batch=trial.batch, seq=trial.seq, rank=trial.rank, **options
+        ).peak_bytes
     except (ValueError, UserError):
         return None
 
@@ -473,7 +573,11 @@ def slug(text: str) -> str:
 
 def default_profile_path(gpu_name: str | None, model_name: str, budget_gb: float) -> Path:
     # Relative to the working directory: solved profiles belong to the user's project, not to autotune.
-    return Path("profiles") / "solved" / f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+    return (
+        Path("profiles")
+        / "solved"
+        / f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+    )
 
 
 def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: TrialRunner | None) -> dict:
@@ -482,34 +586,67 @@ def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: Tr
 
     cfg, best = req.cfg, result["best"]
     spec = resolve_model(cfg.model_name)
-    choice = {"batch_size": best.batch, "gradient_accumulation_steps": result["accumulation"],
-              "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
-              "max_sequence_length": best.seq, "lora_r": best.rank,
-              "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r, "target_modules": list(cfg.target_modules),
-              "quantization": cfg.quantization, "gradient_checkpointing": cfg.gradient_checkpointing if best.checkpointing is None else best.checkpointing,
-              "optimizer": cfg.optimizer,
-              "dtype": str(runner._built.dtype).removeprefix("torch.") if runner and runner._built else None}
+    choice = {
+        "batch_size": best.batch,
+        "gradient_accumulation_steps": result["accumulation"],
+        "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
+        "max_sequence_length": best.seq,
+        "lora_r": best.rank,
+        "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r,
+        "target_modules": list(cfg.target_modules),
+        "quantization": cfg.quantization,
+        "gradient_checkpointing": cfg.gradient_checkpointing if best.checkpointing is None else best.checkpointing,
+        "optimizer": cfg.optimizer,
+        "dtype": str(runner._built.dtype).removeprefix("torch.") if runner and runner._built else None,
+    }
     ru = result["runner_up"]
     return new_profile(
         hardware=hardware,
-        model={"name": cfg.model_name, "architecture_hash": architecture_hash(spec.architecture),
-               "architecture": asdict(spec.architecture), "init": runner.init if runner else "random"},
+        model={
+            "name": cfg.model_name,
+            "architecture_hash": architecture_hash(spec.architecture),
+            "architecture": asdict(spec.architecture),
+            "init": runner.init if runner else "random",
+        },
         data=req.data_stats,
-        constraints={"max_memory_gb": req.budget_gb, "margin": req.margin, "objective": req.objective,
-                     "usable_bytes": result["usable_bytes"], "world_size": req.world_size,
-                     "effective_batch_size": result["effective"], "max_trials": req.max_trials,
-                     "time_budget_s": req.time_budget_s},
+        constraints={
+            "max_memory_gb": req.budget_gb,
+            "margin": req.margin,
+            "objective": req.objective,
+            "usable_bytes": result["usable_bytes"],
+            "world_size": req.world_size,
+            "effective_batch_size": result["effective"],
+            "max_trials": req.max_trials,
+            "time_budget_s": req.time_budget_s,
+        },
         choice=choice,
         prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(cfg, best, runner)},
-        measurement={"peak_bytes": best.peak_bytes, "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
-                     "tokens_per_second": best.tokens_per_second, "step_seconds": best.step_seconds,
-                     "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
-                     "max_feasible_batch_without_checkpointing": {
-                         str(k): v for k, v in result.get("max_feasible_batch_without_checkpointing", {}).items()}},
+        measurement={
+            "peak_bytes": best.peak_bytes,
+            "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
+            "tokens_per_second": best.tokens_per_second,
+            "step_seconds": best.step_seconds,
+            "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
+            "max_feasible_batch_without_checkpointing": {
+                str(k): v for k, v in result.get("max_feasible_batch_without_checkpointing", {}).items()
+            },
+        },
         runner_up=asdict(ru) if ru else None,
         reason=result["reason"],
         trials=[asdict(t) for t in result["trials"]],
-        config={**cfg.to_dict(), **{k: choice[k] for k in ("batch_size", "gradient_accumulation_steps",
-                                                          "effective_batch_size", "max_sequence_length", "lora_r",
-                                                          "lora_alpha", "gradient_checkpointing")}},
+        config={
+            **cfg.to_dict(),
+            **{
+                k: choice[k]
+                for k in (
+                    "batch_size",
+                    "gradient_accumulation_steps",
+                    "effective_batch_size",
+                    "max_sequence_length",
+                    "lora_r",
+                    "lora_alpha",
+                    "gradient_checkpointing",
+                )
+            },
+        },
     )

@@ -68,11 +68,15 @@ def check_training_settings(cfg: Config) -> None:
     allowed = set(inspect.signature(fn).parameters) - {"optimizer", "num_warmup_steps", "num_training_steps"}
     unknown = set(cfg.lr_scheduler_kwargs) - allowed
     if unknown:
-        raise UserError(f"lr_scheduler_kwargs {sorted(unknown)} are not arguments of the {cfg.lr_scheduler_type!r} "
-                        f"schedule; it takes {sorted(allowed) or 'none'}")
+        raise UserError(
+            f"lr_scheduler_kwargs {sorted(unknown)} are not arguments of the {cfg.lr_scheduler_type!r} "
+            f"schedule; it takes {sorted(allowed) or 'none'}"
+        )
     unknown = set(cfg.gradient_checkpointing_kwargs) - _CHECKPOINT_KWARGS
     if unknown:
-        raise UserError(f"gradient_checkpointing_kwargs {sorted(unknown)} unknown; allowed: {sorted(_CHECKPOINT_KWARGS)}")
+        raise UserError(
+            f"gradient_checkpointing_kwargs {sorted(unknown)} unknown; allowed: {sorted(_CHECKPOINT_KWARGS)}"
+        )
     optimizer_arguments(cfg)  # raises a UserError for malformed betas / eps
 
 
@@ -89,16 +93,27 @@ def optimizer_arguments(cfg: Config) -> dict:
             if key in kwargs:
                 out[field_name] = float(kwargs.pop(key))
     except (TypeError, ValueError):
-        raise UserError(f"optimizer_kwargs {cfg.optimizer_kwargs!r}: betas must be two numbers, e.g. [0.9, 0.999], "
-                        "and eps a number") from None
+        raise UserError(
+            f"optimizer_kwargs {cfg.optimizer_kwargs!r}: betas must be two numbers, e.g. [0.9, 0.999], and eps a number"
+        ) from None
     if kwargs:
         out["optim_args"] = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return out
 
 
-def training_arguments(cfg: Config, built: BuiltModel, output_dir: str | Path, *, max_steps: int | None = None,
-                       batch_size: int | None = None, accumulation: int | None = None, evaluate: bool = True,
-                       save: bool = True, log: bool = True, progress: bool = True) -> TrainingArguments:
+def training_arguments(
+    cfg: Config,
+    built: BuiltModel,
+    output_dir: str | Path,
+    *,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    accumulation: int | None = None,
+    evaluate: bool = True,
+    save: bool = True,
+    log: bool = True,
+    progress: bool = True,
+) -> TrainingArguments:
     """TrainingArguments from the config; the solver overrides batch, accumulation and steps only."""
     on_cpu = built.device.type == "cpu"
     steps = max_steps if max_steps is not None else (cfg.max_steps or -1)
@@ -172,10 +187,25 @@ class _ThroughputStart(TrainerCallback):
         self.trainer._last_log = (time.perf_counter(), int(state.num_input_tokens_seen))
 
 
-def make_trainer(built: BuiltModel, args: TrainingArguments, train_dataset, *, collator, eval_dataset=None,
-                 callbacks: list[TrainerCallback] | None = None, tokenizer=None) -> AutotuneTrainer:
-    return AutotuneTrainer(model=built.model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                           data_collator=collator, callbacks=callbacks or [], processing_class=tokenizer)
+def make_trainer(
+    built: BuiltModel,
+    args: TrainingArguments,
+    train_dataset,
+    *,
+    collator,
+    eval_dataset=None,
+    callbacks: list[TrainerCallback] | None = None,
+    tokenizer=None,
+) -> AutotuneTrainer:
+    return AutotuneTrainer(
+        model=built.model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        callbacks=callbacks or [],
+        processing_class=tokenizer,
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -198,16 +228,35 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._t0)
 
 
-def run_trial_steps(built: BuiltModel, cfg: Config, *, batch_size: int, seq_len: int, steps: int, workdir: str | Path,
-                    collator, callbacks: list[TrainerCallback] | None = None) -> list[float]:
+def run_trial_steps(
+    built: BuiltModel,
+    cfg: Config,
+    *,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    workdir: str | Path,
+    collator,
+    callbacks: list[TrainerCallback] | None = None,
+) -> list[float]:
     """Run `steps` optimizer steps of the training Trainer on full-length synthetic rows.
 
     Returns each step's seconds. The second and later steps hold the optimizer state, so the peak of
     a run of >= 2 steps is the peak of training. Raises torch.OutOfMemoryError when it does not fit.
     """
     timer = StepTimer()
-    args = training_arguments(cfg, built, workdir, max_steps=steps, batch_size=batch_size, accumulation=1,
-                              evaluate=False, save=False, log=False, progress=False)
+    args = training_arguments(
+        cfg,
+        built,
+        workdir,
+        max_steps=steps,
+        batch_size=batch_size,
+        accumulation=1,
+        evaluate=False,
+        save=False,
+        log=False,
+        progress=False,
+    )
     data = synthetic_rows(batch_size * steps, seq_len, built.spec.architecture.vocab_size, seed=cfg.seed)
     trainer = make_trainer(built, args, data, collator=collator, callbacks=[timer, *(callbacks or [])])
     trainer.remove_callback(PrinterCallback)  # a trial prints its own one-line summary

@@ -24,8 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GiB = 2**30
-GUIDE_16GB = dict(batch_size=4, gradient_accumulation_steps=16, max_sequence_length=256, lora_r=6, lora_alpha=12,
-                  target_modules=["q_proj", "v_proj", "k_proj", "o_proj"])
+GUIDE_16GB = dict(
+    batch_size=4,
+    gradient_accumulation_steps=16,
+    max_sequence_length=256,
+    lora_r=6,
+    lora_alpha=12,
+    target_modules=["q_proj", "v_proj", "k_proj", "o_proj"],
+)
 
 
 def now() -> str:
@@ -49,8 +55,9 @@ class Results:
         self.save()
 
     def error(self, stage: str, exc: BaseException) -> None:
-        self.doc["errors"].append({"stage": stage, "error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": traceback.format_exc()[-3000:]})
+        self.doc["errors"].append(
+            {"stage": stage, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+        )
         self.save()
 
     def save(self) -> None:
@@ -61,8 +68,12 @@ class Results:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -104,11 +115,23 @@ class Plan:
 def base_config(model: str, rehearse: bool, **extra):
     from autotune.config import build_config
 
-    values = dict(model_name=model, init="random", quantization="4bit", data_dir="data/raw",
-                  output_dir="/tmp/autotune-gpu-check", verify_environment=False, enable_tensorboard=False,
-                  enable_inference_test=False, effective_batch_size=64, batch_size=1,
-                  gradient_accumulation_steps=64, lora_r=16, lora_alpha=32,
-                  optimizer="paged_adamw_8bit", structured_logging={"enabled": False})
+    values = dict(
+        model_name=model,
+        init="random",
+        quantization="4bit",
+        data_dir="data/raw",
+        output_dir="/tmp/autotune-gpu-check",
+        verify_environment=False,
+        enable_tensorboard=False,
+        enable_inference_test=False,
+        effective_batch_size=64,
+        batch_size=1,
+        gradient_accumulation_steps=64,
+        lora_r=16,
+        lora_alpha=32,
+        optimizer="paged_adamw_8bit",
+        structured_logging={"enabled": False},
+    )
     if rehearse:
         values.update(tokenizer_name="qwen3-offline", effective_batch_size=8, gradient_accumulation_steps=8)
     values.update(extra)
@@ -118,15 +141,23 @@ def base_config(model: str, rehearse: bool, **extra):
 def measure_steps(runner, cfg, batch: int, seq: int, steps: int) -> dict:
     """`steps` optimizer steps of the solver's trial (the training step) under the runner's cap:
     peak, OOM, tokens/s. The shape's checkpointing and rank come from `cfg`."""
-    trial = runner.measure(batch, seq, cfg.lora_r, usable=runner.budget, checkpointing=cfg.gradient_checkpointing,
-                           steps=steps)
-    out = {"batch": batch, "seq": seq, "steps": steps, "oom": trial.oom, "seconds": trial.seconds,
-           "peak_fraction": trial.peak_bytes / runner.budget if trial.peak_bytes else None}
+    trial = runner.measure(
+        batch, seq, cfg.lora_r, usable=runner.budget, checkpointing=cfg.gradient_checkpointing, steps=steps
+    )
+    out = {
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "oom": trial.oom,
+        "seconds": trial.seconds,
+        "peak_fraction": trial.peak_bytes / runner.budget if trial.peak_bytes else None,
+    }
     if trial.oom:
         out["error"] = trial.note
     else:
-        out.update(peak_bytes=trial.peak_bytes, step_seconds=trial.step_seconds,
-                   tokens_per_second=trial.tokens_per_second)
+        out.update(
+            peak_bytes=trial.peak_bytes, step_seconds=trial.step_seconds, tokens_per_second=trial.tokens_per_second
+        )
     return out
 
 
@@ -134,8 +165,9 @@ def estimate_for(cfg, batch: int, seq: int, device: str) -> dict | None:
     from autotune.catalog import resolve_model
     from autotune.estimate import estimate_peak, options_for
 
-    est = estimate_peak(resolve_model(cfg.model_name).architecture, batch=batch, seq=seq, rank=cfg.lora_r,
-                        **options_for(cfg, device))
+    est = estimate_peak(
+        resolve_model(cfg.model_name).architecture, batch=batch, seq=seq, rank=cfg.lora_r, **options_for(cfg, device)
+    )
     return {"peak_bytes": est.peak_bytes, "components": est.components}
 
 
@@ -159,24 +191,39 @@ def stage_solve_and_train(plan: Plan, results: Results, stats: dict | None) -> N
             runner.budget = int(cap * GiB)
             # On the GPU the solve runs at a fixed, representative sequence (the guide's 16 GB tier uses
             # 512); the p99 path is exercised by the rehearsal and the tests.
-            req = SolveRequest(cfg=cfg, budget_gb=cap, data_stats=stats, seq=plan.solve_seq,
-                               time_budget_s=min(120, max(20, plan.left() - plan.reserve_s)))
+            req = SolveRequest(
+                cfg=cfg,
+                budget_gb=cap,
+                data_stats=stats,
+                seq=plan.solve_seq,
+                time_budget_s=min(120, max(20, plan.left() - plan.reserve_s)),
+            )
             entry = {"model": model, "cap_gb": cap, "build_seconds": round(build_s, 1)}
             t = time.perf_counter()
             try:
-                result = solve(req, runner.measure, on_trial=lambda tr: print("   ", tr.describe(runner.budget), flush=True))
+                result = solve(
+                    req, runner.measure, on_trial=lambda tr: print("   ", tr.describe(runner.budget), flush=True)
+                )
                 entry["solve_seconds"] = round(time.perf_counter() - t, 1)
                 profile = build_profile(req, result, hardware={"device": runner.device.type}, runner=runner)
-                entry.update(choice=profile["choice"], trials=len(profile["trials"]),
-                             solver_peak_bytes=profile["measurement"]["peak_bytes"],
-                             solver_tokens_per_second=profile["measurement"]["tokens_per_second"],
-                             reason=profile["reason"])
+                entry.update(
+                    choice=profile["choice"],
+                    trials=len(profile["trials"]),
+                    solver_peak_bytes=profile["measurement"]["peak_bytes"],
+                    solver_tokens_per_second=profile["measurement"]["tokens_per_second"],
+                    reason=profile["reason"],
+                )
                 choice = profile["choice"]
                 # 30 steps where a step is quick; fewer (>= 5) where 30 would eat the run's budget.
                 step_s = profile["measurement"]["step_seconds"] or 1.0
                 steps = max(5, min(plan.train_steps, int(plan.train_step_budget_s / step_s)))
-                run = measure_steps(runner, replace(cfg, lora_r=choice["lora_r"]), choice["batch_size"],
-                                    choice["max_sequence_length"], steps)
+                run = measure_steps(
+                    runner,
+                    replace(cfg, lora_r=choice["lora_r"]),
+                    choice["batch_size"],
+                    choice["max_sequence_length"],
+                    steps,
+                )
                 entry["train"] = run
                 est = estimate_for(cfg, choice["batch_size"], choice["max_sequence_length"], runner.device.type)
                 if est and run.get("peak_bytes"):
@@ -185,8 +232,10 @@ def stage_solve_and_train(plan: Plan, results: Results, stats: dict | None) -> N
             except Exception as exc:  # one failed solve must not end the run
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
                 entry["solve_seconds"] = round(time.perf_counter() - t, 1)
-            print(f"  {model} @ {cap} GB: {json.dumps({k: entry.get(k) for k in ('choice', 'error')}, default=str)[:300]}",
-                  flush=True)
+            print(
+                f"  {model} @ {cap} GB: {json.dumps({k: entry.get(k) for k in ('choice', 'error')}, default=str)[:300]}",
+                flush=True,
+            )
             results.append("solve_train", entry)
         release(runner)
 
@@ -224,21 +273,38 @@ def stage_throughput(plan: Plan, results: Results) -> None:
         return
     g = GUIDE_16GB
     seq = 64 if plan.rehearse else g["max_sequence_length"]
-    cfg = base_config(plan.throughput_model, plan.rehearse, lora_r=g["lora_r"], lora_alpha=g["lora_alpha"],
-                      target_modules=g["target_modules"], batch_size=g["batch_size"],
-                      gradient_accumulation_steps=g["gradient_accumulation_steps"], effective_batch_size=64)
+    cfg = base_config(
+        plan.throughput_model,
+        plan.rehearse,
+        lora_r=g["lora_r"],
+        lora_alpha=g["lora_alpha"],
+        target_modules=g["target_modules"],
+        batch_size=g["batch_size"],
+        gradient_accumulation_steps=g["gradient_accumulation_steps"],
+        effective_batch_size=64,
+    )
     runner = TrialRunner(cfg, int(plan.throughput_cap * GiB), echo=lambda m: None)
     steps = max(3, plan.train_steps // 3)
     guide = measure_steps(runner, cfg, g["batch_size"], seq, steps)
     out = {"model": plan.throughput_model, "cap_gb": plan.throughput_cap, "seq": seq, "guide": guide}
     results.put("throughput", out)
-    req = SolveRequest(cfg=cfg, budget_gb=plan.throughput_cap, seq=seq, time_budget_s=min(90, plan.left() - 30),
-                       try_without_checkpointing=True)
+    req = SolveRequest(
+        cfg=cfg,
+        budget_gb=plan.throughput_cap,
+        seq=seq,
+        time_budget_s=min(90, plan.left() - 30),
+        try_without_checkpointing=True,
+    )
     result = solve(req, runner.measure)
     best = result["best"]
     ours = measure_steps(runner, replace(cfg, gradient_checkpointing=best.checkpointing), best.batch, seq, steps)
-    out["autotune"] = {**ours, "choice_batch": best.batch, "accumulation": result["accumulation"],
-                       "checkpointing": best.checkpointing, "solve_trials": len(result["trials"])}
+    out["autotune"] = {
+        **ours,
+        "choice_batch": best.batch,
+        "accumulation": result["accumulation"],
+        "checkpointing": best.checkpointing,
+        "solve_trials": len(result["trials"]),
+    }
     if guide.get("tokens_per_second") and ours.get("tokens_per_second"):
         out["speedup"] = ours["tokens_per_second"] / guide["tokens_per_second"]
     results.put("throughput", out)
@@ -258,13 +324,23 @@ def stage_longest_seq(plan: Plan, results: Results) -> None:
     log = SearchLog(deadline=time.monotonic() + max(30, plan.left() - 20))
     step = 64 if plan.rehearse else 1024
     try:
-        seq = largest_seq(lambda b, s, r: runner.measure(b, s, r, usable), log, 32, lo=step, hi=plan.longseq_max, step=step)
+        seq = largest_seq(
+            lambda b, s, r: runner.measure(b, s, r, usable), log, 32, lo=step, hi=plan.longseq_max, step=step
+        )
     except Exception as exc:
         seq = None
         results.error("longest_seq", exc)
-    results.put("longest_seq", {"model": plan.longseq_model, "cap_gb": plan.longseq_cap, "rank": 32,
-                                "longest_seq": seq, "granularity": step,
-                                "trials": [asdict(t) for t in log.trials]})
+    results.put(
+        "longest_seq",
+        {
+            "model": plan.longseq_model,
+            "cap_gb": plan.longseq_cap,
+            "rank": 32,
+            "longest_seq": seq,
+            "granularity": step,
+            "trials": [asdict(t) for t in log.trials],
+        },
+    )
 
 
 def main() -> int:
@@ -290,9 +366,15 @@ def main() -> int:
 
     probe_doc = probe(".")
     gpu = probe_doc["gpus"][0] if probe_doc["gpus"] else None
-    meta = {"date": now(), "commit": git_commit(), "rehearse": args.rehearse,
-            "card": gpu["name"] if gpu else "cpu", "driver": probe_doc.get("driver"),
-            "packages": probe_doc["host"]["packages"], "torch_cuda_build": probe_doc["host"].get("torch_cuda_build")}
+    meta = {
+        "date": now(),
+        "commit": git_commit(),
+        "rehearse": args.rehearse,
+        "card": gpu["name"] if gpu else "cpu",
+        "driver": probe_doc.get("driver"),
+        "packages": probe_doc["host"]["packages"],
+        "torch_cuda_build": probe_doc["host"].get("torch_cuda_build"),
+    }
     results = Results(out, meta)
     stages = args.stages.split(",")
     if "probe" in stages:
@@ -312,10 +394,12 @@ def main() -> int:
         results.put("data_stats", stats)
     except Exception as exc:
         results.error("data_stats", exc)
-    for name, fn in [("solve", lambda: stage_solve_and_train(plan, results, stats)),
-                     ("throughput", lambda: stage_throughput(plan, results)),
-                     ("longseq", lambda: stage_longest_seq(plan, results)),
-                     ("fixed", lambda: stage_fixed_shape(plan, results))]:
+    for name, fn in [
+        ("solve", lambda: stage_solve_and_train(plan, results, stats)),
+        ("throughput", lambda: stage_throughput(plan, results)),
+        ("longseq", lambda: stage_longest_seq(plan, results)),
+        ("fixed", lambda: stage_fixed_shape(plan, results)),
+    ]:
         if name not in stages:
             continue
         print(f"== stage {name} ({plan.left():.0f}s left)", flush=True)
@@ -329,38 +413,49 @@ def main() -> int:
     # The name bench/results/ expects, so a run's file can be committed as it is.
     card = "".join(c if c.isalnum() or c in ".-" else "-" for c in meta["card"])
     (out / f"{meta['date'][:10]}-{card}{'-rehearsal' if args.rehearse else ''}.json").write_text(
-        json.dumps(results.doc, indent=2, default=str))
+        json.dumps(results.doc, indent=2, default=str)
+    )
     print_summary(results.doc)
     return 1 if results.doc["errors"] else 0
 
 
 def print_summary(doc: dict) -> None:
     print("\n== summary", doc["meta"]["card"], doc["meta"]["date"], doc["meta"]["commit"])
-    print(f"{'model':24} {'cap':>5} {'batch':>5} {'acc':>4} {'seq':>6} {'r':>3} {'peak/budget':>11} {'OOM':>4} "
-          f"{'tok/s':>9} {'est.err':>8} {'solve s':>8}")
+    print(
+        f"{'model':24} {'cap':>5} {'batch':>5} {'acc':>4} {'seq':>6} {'r':>3} {'peak/budget':>11} {'OOM':>4} "
+        f"{'tok/s':>9} {'est.err':>8} {'solve s':>8}"
+    )
     for e in doc["stages"].get("solve_train", []):
         c, tr, est = e.get("choice") or {}, e.get("train") or {}, e.get("estimate") or {}
         frac = f"{tr['peak_fraction']:.3f}" if tr.get("peak_fraction") else "-"
         err = f"{est['error']:+.1%}" if est.get("error") is not None else "-"
         tps = f"{tr['tokens_per_second']:.0f}" if tr.get("tokens_per_second") else "-"
-        print(f"{e['model']:24} {e['cap_gb']:>5g} {c.get('batch_size', '-'):>5} {c.get('gradient_accumulation_steps', '-'):>4} "
-              f"{c.get('max_sequence_length', '-'):>6} {c.get('lora_r', '-'):>3} {frac:>11} "
-              f"{('yes' if tr.get('oom') else 'no') if tr else '-':>4} {tps:>9} {err:>8} {e.get('solve_seconds', '-'):>8}"
-              + (f"  error: {e['error'][:80]}" if e.get("error") else ""))
+        print(
+            f"{e['model']:24} {e['cap_gb']:>5g} {c.get('batch_size', '-'):>5} {c.get('gradient_accumulation_steps', '-'):>4} "
+            f"{c.get('max_sequence_length', '-'):>6} {c.get('lora_r', '-'):>3} {frac:>11} "
+            f"{('yes' if tr.get('oom') else 'no') if tr else '-':>4} {tps:>9} {err:>8} {e.get('solve_seconds', '-'):>8}"
+            + (f"  error: {e['error'][:80]}" if e.get("error") else "")
+        )
     tp = doc["stages"].get("throughput") or {}
     if tp.get("guide", {}).get("oom"):
-        print(f"throughput {tp['model']} @ {tp['cap_gb']} GB: the guide's preset runs out of memory; autotune "
-              f"{(tp.get('autotune') or {}).get('tokens_per_second') or 0:.0f} tok/s")
+        print(
+            f"throughput {tp['model']} @ {tp['cap_gb']} GB: the guide's preset runs out of memory; autotune "
+            f"{(tp.get('autotune') or {}).get('tokens_per_second') or 0:.0f} tok/s"
+        )
     if tp.get("speedup"):
-        print(f"throughput {tp['model']} @ {tp['cap_gb']} GB seq {tp['seq']}: guide {tp['guide'].get('tokens_per_second', 0):.0f} "
-              f"tok/s, autotune {tp['autotune'].get('tokens_per_second', 0):.0f} tok/s (batch {tp['autotune']['choice_batch']}), "
-              f"speedup {tp['speedup']:.2f}x")
+        print(
+            f"throughput {tp['model']} @ {tp['cap_gb']} GB seq {tp['seq']}: guide {tp['guide'].get('tokens_per_second', 0):.0f} "
+            f"tok/s, autotune {tp['autotune'].get('tokens_per_second', 0):.0f} tok/s (batch {tp['autotune']['choice_batch']}), "
+            f"speedup {tp['speedup']:.2f}x"
+        )
     ls = doc["stages"].get("longest_seq") or {}
     if ls.get("longest_seq") is not None:
         print(f"longest seq {ls['model']} r=32 batch 1 @ {ls['cap_gb']} GB: {ls['longest_seq']} tokens")
     for f in doc["stages"].get("fixed_shape", []):
-        print(f"fixed shape {f['model']} batch {f['batch']} x seq {f['seq']}: "
-              f"{f.get('tokens_per_second', 0) or 0:.0f} tok/s, peak {(f.get('peak_bytes') or 0) / GiB:.2f} GiB")
+        print(
+            f"fixed shape {f['model']} batch {f['batch']} x seq {f['seq']}: "
+            f"{f.get('tokens_per_second', 0) or 0:.0f} tok/s, peak {(f.get('peak_bytes') or 0) / GiB:.2f} GiB"
+        )
     if doc["errors"]:
         print(f"{len(doc['errors'])} stage error(s): " + "; ".join(e["error"][:120] for e in doc["errors"]))
 

@@ -24,7 +24,7 @@ def load() -> tuple[list[dict], list[dict]]:
         doc = json.loads(path.read_text())
         doc["_file"] = path.name
         (gpu if "stages" in doc else cpu).append(doc)
-    key = lambda d: (d.get("meta", {}).get("date") or d.get("date") or "")  # noqa: E731
+    key = lambda d: d.get("meta", {}).get("date") or d.get("date") or ""  # noqa: E731
     return sorted(gpu, key=key, reverse=True), sorted(cpu, key=key, reverse=True)
 
 
@@ -34,41 +34,66 @@ def _run_label(doc: dict) -> str:
 
 
 def gpu_tables(gpu: list[dict]) -> list[str]:
-    out = ["## Peak ÷ budget and OOMs of the solved profiles (goal 0.90–0.98, no OOM)", "",
-           "| run | model | cap GB | batch | acc | seq | r | steps | peak ÷ budget | OOM | tokens/s | solve s | trials |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    est = ["## Estimate against measured peak (goal ≤ 10 %)", "",
-           "`at run` is the estimate the run computed; `current` is today's estimate.py evaluated offline against the "
-           "same measured peak (where the run calibrated it, that is in-sample).", "",
-           "| run | model | cap GB | batch x seq | measured GiB | estimated at run | error | current estimate | error |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Peak ÷ budget and OOMs of the solved profiles (goal 0.90–0.98, no OOM)",
+        "",
+        "| run | model | cap GB | batch | acc | seq | r | steps | peak ÷ budget | OOM | tokens/s | solve s | trials |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    est = [
+        "## Estimate against measured peak (goal ≤ 10 %)",
+        "",
+        "`at run` is the estimate the run computed; `current` is today's estimate.py evaluated offline against the "
+        "same measured peak (where the run calibrated it, that is in-sample).",
+        "",
+        "| run | model | cap GB | batch x seq | measured GiB | estimated at run | error | current estimate | error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for doc in gpu:
         for e in doc["stages"].get("solve_train", []):
             c, tr = e.get("choice") or {}, e.get("train") or {}
             if e.get("error"):
-                out.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | — | — | — | — | — | — | — | — | "
-                           f"{e.get('solve_seconds', '—')} | {e['error'][:90]} |")
+                out.append(
+                    f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | — | — | — | — | — | — | — | — | "
+                    f"{e.get('solve_seconds', '—')} | {e['error'][:90]} |"
+                )
                 continue
             frac = f"{tr['peak_fraction']:.3f}" if tr.get("peak_fraction") else "—"
             tps = f"{tr['tokens_per_second']:.0f}" if tr.get("tokens_per_second") else "—"
-            out.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} | "
-                       f"{c['gradient_accumulation_steps']} | {c['max_sequence_length']} | {c['lora_r']} | "
-                       f"{tr.get('steps', '—')} | {frac} | {'yes' if tr.get('oom') else 'no'} | {tps} | "
-                       f"{e.get('solve_seconds')} | {e.get('trials')} |")
+            out.append(
+                f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} | "
+                f"{c['gradient_accumulation_steps']} | {c['max_sequence_length']} | {c['lora_r']} | "
+                f"{tr.get('steps', '—')} | {frac} | {'yes' if tr.get('oom') else 'no'} | {tps} | "
+                f"{e.get('solve_seconds')} | {e.get('trials')} |"
+            )
             x, now = e.get("estimate") or {}, e.get("estimate_current") or {}
             if x.get("peak_bytes") and tr.get("peak_bytes"):
-                cur = (f"{now['peak_bytes'] / GiB:.2f} | {now['error']:+.1%}" if now.get("peak_bytes") else "— | —")
-                est.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} x "
-                           f"{c['max_sequence_length']} | {tr['peak_bytes'] / GiB:.2f} | {x['peak_bytes'] / GiB:.2f} | "
-                           f"{x['error']:+.1%} | {cur} |")
-    tp = ["## Throughput: the guide's 16 GB preset against autotune's profile (goal 2x)", "",
-          "| run | model | cap GB | seq | guide tokens/s | autotune batch | autotune tokens/s | speedup |",
-          "|---|---|---|---|---|---|---|---|"]
-    ls = ["## Longest sequence, Qwen3-8B QLoRA r=32, batch 1, 16 GB cap", "",
-          "(Unsloth reports 40,724 tokens for Llama-3.1-8B at 16 GB; plain HF with FlashAttention-2, 2,551.)", "",
-          "| run | model | longest sequence | granularity |", "|---|---|---|---|"]
-    fx = ["## Fixed shape, 4-bit, no cap (training issue)", "",
-          "| run | model | batch x seq | steps | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+                cur = f"{now['peak_bytes'] / GiB:.2f} | {now['error']:+.1%}" if now.get("peak_bytes") else "— | —"
+                est.append(
+                    f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {c['batch_size']} x "
+                    f"{c['max_sequence_length']} | {tr['peak_bytes'] / GiB:.2f} | {x['peak_bytes'] / GiB:.2f} | "
+                    f"{x['error']:+.1%} | {cur} |"
+                )
+    tp = [
+        "## Throughput: the guide's 16 GB preset against autotune's profile (goal 2x)",
+        "",
+        "| run | model | cap GB | seq | guide tokens/s | autotune batch | autotune tokens/s | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ls = [
+        "## Longest sequence, Qwen3-8B QLoRA r=32, batch 1, 16 GB cap",
+        "",
+        "(Unsloth reports 40,724 tokens for Llama-3.1-8B at 16 GB; plain HF with FlashAttention-2, 2,551.)",
+        "",
+        "| run | model | longest sequence | granularity |",
+        "|---|---|---|---|",
+    ]
+    fx = [
+        "## Fixed shape, 4-bit, no cap (training issue)",
+        "",
+        "| run | model | batch x seq | steps | tokens/s | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for doc in gpu:
         t = doc["stages"].get("throughput") or {}
         if t.get("guide"):
@@ -76,8 +101,10 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
             gt = "OOM" if g.get("oom") else f"{g.get('tokens_per_second', 0):.0f}"
             at = f"{a['tokens_per_second']:.0f}" if a.get("tokens_per_second") else "—"
             sp = f"{t['speedup']:.2f}x" if t.get("speedup") else "—"
-            tp.append(f"| {_run_label(doc)} | {t['model']} | {t['cap_gb']:g} | {t['seq']} | {gt} | "
-                      f"{a.get('choice_batch', '—')} | {at} | {sp} |")
+            tp.append(
+                f"| {_run_label(doc)} | {t['model']} | {t['cap_gb']:g} | {t['seq']} | {gt} | "
+                f"{a.get('choice_batch', '—')} | {at} | {sp} |"
+            )
         s = doc["stages"].get("longest_seq") or {}
         if "longest_seq" in s:
             ls.append(f"| {_run_label(doc)} | {s['model']} | {s['longest_seq']} | {s['granularity']} |")
@@ -85,11 +112,17 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
             tps = f"{f['tokens_per_second']:.0f}" if f.get("tokens_per_second") else ("OOM" if f.get("oom") else "—")
             pk = f"{f['peak_bytes'] / GiB:.2f}" if f.get("peak_bytes") else "—"
             fx.append(f"| {_run_label(doc)} | {f['model']} | {f['batch']} x {f['seq']} | {f['steps']} | {tps} | {pk} |")
-    sw = ["## Solve wall time (goal ≤ 120 s for Qwen3-14B)", "", "| run | model | cap GB | model build s | solve s |",
-          "|---|---|---|---|---|"]
+    sw = [
+        "## Solve wall time (goal ≤ 120 s for Qwen3-14B)",
+        "",
+        "| run | model | cap GB | model build s | solve s |",
+        "|---|---|---|---|---|",
+    ]
     for doc in gpu:
         for e in doc["stages"].get("solve_train", []):
-            sw.append(f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {e.get('build_seconds')} | {e.get('solve_seconds')} |")
+            sw.append(
+                f"| {_run_label(doc)} | {e['model']} | {e['cap_gb']:g} | {e.get('build_seconds')} | {e.get('solve_seconds')} |"
+            )
     return out + [""] + est + [""] + tp + [""] + ls + [""] + fx + [""] + sw + [""]
 
 
@@ -97,25 +130,45 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
     out = ["## CPU figures", ""]
     for doc in cpu:
         if doc.get("kind") == "train_bench":
-            out += [f"### Training benchmark, CPU ({doc['date']}, {doc.get('cpu') or 'cpu'})", "",
-                    "| weights | batch x seq | step s | tokens/s | peak tracked GiB |", "|---|---|---|---|---|"]
-            out += [f"| {r['quantization']} | {r['batch']} x {r['seq']} | {r['step_seconds']} | {r['tokens_per_second']} | "
-                    f"{r['peak_tracked_gib']} |" for r in doc["rows"]]
+            out += [
+                f"### Training benchmark, CPU ({doc['date']}, {doc.get('cpu') or 'cpu'})",
+                "",
+                "| weights | batch x seq | step s | tokens/s | peak tracked GiB |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['quantization']} | {r['batch']} x {r['seq']} | {r['step_seconds']} | {r['tokens_per_second']} | "
+                f"{r['peak_tracked_gib']} |"
+                for r in doc["rows"]
+            ]
             out.append("")
         elif doc.get("kind") in ("solver_bench", "autotune.solver_bench"):
-            out += [f"### Solver benchmark, CPU ({doc.get('date') or doc['_file'][:10]}; {doc.get('model')}, seq "
-                    f"{doc.get('seq')}, rank {doc.get('rank')}, simulated cap {doc.get('budget_bytes', 0) / 2**20:.0f} MiB)",
-                    "", "Target: at most a third of Lightning's trials, within one of the true maximum.", "",
-                    "| strategy | trials | seconds | batch found | true max | within 1 |", "|---|---|---|---|---|---|"]
-            out += [f"| {r['strategy']} | {r['trials']} | {r['seconds']} | {r['batch']} | {r['true_max']} | "
-                    f"{'yes' if r['within_1'] else 'no'} |" for r in doc["strategies"]]
+            out += [
+                f"### Solver benchmark, CPU ({doc.get('date') or doc['_file'][:10]}; {doc.get('model')}, seq "
+                f"{doc.get('seq')}, rank {doc.get('rank')}, simulated cap {doc.get('budget_bytes', 0) / 2**20:.0f} MiB)",
+                "",
+                "Target: at most a third of Lightning's trials, within one of the true maximum.",
+                "",
+                "| strategy | trials | seconds | batch found | true max | within 1 |",
+                "|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['strategy']} | {r['trials']} | {r['seconds']} | {r['batch']} | {r['true_max']} | "
+                f"{'yes' if r['within_1'] else 'no'} |"
+                for r in doc["strategies"]
+            ]
             out.append("")
     return out
 
 
 def chart(gpu: list[dict]) -> Path | None:
-    rows = [(doc, e) for doc in gpu if not doc["meta"].get("rehearse") for e in doc["stages"].get("solve_train", [])
-            if (e.get("train") or {}).get("peak_fraction")]
+    rows = [
+        (doc, e)
+        for doc in gpu
+        if not doc["meta"].get("rehearse")
+        for e in doc["stages"].get("solve_train", [])
+        if (e.get("train") or {}).get("peak_fraction")
+    ]
     if not rows:
         return None
     import matplotlib
@@ -126,8 +179,11 @@ def chart(gpu: list[dict]) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     models = sorted({e["model"] for _, e in rows})
     for m in models:
-        pts = sorted((e["cap_gb"], e["train"]["peak_fraction"], e["train"].get("tokens_per_second") or 0)
-                     for _, e in rows if e["model"] == m)
+        pts = sorted(
+            (e["cap_gb"], e["train"]["peak_fraction"], e["train"].get("tokens_per_second") or 0)
+            for _, e in rows
+            if e["model"] == m
+        )
         a1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
         a2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=m)
     a1.axhspan(0.90, 0.98, color="green", alpha=0.12, label="goal 0.90–0.98")
@@ -144,20 +200,27 @@ def chart(gpu: list[dict]) -> Path | None:
 
 def main() -> int:
     gpu, cpu = load()
-    lines = ["# Benchmark results", "",
-             "Generated by `python bench/make_results.py` from `bench/results/*.json`; do not edit by hand.", "",
-             "GPU figures come from `bench/gpu_check.sh --out DIR` (caps simulated with "
-             "`torch.cuda.set_per_process_memory_fraction` on a bigger card); rows marked CPU rehearsal run the same "
-             "stages on the tiny model with simulated caps.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python bench/make_results.py` from `bench/results/*.json`; do not edit by hand.",
+        "",
+        "GPU figures come from `bench/gpu_check.sh --out DIR` (caps simulated with "
+        "`torch.cuda.set_per_process_memory_fraction` on a bigger card); rows marked CPU rehearsal run the same "
+        "stages on the tiny model with simulated caps.",
+        "",
+    ]
     real = [d for d in gpu if not d["meta"].get("rehearse")]
     if not real:
         lines += ["**No GPU run collected yet.**", ""]
     for d in gpu:
         m = d["meta"]
         pk = m.get("packages") or {}
-        lines += [f"- **{_run_label(d)}** (`{d['_file']}`): torch {pk.get('torch')}, transformers {pk.get('transformers')}, "
-                  f"peft {pk.get('peft')}, bitsandbytes {pk.get('bitsandbytes')}, driver "
-                  f"{(m.get('driver') or {}).get('version')}. {m.get('note', '')}"]
+        lines += [
+            f"- **{_run_label(d)}** (`{d['_file']}`): torch {pk.get('torch')}, transformers {pk.get('transformers')}, "
+            f"peft {pk.get('peft')}, bitsandbytes {pk.get('bitsandbytes')}, driver "
+            f"{(m.get('driver') or {}).get('version')}. {m.get('note', '')}"
+        ]
         lines += [f"  - {f}" for f in m.get("findings", [])]
     lines.append("")
     png = chart(gpu)

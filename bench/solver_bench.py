@@ -108,8 +108,13 @@ def run_strategy(bench: Bench, name: str, search) -> dict:
 
     start = time.perf_counter()
     found = search(trial)
-    return {"strategy": name, "trials": len(tried), "seconds": round(time.perf_counter() - start, 2),
-            "batch": found, "tried": tried}
+    return {
+        "strategy": name,
+        "trials": len(tried),
+        "seconds": round(time.perf_counter() - start, 2),
+        "batch": found,
+        "tried": tried,
+    }
 
 
 def strategies(bench: Bench) -> list:
@@ -118,15 +123,20 @@ def strategies(bench: Bench) -> list:
     def ours(trial):
         return largest_batch(lambda b, s, r: trial(b), SearchLog(), bench.seq, bench.rank, bench.usable)[0]
 
-    return [("ours", ours),
-            ("lightning", lambda trial: lightning_binsearch(lambda b: trial(b).fits)),
-            ("accelerate", lambda trial: accelerate_backoff(lambda b: trial(b).fits))]
+    return [
+        ("ours", ours),
+        ("lightning", lambda trial: lightning_binsearch(lambda b: trial(b).fits)),
+        ("accelerate", lambda trial: accelerate_backoff(lambda b: trial(b).fits)),
+    ]
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="Shorter sequence; accelerate's ladder replayed from the brute force, not run.")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="Shorter sequence; accelerate's ladder replayed from the brute force, not run.",
+    )
     ap.add_argument("--json", dest="json_out", help="Write the figures here as JSON.")
     ap.add_argument("--seq", type=int, help="Sequence length (default 32, --quick 16).")
     ap.add_argument("--target", type=int, default=20, help="Batch the cap is sized for (true max; default 20).")
@@ -141,8 +151,10 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # the seconds are wall time: other work on the machine shows in them
     work = Path(tempfile.mkdtemp(prefix="solver_bench_"))
-    cfg = load_config(REPO / "profiles" / "configs" / "demo.json",
-                      {"quantization": "none", "output_dir": str(work), "verify_environment": False})
+    cfg = load_config(
+        REPO / "profiles" / "configs" / "demo.json",
+        {"quantization": "none", "output_dir": str(work), "verify_environment": False},
+    )
     runner = TrialRunner(cfg, 64 * 2**30, echo=lambda m: None)
     bench = Bench(runner, seq, cfg.lora_r)
 
@@ -154,9 +166,12 @@ def main(argv=None) -> dict:
     usable = int(one.peak_bytes + (args.target - 0.5) * step)
     budget = int(usable / (1 - MARGIN))
     bench.usable, runner.budget = int(budget * (1 - MARGIN)), budget
-    print(f"tiny-qwen3, quantization none, {runner._built.dtype}, seq {seq}, rank {cfg.lora_r}: batch 1 peaks at "
-          f"{one.peak_bytes / 2**20:.1f} MiB, +{step / 2**20:.1f} MiB per sample; cap {budget / 2**20:.1f} MiB, "
-          f"usable {bench.usable / 2**20:.1f} MiB (less {MARGIN:.0%})", flush=True)
+    print(
+        f"tiny-qwen3, quantization none, {runner._built.dtype}, seq {seq}, rank {cfg.lora_r}: batch 1 peaks at "
+        f"{one.peak_bytes / 2**20:.1f} MiB, +{step / 2**20:.1f} MiB per sample; cap {budget / 2**20:.1f} MiB, "
+        f"usable {bench.usable / 2**20:.1f} MiB (less {MARGIN:.0%})",
+        flush=True,
+    )
 
     results = []
     for name, search in strategies(bench):
@@ -178,47 +193,89 @@ def main(argv=None) -> dict:
         if not t.fits:
             break
         true_max = b
-    brute = {"trials": reused + measured, "reused": reused, "measured": measured,
-             "seconds_measuring": round(time.perf_counter() - t0, 2)}
+    brute = {
+        "trials": reused + measured,
+        "reused": reused,
+        "measured": measured,
+        "seconds_measuring": round(time.perf_counter() - t0, 2),
+    }
     if args.quick:  # replay accelerate's ladder on the brute-force answer (see the module docstring)
         ladder = [[b, b <= true_max] for b in _ladder(128) if b > true_max]
         ladder.append([next(b for b in _ladder(128) if b <= true_max), True])
-        results.append({"strategy": "accelerate", "trials": len(ladder), "seconds": None, "batch": ladder[-1][0],
-                        "tried": ladder, "replayed": True})
+        results.append(
+            {
+                "strategy": "accelerate",
+                "trials": len(ladder),
+                "seconds": None,
+                "batch": ladder[-1][0],
+                "tried": ladder,
+                "replayed": True,
+            }
+        )
 
     for r in results:
         r["true_max"] = true_max
         r["within_1"] = true_max - 1 <= r["batch"] <= true_max
     by = {r["strategy"]: r for r in results}
-    target = {"ours_trials": by["ours"]["trials"], "lightning_trials": by["lightning"]["trials"],
-              "ratio": round(by["ours"]["trials"] / by["lightning"]["trials"], 3),
-              "at_most_a_third": by["ours"]["trials"] * 3 <= by["lightning"]["trials"],
-              "within_1": by["ours"]["within_1"]}
+    target = {
+        "ours_trials": by["ours"]["trials"],
+        "lightning_trials": by["lightning"]["trials"],
+        "ratio": round(by["ours"]["trials"] / by["lightning"]["trials"], 3),
+        "at_most_a_third": by["ours"]["trials"] * 3 <= by["lightning"]["trials"],
+        "within_1": by["ours"]["within_1"],
+    }
 
     print()
     print(f"{'strategy':12s} {'trials':>6s} {'seconds':>8s} {'batch found':>11s} {'true max':>8s}  within 1 of true")
     for r in results:
         secs = f"{r['seconds']:8.1f}" if r["seconds"] is not None else f"{'-':>8s}"
-        print(f"{r['strategy']:12s} {r['trials']:6d} {secs} {r['batch']:11d} {r['true_max']:8d}  "
-              f"{'yes' if r['within_1'] else 'NO'}" + ("  (replayed, not run: --quick)" if r.get("replayed") else ""))
-    print(f"brute force  {brute['trials']:6d} trials to find the true max {true_max}: {brute['reused']} reused from "
-          f"the runs above (and calibration), {brute['measured']} measured now ({brute['seconds_measuring']:.1f}s)")
-    print(f"target: ours <= 1/3 of Lightning's trials and within 1 of the true max: {target['ours_trials']} vs "
-          f"{target['lightning_trials']} trials (ratio {target['ratio']:.2f}), "
-          f"{'met' if target['at_most_a_third'] and target['within_1'] else 'NOT met'}")
+        print(
+            f"{r['strategy']:12s} {r['trials']:6d} {secs} {r['batch']:11d} {r['true_max']:8d}  "
+            f"{'yes' if r['within_1'] else 'NO'}" + ("  (replayed, not run: --quick)" if r.get("replayed") else "")
+        )
+    print(
+        f"brute force  {brute['trials']:6d} trials to find the true max {true_max}: {brute['reused']} reused from "
+        f"the runs above (and calibration), {brute['measured']} measured now ({brute['seconds_measuring']:.1f}s)"
+    )
+    print(
+        f"target: ours <= 1/3 of Lightning's trials and within 1 of the true max: {target['ours_trials']} vs "
+        f"{target['lightning_trials']} trials (ratio {target['ratio']:.2f}), "
+        f"{'met' if target['at_most_a_third'] and target['within_1'] else 'NOT met'}"
+    )
     total = round(time.perf_counter() - t_start, 1)
-    print(f"total {total}s (1-minute load average {load_start} at the start, {os.getloadavg()[0]:.2f} at the end, "
-          f"{os.cpu_count()} CPUs)")
+    print(
+        f"total {total}s (1-minute load average {load_start} at the start, {os.getloadavg()[0]:.2f} at the end, "
+        f"{os.cpu_count()} CPUs)"
+    )
 
-    doc = {"kind": "autotune.solver_bench", "quick": args.quick, "model": "tiny-qwen3", "quantization": "none",
-           "dtype": str(runner._built.dtype).removeprefix("torch."), "seq": seq, "rank": cfg.lora_r,
-           "margin": MARGIN, "budget_bytes": budget, "usable_bytes": bench.usable,
-           "peak_batch1_bytes": one.peak_bytes, "bytes_per_sample": step, "target_batch": args.target,
-           "true_max": true_max, "brute_force": brute, "strategies": results, "target": target,
-           "total_seconds": total,
-           "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "python": platform.python_version(), "device": "cpu (simulated cap)",
-                       "load_average_1min": [load_start, round(os.getloadavg()[0], 2)]}}
+    doc = {
+        "kind": "autotune.solver_bench",
+        "quick": args.quick,
+        "model": "tiny-qwen3",
+        "quantization": "none",
+        "dtype": str(runner._built.dtype).removeprefix("torch."),
+        "seq": seq,
+        "rank": cfg.lora_r,
+        "margin": MARGIN,
+        "budget_bytes": budget,
+        "usable_bytes": bench.usable,
+        "peak_batch1_bytes": one.peak_bytes,
+        "bytes_per_sample": step,
+        "target_batch": args.target,
+        "true_max": true_max,
+        "brute_force": brute,
+        "strategies": results,
+        "target": target,
+        "total_seconds": total,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": "cpu (simulated cap)",
+            "load_average_1min": [load_start, round(os.getloadavg()[0], 2)],
+        },
+    }
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -26,9 +26,18 @@ def run(quantization: str, steps: int, batch: int, seq: int) -> dict:
     from autotune.step import run_trial_steps
 
     quiet_libraries()
-    cfg = build_config({"model_name": "tiny-qwen3", "init": "random", "quantization": quantization,
-                        "lora_r": 16, "lora_alpha": 32, "optimizer": "adamw_torch", "output_dir": "/tmp/autotune-bench",
-                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    cfg = build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "init": "random",
+            "quantization": quantization,
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "optimizer": "adamw_torch",
+            "output_dir": "/tmp/autotune-bench",
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        }
+    )
     t = time.perf_counter()
     built = build_model(cfg)
     build_s = time.perf_counter() - t
@@ -36,13 +45,26 @@ def run(quantization: str, steps: int, batch: int, seq: int) -> dict:
     meter.track_existing(built.model)
     meter.reset_peak()
     with meter:
-        secs = run_trial_steps(built, cfg, batch_size=batch, seq_len=seq, steps=steps, workdir="/tmp/autotune-bench",
-                               collator=CausalLMCollator(0, pad_to_length=seq))
+        secs = run_trial_steps(
+            built,
+            cfg,
+            batch_size=batch,
+            seq_len=seq,
+            steps=steps,
+            workdir="/tmp/autotune-bench",
+            collator=CausalLMCollator(0, pad_to_length=seq),
+        )
     steady = secs[1:]
-    return {"quantization": quantization, "batch": batch, "seq": seq, "steps": steps, "build_seconds": round(build_s, 2),
-            "step_seconds": round(sum(steady) / len(steady), 4),
-            "tokens_per_second": round(batch * seq * len(steady) / sum(steady), 1),
-            "peak_tracked_gib": round(meter.peak_bytes() / 2**30, 4)}
+    return {
+        "quantization": quantization,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "build_seconds": round(build_s, 2),
+        "step_seconds": round(sum(steady) / len(steady), 4),
+        "tokens_per_second": round(batch * seq * len(steady) / sum(steady), 1),
+        "peak_tracked_gib": round(meter.peak_bytes() / 2**30, 4),
+    }
 
 
 def main() -> None:
@@ -55,11 +77,23 @@ def main() -> None:
     rows = [run(q, args.steps, args.batch, args.seq) for q in ("none", "4bit")]
     print(f"{'weights':8} {'batch x seq':>12} {'step s':>8} {'tokens/s':>9} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['quantization']:8} {r['batch']:>5} x {r['seq']:<5} {r['step_seconds']:>8.3f} "
-              f"{r['tokens_per_second']:>9.1f} {r['peak_tracked_gib']:>9.4f}")
+        print(
+            f"{r['quantization']:8} {r['batch']:>5} x {r['seq']:<5} {r['step_seconds']:>8.3f} "
+            f"{r['tokens_per_second']:>9.1f} {r['peak_tracked_gib']:>9.4f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"kind": "train_bench", "device": "cpu", "cpu": platform.processor(),
-                                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "kind": "train_bench",
+                    "device": "cpu",
+                    "cpu": platform.processor(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -167,9 +167,19 @@ def test_local_directory_with_tokenizer_and_weights(tmp_path):
 
 
 def test_old_style_config_without_head_dim(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen3",
+                "hidden_size": 256,
+                "intermediate_size": 512,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "rope_theta": 10000.0,
+            }
+        )
+    )
     arch = resolve_model(str(tmp_path)).architecture
     assert arch.head_dim == 64 and arch.rope_theta == 10000.0 and arch.vocab_size == 151936
 
@@ -179,22 +189,50 @@ def test_directory_without_config_json(tmp_path):
     assert str(tmp_path) in msg and "no config.json" in msg
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("{not json", "cannot read it as JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    (json.dumps({"model_type": "llama", "hidden_size": 8}), "model_type is 'llama'"),
-    (json.dumps({"model_type": "qwen3", "hidden_size": 8}), "lacks intermediate_size"),
-    (json.dumps({"model_type": "qwen3", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-                 "num_attention_heads": 0}), "num_attention_heads=0"),
-    (json.dumps({"model_type": "qwen3", "hidden_size": "8", "intermediate_size": 8, "num_hidden_layers": 1,
-                 "num_attention_heads": 2}), "hidden_size='8'"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("{not json", "cannot read it as JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        (json.dumps({"model_type": "llama", "hidden_size": 8}), "model_type is 'llama'"),
+        (json.dumps({"model_type": "qwen3", "hidden_size": 8}), "lacks intermediate_size"),
+        (
+            json.dumps(
+                {
+                    "model_type": "qwen3",
+                    "hidden_size": 8,
+                    "intermediate_size": 8,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 0,
+                }
+            ),
+            "num_attention_heads=0",
+        ),
+        (
+            json.dumps(
+                {
+                    "model_type": "qwen3",
+                    "hidden_size": "8",
+                    "intermediate_size": 8,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                }
+            ),
+            "hidden_size='8'",
+        ),
+    ],
+)
 def test_bad_config_json(tmp_path, content, needle):
     (tmp_path / "config.json").write_text(content)
     assert needle in user_error(resolve_model, str(tmp_path))
 
 
 def test_from_hf_config_ignores_unknown_keys():
-    arch = Architecture.from_hf_config({**dataclasses.asdict(CATALOG["Qwen3-8B"].architecture),
-                                        "architectures": ["Qwen3ForCausalLM"], "torch_dtype": "bfloat16"})
+    arch = Architecture.from_hf_config(
+        {
+            **dataclasses.asdict(CATALOG["Qwen3-8B"].architecture),
+            "architectures": ["Qwen3ForCausalLM"],
+            "torch_dtype": "bfloat16",
+        }
+    )
     assert arch == CATALOG["Qwen3-8B"].architecture

@@ -56,8 +56,9 @@ def test_validate_defaults_prints_every_key(capsys):
 
 def test_validate_json_with_set(capsys, tmp_path):
     path = write(tmp_path / "c.json", {"base_config": "hardware/8gb", "overrides": {"lora_r": 2}})
-    code, out, _ = run_cli(capsys, "validate", str(path), "--json", "--set", "batch_size=2",
-                           "--set", "structured_logging.log_level=DEBUG")
+    code, out, _ = run_cli(
+        capsys, "validate", str(path), "--json", "--set", "batch_size=2", "--set", "structured_logging.log_level=DEBUG"
+    )
     assert code == 0
     cfg = json.loads(out)["config"]
     assert (cfg["batch_size"], cfg["lora_r"], cfg["max_memory_gb"]) == (2, 2, 7.5)
@@ -102,10 +103,20 @@ def test_validate_hardware_against_this_machine(capsys):
 
 
 def test_validate_hardware_errors_exit_2(capsys, monkeypatch):
-    small = {"index": 0, "name": "RTX 3060", "memory_total_gb": 12.0, "memory_free_gb": 11.5,
-             "bf16_supported": True, "compute_capability": "8.6", "error": None}
-    monkeypatch.setattr(hardware, "probe", lambda output_dir=".", nvml=None: {
-        "gpus": [small], "host": {"disk_free_gb": 100.0, "disk_path": "/"}})
+    small = {
+        "index": 0,
+        "name": "RTX 3060",
+        "memory_total_gb": 12.0,
+        "memory_free_gb": 11.5,
+        "bf16_supported": True,
+        "compute_capability": "8.6",
+        "error": None,
+    }
+    monkeypatch.setattr(
+        hardware,
+        "probe",
+        lambda output_dir=".", nvml=None: {"gpus": [small], "host": {"disk_free_gb": 100.0, "disk_path": "/"}},
+    )
     code, out, err = run_cli(capsys, "validate", "--hardware", "--set", "max_memory_gb=20")
     assert code == 2
     assert "ERROR" in out and "1 hardware problem(s)" in err and "max_memory_gb 20 exceeds GPU 0" in err

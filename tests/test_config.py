@@ -169,17 +169,17 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_three_file_chain_with_relative_paths_in_subfolders(tmp_path):
-    write(tmp_path / "shared" / "deep" / "base.json", {
-        "description": "bottom", "batch_size": 1, "lora_r": 2, "seed": 1, "data_dir": "base-data"})
-    write(tmp_path / "shared" / "mid.json", {
-        "base_config": "deep/base.json", "overrides": {"lora_r": 3, "seed": 2}})
-    top = write(tmp_path / "runs" / "a" / "top.json", {
-        "base_config": "../../shared/mid.json", "seed": 3})
+    write(
+        tmp_path / "shared" / "deep" / "base.json",
+        {"description": "bottom", "batch_size": 1, "lora_r": 2, "seed": 1, "data_dir": "base-data"},
+    )
+    write(tmp_path / "shared" / "mid.json", {"base_config": "deep/base.json", "overrides": {"lora_r": 3, "seed": 2}})
+    top = write(tmp_path / "runs" / "a" / "top.json", {"base_config": "../../shared/mid.json", "seed": 3})
     cfg = load_config(top)
-    assert cfg.batch_size == 1          # only the bottom sets it
+    assert cfg.batch_size == 1  # only the bottom sets it
     assert cfg.data_dir == "base-data"
-    assert cfg.lora_r == 3              # middle overrides bottom
-    assert cfg.seed == 3                # top overrides both
+    assert cfg.lora_r == 3  # middle overrides bottom
+    assert cfg.seed == 3  # top overrides both
     assert cfg.learning_rate == Config().learning_rate  # untouched default
 
 
@@ -217,8 +217,9 @@ def test_preset_chain_of_presets(tmp_path):
 
 def test_overrides_and_top_level_keys_win_over_the_base(tmp_path):
     write(tmp_path / "base.json", {"batch_size": 8, "lora_r": 8, "seed": 8})
-    cfg = load_config(write(tmp_path / "c.json", {
-        "base_config": "base.json", "lora_r": 1, "overrides": {"batch_size": 2}}))
+    cfg = load_config(
+        write(tmp_path / "c.json", {"base_config": "base.json", "lora_r": 1, "overrides": {"batch_size": 2}})
+    )
     assert (cfg.batch_size, cfg.lora_r, cfg.seed) == (2, 1, 8)
 
 
@@ -228,12 +229,19 @@ def test_overrides_win_over_top_level_keys_of_the_same_file(tmp_path):
 
 
 def test_top_level_and_overrides_of_one_file_are_both_checked_and_nested_objects_merge(tmp_path):
-    path = write(tmp_path / "c.json", {
-        "structured_logging": {"enabled": False}, "lora_r": "x",
-        "overrides": {"structured_logging": {"log_level": "DEBUG"}, "lora_r": 2}})
+    path = write(
+        tmp_path / "c.json",
+        {
+            "structured_logging": {"enabled": False},
+            "lora_r": "x",
+            "overrides": {"structured_logging": {"log_level": "DEBUG"}, "lora_r": 2},
+        },
+    )
     assert "'lora_r': value 'x'" in error_of(load_config, path)
-    path = write(tmp_path / "c.json", {
-        "structured_logging": {"enabled": False}, "overrides": {"structured_logging": {"log_level": "DEBUG"}}})
+    path = write(
+        tmp_path / "c.json",
+        {"structured_logging": {"enabled": False}, "overrides": {"structured_logging": {"log_level": "DEBUG"}}},
+    )
     logging = load_config(path).structured_logging
     assert (logging.enabled, logging.log_level) == (False, "DEBUG")
 
@@ -304,30 +312,33 @@ def test_wrong_type_names_file_key_value_and_what_is_allowed(tmp_path):
     assert msg == f"{path}: key 'batch_size': value 'four' is not allowed: must be an integer >= 1"
 
 
-@pytest.mark.parametrize("key,value,allowed", [
-    ("batch_size", 0, "an integer >= 1"),
-    ("batch_size", 2.5, "an integer >= 1"),
-    ("batch_size", True, "an integer >= 1"),
-    ("seed", -1, "an integer >= 0"),
-    ("max_sequence_length", 7, "an integer >= 8"),
-    ("learning_rate", 0, "a number > 0"),
-    ("learning_rate", -1e-5, "a number > 0"),
-    ("weight_decay", -0.1, "a number >= 0"),
-    ("warmup_ratio", 1.5, "a number from 0 to 1"),
-    ("lora_dropout", -0.1, "a number from 0 to 1"),
-    ("max_memory_gb", 0, "a number > 0 or null"),
-    ("max_steps", 0, "an integer >= 1 or null"),
-    ("quantization", "2bit", "one of '4bit', '8bit', 'none'"),
-    ("bf16", "yes", "true or false"),
-    ("bf16", 1, "true or false"),
-    ("output_dir", None, "a string"),
-    ("tokenizer_name", 5, "a string or null"),
-    ("target_modules", [], "a list of strings"),
-    ("target_modules", "q_proj", "a list of strings"),
-    ("target_modules", ["q_proj", 3], "a list of strings"),
-    ("optimizer_kwargs", [], "a JSON object"),
-    ("structured_logging", "on", "a JSON object"),
-])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("batch_size", 0, "an integer >= 1"),
+        ("batch_size", 2.5, "an integer >= 1"),
+        ("batch_size", True, "an integer >= 1"),
+        ("seed", -1, "an integer >= 0"),
+        ("max_sequence_length", 7, "an integer >= 8"),
+        ("learning_rate", 0, "a number > 0"),
+        ("learning_rate", -1e-5, "a number > 0"),
+        ("weight_decay", -0.1, "a number >= 0"),
+        ("warmup_ratio", 1.5, "a number from 0 to 1"),
+        ("lora_dropout", -0.1, "a number from 0 to 1"),
+        ("max_memory_gb", 0, "a number > 0 or null"),
+        ("max_steps", 0, "an integer >= 1 or null"),
+        ("quantization", "2bit", "one of '4bit', '8bit', 'none'"),
+        ("bf16", "yes", "true or false"),
+        ("bf16", 1, "true or false"),
+        ("output_dir", None, "a string"),
+        ("tokenizer_name", 5, "a string or null"),
+        ("target_modules", [], "a list of strings"),
+        ("target_modules", "q_proj", "a list of strings"),
+        ("target_modules", ["q_proj", 3], "a list of strings"),
+        ("optimizer_kwargs", [], "a JSON object"),
+        ("structured_logging", "on", "a JSON object"),
+    ],
+)
 def test_out_of_range_and_wrong_type(tmp_path, key, value, allowed):
     path = write(tmp_path / "c.json", {key: value})
     msg = error_of(load_config, path)
@@ -411,21 +422,31 @@ def test_overrides_must_be_an_object(tmp_path):
 
 
 def test_all_errors_of_a_file_in_one_message(tmp_path):
-    path = write(tmp_path / "c.json", {
-        "batchsize": 4,                 # unknown
-        "learning_rate": "fast",        # wrong type
-        "lora_dropout": 2,              # out of range
-        "quantization": "3bit",         # bad choice
-        "structured_logging": {"log_level": "LOUD"},  # bad nested value
-        "model_name": "Qwen3-7B",       # no such model (consistency check)
-        "fp16": True,                   # together with the default bf16: both on
-    })
+    path = write(
+        tmp_path / "c.json",
+        {
+            "batchsize": 4,  # unknown
+            "learning_rate": "fast",  # wrong type
+            "lora_dropout": 2,  # out of range
+            "quantization": "3bit",  # bad choice
+            "structured_logging": {"log_level": "LOUD"},  # bad nested value
+            "model_name": "Qwen3-7B",  # no such model (consistency check)
+            "fp16": True,  # together with the default bf16: both on
+        },
+    )
     msg = error_of(load_config, path)
     lines = msg.splitlines()
     assert len(lines) == 7, msg
     assert all(line.startswith(str(path)) for line in lines)
-    for needle in ("'batchsize'", "'learning_rate'", "'lora_dropout'", "'quantization'",
-                   "structured_logging.log_level", "Qwen3-8B", "'fp16' and 'bf16'"):
+    for needle in (
+        "'batchsize'",
+        "'learning_rate'",
+        "'lora_dropout'",
+        "'quantization'",
+        "structured_logging.log_level",
+        "Qwen3-8B",
+        "'fp16' and 'bf16'",
+    ):
         assert sum(needle in line for line in lines) == 1, needle
 
 
@@ -476,22 +497,24 @@ def test_local_model_directory_is_accepted(tmp_path):
 
 
 def test_parse_set_types_values_by_the_schema():
-    values = parse_set([
-        "batch_size=2",
-        "learning_rate=1e-4",
-        "bf16=false",
-        "model_name=123",                    # a string key keeps the text
-        "output_dir=true",
-        "tokenizer_name=null",               # str? accepts null
-        "system_prompt=Answer in one line = briefly",  # only the first '=' splits
-        "target_modules=[\"q_proj\",\"v_proj\"]",
-        "optimizer_kwargs={\"eps\": 1e-8}",
-        "max_memory_gb=null",
-        "quantization=none",
-        "structured_logging.log_level=DEBUG",
-        "structured_logging.enabled=false",
-        "structured_logging.log_file=123",   # nested string keys are typed too
-    ])
+    values = parse_set(
+        [
+            "batch_size=2",
+            "learning_rate=1e-4",
+            "bf16=false",
+            "model_name=123",  # a string key keeps the text
+            "output_dir=true",
+            "tokenizer_name=null",  # str? accepts null
+            "system_prompt=Answer in one line = briefly",  # only the first '=' splits
+            'target_modules=["q_proj","v_proj"]',
+            'optimizer_kwargs={"eps": 1e-8}',
+            "max_memory_gb=null",
+            "quantization=none",
+            "structured_logging.log_level=DEBUG",
+            "structured_logging.enabled=false",
+            "structured_logging.log_file=123",  # nested string keys are typed too
+        ]
+    )
     assert values == {
         "batch_size": 2,
         "learning_rate": 1e-4,
@@ -509,8 +532,18 @@ def test_parse_set_types_values_by_the_schema():
 
 
 def test_parse_set_results_load():
-    cfg = load_config(None, parse_set(["batch_size=2", "structured_logging.log_level=WARNING",
-                                        "model_name=Qwen3-8B", "max_memory_gb=null", "bf16=false"]))
+    cfg = load_config(
+        None,
+        parse_set(
+            [
+                "batch_size=2",
+                "structured_logging.log_level=WARNING",
+                "model_name=Qwen3-8B",
+                "max_memory_gb=null",
+                "bf16=false",
+            ]
+        ),
+    )
     assert (cfg.batch_size, cfg.structured_logging.log_level, cfg.model_name) == (2, "WARNING", "Qwen3-8B")
     assert cfg.max_memory_gb is None and cfg.bf16 is False
 
@@ -545,8 +578,16 @@ def test_presets_exist_and_are_listed():
     names = {p["name"] for p in list_presets()}
     expected = {f"{p.parent.name}/{p.stem}" for p in PRESETS}
     assert names == expected
-    for kind in ("hardware/8gb", "hardware/12gb", "hardware/16gb", "hardware/24gb", "configs/default",
-                 "models/Qwen3-8B", "strategies/quick", "lora/qa"):
+    for kind in (
+        "hardware/8gb",
+        "hardware/12gb",
+        "hardware/16gb",
+        "hardware/24gb",
+        "configs/default",
+        "models/Qwen3-8B",
+        "strategies/quick",
+        "lora/qa",
+    ):
         assert kind in names
     assert all(p["description"] for p in list_presets())
 
@@ -606,18 +647,21 @@ def test_importing_config_does_not_import_torch():
 
 
 # Inputs that once escaped as other exceptions (RuntimeError, OSError, ValueError, RecursionError, TypeError).
-@pytest.mark.parametrize("text", [
-    "1" * 5000,                                   # int too long for Python to convert
-    '{"batch_size": %s}' % ("9" * 5000),
-    "[" * 100_000,                                # nested too deep
-    json.dumps({"base_config": "a\x00b"}),       # NUL byte in a path
-    json.dumps({"base_config": "x" * 300}),       # file name too long
-    json.dumps({"base_config": "/" + "a/" * 3000}),
-    json.dumps({"base_config": "~nosuchuser/c.json"}),
-    json.dumps({"model_name": "~nosuchuser"}),    # home directory of an unknown user
-    json.dumps({"model_name": "x" * 300}),
-    json.dumps({"model_name": "a\x00b"}),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1" * 5000,  # int too long for Python to convert
+        '{"batch_size": %s}' % ("9" * 5000),
+        "[" * 100_000,  # nested too deep
+        json.dumps({"base_config": "a\x00b"}),  # NUL byte in a path
+        json.dumps({"base_config": "x" * 300}),  # file name too long
+        json.dumps({"base_config": "/" + "a/" * 3000}),
+        json.dumps({"base_config": "~nosuchuser/c.json"}),
+        json.dumps({"model_name": "~nosuchuser"}),  # home directory of an unknown user
+        json.dumps({"model_name": "x" * 300}),
+        json.dumps({"model_name": "a\x00b"}),
+    ],
+)
 def test_hostile_files_raise_user_error(tmp_path, text):
     error_of(load_config, write(tmp_path / "c.json", text))
 
@@ -636,8 +680,14 @@ def test_hostile_set_values():
 
 # -------------------------------------------------------------------------------- property
 
-json_scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10**40), max_value=10**40)
-                | st.floats() | st.text(max_size=30))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats()
+    | st.text(max_size=30)
+)
 json_values = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
@@ -646,14 +696,47 @@ json_values = st.recursive(
 nested_keys = [f"structured_logging.{f.name}" for f in dataclasses.fields(StructuredLogging)]
 known_keys = sorted(KEY_DOCS) + ["base_config", "overrides", "description"]
 # Keys whose values reach the file system, the catalog or cross-key checks, drawn more often.
-hot_keys = ["model_name", "base_config", "overrides", "structured_logging", "batch_size",
-            "effective_batch_size", "fp16", "bf16"]
+hot_keys = [
+    "model_name",
+    "base_config",
+    "overrides",
+    "structured_logging",
+    "batch_size",
+    "effective_batch_size",
+    "fp16",
+    "bf16",
+]
 any_key = st.sampled_from(hot_keys) | st.sampled_from(known_keys) | st.text(max_size=20)
-edge_strings = st.sampled_from([
-    "", " ", ".", "..", "/", "~", "~nosuchuser", "~nosuchuser/x", "x" * 300, "/" + "a/" * 200, "a\x00b",
-    "c.json", "./c.json", "hardware/16gb", "16gb", "hardware/16gb.json", "configs/default", "Qwen3-14B",
-    "org/Qwen3-14B", "Qwen3-7B", "Qwen/Qwen3-7B", "tiny-qwen3", "../../..", "tests", "profiles", "config.json",
-])
+edge_strings = st.sampled_from(
+    [
+        "",
+        " ",
+        ".",
+        "..",
+        "/",
+        "~",
+        "~nosuchuser",
+        "~nosuchuser/x",
+        "x" * 300,
+        "/" + "a/" * 200,
+        "a\x00b",
+        "c.json",
+        "./c.json",
+        "hardware/16gb",
+        "16gb",
+        "hardware/16gb.json",
+        "configs/default",
+        "Qwen3-14B",
+        "org/Qwen3-14B",
+        "Qwen3-7B",
+        "Qwen/Qwen3-7B",
+        "tiny-qwen3",
+        "../../..",
+        "tests",
+        "profiles",
+        "config.json",
+    ]
+)
 valid_values = st.sampled_from(list(NON_DEFAULT.values()) + list(Config().to_dict().values()))
 values = edge_strings | valid_values | json_values
 config_docs = st.dictionaries(
@@ -686,9 +769,11 @@ def test_any_json_file_loads_or_raises_user_error(tmp_path, doc):
 
 set_items = st.one_of(
     st.text(max_size=30),
-    st.builds(lambda k, v: f"{k}={v}",
-              st.sampled_from(hot_keys + nested_keys) | st.sampled_from(sorted(KEY_DOCS)) | st.text(max_size=15),
-              edge_strings | st.text(max_size=30) | values.map(json.dumps)),
+    st.builds(
+        lambda k, v: f"{k}={v}",
+        st.sampled_from(hot_keys + nested_keys) | st.sampled_from(sorted(KEY_DOCS)) | st.text(max_size=15),
+        edge_strings | st.text(max_size=30) | values.map(json.dumps),
+    ),
 )
 
 

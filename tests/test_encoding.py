@@ -224,8 +224,11 @@ def with_template(tok, template):
 def test_thinking_only_template_gets_open_think_closed_and_masked(tok, thinking_model):
     thinking_tok = with_template(tok, THINKING_2507_TEMPLATE)
     pair = qa(history=(("France?", "Paris."),))
-    messages = [{"role": "user", "content": "France?"}, {"role": "assistant", "content": "Paris."},
-                {"role": "user", "content": pair.question}]
+    messages = [
+        {"role": "user", "content": "France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": pair.question},
+    ]
     raw = thinking_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert raw.endswith("<|im_start|>assistant\n<think>\n")  # the stand-in does force thinking
 

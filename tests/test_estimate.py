@@ -31,15 +31,31 @@ from autotune.modeling import build_model
 from autotune.step import run_trial_steps
 
 GIB = 1024**3
-COMPONENTS = ("weights", "lora_params", "lora_grads", "optimizer_state", "activations", "logits_and_loss",
-              "temporaries", "cuda_overhead")
+COMPONENTS = (
+    "weights",
+    "lora_params",
+    "lora_grads",
+    "optimizer_state",
+    "activations",
+    "logits_and_loss",
+    "temporaries",
+    "cuda_overhead",
+)
 TRIAL_STEPS = 2  # as solver.TRIAL_STEPS: the second step is the first to hold the optimizer state
 
 
 def arch(h, i, layers, heads, kv, head_dim, vocab, tie=False) -> Architecture:
-    return Architecture(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
-                        num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tie,
-                        max_position_embeddings=4096)
+    return Architecture(
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+        max_position_embeddings=4096,
+    )
 
 
 def relative_error(estimate: int, measured: int) -> float:
@@ -59,8 +75,10 @@ def model_name(a: Architecture | str, root: Path) -> str:
     "random" needs no weights), which resolve_model reads back into the same Architecture."""
     if isinstance(a, str):
         return a
-    folder = root / (f"h{a.hidden_size}-i{a.intermediate_size}-l{a.num_hidden_layers}-n{a.num_attention_heads}"
-                     f"-kv{a.num_key_value_heads}-d{a.head_dim}-v{a.vocab_size}-t{int(a.tie_word_embeddings)}")
+    folder = root / (
+        f"h{a.hidden_size}-i{a.intermediate_size}-l{a.num_hidden_layers}-n{a.num_attention_heads}"
+        f"-kv{a.num_key_value_heads}-d{a.head_dim}-v{a.vocab_size}-t{int(a.tie_word_embeddings)}"
+    )
     if not (folder / "config.json").is_file():
         a.to_hf_config().save_pretrained(folder)
     assert resolve_model(str(folder)).architecture == a
@@ -85,8 +103,9 @@ def own_storages(model: torch.nn.Module) -> None:
             seen.add(param.untyped_storage()._cdata)
 
 
-def measure_real_step(name: str, workdir: Path, *, batch: int, seq: int, device: str = "cpu",
-                      **values) -> dict[str, int]:
+def measure_real_step(
+    name: str, workdir: Path, *, batch: int, seq: int, device: str = "cpu", **values
+) -> dict[str, int]:
     """Peak bytes of the training step as solver.TrialRunner.measure takes them: build_model, the meter
     counting the model, then two optimizer steps of step.run_trial_steps on full-length rows."""
     cfg = build_config({"model_name": name, "init": "random", **values})
@@ -102,30 +121,51 @@ def measure_real_step(name: str, workdir: Path, *, batch: int, seq: int, device:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Paged optimizers are not supported on CPU", deprecations
         with meter:
-            run_trial_steps(built, cfg, batch_size=batch, seq_len=seq, steps=TRIAL_STEPS, workdir=workdir,
-                            collator=CausalLMCollator(0, pad_to_length=seq))
+            run_trial_steps(
+                built,
+                cfg,
+                batch_size=batch,
+                seq_len=seq,
+                steps=TRIAL_STEPS,
+                workdir=workdir,
+                collator=CausalLMCollator(0, pad_to_length=seq),
+            )
     peak = meter.peak_bytes()
     if meter.device == "cuda":  # as TrialRunner: the context grows during the first real step
         before = meter.overhead_bytes
         peak += meter.remeasure_overhead() - before
-    result = {"peak_bytes": peak, "weights": weights, "dtype_bytes": built.dtype.itemsize,
-              "overhead": getattr(meter, "overhead_bytes", 0)}
+    result = {
+        "peak_bytes": peak,
+        "weights": weights,
+        "dtype_bytes": built.dtype.itemsize,
+        "overhead": getattr(meter, "overhead_bytes", 0),
+    }
     del built
     meter.cleanup()
     return result
 
 
-def estimate_for(a: Architecture, measured: dict, *, batch: int, seq: int, device: str = "cpu",
-                 **values) -> Estimate:
+def estimate_for(a: Architecture, measured: dict, *, batch: int, seq: int, device: str = "cpu", **values) -> Estimate:
     """estimate_peak with the options the real step has: bf16 autocast exactly when the model is bf16
     (the Trainer's mixed precision follows built.dtype), autotune's own k-bit preparation (no fp32
     upcast: kbit_prepare=False)."""
     bf16 = measured["dtype_bytes"] == 2
-    return estimate_peak(a, batch=batch, seq=seq, rank=values["lora_r"], target_modules=values["target_modules"],
-                         quantization=values["quantization"], gradient_checkpointing=values["gradient_checkpointing"],
-                         dtype_bytes=measured["dtype_bytes"], optimizer=values["optimizer"],
-                         lora_dropout=values["lora_dropout"], autocast=bf16, kbit_prepare=False, device=device,
-                         cuda_overhead_bytes=measured["overhead"] if device != "cpu" else None)
+    return estimate_peak(
+        a,
+        batch=batch,
+        seq=seq,
+        rank=values["lora_r"],
+        target_modules=values["target_modules"],
+        quantization=values["quantization"],
+        gradient_checkpointing=values["gradient_checkpointing"],
+        dtype_bytes=measured["dtype_bytes"],
+        optimizer=values["optimizer"],
+        lora_dropout=values["lora_dropout"],
+        autocast=bf16,
+        kbit_prepare=False,
+        device=device,
+        cuda_overhead_bytes=measured["overhead"] if device != "cpu" else None,
+    )
 
 
 ATTN, MLP = DEFAULT_TARGETS, ("gate_proj", "up_proj", "down_proj")
@@ -138,9 +178,22 @@ H256_SMALL_VOCAB = arch(256, 1024, 2, 8, 4, 32, 1000)
 
 
 def case(a, batch, seq, rank, targets, quantization, bf16, gc, dropout, optimizer, id):
-    return pytest.param(a, batch, seq, dict(lora_r=rank, lora_alpha=2 * rank, target_modules=list(targets),
-                                            quantization=quantization, bf16=bf16, gradient_checkpointing=gc,
-                                            lora_dropout=dropout, optimizer=optimizer), id=id)
+    return pytest.param(
+        a,
+        batch,
+        seq,
+        dict(
+            lora_r=rank,
+            lora_alpha=2 * rank,
+            target_modules=list(targets),
+            quantization=quantization,
+            bf16=bf16,
+            gradient_checkpointing=gc,
+            lora_dropout=dropout,
+            optimizer=optimizer,
+        ),
+        id=id,
+    )
 
 
 REAL_STEP_CASES = [
@@ -149,30 +202,106 @@ REAL_STEP_CASES = [
     case(TINY, 1, 128, 16, ALL_TARGETS, "none", True, True, 0.1, "paged_adamw_8bit", "tiny-bf16-gc-dropout-8bitadam"),
     case(TINY, 2, 64, 8, ATTN, "4bit", True, True, 0.1, "paged_adamw_8bit", "tiny-4bit-qlora"),
     # small custom architectures
-    case(arch(64, 128, 2, 4, 2, 16, 2048, tie=True), 2, 64, 8, ALL_TARGETS, "none", False, False, 0.0,
-         "adamw_torch", "h64-tied-fp32"),
+    case(
+        arch(64, 128, 2, 4, 2, 16, 2048, tie=True),
+        2,
+        64,
+        8,
+        ALL_TARGETS,
+        "none",
+        False,
+        False,
+        0.0,
+        "adamw_torch",
+        "h64-tied-fp32",
+    ),
     case(H64, 4, 128, 4, ATTN, "none", True, True, 0.0, "adamw_torch", "h64-bf16-gc"),
     case(H128, 1, 256, 16, ALL_TARGETS, "none", True, True, 0.1, "adamw_torch", "h128-bf16-gc-dropout"),
-    case(arch(128, 384, 3, 8, 2, 16, 4096), 2, 128, 8, ("q_proj", "v_proj"), "none", False, False, 0.1,
-         "adamw_torch", "h128-fp32-qv-dropout"),
+    case(
+        arch(128, 384, 3, 8, 2, 16, 4096),
+        2,
+        128,
+        8,
+        ("q_proj", "v_proj"),
+        "none",
+        False,
+        False,
+        0.1,
+        "adamw_torch",
+        "h128-fp32-qv-dropout",
+    ),
     case(H192, 2, 384, 32, MLP, "none", True, True, 0.05, "adamw_torch", "h192-bf16-gc-mlp-r32"),
     case(H256, 4, 128, 4, ATTN, "none", True, False, 0.0, "adamw_torch", "h256-bf16"),
-    case(H256_SMALL_VOCAB, 4, 256, 8, ALL_TARGETS, "none", True, True, 0.1, "adamw_torch",
-         "h256-smallvocab-bf16-gc-dropout"),
-    case(H256_SMALL_VOCAB, 4, 256, 8, ALL_TARGETS, "none", False, True, 0.0, "adamw_torch",
-         "h256-smallvocab-fp32-gc"),
-    case(H256_SMALL_VOCAB, 2, 256, 8, ALL_TARGETS, "none", True, True, 0.0, "paged_adamw_8bit",
-         "h256-smallvocab-bf16-gc-8bitadam"),
+    case(
+        H256_SMALL_VOCAB,
+        4,
+        256,
+        8,
+        ALL_TARGETS,
+        "none",
+        True,
+        True,
+        0.1,
+        "adamw_torch",
+        "h256-smallvocab-bf16-gc-dropout",
+    ),
+    case(H256_SMALL_VOCAB, 4, 256, 8, ALL_TARGETS, "none", False, True, 0.0, "adamw_torch", "h256-smallvocab-fp32-gc"),
+    case(
+        H256_SMALL_VOCAB,
+        2,
+        256,
+        8,
+        ALL_TARGETS,
+        "none",
+        True,
+        True,
+        0.0,
+        "paged_adamw_8bit",
+        "h256-smallvocab-bf16-gc-8bitadam",
+    ),
     # k-bit: bitsandbytes on the CPU (nf4 + double quantization; LLM.int8)
     case(H128, 2, 128, 8, ALL_TARGETS, "4bit", True, True, 0.1, "paged_adamw_8bit", "h128-4bit-qlora"),
     case(H128, 2, 128, 8, ALL_TARGETS, "4bit", True, False, 0.0, "adamw_torch", "h128-4bit-no-gc"),
-    case(H256_SMALL_VOCAB, 4, 256, 8, ALL_TARGETS, "4bit", True, True, 0.1, "paged_adamw_8bit",
-         "h256-smallvocab-4bit-qlora"),
+    case(
+        H256_SMALL_VOCAB,
+        4,
+        256,
+        8,
+        ALL_TARGETS,
+        "4bit",
+        True,
+        True,
+        0.1,
+        "paged_adamw_8bit",
+        "h256-smallvocab-4bit-qlora",
+    ),
     case(H128, 2, 128, 8, ATTN, "8bit", True, True, 0.0, "adamw_torch", "h128-8bit-gc"),
-    case(H256_SMALL_VOCAB, 4, 256, 8, ALL_TARGETS, "8bit", True, True, 0.1, "adamw_torch",
-         "h256-smallvocab-8bit-gc-dropout"),
-    case(H256_SMALL_VOCAB, 2, 256, 8, ALL_TARGETS, "8bit", True, False, 0.1, "adamw_torch",
-         "h256-smallvocab-8bit-dropout"),
+    case(
+        H256_SMALL_VOCAB,
+        4,
+        256,
+        8,
+        ALL_TARGETS,
+        "8bit",
+        True,
+        True,
+        0.1,
+        "adamw_torch",
+        "h256-smallvocab-8bit-gc-dropout",
+    ),
+    case(
+        H256_SMALL_VOCAB,
+        2,
+        256,
+        8,
+        ALL_TARGETS,
+        "8bit",
+        True,
+        False,
+        0.1,
+        "adamw_torch",
+        "h256-smallvocab-8bit-dropout",
+    ),
 ]
 
 
@@ -190,8 +319,9 @@ def test_estimate_matches_the_real_training_step(a, batch, seq, values, models_d
 
 
 def test_lora_parameter_count_matches_peft():
-    cfg = build_config({"model_name": TINY, "init": "random", "quantization": "none", "lora_r": 8,
-                        "target_modules": list(ALL_TARGETS)})
+    cfg = build_config(
+        {"model_name": TINY, "init": "random", "quantization": "none", "lora_r": 8, "target_modules": list(ALL_TARGETS)}
+    )
     built = build_model(cfg, device=torch.device("cpu"))
     trainable = built.parameter_counts()["trainable_parameters"]
     a = CATALOG[TINY].architecture
@@ -208,8 +338,9 @@ def test_estimate_matches_a_fake_tensor_trace_of_a_real_size_model():
     a = Architecture(**{**full.__dict__, "num_hidden_layers": 4})
     shape = dict(batch=1, seq=256, rank=16, target_modules=DEFAULT_TARGETS, gradient_checkpointing=True)
     traced = calibrate_by_trace(a, **shape)
-    predicted = estimate_peak(a, quantization="none", optimizer="adamw_torch", device="cpu", dtype_bytes=2,
-                              autocast=True, **shape)
+    predicted = estimate_peak(
+        a, quantization="none", optimizer="adamw_torch", device="cpu", dtype_bytes=2, autocast=True, **shape
+    )
     assert abs(relative_error(predicted.peak_bytes, traced["peak_bytes"])) < 0.05
     assert predicted.components["weights"] + predicted.components["lora_params"] == traced["weights"]
 
@@ -217,11 +348,20 @@ def test_estimate_matches_a_fake_tensor_trace_of_a_real_size_model():
 def test_trace_agrees_with_the_real_step(models_dir, tmp_path):
     """The trace's minimal loop stands in for the Trainer's step where the Trainer cannot run."""
     a = arch(128, 384, 2, 4, 2, 32, 8192, tie=True)
-    values = dict(lora_r=8, lora_alpha=16, target_modules=list(DEFAULT_TARGETS), quantization="none", bf16=True,
-                  gradient_checkpointing=False, lora_dropout=0.0, optimizer="adamw_torch")
+    values = dict(
+        lora_r=8,
+        lora_alpha=16,
+        target_modules=list(DEFAULT_TARGETS),
+        quantization="none",
+        bf16=True,
+        gradient_checkpointing=False,
+        lora_dropout=0.0,
+        optimizer="adamw_torch",
+    )
     real = measure_real_step(model_name(a, models_dir), tmp_path, batch=2, seq=64, **values)
-    traced = calibrate_by_trace(a, batch=2, seq=64, rank=8, target_modules=DEFAULT_TARGETS,
-                                gradient_checkpointing=False, dtype_bytes=2)
+    traced = calibrate_by_trace(
+        a, batch=2, seq=64, rank=8, target_modules=DEFAULT_TARGETS, gradient_checkpointing=False, dtype_bytes=2
+    )
     assert traced["weights"] == real["weights"]
     assert abs(traced["peak_bytes"] - real["peak_bytes"]) < 0.01 * real["peak_bytes"]
 
@@ -232,8 +372,15 @@ def test_trace_agrees_with_the_real_step(models_dir, tmp_path):
 def test_qwen3_14b_at_16_gib_answers_fast_and_adds_up():
     arch14 = CATALOG["Qwen3-14B"].architecture
     start = time.perf_counter()
-    est = estimate_peak(arch14, batch=1, seq=512, rank=16, target_modules=DEFAULT_TARGETS, quantization="4bit",
-                        optimizer="paged_adamw_8bit")
+    est = estimate_peak(
+        arch14,
+        batch=1,
+        seq=512,
+        rank=16,
+        target_modules=DEFAULT_TARGETS,
+        quantization="4bit",
+        optimizer="paged_adamw_8bit",
+    )
     fit = largest_fitting(arch14, 16 * GIB, seq=512, rank=16, quantization="4bit")
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0
@@ -258,9 +405,16 @@ def test_estimate_is_monotonic_in_batch_and_seq():
             assert by_seq == sorted(by_seq) and len(set(by_seq)) == len(by_seq)
 
 
-@pytest.mark.parametrize("name, budget_gib, seq", [("Qwen3-14B", 16, 512), ("Qwen3-14B", 16, 2048),
-                                                    ("Qwen3-8B", 12, 1024), ("Qwen3-0.6B", 6, 1024),
-                                                    ("Qwen3-32B", 80, 4096)])
+@pytest.mark.parametrize(
+    "name, budget_gib, seq",
+    [
+        ("Qwen3-14B", 16, 512),
+        ("Qwen3-14B", 16, 2048),
+        ("Qwen3-8B", 12, 1024),
+        ("Qwen3-0.6B", 6, 1024),
+        ("Qwen3-32B", 80, 4096),
+    ],
+)
 def test_largest_fitting_is_consistent_with_estimate_peak(name, budget_gib, seq):
     a = CATALOG[name].architecture
     options = dict(rank=16, quantization="4bit", target_modules=DEFAULT_TARGETS)
@@ -303,7 +457,7 @@ def test_weight_bytes_by_quantization():
 
 def test_optimizer_state_follows_bitsandbytes_min_size():
     assert optimizer_state_bytes([4096], "adamw_torch") == 8 * 4096
-    assert optimizer_state_bytes([4095], "paged_adamw_8bit") == 8 * 4095          # small: fp32 state
+    assert optimizer_state_bytes([4095], "paged_adamw_8bit") == 8 * 4095  # small: fp32 state
     assert optimizer_state_bytes([4096], "paged_adamw_8bit") == 2 * (4096 + 16 * 4)  # uint8 + absmax
     assert optimizer_state_bytes([1 << 20], "sgd") == 0
 
@@ -335,8 +489,16 @@ def test_estimate_matches_a_real_cuda_step(gc, models_dir, tmp_path):
     """bf16 LoRA on Qwen3-1.7B's architecture (random weights): the real training step as a solver trial
     measures it (peak reserved + the measured CUDA overhead) against the estimate."""
     a = CATALOG["Qwen3-1.7B"].architecture
-    values = dict(lora_r=16, lora_alpha=32, target_modules=list(DEFAULT_TARGETS), quantization="none", bf16=True,
-                  gradient_checkpointing=gc, lora_dropout=0.0, optimizer="adamw_torch")
+    values = dict(
+        lora_r=16,
+        lora_alpha=32,
+        target_modules=list(DEFAULT_TARGETS),
+        quantization="none",
+        bf16=True,
+        gradient_checkpointing=gc,
+        lora_dropout=0.0,
+        optimizer="adamw_torch",
+    )
     measured = measure_real_step("Qwen3-1.7B", tmp_path, batch=2, seq=1024, device="cuda", **values)
     predicted = estimate_for(a, measured, batch=2, seq=1024, device="cuda", **values)
     assert abs(relative_error(predicted.peak_bytes, measured["peak_bytes"])) < 0.10

@@ -25,23 +25,55 @@ def run_ok(capsys, *args):
 
 
 def test_estimate_json_for_qwen3_14b_at_16gb(capsys):
-    out = run_ok(capsys, "estimate", "--model", "Qwen3-14B", "--max-memory-gb", "16", "--seq", "512",
-                 "--batch", "2", "--rank", "16", "--json").out
+    out = run_ok(
+        capsys,
+        "estimate",
+        "--model",
+        "Qwen3-14B",
+        "--max-memory-gb",
+        "16",
+        "--seq",
+        "512",
+        "--batch",
+        "2",
+        "--rank",
+        "16",
+        "--json",
+    ).out
     doc = json.loads(out)
     assert doc["model"] == "Qwen3-14B" and doc["shape"]["batch"] == 2 and doc["shape"]["seq"] == 512
     assert doc["shape"]["rank"] == 16 and doc["shape"]["quantization"] == "4bit"
     parts = doc["components_gb"]
-    assert set(parts) == {"weights", "lora_params", "lora_grads", "optimizer_state", "activations",
-                          "logits_and_loss", "temporaries", "cuda_overhead"}
+    assert set(parts) == {
+        "weights",
+        "lora_params",
+        "lora_grads",
+        "optimizer_state",
+        "activations",
+        "logits_and_loss",
+        "temporaries",
+        "cuda_overhead",
+    }
     assert abs(sum(parts.values()) - doc["peak_gb"]) < 0.01
     # 14B in 4-bit: ~9 GiB of weights, so a 16 GiB card fits a small batch, not a large one.
     assert 8 < parts["weights"] < 11
-    expected = estimate_peak(resolve_model("Qwen3-14B").architecture, batch=2, seq=512, rank=16,
-                             lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    expected = estimate_peak(
+        resolve_model("Qwen3-14B").architecture,
+        batch=2,
+        seq=512,
+        rank=16,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     assert doc["peak_bytes"] == expected.peak_bytes
     assert doc["fits"] is True and doc["largest_batch_at_seq"] >= 2 and doc["largest_seq_at_batch"] >= 512
-    bigger = estimate_peak(resolve_model("Qwen3-14B").architecture, batch=doc["largest_batch_at_seq"] + 1, seq=512,
-                           rank=16, lora_dropout=0.1)
+    bigger = estimate_peak(
+        resolve_model("Qwen3-14B").architecture,
+        batch=doc["largest_batch_at_seq"] + 1,
+        seq=512,
+        rank=16,
+        lora_dropout=0.1,
+    )
     assert bigger.peak_bytes > 16 * 2**30 * 0.95
 
 

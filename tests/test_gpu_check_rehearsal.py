@@ -14,9 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_rehearsal_runs_every_stage_and_writes_results(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(out), "--rehearse", "--quick",
-                           "--budget-s", "400"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(out), "--rehearse", "--quick", "--budget-s", "400"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHON": sys.executable},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["errors"] == [], doc["errors"]

@@ -86,11 +86,11 @@ def test_saved_tensors_of_autograd_are_counted_until_backward_frees_them():
     x = torch.randn(1000, requires_grad=True)
     meter.track_existing(x)
     with meter:
-        y = x.exp()          # exp saves its output for backward
+        y = x.exp()  # exp saves its output for backward
         loss = y.sum()
-        del y                # the graph still holds it
+        del y  # the graph still holds it
         assert meter.current_bytes() == 2000 * F32 + 4
-        loss.backward()      # backward releases saved tensors and creates x.grad
+        loss.backward()  # backward releases saved tensors and creates x.grad
     del loss
     assert meter.current_bytes() == 2000 * F32  # x and x.grad
 
@@ -132,7 +132,7 @@ def test_nested_regions_keep_tracking():
         with meter:
             a = torch.empty(10)
         b = torch.empty(10)  # still inside the outer region
-    c = torch.empty(10)      # outside: not seen
+    c = torch.empty(10)  # outside: not seen
     assert meter.current_bytes() == 20 * F32
     del a, b, c
 
@@ -157,9 +157,8 @@ def test_fake_tensors_are_counted_although_they_have_no_address():
 def test_cap_raises_simulated_oom_that_torch_handlers_catch():
     meter = CpuTrackedMeter()
     meter.cap(1 * MIB)
-    with pytest.raises(torch.OutOfMemoryError) as info:
-        with meter:
-            torch.empty(2 * MIB // F32)
+    with pytest.raises(torch.OutOfMemoryError) as info, meter:
+        torch.empty(2 * MIB // F32)
     assert isinstance(info.value, SimulatedOOM)
     assert is_oom(info.value)
     meter.cleanup()
@@ -235,10 +234,19 @@ def test_tracking_a_tiny_qwen3_step_costs_less_than_twice_the_untracked_step():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(
-        r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    config = Qwen3Config(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    model = get_peft_model(
+        Qwen3ForCausalLM(config),
+        LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     x = torch.randint(0, 1024, (4, 256))
@@ -270,7 +278,7 @@ def test_tracking_a_tiny_qwen3_step_costs_less_than_twice_the_untracked_step():
 
 def test_allocator_fraction_leaves_room_for_the_overhead():
     assert allocator_fraction(16 * GIB, GIB // 2, 80 * GIB) == pytest.approx(15.5 / 80)
-    assert allocator_fraction(GIB // 4, GIB // 2, 80 * GIB) == 0.0   # budget below the overhead
+    assert allocator_fraction(GIB // 4, GIB // 2, 80 * GIB) == 0.0  # budget below the overhead
     assert allocator_fraction(200 * GIB, GIB // 2, 80 * GIB) == 1.0  # budget above the card
     with pytest.raises(ValueError):
         allocator_fraction(GIB, 0, 0)
@@ -279,8 +287,10 @@ def test_allocator_fraction_leaves_room_for_the_overhead():
 def test_merge_alloc_conf_keeps_other_settings():
     assert merge_alloc_conf(None) == "expandable_segments:True"
     assert merge_alloc_conf("max_split_size_mb:128") == "max_split_size_mb:128,expandable_segments:True"
-    assert merge_alloc_conf("expandable_segments:False,garbage_collection_threshold:0.6") == \
-        "garbage_collection_threshold:0.6,expandable_segments:True"
+    assert (
+        merge_alloc_conf("expandable_segments:False,garbage_collection_threshold:0.6")
+        == "garbage_collection_threshold:0.6,expandable_segments:True"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.is_initialized(), reason="CUDA already initialised")
@@ -335,10 +345,9 @@ def test_cuda_cap_raises_oom_and_cleanup_returns_to_baseline():
     meter.cap(meter.overhead_bytes + torch.cuda.memory_reserved() + 64 * MIB)
     try:
         for trial in range(20):
-            with pytest.raises(torch.OutOfMemoryError) as info:
-                with meter:
-                    x = torch.randn(65536 + 1024 * trial, 256, device="cuda")
-                    model(x).square().mean().backward()
+            with pytest.raises(torch.OutOfMemoryError) as info, meter:
+                x = torch.randn(65536 + 1024 * trial, 256, device="cuda")
+                model(x).square().mean().backward()
             assert is_oom(info.value)
             del info
             meter.cleanup()

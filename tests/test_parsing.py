@@ -170,7 +170,10 @@ def test_text_after_heading_reported_up_to_any_marker_or_end_of_file():
     ]
     _, report = md("Q1: a?\nA1: one\n\n---\nmore\n")
     assert reasons(report) == [
-        (4, "text after horizontal rule '---' is outside any Q/A pair (a horizontal rule ends an answer): 1 line(s) not used")
+        (
+            4,
+            "text after horizontal rule '---' is outside any Q/A pair (a horizontal rule ends an answer): 1 line(s) not used",
+        )
     ]
 
 
@@ -206,7 +209,7 @@ def test_crlf_line_endings(tmp_path):
 
 def test_utf8_bom(tmp_path):
     path = tmp_path / "bom.md"
-    path.write_bytes(b"\xef\xbb\xbf" + "Q1: 什么是LoRA？\nA1: 低秩适配。\n".encode("utf-8"))
+    path.write_bytes(b"\xef\xbb\xbf" + "Q1: 什么是LoRA？\nA1: 低秩适配。\n".encode())
     assert read_text(path).startswith("Q1:")
     assert qa(read_text(path)) == [("什么是LoRA？", "低秩适配。")]
 
@@ -246,7 +249,10 @@ def test_unnumbered_markers():
 def test_answer_with_wrong_number_is_skipped():
     pairs, report = md("Q1: a?\nA2: wrong one\nQ2: b?\nA2: right\n")
     assert [(p.question, p.answer) for p in pairs] == [("b?", "right")]
-    assert reasons(report) == [(2, "answer number 2 does not match question number 1 (line 1)"), (1, "question without answer")]
+    assert reasons(report) == [
+        (2, "answer number 2 does not match question number 1 (line 1)"),
+        (1, "question without answer"),
+    ]
 
 
 def test_matching_answer_after_wrong_one_still_pairs():
@@ -272,7 +278,9 @@ def test_empty_answer_is_skipped():
     assert len(pairs) == 1 and reasons(report) == [(1, "empty answer")]
 
 
-@pytest.mark.parametrize("line", ["FAQ3: not a marker", "See FAQ3: nope", "QA3: no", "Question 3: no", "Quick: no", "    Q3: indented code"])
+@pytest.mark.parametrize(
+    "line", ["FAQ3: not a marker", "See FAQ3: nope", "QA3: no", "Question 3: no", "Quick: no", "    Q3: indented code"]
+)
 def test_marker_must_be_whole_word_at_line_start(line):
     pairs = qa(f"Q1: a?\nA1: one\n{line}\nA3: three\n")
     assert pairs == [("a?", f"one\n{line}")]
@@ -280,7 +288,9 @@ def test_marker_must_be_whole_word_at_line_start(line):
 
 def test_custom_prefixes_and_separator():
     assert qa("问题1：a?\n答案1：b\n", question_prefix="问题", answer_prefix="答案") == [("a?", "b")]
-    assert qa("Question 1 - a?\nAnswer 1 - b\n", question_prefix="Question", answer_prefix="Answer", separator="-") == [("a?", "b")]
+    assert qa("Question 1 - a?\nAnswer 1 - b\n", question_prefix="Question", answer_prefix="Answer", separator="-") == [
+        ("a?", "b")
+    ]
 
 
 def test_custom_patterns_with_named_groups():
@@ -314,8 +324,21 @@ def test_same_question_and_answer_prefix_is_rejected():
 
 def test_jsonl_chat_records():
     records = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
-        {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "Times 3?"}, {"role": "assistant", "content": "6"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "Times 3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        },
     ]
     pairs, report = parse_jsonl("\n".join(json.dumps(r) for r in records) + "\n", "chat.jsonl")
     assert [(p.question, p.answer, p.line, p.system) for p in pairs] == [
@@ -334,12 +357,24 @@ def test_jsonl_alpaca_and_question_answer_records():
         json.dumps({"question": "Q?", "answer": "A."}),
     ]
     pairs, _ = parse_jsonl("\n".join(lines), "a.jsonl")
-    assert [(p.question, p.answer) for p in pairs] == [("Translate.\n\nbonjour", "hello"), ("Say hi.", "hi"), ("Q?", "A.")]
+    assert [(p.question, p.answer) for p in pairs] == [
+        ("Translate.\n\nbonjour", "hello"),
+        ("Say hi.", "hi"),
+        ("Q?", "A."),
+    ]
 
 
 def test_jsonl_sharegpt_and_alpaca_history():
     lines = [
-        json.dumps({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}),
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "yo"},
+                ]
+            }
+        ),
         json.dumps({"instruction": "and now?", "output": "done", "system": "S2", "history": [["before?", "yes"]]}),
     ]
     pairs, report = parse_jsonl("\n".join(lines), "s.jsonl")
@@ -418,7 +453,18 @@ def test_forced_format_reads_only_its_extension(tmp_path):
 
 def test_to_json(tmp_path):
     write(tmp_path / "a.md", "Q1: a?\nA1: a\n")
-    write(tmp_path / "c.jsonl", json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}]}))
+    write(
+        tmp_path / "c.jsonl",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        ),
+    )
     data = parse_data_dir(tmp_path).to_json()
     assert data["files"][0] == {"path": "a.md", "format": "simple_qa", "pairs": 1, "skipped": []}
     assert data["pairs"] == [
@@ -511,7 +557,10 @@ def test_split_zero_ratio_and_single_pair():
 def test_split_keeps_repeated_questions_and_chat_turns_together():
     pairs = make_pairs(20)
     pairs += [QAPair("q3?", "a3", "copy.md", 1)]  # same question in another file
-    pairs += [QAPair("t1", "r1", "chat.jsonl", 1), QAPair("t2", "r2", "chat.jsonl", 1, history=({"role": "user", "content": "t1"},))]
+    pairs += [
+        QAPair("t1", "r1", "chat.jsonl", 1),
+        QAPair("t2", "r2", "chat.jsonl", 1, history=({"role": "user", "content": "t1"},)),
+    ]
     for seed in range(20):
         train, eval_ = split_pairs(pairs, 0.3, seed=seed)
         for group in ({"q3?"}, {"t1", "t2"}):
@@ -573,7 +622,25 @@ def test_shared_qa_markdown():
 markdownish = st.lists(
     st.one_of(
         st.text(max_size=40),
-        st.sampled_from(["Q1: q", "A1: a", "Q2：q", "A3:", "### Q4: h", "**Q5:** b", "```", "~~~", "---", "# h", "A:", "Q:", "", "\r", "\ufeff"]),
+        st.sampled_from(
+            [
+                "Q1: q",
+                "A1: a",
+                "Q2：q",
+                "A3:",
+                "### Q4: h",
+                "**Q5:** b",
+                "```",
+                "~~~",
+                "---",
+                "# h",
+                "A:",
+                "Q:",
+                "",
+                "\r",
+                "\ufeff",
+            ]
+        ),
     ),
     max_size=30,
 ).map("\n".join)

@@ -15,8 +15,15 @@ from autotune.preflight import Finding, check_hardware, ensure_dependencies, ins
 
 
 def gpu(**kw) -> dict:
-    base = {"index": 0, "name": "NVIDIA GeForce RTX 4080", "memory_total_gb": 15.99, "memory_free_gb": 15.2,
-            "bf16_supported": True, "compute_capability": "8.9", "error": None}
+    base = {
+        "index": 0,
+        "name": "NVIDIA GeForce RTX 4080",
+        "memory_total_gb": 15.99,
+        "memory_free_gb": 15.2,
+        "bf16_supported": True,
+        "compute_capability": "8.9",
+        "error": None,
+    }
     return {**base, **kw}
 
 
@@ -109,8 +116,15 @@ def test_the_gpu_checked_is_cuda_device_0():
 
 
 def test_an_unreadable_gpu_0_is_a_warning_not_a_pass_on_another_gpu():
-    broken = gpu(index=0, name=None, error="memory: Unknown Error", memory_total_gb=None, memory_free_gb=None,
-                 bf16_supported=None, compute_capability=None)
+    broken = gpu(
+        index=0,
+        name=None,
+        error="memory: Unknown Error",
+        memory_total_gb=None,
+        memory_free_gb=None,
+        bf16_supported=None,
+        compute_capability=None,
+    )
     healthy = gpu(index=1, name="NVIDIA A100", memory_total_gb=80.0, memory_free_gb=79.0)
     found = check_hardware(Config(max_memory_gb=40.0), probe(broken, healthy))
     assert levels(found) == ["warning"]
@@ -119,8 +133,9 @@ def test_an_unreadable_gpu_0_is_a_warning_not_a_pass_on_another_gpu():
 
 
 def test_several_problems_at_once():
-    old = gpu(name="Tesla T4", bf16_supported=False, compute_capability="7.5", memory_total_gb=15.0,
-              memory_free_gb=14.0)
+    old = gpu(
+        name="Tesla T4", bf16_supported=False, compute_capability="7.5", memory_total_gb=15.0, memory_free_gb=14.0
+    )
     found = check_hardware(Config(max_memory_gb=20.0), probe(old, disk=0.1))
     assert len(only(found, "error")) == 3
 
@@ -169,8 +184,9 @@ def test_missing_packages_maps_modules_to_package_names(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("pynvml", "peft") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("pynvml", "peft") else real(name, *a)
+    )
     assert preflight.missing_packages() == ["peft", "nvidia-ml-py"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     assert preflight.missing_packages() == []

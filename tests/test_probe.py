@@ -51,10 +51,7 @@ def test_real_probe_without_gpu_reports_error_instead_of_raising(tmp_path, no_cu
 def test_real_render_has_one_clear_no_gpu_line(no_cuda_env):
     text = hardware.render_table(hardware.probe())
     no_gpu = [line for line in text.splitlines() if line.startswith("No NVIDIA GPU")]
-    assert no_gpu == [
-        "No NVIDIA GPU available: NVML Shared Library Not Found "
-        "(no driver, or no GPU on this machine)"
-    ]
+    assert no_gpu == ["No NVIDIA GPU available: NVML Shared Library Not Found (no driver, or no GPU on this machine)"]
     assert "Host" in text and "RAM" in text and "Disk" in text
     assert "\x1b" not in text  # plain text, no colour codes
 
@@ -97,11 +94,17 @@ class FakeNVML:
 
     GPUS = [
         # name, uuid, bus id, total GiB, used GiB, (major, minor), processes
-        ("NVIDIA A100-SXM4-80GB", "GPU-aaaa1111-0000", "00000000:07:00.0", 80, 2, (8, 0),
-         [(101, 2 * GIB)]),
+        ("NVIDIA A100-SXM4-80GB", "GPU-aaaa1111-0000", "00000000:07:00.0", 80, 2, (8, 0), [(101, 2 * GIB)]),
         ("Tesla V100-SXM2-16GB", "GPU-bbbb2222-0000", "00000000:0F:00.0", 16, 0, (7, 0), []),
-        ("NVIDIA H100 80GB HBM3", "GPU-cccc3333-0000", "00000000:47:00.0", 80, 5, (9, 0),
-         [(202, 3 * GIB), (203, None)]),
+        (
+            "NVIDIA H100 80GB HBM3",
+            "GPU-cccc3333-0000",
+            "00000000:47:00.0",
+            80,
+            5,
+            (9, 0),
+            [(202, 3 * GIB), (203, None)],
+        ),
     ]
 
     def __init__(self, bytes_strings=False):
@@ -171,9 +174,7 @@ def test_all_gpus_reported(nvml, no_cuda_env):
 
     assert doc["nvml_error"] is None
     assert doc["driver"] == {"version": "550.54.15", "cuda": "12.4"}
-    assert _uuids(doc) == [
-        (0, 0, "GPU-aaaa1111-0000"), (1, 1, "GPU-bbbb2222-0000"), (2, 2, "GPU-cccc3333-0000")
-    ]
+    assert _uuids(doc) == [(0, 0, "GPU-aaaa1111-0000"), (1, 1, "GPU-bbbb2222-0000"), (2, 2, "GPU-cccc3333-0000")]
     a100, v100, h100 = doc["gpus"]
     assert a100 == {
         "index": 0,
@@ -193,9 +194,7 @@ def test_all_gpus_reported(nvml, no_cuda_env):
     }
     assert v100["compute_capability"] == "7.0" and v100["bf16_supported"] is False
     assert v100["other_processes"] == []
-    assert h100["other_processes"] == [
-        {"pid": 202, "used_bytes": 3 * GIB}, {"pid": 203, "used_bytes": None}
-    ]
+    assert h100["other_processes"] == [{"pid": 202, "used_bytes": 3 * GIB}, {"pid": 203, "used_bytes": None}]
     assert hardware.best_gpu(doc)["uuid"] == "GPU-aaaa1111-0000"
     assert nvml.init_calls == nvml.shutdown_calls == 1
     json.dumps(doc)
@@ -341,7 +340,7 @@ def test_load_corrupt_file_is_user_error(tmp_path, content, match):
 
 
 def test_cuda_visible_devices_empty_hides_a_single_gpu_too():
-    """"" is a prefix of every UUID; with exactly one GPU a prefix match would wrongly keep it visible."""
+    """ "" is a prefix of every UUID; with exactly one GPU a prefix match would wrongly keep it visible."""
     one = [{"nvml_index": 0, "uuid": "GPU-aaaa-1111", "name": "only"}]
     assert hardware.visible_gpus(one, "") == []
     assert hardware.visible_gpus(one, " ") == []

@@ -13,15 +13,25 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autotune import hardware
 from autotune.cli import main
 from autotune.config import build_config, load_config
 from autotune.errors import UserError
 from autotune.profile import load_profile, save_profile
-from autotune.solver import (GiB, SearchLog, SolveRequest, Trial, TrialBudgetExceeded, choose_seq, largest_batch,
-                             largest_seq, solve)
+from autotune.solver import (
+    GiB,
+    SearchLog,
+    SolveRequest,
+    Trial,
+    TrialBudgetExceeded,
+    choose_seq,
+    largest_batch,
+    largest_seq,
+    solve,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "profiles" / "configs" / "demo.json"
@@ -29,6 +39,7 @@ MiB = 2**20
 
 
 # ------------------------------------------------------------------------------ synthetic trials
+
 
 def synthetic(peak_fn, *, cap=None, speed=None):
     """measure(batch, seq, rank, usable) from a memory function: a peak over `cap` is an OOM (no peak, as
@@ -39,11 +50,29 @@ def synthetic(peak_fn, *, cap=None, speed=None):
         calls.append((batch, seq, rank))
         peak = int(peak_fn(batch, seq, rank))
         if cap is not None and peak > cap:
-            return Trial(batch, seq, rank, fits=False, oom=True, peak_bytes=None, seconds=0.0, step_seconds=None,
-                         tokens_per_second=None)
+            return Trial(
+                batch,
+                seq,
+                rank,
+                fits=False,
+                oom=True,
+                peak_bytes=None,
+                seconds=0.0,
+                step_seconds=None,
+                tokens_per_second=None,
+            )
         tps = speed(batch, seq, rank) if speed else float(batch * seq)
-        return Trial(batch, seq, rank, fits=peak <= usable, oom=False, peak_bytes=peak, seconds=0.0,
-                     step_seconds=batch * seq / tps, tokens_per_second=tps)
+        return Trial(
+            batch,
+            seq,
+            rank,
+            fits=peak <= usable,
+            oom=False,
+            peak_bytes=peak,
+            seconds=0.0,
+            step_seconds=batch * seq / tps,
+            tokens_per_second=tps,
+        )
 
     measure.calls = calls
     return measure
@@ -53,8 +82,9 @@ def search(peak_fn, usable, *, cap=None, upper=4096, first_guess=2, seq=64, rank
     """(answer, trials, batches tried) of largest_batch."""
     m = synthetic(peak_fn, cap=cap)
     log = SearchLog()
-    got, _ = largest_batch(lambda b, s, r: m(b, s, r, usable), log, seq, rank, usable, first_guess=first_guess,
-                           upper=upper, **kw)
+    got, _ = largest_batch(
+        lambda b, s, r: m(b, s, r, usable), log, seq, rank, usable, first_guess=first_guess, upper=upper, **kw
+    )
     return got, log.trials, [c[0] for c in m.calls]
 
 
@@ -75,15 +105,16 @@ def memory(kind: str, a: float, k: float, seq: int = 64):
 
     def peak(b, s=seq, r=8):
         base = a + k * b * s
-        if kind == "jump_after_2":   # invisible to trials 1 and 2: the prediction misses high
+        if kind == "jump_after_2":  # invisible to trials 1 and 2: the prediction misses high
             return base + (3.5 * step if b >= 3 else 0)
-        if kind == "jump_at_2":      # seen as a steep slope: the prediction misses low
+        if kind == "jump_at_2":  # seen as a steep slope: the prediction misses low
             return base + (3.5 * step if b >= 2 else 0)
         if kind == "concave":
             return a + k * s * b**0.85
         if kind == "convex":
             return base + 0.01 * step * b * b
         return base
+
     return peak
 
 
@@ -128,15 +159,22 @@ def test_largest_batch_equals_brute_force(kind):
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(a=st.floats(0, 1e9), k=st.floats(1, 1e5), seq=st.sampled_from([16, 64, 512, 4096]),
-       x=st.floats(0.2, 300), jitter=st.floats(0, 0.001), cap_factor=st.sampled_from([None, 1.0, 1.01, 1.2]),
-       upper=st.integers(1, 4096), first_guess=st.integers(1, 200), tolerance=st.sampled_from([0.005, None]))
+@given(
+    a=st.floats(0, 1e9),
+    k=st.floats(1, 1e5),
+    seq=st.sampled_from([16, 64, 512, 4096]),
+    x=st.floats(0.2, 300),
+    jitter=st.floats(0, 0.001),
+    cap_factor=st.sampled_from([None, 1.0, 1.01, 1.2]),
+    upper=st.integers(1, 4096),
+    first_guess=st.integers(1, 200),
+    tolerance=st.sampled_from([0.005, None]),
+)
 def test_largest_batch_property(a, k, seq, x, jitter, cap_factor, upper, first_guess, tolerance):
     usable = int(a + k * seq * x)
     fn = jittered(a, k, seq, jitter, usable)
     cap = None if cap_factor is None else usable * cap_factor
-    got, trials, tried = search(fn, usable, cap=cap, upper=upper, first_guess=first_guess, seq=seq,
-                                tolerance=tolerance)
+    got, trials, tried = search(fn, usable, cap=cap, upper=upper, first_guess=first_guess, seq=seq, tolerance=tolerance)
     assert got == brute_force(fn, usable, cap=cap, upper=upper, seq=seq)
     assert max(tried) <= upper and len(tried) == len(set(tried))
     if first_guess <= 2 and jitter == 0:
@@ -215,8 +253,10 @@ def test_search_log_caps_trials_and_time():
 
 # ------------------------------------------------------------------------------ sequence length
 
-@pytest.mark.parametrize("lo,hi,step", [(32, 4096, 64), (96, 1000, 64), (100, 100, 64), (96, 1024, 8),
-                                        (8, 130, 64), (64, 128, 64)])
+
+@pytest.mark.parametrize(
+    "lo,hi,step", [(32, 4096, 64), (96, 1000, 64), (100, 100, 64), (96, 1024, 8), (8, 130, 64), (64, 128, 64)]
+)
 def test_largest_seq_equals_brute_force(lo, hi, step):
     for a, k, q in [(1e6, 5e4, 0.0), (1e6, 5e4, 30.0), (5e7, 1e3, 0.0)]:
         fn = lambda b, s, r: a + k * b * s + q * s * s  # noqa: E731
@@ -237,13 +277,18 @@ def test_choose_seq():
     stats = {"count": 40, "total": {"p50": 50, "p90": 80, "p95": 85, "p99": 90, "max": 97}}
     seq, why = choose_seq(stats, fixed=None, fallback=256, max_position=4096)
     assert seq == 96 and "p99 length of 90" in why and "40 samples" in why
-    assert choose_seq({**stats, "total": {**stats["total"], "p99": 96}}, fixed=None, fallback=256,
-                      max_position=4096)[0] == 96
-    assert choose_seq({**stats, "total": {**stats["total"], "p99": 3}}, fixed=None, fallback=256,
-                      max_position=4096)[0] == 8
+    assert (
+        choose_seq({**stats, "total": {**stats["total"], "p99": 96}}, fixed=None, fallback=256, max_position=4096)[0]
+        == 96
+    )
+    assert (
+        choose_seq({**stats, "total": {**stats["total"], "p99": 3}}, fixed=None, fallback=256, max_position=4096)[0]
+        == 8
+    )
     assert choose_seq(stats, fixed=None, fallback=256, max_position=4096, percentile="p95")[0] == 88
-    seq, why = choose_seq({**stats, "total": {**stats["total"], "p99": 5000}}, fixed=None, fallback=256,
-                          max_position=4096)
+    seq, why = choose_seq(
+        {**stats, "total": {**stats["total"], "p99": 5000}}, fixed=None, fallback=256, max_position=4096
+    )
     assert seq == 4096 and "clamped" in why
     assert choose_seq(stats, fixed=37, fallback=256, max_position=4096) == (37, "fixed at 37 by the user")
     seq, why = choose_seq(stats, fixed=9000, fallback=256, max_position=4096)
@@ -256,9 +301,18 @@ def test_choose_seq():
 
 # ------------------------------------------------------------------------------ solve (synthetic)
 
+
 def tiny_cfg(**values):
-    return build_config({"model_name": "tiny-qwen3", "batch_size": 4, "gradient_accumulation_steps": 4,
-                         "lora_r": 8, "max_sequence_length": 64, **values})
+    return build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "batch_size": 4,
+            "gradient_accumulation_steps": 4,
+            "lora_r": 8,
+            "max_sequence_length": 64,
+            **values,
+        }
+    )
 
 
 def per_token(mib_fixed=100.0, mib_per_token=1.0, mib_per_rank=0.0):
@@ -288,8 +342,10 @@ def test_solve_keeps_the_effective_batch_with_the_largest_fitting_divisor():
 def test_solve_never_changes_the_effective_batch():
     # effective 13 (prime) and 12 fits: only batch 1 divides it, so 1 x 13, not 12 x 2 = 24.
     usable_12 = per_token(mib_per_token=(972.8 - 100) / (12.5 * 64))
-    result = solve(SolveRequest(tiny_cfg(batch_size=1, gradient_accumulation_steps=13), budget_gb=1.0, seq=64),
-                   synthetic(usable_12, speed=speed))
+    result = solve(
+        SolveRequest(tiny_cfg(batch_size=1, gradient_accumulation_steps=13), budget_gb=1.0, seq=64),
+        synthetic(usable_12, speed=speed),
+    )
     assert result["max_feasible_batch"] == {8: 12}
     assert (result["best"].batch, result["accumulation"]) == (1, 13)
 
@@ -381,9 +437,16 @@ def workdir(tmp_path_factory):
 
 
 def _dirs(root: Path, name: str) -> dict:
-    return {"output_dir": str(root / name), "data_dir": str(root / "data"), "data_cache_dir": str(root / "cache"),
-            "log_dir": str(root / name / "logs"), "structured_logging": {"log_file": str(root / name / "log.jsonl")},
-            "enable_tensorboard": False, "enable_inference_test": False, "verify_environment": False}
+    return {
+        "output_dir": str(root / name),
+        "data_dir": str(root / "data"),
+        "data_cache_dir": str(root / "cache"),
+        "log_dir": str(root / name / "logs"),
+        "structured_logging": {"log_file": str(root / name / "log.jsonl")},
+        "enable_tensorboard": False,
+        "enable_inference_test": False,
+        "verify_environment": False,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -427,8 +490,10 @@ def test_real_solve_equals_brute_force(solved):
     profile = build_profile(req, result, hardware={"device": "cpu"}, runner=runner)
     assert len(profile["trials"]) == len(result["trials"])
     assert profile["measurement"]["peak_bytes"] == best.peak_bytes <= profile["constraints"]["usable_bytes"]
-    print(f"real solve: true max {true_max}, solver {len(result['trials'])} trials "
-          f"{[t.batch for t in result['trials']]}, brute force {len(brute)} trials")
+    print(
+        f"real solve: true max {true_max}, solver {len(result['trials'])} trials "
+        f"{[t.batch for t in result['trials']]}, brute force {len(brute)} trials"
+    )
 
 
 @pytest.mark.slow
@@ -460,6 +525,7 @@ def test_twenty_failing_trials_leave_nothing_behind(real_cfg):
 
 # ------------------------------------------------------------------------------ profile and train
 
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     try:
         main([str(a) for a in argv])
@@ -483,8 +549,10 @@ def profile_path(solved, workdir):
 @pytest.fixture(scope="module")
 def train_config(workdir):
     path = workdir / "train.json"
-    path.write_text(json.dumps({"base_config": str(DEMO), "quantization": "none", "max_steps": 2,
-                                **_dirs(workdir, "train")}), encoding="utf-8")
+    path.write_text(
+        json.dumps({"base_config": str(DEMO), "quantization": "none", "max_steps": 2, **_dirs(workdir, "train")}),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -509,13 +577,18 @@ def test_train_with_profile_runs_inside_the_cap(profile_path, train_config, work
     used = json.loads((workdir / "train" / "autotune_config.json").read_text())
     choice = profile["choice"]
     assert (used["batch_size"], used["gradient_accumulation_steps"], used["max_sequence_length"]) == (
-        choice["batch_size"], choice["gradient_accumulation_steps"], SEQ)
+        choice["batch_size"],
+        choice["gradient_accumulation_steps"],
+        SEQ,
+    )
     summary = json.loads((workdir / "train" / "run_summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["oom_recoveries"] == []
     assert summary["final"]["global_step"] == 2
     assert meter.peak_bytes() <= budget
-    print(f"train with the profile: batch {choice['batch_size']}, peak {meter.peak_bytes() / MiB:.1f} MiB "
-          f"of {budget / MiB:.1f} MiB (trial measured {profile['measurement']['peak_bytes'] / MiB:.1f} MiB)")
+    print(
+        f"train with the profile: batch {choice['batch_size']}, peak {meter.peak_bytes() / MiB:.1f} MiB "
+        f"of {budget / MiB:.1f} MiB (trial measured {profile['measurement']['peak_bytes'] / MiB:.1f} MiB)"
+    )
 
 
 def _corrupt(profile: dict, how: str) -> str:
@@ -534,11 +607,16 @@ def _corrupt(profile: dict, how: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how,message", [("bad json", "the profile is corrupt"),
-                                         ("wrong kind", "not an autotune profile"),
-                                         ("older schema", "schema_version 0"),
-                                         ("missing choice keys", "missing keys ['batch_size', 'lora_r']"),
-                                         ("not an object", "not an autotune profile")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("bad json", "the profile is corrupt"),
+        ("wrong kind", "not an autotune profile"),
+        ("older schema", "schema_version 0"),
+        ("missing choice keys", "missing keys ['batch_size', 'lora_r']"),
+        ("not an object", "not an autotune profile"),
+    ],
+)
 def test_train_rejects_a_corrupt_profile(profile_path, train_config, tmp_path, capsys, how, message):
     bad = tmp_path / "bad.json"
     bad.write_text(_corrupt(profile_path[0], how), encoding="utf-8")
@@ -549,6 +627,7 @@ def test_train_rejects_a_corrupt_profile(profile_path, train_config, tmp_path, c
 
 
 # ------------------------------------------------------------------------------ CLI
+
 
 @pytest.fixture
 def clean_alloc_env(monkeypatch):
@@ -561,9 +640,25 @@ def clean_alloc_env(monkeypatch):
 def test_cli_solve_writes_profile_and_plot(workdir, tmp_path, capsys, monkeypatch, clean_alloc_env):
     monkeypatch.chdir(tmp_path)
     out_json = tmp_path / "p.json"
-    code, out, err = run_cli(capsys, "solve", "--model", "tiny-qwen3", "--max-memory-gb", BUDGET_GB, "--seq", SEQ,
-                             "--output", out_json, "--plot", "--set", "quantization=none",
-                             "--set", f"data_dir={workdir / 'data'}", "--set", f"output_dir={tmp_path / 'out'}")
+    code, out, err = run_cli(
+        capsys,
+        "solve",
+        "--model",
+        "tiny-qwen3",
+        "--max-memory-gb",
+        BUDGET_GB,
+        "--seq",
+        SEQ,
+        "--output",
+        out_json,
+        "--plot",
+        "--set",
+        "quantization=none",
+        "--set",
+        f"data_dir={workdir / 'data'}",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+    )
     assert code == 0, err
     profile = load_profile(out_json)
     assert profile["choice"]["max_sequence_length"] == SEQ and profile["choice"]["quantization"] == "none"
@@ -589,8 +684,15 @@ def test_cli_solve_without_budget_or_gpu_exits_2(capsys, monkeypatch, tmp_path, 
 def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
     """Checkpointing is a fifth knob: without it the step is faster but needs more memory. The solver
     searches both and the choice (and the profile) carry whichever measured faster among the fits."""
-    cfg = build_config({"model_name": "tiny-qwen3", "effective_batch_size": 16, "batch_size": 1,
-                        "gradient_accumulation_steps": 16, "gradient_checkpointing": True})
+    cfg = build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "effective_batch_size": 16,
+            "batch_size": 1,
+            "gradient_accumulation_steps": 16,
+            "gradient_checkpointing": True,
+        }
+    )
     usable_cap = 10 * GiB
 
     def measure(batch, seq, rank, usable, checkpointing=None):
@@ -604,7 +706,9 @@ def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
     result = solve(req, measure)
     usable = result["usable_bytes"]
     # The search stops at the effective batch (16): nothing above it could be chosen.
-    assert result["max_feasible_batch"][cfg.lora_r] == min(16, max(b for b in range(1, 64) if (1 + b * 0.4) * GiB <= usable))
+    assert result["max_feasible_batch"][cfg.lora_r] == min(
+        16, max(b for b in range(1, 64) if (1 + b * 0.4) * GiB <= usable)
+    )
     off = result["max_feasible_batch_without_checkpointing"][cfg.lora_r]
     assert off == max(b for b in range(1, 64) if (1 + b * 1.1) * GiB <= usable)
     best = result["best"]

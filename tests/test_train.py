@@ -32,9 +32,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:Use
 REPO = Path(__file__).resolve().parent.parent
 QUIET = dict(echo=lambda message: None)
 
-PAIRS = [(f"What is the code word for box {i}?", f"The code word for box {i} is {word}.")
-         for i, word in enumerate(["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron",
-                                   "inlet", "juniper"], 1)]
+PAIRS = [
+    (f"What is the code word for box {i}?", f"The code word for box {i} is {word}.")
+    for i, word in enumerate(
+        ["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "inlet", "juniper"], 1
+    )
+]
 
 
 def write_qa(folder: Path, pairs) -> Path:
@@ -47,15 +50,31 @@ def write_qa(folder: Path, pairs) -> Path:
 def config_values(tmp: Path, **overrides) -> dict:
     """A few-second CPU run; every path inside `tmp`."""
     values = dict(
-        model_name="tiny-qwen3", init="random", tokenizer_name="qwen3-offline", quantization="none",
-        bf16=False, optimizer="adamw_torch",  # bf16 autocast is ~4x slower on this CPU
-        batch_size=2, gradient_accumulation_steps=1, max_steps=4, max_sequence_length=64,
-        learning_rate=1e-2, warmup_ratio=0.0, lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-        data_dir=str(write_qa(tmp / "data", PAIRS)), data_cache_dir=str(tmp / "cache"),
-        output_dir=str(tmp / "out"), log_dir=str(tmp / "logs"),
+        model_name="tiny-qwen3",
+        init="random",
+        tokenizer_name="qwen3-offline",
+        quantization="none",
+        bf16=False,
+        optimizer="adamw_torch",  # bf16 autocast is ~4x slower on this CPU
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        max_sequence_length=64,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lora_r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        data_dir=str(write_qa(tmp / "data", PAIRS)),
+        data_cache_dir=str(tmp / "cache"),
+        output_dir=str(tmp / "out"),
+        log_dir=str(tmp / "logs"),
         structured_logging={"log_file": str(tmp / "logs" / "run.jsonl")},
-        enable_tensorboard=False, enable_inference_test=False, verify_environment=False,
-        log_every_n_steps=1, save_every_n_steps=100,
+        enable_tensorboard=False,
+        enable_inference_test=False,
+        verify_environment=False,
+        log_every_n_steps=1,
+        save_every_n_steps=100,
     )
     for key, value in overrides.items():
         if key == "structured_logging":
@@ -80,8 +99,9 @@ def read_jsonl(cfg: Config) -> list[dict]:
 
 def loss_by_step(records: list[dict]) -> dict[int, float]:
     """The training loss of each logged step (a later record of a step wins: after a resume)."""
-    return {r["global_step"]: r["metrics"]["loss"] for r in records
-            if r["message"] == "metrics" and "loss" in r["metrics"]}
+    return {
+        r["global_step"]: r["metrics"]["loss"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]
+    }
 
 
 def summary_file(cfg: Config) -> dict:
@@ -123,8 +143,16 @@ def test_qlora_4bit_loss_falls_on_a_repeated_batch(tmp_path, autotune_cache):
     from autotune.step import ListDataset, make_trainer, training_arguments
     from autotune.tokenizer import load_tokenizer
 
-    cfg = build_config(config_values(tmp_path, quantization="4bit", learning_rate=2e-2, lr_scheduler_type="constant",
-                                     lora_dropout=0.0, max_steps=8))
+    cfg = build_config(
+        config_values(
+            tmp_path,
+            quantization="4bit",
+            learning_rate=2e-2,
+            lr_scheduler_type="constant",
+            lora_dropout=0.0,
+            max_steps=8,
+        )
+    )
     built = build_model(cfg)
     quantized = [m for m in built.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     # Every linear layer of both blocks (q, k, v, o, gate, up, down) holds nf4 weights.
@@ -182,8 +210,9 @@ def test_train_writes_a_loadable_adapter_and_a_true_summary(make_cfg):
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert len(saved) == 2 * len(cfg.target_modules) * 2  # layers x targets x (A, B)
     spec = resolve_model(cfg.model_name)
-    base = load_base_model(spec, init="random", quantization="none", dtype=torch.float32,
-                           device=torch.device("cpu"), seed=cfg.seed)
+    base = load_base_model(
+        spec, init="random", quantization="none", dtype=torch.float32, device=torch.device("cpu"), seed=cfg.seed
+    )
     model = PeftModel.from_pretrained(base, str(out))
     state = model.state_dict()
     for key, tensor in saved.items():
@@ -201,7 +230,9 @@ def test_train_writes_a_loadable_adapter_and_a_true_summary(make_cfg):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     text = "Q: what is box 3?\n<|im_start|>assistant"
-    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == load_tokenizer("qwen3-offline")(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == load_tokenizer("qwen3-offline")(text)["input_ids"]
+    )
 
 
 def test_failed_run_summary_says_failed_with_the_error(make_cfg, tmp_path):
@@ -282,8 +313,14 @@ def test_jsonl_without_memory_or_model_stats(make_cfg):
 
 
 def test_oom_halves_the_batch_keeps_the_effective_batch_and_repeats_no_step(make_cfg):
-    common = dict(batch_size=2, gradient_accumulation_steps=1, max_steps=6, save_every_n_steps=100,
-                  lora_dropout=0.0, eval_ratio=0.0)
+    common = dict(
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=6,
+        save_every_n_steps=100,
+        lora_dropout=0.0,
+        eval_ratio=0.0,
+    )
     cfg = make_cfg("oom", **common)
     rows = BatchRows()
     summary = train(cfg, extra_callbacks=[InjectOOM({3}), rows], **QUIET)
@@ -299,8 +336,11 @@ def test_oom_halves_the_batch_keeps_the_effective_batch_and_repeats_no_step(make
     records = read_jsonl(cfg)
     steps = [r["global_step"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
     assert steps == [1, 2, 3, 4, 5, 6]  # every step exactly once, none repeated after the recovery
-    starts = [(r["global_step"], r["batch_size"], r["gradient_accumulation_steps"])
-              for r in records if r["message"] == "training started"]
+    starts = [
+        (r["global_step"], r["batch_size"], r["gradient_accumulation_steps"])
+        for r in records
+        if r["message"] == "training started"
+    ]
     assert starts == [(0, 2, 1), (3, 1, 2)]
     assert any(r["level"] == "WARNING" and r["component"] == "oom" for r in records)
     # tokens/s counts only the tokens of this attempt: the resumed trainer starts with the
@@ -331,8 +371,9 @@ def test_oom_halves_the_batch_keeps_the_effective_batch_and_repeats_no_step(make
 
 
 def test_oom_at_batch_one_says_what_to_lower(make_cfg):
-    cfg = make_cfg(batch_size=1, gradient_accumulation_steps=2, max_steps=3,
-                   structured_logging={"log_level": "WARNING"})
+    cfg = make_cfg(
+        batch_size=1, gradient_accumulation_steps=2, max_steps=3, structured_logging={"log_level": "WARNING"}
+    )
     with pytest.raises(UserError) as caught:
         train(cfg, extra_callbacks=[InjectOOM({1})], **QUIET)
     message = str(caught.value)
@@ -344,8 +385,10 @@ def test_oom_at_batch_one_says_what_to_lower(make_cfg):
     assert summary["oom_recoveries"] == []
     # log_level WARNING: the INFO records of step 1 (dataset, start, metrics) are filtered out.
     records = read_jsonl(cfg)
-    assert [(r["level"], r["message"]) for r in records] == [("ERROR", "out of memory, giving up"),
-                                                           ("ERROR", "run failed")]
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("ERROR", "out of memory, giving up"),
+        ("ERROR", "run failed"),
+    ]
 
 
 def test_oom_gives_up_after_max_oom_retries(make_cfg):
@@ -365,8 +408,14 @@ def test_oom_gives_up_after_max_oom_retries(make_cfg):
 def _cli(*args) -> subprocess.Popen:
     """`python -m autotune.cli ARGS` in the background (the caller bounds its time)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "autotune.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _cli_run(*args, timeout: float) -> tuple[int, str, str]:
@@ -396,7 +445,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     try:
         while not checkpoint.is_dir():
             if proc.poll() is not None:
-                pytest.fail(f"training exited (rc {proc.returncode}) before checkpoint-4:\n{proc.stderr.read()[-3000:]}")
+                pytest.fail(
+                    f"training exited (rc {proc.returncode}) before checkpoint-4:\n{proc.stderr.read()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("no checkpoint-4 within 300 s")
             time.sleep(0.02)
@@ -462,11 +513,14 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_inference_report_has_base_and_tuned_answers_and_whole_references(make_cfg, tmp_path):
-    long_pairs = [(q, a + " " + " ".join(f"Detail {n} about box {i} follows here, stated in full." for n in range(12)))
-                  for i, (q, a) in enumerate(PAIRS, 1)]
+    long_pairs = [
+        (q, a + " " + " ".join(f"Detail {n} about box {i} follows here, stated in full." for n in range(12)))
+        for i, (q, a) in enumerate(PAIRS, 1)
+    ]
     data = write_qa(tmp_path / "long", long_pairs)
-    cfg = make_cfg(data_dir=str(data), max_steps=2, enable_inference_test=True, inference_samples=1,
-                   inference_max_new_tokens=8)
+    cfg = make_cfg(
+        data_dir=str(data), max_steps=2, enable_inference_test=True, inference_samples=1, inference_max_new_tokens=8
+    )
     summary = train(cfg, **QUIET)
     assert summary["inference_report"]["samples"] == 1
     out = Path(cfg.output_dir)
@@ -488,14 +542,32 @@ def _profile(**choice) -> dict:
     from autotune.profile import CHOICE_KEYS, architecture_hash, hardware_fingerprint, new_profile
 
     spec = resolve_model("tiny-qwen3")
-    full = {"batch_size": 1, "gradient_accumulation_steps": 2, "effective_batch_size": 2, "max_sequence_length": 64,
-            "lora_r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj"], "quantization": "none",
-            "gradient_checkpointing": True, "optimizer": "adamw_torch", **choice}
+    full = {
+        "batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "effective_batch_size": 2,
+        "max_sequence_length": 64,
+        "lora_r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "k_proj"],
+        "quantization": "none",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw_torch",
+        **choice,
+    }
     assert set(full) == set(CHOICE_KEYS)
-    return new_profile(hardware=hardware_fingerprint(None, "cpu"),
-                       model={"name": spec.name, "architecture_hash": architecture_hash(spec.architecture)},
-                       data=None, constraints={"max_memory_gb": 2.0}, choice=full, prediction={}, measurement={},
-                       runner_up=None, reason="test", trials=[])
+    return new_profile(
+        hardware=hardware_fingerprint(None, "cpu"),
+        model={"name": spec.name, "architecture_hash": architecture_hash(spec.architecture)},
+        data=None,
+        constraints={"max_memory_gb": 2.0},
+        choice=full,
+        prediction={},
+        measurement={},
+        runner_up=None,
+        reason="test",
+        trials=[],
+    )
 
 
 def test_train_with_profile_uses_its_choice(tmp_path, capsys, autotune_cache):
@@ -539,9 +611,17 @@ def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing trained
 
 
-@pytest.mark.parametrize("batch,effective,expected", [
-    (2, 2, (1, 2)), (8, 64, (4, 16)), (3, 6, (1, 6)), (6, 12, (3, 4)), (5, 15, (1, 15)), (4, 12, (2, 6)),
-])
+@pytest.mark.parametrize(
+    "batch,effective,expected",
+    [
+        (2, 2, (1, 2)),
+        (8, 64, (4, 16)),
+        (3, 6, (1, 6)),
+        (6, 12, (3, 4)),
+        (5, 15, (1, 15)),
+        (4, 12, (2, 6)),
+    ],
+)
 def test_smaller_batch_keeps_the_effective_batch_exactly(batch, effective, expected):
     from autotune.trainer import smaller_batch
 
@@ -550,8 +630,10 @@ def test_smaller_batch_keeps_the_effective_batch_exactly(batch, effective, expec
     assert new <= batch // 2 and new * accumulation == effective
 
 
-@pytest.mark.parametrize("section,value", [("hardware", None), ("constraints", []), ("model", None),
-                                           ("trials", {}), ("measurement", "x"), ("config", [1])])
+@pytest.mark.parametrize(
+    "section,value",
+    [("hardware", None), ("constraints", []), ("model", None), ("trials", {}), ("measurement", "x"), ("config", [1])],
+)
 def test_a_parseable_but_corrupt_profile_is_one_clear_error(tmp_path, section, value):
     from autotune.profile import load_profile, save_profile
 

@@ -16,6 +16,22 @@ from autotune.errors import UserError
 
 TINY = "tiny-qwen3"
 
+# The linear layers of a Qwen3 decoder layer, in forward order: what LoRA can target.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_target_modules(target_modules) -> tuple[str, ...]:
+    """The LoRA targets, deduplicated in order; a UserError unless a non-empty subset of PROJECTIONS."""
+    targets = tuple(dict.fromkeys(target_modules))
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown or not targets:
+        raise UserError(
+            f"target_modules {list(target_modules)!r}: "
+            + (f"{unknown} are not layers of a Qwen3 model; " if unknown else "")
+            + f"choose one or more of {', '.join(PROJECTIONS)}"
+        )
+    return targets
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -37,14 +53,25 @@ class Architecture:
 
         return Qwen3Config(**asdict(self), **extra)
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection of one decoder layer, in PROJECTIONS order."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
     def param_count(self) -> int:
         """Parameters of the base model (embeddings counted once when tied)."""
-        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + 2 * self.head_dim  # q,k,v,o + q/k norms
-        mlp = 3 * h * i
-        layer = attn + mlp + 2 * h
+        h, L = self.hidden_size, self.num_hidden_layers
+        projections = sum(i * o for i, o in self.projection_shapes().values())
+        layer = projections + 2 * self.head_dim + 2 * h  # + q/k norms and the two RMSNorms
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + L * layer + h + head

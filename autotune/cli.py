@@ -12,17 +12,19 @@ import sys
 import click
 
 from autotune import __version__
+from autotune.config import MAX_RANK_CANDIDATES, OBJECTIVES
 from autotune.errors import UserError
+from autotune.units import DEFAULT_MARGIN, Budget, GiB
 
 
 def _echo_json(doc) -> None:
     click.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
 
 
-def _load(config_path, sets):
-    from autotune.config import load_config, parse_set
+def _load(config_path, sets, **flags):
+    from autotune.profile import layered_config
 
-    return load_config(config_path, parse_set(sets))
+    return layered_config(config_path, sets, flags=flags)[0]
 
 
 set_option = click.option(
@@ -134,12 +136,7 @@ def data():
 
 
 def _data_config(config, sets, data_dir):
-    cfg = _load(config, sets)
-    if data_dir:
-        from dataclasses import replace
-
-        cfg = replace(cfg, data_dir=data_dir)
-    return cfg
+    return _load(config, sets, data_dir=data_dir)
 
 
 @data.command("inspect")
@@ -177,17 +174,15 @@ def data_inspect(data_dir, config, sets, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def data_stats(data_dir, config, sets, as_json):
     """Token lengths (p50/p90/p95/p99/max) of prompts and answers with the model's chat template."""
-    from autotune.catalog import resolve_model
-    from autotune.tokenizer import load_tokenizer
-    from autotune.trainer import data_length_stats
+    from autotune.context import RunContext
+    from autotune.data.prepare import data_length_stats
 
-    cfg = _data_config(config, sets, data_dir)
-    spec = resolve_model(cfg.model_name)
-    stats = data_length_stats(cfg, load_tokenizer(cfg.tokenizer_name or spec.tokenizer_name), spec)
+    ctx = RunContext(_data_config(config, sets, data_dir))
+    stats = data_length_stats(ctx)
     if as_json:
         _echo_json(stats)
         return
-    click.echo(f"{stats['count']} samples, tokens with {spec.name}'s chat template")
+    click.echo(f"{stats['count']} samples, tokens with {ctx.spec.name}'s chat template")
     click.echo(f"{'':8}" + "".join(f"{k:>8}" for k in ("p50", "p90", "p95", "p99", "max", "mean")))
     for part in ("prompt", "answer", "total"):
         click.echo(
@@ -212,52 +207,16 @@ def data_stats(data_dir, config, sets, as_json):
 )
 @set_option
 @click.option("--resume", is_flag=True, help="Go on from the latest checkpoint in output_dir/checkpoints.")
-@click.option("--inject-oom-at", type=int, multiple=True, hidden=True, help="Testing: raise an OOM at this step.")
-def train(config_path, profile_path, sets, resume, inject_oom_at):
+def train(config_path, profile_path, sets, resume):
     """Fine-tune with LoRA/QLoRA on the HF Trainer: TensorBoard, JSONL log, checkpoints, resume."""
-    cfg = _load(config_path, sets)
-    profile = None
-    if profile_path:
-        from autotune.catalog import resolve_model
-        from autotune.config import build_config, merge_values, parse_set
-        from autotune.hardware import probe as run_probe
-        from autotune.profile import (
-            CHOICE_KEYS,
-            apply_profile,
-            hardware_fingerprint,
-            load_profile,
-            mismatches,
-            profile_config,
-        )
-
-        profile = load_profile(profile_path)
-        if config_path is None:
-            # Without a config, train what the profile was solved for (model, tokenizer, data).
-            cfg = profile_config(profile)
-        cfg = apply_profile(cfg, profile)
-        overrides = parse_set(sets)
-        if overrides:
-            # What the user types on this command line wins over the profile, and is said aloud.
-            cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")
-            for key in sorted(set(overrides) & set(CHOICE_KEYS)):
-                click.echo(
-                    f"warning: --set {key} overrides the profile's solved {key}: the profile's memory "
-                    "figures no longer apply",
-                    err=True,
-                )
-        spec = resolve_model(cfg.model_name)
-        device = profile["hardware"].get("device") or "cpu"
-        for warning in mismatches(
-            profile, hardware_fingerprint(run_probe(cfg.output_dir), device), cfg.model_name, spec.architecture
-        ):
-            click.echo(f"warning: {warning}", err=True)
-    from autotune.trainer import InjectOOM
+    from autotune.profile import layered_config, load_profile
     from autotune.trainer import train as run_training
 
-    extra = [InjectOOM(inject_oom_at)] if inject_oom_at else []
-    summary = run_training(
-        cfg, profile=profile, resume=resume, extra_callbacks=extra, echo=lambda m: click.echo(m, err=True)
-    )
+    profile = load_profile(profile_path) if profile_path else None
+    cfg, warnings = layered_config(config_path, sets, profile=profile)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    summary = run_training(cfg, profile=profile, resume=resume, echo=lambda m: click.echo(m, err=True))
     final = summary.get("final", {})
     loss = (
         f"loss {final['first_loss']:.4f} -> {final['last_loss']:.4f}"
@@ -276,18 +235,18 @@ def train(config_path, profile_path, sets, resume, inject_oom_at):
 # ------------------------------------------------------------------------------------ solve
 
 
-def _budget_gb(flag: float | None, cfg, budget_explicit: bool, probe_doc: dict) -> tuple[float, str]:
-    from autotune.hardware import best_gpu
-
-    if flag is not None:
-        return flag, "--max-memory-gb"
-    if budget_explicit and cfg.max_memory_gb is not None:
-        return cfg.max_memory_gb, "the config's max_memory_gb"
-    gpu = best_gpu(probe_doc)
-    if gpu is None or gpu.get("error"):
-        raise UserError("no GPU to measure a budget on: give --max-memory-gb (on a CPU it sets a simulated card)")
-    free = gpu["memory_free_gb"]
-    return round(free * 0.95, 2), f"the {free:.1f} GiB free on GPU {gpu['index']} less 5%"
+def _rank_list(ranks: str | None, rank: int | None, objective: str) -> list[int] | None:
+    if ranks:
+        try:
+            rank_list = sorted({int(r) for r in ranks.split(",") if r.strip()})
+        except ValueError:
+            rank_list = []
+        if not rank_list or any(r < 1 for r in rank_list):
+            raise UserError(f"--ranks {ranks!r}: give positive integers separated by commas, e.g. 8,16,32")
+        return rank_list
+    if rank:
+        return [rank]
+    return list(MAX_RANK_CANDIDATES) if objective == "max-rank" else None
 
 
 @cli.command()
@@ -305,11 +264,13 @@ def _budget_gb(flag: float | None, cfg, budget_explicit: bool, probe_doc: dict) 
     type=click.Path(dir_okay=False),
     help="Profile path (default: profiles/solved/<gpu>__<model>__<budget>.json).",
 )
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)
 @click.option(
-    "--objective", type=click.Choice(["throughput", "max-seq", "max-rank"]), default="throughput", show_default=True
-)
-@click.option(
-    "--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True, help="Safety margin under the budget."
+    "--margin",
+    type=click.FloatRange(0, 0.5),
+    default=DEFAULT_MARGIN,
+    show_default=True,
+    help="Safety margin under the budget.",
 )
 @click.option("--seq", type=click.IntRange(min=8), help="Fix the sequence length instead of covering the data's p99.")
 @click.option("--rank", type=click.IntRange(min=1), help="Fix the LoRA rank.")
@@ -352,88 +313,41 @@ def solve(
     as_json,
 ):
     """Choose micro-batch, accumulation, sequence length and LoRA rank by measured training steps."""
-    import time as _time
-
     from autotune.memory import ensure_expandable_segments
 
     ensure_expandable_segments()  # before anything touches CUDA
-    started = _time.monotonic()
-    cfg = _load(config_path, sets)
-    updates = {k: v for k, v in {"model_name": model_name, "data_dir": data_dir, "lora_r": rank}.items() if v}
-    if checkpointing != "auto":
-        updates["gradient_checkpointing"] = checkpointing == "on"
-    if updates:
-        from autotune.config import build_config
-
-        cfg = build_config({**cfg.to_dict(), **updates}, "solve options")
-    rank_list = None
-    if ranks:
-        try:
-            rank_list = sorted({int(r) for r in ranks.split(",") if r.strip()})
-            assert rank_list and all(r > 0 for r in rank_list)
-        except (ValueError, AssertionError):
-            raise UserError(f"--ranks {ranks!r}: give positive integers separated by commas, e.g. 8,16,32") from None
-    elif rank:
-        rank_list = [rank]
-    elif objective == "max-rank":
-        rank_list = [4, 8, 16, 32, 64]
-    from autotune.hardware import best_gpu
-    from autotune.hardware import probe as run_probe
-    from autotune.profile import hardware_fingerprint, save_profile
-    from autotune.solver import SolveRequest, TrialRunner, build_profile, default_profile_path
-    from autotune.solver import solve as run_solve
-    from autotune.step import check_training_settings
-
-    check_training_settings(cfg)
-    probe_doc = run_probe(cfg.output_dir)
     from autotune.config import explicit_keys
+    from autotune.context import RunContext
+    from autotune.profile import layered_config
+    from autotune.solver import SolveRequest
+    from autotune.solver import run as run_solve
 
+    flags = {"model_name": model_name, "data_dir": data_dir, "lora_r": rank}
+    if checkpointing != "auto":
+        flags["gradient_checkpointing"] = checkpointing == "on"
+    cfg, _ = layered_config(config_path, sets, flags=flags)
     explicit = explicit_keys(config_path, sets)
-    budget, budget_source = _budget_gb(max_memory_gb, cfg, "max_memory_gb" in explicit, probe_doc)
-    if output:
-        _check_writable(output)
-    stats = _solver_data_stats(
-        cfg, required=bool(data_dir) or "data_dir" in explicit, echo=lambda m: click.echo(m, err=True)
-    )
     req = SolveRequest(
-        cfg=cfg,
-        budget_gb=budget,
-        margin=margin,
+        ctx=RunContext(cfg),
         objective=objective,
         seq=seq,
-        ranks=rank_list,
+        ranks=_rank_list(ranks, rank, objective),
         max_seq=max_seq,
         max_trials=max_trials,
         time_budget_s=time_budget,
-        data_stats=stats,
         try_without_checkpointing=checkpointing == "auto" and objective == "throughput",
     )
-    runner = TrialRunner(
-        cfg,
-        int(budget * 2**30),
+    profile, path = run_solve(
+        req,
+        max_memory_gb=max_memory_gb,
+        budget_explicit="max_memory_gb" in explicit,
+        margin=margin,
+        data_required=bool(data_dir) or "data_dir" in explicit,
+        output=output,
         init="pretrained" if real_weights else "random",
+        plot=plot,
         echo=lambda m: click.echo(m, err=True),
     )
-    device = runner.device.type
-    click.echo(
-        f"solving {cfg.model_name} ({cfg.quantization}) on {device} within {budget:g} GiB ({budget_source}), "
-        f"margin {margin:.0%}, objective {objective}",
-        err=True,
-    )
-    result = run_solve(
-        req, runner.measure, on_trial=lambda t: click.echo("  " + t.describe(int(budget * 2**30)), err=True)
-    )
-    profile = build_profile(req, result, hardware=hardware_fingerprint(probe_doc, device), runner=runner)
-    profile["solve_seconds"] = round(_time.monotonic() - started, 2)
-    profile["model_build_seconds"] = round(runner.build_seconds, 2)
-    gpu = best_gpu(probe_doc) if device == "cuda" else None
-    path = output or default_profile_path(gpu["name"] if gpu else None, cfg.model_name, budget)
-    save_profile(profile, path)
-    if plot:
-        from autotune.plot import plot_profile
-
-        png = plot_profile(profile, str(path).removesuffix(".json") + ".png")
-        click.echo(f"plot: {png}", err=True)
     if as_json:
         _echo_json(profile)
         return
@@ -442,44 +356,11 @@ def solve(
         f"\nchoice: batch_size {c['batch_size']} x gradient_accumulation_steps {c['gradient_accumulation_steps']} "
         f"(effective {c['effective_batch_size']}), max_sequence_length {c['max_sequence_length']}, "
         f"lora_r {c['lora_r']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}; "
-        f"peak {profile['measurement']['peak_bytes'] / 2**30:.3f} GiB of {budget:g}"
+        f"peak {profile['measurement']['peak_bytes'] / GiB:.3f} GiB of {profile['constraints']['max_memory_gb']:g}"
     )
     click.echo(f"why: {profile['reason']}")
     click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
     click.echo(f"next: autotune train --profile {path}")
-
-
-def _check_writable(path) -> None:
-    """Fail before a long solve, not after it, when the profile cannot be written where asked."""
-    import os
-    from pathlib import Path
-
-    parent = Path(path).resolve().parent
-    probe_dir = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if probe_dir is None or not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK):
-        raise UserError(f"--output {path}: cannot write there ({probe_dir} is not a writable folder)")
-
-
-def _solver_data_stats(cfg, required: bool, echo):
-    from pathlib import Path
-
-    if not Path(cfg.data_dir).is_dir():
-        if required:
-            raise UserError(
-                f"data folder {cfg.data_dir!r} does not exist: give --data DIR with your QA files, "
-                "or --seq N to solve at a fixed sequence length"
-            )
-        echo(
-            f"note: no data folder at {cfg.data_dir!r}: solving at the config's max_sequence_length "
-            f"{cfg.max_sequence_length} (give --data DIR to size it from your data's p99)"
-        )
-        return None
-    from autotune.catalog import resolve_model
-    from autotune.tokenizer import load_tokenizer
-    from autotune.trainer import data_length_stats
-
-    spec = resolve_model(cfg.model_name)
-    return data_length_stats(cfg, load_tokenizer(cfg.tokenizer_name or spec.tokenizer_name), spec)
 
 
 @profiles.command("plot")
@@ -507,7 +388,7 @@ def profiles_plot(profile_path, output):
 @click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default: the config's max_sequence_length).")
 @click.option("--batch", type=click.IntRange(min=1), help="Micro-batch (default: the config's batch_size).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: the config's lora_r).")
-@click.option("--margin", type=click.FloatRange(0, 0.5), default=0.05, show_default=True)
+@click.option("--margin", type=click.FloatRange(0, 0.5), default=DEFAULT_MARGIN, show_default=True)
 @click.option(
     "--device",
     type=click.Choice(["cuda", "cpu"]),
@@ -518,58 +399,28 @@ def profiles_plot(profile_path, output):
 @click.option("--json", "as_json", is_flag=True)
 def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, as_json):
     """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
-    from autotune.catalog import resolve_model
-    from autotune.estimate import estimate_peak, largest_fitting, options_for
+    from autotune.context import RunContext
+    from autotune.estimate import report
 
-    cfg = _load(config_path, sets)
-    spec = resolve_model(model_name or cfg.model_name)
+    cfg = _load(config_path, sets, model_name=model_name)
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
+    budget = Budget.from_gib(budget_gb, margin) if budget_gb is not None else None
     seq, batch, rank = seq or cfg.max_sequence_length, batch or cfg.batch_size, rank or cfg.lora_r
-    options = options_for(cfg, device)
-    try:
-        est = estimate_peak(spec.architecture, batch=batch, seq=seq, rank=rank, **options)
-    except ValueError as exc:  # e.g. target_modules that are not Qwen3 projections
-        raise UserError(f"cannot estimate: {exc}") from None
-    doc = {
-        "model": spec.name,
-        "shape": est.shape,
-        "peak_bytes": est.peak_bytes,
-        "peak_gb": round(est.peak_gib, 3),
-        "phase": est.phase,
-        "components_gb": {k: round(v / 2**30, 3) for k, v in est.components.items()},
-    }
-    if budget_gb is not None:
-        fit = largest_fitting(
-            spec.architecture,
-            int(budget_gb * 2**30),
-            seq=seq,
-            batch=batch,
-            rank=rank,
-            margin=margin,
-            max_seq=spec.architecture.max_position_embeddings,
-            **options,
-        )
-        doc.update(
-            max_memory_gb=budget_gb,
-            margin=margin,
-            fits=est.peak_bytes <= budget_gb * 2**30 * (1 - margin),
-            largest_batch_at_seq=fit["batch"],
-            largest_seq_at_batch=fit["seq"],
-        )
+    est, doc = report(RunContext(cfg), batch=batch, seq=seq, rank=rank, device=device, budget=budget)
     if as_json:
         _echo_json(doc)
         return
     click.echo(
-        f"{spec.name}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
+        f"{doc['model']}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device})"
     )
     for name, gb in doc["components_gb"].items():
         click.echo(f"  {name:18} {gb:9.3f} GiB")
     click.echo(f"  {'peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
-    if budget_gb is not None:
+    if budget is not None:
         verdict = "fits" if doc["fits"] else "does NOT fit"
         click.echo(
-            f"{verdict} {budget_gb:g} GiB less a {margin:.0%} margin; predicted to fit: batch "
+            f"{verdict} {budget.describe()}; predicted to fit: batch "
             f"{doc['largest_batch_at_seq']} at seq {seq}, seq {doc['largest_seq_at_batch']} at batch {batch}"
         )
     click.echo("a prediction: `autotune solve` measures real steps", err=True)
@@ -623,7 +474,7 @@ def demo(ctx, max_memory_gb, output_dir):
         output=profile,
         plot=True,
         objective="throughput",
-        margin=0.05,
+        margin=DEFAULT_MARGIN,
         checkpointing="auto",
     )
     click.echo("\n== 3/3 autotune train --profile", err=True)

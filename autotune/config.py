@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from autotune.catalog import check_target_modules, resolve_model
 from autotune.errors import UserError
 
 
@@ -34,6 +35,24 @@ def _profiles_dir() -> Path:
 PROFILES_DIR = _profiles_dir()
 PRESET_KINDS = ("hardware", "models", "strategies", "lora", "configs")
 
+# The allowed values of the keys that take a choice: modules that branch on them import these.
+QUANTIZATIONS = ("4bit", "8bit", "none")
+INIT_MODES = ("pretrained", "random")
+MARKDOWN_FORMATS = ("simple_qa", "header_qa")
+DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json")
+OVERFLOW_POLICIES = ("truncate", "drop")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# `autotune solve --objective`, and the ranks `--objective max-rank` tries when none are given.
+OBJECTIVES = ("throughput", "max-seq", "max-rank")
+MAX_RANK_CANDIDATES = (4, 8, 16, 32, 64)
+# The guide's LoRA targets: the attention projections.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _choice(values: tuple[str, ...]) -> str:
+    return "choice:" + "|".join(values)
+
+
 # Per key: (documentation, constraint). The constraint is checked by _check_value.
 # Kinds: "int>=1", "float>0", "ratio" (0..1), "bool", "str", "str?", "list[str]", "dict", "choice:a|b".
 
@@ -48,7 +67,7 @@ class StructuredLogging:
     log_file: str = _key(
         "./logs/structured/training.jsonl", "Path of the JSONL log (relative to the working directory).", "str"
     )
-    log_level: str = _key("INFO", "Lowest level written.", "choice:DEBUG|INFO|WARNING|ERROR")
+    log_level: str = _key("INFO", "Lowest level written.", _choice(LOG_LEVELS))
     include_memory_stats: bool = _key(True, "Add process RAM and GPU memory to each metrics record.", "bool")
     include_model_stats: bool = _key(True, "Log trainable and total parameter counts.", "bool")
 
@@ -69,7 +88,7 @@ class Config:
     init: str = _key(
         "pretrained",
         "`pretrained` loads real weights; `random` builds the architecture with random weights (demo, tests, solver trials).",
-        "choice:pretrained|random",
+        _choice(INIT_MODES),
     )
     output_dir: str = _key(
         "./qwen3-finetuned", "Where the adapter, tokenizer, resolved config and run summary go.", "str"
@@ -80,7 +99,7 @@ class Config:
         "float>0?",
     )
     quantization: str = _key(
-        "4bit", "Base weights: `4bit` (nf4 + double quant, QLoRA), `8bit`, or `none`.", "choice:4bit|8bit|none"
+        "4bit", "Base weights: `4bit` (nf4 + double quant, QLoRA), `8bit`, or `none`.", _choice(QUANTIZATIONS)
     )
     # --- batch and schedule ---
     batch_size: int = _key(4, "Per-device micro-batch.", "int>=1")
@@ -104,14 +123,10 @@ class Config:
     lora_r: int = _key(6, "LoRA rank.", "int>=1")
     lora_alpha: float = _key(12, "LoRA scaling numerator (scale = alpha / r).", "float>0")
     lora_dropout: float = _key(0.1, "Dropout on the LoRA path.", "ratio")
-    target_modules: list[str] = _key(
-        ["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.", "list[str]"
-    )
+    target_modules: list[str] = _key(list(DEFAULT_TARGET_MODULES), "Linear layers that get adapters.", "list[str]")
     # --- data ---
     data_dir: str = _key("data/raw", "Folder of *.md QA files (README.md skipped), *.jsonl or *.json.", "str")
-    data_format: str = _key(
-        "auto", "`auto` detects per file; or force one format.", "choice:auto|simple_qa|header_qa|jsonl|json"
-    )
+    data_format: str = _key("auto", "`auto` detects per file; or force one format.", _choice(DATA_FORMATS))
     question_prefix: str = _key("Q", "Question marker in markdown (Q1:).", "str")
     answer_prefix: str = _key("A", "Answer marker in markdown (A1:).", "str")
     separator: str = _key(":", "Marker separator; a full-width colon is always accepted too.", "str")
@@ -122,7 +137,7 @@ class Config:
     overflow: str = _key(
         "truncate",
         "A sample longer than max_sequence_length: `truncate` its answer (end-of-turn kept) or `drop` it.",
-        "choice:truncate|drop",
+        _choice(OVERFLOW_POLICIES),
     )
     data_cache_dir: str = _key("data/processed", "Where the tokenized dataset is cached.", "str")
     # --- logging and checkpoints ---
@@ -352,13 +367,17 @@ def check_values(values: dict, where: str, errors: list[str]) -> None:
 def _check_consistency(values: dict, errors: list[str]) -> None:
     """Checks across keys, on the merged values (run even when some values are bad, so that every
     error of a file is reported at once)."""
-    from autotune.catalog import resolve_model
-
     if isinstance(values.get("model_name"), str):
         try:
             resolve_model(values["model_name"])
         except UserError as exc:
             errors.append(f"key 'model_name': {exc}")
+    targets = values.get("target_modules")
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        try:
+            check_target_modules(targets)
+        except UserError as exc:
+            errors.append(f"key 'target_modules': {exc}")
     if values.get("fp16") is True and values.get("bf16") is True:
         errors.append("keys 'fp16' and 'bf16' are both true: choose one mixed precision (bf16 on Ampere and newer)")
     if (
@@ -424,9 +443,9 @@ def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
             kind = next((f.metadata["kind"] for f in fields(NESTED[outer]) if f.name == inner), "")
         else:
             kind = KEY_DOCS.get(key, ("", ""))[1]
-        if kind.rstrip("?") == "str" or kind.startswith("choice:"):
-            if not isinstance(value, str) and not (value is None and kind.endswith("?")):
-                value = raw  # `--set model_name=123` means the string "123"
+        textual = kind.rstrip("?") == "str" or kind.startswith("choice:")
+        if textual and not isinstance(value, str) and not (value is None and kind.endswith("?")):
+            value = raw  # `--set model_name=123` means the string "123"
         if nested:
             target = values.setdefault(outer, {})
             if not isinstance(target, dict):

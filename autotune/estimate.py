@@ -30,21 +30,12 @@ CPU, which allocates nothing and which nothing in the solver or in training reli
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from autotune.catalog import Architecture
-
-GIB = 1024**3
-MIB = 1024**2
-
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-# What a CUDA process holds outside PyTorch's allocator (context, cuBLAS/cuBLASLt handles and workspaces):
-# ~0.5 GiB on an H100 with CUDA 12/13 and lazy module loading; the measured figure replaces it in trials
-# (memory.CudaMeter). Not counted for device="cpu".
-CUDA_OVERHEAD_BYTES = 640 * MIB
+from autotune.catalog import Architecture, check_target_modules
+from autotune.config import DEFAULT_TARGET_MODULES, QUANTIZATIONS
+from autotune.units import DEFAULT_CUDA_OVERHEAD_BYTES, Budget, GiB
 
 # bitsandbytes' 8-bit optimizers keep fp32 state for tensors smaller than this (min_8bit_size).
 BNB_MIN_8BIT_SIZE = 4096
@@ -55,8 +46,6 @@ NF4_CODE_BYTES = 16 * 4  # the nf4 code book (16 fp32), per quantized tensor
 # Per tensor with double quantization: nf4 code book, fp32 offset, and the 256-entry fp32 code book of the
 # 8-bit absmax quantization.
 NESTED_STATE_CONSTANT = NF4_CODE_BYTES + 4 + 256 * 4
-
-QUANTIZATIONS = ("4bit", "8bit", "none")
 
 _OPTIMIZER_STATE = {
     # bytes of state per trainable element: (large tensors, small tensors); None -> 8-bit rules
@@ -89,53 +78,30 @@ class Estimate:
 
     @property
     def peak_gib(self) -> float:
-        return self.peak_bytes / GIB
+        return self.peak_bytes / GiB
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
         """The breakdown as aligned text lines (GiB)."""
-        rows = [f"  {name:16} {value / GIB:8.3f} GiB" for name, value in self.components.items()]
+        rows = [f"  {name:16} {value / GiB:8.3f} GiB" for name, value in self.components.items()]
         return "\n".join(rows + [f"  {'peak':16} {self.peak_gib:8.3f} GiB  (at {self.phase})"])
 
 
 # ------------------------------------------------------------------------------- parameters
 
 
-def linear_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each projection of one decoder layer."""
-    h, i = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-
-
-def _check_targets(target_modules: Iterable[str]) -> tuple[str, ...]:
-    targets = tuple(dict.fromkeys(target_modules))
-    unknown = [t for t in targets if t not in ALL_TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"target_modules must be a non-empty subset of {ALL_TARGETS}, got {list(target_modules)}")
-    return targets
-
-
 def lora_param_tensors(arch: Architecture, rank: int, target_modules: Sequence[str]) -> list[int]:
     """Element counts of every LoRA tensor (A: r x in, B: out x r), all layers."""
-    shapes = linear_shapes(arch)
-    per_layer = [n for t in _check_targets(target_modules) for n in (rank * shapes[t][0], shapes[t][1] * rank)]
+    shapes = arch.projection_shapes()
+    per_layer = [n for t in check_target_modules(target_modules) for n in (rank * shapes[t][0], shapes[t][1] * rank)]
     return per_layer * arch.num_hidden_layers
 
 
 def _nonlinear_param_counts(arch: Architecture) -> tuple[int, int]:
     """(elements of all projection weights, elements of everything else: embeddings, lm_head, norms)."""
-    linear = sum(i * o for i, o in linear_shapes(arch).values()) * arch.num_hidden_layers
+    linear = sum(i * o for i, o in arch.projection_shapes().values()) * arch.num_hidden_layers
     return linear, arch.param_count() - linear
 
 
@@ -151,12 +117,12 @@ def weight_bytes(
     bitsandbytes; `prepare_model_for_kbit_training` then upcasts them to fp32 (kbit_prepare).
     """
     linear, other = _nonlinear_param_counts(arch)
-    numels = [i * o for i, o in linear_shapes(arch).values()] * arch.num_hidden_layers
+    numels = [i * o for i, o in arch.projection_shapes().values()] * arch.num_hidden_layers
     if quantization == "none":
         return (linear + other) * dtype_bytes
     other_bytes = other * (4 if kbit_prepare else dtype_bytes)
     if quantization == "8bit":
-        rows = sum(o for _, o in linear_shapes(arch).values()) * arch.num_hidden_layers
+        rows = sum(o for _, o in arch.projection_shapes().values()) * arch.num_hidden_layers
         return linear + rows * 4 + other_bytes
     if quantization != "4bit":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -294,8 +260,8 @@ def lora_saved_bytes_per_token(
     without checkpointing). Under bf16 autocast (the HF Trainer's mixed precision) lora_A's matmul keeps
     the bf16 cast of that fp32 input instead, one per module, and lora_B's input is bf16 too.
     """
-    shapes = linear_shapes(arch)
-    targets = _check_targets(target_modules)
+    shapes = arch.projection_shapes()
+    targets = check_target_modules(target_modules)
     if autocast:
         total = 0
         for t in targets:
@@ -372,7 +338,7 @@ def estimate_peak(
     batch: int,
     seq: int,
     rank: int,
-    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     quantization: str = "4bit",
     gradient_checkpointing: bool = True,
     dtype_bytes: int = 2,
@@ -394,14 +360,14 @@ def estimate_peak(
         states. autotune's own preparation (modeling.prepare_for_training) keeps them in the compute
         dtype, hence the default False. Ignored for quantization="none".
     device: "cuda" adds the CUDA context/workspace overhead (cuda_overhead_bytes, default
-        CUDA_OVERHEAD_BYTES); "cpu" predicts what CpuTrackedMeter measures.
+        DEFAULT_CUDA_OVERHEAD_BYTES); "cpu" predicts what CpuTrackedMeter measures.
     LoRA gradients are counted as resident throughout (they are, with gradient accumulation).
     """
     if batch < 1 or seq < 1 or rank < 1:
         raise ValueError(f"batch, seq and rank must be >= 1 (got {batch}, {seq}, {rank})")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    targets = _check_targets(target_modules)
+    targets = check_target_modules(target_modules)
     kbit_prepare = kbit_prepare and quantization != "none"
     if autocast is None:
         autocast = dtype_bytes == 2
@@ -440,7 +406,7 @@ def estimate_peak(
     if device == "cpu":
         overhead = 0
     else:
-        overhead = CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes
+        overhead = DEFAULT_CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes
     components = {
         "weights": weights,
         "lora_params": lora,
@@ -549,7 +515,7 @@ class _ActivationModel:
             fp32_copies = (4 if a != 4 else 0) + (4 if self.lora_dropout > 0 and self.autocast else 0)
             burst = max(burst, tokens * (I * (a + fp32_copies) + 3 * h * a))
         if self.quantization != "none":
-            biggest = max(i * o for i, o in linear_shapes(arch).values())
+            biggest = max(i * o for i, o in arch.projection_shapes().values())
             if self.quantization == "4bit":  # bf16 (compute dtype) weight + the fp32 absmax it was scaled by
                 dequant = 2 * biggest + math.ceil(biggest / NF4_BLOCK) * 4
             else:  # the int8 weight times its row scales, in the input's dtype
@@ -585,22 +551,52 @@ def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str) -> int
     return 4 * (sum(tensor_numels) if device != "cpu" else max(tensor_numels))
 
 
+# ------------------------------------------------------------------------------- the report
+
+
+def report(ctx, *, batch: int, seq: int, rank: int, device: str, budget: Budget | None = None) -> tuple[Estimate, dict]:
+    """`autotune estimate`: the estimate of one shape of a run (a context.RunContext), and a JSON-able
+    report of it; with a budget, whether it fits and the largest batch and sequence predicted to fit."""
+    arch, cfg = ctx.architecture, ctx.cfg
+    options = options_for(cfg, device)
+    est = estimate_peak(arch, batch=batch, seq=seq, rank=rank, **options)
+    doc = {
+        "model": ctx.spec.name,
+        "shape": est.shape,
+        "peak_bytes": est.peak_bytes,
+        "peak_gb": round(est.peak_gib, 3),
+        "phase": est.phase,
+        "components_gb": {k: round(v / GiB, 3) for k, v in est.components.items()},
+    }
+    if budget is not None:
+        fit = largest_fitting(
+            arch, budget, seq=seq, batch=batch, rank=rank, max_seq=arch.max_position_embeddings, **options
+        )
+        doc.update(
+            max_memory_gb=budget.gb,
+            margin=budget.margin,
+            fits=est.peak_bytes <= budget.usable_bytes,
+            largest_batch_at_seq=fit["batch"],
+            largest_seq_at_batch=fit["seq"],
+        )
+    return est, doc
+
+
 # ------------------------------------------------------------------------------- what fits
 
 
 def largest_fitting(
     arch: Architecture,
-    budget_bytes: int,
+    budget: Budget,
     *,
     seq: int | None = None,
     batch: int | None = None,
     rank: int,
-    margin: float = 0.05,
     max_batch: int = 4096,
     max_seq: int | None = None,
     **options,
 ) -> dict:
-    """The biggest shapes predicted to fit `budget_bytes * (1 - margin)`.
+    """The biggest shapes predicted to fit the budget's usable part (the total less the margin).
 
     Returns "batch": the largest micro-batch at sequence length `seq` (None when no seq is given), and
     "seq": the longest sequence at micro-batch `batch` (default 1), capped at max_seq or the model's
@@ -608,9 +604,7 @@ def largest_fitting(
     fixed side. `options` go to estimate_peak (quantization, target_modules, device, ...). The peak grows
     with batch and seq, so a doubling search then bisection takes ~2 log2(limit) estimates (milliseconds).
     """
-    if not 0 <= margin < 1:
-        raise ValueError(f"margin must be in [0, 1), got {margin}")
-    limit = int(budget_bytes * (1 - margin))
+    limit = budget.usable_bytes
 
     def fits(b: int, s: int) -> bool:
         return estimate_peak(arch, batch=b, seq=s, rank=rank, **options).peak_bytes <= limit
@@ -622,9 +616,9 @@ def largest_fitting(
         "seq": _largest(lambda s: fits(at_batch, s), seq_cap),
         "at_seq": seq,
         "at_batch": at_batch,
-        "budget_bytes": int(budget_bytes),
+        "budget_bytes": budget.total_bytes,
         "limit_bytes": limit,
-        "margin": margin,
+        "margin": budget.margin,
     }
 
 
@@ -659,7 +653,7 @@ def calibrate_by_trace(
     batch: int,
     seq: int,
     rank: int,
-    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     gradient_checkpointing: bool = True,
     dtype_bytes: int = 2,
     optimizer: str = "adamw_torch",

@@ -21,11 +21,11 @@ from typing import Any
 
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
+from autotune.units import GiB, gib
 
 SCHEMA_VERSION = 1
 KIND = "autotune.probe"
 
-_GIB = 1024**3
 
 # Distribution names, not module names: importlib.metadata reads them without importing anything.
 _PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
@@ -34,10 +34,6 @@ _NVML_DISTS = ("nvidia-ml-py", "pynvml")
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _gib(n: int | None) -> float | None:
-    return None if n is None else round(n / _GIB, 2)
 
 
 def _text(value: Any) -> Any:
@@ -120,7 +116,7 @@ def torch_cuda_build() -> str | None:
         return None
     try:
         import torch
-    except Exception:  # a broken torch install must not break the probe
+    except (ImportError, OSError, RuntimeError):  # a broken torch install must not break the probe
         return None
     return getattr(torch.version, "cuda", None)
 
@@ -163,11 +159,11 @@ def probe_host(output_dir: str | Path = ".") -> dict[str, Any]:
         "cpu_logical_cores": psutil.cpu_count(logical=True),
         "ram_total_bytes": mem.total,
         "ram_available_bytes": mem.available,
-        "ram_total_gb": _gib(mem.total),
-        "ram_available_gb": _gib(mem.available),
+        "ram_total_gb": gib(mem.total, 2),
+        "ram_available_gb": gib(mem.available, 2),
         "disk_path": str(disk_path),
         "disk_free_bytes": disk_free,
-        "disk_free_gb": _gib(disk_free),
+        "disk_free_gb": gib(disk_free, 2),
         "os": platform.platform(),
         "python": platform.python_version(),
         "packages": package_versions(),
@@ -229,8 +225,8 @@ def _read_gpu(nvml: Any, nvml_index: int) -> dict[str, Any]:
         "memory_total_bytes": total,
         "memory_free_bytes": free,
         "memory_used_bytes": getattr(mem, "used", None),
-        "memory_total_gb": _gib(total),
-        "memory_free_gb": _gib(free),
+        "memory_total_gb": gib(total, 2),
+        "memory_free_gb": gib(free, 2),
         "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
         "bf16_supported": cc[0] >= 8 if cc else None,
         "other_processes": _other_processes(nvml, r.handle),
@@ -340,8 +336,9 @@ def probe(output_dir: str | Path = ".", nvml: Any = None) -> dict[str, Any]:
     }
 
 
-def best_gpu(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """The GPU training would run on: CUDA device 0, if any is visible."""
+def training_gpu(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The GPU training runs on: CUDA device 0, if any is visible. The one answer to "which GPU counts":
+    the budget, the preflight checks, the profile's fingerprint and the benchmarks all ask this."""
     return next((g for g in doc.get("gpus") or [] if g.get("index") == 0), None)
 
 
@@ -388,7 +385,7 @@ def _fmt_procs(procs: list[dict[str, Any]] | None) -> str:
     if not procs:
         return "none"
     used = [p["used_bytes"] for p in procs if p.get("used_bytes") is not None]
-    return f"{len(procs)} ({sum(used) / _GIB:.2f} GiB)" if used else str(len(procs))
+    return f"{len(procs)} ({sum(used) / GiB:.2f} GiB)" if used else str(len(procs))
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -421,7 +418,7 @@ def _gpu_lines(doc: dict[str, Any]) -> list[str]:
             _fmt(g.get("name")),
             _fmt(g.get("memory_total_gb"), ".2f"),
             _fmt(g.get("memory_free_gb"), ".2f"),
-            _fmt(_gib(g.get("memory_used_bytes")), ".2f"),
+            _fmt(gib(g.get("memory_used_bytes"), 2), ".2f"),
             _fmt(g.get("compute_capability")),
             {True: "yes", False: "no"}.get(g.get("bf16_supported"), "?"),
             _fmt_procs(g.get("other_processes")),

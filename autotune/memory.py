@@ -27,14 +27,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-_MIB = 1024**2
+from autotune.units import DEFAULT_CUDA_OVERHEAD_BYTES, GiB, MiB
 
-# What a CUDA process holds outside PyTorch's allocator: the context (~300-500 MiB on recent drivers,
-# more with lazy module loading off) plus cuBLAS/cuBLASLt handles. Used when NVML cannot tell us
-# (no NVML, or our pid is invisible from inside a container's pid namespace).
-DEFAULT_CUDA_OVERHEAD_BYTES = 500 * _MIB
 # Device-wide usage above this is taken to include other processes (see overhead_from_device_usage).
-MAX_PLAUSIBLE_OVERHEAD_BYTES = 2 * 1024 * _MIB
+MAX_PLAUSIBLE_OVERHEAD_BYTES = 2 * GiB
 
 
 class SimulatedOOM(torch.OutOfMemoryError):
@@ -315,8 +311,8 @@ class _StorageTracker(TorchDispatchMode):
             # Drop our reference first: the traceback keeps this frame alive, and with it `out`.
             del out, args, kwargs
             raise SimulatedOOM(
-                f"Simulated CUDA out of memory: {live / _MIB:.1f} MiB live exceeds the cap of "
-                f"{meter._cap / _MIB:.1f} MiB (while running {func})"
+                f"Simulated CUDA out of memory: {live / MiB:.1f} MiB live exceeds the cap of "
+                f"{meter._cap / MiB:.1f} MiB (while running {func})"
             )
         return out
 
@@ -401,7 +397,7 @@ class CpuTrackedMeter(MemoryMeter):
         if self._cap is not None and self._live > self._cap:
             raise SimulatedOOM(
                 f"Simulated CUDA out of memory: the tracked tensors alone take "
-                f"{self._live / _MIB:.1f} MiB, over the cap of {self._cap / _MIB:.1f} MiB"
+                f"{self._live / MiB:.1f} MiB, over the cap of {self._cap / MiB:.1f} MiB"
             )
         return self._live - before
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from autotune.catalog import ModelSpec, resolve_model
+from autotune.catalog import ModelSpec, check_target_modules
 from autotune.config import Config
+from autotune.context import RunContext
 from autotune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,18 +173,12 @@ def prepare_for_training(model, quantized: bool, checkpointing: bool, checkpoint
 def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str]):
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in target_modules if t not in present]
-    if missing:
-        raise UserError(
-            f"target_modules {missing} are not layers of this model; Qwen3 has "
-            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-        )
+    targets = check_target_modules(target_modules)
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules),
+        target_modules=list(targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -191,19 +186,14 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
 
 
 def build_model(
-    cfg: Config,
-    *,
-    spec: ModelSpec | None = None,
-    init: str | None = None,
-    lora_r: int | None = None,
-    device: torch.device | None = None,
+    ctx: RunContext, *, init: str | None = None, lora_r: int | None = None, device: torch.device | None = None
 ) -> BuiltModel:
-    """The model `autotune train` trains and a solver trial measures, from a config.
+    """The model `autotune train` trains and a solver trial measures, from a run's config.
 
     `init` and `lora_r` override the config (the solver tries ranks on random weights).
     """
     quiet_libraries()
-    spec = spec or resolve_model(cfg.model_name)
+    cfg, spec = ctx.cfg, ctx.spec
     device = device or pick_device()
     dtype = compute_dtype(cfg, device)
     quantization = cfg.quantization

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-GiB = 2**30
+from autotune.units import GiB
 
 
 def plot_profile(profile: dict, path: str | Path) -> Path:

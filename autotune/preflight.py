@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from autotune.config import Config
 from autotune.errors import UserError
+from autotune.hardware import training_gpu
 
 # Room the output needs at least: an adapter, a few checkpoints with optimizer state, logs.
 MIN_FREE_DISK_GB = 2.0
@@ -26,9 +27,7 @@ class Finding:
 
 def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
     found: list[Finding] = []
-    gpus = probe.get("gpus") or []
-    # Training runs on CUDA device 0 (hardware.best_gpu), so that is the GPU the config must fit.
-    gpu = next((g for g in gpus if g.get("index") == 0), gpus[0] if gpus else None)
+    gpu = training_gpu(probe)
     if gpu is None:
         reason = probe.get("nvml_error") or "no GPU visible"
         found.append(
@@ -81,8 +80,6 @@ def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
                     f"{gpu.get('compute_capability')}) has no bf16: set bf16=false, fp16=true",
                 )
             )
-    if cfg.fp16 and cfg.bf16:
-        found.append(Finding("error", "fp16 and bf16 are both on: turn one off"))
     disk = probe.get("host", {}).get("disk_free_gb")
     if disk is not None and disk < MIN_FREE_DISK_GB:
         found.append(

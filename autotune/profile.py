@@ -10,14 +10,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autotune import __version__
 from autotune.catalog import Architecture
-from autotune.config import Config, build_config
+from autotune.config import Config, build_config, load_config, merge_values, parse_set
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
+from autotune.units import GiB
+
+if TYPE_CHECKING:
+    from autotune.solver import SolveRequest
+    from autotune.trial import Trial
 
 SCHEMA_VERSION = 1
 KIND = "autotune.profile"
@@ -43,10 +50,10 @@ def architecture_hash(arch: Architecture) -> str:
 
 
 def hardware_fingerprint(probe: dict | None, device: str) -> dict:
-    from autotune.hardware import best_gpu
+    from autotune.hardware import training_gpu
 
     host = (probe or {}).get("host", {})
-    gpu = best_gpu(probe) if probe else None
+    gpu = training_gpu(probe) if probe else None
     packages = host.get("packages", {})
     return {
         "device": device,
@@ -163,6 +170,34 @@ def apply_profile(cfg: Config, profile: dict) -> Config:
     return build_config(values, "config + profile")
 
 
+def layered_config(
+    config_path: str | None, sets=(), *, profile: dict | None = None, flags: dict | None = None
+) -> tuple[Config, list[str]]:
+    """The config a command runs with, and the warnings its layering raises. The one place train and solve
+    merge their inputs, in this order (later wins):
+
+    defaults < the config file (its base chain first; with a profile and no file, the config the profile
+    was solved with) < the profile's choice < `--set` < the command's own flags (solve --model, --rank ...).
+    """
+    overrides = parse_set(sets)
+    warnings: list[str] = []
+    if profile is None:
+        cfg = load_config(config_path, overrides)
+    else:
+        cfg = apply_profile(load_config(config_path) if config_path else profile_config(profile), profile)
+        if overrides:
+            # What the user types on this command line wins over the profile, and is said aloud.
+            cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")
+            warnings += [
+                f"--set {key} overrides the profile's solved {key}: the profile's memory figures no longer apply"
+                for key in sorted(set(overrides) & set(CHOICE_KEYS))
+            ]
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if flags:
+        cfg = build_config(merge_values(cfg.to_dict(), flags), "command-line options")
+    return cfg, warnings
+
+
 def mismatches(profile: dict, hardware_now: dict, model_name: str, arch: Architecture) -> list[str]:
     """What differs between where the profile was solved and where it is used (warnings, not errors:
     a profile solved on one 24 GB card is a fair start on another)."""
@@ -178,3 +213,100 @@ def mismatches(profile: dict, hardware_now: dict, model_name: str, arch: Archite
             f"trains {model_name!r}: its memory figures do not apply"
         )
     return out
+
+
+# ------------------------------------------------------------------------------ from a solve
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
+
+
+def default_profile_path(gpu_name: str | None, model_name: str, budget_gb: float) -> Path:
+    # Relative to the working directory: solved profiles belong to the user's project, not to autotune.
+    name = f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+    return Path("profiles") / "solved" / name
+
+
+def _estimate_bytes(req: SolveRequest, trial: Trial, device_type: str) -> int | None:
+    """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
+    from autotune.estimate import estimate_peak, options_for
+
+    options = options_for(req.ctx.cfg, device_type, trial.checkpointing)
+    try:
+        est = estimate_peak(req.ctx.architecture, batch=trial.batch, seq=trial.seq, rank=trial.rank, **options)
+    except (ValueError, UserError):
+        return None
+    return est.peak_bytes
+
+
+def profile_from_solve(
+    req: SolveRequest, result: dict, *, hardware: dict, init: str, dtype: str | None, device_type: str
+) -> dict:
+    """The profile of a finished solve: its choice, what was measured and predicted, and every trial.
+
+    `init` and `dtype` describe the model the trials ran on (trial.TrialRunner.init / .dtype)."""
+    cfg, spec, best = req.ctx.cfg, req.ctx.spec, result["best"]
+    choice = {
+        "batch_size": best.batch,
+        "gradient_accumulation_steps": result["accumulation"],
+        "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
+        "max_sequence_length": best.seq,
+        "lora_r": best.rank,
+        "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r,
+        "target_modules": list(cfg.target_modules),
+        "quantization": cfg.quantization,
+        "gradient_checkpointing": cfg.gradient_checkpointing if best.checkpointing is None else best.checkpointing,
+        "optimizer": cfg.optimizer,
+        "dtype": dtype,
+    }
+    runner_up = result["runner_up"]
+    return new_profile(
+        hardware=hardware,
+        model={
+            "name": cfg.model_name,
+            "architecture_hash": architecture_hash(spec.architecture),
+            "architecture": dataclasses.asdict(spec.architecture),
+            "init": init,
+        },
+        data=req.data_stats,
+        constraints={
+            "max_memory_gb": result["budget_bytes"] / GiB,
+            "margin": result["margin"],
+            "objective": req.objective,
+            "usable_bytes": result["usable_bytes"],
+            "world_size": req.world_size,
+            "effective_batch_size": result["effective"],
+            "max_trials": req.max_trials,
+            "time_budget_s": req.time_budget_s,
+        },
+        choice=choice,
+        prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(req, best, device_type)},
+        measurement={
+            "peak_bytes": best.peak_bytes,
+            "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
+            "tokens_per_second": best.tokens_per_second,
+            "step_seconds": best.step_seconds,
+            "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
+            "max_feasible_batch_without_checkpointing": {
+                str(k): v for k, v in result["max_feasible_batch_without_checkpointing"].items()
+            },
+        },
+        runner_up=dataclasses.asdict(runner_up) if runner_up else None,
+        reason=result["reason"],
+        trials=[dataclasses.asdict(t) for t in result["trials"]],
+        # What train starts from with --profile alone: the solve's config with the choice applied.
+        config={**cfg.to_dict(), **{k: v for k, v in choice.items() if k in _CONFIG_CHOICE_KEYS}},
+    )
+
+
+# The choice keys a profile's own config takes over (the rest already equal the config's).
+_CONFIG_CHOICE_KEYS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "effective_batch_size",
+    "max_sequence_length",
+    "lora_r",
+    "lora_alpha",
+    "gradient_checkpointing",
+)

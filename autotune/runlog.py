@@ -4,26 +4,27 @@ component, message and metrics (memory and model statistics where the config ask
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
+import torch
 
-LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+from autotune.config import LOG_LEVELS
+from autotune.units import gib
+
+# The config's level names ranked as the logging module ranks them.
+LEVELS = {name: logging.getLevelName(name) for name in LOG_LEVELS}
 
 
 def memory_stats() -> dict:
-    stats = {"process_rss_gb": round(psutil.Process(os.getpid()).memory_info().rss / 2**30, 3)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            stats["gpu_allocated_gb"] = round(torch.cuda.memory_allocated() / 2**30, 3)
-            stats["gpu_reserved_gb"] = round(torch.cuda.memory_reserved() / 2**30, 3)
-            stats["gpu_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    except ImportError:  # pragma: no cover
-        pass
+    stats = {"process_rss_gb": gib(psutil.Process(os.getpid()).memory_info().rss)}
+    if torch.cuda.is_available():
+        stats["gpu_allocated_gb"] = gib(torch.cuda.memory_allocated())
+        stats["gpu_reserved_gb"] = gib(torch.cuda.memory_reserved())
+        stats["gpu_peak_reserved_gb"] = gib(torch.cuda.max_memory_reserved())
     return stats
 
 
@@ -37,7 +38,8 @@ class RunLog:
         self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+            # Open for the run's whole life, closed by close(): a record per line as it happens.
+            self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def write(
         self, component: str, message: str, *, level: str = "INFO", metrics: dict | None = None, **fields

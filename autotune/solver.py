@@ -1,57 +1,38 @@
 """`autotune solve`: choose micro-batch, accumulation, sequence length and LoRA rank by measured trials.
 
-Two parts, kept apart (as Lightning's batch-size tuner keeps its search apart from its trial):
-- `TrialRunner` runs one trial: the training step of step.py, for two optimizer steps at a
-  worst-case shape, under a memory meter capped at the budget. It knows nothing of search.
-- `search` decides which trials to run: a linear memory model fitted from two measured trials
-  predicts the largest micro-batch, one trial verifies it, and it bisects only where the prediction
-  misses. It knows nothing of models or GPUs, only of a `measure(batch, seq, rank)` function.
+The search decides which trials to run; trial.py runs them (as Lightning's batch-size tuner keeps its search
+apart from its trial). A linear memory model fitted from two measured trials predicts the largest
+micro-batch, one trial verifies it, and the search bisects only where the prediction misses. It knows
+nothing of models or GPUs, only of a `Trials` object: a budget and a `measure(batch, seq, rank)`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
-import tempfile
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from autotune.config import Config
+from autotune.context import RunContext
 from autotune.errors import UserError
-
-GiB = 2**30
-TRIAL_STEPS = 2  # the second optimizer step is the first to hold the optimizer state
-
-
-@dataclass
-class Trial:
-    batch: int
-    seq: int
-    rank: int
-    fits: bool  # ran, and its peak is inside the usable budget (budget less margin)
-    oom: bool  # the step ran out of memory under the cap
-    peak_bytes: int | None
-    seconds: float  # wall time of the whole trial
-    step_seconds: float | None  # the last optimizer step
-    tokens_per_second: float | None
-    predicted_bytes: int | None = None
-    note: str = ""
-    checkpointing: bool | None = None  # gradient checkpointing in this trial (None: as configured)
-
-    def describe(self, budget: int) -> str:
-        peak = f"{self.peak_bytes / GiB:7.3f} GiB ({self.peak_bytes / budget:5.1%})" if self.peak_bytes else "      -"
-        verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
-        speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""
-        ckpt = {True: " ckpt", False: " no-ckpt", None: ""}[self.checkpointing]
-        return (
-            f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{ckpt} peak {peak}  {verdict:11s} "
-            f"{self.seconds:6.1f}s {speed}"
-        )
-
+from autotune.trial import Trial
+from autotune.units import DEFAULT_MARGIN, Budget, GiB
 
 Measure = Callable[[int, int, int], Trial]
+
+
+class Trials(Protocol):
+    """What the search needs of a trial runner: trial.TrialRunner, or a synthetic memory curve in tests."""
+
+    budget: Budget
+    device_type: str
+
+    def measure(self, batch: int, seq: int, rank: int, *, checkpointing: bool | None = None) -> Trial: ...
 
 
 # ------------------------------------------------------------------------------ the search
@@ -238,108 +219,12 @@ def choose_seq(
     )
 
 
-# ------------------------------------------------------------------------------- the runner
-
-
-class TrialRunner:
-    """Builds the training model once per rank and measures trials on it under a capped meter."""
-
-    def __init__(self, cfg: Config, budget_bytes: int, *, meter=None, init: str = "random", echo=print):
-        from autotune.memory import make_meter
-        from autotune.modeling import pick_device, quiet_libraries
-
-        quiet_libraries()
-        self.cfg = cfg
-        self.budget = budget_bytes
-        self.device = pick_device()
-        self.meter = meter or make_meter(self.device.type)
-        self.init = init
-        self.echo = echo
-        self._built = None
-        self._rank = None
-        self.build_seconds = 0.0
-        self._overhead_remeasured = False
-        # Trials save nothing, but the Trainer wants an output folder: keep it out of the user's tree.
-        self.workdir = tempfile.mkdtemp(prefix="autotune-solve-")
-
-    def _model_for(self, rank: int):
-        if self._rank == rank:
-            return self._built
-        from autotune.modeling import build_model
-
-        self._built = None
-        self.meter.cleanup()
-        t = time.perf_counter()
-        self._built = build_model(self.cfg, init=self.init, lora_r=rank, device=self.device)
-        self.build_seconds += time.perf_counter() - t
-        self._rank = rank
-        if self.meter.device == "cpu":
-            self.meter.track_existing(self._built.model)
-        return self._built
-
-    def measure(
-        self, batch: int, seq: int, rank: int, usable: int, checkpointing: bool | None = None, steps: int = TRIAL_STEPS
-    ) -> Trial:
-        """`steps` optimizer steps (>= 2) at batch x seq under the cap; the step time is the mean of the
-        steps after the first (the first builds the optimizer state)."""
-        import torch
-
-        from autotune.data.encoding import CausalLMCollator
-        from autotune.modeling import set_checkpointing
-        from autotune.step import run_trial_steps
-
-        built = self._model_for(rank)
-        want = self.cfg.gradient_checkpointing if checkpointing is None else checkpointing
-        set_checkpointing(built, want, self.cfg.gradient_checkpointing_kwargs)
-        collator = CausalLMCollator(pad_token_id=0, pad_to_length=seq)
-        t = time.perf_counter()
-        peak, seconds, oom, note = None, None, False, ""
-        self.meter.cap(self.budget)
-        self.meter.reset_peak()
-        try:
-            with self.meter:
-                seconds = run_trial_steps(
-                    built, self.cfg, batch_size=batch, seq_len=seq, steps=steps, workdir=self.workdir, collator=collator
-                )
-            peak = self.meter.peak_bytes()
-        except torch.OutOfMemoryError as exc:
-            oom, note = True, str(exc).splitlines()[0][:300]
-        finally:
-            self.meter.cap(None)
-            built.model.zero_grad(set_to_none=True)
-            self.meter.cleanup()
-        if seconds and not self._overhead_remeasured and hasattr(self.meter, "remeasure_overhead"):
-            # The first real step loads kernels and library workspaces lazily: the CUDA context grows.
-            # Measure it again once, and count the grown figure in this and every later peak.
-            before = self.meter.overhead_bytes
-            self._overhead_remeasured = True
-            peak += self.meter.remeasure_overhead() - before
-        steady = (seconds[1:] or seconds) if seconds else None
-        step_s = sum(steady) / len(steady) if steady else None
-        fits = not oom and peak is not None and peak <= usable
-        return Trial(
-            batch,
-            seq,
-            rank,
-            fits,
-            oom,
-            peak,
-            time.perf_counter() - t,
-            step_s,
-            (batch * seq / step_s) if step_s else None,
-            note=note,
-            checkpointing=want,
-        )
-
-
 # -------------------------------------------------------------------------------- the solve
 
 
 @dataclass
 class SolveRequest:
-    cfg: Config
-    budget_gb: float
-    margin: float = 0.05
+    ctx: RunContext
     objective: str = "throughput"  # throughput | max-seq | max-rank
     seq: int | None = None  # fixed sequence length
     ranks: list[int] | None = None  # candidates; None: the config's lora_r
@@ -348,101 +233,128 @@ class SolveRequest:
     world_size: int = 1
     data_stats: dict | None = None
     max_seq: int | None = None  # upper bound for max-seq
-    # Throughput only: also search without gradient checkpointing (faster when it fits). Needs a
-    # measure that takes `checkpointing=`; TrialRunner.measure does.
+    # Throughput only: also search without gradient checkpointing (faster when it fits).
     try_without_checkpointing: bool = False
 
 
-def solve(req: SolveRequest, measure: Callable[[int, int, int, int], Trial], *, on_trial=None) -> dict:
-    """Run the search; returns the choice, the runner-up, the reason and every trial.
+@dataclass
+class _Found:
+    """The largest fitting micro-batch per rank, with and without gradient checkpointing."""
 
-    `measure(batch, seq, rank, usable_bytes)` runs one trial (TrialRunner.measure in real use).
-    """
-    cfg = req.cfg
-    budget = int(req.budget_gb * GiB)
-    usable = int(budget * (1 - req.margin))
+    batch: dict[int, int] = field(default_factory=dict)
+    without_checkpointing: dict[int, int] = field(default_factory=dict)
+
+
+def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None] | None = None) -> dict:
+    """Run the search against `trials` (its budget, its measure); returns the choice, the runner-up, the
+    reason and every trial."""
+    cfg = req.ctx.cfg
     log = SearchLog(
         max_trials=req.max_trials,
         on_trial=on_trial,
         deadline=time.monotonic() + req.time_budget_s if req.time_budget_s else None,
     )
-    m: Measure = lambda b, s, r: measure(b, s, r, usable)  # noqa: E731
-    from autotune.catalog import resolve_model
-
-    max_pos = resolve_model(cfg.model_name).architecture.max_position_embeddings
+    max_pos = req.ctx.architecture.max_position_embeddings
     seq, seq_reason = choose_seq(req.data_stats, fixed=req.seq, fallback=cfg.max_sequence_length, max_position=max_pos)
     ranks = sorted(set(req.ranks or [cfg.lora_r]))
-    effective = cfg.effective_batch
-    per_device_effective = max(1, effective // req.world_size)
-    found: dict[int, int] = {}
-    found_without_checkpointing: dict[int, int] = {}
-    stopped = None
+    per_device_effective = max(1, cfg.effective_batch // req.world_size)
+    found, stopped = _Found(), None
     try:
         if req.objective == "max-seq":
-            rank = ranks[-1]
-            upper = min(max_pos, req.max_seq or max_pos)
-            lo = min(seq, upper)
-            longest = largest_seq(m, log, rank, lo=lo, hi=upper)
-            seq_reason = f"the longest sequence that fits at batch 1 (searched {lo}..{upper})"
-            seq = longest or lo  # nothing fits: the error below names the shortest sequence tried
-            found[rank] = 1 if longest else 0
+            seq, seq_reason = _search_max_seq(req, trials, log, ranks[-1], seq, found)
         elif req.objective == "max-rank":
-            for rank in ranks:
-                b = largest_batch(m, log, seq, rank, usable, first_guess=2)[0]
-                found[rank] = b
-                if b == 0:
-                    break
-                _measure_divisor(m, log, seq, rank, b, per_device_effective)
+            _search_max_rank(trials, log, ranks, seq, per_device_effective, found)
         else:
-            for rank in ranks:
-                # Nothing above the per-device effective batch can be chosen, so nothing above it is tried.
-                found[rank], _ = largest_batch(
-                    m, log, seq, rank, usable, first_guess=_first_guess(req, seq, rank), upper=per_device_effective
-                )
-                _measure_divisor(m, log, seq, rank, found[rank], per_device_effective)
-            if req.try_without_checkpointing and cfg.gradient_checkpointing:
-                # Checkpointing trades ~a third more compute for activation memory; where the memory
-                # allows a useful batch without it, that is usually the faster run. Measure, don't assume.
-                log.variant = "no-checkpointing"
-                m_off: Measure = lambda b, s, r: measure(b, s, r, usable, checkpointing=False)  # noqa: E731
-                for rank in ranks:
-                    found_without_checkpointing[rank], _ = largest_batch(
-                        m_off, log, seq, rank, usable, upper=per_device_effective
-                    )
-                    _measure_divisor(m_off, log, seq, rank, found_without_checkpointing[rank], per_device_effective)
+            _search_throughput(req, trials, log, ranks, seq, per_device_effective, found)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
-    fitting = [t for t in log.trials if t.fits]
-    if not fitting:
-        raise UserError(
-            f"nothing fits in {req.budget_gb} GiB (less a {req.margin:.0%} margin) for {cfg.model_name} at "
-            f"sequence {seq}, rank {ranks[0]}: {len(log.trials)} trial(s), smallest peak "
-            f"{_smallest_peak(log.trials)}. Lower max_sequence_length or lora_r, "
-            + ("" if cfg.quantization == "4bit" else 'use quantization "4bit", ')
-            + "or a smaller model"
-            + (f" ({stopped})" if stopped else "")
-        )
-    candidates = _candidates(req, log.trials, found, seq, per_device_effective)
+    if not any(t.fits for t in log.trials):
+        raise _nothing_fits(req, trials.budget, seq, ranks[0], log.trials, stopped)
+    candidates = _candidates(req, log.trials, seq, per_device_effective)
     best, runner_up = candidates[0], (candidates[1] if len(candidates) > 1 else None)
-    accumulation = math.ceil(effective / (best.batch * req.world_size))
-    reason = _reason(
-        req, best, runner_up, found, seq_reason, effective, accumulation, stopped, found_without_checkpointing
-    )
+    accumulation = math.ceil(cfg.effective_batch / (best.batch * req.world_size))
     return {
         "best": best,
         "runner_up": runner_up,
         "accumulation": accumulation,
-        "effective": effective,
-        "max_feasible_batch": found,
-        "max_feasible_batch_without_checkpointing": found_without_checkpointing,
+        "effective": cfg.effective_batch,
+        "max_feasible_batch": found.batch,
+        "max_feasible_batch_without_checkpointing": found.without_checkpointing,
         "trials": log.trials,
         "seq": best.seq,
         "seq_reason": seq_reason,
-        "reason": reason,
+        "reason": _reason(req, best, runner_up, found, seq_reason, accumulation, stopped),
         "stopped": stopped,
-        "budget_bytes": budget,
-        "usable_bytes": usable,
+        "budget_bytes": trials.budget.total_bytes,
+        "usable_bytes": trials.budget.usable_bytes,
+        "margin": trials.budget.margin,
     }
+
+
+def _search_max_seq(
+    req: SolveRequest, trials: Trials, log: SearchLog, rank: int, seq: int, found: _Found
+) -> tuple[int, str]:
+    max_pos = req.ctx.architecture.max_position_embeddings
+    upper = min(max_pos, req.max_seq or max_pos)
+    lo = min(seq, upper)
+    longest = largest_seq(trials.measure, log, rank, lo=lo, hi=upper)
+    found.batch[rank] = 1 if longest else 0
+    # Nothing fits: the error names the shortest sequence tried.
+    return longest or lo, f"the longest sequence that fits at batch 1 (searched {lo}..{upper})"
+
+
+def _search_max_rank(
+    trials: Trials, log: SearchLog, ranks: list[int], seq: int, per_device_effective: int, found: _Found
+) -> None:
+    for rank in ranks:
+        b = largest_batch(trials.measure, log, seq, rank, trials.budget.usable_bytes, first_guess=2)[0]
+        found.batch[rank] = b
+        if b == 0:
+            break
+        _measure_divisor(trials.measure, log, seq, rank, b, per_device_effective)
+
+
+def _search_throughput(
+    req: SolveRequest,
+    trials: Trials,
+    log: SearchLog,
+    ranks: list[int],
+    seq: int,
+    per_device_effective: int,
+    found: _Found,
+) -> None:
+    usable = trials.budget.usable_bytes
+    for rank in ranks:
+        # Nothing above the per-device effective batch can be chosen, so nothing above it is tried.
+        guess = _first_guess(req, trials, seq, rank)
+        found.batch[rank], _ = largest_batch(
+            trials.measure, log, seq, rank, usable, first_guess=guess, upper=per_device_effective
+        )
+        _measure_divisor(trials.measure, log, seq, rank, found.batch[rank], per_device_effective)
+    if not (req.try_without_checkpointing and req.ctx.cfg.gradient_checkpointing):
+        return
+    # Checkpointing trades ~a third more compute for activation memory; where the memory allows a useful
+    # batch without it, that is usually the faster run. Measure, don't assume.
+    log.variant = "no-checkpointing"
+    measure_off: Measure = functools.partial(trials.measure, checkpointing=False)
+    for rank in ranks:
+        found.without_checkpointing[rank], _ = largest_batch(
+            measure_off, log, seq, rank, usable, upper=per_device_effective
+        )
+        _measure_divisor(measure_off, log, seq, rank, found.without_checkpointing[rank], per_device_effective)
+
+
+def _nothing_fits(
+    req: SolveRequest, budget: Budget, seq: int, rank: int, trials: list[Trial], stopped: str | None
+) -> UserError:
+    cfg = req.ctx.cfg
+    return UserError(
+        f"nothing fits in {budget.describe()} for {cfg.model_name} at sequence {seq}, rank {rank}: "
+        f"{len(trials)} trial(s), smallest peak {_smallest_peak(trials)}. Lower max_sequence_length or lora_r, "
+        + ("" if cfg.quantization == "4bit" else 'use quantization "4bit", ')
+        + "or a smaller model"
+        + (f" ({stopped})" if stopped else "")
+    )
 
 
 def _measure_divisor(
@@ -454,28 +366,22 @@ def _measure_divisor(
         log.run(measure, divisors_up_to(per_device_effective, largest)[-1], seq, rank)
 
 
-def _first_guess(req: SolveRequest, seq: int, rank: int) -> int:
+def _first_guess(req: SolveRequest, trials: Trials, seq: int, rank: int) -> int:
     """Where the second trial goes: half the batch the analytic estimate predicts, so the fitted
     line spans a wide range (a short lever arm magnifies measurement noise)."""
-    try:
-        from autotune.catalog import resolve_model
-        from autotune.estimate import largest_fitting, options_for
-        from autotune.modeling import pick_device
+    from autotune.estimate import largest_fitting, options_for
 
-        cfg = req.cfg
-        arch = resolve_model(cfg.model_name).architecture
+    try:
         pred = largest_fitting(
-            arch,
-            int(req.budget_gb * GiB),
+            req.ctx.architecture,
+            trials.budget,
             seq=seq,
             rank=rank,
-            margin=req.margin,
-            **options_for(cfg, pick_device().type),
+            **options_for(req.ctx.cfg, trials.device_type),
         )
-        batch = int(pred.get("batch") or 0)
-        return max(2, batch // 2)
-    except Exception:  # the estimate only places a trial; the measurements decide
+    except (ValueError, UserError):  # the estimate only places a trial; the measurements decide
         return 2
+    return max(2, int(pred.get("batch") or 0) // 2)
 
 
 def _smallest_peak(trials: list[Trial]) -> str:
@@ -483,9 +389,7 @@ def _smallest_peak(trials: list[Trial]) -> str:
     return f"{min(peaks) / GiB:.2f} GiB" if peaks else "unknown (every trial ran out of memory)"
 
 
-def _candidates(
-    req: SolveRequest, trials: list[Trial], found: dict, seq: int, per_device_effective: int
-) -> list[Trial]:
+def _candidates(req: SolveRequest, trials: list[Trial], seq: int, per_device_effective: int) -> list[Trial]:
     """Fitting trials ranked by the objective. For throughput only micro-batches that divide the
     effective batch qualify, so accumulation x batch is exactly the effective batch."""
     fitting = [t for t in trials if t.fits]
@@ -509,22 +413,21 @@ def _candidates(
 
 
 def _reason(
-    req,
+    req: SolveRequest,
     best: Trial,
     runner_up: Trial | None,
-    found: dict,
+    found: _Found,
     seq_reason: str,
-    effective: int,
     accumulation: int,
     stopped: str | None,
-    found_without_checkpointing: dict | None = None,
 ) -> str:
+    effective = req.ctx.cfg.effective_batch
     parts = [f"sequence {best.seq}: {seq_reason}."]
-    for rank, b in sorted(found.items()):
+    for rank, b in sorted(found.batch.items()):
         parts.append(f"rank {rank}: the largest micro-batch that fits is {b}.")
-    for rank, b in sorted((found_without_checkpointing or {}).items()):
+    for rank, b in sorted(found.without_checkpointing.items()):
         parts.append(f"rank {rank} without gradient checkpointing: {b}.")
-    if best.checkpointing is not None and found_without_checkpointing:
+    if best.checkpointing is not None and found.without_checkpointing:
         parts.append(
             f"Gradient checkpointing {'on' if best.checkpointing else 'off'}: the faster of the two as measured."
         )
@@ -553,100 +456,106 @@ def _reason(
     return " ".join(parts)
 
 
-def _estimate_bytes(cfg: Config, trial: Trial, runner: TrialRunner | None) -> int | None:
-    """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
-    try:
-        from autotune.catalog import resolve_model
-        from autotune.estimate import estimate_peak, options_for
+# ------------------------------------------------------------------------ the command, end to end
 
-        options = options_for(cfg, runner.device.type if runner else "cuda", trial.checkpointing)
-        return estimate_peak(
-            resolve_model(cfg.model_name).architecture, batch=trial.batch, seq=trial.seq, rank=trial.rank, **options
-        ).peak_bytes
-    except (ValueError, UserError):
+
+def budget_for(
+    flag_gb: float | None, cfg: Config, budget_explicit: bool, probe_doc: dict, margin: float
+) -> tuple[Budget, str]:
+    """The budget to solve within, and where it came from: the flag, else a max_memory_gb the user wrote,
+    else the training GPU's free memory less the margin."""
+    from autotune.hardware import training_gpu
+
+    if flag_gb is not None:
+        return Budget.from_gib(flag_gb, margin), "--max-memory-gb"
+    if budget_explicit and cfg.max_memory_gb is not None:
+        return Budget.from_gib(cfg.max_memory_gb, margin), "the config's max_memory_gb"
+    gpu = training_gpu(probe_doc)
+    if gpu is None or gpu.get("error"):
+        raise UserError("no GPU to measure a budget on: give --max-memory-gb (on a CPU it sets a simulated card)")
+    free = gpu["memory_free_gb"]
+    gb = round(free * (1 - DEFAULT_MARGIN), 2)
+    return Budget.from_gib(gb, margin), f"the {free:.1f} GiB free on GPU {gpu['index']} less {DEFAULT_MARGIN:.0%}"
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before a long solve, not after it, when the profile cannot be written where asked."""
+    parent = Path(path).resolve().parent
+    probe_dir = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if probe_dir is None or not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK):
+        raise UserError(f"--output {path}: cannot write there ({probe_dir} is not a writable folder)")
+
+
+def data_stats_for(ctx: RunContext, *, required: bool, echo: Callable[[str], None]) -> dict | None:
+    """Token-length statistics of the config's data folder; None (said aloud) when there is none and the user
+    did not ask for one."""
+    from autotune.data.prepare import data_length_stats
+
+    data_dir = ctx.cfg.data_dir
+    if not Path(data_dir).is_dir():
+        if required:
+            raise UserError(
+                f"data folder {data_dir!r} does not exist: give --data DIR with your QA files, "
+                "or --seq N to solve at a fixed sequence length"
+            )
+        echo(
+            f"note: no data folder at {data_dir!r}: solving at the config's max_sequence_length "
+            f"{ctx.cfg.max_sequence_length} (give --data DIR to size it from your data's p99)"
+        )
         return None
+    return data_length_stats(ctx)
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
+def run(
+    req: SolveRequest,
+    *,
+    max_memory_gb: float | None,
+    budget_explicit: bool,
+    margin: float,
+    data_required: bool,
+    output: str | None,
+    init: str,
+    plot: bool,
+    echo: Callable[[str], None],
+) -> tuple[dict, Path]:
+    """`autotune solve`: probe, budget, data statistics, the trials, then the profile, written atomically
+    (and its plot). Returns the profile and where it was written."""
+    from autotune.hardware import probe, training_gpu
+    from autotune.profile import default_profile_path, hardware_fingerprint, profile_from_solve, save_profile
+    from autotune.step import check_training_settings
+    from autotune.trial import TrialRunner
 
-
-def default_profile_path(gpu_name: str | None, model_name: str, budget_gb: float) -> Path:
-    # Relative to the working directory: solved profiles belong to the user's project, not to autotune.
-    return (
-        Path("profiles")
-        / "solved"
-        / f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+    started = time.monotonic()
+    cfg = req.ctx.cfg
+    check_training_settings(cfg)
+    probe_doc = probe(cfg.output_dir)
+    budget, source = budget_for(max_memory_gb, cfg, budget_explicit, probe_doc, margin)
+    if output:
+        check_writable(output)
+    if req.data_stats is None:
+        req = replace(req, data_stats=data_stats_for(req.ctx, required=data_required, echo=echo))
+    runner = TrialRunner(req.ctx, budget, init=init)
+    echo(
+        f"solving {cfg.model_name} ({cfg.quantization}) on {runner.device_type} within {budget.describe()} "
+        f"({source}), objective {req.objective}"
     )
-
-
-def build_profile(req: SolveRequest, result: dict, *, hardware: dict, runner: TrialRunner | None) -> dict:
-    from autotune.catalog import resolve_model
-    from autotune.profile import architecture_hash, new_profile
-
-    cfg, best = req.cfg, result["best"]
-    spec = resolve_model(cfg.model_name)
-    choice = {
-        "batch_size": best.batch,
-        "gradient_accumulation_steps": result["accumulation"],
-        "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
-        "max_sequence_length": best.seq,
-        "lora_r": best.rank,
-        "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r,
-        "target_modules": list(cfg.target_modules),
-        "quantization": cfg.quantization,
-        "gradient_checkpointing": cfg.gradient_checkpointing if best.checkpointing is None else best.checkpointing,
-        "optimizer": cfg.optimizer,
-        "dtype": str(runner._built.dtype).removeprefix("torch.") if runner and runner._built else None,
-    }
-    ru = result["runner_up"]
-    return new_profile(
-        hardware=hardware,
-        model={
-            "name": cfg.model_name,
-            "architecture_hash": architecture_hash(spec.architecture),
-            "architecture": asdict(spec.architecture),
-            "init": runner.init if runner else "random",
-        },
-        data=req.data_stats,
-        constraints={
-            "max_memory_gb": req.budget_gb,
-            "margin": req.margin,
-            "objective": req.objective,
-            "usable_bytes": result["usable_bytes"],
-            "world_size": req.world_size,
-            "effective_batch_size": result["effective"],
-            "max_trials": req.max_trials,
-            "time_budget_s": req.time_budget_s,
-        },
-        choice=choice,
-        prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(cfg, best, runner)},
-        measurement={
-            "peak_bytes": best.peak_bytes,
-            "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
-            "tokens_per_second": best.tokens_per_second,
-            "step_seconds": best.step_seconds,
-            "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
-            "max_feasible_batch_without_checkpointing": {
-                str(k): v for k, v in result.get("max_feasible_batch_without_checkpointing", {}).items()
-            },
-        },
-        runner_up=asdict(ru) if ru else None,
-        reason=result["reason"],
-        trials=[asdict(t) for t in result["trials"]],
-        config={
-            **cfg.to_dict(),
-            **{
-                k: choice[k]
-                for k in (
-                    "batch_size",
-                    "gradient_accumulation_steps",
-                    "effective_batch_size",
-                    "max_sequence_length",
-                    "lora_r",
-                    "lora_alpha",
-                    "gradient_checkpointing",
-                )
-            },
-        },
+    result = solve(req, runner, on_trial=lambda t: echo("  " + t.describe(budget.total_bytes)))
+    profile = profile_from_solve(
+        req,
+        result,
+        hardware=hardware_fingerprint(probe_doc, runner.device_type),
+        init=runner.init,
+        dtype=runner.dtype,
+        device_type=runner.device_type,
     )
+    profile["solve_seconds"] = round(time.monotonic() - started, 2)
+    profile["model_build_seconds"] = round(runner.build_seconds, 2)
+    runner.release()
+    gpu = training_gpu(probe_doc) if runner.device_type == "cuda" else None
+    path = Path(output) if output else default_profile_path(gpu["name"] if gpu else None, cfg.model_name, budget.gb)
+    save_profile(profile, path)
+    if plot:
+        from autotune.plot import plot_profile
+
+        echo(f"plot: {plot_profile(profile, str(path).removesuffix('.json') + '.png')}")
+    return profile, path

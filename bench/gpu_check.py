@@ -23,15 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GiB = 2**30
-GUIDE_16GB = dict(
-    batch_size=4,
-    gradient_accumulation_steps=16,
-    max_sequence_length=256,
-    lora_r=6,
-    lora_alpha=12,
-    target_modules=["q_proj", "v_proj", "k_proj", "o_proj"],
-)
+from autotune.errors import UserError
+from autotune.units import Budget, GiB
+
+# The guide's 16 GB tier, loaded from its preset file (never copied here): the throughput stage's baseline.
+GUIDE_PRESET = "hardware/16gb"
 
 
 def now() -> str:
@@ -138,25 +134,37 @@ def base_config(model: str, rehearse: bool, **extra):
     return build_config(values, "gpu_check")
 
 
-def measure_steps(runner, cfg, batch: int, seq: int, steps: int) -> dict:
+def runner_for(cfg, cap_gb: float):
+    """The solver's own trial runner (trial.TrialRunner) for a config, capped at `cap_gb`."""
+    from autotune.context import RunContext
+    from autotune.trial import TrialRunner
+
+    return TrialRunner(RunContext(cfg), Budget.from_gib(cap_gb))
+
+
+def measure_steps(runner, batch: int, seq: int, steps: int, *, rank: int | None = None, checkpointing=None) -> dict:
     """`steps` optimizer steps of the solver's trial (the training step) under the runner's cap:
-    peak, OOM, tokens/s. The shape's checkpointing and rank come from `cfg`."""
-    trial = runner.measure(
-        batch, seq, cfg.lora_r, usable=runner.budget, checkpointing=cfg.gradient_checkpointing, steps=steps
-    )
+    peak, OOM, tokens/s, with the shape's settings so the estimate can be judged against it later."""
+    rank = rank or runner.cfg.lora_r
+    trial = runner.measure(batch, seq, rank, checkpointing=checkpointing, steps=steps)
+    budget = runner.budget.total_bytes
     out = {
         "batch": batch,
         "seq": seq,
+        "rank": rank,
         "steps": steps,
+        "checkpointing": trial.checkpointing,
         "oom": trial.oom,
         "seconds": trial.seconds,
-        "peak_fraction": trial.peak_bytes / runner.budget if trial.peak_bytes else None,
+        "peak_fraction": trial.peak_bytes / budget if trial.peak_bytes else None,
     }
     if trial.oom:
         out["error"] = trial.note
     else:
         out.update(
-            peak_bytes=trial.peak_bytes, step_seconds=trial.step_seconds, tokens_per_second=trial.tokens_per_second
+            peak_bytes=trial.peak_bytes,
+            step_seconds=trial.step_seconds,
+            tokens_per_second=trial.tokens_per_second,
         )
     return out
 
@@ -173,163 +181,180 @@ def estimate_for(cfg, batch: int, seq: int, device: str) -> dict | None:
 
 def stage_solve_and_train(plan: Plan, results: Results, stats: dict | None) -> None:
     """b, c, d, g: per model one build, then per cap a solve, 30 steps at the choice, the estimate."""
-    from autotune.solver import SolveRequest, TrialRunner, build_profile, solve
-
     for model in plan.models:
         if plan.left() < plan.reserve_s + 30:
             results.append("skipped", f"{model}: out of time")
             continue
         cfg = base_config(model, plan.rehearse)
         t0 = time.perf_counter()
-        runner = TrialRunner(cfg, int(plan.caps[-1] * GiB), echo=lambda m: None)
-        runner._model_for(cfg.lora_r)
+        runner = runner_for(cfg, plan.caps[-1])
+        runner.model_for(cfg.lora_r)
         build_s = time.perf_counter() - t0
         for cap in plan.caps:
             if plan.left() < plan.reserve_s:
                 results.append("skipped", f"{model} @ {cap} GB: out of time")
                 continue
-            runner.budget = int(cap * GiB)
-            # On the GPU the solve runs at a fixed, representative sequence (the guide's 16 GB tier uses
-            # 512); the p99 path is exercised by the rehearsal and the tests.
-            req = SolveRequest(
-                cfg=cfg,
-                budget_gb=cap,
-                data_stats=stats,
-                seq=plan.solve_seq,
-                time_budget_s=min(120, max(20, plan.left() - plan.reserve_s)),
-            )
-            entry = {"model": model, "cap_gb": cap, "build_seconds": round(build_s, 1)}
-            t = time.perf_counter()
+            runner.set_budget(Budget.from_gib(cap))
             try:
-                result = solve(
-                    req, runner.measure, on_trial=lambda tr: print("   ", tr.describe(runner.budget), flush=True)
-                )
-                entry["solve_seconds"] = round(time.perf_counter() - t, 1)
-                profile = build_profile(req, result, hardware={"device": runner.device.type}, runner=runner)
-                entry.update(
-                    choice=profile["choice"],
-                    trials=len(profile["trials"]),
-                    solver_peak_bytes=profile["measurement"]["peak_bytes"],
-                    solver_tokens_per_second=profile["measurement"]["tokens_per_second"],
-                    reason=profile["reason"],
-                )
-                choice = profile["choice"]
-                # 30 steps where a step is quick; fewer (>= 5) where 30 would eat the run's budget.
-                step_s = profile["measurement"]["step_seconds"] or 1.0
-                steps = max(5, min(plan.train_steps, int(plan.train_step_budget_s / step_s)))
-                run = measure_steps(
-                    runner,
-                    replace(cfg, lora_r=choice["lora_r"]),
-                    choice["batch_size"],
-                    choice["max_sequence_length"],
-                    steps,
-                )
-                entry["train"] = run
-                est = estimate_for(cfg, choice["batch_size"], choice["max_sequence_length"], runner.device.type)
-                if est and run.get("peak_bytes"):
-                    est["error"] = (est["peak_bytes"] - run["peak_bytes"]) / run["peak_bytes"]
-                entry["estimate"] = est
-            except Exception as exc:  # one failed solve must not end the run
-                entry["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-                entry["solve_seconds"] = round(time.perf_counter() - t, 1)
-            print(
-                f"  {model} @ {cap} GB: {json.dumps({k: entry.get(k) for k in ('choice', 'error')}, default=str)[:300]}",
-                flush=True,
-            )
+                entry = solve_and_train_one(plan, runner, cap, build_s, stats)
+            except Exception as exc:  # noqa: BLE001 - one failed solve must not cost the run the other caps
+                entry = {"model": model, "cap_gb": cap, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             results.append("solve_train", entry)
-        release(runner)
+        runner.release()
 
 
-def release(runner) -> None:
-    """Free a runner's model before the next one is built (the next model's peak must not include it)."""
-    from autotune.memory import free_memory
+def solve_and_train_one(plan: Plan, runner, cap: float, build_s: float, stats: dict | None) -> dict:
+    """One model at one cap: the solve, then the choice run for up to 30 steps, then the estimate."""
+    from autotune.profile import profile_from_solve
+    from autotune.solver import SolveRequest, solve
 
-    runner._built = None
-    free_memory()
+    cfg = runner.cfg
+    # On the GPU the solve runs at a fixed, representative sequence (the guide's 16 GB tier uses
+    # 512); the p99 path is exercised by the rehearsal and the tests.
+    req = SolveRequest(
+        ctx=runner.ctx,
+        data_stats=stats,
+        seq=plan.solve_seq,
+        time_budget_s=min(120, max(20, plan.left() - plan.reserve_s)),
+    )
+    entry = {"model": cfg.model_name, "cap_gb": cap, "build_seconds": round(build_s, 1)}
+    t = time.perf_counter()
+    try:
+        result = solve(
+            req, runner, on_trial=lambda tr: print("   ", tr.describe(runner.budget.total_bytes), flush=True)
+        )
+    except UserError as exc:  # nothing fits: a finding, not a failure of the run
+        entry.update(error=f"UserError: {str(exc)[:500]}", solve_seconds=round(time.perf_counter() - t, 1))
+        return entry
+    entry["solve_seconds"] = round(time.perf_counter() - t, 1)
+    profile = profile_from_solve(
+        req,
+        result,
+        hardware={"device": runner.device_type},
+        init=runner.init,
+        dtype=runner.dtype,
+        device_type=runner.device_type,
+    )
+    entry.update(
+        choice=profile["choice"],
+        trials=len(profile["trials"]),
+        trial_shapes=profile["trials"],
+        solver_peak_bytes=profile["measurement"]["peak_bytes"],
+        solver_tokens_per_second=profile["measurement"]["tokens_per_second"],
+        reason=profile["reason"],
+    )
+    choice = profile["choice"]
+    # 30 steps where a step is quick; fewer (>= 5) where 30 would eat the run's budget.
+    step_s = profile["measurement"]["step_seconds"] or 1.0
+    steps = max(5, min(plan.train_steps, int(plan.train_step_budget_s / step_s)))
+    run = measure_steps(
+        runner,
+        choice["batch_size"],
+        choice["max_sequence_length"],
+        steps,
+        rank=choice["lora_r"],
+        checkpointing=choice["gradient_checkpointing"],
+    )
+    entry["train"] = run
+    est = estimate_for(
+        replace(cfg, lora_r=choice["lora_r"]), choice["batch_size"], choice["max_sequence_length"], runner.device_type
+    )
+    if est and run.get("peak_bytes"):
+        est["error"] = (est["peak_bytes"] - run["peak_bytes"]) / run["peak_bytes"]
+    entry["estimate"] = est
+    print(f"  {cfg.model_name} @ {cap} GB: {json.dumps({'choice': choice}, default=str)[:300]}", flush=True)
+    return entry
 
 
 def stage_fixed_shape(plan: Plan, results: Results) -> None:
     """The training issue's figures: fixed batch x seq, 30 steps, tokens/s and peak, no cap."""
-    from autotune.solver import TrialRunner
-
     batch, seq = plan.fixed_shape
     for model in plan.fixed_models:
         if plan.left() < 60:
             return
-        cfg = base_config(model, plan.rehearse)
-        runner = TrialRunner(cfg, 10**15, echo=lambda m: None)
-        run = measure_steps(runner, cfg, batch, seq, plan.train_steps)
+        runner = runner_for(base_config(model, plan.rehearse), 10**6)
+        run = measure_steps(runner, batch, seq, plan.train_steps)
         run["model"] = model
         results.append("fixed_shape", run)
-        release(runner)
+        runner.release()
+
+
+def guide_preset_config(plan: Plan):
+    """The guide's 16 GB preset from profiles/, with gpu_check's own settings (random init, no outputs)."""
+    from autotune.config import load_config, preset_path
+
+    preset = load_config(preset_path(GUIDE_PRESET))
+    keep = (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_sequence_length",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "quantization",
+        "optimizer",
+        "gradient_checkpointing",
+    )
+    model = plan.throughput_model or preset.model_name
+    return preset, base_config(model, plan.rehearse, effective_batch_size=None, **{k: getattr(preset, k) for k in keep})
 
 
 def stage_throughput(plan: Plan, results: Results) -> None:
-    """e: the guide's 16 GB preset against autotune's solved profile, same cap, same seq and rank."""
-    from autotune.solver import SolveRequest, TrialRunner, solve
+    """e: the guide's 16 GB preset (profiles/hardware/16gb.json) against autotune's solved profile, same cap,
+    same sequence and rank."""
+    from autotune.solver import SolveRequest, solve
 
     if plan.left() < 90:
         results.put("throughput", {"skipped": "out of time"})
         return
-    g = GUIDE_16GB
-    seq = 64 if plan.rehearse else g["max_sequence_length"]
-    cfg = base_config(
-        plan.throughput_model,
-        plan.rehearse,
-        lora_r=g["lora_r"],
-        lora_alpha=g["lora_alpha"],
-        target_modules=g["target_modules"],
-        batch_size=g["batch_size"],
-        gradient_accumulation_steps=g["gradient_accumulation_steps"],
-        effective_batch_size=64,
-    )
-    runner = TrialRunner(cfg, int(plan.throughput_cap * GiB), echo=lambda m: None)
+    preset, cfg = guide_preset_config(plan)
+    seq = 64 if plan.rehearse else cfg.max_sequence_length
+    runner = runner_for(cfg, plan.throughput_cap)
     steps = max(3, plan.train_steps // 3)
-    guide = measure_steps(runner, cfg, g["batch_size"], seq, steps)
-    out = {"model": plan.throughput_model, "cap_gb": plan.throughput_cap, "seq": seq, "guide": guide}
+    guide = measure_steps(runner, cfg.batch_size, seq, steps)
+    out = {
+        "model": cfg.model_name,
+        "preset": GUIDE_PRESET,
+        "preset_shape": {
+            "batch_size": preset.batch_size,
+            "max_sequence_length": preset.max_sequence_length,
+            "lora_r": preset.lora_r,
+            "lora_alpha": preset.lora_alpha,
+        },
+        "cap_gb": plan.throughput_cap,
+        "seq": seq,
+        "guide": guide,
+    }
     results.put("throughput", out)
-    req = SolveRequest(
-        cfg=cfg,
-        budget_gb=plan.throughput_cap,
-        seq=seq,
-        time_budget_s=min(90, plan.left() - 30),
-        try_without_checkpointing=True,
-    )
-    result = solve(req, runner.measure)
+    req = SolveRequest(ctx=runner.ctx, seq=seq, time_budget_s=min(90, plan.left() - 30), try_without_checkpointing=True)
+    result = solve(req, runner)
     best = result["best"]
-    ours = measure_steps(runner, replace(cfg, gradient_checkpointing=best.checkpointing), best.batch, seq, steps)
+    ours = measure_steps(runner, best.batch, seq, steps, checkpointing=best.checkpointing)
     out["autotune"] = {
         **ours,
         "choice_batch": best.batch,
         "accumulation": result["accumulation"],
-        "checkpointing": best.checkpointing,
         "solve_trials": len(result["trials"]),
     }
     if guide.get("tokens_per_second") and ours.get("tokens_per_second"):
         out["speedup"] = ours["tokens_per_second"] / guide["tokens_per_second"]
     results.put("throughput", out)
-    release(runner)
+    runner.release()
 
 
 def stage_longest_seq(plan: Plan, results: Results) -> None:
     """f: the longest sequence Qwen3-8B QLoRA r=32 trains at batch 1 under a 16 GB cap."""
-    from autotune.solver import SearchLog, TrialRunner, largest_seq
+    from autotune.solver import SearchLog, largest_seq
 
     if plan.left() < 60:
         results.put("longest_seq", {"skipped": "out of time"})
         return
     cfg = base_config(plan.longseq_model, plan.rehearse, lora_r=32, lora_alpha=64)
-    runner = TrialRunner(cfg, int(plan.longseq_cap * GiB), echo=lambda m: None)
-    usable = int(plan.longseq_cap * GiB * 0.95)
+    runner = runner_for(cfg, plan.longseq_cap)
     log = SearchLog(deadline=time.monotonic() + max(30, plan.left() - 20))
     step = 64 if plan.rehearse else 1024
-    try:
-        seq = largest_seq(
-            lambda b, s, r: runner.measure(b, s, r, usable), log, 32, lo=step, hi=plan.longseq_max, step=step
-        )
-    except Exception as exc:
-        seq = None
-        results.error("longest_seq", exc)
+    seq = largest_seq(runner.measure, log, 32, lo=step, hi=plan.longseq_max, step=step)
     results.put(
         "longest_seq",
         {
@@ -341,6 +366,7 @@ def stage_longest_seq(plan: Plan, results: Results) -> None:
             "trials": [asdict(t) for t in log.trials],
         },
     )
+    runner.release()
 
 
 def main() -> int:
@@ -362,10 +388,10 @@ def main() -> int:
     from autotune.memory import ensure_expandable_segments
 
     ensure_expandable_segments()
-    from autotune.hardware import probe, render_table
+    from autotune.hardware import probe, render_table, training_gpu
 
     probe_doc = probe(".")
-    gpu = probe_doc["gpus"][0] if probe_doc["gpus"] else None
+    gpu = training_gpu(probe_doc)
     meta = {
         "date": now(),
         "commit": git_commit(),
@@ -381,19 +407,12 @@ def main() -> int:
         (out / "probe.json").write_text(json.dumps(probe_doc, indent=2))
         print(render_table(probe_doc), flush=True)
         results.put("probe", {"gpus": probe_doc["gpus"], "nvml_error": probe_doc["nvml_error"]})
-    stats = None
-    try:
-        from autotune.tokenizer import load_tokenizer
-        from autotune.trainer import data_length_stats
+    from autotune.context import RunContext
+    from autotune.data.prepare import data_length_stats
 
-        cfg = base_config(plan.models[0], plan.rehearse)
-        from autotune.catalog import resolve_model
-
-        spec = resolve_model(cfg.model_name)
-        stats = data_length_stats(cfg, load_tokenizer("qwen3-offline"), spec)
-        results.put("data_stats", stats)
-    except Exception as exc:
-        results.error("data_stats", exc)
+    # The shipped sample data through the offline tokenizer (the GPU machine has no network).
+    stats = data_length_stats(RunContext(base_config(plan.models[0], plan.rehearse, tokenizer_name="qwen3-offline")))
+    results.put("data_stats", stats)
     for name, fn in [
         ("solve", lambda: stage_solve_and_train(plan, results, stats)),
         ("throughput", lambda: stage_throughput(plan, results)),
@@ -405,7 +424,7 @@ def main() -> int:
         print(f"== stage {name} ({plan.left():.0f}s left)", flush=True)
         try:
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one failed stage must not cost the GPU run the others
             traceback.print_exc()
             results.error(name, exc)
     results.doc["meta"]["finished"] = now()

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MARGIN = 0.05
+from autotune.units import DEFAULT_MARGIN, MiB  # noqa: E402  (after the path insert above)
 
 
 def lightning_binsearch(fits, init_val: int = 2, max_trials: int = 25) -> int:
@@ -86,11 +86,14 @@ class Bench:
 
     def __init__(self, runner, seq: int, rank: int):
         self.runner, self.seq, self.rank = runner, seq, rank
-        self.usable = None
         self.cache = {}
 
+    @property
+    def usable(self) -> int:
+        return self.runner.budget.usable_bytes
+
     def trial(self, batch: int):
-        t = self.runner.measure(batch, self.seq, self.rank, self.usable)
+        t = self.runner.measure(batch, self.seq, self.rank)
         self.cache.setdefault(batch, t)
         return t
 
@@ -146,7 +149,9 @@ def main(argv=None) -> dict:
     import torch
 
     from autotune.config import load_config
-    from autotune.solver import TrialRunner
+    from autotune.context import RunContext
+    from autotune.trial import TrialRunner
+    from autotune.units import Budget, GiB
 
     t_start = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # the seconds are wall time: other work on the machine shows in them
@@ -155,21 +160,20 @@ def main(argv=None) -> dict:
         REPO / "profiles" / "configs" / "demo.json",
         {"quantization": "none", "output_dir": str(work), "verify_environment": False},
     )
-    runner = TrialRunner(cfg, 64 * 2**30, echo=lambda m: None)
+    runner = TrialRunner(RunContext(cfg), Budget(64 * GiB, DEFAULT_MARGIN))
     bench = Bench(runner, seq, cfg.lora_r)
 
     # Calibration (not counted for any strategy): batch 1 and 2 size the cap so that `target` fits and
     # target + 1 does not, half a batch step either side of the usable budget.
-    bench.usable = 64 * 2**30
     one, two = bench.trial(1), bench.trial(2)
     step = two.peak_bytes - one.peak_bytes
     usable = int(one.peak_bytes + (args.target - 0.5) * step)
-    budget = int(usable / (1 - MARGIN))
-    bench.usable, runner.budget = int(budget * (1 - MARGIN)), budget
+    budget = int(usable / (1 - DEFAULT_MARGIN))
+    runner.set_budget(Budget(budget, DEFAULT_MARGIN))
     print(
-        f"tiny-qwen3, quantization none, {runner._built.dtype}, seq {seq}, rank {cfg.lora_r}: batch 1 peaks at "
-        f"{one.peak_bytes / 2**20:.1f} MiB, +{step / 2**20:.1f} MiB per sample; cap {budget / 2**20:.1f} MiB, "
-        f"usable {bench.usable / 2**20:.1f} MiB (less {MARGIN:.0%})",
+        f"tiny-qwen3, quantization none, {runner.dtype}, seq {seq}, rank {cfg.lora_r}: batch 1 peaks at "
+        f"{one.peak_bytes / MiB:.1f} MiB, +{step / MiB:.1f} MiB per sample; cap {budget / MiB:.1f} MiB, "
+        f"usable {bench.usable / MiB:.1f} MiB (less {DEFAULT_MARGIN:.0%})",
         flush=True,
     )
 
@@ -253,10 +257,10 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "model": "tiny-qwen3",
         "quantization": "none",
-        "dtype": str(runner._built.dtype).removeprefix("torch."),
+        "dtype": runner.dtype,
         "seq": seq,
         "rank": cfg.lora_r,
-        "margin": MARGIN,
+        "margin": DEFAULT_MARGIN,
         "budget_bytes": budget,
         "usable_bytes": bench.usable,
         "peak_batch1_bytes": one.peak_bytes,

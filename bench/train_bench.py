@@ -2,8 +2,8 @@
 
     python bench/train_bench.py [--steps 6] [--batch 4] [--seq 128] [--json OUT]
 
-Runs the real training step (step.run_trial_steps: the Trainer `autotune train` uses) on the tiny
-model, under the CPU memory tracker with no cap. Figures, not asserts.
+Measures the real training step through the solver's own trial (trial.TrialRunner.measure: the Trainer
+`autotune train` uses) on the tiny model, under the CPU memory tracker with no cap. Figures, not asserts.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run(quantization: str, steps: int, batch: int, seq: int) -> dict:
     from autotune.config import build_config
-    from autotune.data.encoding import CausalLMCollator
-    from autotune.memory import CpuTrackedMeter
-    from autotune.modeling import build_model, quiet_libraries
-    from autotune.step import run_trial_steps
+    from autotune.context import RunContext
+    from autotune.trial import TrialRunner
+    from autotune.units import Budget, GiB
 
-    quiet_libraries()
     cfg = build_config(
         {
             "model_name": "tiny-qwen3",
@@ -38,32 +36,22 @@ def run(quantization: str, steps: int, batch: int, seq: int) -> dict:
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         }
     )
+    # No cap worth the name: the figures are speed and the tracked peak, not whether it fits.
+    runner = TrialRunner(RunContext(cfg), Budget(2**50))
     t = time.perf_counter()
-    built = build_model(cfg)
+    runner.model_for(cfg.lora_r)
     build_s = time.perf_counter() - t
-    meter = CpuTrackedMeter()
-    meter.track_existing(built.model)
-    meter.reset_peak()
-    with meter:
-        secs = run_trial_steps(
-            built,
-            cfg,
-            batch_size=batch,
-            seq_len=seq,
-            steps=steps,
-            workdir="/tmp/autotune-bench",
-            collator=CausalLMCollator(0, pad_to_length=seq),
-        )
-    steady = secs[1:]
+    trial = runner.measure(batch, seq, cfg.lora_r, steps=steps)
+    runner.release()
     return {
         "quantization": quantization,
         "batch": batch,
         "seq": seq,
         "steps": steps,
         "build_seconds": round(build_s, 2),
-        "step_seconds": round(sum(steady) / len(steady), 4),
-        "tokens_per_second": round(batch * seq * len(steady) / sum(steady), 1),
-        "peak_tracked_gib": round(meter.peak_bytes() / 2**30, 4),
+        "step_seconds": round(trial.step_seconds, 4),
+        "tokens_per_second": round(trial.tokens_per_second, 1),
+        "peak_tracked_gib": round(trial.peak_bytes / GiB, 4),
     }
 
 

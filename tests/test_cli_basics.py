@@ -48,7 +48,7 @@ def test_every_preset_validates(capsys, path):
 
 
 def test_validate_defaults_prints_every_key(capsys):
-    code, out, err = run_cli(capsys, "validate")
+    code, out, _err = run_cli(capsys, "validate")
     assert code == 0 and out.startswith("config OK: (defaults)")
     for key in Config().to_dict():
         assert f"  {key} " in out

@@ -357,7 +357,7 @@ def test_nested_wrong_value(tmp_path):
 
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_rejected(tmp_path, text):
-    path = write(tmp_path / "c.json", '{"learning_rate": %s}' % text)
+    path = write(tmp_path / "c.json", '{"learning_rate": ' + text + "}")
     assert "'learning_rate'" in error_of(load_config, path)
 
 

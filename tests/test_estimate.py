@@ -1,6 +1,6 @@
 """Tests for autotune.estimate: the arithmetic against THE training step, measured as a solver trial
-measures it (modeling.build_model + step.run_trial_steps under memory.CpuTrackedMeter, as
-solver.TrialRunner.measure runs them) on tiny and medium Qwen3 models (fp32, bf16 autocast, 4-bit, 8-bit);
+measures it (trial.TrialRunner.measure: modeling.build_model and the training Trainer under
+memory.CpuTrackedMeter) on tiny and medium Qwen3 models (fp32, bf16 autocast, 4-bit, 8-bit);
 against FakeTensor traces of real-size models; and its own consistency."""
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotune.catalog import CATALOG, TINY, Architecture, resolve_model
-from autotune.config import build_config
-from autotune.data.encoding import CausalLMCollator
+from autotune.catalog import CATALOG, PROJECTIONS, TINY, Architecture, resolve_model
+from autotune.config import DEFAULT_TARGET_MODULES, build_config
+from autotune.context import RunContext
+from autotune.errors import UserError
 from autotune.estimate import (
-    ALL_TARGETS,
-    DEFAULT_TARGETS,
     Estimate,
     calibrate_by_trace,
     estimate_peak,
@@ -26,9 +25,9 @@ from autotune.estimate import (
     optimizer_state_bytes,
     weight_bytes,
 )
-from autotune.memory import make_meter
 from autotune.modeling import build_model
-from autotune.step import run_trial_steps
+from autotune.trial import TrialRunner
+from autotune.units import Budget
 
 GIB = 1024**3
 COMPONENTS = (
@@ -41,7 +40,7 @@ COMPONENTS = (
     "temporaries",
     "cuda_overhead",
 )
-TRIAL_STEPS = 2  # as solver.TRIAL_STEPS: the second step is the first to hold the optimizer state
+ALL_TARGETS, DEFAULT_TARGETS = PROJECTIONS, DEFAULT_TARGET_MODULES
 
 
 def arch(h, i, layers, heads, kv, head_dim, vocab, tie=False) -> Architecture:
@@ -85,63 +84,28 @@ def model_name(a: Architecture | str, root: Path) -> str:
     return str(folder)
 
 
-def own_storages(model: torch.nn.Module) -> None:
-    """Give every weight a storage of its own, as a GPU holds it.
-
-    Random init (modeling._random_state_dict) makes all weights views into one pool of values, and on the
-    CPU from_pretrained keeps those views, so the tracker would count the pool once instead of every
-    weight (a GPU gets one copy per tensor when the weights move to it). The k-bit weights bitsandbytes
-    packed are their own tensors already.
-    """
-    seen: set[int] = set()
-    with torch.no_grad():
-        for param in model.parameters():
-            storage = param.untyped_storage()
-            if storage._cdata in seen or storage.nbytes() != param.numel() * param.element_size():
-                assert type(param) is torch.nn.Parameter, type(param)
-                param.data = param.data.clone()
-            seen.add(param.untyped_storage()._cdata)
-
-
-def measure_real_step(
-    name: str, workdir: Path, *, batch: int, seq: int, device: str = "cpu", **values
-) -> dict[str, int]:
-    """Peak bytes of the training step as solver.TrialRunner.measure takes them: build_model, the meter
-    counting the model, then two optimizer steps of step.run_trial_steps on full-length rows."""
-    cfg = build_config({"model_name": name, "init": "random", **values})
-    meter = make_meter(device)
-    if meter.device == "cuda":
-        meter.overhead_bytes  # measured before the model exists: context + cuBLAS, nothing else
-    built = build_model(cfg, device=torch.device(device))
-    own_storages(built.model)
-    if meter.device == "cpu":
-        meter.track_existing(built.model)
-    weights = meter.current_bytes()
-    meter.reset_peak()
+def measure_real_step(name: str, workdir: Path, *, batch: int, seq: int, device: str = "cpu", **values) -> dict:
+    """Peak bytes of the training step exactly as the solver measures it: trial.TrialRunner.measure (the
+    model build, the meter counting the model, two optimizer steps of the training Trainer on full-length
+    rows, the CUDA overhead re-measured after the first step), with no cap worth the name."""
+    cfg = build_config({"model_name": name, "init": "random", "output_dir": str(workdir), **values})
+    runner = TrialRunner(RunContext(cfg), Budget(2**50), device=torch.device(device))
+    if runner.meter.device == "cuda":
+        runner.meter.overhead_bytes  # noqa: B018 - measured before the model exists: context + cuBLAS only
+    built = runner.model_for(cfg.lora_r)
+    weights = runner.meter.current_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Paged optimizers are not supported on CPU", deprecations
-        with meter:
-            run_trial_steps(
-                built,
-                cfg,
-                batch_size=batch,
-                seq_len=seq,
-                steps=TRIAL_STEPS,
-                workdir=workdir,
-                collator=CausalLMCollator(0, pad_to_length=seq),
-            )
-    peak = meter.peak_bytes()
-    if meter.device == "cuda":  # as TrialRunner: the context grows during the first real step
-        before = meter.overhead_bytes
-        peak += meter.remeasure_overhead() - before
+        trial = runner.measure(batch, seq, cfg.lora_r)
+    assert not trial.oom, trial.note
     result = {
-        "peak_bytes": peak,
+        "peak_bytes": trial.peak_bytes,
         "weights": weights,
         "dtype_bytes": built.dtype.itemsize,
-        "overhead": getattr(meter, "overhead_bytes", 0),
+        "overhead": getattr(runner.meter, "overhead_bytes", 0),
     }
     del built
-    meter.cleanup()
+    runner.release()
     return result
 
 
@@ -322,7 +286,7 @@ def test_lora_parameter_count_matches_peft():
     cfg = build_config(
         {"model_name": TINY, "init": "random", "quantization": "none", "lora_r": 8, "target_modules": list(ALL_TARGETS)}
     )
-    built = build_model(cfg, device=torch.device("cpu"))
+    built = build_model(RunContext(cfg), device=torch.device("cpu"))
     trainable = built.parameter_counts()["trainable_parameters"]
     a = CATALOG[TINY].architecture
     assert sum(lora_param_tensors(a, 8, ALL_TARGETS)) == trainable == 16_384  # feasibility.md's tiny model
@@ -381,7 +345,7 @@ def test_qwen3_14b_at_16_gib_answers_fast_and_adds_up():
         quantization="4bit",
         optimizer="paged_adamw_8bit",
     )
-    fit = largest_fitting(arch14, 16 * GIB, seq=512, rank=16, quantization="4bit")
+    fit = largest_fitting(arch14, Budget(16 * GIB), seq=512, rank=16, quantization="4bit")
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0
     assert set(est.components) == set(COMPONENTS)
@@ -418,7 +382,7 @@ def test_estimate_is_monotonic_in_batch_and_seq():
 def test_largest_fitting_is_consistent_with_estimate_peak(name, budget_gib, seq):
     a = CATALOG[name].architecture
     options = dict(rank=16, quantization="4bit", target_modules=DEFAULT_TARGETS)
-    fit = largest_fitting(a, budget_gib * GIB, seq=seq, batch=2, margin=0.05, **options)
+    fit = largest_fitting(a, Budget(budget_gib * GIB, 0.05), seq=seq, batch=2, **options)
     limit = fit["limit_bytes"]
     assert limit == int(budget_gib * GIB * 0.95)
 
@@ -436,7 +400,7 @@ def test_largest_fitting_is_consistent_with_estimate_peak(name, budget_gib, seq)
 
 def test_largest_fitting_reports_nothing_fits():
     a = CATALOG["Qwen3-32B"].architecture
-    fit = largest_fitting(a, 8 * GIB, seq=256, rank=16, quantization="none")
+    fit = largest_fitting(a, Budget(8 * GIB), seq=256, rank=16, quantization="none")
     assert fit["batch"] == 0 and fit["seq"] == 0
 
 
@@ -476,7 +440,7 @@ def test_bad_arguments_are_refused():
         estimate_peak(a, batch=0, seq=8, rank=8)
     with pytest.raises(ValueError):
         estimate_peak(a, batch=1, seq=8, rank=8, quantization="3bit")
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="lm_head"):
         estimate_peak(a, batch=1, seq=8, rank=8, target_modules=["lm_head"])
 
 

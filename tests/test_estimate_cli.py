@@ -83,5 +83,5 @@ def test_estimate_table_says_when_it_does_not_fit(capsys):
 
 
 def test_estimate_unknown_model_is_a_clear_error(capsys):
-    code, out, err = run(capsys, "estimate", "--model", "Qwen3-7B")
+    code, _out, err = run(capsys, "estimate", "--model", "Qwen3-7B")
     assert code == 2 and "Qwen3-8B" in err and "Traceback" not in err

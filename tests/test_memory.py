@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from autotune.memory import (
-    DEFAULT_CUDA_OVERHEAD_BYTES,
     CpuTrackedMeter,
     CudaMeter,
     MemoryMeter,
@@ -24,6 +23,7 @@ from autotune.memory import (
     module_tensors,
     overhead_from_device_usage,
 )
+from autotune.units import DEFAULT_CUDA_OVERHEAD_BYTES
 
 MIB = 1024**2
 GIB = 1024**3
@@ -316,9 +316,13 @@ def test_overhead_from_device_usage_refuses_other_processes_memory():
     assert overhead_from_device_usage(80 * GIB, 80 * GIB, 100 * MIB) is None  # inconsistent reading
 
 
-def test_cuda_meter_overhead_can_be_given():
+def test_cuda_meter_overhead_can_be_given_and_the_estimate_uses_the_meters_default():
+    from autotune.catalog import CATALOG
+    from autotune.estimate import estimate_peak
+
     assert CudaMeter(0, overhead_bytes=123).overhead_bytes == 123
-    assert DEFAULT_CUDA_OVERHEAD_BYTES == 500 * MIB
+    est = estimate_peak(CATALOG["Qwen3-0.6B"].architecture, batch=1, seq=64, rank=8, device="cuda")
+    assert est.components["cuda_overhead"] == DEFAULT_CUDA_OVERHEAD_BYTES
 
 
 # ------------------------------------------------------------------------------ the CUDA meter on a GPU

@@ -227,7 +227,7 @@ def test_gbk_encoded_file(tmp_path):
 def test_undecodable_file_names_it(tmp_path):
     path = tmp_path / "binary.md"
     path.write_bytes(b"Q1: a\n\xff\xff\xff\x80\n")
-    with pytest.raises(UserError, match="binary.md.*UTF-8"):
+    with pytest.raises(UserError, match=r"binary\.md.*UTF-8"):
         read_text(path)
 
 
@@ -310,7 +310,7 @@ def test_invalid_custom_pattern_names_key(key):
 
 
 def test_pattern_matching_empty_line_is_rejected():
-    with pytest.raises(UserError, match="question_pattern.*empty line"):
+    with pytest.raises(UserError, match=r"question_pattern.*empty line"):
         md("x", question_pattern=r"Q?")
 
 

@@ -77,13 +77,6 @@ def test_bf16_without_support_is_an_error():
     assert only(fixed, "error") == []
 
 
-def test_fp16_and_bf16_both_on():
-    found = check_hardware(Config(fp16=True, bf16=True, max_memory_gb=4.0), probe(gpu()))
-    assert only(found, "error") == ["fp16 and bf16 are both on: turn one off"]
-    # Checked without a GPU too.
-    assert "fp16 and bf16 are both on: turn one off" in only(check_hardware(Config(fp16=True), probe()), "error")
-
-
 def test_low_disk_is_an_error():
     found = check_hardware(Config(max_memory_gb=4.0), probe(gpu(), disk=0.5))
     (msg,) = only(found, "error")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -33,7 +34,7 @@ def test_real_probe_without_gpu_reports_error_instead_of_raising(tmp_path, no_cu
     assert doc["created_at"].endswith("+00:00")
     assert doc["gpus"] == []
     assert doc["nvml_error"] and "library" in doc["nvml_error"].lower()
-    assert hardware.best_gpu(doc) is None
+    assert hardware.training_gpu(doc) is None
 
     host = doc["host"]
     assert host["ram_total_bytes"] > 0
@@ -92,7 +93,7 @@ class FakeNVML:
     class NVMLError_Unknown(NVMLError):
         pass
 
-    GPUS = [
+    GPUS: ClassVar[list] = [
         # name, uuid, bus id, total GiB, used GiB, (major, minor), processes
         ("NVIDIA A100-SXM4-80GB", "GPU-aaaa1111-0000", "00000000:07:00.0", 80, 2, (8, 0), [(101, 2 * GIB)]),
         ("Tesla V100-SXM2-16GB", "GPU-bbbb2222-0000", "00000000:0F:00.0", 16, 0, (7, 0), []),
@@ -195,7 +196,7 @@ def test_all_gpus_reported(nvml, no_cuda_env):
     assert v100["compute_capability"] == "7.0" and v100["bf16_supported"] is False
     assert v100["other_processes"] == []
     assert h100["other_processes"] == [{"pid": 202, "used_bytes": 3 * GIB}, {"pid": 203, "used_bytes": None}]
-    assert hardware.best_gpu(doc)["uuid"] == "GPU-aaaa1111-0000"
+    assert hardware.training_gpu(doc)["uuid"] == "GPU-aaaa1111-0000"
     assert nvml.init_calls == nvml.shutdown_calls == 1
     json.dumps(doc)
 
@@ -203,7 +204,7 @@ def test_all_gpus_reported(nvml, no_cuda_env):
 def test_bytes_from_old_pynvml_are_decoded(no_cuda_env):
     doc = hardware.probe(nvml=FakeNVML(bytes_strings=True))
     assert doc["driver"]["version"] == "550.54.15"
-    assert [g["name"] for g in doc["gpus"]][0] == "NVIDIA A100-SXM4-80GB"
+    assert next(g["name"] for g in doc["gpus"]) == "NVIDIA A100-SXM4-80GB"
     assert all(isinstance(g["uuid"], str) for g in doc["gpus"])
     json.dumps(doc)
 
@@ -212,7 +213,7 @@ def test_cuda_visible_devices_integers_reorder(nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
     doc = hardware.probe(nvml=nvml)
     assert _uuids(doc) == [(0, 2, "GPU-cccc3333-0000"), (1, 0, "GPU-aaaa1111-0000")]
-    assert hardware.best_gpu(doc)["nvml_index"] == 2
+    assert hardware.training_gpu(doc)["nvml_index"] == 2
     assert doc["cuda_visible_devices"] == "2,0"
 
 
@@ -226,7 +227,7 @@ def test_cuda_visible_devices_empty_hides_everything(nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     doc = hardware.probe(nvml=nvml)
     assert doc["gpus"] == [] and doc["nvml_error"] is None
-    assert hardware.best_gpu(doc) is None
+    assert hardware.training_gpu(doc) is None
     assert "No NVIDIA GPU visible to CUDA: CUDA_VISIBLE_DEVICES=''" in hardware.render_table(doc)
     assert nvml.shutdown_calls == 1
 

@@ -1,8 +1,8 @@
 """`autotune solve`: the search against brute force, the real trial on the CPU, leaks, profiles, CLI.
 
-Part 1 drives the search with synthetic `measure` functions (no model, milliseconds): every answer is
-compared with brute force over every batch size. Part 2 (marked slow) runs the real TrialRunner on the
-tiny Qwen3 under a simulated cap, and the CLI end to end.
+Part 1 drives the search with synthetic memory curves (no model, milliseconds): every answer is compared
+with brute force over every batch size. Part 2 (marked slow) runs the real trial.TrialRunner on the tiny
+Qwen3 under a simulated cap, and the CLI end to end.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ from hypothesis import strategies as st
 from autotune import hardware
 from autotune.cli import main
 from autotune.config import build_config, load_config
+from autotune.context import RunContext
 from autotune.errors import UserError
 from autotune.profile import load_profile, save_profile
 from autotune.solver import (
-    GiB,
     SearchLog,
     SolveRequest,
-    Trial,
     TrialBudgetExceeded,
     choose_seq,
     largest_batch,
     largest_seq,
     solve,
 )
+from autotune.trial import Trial
+from autotune.units import Budget, GiB
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "profiles" / "configs" / "demo.json"
@@ -76,6 +77,24 @@ def synthetic(peak_fn, *, cap=None, speed=None):
 
     measure.calls = calls
     return measure
+
+
+class SyntheticTrials:
+    """A solver.Trials over a synthetic `measure(batch, seq, rank, usable[, checkpointing=])`: the budget
+    is the only thing a real runner adds."""
+
+    device_type = "cpu"
+
+    def __init__(self, measure, budget_gb: float):
+        self.fn, self.budget = measure, Budget.from_gib(budget_gb)
+
+    def measure(self, batch, seq, rank, *, checkpointing=None):
+        extra = {} if checkpointing is None else {"checkpointing": checkpointing}
+        return self.fn(batch, seq, rank, self.budget.usable_bytes, **extra)
+
+
+def request(cfg, **kw) -> SolveRequest:
+    return SolveRequest(RunContext(cfg), **kw)
 
 
 def search(peak_fn, usable, *, cap=None, upper=4096, first_guess=2, seq=64, rank=8, **kw):
@@ -201,7 +220,7 @@ def test_linear_search_uses_three_or_four_trials(a, k, typical):
 
 
 def test_nothing_fits_is_one_trial():
-    got, trials, tried = search(memory("linear", 1e9, 1.0), usable=10**8)
+    got, _trials, tried = search(memory("linear", 1e9, 1.0), usable=10**8)
     assert (got, tried) == (0, [1])
 
 
@@ -259,10 +278,10 @@ def test_search_log_caps_trials_and_time():
 )
 def test_largest_seq_equals_brute_force(lo, hi, step):
     for a, k, q in [(1e6, 5e4, 0.0), (1e6, 5e4, 30.0), (5e7, 1e3, 0.0)]:
-        fn = lambda b, s, r: a + k * b * s + q * s * s  # noqa: E731
+        fn = lambda b, s, r: a + k * b * s + q * s * s  # noqa: E731, B023 - used within this iteration
         for usable in sorted({int(fn(1, s, 8)) + d for s in (lo, (lo + hi) // 2, hi, 300, 960) for d in (-1, 0, 1)}):
             m = synthetic(fn)
-            got = largest_seq(lambda b, s, r: m(b, s, r, usable), SearchLog(), 8, lo, hi, step)
+            got = largest_seq(lambda b, s, r: m(b, s, r, usable), SearchLog(), 8, lo, hi, step)  # noqa: B023
             candidates = sorted({lo, hi, *range(step * (lo // step + 1), hi, step)})
             want = 0
             for s in candidates:  # brute force: every candidate length, shortest first
@@ -327,7 +346,7 @@ def test_solve_keeps_the_effective_batch_with_the_largest_fitting_divisor():
     # 1 GiB less 5%: 972.8 MiB; peak 100 + 64*b MiB, so 13 fits; 8 is the largest divisor of 16 that fits.
     m = synthetic(per_token(), speed=speed)
     shown = []
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, seq=64), m, on_trial=shown.append)
+    result = solve(request(tiny_cfg(), seq=64), SyntheticTrials(m, 1.0), on_trial=shown.append)
     best = result["best"]
     assert result["max_feasible_batch"] == {8: 13}
     assert (best.batch, result["accumulation"], best.seq, best.rank) == (8, 2, 64, 8)
@@ -343,27 +362,27 @@ def test_solve_never_changes_the_effective_batch():
     # effective 13 (prime) and 12 fits: only batch 1 divides it, so 1 x 13, not 12 x 2 = 24.
     usable_12 = per_token(mib_per_token=(972.8 - 100) / (12.5 * 64))
     result = solve(
-        SolveRequest(tiny_cfg(batch_size=1, gradient_accumulation_steps=13), budget_gb=1.0, seq=64),
-        synthetic(usable_12, speed=speed),
+        request(tiny_cfg(batch_size=1, gradient_accumulation_steps=13), seq=64),
+        SyntheticTrials(synthetic(usable_12, speed=speed), 1.0),
     )
     assert result["max_feasible_batch"] == {8: 12}
     assert (result["best"].batch, result["accumulation"]) == (1, 13)
 
 
 def test_solve_world_size_divides_the_effective_batch():
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, seq=64, world_size=2), synthetic(per_token(), speed=speed))
+    result = solve(request(tiny_cfg(), seq=64, world_size=2), SyntheticTrials(synthetic(per_token(), speed=speed), 1.0))
     assert (result["best"].batch, result["accumulation"]) == (8, 1)  # 8 per device x 2 devices = 16
 
 
 def test_solve_uses_the_data_p99_and_the_config_rank():
     stats = {"count": 40, "total": {"p50": 50, "p90": 80, "p95": 85, "p99": 90, "max": 97}}
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, data_stats=stats), synthetic(per_token(), speed=speed))
+    result = solve(request(tiny_cfg(), data_stats=stats), SyntheticTrials(synthetic(per_token(), speed=speed), 1.0))
     assert {(t.seq, t.rank) for t in result["trials"]} == {(96, 8)}
     assert result["seq"] == 96 and "p99" in result["seq_reason"]
 
 
 def test_solve_max_trials_keeps_the_best_so_far():
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, seq=64, max_trials=2), synthetic(per_token(), speed=speed))
+    result = solve(request(tiny_cfg(), seq=64, max_trials=2), SyntheticTrials(synthetic(per_token(), speed=speed), 1.0))
     trials = result["trials"]
     assert len(trials) == 2 and "--max-trials 2" in result["stopped"]
     # Where trial 2 goes depends on the analytic estimate; the choice is the best of the two measured.
@@ -381,14 +400,14 @@ def test_solve_time_budget_keeps_the_best_so_far():
         time.sleep(0.6)
         return inner(*args)
 
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, seq=64, time_budget_s=1.0), slow)
+    result = solve(request(tiny_cfg(), seq=64, time_budget_s=1.0), SyntheticTrials(slow, 1.0))
     assert 1 <= len(result["trials"]) <= 2 and "--time-budget" in result["stopped"]
     assert result["best"].fits
 
 
 def test_solve_nothing_fits_says_what_to_do():
     with pytest.raises(UserError) as err:
-        solve(SolveRequest(tiny_cfg(), budget_gb=0.05, seq=64), synthetic(per_token(), speed=speed))
+        solve(request(tiny_cfg(), seq=64), SyntheticTrials(synthetic(per_token(), speed=speed), 0.05))
     msg = str(err.value)
     assert "nothing fits in 0.05 GiB" in msg and "sequence 64" in msg and "smallest peak 0.16 GiB" in msg
     assert "max_sequence_length" in msg and "\n" not in msg
@@ -396,13 +415,13 @@ def test_solve_nothing_fits_says_what_to_do():
     assert ("quantization" in msg) == (tiny_cfg().quantization != "4bit")
     unquantized = build_config({**tiny_cfg().to_dict(), "quantization": "none"})
     with pytest.raises(UserError, match='use quantization "4bit"'):
-        solve(SolveRequest(unquantized, budget_gb=0.05, seq=64), synthetic(per_token(), speed=speed))
+        solve(request(unquantized, seq=64), SyntheticTrials(synthetic(per_token(), speed=speed), 0.05))
 
 
 def test_solve_max_rank_picks_the_highest_rank_that_fits():
     # 14 MiB per rank: at batch 1 rank 64 needs 100 + 64 + 896 MiB > 972.8 usable; rank 32 fits up to batch 6.
     m = synthetic(per_token(mib_per_rank=14.0), speed=speed)
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, seq=64, objective="max-rank", ranks=[4, 8, 16, 32, 64]), m)
+    result = solve(request(tiny_cfg(), seq=64, objective="max-rank", ranks=[4, 8, 16, 32, 64]), SyntheticTrials(m, 1.0))
     found = result["max_feasible_batch"]
     assert found[64] == 0 and found[32] > 0
     assert result["best"].rank == 32
@@ -414,7 +433,7 @@ def test_solve_max_rank_picks_the_highest_rank_that_fits():
 def test_solve_max_seq_picks_the_longest_sequence():
     fn = per_token(mib_per_token=0.5)
     usable = int(1.0 * GiB * 0.95)
-    result = solve(SolveRequest(tiny_cfg(), budget_gb=1.0, seq=64, objective="max-seq", max_seq=4096), synthetic(fn))
+    result = solve(request(tiny_cfg(), seq=64, objective="max-seq", max_seq=4096), SyntheticTrials(synthetic(fn), 1.0))
     want = max(s for s in range(64, 4097, 64) if fn(1, s, 8) <= usable)
     assert result["best"].seq == result["seq"] == want == 1728
     assert (result["best"].batch, result["accumulation"]) == (1, 16)
@@ -456,24 +475,35 @@ def real_cfg(workdir):
 
 @pytest.fixture(scope="module")
 def solved(real_cfg):
-    from autotune.solver import TrialRunner
+    from autotune.trial import TrialRunner
 
-    runner = TrialRunner(real_cfg, int(BUDGET_GB * GiB), echo=lambda m: None)
-    req = SolveRequest(real_cfg, budget_gb=BUDGET_GB, seq=SEQ)
+    runner = TrialRunner(RunContext(real_cfg), Budget.from_gib(BUDGET_GB))
+    req = request(real_cfg, seq=SEQ)
     shown = []
-    result = solve(req, runner.measure, on_trial=shown.append)
+    result = solve(req, runner, on_trial=shown.append)
     return req, result, runner, shown
+
+
+def profile_of(req, result, runner, hardware=None) -> dict:
+    from autotune.profile import profile_from_solve
+
+    return profile_from_solve(
+        req,
+        result,
+        hardware=hardware or {"device": "cpu"},
+        init=runner.init if runner else "random",
+        dtype=runner.dtype if runner else None,
+        device_type="cpu",
+    )
 
 
 @pytest.mark.slow
 def test_real_solve_equals_brute_force(solved):
-    from autotune.solver import build_profile
-
     req, result, runner, shown = solved
-    rank, usable, budget = req.cfg.lora_r, result["usable_bytes"], result["budget_bytes"]
+    rank, usable, budget = req.ctx.cfg.lora_r, result["usable_bytes"], result["budget_bytes"]
     brute = {}
     for b in itertools.count(1):  # brute force: every batch size from 1 to the first that does not fit
-        brute[b] = runner.measure(b, SEQ, rank, usable)
+        brute[b] = runner.measure(b, SEQ, rank)
         if not brute[b].fits:
             break
     true_max = max(b for b, t in brute.items() if t.fits)
@@ -485,9 +515,9 @@ def test_real_solve_equals_brute_force(solved):
             assert abs(t.peak_bytes - brute[t.batch].peak_bytes) <= 64 * 1024
     best = result["best"]
     assert best.fits and best.peak_bytes <= usable <= budget
-    assert best.batch * result["accumulation"] == req.cfg.effective_batch
+    assert best.batch * result["accumulation"] == req.ctx.cfg.effective_batch
     assert shown == result["trials"] and len(result["trials"]) <= 4
-    profile = build_profile(req, result, hardware={"device": "cpu"}, runner=runner)
+    profile = profile_of(req, result, runner)
     assert len(profile["trials"]) == len(result["trials"])
     assert profile["measurement"]["peak_bytes"] == best.peak_bytes <= profile["constraints"]["usable_bytes"]
     print(
@@ -500,25 +530,25 @@ def test_real_solve_equals_brute_force(solved):
 def test_twenty_failing_trials_leave_nothing_behind(real_cfg):
     import psutil
 
-    from autotune.solver import TrialRunner
+    from autotune.trial import TrialRunner
 
-    runner = TrialRunner(real_cfg, 4 * GiB, echo=lambda m: None)
+    runner = TrialRunner(RunContext(real_cfg), Budget(4 * GiB))
     rank, seq = real_cfg.lora_r, 16
-    ok = runner.measure(1, seq, rank, 4 * GiB)  # fits; loads everything a trial imports
+    ok = runner.measure(1, seq, rank)  # fits; loads everything a trial imports
     assert ok.fits
     baseline = runner.meter.current_bytes()
     rss = psutil.Process().memory_info().rss
     for i in range(20):
         # Alternate an OOM at the first activation with one at the peak of the step (gradients, optimizer
         # state and the autograd graph alive).
-        runner.budget = baseline + MiB if i % 2 == 0 else ok.peak_bytes - MiB
-        t = runner.measure(1, seq, rank, 4 * GiB)
+        runner.set_budget(Budget(baseline + MiB if i % 2 == 0 else ok.peak_bytes - MiB))
+        t = runner.measure(1, seq, rank)
         assert t.oom and not t.fits and t.peak_bytes is None
         assert abs(runner.meter.current_bytes() - baseline) <= 4096, f"trial {i}"
     grown = psutil.Process().memory_info().rss - rss
     assert grown < 100 * MiB, f"RSS grew {grown / MiB:.0f} MiB over 20 failed trials"
-    runner.budget = 4 * GiB
-    again = runner.measure(1, seq, rank, 4 * GiB)
+    runner.set_budget(Budget(4 * GiB))
+    again = runner.measure(1, seq, rank)
     assert again.fits and abs(again.peak_bytes - ok.peak_bytes) <= 4096
     print(f"20 failed trials: meter back to {baseline} bytes each time, RSS {grown / MiB:+.1f} MiB")
 
@@ -539,10 +569,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def profile_path(solved, workdir):
     from autotune.profile import hardware_fingerprint
-    from autotune.solver import build_profile
 
     req, result, runner, _ = solved
-    profile = build_profile(req, result, hardware=hardware_fingerprint(None, "cpu"), runner=runner)
+    profile = profile_of(req, result, runner, hardware_fingerprint(None, "cpu"))
     return profile, save_profile(profile, workdir / "solved.json")
 
 
@@ -571,7 +600,7 @@ def test_train_with_profile_runs_inside_the_cap(profile_path, train_config, work
     meter = CpuTrackedMeter()  # everything training allocates, model included, under the solved budget
     meter.cap(budget)
     with meter:
-        code, out, err = run_cli(capsys, "train", "--profile", path, "--config", train_config)
+        code, _out, err = run_cli(capsys, "train", "--profile", path, "--config", train_config)
     meter.cap(None)
     assert code == 0, err
     used = json.loads((workdir / "train" / "autotune_config.json").read_text())
@@ -671,13 +700,13 @@ def test_cli_solve_writes_profile_and_plot(workdir, tmp_path, capsys, monkeypatc
 
 
 def test_cli_solve_unknown_model_exits_2(capsys, clean_alloc_env):
-    code, out, err = run_cli(capsys, "solve", "--model", "Qwen3-7B", "--max-memory-gb", "8")
+    code, _out, err = run_cli(capsys, "solve", "--model", "Qwen3-7B", "--max-memory-gb", "8")
     assert code == 2 and "Qwen3-8B" in err and "Traceback" not in err
 
 
 def test_cli_solve_without_budget_or_gpu_exits_2(capsys, monkeypatch, tmp_path, clean_alloc_env):
     monkeypatch.setattr(hardware, "probe", lambda output_dir=".", nvml=None: {"gpus": [], "host": {}})
-    code, out, err = run_cli(capsys, "solve", "--model", "tiny-qwen3", "--set", f"output_dir={tmp_path}")
+    code, _out, err = run_cli(capsys, "solve", "--model", "tiny-qwen3", "--set", f"output_dir={tmp_path}")
     assert code == 2 and "--max-memory-gb" in err and "Traceback" not in err and err.count("\n") == 1
 
 
@@ -702,8 +731,8 @@ def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
         speed = 1000 * batch * (1.0 if ckpt else 1.3)
         return Trial(batch, seq, rank, fits, False, peak, 0.01, 0.01, speed if fits else None, checkpointing=ckpt)
 
-    req = SolveRequest(cfg=cfg, budget_gb=usable_cap / GiB, seq=64, try_without_checkpointing=True)
-    result = solve(req, measure)
+    req = request(cfg, seq=64, try_without_checkpointing=True)
+    result = solve(req, SyntheticTrials(measure, usable_cap / GiB))
     usable = result["usable_bytes"]
     # The search stops at the effective batch (16): nothing above it could be chosen.
     assert result["max_feasible_batch"][cfg.lora_r] == min(
@@ -723,10 +752,8 @@ def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
             t.tokens_per_second *= 5  # 4 x 1300 x 5 = 26000 > 16000
         return t
 
-    result = solve(req, fast_off)
+    result = solve(req, SyntheticTrials(fast_off, usable_cap / GiB))
     assert result["best"].checkpointing is False
-    from autotune.solver import build_profile
-
-    profile = build_profile(req, result, hardware={"device": "cpu"}, runner=None)
+    profile = profile_of(req, result, None)
     assert profile["choice"]["gradient_checkpointing"] is False
     assert profile["choice"]["batch_size"] * profile["choice"]["gradient_accumulation_steps"] == 16

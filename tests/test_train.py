@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import InjectOOM
 from transformers import TrainerCallback
 
 from autotune.catalog import resolve_model
 from autotune.config import Config, build_config
+from autotune.context import RunContext
 from autotune.errors import UserError
-from autotune.trainer import InjectOOM, train
+from autotune.trainer import train
 
 # Saving an adapter of a random-init base (no hub name) makes peft say it cannot check the vocabulary.
 pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
@@ -153,7 +155,7 @@ def test_qlora_4bit_loss_falls_on_a_repeated_batch(tmp_path, autotune_cache):
             max_steps=8,
         )
     )
-    built = build_model(cfg)
+    built = build_model(RunContext(cfg))
     quantized = [m for m in built.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     # Every linear layer of both blocks (q, k, v, o, gate, up, down) holds nf4 weights.
     assert len(quantized) == 2 * 7
@@ -604,7 +606,7 @@ def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
     config_path.write_text(json.dumps(config_values(tmp_path)), encoding="utf-8")
     bad = tmp_path / "profile.json"
     bad.write_text('{"schema_version": 1, "kind": "autotune.profile", "choice": {', encoding="utf-8")
-    code, stdout, stderr = _cli_run("train", "--config", str(config_path), "--profile", str(bad), timeout=120)
+    code, _stdout, stderr = _cli_run("train", "--config", str(config_path), "--profile", str(bad), timeout=120)
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert f"error: {bad}:1:" in stderr and "corrupt" in stderr and "autotune solve" in stderr

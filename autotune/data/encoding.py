@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.config import OVERFLOW_POLICIES
 from autotune.fsutil import atomic_write_json
 
 # Bump whenever the output of encode_pair changes for the same inputs: invalidates caches.
@@ -38,7 +39,6 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 THINK_OPEN = "<think>"
 # What Qwen3's hybrid template emits with enable_thinking=False: the answer follows it.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
-OVERFLOW_POLICIES = ("truncate", "drop")
 
 # Touches the byte-level, CJK, emoji, digit-splitting and special-token paths of a tokenizer:
 # two tokenizers that encode this identically are, for caching purposes, the same tokenizer.
@@ -286,8 +286,10 @@ def _summary(values: list[int]) -> dict:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Name + vocab size + chat template + a probe encoding: any of these changing changes ids."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
-        tokenizer.chat_template, sort_keys=True
+    template = (
+        tokenizer.chat_template
+        if isinstance(tokenizer.chat_template, str)
+        else json.dumps(tokenizer.chat_template, sort_keys=True)
     )
     probe = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
     parts = [

@@ -45,16 +45,21 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from autotune.config import DATA_FORMATS, MARKDOWN_FORMATS
 from autotune.errors import UserError
 
-MARKDOWN_FORMATS = ("simple_qa", "header_qa")
-DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json")
 MARKDOWN_EXTENSIONS = (".md", ".markdown")
-EXTENSIONS = {"simple_qa": MARKDOWN_EXTENSIONS, "header_qa": MARKDOWN_EXTENSIONS, "jsonl": (".jsonl",), "json": (".json",)}
+EXTENSIONS = {
+    "simple_qa": MARKDOWN_EXTENSIONS,
+    "header_qa": MARKDOWN_EXTENSIONS,
+    "jsonl": (".jsonl",),
+    "json": (".json",),
+}
 EXTENSIONS["auto"] = MARKDOWN_EXTENSIONS + EXTENSIONS["jsonl"] + EXTENSIONS["json"]
 
 FULL_WIDTH_COLON = "\uff1a"
@@ -79,7 +84,12 @@ class QAPair:
         return hash((self.question, self.answer, self.source, self.line, self.system, len(self.history)))
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {"question": self.question, "answer": self.answer, "source": self.source, "line": self.line}
+        out: dict[str, Any] = {
+            "question": self.question,
+            "answer": self.answer,
+            "source": self.source,
+            "line": self.line,
+        }
         if self.system is not None:
             out["system"] = self.system
         if self.history:
@@ -95,7 +105,12 @@ class FileReport:
     skipped: list[dict] = field(default_factory=list)  # each {"line": int, "reason": str}
 
     def to_json(self) -> dict:
-        return {"path": self.path, "format": self.format, "pairs": self.pairs, "skipped": [dict(s) for s in self.skipped]}
+        return {
+            "path": self.path,
+            "format": self.format,
+            "pairs": self.pairs,
+            "skipped": [dict(s) for s in self.skipped],
+        }
 
 
 @dataclass
@@ -117,9 +132,11 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise UserError(f"{path}: cannot read data file ({e.strerror or e}). Fix: check the path and its permissions.") from e
+        raise UserError(
+            f"{path}: cannot read data file ({e.strerror or e}). Fix: check the path and its permissions."
+        ) from e
     if data.startswith(UTF8_BOM):
-        data, encodings = data[len(UTF8_BOM):], ("utf-8",)  # the BOM says UTF-8: no guessing
+        data, encodings = data[len(UTF8_BOM) :], ("utf-8",)  # the BOM says UTF-8: no guessing
     elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
         encodings = ("utf-16",)
     else:
@@ -158,10 +175,16 @@ class _Marker:
 class _MarkerMatcher:
     """Recognises question/answer marker lines, from prefixes or from user regexes."""
 
-    def __init__(self, question_prefix="Q", answer_prefix="A", separator=":", question_pattern=None, answer_pattern=None):
+    def __init__(
+        self, question_prefix="Q", answer_prefix="A", separator=":", question_pattern=None, answer_pattern=None
+    ):
         _check_prefixes(question_prefix, answer_prefix, separator, question_pattern, answer_pattern)
-        self.question = _compile_user_pattern("question_pattern", question_pattern) or _builtin_marker(question_prefix, separator)
-        self.answer = _compile_user_pattern("answer_pattern", answer_pattern) or _builtin_marker(answer_prefix, separator)
+        self.question = _compile_user_pattern("question_pattern", question_pattern) or _builtin_marker(
+            question_prefix, separator
+        )
+        self.answer = _compile_user_pattern("answer_pattern", answer_pattern) or _builtin_marker(
+            answer_prefix, separator
+        )
 
     def match_question(self, line: str) -> _Marker | None:
         return _match_marker(self.question, line)
@@ -206,7 +229,9 @@ def _compile_user_pattern(key: str, pattern: str | None) -> re.Pattern | None:
     if pattern is None or pattern == "":
         return None
     if not isinstance(pattern, str):
-        raise UserError(f"{key}: must be a regular expression string, got {type(pattern).__name__}. Fix: quote it in the config.")
+        raise UserError(
+            f"{key}: must be a regular expression string, got {type(pattern).__name__}. Fix: quote it in the config."
+        )
     try:
         compiled = re.compile(pattern)
     except re.error as e:
@@ -226,7 +251,7 @@ def _match_marker(pattern: re.Pattern, line: str) -> _Marker | None:
     if m is None:
         return None
     groups = m.groupdict()
-    text = groups["text"] if groups.get("text") is not None else line[m.end():]
+    text = groups["text"] if groups.get("text") is not None else line[m.end() :]
     text = text.strip()
     if groups.get("hashes"):
         text = re.sub(r"(^|[ \t]+)#+$", "", text).strip()  # optional closing hashes of an ATX heading
@@ -260,7 +285,7 @@ class _Fence:
         """Return True when `line` belongs to a code block (its opening and closing fence included)."""
         if self.marker is None:
             m = _FENCE_OPEN.match(line)
-            if m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):  # ```x``` is inline code, no fence
+            if m and not (m.group(1)[0] == "`" and "`" in line[m.end() :]):  # ```x``` is inline code, no fence
                 self.marker, self.opened_at = m.group(1), number
                 return True
             return False
@@ -355,7 +380,10 @@ class _MarkdownParser:
             self.discarding = True
             return
         if answer.num is not None and current.question.num is not None and answer.num != current.question.num:
-            self._skip(number, f"answer number {answer.num} does not match question number {current.question.num} (line {current.line})")
+            self._skip(
+                number,
+                f"answer number {answer.num} does not match question number {current.question.num} (line {current.line})",
+            )
             self.discarding = True
             return
         current.answer = answer
@@ -478,7 +506,7 @@ def _pairs_from_chat(record: dict) -> list[_Found]:
     history: list[dict] = []
     out = []
     turns = _chat_turns(record)
-    for i, turn in enumerate(turns):
+    for turn in turns:
         if turn["role"] == "system":
             system = turn["content"]
             continue
@@ -504,13 +532,18 @@ def _pairs_from_alpaca(record: dict) -> list[_Found]:
     for turn in record.get("history") or []:  # LLaMA-Factory style: [[question, answer], ...]
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
             raise _BadRecord("'history' must be a list of [question, answer] pairs")
-        history += [{"role": "user", "content": _text(turn[0], "history")}, {"role": "assistant", "content": _text(turn[1], "history")}]
+        history += [
+            {"role": "user", "content": _text(turn[0], "history")},
+            {"role": "assistant", "content": _text(turn[1], "history")},
+        ]
     return _checked(question, answer, system, tuple(history))
 
 
 def _pairs_from_qa(record: dict) -> list[_Found]:
     system = _text(record["system"], "system") if record.get("system") else None
-    return _checked(_text(record["question"], "question").strip(), _text(record["answer"], "answer").strip(), system, ())
+    return _checked(
+        _text(record["question"], "question").strip(), _text(record["answer"], "answer").strip(), system, ()
+    )
 
 
 def _checked(question: str, answer: str, system: str | None, history: tuple) -> list[_Found]:
@@ -532,7 +565,9 @@ def _record_pairs(record: Any) -> list[_Found]:
     if "question" in record and "answer" in record:
         return _pairs_from_qa(record)
     keys = ", ".join(sorted(map(str, record))[:8]) or "none"
-    raise _BadRecord(f"unknown record shape (keys: {keys}); expected 'messages', 'instruction'+'output' or 'question'+'answer'")
+    raise _BadRecord(
+        f"unknown record shape (keys: {keys}); expected 'messages', 'instruction'+'output' or 'question'+'answer'"
+    )
 
 
 def _add_record(record: Any, source: str, line: int, pairs: list[QAPair], skipped: list[dict]) -> None:
@@ -619,7 +654,9 @@ def parse_data_dir(
             f"data_dir {str(data_dir)!r} does not exist. Fix: set data_dir to the folder holding your QA files (e.g. data/raw)."
         )
     if not root.is_dir():
-        raise UserError(f"data_dir {str(data_dir)!r} is a file, not a folder. Fix: set data_dir to the folder that contains it.")
+        raise UserError(
+            f"data_dir {str(data_dir)!r} is a file, not a folder. Fix: set data_dir to the folder that contains it."
+        )
     options = dict(
         question_prefix=question_prefix,
         answer_prefix=answer_prefix,
@@ -682,7 +719,9 @@ def _file_warnings(shown: str, report: FileReport) -> list[str]:
     if report.skipped:
         first = report.skipped[0]
         more = f" (and {len(report.skipped) - 1} more)" if len(report.skipped) > 1 else ""
-        warnings.append(f"{shown}: skipped {len(report.skipped)} item(s); line {first['line']}: {first['reason']}{more}")
+        warnings.append(
+            f"{shown}: skipped {len(report.skipped)} item(s); line {first['line']}: {first['reason']}{more}"
+        )
     return warnings
 
 
@@ -698,7 +737,9 @@ def _duplicate_warnings(pairs: list[QAPair]) -> list[str]:
     if not duplicates:
         return []
     first, again = duplicates[0]
-    return [f"{len(duplicates)} question(s) appear more than once, e.g. {first.source}:{first.line} and {again.source}:{again.line}"]
+    return [
+        f"{len(duplicates)} question(s) appear more than once, e.g. {first.source}:{first.line} and {again.source}:{again.line}"
+    ]
 
 
 def _no_pairs_message(data_dir, data_format: str, report: DataReport, options: dict) -> str:
@@ -785,5 +826,12 @@ def split_pairs(pairs: Iterable[QAPair], eval_ratio: float = 0.1, seed: int = 42
 def parse_data(cfg) -> DataReport:
     """`data_dir` parsed with a config's data_format, prefixes, separator and patterns (any object with
     those attributes: autotune.config.Config in practice)."""
-    return parse_data_dir(cfg.data_dir, cfg.data_format, cfg.question_prefix, cfg.answer_prefix, cfg.separator,
-                          cfg.question_pattern, cfg.answer_pattern)
+    return parse_data_dir(
+        cfg.data_dir,
+        cfg.data_format,
+        cfg.question_prefix,
+        cfg.answer_prefix,
+        cfg.separator,
+        cfg.question_pattern,
+        cfg.answer_pattern,
+    )

@@ -1,0 +1,62 @@
+"""A run's data, from the config to what the Trainer and the solver consume: parsed pairs, the train/eval
+split, encoded rows (cached), and the token-length statistics the solver sizes the sequence from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from autotune.context import RunContext
+from autotune.data.encoding import length_stats, load_or_encode
+from autotune.data.parsing import QAPair, parse_data, split_pairs
+from autotune.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    eval: list[dict] | None
+    eval_pairs: list[QAPair]
+    report: dict  # what the parser and the encoder did, for the run summary
+
+
+def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> PreparedData:
+    cfg, tokenizer = ctx.cfg, ctx.tokenizer
+    parsed = parse_data(cfg)
+    for warning in parsed.warnings:
+        echo(f"warning: {warning}")
+    train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
+    opts = dict(system_prompt=cfg.system_prompt, thinking_model=ctx.spec.thinking, overflow=cfg.overflow)
+    train_rows, train_report, hit = load_or_encode(
+        tokenizer, train_pairs, cfg.max_sequence_length, cfg.data_cache_dir, **opts
+    )
+    eval_rows, eval_report, _ = load_or_encode(
+        tokenizer, eval_pairs, cfg.max_sequence_length, cfg.data_cache_dir, **opts
+    )
+    if not train_rows:
+        raise UserError(
+            f"no training sample fits max_sequence_length={cfg.max_sequence_length} "
+            f'({train_report.dropped} dropped): raise max_sequence_length or set overflow="truncate"'
+        )
+    if train_report.truncated or train_report.dropped:
+        echo(
+            f"note: {train_report.truncated} training samples truncated (answer cut, end-of-turn kept), "
+            f"{train_report.dropped} dropped as longer than {cfg.max_sequence_length} tokens"
+        )
+    report = {
+        "files": len(parsed.files),
+        "pairs": len(parsed.pairs),
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "train_encoding": asdict(train_report),
+        "eval_encoding": asdict(eval_report),
+        "cache_hit": hit,
+    }
+    return PreparedData(train_rows, eval_rows or None, eval_pairs, report)
+
+
+def data_length_stats(ctx: RunContext) -> dict:
+    """Token-length statistics of the run's data with the model's chat template (the solver sizes the
+    sequence from them)."""
+    parsed = parse_data(ctx.cfg)
+    return length_stats(ctx.tokenizer, parsed.pairs, ctx.cfg.system_prompt, ctx.spec.thinking)

@@ -132,8 +132,7 @@ class ModelSpec:
         return self.tokenizer or self.source
 
 
-_QWEN3 = dict(num_key_value_heads=8, head_dim=128, vocab_size=151936)
-_4B = Architecture(2560, 9728, 36, 32, tie_word_embeddings=True, **_QWEN3)
+_4B = Architecture(2560, 9728, 36, 32, tie_word_embeddings=True)
 _4B_2507 = replace(_4B, max_position_embeddings=262144, rope_theta=5_000_000.0)
 
 # Qwen3 hybrid models render an empty <think></think> block before a non-thinking answer; the 2507
@@ -144,21 +143,21 @@ CATALOG: dict[str, ModelSpec] = {
         ModelSpec(
             "Qwen3-0.6B",
             "Qwen/Qwen3-0.6B",
-            Architecture(1024, 3072, 28, 16, tie_word_embeddings=True, **_QWEN3),
+            Architecture(1024, 3072, 28, 16, tie_word_embeddings=True),
             thinking=True,
         ),
         ModelSpec(
             "Qwen3-1.7B",
             "Qwen/Qwen3-1.7B",
-            Architecture(2048, 6144, 28, 16, tie_word_embeddings=True, **_QWEN3),
+            Architecture(2048, 6144, 28, 16, tie_word_embeddings=True),
             thinking=True,
         ),
         ModelSpec("Qwen3-4B", "Qwen/Qwen3-4B", _4B, thinking=True),
         ModelSpec("Qwen3-4B-Thinking-2507", "Qwen/Qwen3-4B-Thinking-2507", _4B_2507, thinking=True),
         ModelSpec("Qwen3-4B-Instruct-2507", "Qwen/Qwen3-4B-Instruct-2507", _4B_2507, thinking=False),
-        ModelSpec("Qwen3-8B", "Qwen/Qwen3-8B", Architecture(4096, 12288, 36, 32, **_QWEN3), thinking=True),
-        ModelSpec("Qwen3-14B", "Qwen/Qwen3-14B", Architecture(5120, 17408, 40, 40, **_QWEN3), thinking=True),
-        ModelSpec("Qwen3-32B", "Qwen/Qwen3-32B", Architecture(5120, 25600, 64, 64, **_QWEN3), thinking=True),
+        ModelSpec("Qwen3-8B", "Qwen/Qwen3-8B", Architecture(4096, 12288, 36, 32), thinking=True),
+        ModelSpec("Qwen3-14B", "Qwen/Qwen3-14B", Architecture(5120, 17408, 40, 40), thinking=True),
+        ModelSpec("Qwen3-32B", "Qwen/Qwen3-32B", Architecture(5120, 25600, 64, 64), thinking=True),
         # The offline demo and the tests: Qwen3's real vocabulary (so the real tokenizer works) on a
         # model small enough to train on two CPU cores in seconds.
         ModelSpec(
@@ -246,8 +245,3 @@ def _from_local_dir(path: Path) -> ModelSpec:
     return ModelSpec(
         path.name, None, arch, thinking=True, local_path=str(path), tokenizer=None if has_tokenizer else "qwen3-offline"
     )
-
-
-def has_weights(spec: ModelSpec) -> bool:
-    """True when real weights can be loaded without a download: a local folder with safetensors."""
-    return spec.local_path is not None and any(Path(spec.local_path).glob("*.safetensors"))

@@ -159,11 +159,12 @@ def data_inspect(data_dir, config, sets, as_json):
         _echo_json(report.to_json())
         return
     for f in report.files:
-        click.echo(f"{f.path:40} {f.format:10} {f.pairs:5} pairs  {len(f.skipped)} skipped")
+        encoding = f.encoding + (" (guessed)" if f.encoding_guessed else "")
+        click.echo(f"{f.path:40} {f.format:10} {encoding:20} {f.pairs:5} pairs  {len(f.skipped)} skipped")
         for item in f.skipped:
             click.echo(f"    line {item['line']}: {item['reason']}")
     for w in report.warnings:
-        click.echo(f"warning: {w}")
+        click.echo(f"warning: {w}", err=True)
     click.echo(f"{len(report.pairs)} pairs in {len(report.files)} files")
 
 

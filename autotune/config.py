@@ -57,8 +57,13 @@ def _choice(values: tuple[str, ...]) -> str:
 # Kinds: "int>=1", "float>0", "ratio" (0..1), "bool", "str", "str?", "list[str]", "dict", "choice:a|b".
 
 
-def _key(default, doc: str, kind: str):
-    return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc, "kind": kind})
+def _key(default: Any, doc: str, kind: str) -> Any:
+    """A config field: its default (a fresh copy per Config), its documentation and its constraint."""
+
+    def fresh() -> Any:
+        return json.loads(json.dumps(default))
+
+    return field(default_factory=fresh, metadata={"doc": doc, "kind": kind})
 
 
 @dataclass

@@ -3,10 +3,10 @@
 `estimate_peak` is arithmetic over the architecture (microseconds), so the solver can place its first trials
 and `autotune estimate --model Qwen3-14B --max-memory-gb 16` answers at once; `largest_fitting` inverts it.
 
-The model follows what the installed transformers/peft/bitsandbytes allocate in THE training step,
-`step.run_trial_steps` (the HF Trainer as `autotune train` runs it: bf16 autocast for a bf16 model, full-length
-rows as their own labels) on a `modeling.build_model` model, read off their code and checked against that
-step measured tensor by tensor with `memory.CpuTrackedMeter`, as a solver trial measures it
+The model follows what the installed transformers/peft/bitsandbytes allocate in THE training step (the HF
+Trainer as `autotune train` runs it: bf16 autocast for a bf16 model, full-length rows as their own labels) on a
+`modeling.build_model` model, read off their code and checked against that step measured tensor by tensor
+with `memory.CpuTrackedMeter` through the solver's own trial, `trial.TrialRunner.measure`
 (tests/test_estimate.py):
 
 * Persistent: the base weights (nf4/int8 packed plus quantization state, the rest in the compute dtype),
@@ -23,8 +23,7 @@ step measured tensor by tensor with `memory.CpuTrackedMeter`, as a solver trial 
   the bf16 weight bitsandbytes dequantizes for a 4-bit matmul's backward; then the optimizer's temporaries.
 
 Peak = persistent + the largest of those moments (+ `cuda_overhead` on a GPU). This module builds no model and
-runs no step of its own, except `calibrate_by_trace`: a FakeTensorMode trace for models too big to run on the
-CPU, which allocates nothing and which nothing in the solver or in training relies on.
+runs no step of its own; it imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -69,6 +68,19 @@ _OPTIMIZER_STATE = {
 }
 
 
+# The parts an estimate's peak is the sum of, in report order.
+COMPONENTS = (
+    "weights",
+    "lora_params",
+    "lora_grads",
+    "optimizer_state",
+    "activations",
+    "logits_and_loss",
+    "temporaries",
+    "cuda_overhead",
+)
+
+
 @dataclass
 class Estimate:
     components: dict[str, int]
@@ -82,11 +94,6 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def table(self) -> str:
-        """The breakdown as aligned text lines (GiB)."""
-        rows = [f"  {name:16} {value / GiB:8.3f} GiB" for name, value in self.components.items()]
-        return "\n".join(rows + [f"  {'peak':16} {self.peak_gib:8.3f} GiB  (at {self.phase})"])
 
 
 # ------------------------------------------------------------------------------- parameters
@@ -181,7 +188,7 @@ def layer_saved_bytes_per_token(
     q, kv = nh * arch.head_dim, nkv * arch.head_dim
     a = act_bytes
     norm = 4 * h + 4  # fp32 copy of the input + fp32 rsqrt per token
-    total = norm * (1 if first_layer else 2)
+    total: float = norm * (1 if first_layer else 2)
     total += 4 * q + 4 * nh + 4 * kv + 4 * nkv  # q_norm / k_norm: fp32 input + rsqrt per head
     total += a * (2 * q + 2 * kv) + 4 * nh  # SDPA: q, k, v, output, logsumexp
     total += 3 * I * a  # MLP: gate, up, silu(gate)
@@ -402,12 +409,12 @@ def estimate_peak(
         "layer_backward": act.layer_backward(),
         "optimizer": optimizer_step_temporaries(lora_numels, device),
     }
-    phase = max(candidates, key=candidates.get)
+    phase = max(candidates, key=lambda k: candidates[k])
     if device == "cpu":
         overhead = 0
     else:
         overhead = DEFAULT_CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes
-    components = {
+    parts = {
         "weights": weights,
         "lora_params": lora,
         "lora_grads": lora,
@@ -418,7 +425,7 @@ def estimate_peak(
         "temporaries": act.misc() + max(0, candidates[phase] - saved - logits),
         "cuda_overhead": overhead,
     }
-    components = {k: int(v) for k, v in components.items()}
+    components = {name: int(parts[name]) for name in COMPONENTS}
     shape = dict(
         batch=batch,
         seq=seq,
@@ -521,12 +528,12 @@ class _ActivationModel:
             else:  # the int8 weight times its row scales, in the input's dtype
                 dequant = a * biggest
             burst = max(burst, dequant + I * a * tokens)
-        held = self.saved() - self._final_norm()
+        held: float = self.saved() - self._final_norm()
         if self.gradient_checkpointing:
             # fp32 hidden states: the input norm's fp32 "copy" is the checkpointed input itself. LLM.int8's
             # inputs are not recomputed into the original graph: `saved` already holds them for every layer
             # (the recompute's own copies die with its graph, stopped early once the saved tensors are back).
-            recomputed = self._layer() - (4 * h if a == 4 else 0)
+            recomputed: float = self._layer() - (4 * h if a == 4 else 0)
             if self.quantization == "8bit":
                 recomputed -= int8_saved_bytes_per_token(
                     arch,
@@ -636,92 +643,3 @@ def _largest(fits, cap: int) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-# ------------------------------------------------------------------------------- tracing big models
-# The one place outside step.py with a forward/backward/optimizer loop, and why: the real step
-# (step.run_trial_steps, the HF Trainer on a modeling.build_model model) is the ground truth, and the tests
-# hold estimate_peak to it on models that fit in RAM. A 14B model does not, and the Trainer cannot run on
-# fake tensors, so `calibrate_by_trace` replays the step's allocations under FakeTensorMode with a minimal
-# loop. It allocates nothing and measures nothing the solver or `autotune train` relies on: it only checks
-# the arithmetic at sizes no CPU can run (and the tests check it against the real step where both run).
-
-
-def calibrate_by_trace(
-    arch: Architecture,
-    *,
-    batch: int,
-    seq: int,
-    rank: int,
-    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
-    gradient_checkpointing: bool = True,
-    dtype_bytes: int = 2,
-    optimizer: str = "adamw_torch",
-    lora_dropout: float = 0.0,
-    autocast: bool | None = None,
-    steps: int = 2,
-) -> dict[str, int]:
-    """A training step of a model of any size, traced under FakeTensorMode: nothing is allocated.
-
-    The model is built on the meta device in the compute dtype and prepared as modeling.build_model does
-    (`prepare_for_training`: frozen base, non-reentrant checkpointing; `attach_lora`), then materialised as
-    fake tensors (`to_empty` inside FakeTensorMode); a CpuTrackedMeter counts the fake storages. The loop
-    is the Trainer's step reduced to what allocates: full-length inputs as their own labels, the forward
-    under bf16 autocast (`autocast`, default: when dtype_bytes == 2, as the Trainer runs a bf16 model),
-    backward, torch AdamW, zero_grad. Unquantized only (bitsandbytes kernels cannot run on fake tensors);
-    optimizer "adamw_torch" only. Qwen3-14B takes ~10 s and 0.5 GB of RAM.
-    Returns peak_bytes (weights, adapters, optimizer state, inputs, activations), weights, after_step.
-    """
-    import contextlib
-    import warnings
-
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import Qwen3ForCausalLM
-
-    from autotune.memory import CpuTrackedMeter
-    from autotune.modeling import attach_lora, prepare_for_training, quiet_libraries
-
-    if optimizer != "adamw_torch":
-        raise ValueError(f"calibrate_by_trace traces torch AdamW only, not {optimizer!r}")
-    if autocast is None:
-        autocast = dtype_bytes == 2
-    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
-    quiet_libraries()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # weights in the compute dtype; RoPE buffers stay fp32, as loaded
-        try:
-            with torch.device("meta"):
-                base = Qwen3ForCausalLM(arch.to_hf_config(attn_implementation="sdpa"))
-        finally:
-            torch.set_default_dtype(previous)
-        base.config.use_cache = False
-        prepare_for_training(
-            base, quantized=False, checkpointing=gradient_checkpointing, checkpointing_kwargs={"use_reentrant": False}
-        )
-        model = attach_lora(base, r=rank, alpha=2 * rank, dropout=lora_dropout, target_modules=list(target_modules))
-        model.train()
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model.to_empty(device="cpu")
-            # to_empty gives every parameter its own storage; tie the embeddings again (Qwen3 <= 4B ties them).
-            model.get_base_model().tie_weights()
-            meter = CpuTrackedMeter()
-            meter.track_existing(model)
-            weights = meter.current_bytes()
-            with meter:
-                input_ids = torch.randint(0, arch.vocab_size, (batch, seq))
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            meter.track_existing(input_ids)
-            meter.reset_peak()
-            amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-            with meter:
-                for _ in range(steps):
-                    with amp:
-                        loss = model(input_ids=input_ids, labels=input_ids).loss
-                    loss.backward()
-                    del loss
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            return {"peak_bytes": meter.peak_bytes(), "weights": weights, "after_step": meter.current_bytes()}

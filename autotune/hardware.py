@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -19,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
 from autotune.units import GiB, gib
 
@@ -106,9 +104,9 @@ def torch_cuda_build() -> str | None:
     Prefers an already-imported torch, then torch/version.py read as text; imports torch only
     as a last resort, since that costs seconds.
     """
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "version"):
-        return getattr(torch.version, "cuda", None)
+    loaded = sys.modules.get("torch")
+    if loaded is not None and hasattr(loaded, "version"):
+        return getattr(loaded.version, "cuda", None)
     found, cuda = _cuda_from_torch_version_file()
     if found:
         return cuda
@@ -344,32 +342,6 @@ def training_gpu(doc: dict[str, Any]) -> dict[str, Any] | None:
 
 def save_probe(doc: dict[str, Any], path: str | Path) -> Path:
     return atomic_write_json(path, doc)
-
-
-def load_probe(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"probe file not found: {path}. Run the probe first to create it.") from None
-    except OSError as err:
-        raise UserError(f"cannot read probe file {path}: {err}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(
-            f"probe file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
-            f"{err.msg}). Delete it and run the probe again."
-        ) from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise UserError(f"{path} is not an autotune probe file (expected kind {KIND!r}).")
-    version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise UserError(
-            f"probe file {path} has schema_version {version!r}; this autotune reads "
-            f"version {SCHEMA_VERSION}. Run the probe again to regenerate it."
-        )
-    return doc
 
 
 # --------------------------------------------------------------------------- rendering

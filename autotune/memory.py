@@ -8,7 +8,7 @@ One interface, two meters:
 - `CpuTrackedMeter` counts live tensor storages with a `TorchDispatchMode` and raises `SimulatedOOM` (a
   `torch.OutOfMemoryError`) from inside the op that crosses the cap, so the solver's OOM handling is exercised
   the same way without a GPU. It works under `FakeTensorMode` too (storages are keyed by identity, not by
-  address), which is how `estimate.calibrate_by_trace` measures models that do not fit in RAM.
+  address), which is how the tests trace models that do not fit in RAM (tests/trace.py).
 
 Small functions, one concern each, in the manner of accelerate's `utils/memory.py`. No transformers import.
 """
@@ -41,11 +41,6 @@ class SimulatedOOM(torch.OutOfMemoryError):
     """
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error, real or simulated. By type, never by message text."""
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
 # --------------------------------------------------------------------------------- interface
 
 
@@ -69,10 +64,6 @@ class MemoryMeter(ABC):
     @abstractmethod
     def current_bytes(self) -> int:
         """Bytes of live tensors now."""
-
-    def baseline(self) -> int:
-        """Bytes held now, recorded before a trial so a leak check can compare after it."""
-        return self.current_bytes()
 
     def __enter__(self) -> MemoryMeter:
         return self
@@ -256,17 +247,18 @@ def release_host_memory() -> bool:
     global _LIBC
     if _LIBC is None:
         try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018  (musl, macOS: no such symbol)
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim  # noqa: B018  (musl, macOS: no such symbol)
+            _LIBC = libc
         except (OSError, AttributeError):
             _LIBC = False
-    if not _LIBC:
+    if not isinstance(_LIBC, ctypes.CDLL):
         return False
     _LIBC.malloc_trim(0)
     return True
 
 
-_LIBC = None
+_LIBC: ctypes.CDLL | bool | None = None  # None: not looked up yet; False: no malloc_trim here
 
 
 class _StorageRef(weakref.ref):
@@ -274,6 +266,8 @@ class _StorageRef(weakref.ref):
     `weakref.finalize` (no global registry, no atexit hook), which matters at thousands of ops per step."""
 
     __slots__ = ("key", "nbytes")
+    key: int
+    nbytes: int
 
     def __new__(cls, storage, callback, key: int, nbytes: int):
         self = super().__new__(cls, storage, callback)
@@ -281,7 +275,7 @@ class _StorageRef(weakref.ref):
         return self
 
     def __init__(self, storage, callback, key: int, nbytes: int):
-        super().__init__(storage, callback)
+        super().__init__(storage, callback)  # type: ignore[call-arg]  # weakref.ref takes (object, callback)
 
 
 class _StorageTracker(TorchDispatchMode):

@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -18,12 +19,16 @@ from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BuiltModel:
-    model: torch.nn.Module  # the PeftModel
+    model: PeftModel
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype  # compute dtype
@@ -99,13 +104,14 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
 
 def load_base_model(
     spec: ModelSpec, *, init: str, quantization: str, dtype: torch.dtype, device: torch.device, seed: int = 42
-):
+) -> PreTrainedModel:
     """Real weights (hub id or local path; safetensors only, no remote code) or random init."""
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
     qcfg = quantization_config(quantization, dtype)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
-    common = dict(quantization_config=qcfg, dtype=dtype, device_map=device_map, attn_implementation="sdpa")
+    common: dict = dict(quantization_config=qcfg, dtype=dtype, device_map=device_map, attn_implementation="sdpa")
+    model: PreTrainedModel
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*kernels.*")
         if init == "random":
@@ -147,7 +153,7 @@ def set_checkpointing(built: BuiltModel, on: bool, kwargs: dict | None = None) -
     """Switch checkpointing of a built model on or off (the solver measures both, on one model)."""
     if built.gradient_checkpointing == on:
         return
-    base = built.model.get_base_model()
+    base = cast("PreTrainedModel", built.model.get_base_model())
     if on:
         enable_checkpointing(base, kwargs)
     elif hasattr(base, "activation_checkpointing_disable"):
@@ -176,7 +182,7 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
     targets = check_target_modules(target_modules)
     lora = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes any number
         lora_dropout=dropout,
         target_modules=list(targets),
         bias="none",

@@ -296,17 +296,5 @@ def profile_from_solve(
         reason=result["reason"],
         trials=[dataclasses.asdict(t) for t in result["trials"]],
         # What train starts from with --profile alone: the solve's config with the choice applied.
-        config={**cfg.to_dict(), **{k: v for k, v in choice.items() if k in _CONFIG_CHOICE_KEYS}},
+        config={**cfg.to_dict(), **{k: choice[k] for k in CHOICE_KEYS}},
     )
-
-
-# The choice keys a profile's own config takes over (the rest already equal the config's).
-_CONFIG_CHOICE_KEYS = (
-    "batch_size",
-    "gradient_accumulation_steps",
-    "effective_batch_size",
-    "max_sequence_length",
-    "lora_r",
-    "lora_alpha",
-    "gradient_checkpointing",
-)

@@ -29,8 +29,11 @@ Measure = Callable[[int, int, int], Trial]
 class Trials(Protocol):
     """What the search needs of a trial runner: trial.TrialRunner, or a synthetic memory curve in tests."""
 
-    budget: Budget
-    device_type: str
+    @property
+    def budget(self) -> Budget: ...
+
+    @property
+    def device_type(self) -> str: ...
 
     def measure(self, batch: int, seq: int, rank: int, *, checkpointing: bool | None = None) -> Trial: ...
 
@@ -46,11 +49,11 @@ class LinearMemoryModel:
     per_token: float
 
     @classmethod
-    def fit(cls, a: Trial, b: Trial) -> LinearMemoryModel:
-        ta, tb = a.batch * a.seq, b.batch * b.seq
-        slope = (b.peak_bytes - a.peak_bytes) / (tb - ta) if tb != ta else 0.0
-        slope = max(slope, 1.0)
-        return cls(a.peak_bytes - slope * ta, slope)
+    def through(cls, a: tuple[int, int], b: tuple[int, int]) -> LinearMemoryModel:
+        """The line through two (tokens per micro-batch, peak bytes) points, rising at least a byte a token."""
+        (ta, pa), (tb, pb) = a, b
+        slope = max((pb - pa) / (tb - ta) if tb != ta else 0.0, 1.0)
+        return cls(pa - slope * ta, slope)
 
     def predict(self, batch: int, seq: int) -> int:
         return int(self.fixed + self.per_token * batch * seq)
@@ -135,17 +138,19 @@ def largest_batch(
             slack = None if tolerance is None else tolerance * usable
             if (
                 trial.fits
+                and trial.peak_bytes is not None
+                and model is not None
                 and nxt is not None
                 and nxt <= batch
                 and slack is not None
-                and abs(trial.peak_bytes - predicted) <= slack
+                and abs(trial.peak_bytes - (predicted or 0)) <= slack
                 and model.predict(batch + 1, seq) > usable + slack
             ):
                 return batch, model  # measured where predicted, and batch+1 is clearly over
             missed = trial.fits != expected or (trial.fits and nxt is not None and nxt > batch)
             misses = misses + 1 if missed else 0
         limit = upper if hi is None else hi - 1
-        if nxt is None or misses >= 2:  # no usable model, or it keeps missing: halve the gap (or double)
+        if model is None or nxt is None or misses >= 2:  # no usable model, or it keeps missing: bisect
             batch = (lo + hi) // 2 if hi is not None else min(upper, 2 * lo)
             expected, predicted, misses = None, None, 0
         else:
@@ -158,16 +163,19 @@ def _local_model(measured: dict[int, Trial], lo: int, hi: int | None) -> LinearM
     """The line through the measured peaks nearest the boundary: lo's and hi's (when hi ran with a peak,
     over the margin but under the cap), else lo's and the nearest fitting batch below it. None when there
     is no second point or the peak does not grow with the batch (the model would predict no limit)."""
-    a = measured[lo]
-    b = measured.get(hi) if hi is not None else None
-    if b is None or b.peak_bytes is None:
-        below = [k for k, t in measured.items() if k < lo and t.peak_bytes is not None]
+    points = {k: (t.batch * t.seq, t.peak_bytes) for k, t in measured.items() if t.peak_bytes is not None}
+    a = points.get(lo)
+    b = points.get(hi) if hi is not None else None
+    if a is None:
+        return None
+    if b is None:
+        below = [k for k in points if k < lo]
         if not below:
             return None
-        a, b = measured[max(below)], a
-    if b.peak_bytes <= a.peak_bytes:
+        a, b = points[max(below)], a
+    if b[1] <= a[1]:
         return None
-    return LinearMemoryModel.fit(a, b)
+    return LinearMemoryModel.through(a, b)
 
 
 def divisors_up_to(n: int, limit: int) -> list[int]:

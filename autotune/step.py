@@ -8,6 +8,7 @@ Nothing else in autotune writes a forward/backward/optimizer step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def check_training_settings(cfg: Config) -> None:
     schedulers = [t.value for t in SchedulerType]
     if cfg.lr_scheduler_type not in schedulers:
         raise UserError(f"lr_scheduler_type {cfg.lr_scheduler_type!r} is unknown; use one of: {', '.join(schedulers)}")
-    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(cfg.lr_scheduler_type)]
+    fn: Callable = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(cfg.lr_scheduler_type)]  # type: ignore[assignment]
     allowed = set(inspect.signature(fn).parameters) - {"optimizer", "num_warmup_steps", "num_training_steps"}
     unknown = set(cfg.lr_scheduler_kwargs) - allowed
     if unknown:

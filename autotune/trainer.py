@@ -341,7 +341,7 @@ def _final_metrics(trainer) -> dict:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    train_out = next((h for h in reversed(history) if "train_runtime" in h), {})
+    train_out: dict = next((h for h in reversed(history) if "train_runtime" in h), {})
     return {
         "global_step": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,

@@ -24,7 +24,7 @@ from transformers import PrinterCallback, TrainerCallback
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.data.encoding import CausalLMCollator
-from autotune.memory import MemoryMeter, free_memory, make_meter
+from autotune.memory import CpuTrackedMeter, MemoryMeter, free_memory, make_meter
 from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries, set_checkpointing
 from autotune.step import ListDataset, make_trainer, release_trainer, training_arguments
 from autotune.units import Budget, GiB
@@ -182,7 +182,7 @@ class TrialRunner:
         t = time.perf_counter()
         self._built = build_model(self.ctx, init=self.init, lora_r=rank, device=self.device)
         self.build_seconds += time.perf_counter() - t
-        if self.meter.device == "cpu":
+        if isinstance(self.meter, CpuTrackedMeter):  # a GPU counts the weights by itself
             self.meter.track_existing(self._built.model)
         return self._built
 

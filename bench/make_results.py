@@ -77,8 +77,11 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
     tp = [
         "## Throughput: the guide's 16 GB preset against autotune's profile (goal 2x)",
         "",
-        "| run | model | cap GB | seq | guide tokens/s | autotune batch | autotune tokens/s | speedup |",
-        "|---|---|---|---|---|---|---|---|",
+        "The baseline is the guide's 16 GB tier as `profiles/hardware/16gb.json` holds it (batch 4 x accumulation 16, "
+        "sequence 512, r 8); the 2026-11-27 row measured another shape and is no evidence for that goal.",
+        "",
+        "| run | model | baseline | cap GB | seq | baseline tokens/s | autotune batch | autotune tokens/s | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     ls = [
         "## Longest sequence, Qwen3-8B QLoRA r=32, batch 1, 16 GB cap",
@@ -101,8 +104,10 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
             gt = "OOM" if g.get("oom") else f"{g.get('tokens_per_second', 0):.0f}"
             at = f"{a['tokens_per_second']:.0f}" if a.get("tokens_per_second") else "—"
             sp = f"{t['speedup']:.2f}x" if t.get("speedup") else "—"
+            # Runs before the preset was loaded from its file measured a hand-copied shape, not the preset.
+            base = f"`profiles/{t['preset']}.json`" if t.get("preset") else "batch 4, r 6 (not the 16 GB preset)"
             tp.append(
-                f"| {_run_label(doc)} | {t['model']} | {t['cap_gb']:g} | {t['seq']} | {gt} | "
+                f"| {_run_label(doc)} | {t['model']} | {base} | {t['cap_gb']:g} | {t['seq']} | {gt} | "
                 f"{a.get('choice_batch', '—')} | {at} | {sp} |"
             )
         s = doc["stages"].get("longest_seq") or {}
@@ -222,6 +227,7 @@ def main() -> int:
             f"{(m.get('driver') or {}).get('version')}. {m.get('note', '')}"
         ]
         lines += [f"  - {f}" for f in m.get("findings", [])]
+        lines += [f"  - **Correction** {c}" for c in m.get("corrections", [])]
     lines.append("")
     png = chart(gpu)
     if png:

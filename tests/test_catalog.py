@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from autotune.catalog import CATALOG, TINY, Architecture, ModelSpec, has_weights, resolve_model
+from autotune.catalog import CATALOG, TINY, Architecture, ModelSpec, resolve_model
 from autotune.errors import UserError
 
 # Published sizes (total parameters, embeddings counted once when tied), in billions.
@@ -153,17 +153,13 @@ def test_local_directory_saved_by_transformers(tmp_path, name):
     assert spec.local_path == str(tmp_path / "model") == spec.source
     assert spec.hub_id is None
     assert spec.tokenizer_name == "qwen3-offline"  # no tokenizer files in the folder
-    assert not has_weights(spec)
 
 
-def test_local_directory_with_tokenizer_and_weights(tmp_path):
+def test_local_directory_with_a_tokenizer_uses_it(tmp_path):
     CATALOG[TINY].architecture.to_hf_config().save_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes(b"")
     spec = resolve_model(str(tmp_path))
-    assert spec.tokenizer_name == str(tmp_path)
-    assert has_weights(spec)
-    assert not has_weights(CATALOG["Qwen3-8B"])
+    assert spec.tokenizer_name == str(tmp_path) == spec.source
 
 
 def test_old_style_config_without_head_dim(tmp_path):

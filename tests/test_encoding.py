@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import unicodedata
-from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
 
@@ -17,28 +16,22 @@ from autotune.data.encoding import (
     IGNORE_INDEX,
     CausalLMCollator,
     EncodeReport,
-    encode_pair,
     encode_pairs,
     length_stats,
     load_or_encode,
     nearest_rank,
     render_prompt,
 )
+from autotune.data.parsing import QAPair
 from autotune.errors import UserError
 from autotune.tokenizer import OFFLINE_QWEN3, QWEN_PRETOKENIZE_PATTERN, load_tokenizer, read_bpe_ranks
 
-try:
-    from autotune.data.parsing import QAPair
-except ImportError:  # parsing.py is developed in parallel; same fields, same frozen-ness
 
-    @dataclass(frozen=True)
-    class QAPair:
-        question: str
-        answer: str
-        source: str
-        line: int
-        system: str | None = None
-        history: tuple = ()
+def encode_pair(tokenizer, pair, max_length, **options):
+    """One pair through encode_pairs: its row, or None when the length policy dropped it."""
+    rows, report = encode_pairs(tokenizer, [pair], max_length, **options)
+    assert report.dropped == (0 if rows else 1)
+    return rows[0] if rows else None
 
 
 IM_START, IM_END, ENDOFTEXT, THINK, END_THINK = 151644, 151645, 151643, 151667, 151668
@@ -319,7 +312,7 @@ def test_encode_pairs_report(tok):
     assert report.dropped_sources == ["train.jsonl:1", "train.jsonl:3"]  # long_pair() is line 1 too
 
 
-def test_encode_pairs_matches_encode_pair(tok):
+def test_encode_pairs_batched_equals_one_pair_at_a_time(tok):
     pairs = [qa(answer=s, line=i) for i, s in enumerate(SAMPLES)]
     examples, _ = encode_pairs(tok, pairs, max_length=512, thinking_model=True)
     assert examples == [encode_pair(tok, p, max_length=512, thinking_model=True) for p in pairs]

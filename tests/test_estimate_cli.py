@@ -6,7 +6,7 @@ import pytest
 
 from autotune.catalog import resolve_model
 from autotune.cli import main
-from autotune.estimate import estimate_peak
+from autotune.estimate import COMPONENTS, estimate_peak
 
 
 def run(capsys, *args):
@@ -44,16 +44,7 @@ def test_estimate_json_for_qwen3_14b_at_16gb(capsys):
     assert doc["model"] == "Qwen3-14B" and doc["shape"]["batch"] == 2 and doc["shape"]["seq"] == 512
     assert doc["shape"]["rank"] == 16 and doc["shape"]["quantization"] == "4bit"
     parts = doc["components_gb"]
-    assert set(parts) == {
-        "weights",
-        "lora_params",
-        "lora_grads",
-        "optimizer_state",
-        "activations",
-        "logits_and_loss",
-        "temporaries",
-        "cuda_overhead",
-    }
+    assert tuple(parts) == COMPONENTS
     assert abs(sum(parts.values()) - doc["peak_gb"]) < 0.01
     # 14B in 4-bit: ~9 GiB of weights, so a 16 GiB card fits a small batch, not a large one.
     assert 8 < parts["weights"] < 11

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from autotune.data.parsing import (
     DataReport,
+    Decoded,
     FileReport,
+    Markers,
     QAPair,
     parse_data_dir,
     parse_json,
@@ -31,8 +33,8 @@ SAMPLE_DIR = REPO / "data" / "raw"
 SHARED_QA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa-markdown"
 
 
-def md(text: str, **options) -> tuple[list[QAPair], FileReport]:
-    return parse_markdown(text, "t.md", **options)
+def md(text: str, fmt: str = "auto", **markers) -> tuple[list[QAPair], FileReport]:
+    return parse_markdown(text, "t.md", fmt, Markers(**markers))
 
 
 def qa(text: str, **options) -> list[tuple[str, str]]:
@@ -202,7 +204,7 @@ def test_hash_without_space_is_text_not_heading():
 def test_crlf_line_endings(tmp_path):
     path = tmp_path / "crlf.md"
     path.write_bytes(b"### Q1: Windows?\r\nA1: Line one\r\nline two\r\n\r\n### Q2: Again?\r\nA2: Yes.\r\n")
-    pairs, _ = md(read_text(path))
+    pairs, _ = md(read_text(path).text)
     assert [(p.question, p.answer) for p in pairs] == [("Windows?", "Line one\nline two"), ("Again?", "Yes.")]
     assert not any("\r" in p.question + p.answer for p in pairs)
 
@@ -210,24 +212,54 @@ def test_crlf_line_endings(tmp_path):
 def test_utf8_bom(tmp_path):
     path = tmp_path / "bom.md"
     path.write_bytes(b"\xef\xbb\xbf" + "Q1: 什么是LoRA？\nA1: 低秩适配。\n".encode())
-    assert read_text(path).startswith("Q1:")
-    assert qa(read_text(path)) == [("什么是LoRA？", "低秩适配。")]
+    decoded = read_text(path)
+    assert decoded.text.startswith("Q1:") and (decoded.encoding, decoded.guessed) == ("utf-8-sig", False)
+    assert qa(decoded.text) == [("什么是LoRA？", "低秩适配。")]
 
 
 def test_bom_in_text_passed_directly():
     assert qa("\ufeffQ1: a?\nA1: b\n") == [("a?", "b")]
 
 
-def test_gbk_encoded_file(tmp_path):
+def test_gbk_encoded_file_is_read_as_a_guess_and_said_so(tmp_path):
     path = tmp_path / "gbk.md"
     path.write_bytes("### Q1：什么是微调？\nA1：在小数据集上继续训练预训练模型。\n".encode("gbk"))
-    assert qa(read_text(path)) == [("什么是微调？", "在小数据集上继续训练预训练模型。")]
+    decoded = read_text(path)
+    assert (decoded.encoding, decoded.guessed) == ("gb18030", True)
+    assert qa(decoded.text) == [("什么是微调？", "在小数据集上继续训练预训练模型。")]
+    report = parse_data_dir(tmp_path)
+    assert report.files[0].encoding_guessed and report.files[0].to_json()["encoding"] == "gb18030"
+    assert any("gbk.md: not UTF-8; read as GB18030" in w for w in report.warnings)
+
+
+def test_utf8_file_is_not_a_guess(tmp_path):
+    path = tmp_path / "u.md"
+    path.write_text("Q1: été?\nA1: oui\n", encoding="utf-8")
+    assert read_text(path) == Decoded("Q1: été?\nA1: oui\n", "utf-8", False)
+    assert not any("not UTF-8" in w for w in parse_data_dir(tmp_path).warnings)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Q1: Qu'est-ce que l'été?\nA1: La saison la plus chaude.\n",  # é followed by ASCII
+        "Q1: Où est le café?\nA1: À côté de la gare, près du théâtre.\n",  # accents that pair up as GBK bytes
+        "Q1: Was heißt Größe?\nA1: Die Maße eines Körpers.\n",
+    ],
+)
+def test_latin1_file_is_an_error_with_its_line_never_mojibake(tmp_path, text):
+    path = tmp_path / "latin1.md"
+    path.write_bytes(("Q0: plain?\nA0: ascii\n\n" + text).encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        read_text(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:4: not UTF-8") and "Latin-1" in msg and "re-save the file as UTF-8" in msg
 
 
 def test_undecodable_file_names_it(tmp_path):
     path = tmp_path / "binary.md"
     path.write_bytes(b"Q1: a\n\xff\xff\xff\x80\n")
-    with pytest.raises(UserError, match=r"binary\.md.*UTF-8"):
+    with pytest.raises(UserError, match=r"binary\.md:2: not UTF-8"):
         read_text(path)
 
 
@@ -466,7 +498,14 @@ def test_to_json(tmp_path):
         ),
     )
     data = parse_data_dir(tmp_path).to_json()
-    assert data["files"][0] == {"path": "a.md", "format": "simple_qa", "pairs": 1, "skipped": []}
+    assert data["files"][0] == {
+        "path": "a.md",
+        "format": "simple_qa",
+        "pairs": 1,
+        "skipped": [],
+        "encoding": "utf-8",
+        "encoding_guessed": False,
+    }
     assert data["pairs"] == [
         {"question": "a?", "answer": "a", "source": "a.md", "line": 1},
         {"question": "u", "answer": "x", "source": "c.jsonl", "line": 1, "system": "S"},
@@ -670,11 +709,12 @@ def test_arbitrary_bytes_decode_or_user_error(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("bytes") / "f.md"
     path.write_bytes(data)
     try:
-        text = read_text(path)
+        decoded = read_text(path)
     except UserError as e:
         assert "f.md" in str(e)
     else:
-        md(text)
+        assert "\ufffd" not in decoded.text or "\ufffd".encode() in data  # never a replacement character
+        md(decoded.text)
 
 
 def test_data_report_is_a_plain_dataclass():

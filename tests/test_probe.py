@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autotune import hardware
-from autotune.errors import UserError
 
 GIB = 1024**3
 
@@ -316,28 +315,8 @@ def test_save_load_roundtrip_leaves_no_temp_files(tmp_path, nvml, no_cuda_env):
     doc = hardware.probe(tmp_path, nvml=nvml)
     path = tmp_path / "sub" / "probe.json"
     hardware.save_probe(doc, path)
-    assert hardware.load_probe(path) == doc
+    assert json.loads(path.read_text(encoding="utf-8")) == doc
     assert [p.name for p in path.parent.iterdir()] == ["probe.json"]
-
-
-def test_load_missing_file_is_user_error(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        hardware.load_probe(tmp_path / "nope.json")
-
-
-@pytest.mark.parametrize(
-    "content, match",
-    [
-        ('{"schema_version": 1, "kind": "autotune.probe"', "not valid JSON"),
-        ('["a list"]', "not an autotune probe"),
-        ('{"schema_version": 99, "kind": "autotune.probe"}', "schema_version 99"),
-    ],
-)
-def test_load_corrupt_file_is_user_error(tmp_path, content, match):
-    path = tmp_path / "probe.json"
-    path.write_text(content)
-    with pytest.raises(UserError, match=match):
-        hardware.load_probe(path)
 
 
 def test_cuda_visible_devices_empty_hides_a_single_gpu_too():

@@ -11,7 +11,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def test_config_table_matches_the_schema():
     table = README.split("<!-- config-keys:start -->")[1].split("<!-- config-keys:end -->")[0].strip()
-    assert table == config_reference_markdown(), "regenerate the README table from config_reference_markdown()"
+    assert table == config_reference_markdown(), "regenerate it: python scripts/readme_config_table.py"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -553,6 +553,29 @@ def test_twenty_failing_trials_leave_nothing_behind(real_cfg):
     print(f"20 failed trials: meter back to {baseline} bytes each time, RSS {grown / MiB:+.1f} MiB")
 
 
+@pytest.mark.slow
+def test_a_model_the_runner_let_go_is_really_gone(real_cfg):
+    """With an 8-bit bitsandbytes optimizer the HF Trainer registers the embeddings in bitsandbytes'
+    process-wide GlobalOptimManager; unless the trial takes them out again, a rank change (or the next
+    benchmark stage) measures with the old model's vocabulary x hidden table still resident."""
+    import gc
+    import weakref
+    from dataclasses import replace
+
+    from autotune.trial import TrialRunner
+
+    cfg = replace(real_cfg, optimizer="paged_adamw_8bit")
+    runner = TrialRunner(RunContext(cfg), Budget(4 * GiB))
+    first = runner.measure(1, 16, 8)
+    table = weakref.ref(runner.model_for(8).model.get_base_model().get_input_embeddings().weight)
+    second = runner.measure(1, 16, 16)  # another rank: a new model
+    gc.collect()
+    assert table() is None, "the rank-8 model's embedding table outlived it"
+    lora_growth = 2 * 4 * sum(p.numel() for p in runner.model_for(16).model.parameters() if p.requires_grad) / 2
+    assert second.peak_bytes - first.peak_bytes < 4 * lora_growth  # the new rank's adapters, not a second table
+    runner.release()
+
+
 # ------------------------------------------------------------------------------ profile and train
 
 

@@ -1,5 +1,25 @@
-"""Training data: reading QA files into pairs (parsing) and splitting them into train/eval."""
+"""Training data: reading QA files into pairs (parsing), tokens and labels (encoding), a run's data (prepare)."""
 
-from autotune.data.parsing import DataReport, FileReport, QAPair, parse_data_dir, parse_markdown, read_text, split_pairs
+from autotune.data.parsing import (
+    DataReport,
+    FileReport,
+    Markers,
+    QAPair,
+    parse_data,
+    parse_data_dir,
+    parse_markdown,
+    read_text,
+    split_pairs,
+)
 
-__all__ = ["DataReport", "FileReport", "QAPair", "parse_data_dir", "parse_markdown", "read_text", "split_pairs"]
+__all__ = [
+    "DataReport",
+    "FileReport",
+    "Markers",
+    "QAPair",
+    "parse_data",
+    "parse_data_dir",
+    "parse_markdown",
+    "read_text",
+    "split_pairs",
+]

@@ -30,7 +30,7 @@ from typing import Any
 from autotune.config import OVERFLOW_POLICIES
 from autotune.fsutil import atomic_write_json
 
-# Bump whenever the output of encode_pair changes for the same inputs: invalidates caches.
+# Bump whenever the output of encode_pairs changes for the same inputs: invalidates caches.
 ENCODING_VERSION = 2  # 2: an open <think> left by a thinking-only template is closed
 
 IGNORE_INDEX = -100
@@ -202,25 +202,6 @@ def _check_policy(max_length: int, overflow: str) -> None:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
 
 
-def encode_pair(
-    tokenizer,
-    pair,
-    max_length: int,
-    system_prompt: str | None = None,
-    thinking_model: bool = False,
-    overflow: str = "truncate",
-) -> dict | None:
-    """Encode one pair to {input_ids, labels, prompt_tokens, answer_tokens, truncated}, or None.
-
-    Too long: "truncate" shortens the answer (keeping the final `<|im_end|>`) to exactly
-    max_length; if even the prompt + 1 answer token + `<|im_end|>` does not fit, or with
-    overflow="drop", the pair is dropped (None) and the caller counts it.
-    """
-    _check_policy(max_length, overflow)
-    prompt, answer = _tokenize_pairs(tokenizer, [pair], system_prompt, thinking_model)[0]
-    return _fit(prompt, answer, max_length, overflow)
-
-
 def encode_pairs(
     tokenizer,
     pairs: Sequence,
@@ -253,7 +234,7 @@ def length_stats(tokenizer, pairs: Sequence, system_prompt: str | None = None, t
     """Untruncated token lengths: {"count", "prompt", "answer", "total"}.
 
     Each of prompt/answer/total is {p50, p90, p95, p99, max, mean}; answer includes the
-    end-of-turn token, total = prompt + answer = the length encode_pair would need.
+    end-of-turn token, total = prompt + answer = the length encode_pairs would need.
     Percentiles are nearest-rank (the smallest length with at least p% of examples at or below
     it), so every value is a length that actually occurs: "p95 = 812" means a max_length of 812
     keeps 95% of examples whole. An empty input gives count 0 and all-zero stats.
@@ -274,7 +255,7 @@ def nearest_rank(sorted_values: Sequence[int], pct: float) -> int:
 
 def _summary(values: list[int]) -> dict:
     ordered = sorted(values)
-    stats = {f"p{p}": nearest_rank(ordered, p) for p in (50, 90, 95, 99)}
+    stats: dict[str, float] = {f"p{p}": nearest_rank(ordered, p) for p in (50, 90, 95, 99)}
     stats["max"] = ordered[-1] if ordered else 0
     stats["mean"] = sum(ordered) / len(ordered) if ordered else 0.0
     return stats
@@ -347,7 +328,7 @@ def load_or_encode(
     """
     _check_policy(max_length, overflow)
     pairs = list(pairs)
-    opts = dict(system_prompt=system_prompt, thinking_model=thinking_model, overflow=overflow)
+    opts: dict[str, Any] = dict(system_prompt=system_prompt, thinking_model=thinking_model, overflow=overflow)
     if cache_dir is None:
         return (*encode_pairs(tokenizer, pairs, max_length, **opts), False)
 

@@ -46,7 +46,7 @@ import os
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,8 @@ class FileReport:
     format: str
     pairs: int
     skipped: list[dict] = field(default_factory=list)  # each {"line": int, "reason": str}
+    encoding: str = "utf-8"
+    encoding_guessed: bool = False  # no BOM, not UTF-8: read as GBK/GB18030 because it reads as Chinese
 
     def to_json(self) -> dict:
         return {
@@ -110,6 +112,8 @@ class FileReport:
             "format": self.format,
             "pairs": self.pairs,
             "skipped": [dict(s) for s in self.skipped],
+            "encoding": self.encoding,
+            "encoding_guessed": self.encoding_guessed,
         }
 
 
@@ -127,8 +131,25 @@ class DataReport:
 # Decoding
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """Decode a data file: UTF-8 (BOM stripped), UTF-16 with BOM, else GBK/GB18030, else UserError."""
+@dataclass(frozen=True)
+class Decoded:
+    """A data file's text and how it was decoded: `guessed` when no BOM or strict UTF-8 settled it."""
+
+    text: str
+    encoding: str
+    guessed: bool = False
+
+
+# The share of a GB18030 reading's non-ASCII characters that must lie in GB2312 (the common simplified
+# Chinese set) for the reading to be believed. Real GBK text is almost all GB2312; bytes of a Latin-1 or
+# Windows-1252 file that happen to pair up as GB18030 mostly land outside it (mojibake).
+_GB2312_SHARE = 0.95
+
+
+def read_text(path: str | os.PathLike) -> Decoded:
+    """Decode a data file strictly: a BOM (UTF-8, UTF-16) or valid UTF-8 settles it; else GBK/GB18030 when
+    the text reads as common Chinese (a guess, said as such); else a UserError naming the first line that is
+    not UTF-8. Nothing is ever decoded with replacement characters, so mojibake cannot pass silently."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -136,21 +157,50 @@ def read_text(path: str | os.PathLike) -> str:
             f"{path}: cannot read data file ({e.strerror or e}). Fix: check the path and its permissions."
         ) from e
     if data.startswith(UTF8_BOM):
-        data, encodings = data[len(UTF8_BOM) :], ("utf-8",)  # the BOM says UTF-8: no guessing
-    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        encodings = ("utf-16",)
-    else:
-        # GB18030 is a superset of GBK, so one attempt covers both encodings Chinese editors save in.
-        encodings = ("utf-8", "gb18030")
-    for encoding in encodings:
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
+        return Decoded(_strict(data[len(UTF8_BOM) :], "utf-8", path), "utf-8-sig")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return Decoded(_strict(data, "utf-16", path), "utf-16")
+    try:
+        return Decoded(data.decode("utf-8"), "utf-8")
+    except UnicodeDecodeError as exc:
+        first_bad = exc.start
+    try:
+        text = data.decode("gb18030")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and _reads_as_chinese(text):
+        return Decoded(text, "gb18030", guessed=True)
+    line = data.count(b"\n", 0, first_bad) + 1
     raise UserError(
-        f"{path}: cannot decode the file as UTF-8 or GBK/GB18030 text. "
-        "Fix: re-save it as UTF-8 (most editors: 'Save with encoding' -> UTF-8)."
+        f"{path}:{line}: not UTF-8 (byte 0x{data[first_bad]:02x}), and not Chinese GBK text either: it is likely "
+        "Latin-1/Windows-1252 or binary. Fix: re-save the file as UTF-8 (most editors: 'Save with encoding' -> "
+        "UTF-8)."
     )
+
+
+def _strict(data: bytes, encoding: str, path) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}:{line}: the file starts with a {encoding} byte-order mark but is not valid {encoding}. "
+            "Fix: re-save it as UTF-8."
+        ) from None
+
+
+def _reads_as_chinese(text: str) -> bool:
+    wide = [c for c in text if ord(c) > 0x7F]
+    if not wide:
+        return False
+    common = 0
+    for c in wide:
+        try:
+            c.encode("gb2312")
+            common += 1
+        except UnicodeEncodeError:
+            pass
+    return common / len(wide) >= _GB2312_SHARE
 
 
 def _split_lines(text: str) -> list[str]:
@@ -172,18 +222,40 @@ class _Marker:
     styled: bool  # written as a heading or in bold (header_qa style)
 
 
+@dataclass(frozen=True)
+class Markers:
+    """How markdown files mark questions and answers: the config's prefixes and separator ("Q1:" / "A1:"),
+    or regexes that override them."""
+
+    question_prefix: str = "Q"
+    answer_prefix: str = "A"
+    separator: str = ":"
+    question_pattern: str | None = None
+    answer_pattern: str | None = None
+
+    @classmethod
+    def of(cls, cfg) -> Markers:
+        """A config's markers (any object with those attributes: autotune.config.Config in practice)."""
+        return cls(*(getattr(cfg, f.name) for f in fields(cls)))
+
+    def example(self) -> tuple[str, str]:
+        """What a question line and an answer line look like, for messages."""
+        q = self.question_pattern or f"{self.question_prefix}1{self.separator} ..."
+        a = self.answer_pattern or f"{self.answer_prefix}1{self.separator} ..."
+        return q, a
+
+
 class _MarkerMatcher:
     """Recognises question/answer marker lines, from prefixes or from user regexes."""
 
-    def __init__(
-        self, question_prefix="Q", answer_prefix="A", separator=":", question_pattern=None, answer_pattern=None
-    ):
-        _check_prefixes(question_prefix, answer_prefix, separator, question_pattern, answer_pattern)
-        self.question = _compile_user_pattern("question_pattern", question_pattern) or _builtin_marker(
-            question_prefix, separator
+    def __init__(self, markers: Markers):
+        m = markers
+        _check_prefixes(m.question_prefix, m.answer_prefix, m.separator, m.question_pattern, m.answer_pattern)
+        self.question = _compile_user_pattern("question_pattern", m.question_pattern) or _builtin_marker(
+            m.question_prefix, m.separator
         )
-        self.answer = _compile_user_pattern("answer_pattern", answer_pattern) or _builtin_marker(
-            answer_prefix, separator
+        self.answer = _compile_user_pattern("answer_pattern", m.answer_pattern) or _builtin_marker(
+            m.answer_prefix, m.separator
         )
 
     def match_question(self, line: str) -> _Marker | None:
@@ -440,18 +512,11 @@ def _trim_block(lines: list[str]) -> str:
 
 
 def parse_markdown(
-    text: str,
-    source: str,
-    fmt: str = "auto",
-    question_prefix: str = "Q",
-    answer_prefix: str = "A",
-    separator: str = ":",
-    question_pattern: str | None = None,
-    answer_pattern: str | None = None,
+    text: str, source: str, fmt: str = "auto", markers: Markers = Markers()
 ) -> tuple[list[QAPair], FileReport]:
     """Parse one markdown text. `fmt` "auto" reports header_qa when questions are headings or bold."""
     _check_format(fmt, allowed=("auto", *MARKDOWN_FORMATS))
-    matcher = _MarkerMatcher(question_prefix, answer_prefix, separator, question_pattern, answer_pattern)
+    matcher = _MarkerMatcher(markers)
     parser = _MarkdownParser(source, matcher)
     parser.parse(text)
     if fmt == "auto":
@@ -637,15 +702,7 @@ def _json_error(e: ValueError) -> str:
 # Directory
 
 
-def parse_data_dir(
-    data_dir: str | os.PathLike,
-    data_format: str = "auto",
-    question_prefix: str = "Q",
-    answer_prefix: str = "A",
-    separator: str = ":",
-    question_pattern: str | None = None,
-    answer_pattern: str | None = None,
-) -> DataReport:
+def parse_data_dir(data_dir: str | os.PathLike, data_format: str = "auto", markers: Markers = Markers()) -> DataReport:
     """Parse every data file under `data_dir` (recursively, in sorted order) into one report."""
     _check_format(data_format, allowed=DATA_FORMATS)
     root = Path(data_dir)
@@ -657,24 +714,17 @@ def parse_data_dir(
         raise UserError(
             f"data_dir {str(data_dir)!r} is a file, not a folder. Fix: set data_dir to the folder that contains it."
         )
-    options = dict(
-        question_prefix=question_prefix,
-        answer_prefix=answer_prefix,
-        separator=separator,
-        question_pattern=question_pattern,
-        answer_pattern=answer_pattern,
-    )
-    _MarkerMatcher(**options)  # validate the options once, before any file is read
+    _MarkerMatcher(markers)  # validate the markers once, before any file is read
 
     report = DataReport(files=[], pairs=[])
     for relative in _data_files(root, EXTENSIONS[data_format]):
         shown = _display(data_dir, relative)
-        pairs, file_report = _parse_file(root / relative, relative, data_format, options)
+        pairs, file_report = _parse_file(root / relative, relative, data_format, markers)
         report.files.append(file_report)
         report.pairs.extend(pairs)
         report.warnings.extend(_file_warnings(shown, file_report))
     if not report.pairs:
-        raise UserError(_no_pairs_message(data_dir, data_format, report, options))
+        raise UserError(_no_pairs_message(data_dir, data_format, report, markers))
     report.warnings.extend(_duplicate_warnings(report.pairs))
     return report
 
@@ -698,14 +748,22 @@ def _data_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-def _parse_file(path: Path, relative: str, data_format: str, options: dict) -> tuple[list[QAPair], FileReport]:
-    text = read_text(path)
+def _parse_file(path: Path, relative: str, data_format: str, markers: Markers) -> tuple[list[QAPair], FileReport]:
+    decoded = read_text(path)
+    pairs, report = _parse_text(decoded.text, path, relative, data_format, markers)
+    report.encoding, report.encoding_guessed = decoded.encoding, decoded.guessed
+    return pairs, report
+
+
+def _parse_text(
+    text: str, path: Path, relative: str, data_format: str, markers: Markers
+) -> tuple[list[QAPair], FileReport]:
     suffix = path.suffix.lower()
     if data_format == "jsonl" or (data_format == "auto" and suffix == ".jsonl"):
         return parse_jsonl(text, relative)
     if data_format == "json" or (data_format == "auto" and suffix == ".json"):
         return parse_json(text, relative)
-    return parse_markdown(text, relative, data_format, **options)
+    return parse_markdown(text, relative, data_format, markers)
 
 
 def _display(data_dir: str | os.PathLike, relative: str) -> str:
@@ -714,6 +772,11 @@ def _display(data_dir: str | os.PathLike, relative: str) -> str:
 
 def _file_warnings(shown: str, report: FileReport) -> list[str]:
     warnings = []
+    if report.encoding_guessed:
+        warnings.append(
+            f"{shown}: not UTF-8; read as {report.encoding.upper()} (Chinese GBK), a guess from its content: check "
+            "`autotune data inspect`, and re-save it as UTF-8 to be sure"
+        )
     if report.pairs == 0:
         warnings.append(f"{shown}: no QA pairs found (format {report.format})")
     if report.skipped:
@@ -742,14 +805,13 @@ def _duplicate_warnings(pairs: list[QAPair]) -> list[str]:
     ]
 
 
-def _no_pairs_message(data_dir, data_format: str, report: DataReport, options: dict) -> str:
+def _no_pairs_message(data_dir, data_format: str, report: DataReport, markers: Markers) -> str:
     patterns = ", ".join(f"*{ext}" for ext in EXTENSIONS[data_format])
     if not report.files:
         found = f"no {patterns} files (README.md is skipped)"
     else:
         found = f"{len(report.files)} file(s) with no usable pairs: " + "; ".join(w for w in report.warnings[:3])
-    q = options["question_pattern"] or f"{options['question_prefix']}1{options['separator']} ..."
-    a = options["answer_pattern"] or f"{options['answer_prefix']}1{options['separator']} ..."
+    q, a = markers.example()
     return (
         f"no QA pairs found in data_dir {str(data_dir)!r} (data_format {data_format!r}; looked for {patterns} files): {found}. "
         f"Markdown pairs look like '{q}' (or '### {q}') followed by '{a}'; JSONL/JSON records need "
@@ -824,14 +886,5 @@ def split_pairs(pairs: Iterable[QAPair], eval_ratio: float = 0.1, seed: int = 42
 
 
 def parse_data(cfg) -> DataReport:
-    """`data_dir` parsed with a config's data_format, prefixes, separator and patterns (any object with
-    those attributes: autotune.config.Config in practice)."""
-    return parse_data_dir(
-        cfg.data_dir,
-        cfg.data_format,
-        cfg.question_prefix,
-        cfg.answer_prefix,
-        cfg.separator,
-        cfg.question_pattern,
-        cfg.answer_pattern,
-    )
+    """`data_dir` parsed with a config's data_format and markers (autotune.config.Config in practice)."""
+    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg))

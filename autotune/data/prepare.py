@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from autotune.context import RunContext
 from autotune.data.encoding import length_stats, load_or_encode
@@ -26,7 +27,9 @@ def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> Prepar
     for warning in parsed.warnings:
         echo(f"warning: {warning}")
     train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
-    opts = dict(system_prompt=cfg.system_prompt, thinking_model=ctx.spec.thinking, overflow=cfg.overflow)
+    opts: dict[str, Any] = dict(
+        system_prompt=cfg.system_prompt, thinking_model=ctx.spec.thinking, overflow=cfg.overflow
+    )
     train_rows, train_report, hit = load_or_encode(
         tokenizer, train_pairs, cfg.max_sequence_length, cfg.data_cache_dir, **opts
     )

@@ -42,6 +42,9 @@ MARKDOWN_FORMATS = ("simple_qa", "header_qa")
 DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json")
 OVERFLOW_POLICIES = ("truncate", "drop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# A memory technique of the step: `auto` lets the solved profile decide (and falls back to the technique's
+# own default without one), `on` and `off` force it.
+SWITCHES = ("auto", "on", "off")
 # `autotune solve --objective`, and the ranks `--objective max-rank` tries when none are given.
 OBJECTIVES = ("throughput", "max-seq", "max-rank")
 MAX_RANK_CANDIDATES = (4, 8, 16, 32, 64)
@@ -184,6 +187,36 @@ class Config:
     lr_scheduler_kwargs: dict = _key({}, "Extra scheduler arguments.", "dict")
     max_oom_retries: int = _key(
         4, "Times a training OOM may halve the micro-batch (accumulation doubles) before giving up.", "int>=0"
+    )
+    eval_batch_size: int | None = _key(
+        None,
+        "Per-device evaluation batch; null: batch_size. An evaluation OOM halves it and never the training micro-batch.",
+        "int>=1?",
+    )
+    # --- memory techniques of the step (autotune/techniques/); solve measures them, the profile records them ---
+    fused_loss: str = _key(
+        "auto",
+        "The loss straight from the hidden states, a chunk of tokens at a time, so the logits over Qwen3's 151,936-"
+        "token vocabulary never exist all at once (liger-kernel's fused kernel on CUDA where it imports). auto: on.",
+        _choice(SWITCHES),
+    )
+    offload_activations: str = _key(
+        "auto",
+        "With gradient checkpointing, each layer's saved input goes to CPU memory in forward and comes back for "
+        "backward. auto: the profile's choice, else off.",
+        _choice(SWITCHES),
+    )
+    embedding_on_cpu: str = _key(
+        "auto",
+        "Untied models (Qwen3-8B/14B/32B): the frozen input-embedding table stays in CPU memory and only the rows "
+        "looked up move to the GPU. auto: the profile's choice, else off.",
+        _choice(SWITCHES),
+    )
+    packing: str = _key(
+        "auto",
+        "Padding-free packing: a micro-batch's samples are concatenated into one row, attention stops at sample "
+        "boundaries and positions restart per sample; a micro-batch still holds batch_size samples. auto: on.",
+        _choice(SWITCHES),
     )
 
     def to_dict(self) -> dict:

@@ -90,6 +90,11 @@ NON_DEFAULT = {
     "lr_scheduler_type": "linear",
     "lr_scheduler_kwargs": {"num_cycles": 2},
     "max_oom_retries": 0,
+    "eval_batch_size": 2,
+    "fused_loss": "off",
+    "offload_activations": "on",
+    "embedding_on_cpu": "on",
+    "packing": "off",
 }
 
 

@@ -17,6 +17,7 @@ from autotune.data.encoding import (
     CausalLMCollator,
     EncodeReport,
     encode_pairs,
+    labelled_spans,
     length_stats,
     load_or_encode,
     nearest_rank,
@@ -167,6 +168,11 @@ def answer_part(tok, example):
     return [t for t in example["labels"] if t != IGNORE_INDEX]
 
 
+def labelled_texts(tok, example) -> list[str]:
+    """The decoded text of each labelled span of a row."""
+    return [tok.decode(example["input_ids"][a:b]) for a, b in labelled_spans(example["labels"])]
+
+
 def test_labels_mask_prompt_and_cover_answer_token_by_token(tok):
     pair = qa()
     ex = encode_pair(tok, pair, max_length=512, system_prompt="You are terse.")
@@ -232,11 +238,15 @@ def test_thinking_only_template_gets_open_think_closed_and_masked(tok, thinking_
     assert prompt == render_prompt(tok, pair, thinking_model=True)
 
     ex = encode_pair(thinking_tok, pair, max_length=512, thinking_model=thinking_model)
-    n = ex["prompt_tokens"]
-    assert ex["input_ids"][:n] == thinking_tok(prompt, add_special_tokens=False)["input_ids"]
-    assert ex["input_ids"][n - 4 : n] == [THINK, 271, END_THINK, 271]
-    assert ex["labels"][:n] == [IGNORE_INDEX] * n
-    assert tok.decode(answer_part(tok, ex)) == pair.answer + "<|im_end|>"
+    # Both answers labelled, each after its own closed empty think block, as the model generates them.
+    assert labelled_texts(tok, ex) == ["Paris.<|im_end|>", pair.answer + "<|im_end|>"]
+    (_, first_end), (last_start, _) = labelled_spans(ex["labels"])
+    assert ex["input_ids"][last_start - 4 : last_start] == [THINK, 271, END_THINK, 271]
+    assert tok.decode(ex["input_ids"][:last_start]).endswith(
+        "Paris.<|im_end|>\n<|im_start|>user\n" + pair.question + "<|im_end|>\n<|im_start|>assistant\n" + EMPTY_THINK
+    )
+    first_prompt = thinking_tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ex["input_ids"][:first_end]) == first_prompt + "\n</think>\n\nParis.<|im_end|>"
 
 
 @pytest.mark.parametrize("thinking_model", [True, False])
@@ -251,7 +261,7 @@ def test_template_without_think_support_is_left_alone(tok, thinking_model):
     assert tok.decode(answer_part(tok, ex)) == pair.answer + "<|im_end|>"
 
 
-def test_history_and_pair_system_are_prompt_only(tok):
+def test_history_turns_are_labelled_and_pair_system_wins(tok):
     pair = qa(question="And Italy?", answer="Rome.", system="Geography bot.", history=(("France?", "Paris."),))
     prompt = render_prompt(tok, pair, system_prompt="ignored default")
     assert prompt == (
@@ -260,7 +270,11 @@ def test_history_and_pair_system_are_prompt_only(tok):
         "<|im_start|>user\nAnd Italy?<|im_end|>\n<|im_start|>assistant\n"
     )
     ex = encode_pair(tok, pair, max_length=512)
-    assert tok.decode(answer_part(tok, ex)) == "Rome.<|im_end|>"
+    # Every assistant turn is trained on; system and user turns are not. Without a think block to add, the row
+    # is the template's own rendering of the whole conversation.
+    assert labelled_texts(tok, ex) == ["Paris.<|im_end|>", "Rome.<|im_end|>"]
+    assert tok.decode(ex["input_ids"]) == prompt + "Rome.<|im_end|>"
+    assert ex["prompt_tokens"] + ex["answer_tokens"] == len(ex["input_ids"])
 
 
 def test_answer_starting_with_newlines_keeps_prompt_tokens(tok):
@@ -304,7 +318,7 @@ def test_truncate_boundaries_and_drop(tok):
 def test_encode_pairs_report(tok):
     pairs = [qa(line=1), long_pair(), qa(question="x " * 200, line=3), qa(line=4)]
     examples, report = encode_pairs(tok, pairs, max_length=64)
-    assert report == EncodeReport(total=4, kept=3, truncated=1, dropped=1, dropped_sources=["train.jsonl:3"])
+    assert report == EncodeReport(total=4, kept=3, truncated=1, dropped=1, dropped_sources=["train.jsonl:3"], turns=3)
     assert len(examples) == 3 and all(len(e["input_ids"]) <= 64 for e in examples)
 
     examples, report = encode_pairs(tok, pairs, max_length=64, overflow="drop")
@@ -379,7 +393,7 @@ def test_tampered_cache_entry_is_rebuilt(tok, tmp_path):
     examples, _, _ = load_or_encode(tok, pairs, 64, tmp_path)
     (cache_file,) = tmp_path.glob("*.json")
     data = json.loads(cache_file.read_text())
-    data["examples"][0]["prompt_tokens"] = 10**6  # well-formed JSON, impossible content
+    data["examples"][0]["spans"] = "0:1000000"  # well-formed JSON, impossible content
     cache_file.write_text(json.dumps(data))
     rebuilt, _, hit = load_or_encode(tok, pairs, 64, tmp_path)
     assert not hit and rebuilt == examples

@@ -58,7 +58,7 @@ def test_simple_qa():
         ("What is LoRA?", "A low-rank adapter.", 1),
         ("And QLoRA?", "LoRA on 4-bit weights.", 4),
     ]
-    assert report == FileReport("t.md", "simple_qa", 2, [])
+    assert report == FileReport("t.md", "simple_qa", 2, [], turns=2)
     assert all(p.source == "t.md" and p.system is None and p.history == () for p in pairs)
 
 
@@ -373,13 +373,43 @@ def test_jsonl_chat_records():
         },
     ]
     pairs, report = parse_jsonl("\n".join(json.dumps(r) for r in records) + "\n", "chat.jsonl")
+    # One sample per conversation: its last answer, with the earlier turns as history (trained on too).
     assert [(p.question, p.answer, p.line, p.system) for p in pairs] == [
         ("Hi?", "Hello.", 1, "Be brief."),
-        ("1+1?", "2", 2, None),
         ("Times 3?", "6", 2, None),
     ]
-    assert pairs[2].history == ({"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"})
-    assert report == FileReport("chat.jsonl", "jsonl", 3, [])
+    assert pairs[1].history == ({"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"})
+    assert [p.turns for p in pairs] == [1, 2]
+    assert report == FileReport("chat.jsonl", "jsonl", 2, [], kinds={"chat": 2}, turns=3)
+
+
+def test_chat_turns_after_the_last_answer_are_dropped_and_empty_assistant_turns_are_context():
+    record = {
+        "messages": [
+            {"role": "user", "content": "a?"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "b?"},
+            {"role": "assistant", "content": "B"},
+            {"role": "user", "content": "unanswered"},
+        ]
+    }
+    (pair,), _ = parse_jsonl(json.dumps(record), "c.jsonl")
+    assert (pair.question, pair.answer, pair.turns) == ("b?", "B", 1)
+    assert pair.history == ({"role": "user", "content": "a?"}, {"role": "assistant", "content": ""})
+
+
+@pytest.mark.parametrize(
+    ("turn", "reason"),
+    [
+        ({"role": "robot", "content": "x"}, "turn 2 has role 'robot'; expected one of user, human"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}, "turn 2 calls tools"),
+        ({"content": "x"}, "turn 2 is not an object with a 'role'"),
+    ],
+)
+def test_chat_turns_autotune_cannot_render_are_skipped_with_a_reason(turn, reason):
+    record = {"messages": [{"role": "user", "content": "q"}, turn, {"role": "assistant", "content": "a"}]}
+    pairs, report = parse_jsonl(json.dumps(record), "c.jsonl")
+    assert pairs == [] and report.skipped[0]["reason"].startswith(reason)
 
 
 def test_jsonl_alpaca_and_question_answer_records():
@@ -404,15 +434,22 @@ def test_jsonl_sharegpt_and_alpaca_history():
                     {"from": "system", "value": "S"},
                     {"from": "human", "value": "hi"},
                     {"from": "gpt", "value": "yo"},
+                    {"from": "human", "value": "look it up"},
+                    {"from": "gpt", "value": "one moment"},
+                    {"from": "observation", "value": "42"},
+                    {"from": "human", "value": "so?"},
+                    {"from": "gpt", "value": "42."},
                 ]
             }
         ),
         json.dumps({"instruction": "and now?", "output": "done", "system": "S2", "history": [["before?", "yes"]]}),
     ]
     pairs, report = parse_jsonl("\n".join(lines), "s.jsonl")
-    assert [(p.question, p.answer, p.system) for p in pairs] == [("hi", "yo", "S"), ("and now?", "done", "S2")]
+    assert [(p.question, p.answer, p.system) for p in pairs] == [("so?", "42.", "S"), ("and now?", "done", "S2")]
+    assert [t["role"] for t in pairs[0].history] == ["user", "assistant", "user", "assistant", "tool"]
+    assert pairs[0].turns == 3
     assert pairs[1].history == ({"role": "user", "content": "before?"}, {"role": "assistant", "content": "yes"})
-    assert report.skipped == []
+    assert report.skipped == [] and report.kinds == {"sharegpt": 1, "alpaca": 1} and report.turns == 5
 
 
 def test_jsonl_malformed_line_and_unknown_shape_are_skipped():
@@ -422,6 +459,7 @@ def test_jsonl_malformed_line_and_unknown_shape_are_skipped():
     assert [s["line"] for s in report.skipped] == [2, 4, 5]
     assert report.skipped[0]["reason"].startswith("invalid JSON")
     assert "unknown record shape (keys: foo)" in report.skipped[1]["reason"]
+    assert "'conversations'" in report.skipped[1]["reason"]
 
 
 def test_jsonl_chat_without_answer_is_skipped():
@@ -502,10 +540,14 @@ def test_to_json(tmp_path):
         "path": "a.md",
         "format": "simple_qa",
         "pairs": 1,
+        "turns": 1,
+        "traces": 0,
+        "kinds": {},
         "skipped": [],
         "encoding": "utf-8",
         "encoding_guessed": False,
     }
+    assert data["files"][1]["kinds"] == {"chat": 1}
     assert data["pairs"] == [
         {"question": "a?", "answer": "a", "source": "a.md", "line": 1},
         {"question": "u", "answer": "x", "source": "c.jsonl", "line": 1, "system": "S"},
@@ -542,7 +584,9 @@ def test_no_pairs_is_user_error(tmp_path):
 
 
 def test_empty_dir_is_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"no \*\.md, \*\.markdown, \*\.jsonl, \*\.json files"):
+    with pytest.raises(
+        UserError, match=r"no \*\.md, \*\.markdown, \*\.jsonl, \*\.json, \*\.parquet, \*\.arrow, \*\.csv files"
+    ):
         parse_data_dir(tmp_path)
 
 
@@ -552,8 +596,8 @@ def test_missing_data_dir_is_user_error(tmp_path):
 
 
 def test_unknown_data_format_is_user_error(tmp_path):
-    with pytest.raises(UserError, match="data_format: unknown value 'csv'"):
-        parse_data_dir(tmp_path, data_format="csv")
+    with pytest.raises(UserError, match="data_format: unknown value 'xlsx'"):
+        parse_data_dir(tmp_path, data_format="xlsx")
 
 
 def test_import_is_cheap():

@@ -1,4 +1,4 @@
-"""Turn QA pairs into token ids + labels, the one place training and the solver agree on.
+"""Turn samples into token ids + labels, the one place training and the solver agree on.
 
 The conversation is rendered by the tokenizer's OWN chat template, so what we train on is
 exactly what the model sees at inference:
@@ -8,12 +8,23 @@ exactly what the model sees at inference:
 
 Labels are -100 over the prompt and equal to the ids over the answer *including* the
 end-of-turn token, so the model learns to stop. Qwen's template writes a "\\n" after every
-`<|im_end|>`; we omit it: it is never predicted (generation stops at `<|im_end|>`), it would
-only cost a token per example, and leaving it out keeps the invariant "the last token is the
-labelled end-of-turn" true for truncated examples too.
+`<|im_end|>`; we omit it after the last turn: it is never predicted (generation stops at
+`<|im_end|>`), it would only cost a token per example, and leaving it out keeps the invariant
+"the last token is the labelled end-of-turn" true for truncated examples too.
+
+Multi-turn samples train on every assistant turn of their history as well, in one row: each
+assistant turn is preceded by exactly the generation prompt the template writes for it (the
+text the template adds for the turns since the previous answer, read off the template by
+rendering that answer as a sentinel), and only the assistant's own tokens are labelled. So
+every answer is trained in the form the model generates it in, with its think block.
+
+Reasoning traces (a pair's `reasoning`, an assistant turn's `reasoning_content`) go inside the
+think block, as Qwen3 generates them: `<think>\\n{trace}\\n</think>\\n\\n{answer}`, labelled
+(after the `<think>\\n` a thinking-only template puts in the prompt). Turns without a trace, and
+every turn with reasoning="drop", keep the empty think block in the prompt (unlabelled).
 
 Pairs are duck-typed: anything with `question`, `answer`, `source`, `line`, `system` and
-`history` attributes (autotune.data.parsing.QAPair).
+`history` attributes, and optionally `reasoning` (autotune.data.parsing.QAPair).
 """
 
 from __future__ import annotations
@@ -24,21 +35,27 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from autotune.config import OVERFLOW_POLICIES
+from autotune.config import OVERFLOW_POLICIES, REASONING_TRACES
 from autotune.fsutil import atomic_write_json
 
 # Bump whenever the output of encode_pairs changes for the same inputs: invalidates caches.
-ENCODING_VERSION = 2  # 2: an open <think> left by a thinking-only template is closed
+# 2: an open <think> left by a thinking-only template is closed. 3: every assistant turn of a conversation is
+# labelled; reasoning traces are trained inside the think block.
+ENCODING_VERSION = 3
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 # What Qwen3's hybrid template emits with enable_thinking=False: the answer follows it.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+# Stands in for the previous answer when the template renders the turns after it (see _segments).
+_SENTINEL = "\u27e6autotune:previous-answer\u27e7"
 
 # Touches the byte-level, CJK, emoji, digit-splitting and special-token paths of a tokenizer:
 # two tokenizers that encode this identically are, for caching purposes, the same tokenizer.
@@ -52,6 +69,9 @@ class EncodeReport:
     truncated: int = 0
     dropped: int = 0
     dropped_sources: list[str] = field(default_factory=list)  # "file:line" of each dropped pair
+    turns: int = 0  # assistant turns labelled, over all samples (a multi-turn sample has several)
+    traces_trained: int = 0  # reasoning traces trained inside the think block
+    traces_dropped: int = 0  # reasoning traces left out: reasoning_traces="drop", or no think block to put them in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,12 +94,16 @@ def build_messages(pair, system_prompt: str | None = None) -> list[dict[str, str
     return messages
 
 
-def _history_messages(history: Iterable[Any]) -> list[dict[str, str]]:
-    """Earlier turns, accepted as role/content messages or as (question, answer) exchanges."""
+def _history_messages(history: Iterable[Any], reasoning: bool = False) -> list[dict[str, str]]:
+    """Earlier turns, accepted as role/content messages or as (question, answer) exchanges; with
+    `reasoning`, an assistant message keeps its "reasoning_content"."""
     messages: list[dict[str, str]] = []
     for turn in history:
         if isinstance(turn, Mapping):
-            messages.append({"role": turn["role"], "content": turn["content"]})
+            message = {"role": turn["role"], "content": turn["content"]}
+            if reasoning and turn.get("reasoning_content"):
+                message["reasoning_content"] = turn["reasoning_content"]
+            messages.append(message)
         elif hasattr(turn, "role") and hasattr(turn, "content"):
             messages.append({"role": turn.role, "content": turn.content})
         elif hasattr(turn, "question") and hasattr(turn, "answer"):
@@ -91,12 +115,23 @@ def _history_messages(history: Iterable[Any]) -> list[dict[str, str]]:
     return messages
 
 
+def _conversation(pair, system_prompt: str | None) -> list[dict[str, str]]:
+    """Every turn of a sample, its answer last; assistant turns carry their trace as "reasoning_content"."""
+    messages = build_messages(pair, system_prompt)
+    history = _history_messages(getattr(pair, "history", ()) or (), reasoning=True)
+    messages[len(messages) - 1 - len(history) : -1] = history
+    answer = {"role": "assistant", "content": pair.answer}
+    if getattr(pair, "reasoning", None):
+        answer["reasoning_content"] = pair.reasoning
+    return messages + [answer]
+
+
 def render_prompt(tokenizer, pair, system_prompt: str | None = None, thinking_model: bool = False) -> str:
     """The prompt text, ending with the assistant header the answer follows.
 
     For a thinking model (Qwen3 hybrid) we pass enable_thinking=False, which makes the template
-    emit the empty `<think>\\n\\n</think>\\n\\n` block: training answers carry no reasoning, so
-    the model is taught the "answer directly" mode it will be prompted with.
+    emit the empty `<think>\\n\\n</think>\\n\\n` block: the model is prompted in the "answer
+    directly" mode.
 
     Thinking-only templates (Qwen3-*-Thinking-2507) ignore enable_thinking and end the prompt
     with an open `<think>\\n`; we close it as the same empty block (whatever thinking_model
@@ -104,22 +139,48 @@ def render_prompt(tokenizer, pair, system_prompt: str | None = None, thinking_mo
     A template with no think handling at all (Qwen3-*-Instruct-2507) is left alone, even with
     thinking_model=True: that model has no thinking mode to switch off.
     """
+    return _answer_prompt(tokenizer, build_messages(pair, system_prompt), thinking_model)
+
+
+def _answer_prompt(tokenizer, messages: list[dict], thinking_model: bool) -> str:
     extra = {"enable_thinking": False} if thinking_model else {}
-    prompt = tokenizer.apply_chat_template(
-        build_messages(pair, system_prompt), tokenize=False, add_generation_prompt=True, **extra
-    )
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     return _close_open_think(prompt)
+
+
+def _after_header(prompt: str) -> str | None:
+    """What the generation prompt writes after the last assistant header (None: no header)."""
+    start = prompt.rfind(ASSISTANT_HEADER)
+    return None if start < 0 else prompt[start + len(ASSISTANT_HEADER) :]
 
 
 def _close_open_think(prompt: str) -> str:
     """Turn a trailing unclosed `<think>` after the last assistant header into EMPTY_THINK."""
-    start = prompt.rfind(ASSISTANT_HEADER)
-    if start < 0:
-        return prompt
-    start += len(ASSISTANT_HEADER)
-    if prompt[start:].strip() != THINK_OPEN:
+    tail = _after_header(prompt)
+    if tail is None or tail.strip() != THINK_OPEN:
         return prompt  # no think block, or one the template already closed
-    return prompt[:start] + EMPTY_THINK
+    return prompt[: len(prompt) - len(tail)] + EMPTY_THINK
+
+
+def _generation_prompt(tokenizer, messages: list[dict], thinking_model: bool, reasoning: str | None):
+    """(prompt, label prefix, trace trained) for the assistant turn that follows `messages`.
+
+    Without a trace to train: the answer prompt (empty think block for thinking models). With one: the
+    thinking-mode prompt, and the labels start with the think block, or, where a thinking-only template
+    already opened it in the prompt, with the trace itself. A template with no think block at all (no
+    thinking mode) cannot hold a trace: it is dropped.
+    """
+    answer_prompt = _answer_prompt(tokenizer, messages, thinking_model)
+    if reasoning is None or not thinking_model or THINK_OPEN not in (_after_header(answer_prompt) or ""):
+        return answer_prompt, "", False
+    thinking = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    tail = (_after_header(thinking) or "").strip()
+    body = reasoning.strip() + f"\n{THINK_CLOSE}\n\n"
+    if tail == "":  # the hybrid template: the model opens the block itself
+        return thinking, f"{THINK_OPEN}\n" + body, True
+    if tail == THINK_OPEN:  # a thinking-only template opened it in the prompt
+        return thinking, ("" if thinking.endswith("\n") else "\n") + body, True
+    return answer_prompt, "", False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,31 +197,82 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def _tokenize_pairs(tokenizer, pairs: Sequence, system_prompt, thinking_model) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, answer_ids) per pair; answer_ids end with the end-of-turn id.
+@dataclass
+class _Segments:
+    """A sample's text in order, each piece labelled or not; and what happened to its traces."""
 
-    Batched, because one call into the Rust tokenizer is much faster than a loop of small ones.
+    parts: list[tuple[str, bool]] = field(default_factory=list)
+    turns: int = 0
+    traces_trained: int = 0
+    traces_dropped: int = 0
+
+
+def _segments(tokenizer, pair, system_prompt, thinking_model: bool, train_traces: bool, eot: str) -> _Segments:
+    """Unlabelled context and labelled assistant text, alternating, for every non-empty assistant turn.
+
+    The context before the first answer is the template's own prompt for it. The context before a later answer
+    is what the template adds after the previous answer's end-of-turn, up to and including this answer's
+    generation prompt: the template renders the turns with the previous answer replaced by a sentinel, and the
+    text after the sentinel's end-of-turn is taken. The previous answer itself stays as it was trained (with its
+    think block), so each answer is labelled exactly as the model generates it.
+    """
+    messages = _conversation(pair, system_prompt)
+    out = _Segments()
+    previous = None
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or not message["content"].strip():
+            continue
+        context = [{"role": m["role"], "content": m["content"]} for m in messages[:i]]
+        if previous is not None:
+            context[previous]["content"] = _SENTINEL
+        reasoning = message.get("reasoning_content")
+        prompt, prefix, traced = _generation_prompt(
+            tokenizer, context, thinking_model, reasoning if train_traces else None
+        )
+        if reasoning:
+            out.traces_trained += traced
+            out.traces_dropped += not traced
+        if previous is None:
+            text = prompt
+        else:
+            at = prompt.find(_SENTINEL)
+            text = prompt[at + len(_SENTINEL) :] if at >= 0 else ""
+            if at < 0 or not text.startswith(eot):
+                raise ValueError(
+                    f"{_where(pair)}: the chat template does not write an earlier assistant turn as its content "
+                    f"followed by {eot!r}, so the turns of a conversation cannot be labelled one by one"
+                )
+            text = text[len(eot) :]
+        out.parts += [(text, False), (prefix + message["content"] + eot, True)]
+        out.turns += 1
+        previous = i
+    return out
+
+
+def _tokenize_pairs(
+    tokenizer, pairs: Sequence, system_prompt, thinking_model, reasoning: str = "train"
+) -> list[tuple[list[tuple[list[int], bool]], _Segments]]:
+    """Per pair: its token parts [(ids, labelled), ...] (labelled parts end with the end-of-turn id) and its
+    segments.
+
+    Each part is tokenized on its own, batched over all pairs (one call into the Rust tokenizer is much faster
+    than a loop of small ones). A context part is then exactly what inference encodes as the prompt; at a
+    context/answer seam the template's "\\n" stays its own token, as it does at inference, even where an answer
+    starting with a newline would have merged with it ("\\n\\n\\n" pre-tokenizes as one chunk).
     """
     eot_id = end_of_turn_id(tokenizer)
     eot = tokenizer.convert_ids_to_tokens(eot_id)
-    prompts = [render_prompt(tokenizer, p, system_prompt, thinking_model) for p in pairs]
-    fulls = [prompt + p.answer + eot for prompt, p in zip(prompts, pairs)]
-    prompt_ids = _batch_ids(tokenizer, prompts)
-    full_ids = _batch_ids(tokenizer, fulls)
-
+    segments = [_segments(tokenizer, p, system_prompt, thinking_model, reasoning == "train", eot) for p in pairs]
+    ids = iter(_batch_ids(tokenizer, [text for seg in segments for text, _ in seg.parts]))
     out = []
-    for pair, prompt, full in zip(pairs, prompt_ids, full_ids):
-        if full[: len(prompt)] == prompt and len(full) > len(prompt):
-            answer = full[len(prompt) :]
-        else:
-            # The template's prompt ends in "\n", so the split holds unless the answer itself
-            # starts with whitespace+newline ("\n\nfoo" pre-tokenizes as one "\n\n\n" chunk).
-            # Then keep the prompt exactly as inference will encode it and encode the answer
-            # on its own: the model still learns to generate these answer tokens after it.
-            answer = _batch_ids(tokenizer, [pair.answer + eot])[0]
-        if not answer or answer[-1] != eot_id:
-            raise ValueError(f"{_where(pair)}: answer encoding does not end with {eot!r}; is it a ChatML tokenizer?")
-        out.append((prompt, answer))
+    for pair, seg in zip(pairs, segments):
+        parts = [(next(ids), labelled) for _, labelled in seg.parts]
+        for part, labelled in parts:
+            if labelled and (not part or part[-1] != eot_id):
+                raise ValueError(
+                    f"{_where(pair)}: answer encoding does not end with {eot!r}; is it a ChatML tokenizer?"
+                )
+        out.append((parts, seg))
     return out
 
 
@@ -174,30 +286,53 @@ def _where(pair) -> str:
     return f"{getattr(pair, 'source', '?')}:{getattr(pair, 'line', '?')}"
 
 
-def _fit(prompt: list[int], answer: list[int], max_length: int, overflow: str) -> dict | None:
-    """Apply the length policy to one tokenized pair; None means dropped."""
-    truncated = False
-    if len(prompt) + len(answer) > max_length:
-        # Room for answer text once the prompt and the end-of-turn are in.
-        room = max_length - len(prompt) - 1
-        if overflow == "drop" or room < 1:
+def _fit(parts: list[tuple[list[int], bool]], max_length: int, overflow: str) -> dict | None:
+    """Apply the length policy to one tokenized sample; None means dropped.
+
+    Truncation cuts the labelled turn the limit falls in (keeping its end-of-turn, so the model still sees and
+    learns a terminated turn) and everything after it; context is never cut, so a sample whose first answer
+    has no room for one token and its end-of-turn is dropped. A row always ends with a labelled end-of-turn.
+    """
+    truncated = sum(len(ids) for ids, _ in parts) > max_length
+    if truncated:
+        if overflow == "drop":
             return None
-        # Cut the answer, never the prompt, and keep the end-of-turn so the model still sees
-        # (and learns) a terminated turn.
-        answer = answer[:room] + answer[-1:]
-        truncated = True
+        kept: list[tuple[list[int], bool]] = []
+        used = 0
+        for ids, labelled in parts:
+            if used + len(ids) <= max_length:
+                kept.append((ids, labelled))
+                used += len(ids)
+                continue
+            room = max_length - used - 1  # answer tokens that fit beside the end-of-turn
+            if labelled and room >= 1:
+                kept.append((ids[:room] + ids[-1:], True))
+            break
+        while kept and not kept[-1][1]:
+            kept.pop()
+        if not kept:
+            return None
+        parts = kept
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, labelled in parts:
+        input_ids += ids
+        labels += ids if labelled else [IGNORE_INDEX] * len(ids)
+    answer_tokens = sum(len(ids) for ids, labelled in parts if labelled)
     return {
-        "input_ids": prompt + answer,
-        "labels": [IGNORE_INDEX] * len(prompt) + answer,
-        "prompt_tokens": len(prompt),
-        "answer_tokens": len(answer),  # labelled tokens, end-of-turn included
+        "input_ids": input_ids,
+        "labels": labels,
+        "prompt_tokens": len(input_ids) - answer_tokens,  # unlabelled: system, questions, templates
+        "answer_tokens": answer_tokens,  # labelled: every answer with its end-of-turn
         "truncated": truncated,
     }
 
 
-def _check_policy(max_length: int, overflow: str) -> None:
+def _check_policy(max_length: int, overflow: str, reasoning: str = "train") -> None:
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    if reasoning not in REASONING_TRACES:
+        raise ValueError(f"reasoning must be one of {REASONING_TRACES}, got {reasoning!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
 
@@ -209,41 +344,75 @@ def encode_pairs(
     system_prompt: str | None = None,
     thinking_model: bool = False,
     overflow: str = "truncate",
+    reasoning: str = "train",
 ) -> tuple[list[dict], EncodeReport]:
-    _check_policy(max_length, overflow)
+    _check_policy(max_length, overflow, reasoning)
     pairs = list(pairs)
     report = EncodeReport(total=len(pairs))
     examples = []
-    for pair, (prompt, answer) in zip(pairs, _tokenize_pairs(tokenizer, pairs, system_prompt, thinking_model)):
-        example = _fit(prompt, answer, max_length, overflow)
+    for pair, (parts, seg) in zip(pairs, _tokenize_pairs(tokenizer, pairs, system_prompt, thinking_model, reasoning)):
+        example = _fit(parts, max_length, overflow)
         if example is None:
             report.dropped += 1
             report.dropped_sources.append(_where(pair))
             continue
         report.truncated += example["truncated"]
+        report.turns += seg.turns
+        report.traces_trained += seg.traces_trained
+        report.traces_dropped += seg.traces_dropped
         examples.append(example)
     report.kept = len(examples)
     return examples, report
+
+
+def labelled_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of labelled positions."""
+    spans: list[tuple[int, int]] = []
+    for i, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
 
 
 # ---------------------------------------------------------------------------------------------
 # Length statistics (the solver picks the sequence length from these)
 
 
-def length_stats(tokenizer, pairs: Sequence, system_prompt: str | None = None, thinking_model: bool = False) -> dict:
+def sample_lengths(
+    tokenizer, pairs: Sequence, system_prompt: str | None = None, thinking_model: bool = False, reasoning="train"
+) -> list[tuple[int, int]]:
+    """(unlabelled, labelled) untruncated token counts of each sample."""
+    encoded = _tokenize_pairs(tokenizer, list(pairs), system_prompt, thinking_model, reasoning)
+    return [
+        (sum(len(ids) for ids, lab in parts if not lab), sum(len(ids) for ids, lab in parts if lab))
+        for parts, _ in encoded
+    ]
+
+
+def summarize_lengths(lengths: Sequence[tuple[int, int]]) -> dict:
+    """{"count", "prompt", "answer", "total"} of (prompt, answer) lengths (see length_stats)."""
+    prompt = [p for p, _ in lengths]
+    answer = [a for _, a in lengths]
+    total = [p + a for p, a in lengths]
+    return {"count": len(lengths), "prompt": _summary(prompt), "answer": _summary(answer), "total": _summary(total)}
+
+
+def length_stats(
+    tokenizer, pairs: Sequence, system_prompt: str | None = None, thinking_model: bool = False, reasoning="train"
+) -> dict:
     """Untruncated token lengths: {"count", "prompt", "answer", "total"}.
 
-    Each of prompt/answer/total is {p50, p90, p95, p99, max, mean}; answer includes the
-    end-of-turn token, total = prompt + answer = the length encode_pairs would need.
-    Percentiles are nearest-rank (the smallest length with at least p% of examples at or below
+    Each of prompt/answer/total is {p50, p90, p95, p99, max, mean}; answer counts the labelled tokens (every
+    assistant turn, end-of-turn included), prompt the rest, total = prompt + answer = the length encode_pairs
+    would need. Percentiles are nearest-rank (the smallest length with at least p% of examples at or below
     it), so every value is a length that actually occurs: "p95 = 812" means a max_length of 812
     keeps 95% of examples whole. An empty input gives count 0 and all-zero stats.
     """
-    encoded = _tokenize_pairs(tokenizer, list(pairs), system_prompt, thinking_model)
-    prompt = [len(p) for p, _ in encoded]
-    answer = [len(a) for _, a in encoded]
-    total = [p + a for p, a in zip(prompt, answer)]
-    return {"count": len(encoded), "prompt": _summary(prompt), "answer": _summary(answer), "total": _summary(total)}
+    return summarize_lengths(sample_lengths(tokenizer, pairs, system_prompt, thinking_model, reasoning))
 
 
 def nearest_rank(sorted_values: Sequence[int], pct: float) -> int:
@@ -283,7 +452,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(
-    tokenizer, pairs: Sequence, max_length: int, *, system_prompt, thinking_model: bool, overflow: str
+    tokenizer,
+    pairs: Sequence,
+    max_length: int,
+    *,
+    system_prompt,
+    thinking_model: bool,
+    overflow: str,
+    reasoning: str = "train",
 ) -> str:
     h = hashlib.sha256()
     settings = {
@@ -292,6 +468,7 @@ def cache_key(
         "system_prompt": system_prompt,
         "thinking_model": thinking_model,
         "overflow": overflow,
+        "reasoning": reasoning,
         "max_length": max_length,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -300,8 +477,9 @@ def cache_key(
         record = [
             pair.question,
             pair.answer,
+            getattr(pair, "reasoning", None),
             getattr(pair, "system", None),
-            _history_messages(getattr(pair, "history", ()) or ()),
+            _history_messages(getattr(pair, "history", ()) or (), reasoning=True),
             str(getattr(pair, "source", "")),
             getattr(pair, "line", None),
         ]
@@ -319,6 +497,7 @@ def load_or_encode(
     system_prompt: str | None = None,
     thinking_model: bool = False,
     overflow: str = "truncate",
+    reasoning: str = "train",
 ) -> tuple[list[dict], EncodeReport, bool]:
     """encode_pairs with a JSON cache at cache_dir/<key>.json; returns (examples, report, cache_hit).
 
@@ -326,9 +505,11 @@ def load_or_encode(
     cache file that is unreadable or malformed is treated as a miss and overwritten.
     cache_dir=None disables caching.
     """
-    _check_policy(max_length, overflow)
+    _check_policy(max_length, overflow, reasoning)
     pairs = list(pairs)
-    opts: dict[str, Any] = dict(system_prompt=system_prompt, thinking_model=thinking_model, overflow=overflow)
+    opts: dict[str, Any] = dict(
+        system_prompt=system_prompt, thinking_model=thinking_model, overflow=overflow, reasoning=reasoning
+    )
     if cache_dir is None:
         return (*encode_pairs(tokenizer, pairs, max_length, **opts), False)
 
@@ -351,29 +532,36 @@ def load_or_encode(
     return examples, report, False
 
 
-# Cached examples are stored as {"ids": "1 2 3", "prompt_tokens": n, "truncated": b}: labels
-# follow from ids + prompt_tokens, and a string keeps atomic_write_json's indented output to one
-# line per example instead of one line per token.
+# Cached examples are stored as {"ids": "1 2 3", "spans": "5:9 14:20", "truncated": b}: labels follow
+# from ids + the [start, end) spans of labelled tokens, and strings keep atomic_write_json's indented output
+# to one line per example instead of one line per token.
 
 
 def _pack(example: dict) -> dict:
     return {
         "ids": " ".join(map(str, example["input_ids"])),
-        "prompt_tokens": example["prompt_tokens"],
+        "spans": " ".join(f"{a}:{b}" for a, b in labelled_spans(example["labels"])),
         "truncated": example["truncated"],
     }
 
 
 def _unpack(packed: dict) -> dict:
     ids = [int(t) for t in packed["ids"].split()]
-    n = packed["prompt_tokens"]
-    if not isinstance(n, int) or not 0 < n < len(ids) or not isinstance(packed["truncated"], bool):
+    spans = [tuple(int(x) for x in span.split(":")) for span in packed["spans"].split()]
+    bounds = [0] + [x for span in spans for x in span]
+    # Spans ascend, are non-empty and apart, the first leaves a prompt, the last ends the row.
+    ordered = all(len(span) == 2 for span in spans) and all(x < y for x, y in pairwise(bounds))
+    if not spans or not ordered or bounds[-1] != len(ids) or not isinstance(packed["truncated"], bool):
         raise ValueError("malformed cached example")
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        labels[a:b] = ids[a:b]
+    answer = sum(b - a for a, b in spans)
     return {
         "input_ids": ids,
-        "labels": [IGNORE_INDEX] * n + ids[n:],
-        "prompt_tokens": n,
-        "answer_tokens": len(ids) - n,
+        "labels": labels,
+        "prompt_tokens": len(ids) - answer,
+        "answer_tokens": answer,
         "truncated": packed["truncated"],
     }
 

@@ -1,4 +1,4 @@
-"""Read a data directory of QA files (markdown, JSONL, JSON) into question/answer pairs.
+"""Read a data directory of QA files (markdown, JSONL, JSON, parquet, arrow, CSV), or a hub dataset, into samples.
 
 Markdown formats (from the original Qwen3 fine-tuning guide):
 
@@ -33,10 +33,18 @@ Q and A numbers match) and ``text`` (the text on the marker line; without it, th
 after the match is used).
 
 JSON Lines / JSON records: chat ``{"messages": [{"role": ..., "content": ...}]}`` (and ShareGPT
-``{"conversations": [{"from": ..., "value": ...}]}``), alpaca ``{"instruction", "input", "output"}``
-and ``{"question", "answer"}``. A JSON file holds a list of records or ``{"data": [...]}``.
+``{"conversations": [{"from": "human"|"gpt"|"system"|"observation", "value": ...}]}``), alpaca
+``{"instruction", "input", "output"}`` (with LLaMA-Factory's ``history``) and ``{"question", "answer"}``.
+A JSON file holds a list of records or ``{"data": [...]}``. Parquet, arrow and CSV files hold the same
+records, one per row, read through the ``datasets`` library; so does a hub dataset (``dataset_name``).
 
-This module must stay cheap to import: no torch, no transformers.
+A record is one sample. A chat's sample is its last assistant turn that answers a user turn, with the
+turns before as history; every assistant turn of the history is trained on too (see encoding.py).
+An assistant turn's reasoning trace comes from its ``reasoning_content``, or from a ``<think>...</think>``
+block opening its text (the opening tag may be missing, as thinking-only models write it); the answer
+is the text after the block.
+
+This module must stay cheap to import: no torch, no transformers, no datasets (imported when read).
 """
 
 from __future__ import annotations
@@ -45,22 +53,25 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from autotune.config import DATA_FORMATS, MARKDOWN_FORMATS
+from autotune.config import DATA_FORMATS, MARKDOWN_FORMATS, TABLE_FORMATS
 from autotune.errors import UserError
 
 MARKDOWN_EXTENSIONS = (".md", ".markdown")
-EXTENSIONS = {
+EXTENSIONS: dict[str, tuple[str, ...]] = {
     "simple_qa": MARKDOWN_EXTENSIONS,
     "header_qa": MARKDOWN_EXTENSIONS,
     "jsonl": (".jsonl",),
     "json": (".json",),
+    **{fmt: (f".{fmt}",) for fmt in TABLE_FORMATS},
 }
-EXTENSIONS["auto"] = MARKDOWN_EXTENSIONS + EXTENSIONS["jsonl"] + EXTENSIONS["json"]
+EXTENSIONS["auto"] = tuple(dict.fromkeys(ext for fmt in DATA_FORMATS if fmt != "auto" for ext in EXTENSIONS[fmt]))
+# What `Dataset.save_to_disk` writes beside its *.arrow files: metadata, not data.
+DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 FULL_WIDTH_COLON = "\uff1a"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -72,16 +83,36 @@ UTF8_BOM = b"\xef\xbb\xbf"
 
 @dataclass(frozen=True)
 class QAPair:
+    """One training sample: a conversation whose last turn is `answer` to `question`.
+
+    `history` holds the turns before `question` ({"role", "content"} dicts, an assistant turn optionally with
+    "reasoning_content"); every assistant turn in it is trained on too, not only the last answer. `reasoning` is
+    the answer's reasoning trace (the text of its think block), None when it has none.
+    """
+
     question: str
     answer: str
     source: str  # file path relative to data_dir, with forward slashes
-    line: int  # 1-based line where the question starts (JSONL: the record's line; JSON: record index + 1)
+    line: int  # 1-based line where the question starts (JSONL: the record's line; JSON, tables: record index + 1)
     system: str | None = None
     history: tuple = ()  # earlier chat turns: ({"role": ..., "content": ...}, ...)
+    reasoning: str | None = None
 
     def __hash__(self) -> int:
         # The generated hash would fail on the history dicts; equal pairs still hash equal without them.
         return hash((self.question, self.answer, self.source, self.line, self.system, len(self.history)))
+
+    @property
+    def turns(self) -> int:
+        """Assistant turns trained on: the answer and each non-empty assistant turn of the history."""
+        return 1 + sum(1 for t in self.history if _is_trained_turn(t))
+
+    @property
+    def traces(self) -> int:
+        """Assistant turns that carry a reasoning trace."""
+        return (self.reasoning is not None) + sum(
+            1 for t in self.history if _is_trained_turn(t) and t.get("reasoning_content")
+        )
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {
@@ -90,6 +121,8 @@ class QAPair:
             "source": self.source,
             "line": self.line,
         }
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
         if self.system is not None:
             out["system"] = self.system
         if self.history:
@@ -97,24 +130,46 @@ class QAPair:
         return out
 
 
+def _is_trained_turn(turn) -> bool:
+    return isinstance(turn, dict) and turn.get("role") == "assistant" and bool(str(turn.get("content", "")).strip())
+
+
 @dataclass
 class FileReport:
     path: str
     format: str
-    pairs: int
+    pairs: int  # samples: one per markdown pair, per JSON record, per table row
     skipped: list[dict] = field(default_factory=list)  # each {"line": int, "reason": str}
     encoding: str = "utf-8"
     encoding_guessed: bool = False  # no BOM, not UTF-8: read as GBK/GB18030 because it reads as Chinese
+    kinds: dict[str, int] = field(default_factory=dict)  # records by shape: chat, sharegpt, alpaca, qa
+    turns: int = 0  # assistant turns trained on (a multi-turn record has several)
+    traces: int = 0  # of which carry a reasoning trace
 
     def to_json(self) -> dict:
         return {
             "path": self.path,
             "format": self.format,
             "pairs": self.pairs,
+            "turns": self.turns,
+            "traces": self.traces,
+            "kinds": dict(self.kinds),
             "skipped": [dict(s) for s in self.skipped],
             "encoding": self.encoding,
             "encoding_guessed": self.encoding_guessed,
         }
+
+
+def _file_report(source: str, fmt: str, pairs: list[QAPair], skipped: list[dict], kinds=None) -> FileReport:
+    return FileReport(
+        source,
+        fmt,
+        len(pairs),
+        skipped,
+        kinds=dict(kinds or {}),
+        turns=sum(p.turns for p in pairs),
+        traces=sum(p.traces for p in pairs),
+    )
 
 
 @dataclass
@@ -125,6 +180,28 @@ class DataReport:
 
     def to_json(self) -> dict:
         return {"files": [f.to_json() for f in self.files], "pairs": [p.to_json() for p in self.pairs]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reasoning traces
+
+# A think block opening the answer; the opening tag may be missing, as in the output of templates that put
+# `<think>` in the prompt (Qwen3-*-Thinking-2507), and as Qwen3's own template accepts.
+_THINK_BLOCK = re.compile(r"\A\s*(?:<think>)?(?P<reasoning>.*?)</think>(?P<answer>.*)\Z", re.DOTALL)
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning trace or None, answer) of an assistant text that may open with a `<think>...</think>` block.
+
+    An empty block (`<think>\\n\\n</think>`, what Qwen3 writes for "no thinking") is no trace.
+    """
+    if "</think>" not in text or ("<think>" in text and not text.lstrip().startswith("<think>")):
+        return None, text
+    m = _THINK_BLOCK.match(text)
+    if m is None:  # pragma: no cover - the checks above make the pattern match
+        return None, text
+    reasoning = m["reasoning"].strip()
+    return (reasoning or None), m["answer"].strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,7 +562,11 @@ class _MarkdownParser:
             if not answer:
                 self._skip(current.line, "empty answer")
             else:
-                self.pairs.append(QAPair(question, answer, self.source, current.line))
+                reasoning, answer = split_reasoning(answer)
+                if not answer:
+                    self._skip(current.line, "empty answer after its think block")
+                else:
+                    self.pairs.append(QAPair(question, answer, self.source, current.line, reasoning=reasoning))
 
     def _end_break(self) -> None:
         """Report the text lines after the last answer-ending heading/rule, if there were any."""
@@ -521,20 +602,31 @@ def parse_markdown(
     parser.parse(text)
     if fmt == "auto":
         fmt = "header_qa" if parser.styled_questions else "simple_qa"
-    return parser.pairs, FileReport(source, fmt, len(parser.pairs), parser.skipped)
+    return parser.pairs, _file_report(source, fmt, parser.pairs, parser.skipped)
 
 
 # --------------------------------------------------------------------------------------------------
 # JSON Lines / JSON records
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-_Found = tuple[str, str, "str | None", tuple]  # (question, answer, system, history) of one pair in a record
+# Chat roles as the records spell them -> the roles chat templates know. ShareGPT: human/gpt, and observation for
+# a tool's answer (LLaMA-Factory's spelling).
+CHAT_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+}
 
 
 class _BadRecord(Exception):
-    """A record that yields no pair; the message is the skip reason."""
+    """A record that yields no sample; the message is the skip reason."""
+
+
+# (question, answer, system, history, reasoning) of the one sample a record makes.
+_Found = tuple[str, str, "str | None", tuple, "str | None"]
 
 
 def _text(value: Any, what: str) -> str:
@@ -548,100 +640,137 @@ def _text(value: Any, what: str) -> str:
     raise _BadRecord(f"{what} must be a string, got {type(value).__name__}")
 
 
-def _chat_turns(record: dict) -> list[dict]:
-    if "messages" in record:
-        messages, role_key, content_key, roles = record["messages"], "role", "content", None
-    else:
-        messages, role_key, content_key, roles = record["conversations"], "from", "value", _SHAREGPT_ROLES
+def _chat_turns(record: dict, sharegpt: bool) -> list[dict]:
+    """The record's turns as {"role", "content"} (+ "reasoning_content" for an assistant turn with a trace)."""
+    key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+    messages = record[key]
     if not isinstance(messages, list):
-        raise _BadRecord(f"'{'messages' if roles is None else 'conversations'}' must be a list of turns")
+        raise _BadRecord(f"'{key}' must be a list of turns")
     turns = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or role_key not in message:
-            raise _BadRecord(f"turn {i + 1} is not an object with a '{role_key}'")
-        role = str(message[role_key])
-        role = roles.get(role, role) if roles else role
-        turns.append({"role": role, "content": _text(message.get(content_key, ""), f"turn {i + 1} {content_key}")})
+    for i, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
+            raise _BadRecord(f"turn {i} is not an object with a '{role_key}'")
+        role = CHAT_ROLES.get(message[role_key])
+        if role is None:
+            raise _BadRecord(f"turn {i} has {role_key} {message[role_key]!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise _BadRecord(f"turn {i} calls tools, which autotune does not train (tool_calls are not rendered)")
+        turn = {"role": role, "content": _text(message.get(content_key), f"turn {i} {content_key}")}
+        if role == "assistant":
+            reasoning = _text(message.get("reasoning_content"), f"turn {i} reasoning_content").strip() or None
+            if reasoning is None:
+                reasoning, turn["content"] = split_reasoning(turn["content"])
+            if reasoning is not None:
+                turn["reasoning_content"] = reasoning
+        turns.append(turn)
     return turns
 
 
-def _pairs_from_chat(record: dict) -> list[_Found]:
-    """One pair per assistant turn that directly follows a user turn."""
+def _from_chat(record: dict, sharegpt: bool) -> _Found:
+    """One sample per conversation: its last assistant turn that answers a user turn is `answer`, the turns before
+    that user turn are the history (each assistant turn in it trained on too); turns after the answer are dropped
+    (nothing follows them to learn). System turns become the sample's system prompt (the last one wins)."""
     system = _text(record["system"], "system") if isinstance(record.get("system"), (str, list)) else None
-    history: list[dict] = []
-    out = []
-    turns = _chat_turns(record)
-    for turn in turns:
+    turns = []
+    for turn in _chat_turns(record, sharegpt):
         if turn["role"] == "system":
             system = turn["content"]
-            continue
-        previous = history[-1] if history else None
-        if turn["role"] == "assistant" and previous and previous["role"] == "user":
-            question, answer = previous["content"].strip(), turn["content"].strip()
-            if question and answer:
-                out.append((question, answer, system, tuple(history[:-1])))
-        history.append(turn)
-    if not out:
-        raise _BadRecord("chat record has no non-empty user turn followed by an assistant turn")
-    return out
+        else:
+            turns.append(turn)
+    for k in range(len(turns) - 1, 0, -1):
+        answer, question = turns[k], turns[k - 1]
+        if (answer["role"], question["role"]) == ("assistant", "user") and (
+            question["content"].strip() and answer["content"].strip()
+        ):
+            history = tuple(turns[: k - 1])
+            return (
+                question["content"].strip(),
+                answer["content"].strip(),
+                system,
+                history,
+                answer.get("reasoning_content"),
+            )
+    raise _BadRecord("chat record has no non-empty user turn followed by an assistant turn")
 
 
-def _pairs_from_alpaca(record: dict) -> list[_Found]:
+def _from_alpaca(record: dict) -> _Found:
     question = _text(record["instruction"], "instruction").strip()
     extra = _text(record.get("input") or "", "input").strip()
     if extra:
         question = f"{question}\n\n{extra}" if question else extra
-    answer = _text(record["output"], "output").strip()
     system = _text(record["system"], "system") if record.get("system") else None
     history: list[dict] = []
     for turn in record.get("history") or []:  # LLaMA-Factory style: [[question, answer], ...]
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
             raise _BadRecord("'history' must be a list of [question, answer] pairs")
-        history += [
-            {"role": "user", "content": _text(turn[0], "history")},
-            {"role": "assistant", "content": _text(turn[1], "history")},
-        ]
-    return _checked(question, answer, system, tuple(history))
+        reasoning, answer = split_reasoning(_text(turn[1], "history"))
+        assistant = {"role": "assistant", "content": answer}
+        if reasoning is not None:
+            assistant["reasoning_content"] = reasoning
+        history += [{"role": "user", "content": _text(turn[0], "history")}, assistant]
+    return _checked(question, _text(record["output"], "output"), system, tuple(history), record)
 
 
-def _pairs_from_qa(record: dict) -> list[_Found]:
+def _from_qa(record: dict) -> _Found:
     system = _text(record["system"], "system") if record.get("system") else None
-    return _checked(
-        _text(record["question"], "question").strip(), _text(record["answer"], "answer").strip(), system, ()
-    )
+    question = _text(record["question"], "question").strip()
+    return _checked(question, _text(record["answer"], "answer"), system, (), record)
 
 
-def _checked(question: str, answer: str, system: str | None, history: tuple) -> list[_Found]:
+def _checked(question: str, answer: str, system: str | None, history: tuple, record: dict) -> _Found:
+    reasoning = _text(record.get("reasoning_content"), "reasoning_content").strip() or None
+    if reasoning is None:
+        reasoning, answer = split_reasoning(answer)
+    answer = answer.strip()
     if not question:
         raise _BadRecord("empty question")
     if not answer:
         raise _BadRecord("empty answer")
-    return [(question, answer, system, history)]
+    return (question, answer, system, history, reasoning)
 
 
-def _record_pairs(record: Any) -> list[_Found]:
-    """(question, answer, system, history) for each pair in one record; _BadRecord says why there are none."""
+def _record_sample(record: Any) -> tuple[str, _Found]:
+    """(the record's shape, its sample); _BadRecord says why there is none."""
     if not isinstance(record, dict):
         raise _BadRecord(f"record is a {type(record).__name__}, not an object")
-    if "messages" in record or "conversations" in record:
-        return _pairs_from_chat(record)
-    if "instruction" in record and "output" in record:
-        return _pairs_from_alpaca(record)
-    if "question" in record and "answer" in record:
-        return _pairs_from_qa(record)
-    keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+    if record.get("messages") is not None:
+        return "chat", _from_chat(record, sharegpt=False)
+    if record.get("conversations") is not None:
+        return "sharegpt", _from_chat(record, sharegpt=True)
+    if record.get("instruction") is not None and record.get("output") is not None:
+        return "alpaca", _from_alpaca(record)
+    if record.get("question") is not None and record.get("answer") is not None:
+        return "qa", _from_qa(record)
+    keys = ", ".join(sorted(str(k) for k, v in record.items() if v is not None)[:8]) or "none"
     raise _BadRecord(
-        f"unknown record shape (keys: {keys}); expected 'messages', 'instruction'+'output' or 'question'+'answer'"
+        f"unknown record shape (keys: {keys}); expected 'messages', 'conversations', 'instruction'+'output' "
+        "or 'question'+'answer'"
     )
 
 
-def _add_record(record: Any, source: str, line: int, pairs: list[QAPair], skipped: list[dict]) -> None:
-    try:
-        found = _record_pairs(record)
-    except _BadRecord as e:
-        skipped.append({"line": line, "reason": str(e)})
-        return
-    pairs.extend(QAPair(q, a, source, line, system, history) for q, a, system, history in found)
+class _Records:
+    """Collects the samples, skips and record shapes of one file."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.pairs: list[QAPair] = []
+        self.skipped: list[dict] = []
+        self.kinds: dict[str, int] = {}
+
+    def add(self, record: Any, line: int) -> None:
+        try:
+            kind, (question, answer, system, history, reasoning) = _record_sample(record)
+        except _BadRecord as e:
+            self.skip(line, str(e))
+            return
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.pairs.append(QAPair(question, answer, self.source, line, system, history, reasoning))
+
+    def skip(self, line: int, reason: str) -> None:
+        self.skipped.append({"line": line, "reason": reason})
+
+    def result(self, fmt: str) -> tuple[list[QAPair], FileReport]:
+        return self.pairs, _file_report(self.source, fmt, self.pairs, self.skipped, self.kinds)
 
 
 def _loads(text: str) -> Any:
@@ -653,35 +782,33 @@ def _loads(text: str) -> Any:
 
 
 def parse_jsonl(text: str, source: str) -> tuple[list[QAPair], FileReport]:
-    pairs: list[QAPair] = []
-    skipped: list[dict] = []
+    records = _Records(source)
     for number, line in enumerate(_split_lines(text), start=1):
         if not line.strip():
             continue
         try:
             record = _loads(line)
         except ValueError as e:
-            skipped.append({"line": number, "reason": f"invalid JSON: {_json_error(e)}"})
+            records.skip(number, f"invalid JSON: {_json_error(e)}")
             continue
-        _add_record(record, source, number, pairs, skipped)
-    return pairs, FileReport(source, "jsonl", len(pairs), skipped)
+        records.add(record, number)
+    return records.result("jsonl")
 
 
 def parse_json(text: str, source: str) -> tuple[list[QAPair], FileReport]:
-    pairs: list[QAPair] = []
-    skipped: list[dict] = []
+    records = _Records(source)
     try:
         data = _loads(text.lstrip("\ufeff")) if text.strip() else []
     except ValueError as e:
-        skipped.append({"line": getattr(e, "lineno", 1), "reason": f"invalid JSON: {_json_error(e)}"})
-        return pairs, FileReport(source, "json", 0, skipped)
-    records = _json_records(data)
-    if records is None:
-        skipped.append({"line": 1, "reason": 'top-level JSON must be a list of records or {"data": [...]}'})
+        records.skip(getattr(e, "lineno", 1), f"invalid JSON: {_json_error(e)}")
+        return records.result("json")
+    found = _json_records(data)
+    if found is None:
+        records.skip(1, 'top-level JSON must be a list of records or {"data": [...]}')
     else:
-        for index, record in enumerate(records):
-            _add_record(record, source, index + 1, pairs, skipped)
-    return pairs, FileReport(source, "json", len(pairs), skipped)
+        for index, record in enumerate(found):
+            records.add(record, index + 1)
+    return records.result("json")
 
 
 def _json_records(data: Any) -> list | None:
@@ -702,7 +829,16 @@ def _json_error(e: ValueError) -> str:
 # Directory
 
 
-def parse_data_dir(data_dir: str | os.PathLike, data_format: str = "auto", markers: Markers = Markers()) -> DataReport:
+# Wraps the list of files about to be read (a progress bar, in the CLI); yields them back one at a time.
+FileProgress = Callable[[list[str]], Iterable[str]]
+
+
+def parse_data_dir(
+    data_dir: str | os.PathLike,
+    data_format: str = "auto",
+    markers: Markers = Markers(),
+    progress: FileProgress | None = None,
+) -> DataReport:
     """Parse every data file under `data_dir` (recursively, in sorted order) into one report."""
     _check_format(data_format, allowed=DATA_FORMATS)
     root = Path(data_dir)
@@ -717,7 +853,8 @@ def parse_data_dir(data_dir: str | os.PathLike, data_format: str = "auto", marke
     _MarkerMatcher(markers)  # validate the markers once, before any file is read
 
     report = DataReport(files=[], pairs=[])
-    for relative in _data_files(root, EXTENSIONS[data_format]):
+    files = _data_files(root, EXTENSIONS[data_format])
+    for relative in progress(files) if progress else files:
         shown = _display(data_dir, relative)
         pairs, file_report = _parse_file(root / relative, relative, data_format, markers)
         report.files.append(file_report)
@@ -736,34 +873,128 @@ def _check_format(fmt: str, allowed: Iterable[str]) -> None:
 
 
 def _data_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
-    """Relative posix paths of data files, sorted; hidden entries and README files are skipped."""
+    """Relative posix paths of data files, sorted; hidden entries, README files and the metadata that
+    `datasets` saves beside its arrow files are skipped."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        saved_dataset = any(name.endswith(".arrow") for name in files)
         for name in files:
             path = Path(name)
             if name.startswith(".") or path.stem.lower() == "readme" or path.suffix.lower() not in extensions:
+                continue
+            if saved_dataset and name in DATASETS_METADATA:
                 continue
             found.append((Path(folder) / name).relative_to(root).as_posix())
     return sorted(found)
 
 
+def _format_of(path: Path, data_format: str) -> str:
+    if data_format != "auto":
+        return data_format
+    suffix = path.suffix.lower()
+    return next((fmt for fmt in (*TABLE_FORMATS, "jsonl", "json") if suffix in EXTENSIONS[fmt]), "auto")
+
+
 def _parse_file(path: Path, relative: str, data_format: str, markers: Markers) -> tuple[list[QAPair], FileReport]:
+    fmt = _format_of(path, data_format)
+    if fmt in TABLE_FORMATS:
+        return parse_table(path, relative, fmt)
     decoded = read_text(path)
-    pairs, report = _parse_text(decoded.text, path, relative, data_format, markers)
+    if fmt == "jsonl":
+        pairs, report = parse_jsonl(decoded.text, relative)
+    elif fmt == "json":
+        pairs, report = parse_json(decoded.text, relative)
+    else:
+        pairs, report = parse_markdown(decoded.text, relative, fmt, markers)
     report.encoding, report.encoding_guessed = decoded.encoding, decoded.guessed
     return pairs, report
 
 
-def _parse_text(
-    text: str, path: Path, relative: str, data_format: str, markers: Markers
-) -> tuple[list[QAPair], FileReport]:
-    suffix = path.suffix.lower()
-    if data_format == "jsonl" or (data_format == "auto" and suffix == ".jsonl"):
-        return parse_jsonl(text, relative)
-    if data_format == "json" or (data_format == "auto" and suffix == ".json"):
-        return parse_json(text, relative)
-    return parse_markdown(text, relative, data_format, markers)
+# --------------------------------------------------------------------------------------------------
+# Tables and hub datasets, through the `datasets` library (imported only when one is read)
+
+
+def _table_rows(path: Path, fmt: str) -> Iterable[dict]:
+    import datasets
+
+    options: dict[str, Any] = {}
+    if fmt == "csv":
+        # Every column as text: type inference would turn an answer "007" into the integer 7, and an empty cell
+        # or "NA" into a missing value.
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+        options = dict(
+            features=datasets.Features({name: datasets.Value("string") for name in header}),
+            keep_default_na=False,
+            na_filter=False,
+        )
+    # Streaming reads the file in batches, without converting it into the datasets cache first.
+    return datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
+
+
+def parse_table(path: str | os.PathLike, source: str, fmt: str) -> tuple[list[QAPair], FileReport]:
+    """A parquet, arrow or CSV file: one record per row, in the shapes JSON records take (a CSV has flat columns:
+    question/answer or instruction/input/output). A file that cannot be read is reported as skipped."""
+    records = _Records(source)
+    try:
+        for index, row in enumerate(_table_rows(Path(path), fmt)):
+            records.add(row, index + 1)
+    except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets each raise their own types
+        records.skip(1, f"cannot read it as {fmt}: {_first_line(exc)}")
+    pairs, report = records.result(fmt)
+    report.encoding = "utf-8" if fmt == "csv" else "binary"
+    return pairs, report
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def parse_hub_dataset(name: str, split: str = "train") -> DataReport:
+    """A dataset from the Hugging Face hub (or the local cache of it), one sample per row."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, not found, bad split, gated: each a different type
+        from autotune import hub
+
+        reason = _first_line(exc)
+        local, why = hub.local_only()
+        if os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            local, why = True, "HF_DATASETS_OFFLINE is set"
+        if local:
+            fix = (
+                f"{why}, so only the local cache is read and it does not hold this dataset. Fix: load it once "
+                "online (it is cached then), or save it as parquet/jsonl files in a folder and set data_dir to it "
+                "(and dataset_name to null)."
+            )
+        else:
+            fix = (
+                "Fix: check the id and the split (dataset_split), and that the hub is reachable; offline, save the "
+                "dataset as parquet/jsonl files in a folder and set data_dir to it (and dataset_name to null)."
+            )
+        raise UserError(f"dataset_name {name!r} (split {split!r}): cannot load it ({reason}). {fix}") from None
+    source = f"{name}[{split}]"
+    records = _Records(source)
+    for index, row in enumerate(rows):
+        records.add(row, index + 1)
+    pairs, file_report = records.result("hub")
+    file_report.encoding = "binary"
+    report = DataReport(files=[file_report], pairs=pairs, warnings=_file_warnings(source, file_report))
+    if not pairs:
+        columns = ", ".join(rows.column_names) if hasattr(rows, "column_names") else "?"
+        raise UserError(
+            f"dataset_name {name!r} (split {split!r}): no usable rows (columns: {columns}); rows need 'messages', "
+            "'conversations', 'instruction'+'output' or 'question'+'answer'. Fix: pick a dataset in one of those "
+            "shapes, or convert it to JSONL in data_dir."
+        )
+    report.warnings.extend(_duplicate_warnings(pairs))
+    return report
 
 
 def _display(data_dir: str | os.PathLike, relative: str) -> str:
@@ -814,8 +1045,8 @@ def _no_pairs_message(data_dir, data_format: str, report: DataReport, markers: M
     q, a = markers.example()
     return (
         f"no QA pairs found in data_dir {str(data_dir)!r} (data_format {data_format!r}; looked for {patterns} files): {found}. "
-        f"Markdown pairs look like '{q}' (or '### {q}') followed by '{a}'; JSONL/JSON records need "
-        "'messages', 'instruction'+'output' or 'question'+'answer'. "
+        f"Markdown pairs look like '{q}' (or '### {q}') followed by '{a}'; JSONL/JSON records and table rows need "
+        "'messages', 'conversations', 'instruction'+'output' or 'question'+'answer'. "
         "Fix: point data_dir at a folder with *.md files of Q1:/A1: pairs (e.g. data/raw), "
         "or set data_format / question_prefix / answer_prefix / separator to match your files."
     )
@@ -885,6 +1116,9 @@ def split_pairs(pairs: Iterable[QAPair], eval_ratio: float = 0.1, seed: int = 42
     return train, sorted(eval_set, key=_sort_key)
 
 
-def parse_data(cfg) -> DataReport:
-    """`data_dir` parsed with a config's data_format and markers (autotune.config.Config in practice)."""
-    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg))
+def parse_data(cfg, progress: FileProgress | None = None) -> DataReport:
+    """A config's data (autotune.config.Config in practice): its hub dataset when dataset_name is set, else
+    data_dir parsed with its data_format and markers."""
+    if getattr(cfg, "dataset_name", None):
+        return parse_hub_dataset(cfg.dataset_name, cfg.dataset_split)
+    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg), progress)

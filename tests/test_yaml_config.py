@@ -1,0 +1,123 @@
+"""YAML configs: the same schema, inheritance and messages as JSON; a syntax error names file:line:column."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli_basics import run_cli
+
+from autotune.config import explicit_keys, load_config
+from autotune.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+JSON_TWIN = {
+    "base_config": "hardware/16gb",
+    "overrides": {
+        "lora_r": 16,
+        "learning_rate": 5e-5,
+        "target_modules": ["q_proj", "v_proj"],
+        "structured_logging": {"log_level": "DEBUG"},
+        "system_prompt": "Be brief: 简洁.",
+        "max_steps": None,
+    },
+}
+YAML_TWIN = """\
+# the same config as JSON_TWIN, with the comments JSON cannot have
+base_config: hardware/16gb
+overrides:
+  lora_r: 16
+  learning_rate: 5e-5        # YAML 1.1 would read this as a string; it is a number, as in JSON
+  target_modules: [q_proj, v_proj]
+  structured_logging:
+    log_level: DEBUG
+  system_prompt: "Be brief: 简洁."
+  max_steps: null
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_yaml_config_equals_its_json_twin(tmp_path, suffix):
+    from_json = load_config(write(tmp_path / "c.json", json.dumps(JSON_TWIN)))
+    from_yaml = load_config(write(tmp_path / f"c{suffix}", YAML_TWIN))
+    assert from_yaml == from_json
+    assert from_yaml.learning_rate == 5e-5 and from_yaml.lora_r == 16
+    assert from_yaml.structured_logging.log_level == "DEBUG" and from_yaml.batch_size == from_json.batch_size
+    assert explicit_keys(tmp_path / f"c{suffix}") == explicit_keys(tmp_path / "c.json")
+
+
+def test_inheritance_mixes_yaml_and_json(tmp_path):
+    write(tmp_path / "base.json", json.dumps({"base_config": "mid.yaml", "batch_size": 2}))
+    write(tmp_path / "mid.yaml", "base_config: hardware/8gb\nlora_alpha: 24\n")
+    cfg = load_config(write(tmp_path / "top.yml", "base_config: base.json\noverrides:\n  lora_r: 12\n"))
+    assert (cfg.batch_size, cfg.lora_alpha, cfg.lora_r) == (2, 24, 12)
+    write(tmp_path / "a.yaml", "base_config: b.yaml\n")
+    write(tmp_path / "b.yaml", "base_config: a.yaml\n")
+    assert "base_config cycle" in error_of(tmp_path / "a.yaml")
+
+
+def test_value_errors_match_the_json_twin(tmp_path):
+    bad = {"lora_r": 0, "quantisation": "4bit", "learning_rate": "fast", "fp16": True, "bf16": True}
+    from_json = error_of(write(tmp_path / "c.json", json.dumps(bad)))
+    yaml_path = write(
+        tmp_path / "c.yaml", "lora_r: 0\nquantisation: 4bit\nlearning_rate: fast\nfp16: true\nbf16: true\n"
+    )
+    from_yaml = error_of(yaml_path)
+    assert from_yaml.replace(str(yaml_path), "FILE") == from_json.replace(str(tmp_path / "c.json"), "FILE")
+    assert "did you mean 'quantization'" in from_yaml and "'lora_r': value 0 is not allowed" in from_yaml
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("lora_r: 8\nbatch_size: [1, 2\n", 3, 1),  # unclosed flow sequence
+        ("lora_r: 8\n  batch_size: 2\n", 2, 13),  # bad indentation
+        ('system_prompt: "open\n', 2, 1),  # unclosed quote
+    ],
+)
+def test_syntax_error_names_file_line_and_column(tmp_path, text, line, column):
+    path = write(tmp_path / "c.yaml", text)
+    msg = error_of(path)
+    assert msg.startswith(f"{path.resolve()}:{line}:{column}: malformed YAML: ")
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(("text", "kind"), [("", "NoneType"), ("- a\n- b\n", "list"), ("just text\n", "str")])
+def test_top_level_must_be_a_mapping(tmp_path, text, kind):
+    assert f"a config must be a YAML mapping, got {kind}" in error_of(write(tmp_path / "c.yaml", text))
+
+
+def test_yaml_never_builds_python_objects(tmp_path):
+    msg = error_of(write(tmp_path / "c.yaml", "lora_r: !!python/object/apply:os.getcwd []\n"))
+    assert "malformed YAML" in msg and "python/object/apply" in msg
+
+
+def test_cli_validates_yaml(tmp_path, capsys):
+    path = write(tmp_path / "c.yaml", YAML_TWIN)
+    code, out, _ = run_cli(capsys, "validate", str(path), "--json")
+    assert code == 0 and json.loads(out)["config"]["lora_r"] == 16
+    bad = write(tmp_path / "bad.yaml", "lora_r: [\n")
+    code, out, err = run_cli(capsys, "validate", str(bad))
+    assert code == 2 and out == "" and err.startswith(f"error: {bad.resolve()}:2:1: malformed YAML")
+    assert "Traceback" not in err
+
+
+def test_importing_config_does_not_import_yaml():
+    code = "import sys, autotune.config; print('yaml' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"

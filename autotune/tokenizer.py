@@ -103,32 +103,34 @@ def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None
 def _load_pretrained(name_or_path: str):
     from transformers import AutoTokenizer
 
+    from autotune import hub
+
     hint = (
         f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
         "for the bundled Qwen3 tokenizer."
     )
-    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+    is_path = _looks_like_path(name_or_path)
+    if is_path and not Path(name_or_path).expanduser().is_dir():
         # Otherwise transformers reports it as a malformed hub repo id, which misleads.
         raise UserError(f"tokenizer directory {name_or_path!r} does not exist. {hint}")
-    # A hub id is fetched like its weights are (the user asked for that model); HF_HUB_OFFLINE=1 keeps
-    # everything local, and a local directory never touches the network.
-    local_only = _looks_like_path(name_or_path) or _hub_offline()
+    # A hub id is fetched like its weights are (the user asked for that model); HF_HUB_OFFLINE=1, or a hub
+    # that does not answer (asked once, in seconds, instead of a minute of retries), keeps everything local,
+    # and a local directory never touches the network.
+    local_only, why = (True, None) if is_path else hub.local_only()
     try:
         return AutoTokenizer.from_pretrained(
-            str(Path(name_or_path).expanduser()) if _looks_like_path(name_or_path) else name_or_path,
+            str(Path(name_or_path).expanduser()) if is_path else name_or_path,
             trust_remote_code=False,
             local_files_only=local_only,
         )
     except (OSError, ValueError) as exc:
+        if why is not None:
+            raise hub.not_cached_error("tokenizer", name_or_path, why) from None
         # ValueError covers "unrecognized tokenizer" from a directory missing its config.
         where = "offline" if local_only else "from the local cache or the hub"
         raise UserError(
             f"could not load tokenizer {name_or_path!r} {where} ({exc.__class__.__name__}: {exc}). {hint}"
-        ) from exc
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        ) from None
 
 
 def _looks_like_path(name: str) -> bool:

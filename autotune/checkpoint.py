@@ -1,0 +1,227 @@
+"""Checkpoints that a kill, a crash or a full disk cannot leave half-written, and what a resume may change.
+
+The HF Trainer writes checkpoint-N in place, file by file, and then deletes the oldest ones (save_total_limit).
+Here a save goes to a hidden staging folder beside the checkpoints and is renamed to checkpoint-N only once
+every file is written and synced, so a checkpoint-N folder is always whole; the free space is checked first,
+and a disk that fills anyway becomes a UserError that names the last good checkpoint. The Trainer's own
+save code writes the files (the same files in both transformers versions autotune supports); only where
+they land changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from autotune.errors import UserError
+from autotune.fsutil import apply_umask, atomic_write_json, folder_bytes, free_bytes, fsync_dir
+from autotune.units import MiB
+
+TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
+CONFIG_FILE = "autotune_config.json"  # the resolved config, in output_dir and in every checkpoint
+ADAPTER_CONFIG = "adapter_config.json"  # peft's, in every checkpoint
+# A save in progress (or cut short by a kill): hidden, so neither autotune nor the Trainer takes it for a checkpoint.
+STAGING_PREFIX = f".{PREFIX_CHECKPOINT_DIR}-"
+STAGING_SUFFIX = ".partial"
+
+# The settings that decide the shapes (and meaning) of a checkpoint's adapter and optimizer state: a resume
+# that changes one would load tensors of the wrong size, or an adapter trained on other base weights.
+SHAPE_KEYS = ("model_name", "init", "quantization", "lora_r", "target_modules")
+
+# A save needs its estimated size times this, plus FREE_FLOOR_BYTES left over for the logs and the run summary.
+SAVE_HEADROOM = 1.25
+FREE_FLOOR_BYTES = 16 * MiB
+# Before the first checkpoint its size is estimated: the adapter plus two 32-bit Adam moments per trainable
+# parameter, plus the files that do not scale with the adapter (tokenizer, RNG, scheduler, trainer state).
+FIRST_SAVE_FIXED_BYTES = 32 * MiB
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest checkpoint-N that was written to the end (trainer_state.json is the last file in it; a
+    folder from before atomic saves, cut short by a kill, lacks it and cannot be resumed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            steps[int(suffix)] = path
+    return str(steps[max(steps)]) if steps else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(Path(path).name[len(PREFIX_CHECKPOINT_DIR) + 1 :])
+
+
+def remove_partial_saves(folder: str | os.PathLike) -> list[str]:
+    """Delete staging folders a killed save left behind (call it holding the run lock: no save is running)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(f"{STAGING_PREFIX}*{STAGING_SUFFIX}"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def estimate_checkpoint_bytes(folder: Path, model) -> int:
+    """The size of the next checkpoint: the last one's, else an estimate from the trainable parameters."""
+    latest = last_complete_checkpoint(folder)
+    if latest is not None:
+        return folder_bytes(latest)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 3 * trainable + FIRST_SAVE_FIXED_BYTES
+
+
+def _describe_last(last_good: str | None) -> str:
+    if last_good is None:
+        return "there is no complete checkpoint yet, so nothing can be resumed: free space and start again"
+    return f"the last good checkpoint is {last_good}: free space, then run the same command with --resume"
+
+
+def check_free_space(folder: Path, step: int, need: int, last_good: str | None) -> None:
+    free = free_bytes(folder)
+    if free < need:
+        raise UserError(
+            f"not enough disk space for checkpoint-{step}: {free / MiB:.0f} MiB free on the disk holding {folder}, "
+            f"a checkpoint needs about {need / MiB:.0f} MiB; {_describe_last(last_good)} (or lower "
+            "save_total_limit, or move output_dir to a larger disk)"
+        )
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT however it arrives: an OSError from Python, or a library's own wrapper (torch.save's
+    "file write failed", safetensors' StorageFull)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if any(
+            m in text for m in ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed")
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+@contextmanager
+def disk_full_is_a_user_error(what: str, folder: Path, last_good: Callable[[], str | None]) -> Iterator[None]:
+    """Turn a full disk while writing `what` into one clear message naming the last good checkpoint."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(
+            f"the disk holding {folder} is full: {what} could not be written "
+            f"({str(exc).splitlines()[0][:160]}); {_describe_last(last_good())}"
+        ) from None
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, so that a rename after it publishes data that is on the disk (also
+    distributed.save_checkpoint_collectively's, where each rank writes part of one checkpoint)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def move_into_place(written: Path, final: Path) -> None:
+    """Rename `written` to `final`; a checkpoint of the same step already there (an OOM recovery or a resume
+    saves that step again) is moved aside first and deleted after, so `final` is never half of each."""
+    if not final.exists():
+        os.replace(written, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.old.", suffix=STAGING_SUFFIX, dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(written, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(trainer, save: Callable[[Any, Any], None], model, trial, extra_files: dict[str, Any]) -> None:
+    """The Trainer's _save_checkpoint (`save`), made atomic: staged, synced, renamed, then the old ones rotated.
+
+    `extra_files` (name -> JSON document) are written into the checkpoint before it becomes visible."""
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    step = trainer.state.global_step
+    final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    need = int(estimate_checkpoint_bytes(run_dir, model) * SAVE_HEADROOM) + FREE_FLOOR_BYTES
+    check_free_space(run_dir, step, need, last_complete_checkpoint(run_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{step}.", suffix=STAGING_SUFFIX, dir=run_dir))
+    # The Trainer saves into <its output dir>/checkpoint-N and rotates there: point it at the staging folder,
+    # where the only checkpoint is this one, so its rotation deletes nothing.
+    trainer._get_output_dir = lambda trial=None: str(staging)
+    try:
+        with disk_full_is_a_user_error(f"checkpoint-{step}", run_dir, lambda: last_complete_checkpoint(run_dir)):
+            save(model, trial)
+            written = staging / final.name
+            for name, doc in extra_files.items():
+                atomic_write_json(written / name, doc)
+            apply_umask(written)  # mkdtemp and some writers (safetensors) make files private
+            fsync_tree(written)
+            move_into_place(written, final)
+            fsync_dir(run_dir)
+    finally:
+        del trainer._get_output_dir  # the instance attribute goes; the method shows through again
+        shutil.rmtree(staging, ignore_errors=True)
+    if trainer.args.should_save:
+        # As the Trainer would have, on the real folder. Step order, not mtime: a checkpoint re-saved after a
+        # resume is no newer than the steps it follows.
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=trainer.args.save_total_limit,
+            best_model_checkpoint=trainer.state.best_model_checkpoint,
+            use_mtime=False,
+        )
+
+
+def saved_settings(checkpoint: str | os.PathLike) -> dict | None:
+    """The shape-defining settings a checkpoint was trained with: from its autotune_config.json, else (a
+    checkpoint written before autotune put its config there) the rank and targets of peft's adapter_config."""
+    folder = Path(checkpoint)
+    for name in (CONFIG_FILE, ADAPTER_CONFIG):
+        try:
+            doc = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        if name == CONFIG_FILE:
+            return {k: doc[k] for k in SHAPE_KEYS if k in doc}
+        return {"lora_r": doc.get("r"), "target_modules": doc.get("target_modules")}
+    return None
+
+
+def _same(key: str, then: Any, now: Any) -> bool:
+    if key == "target_modules" and isinstance(then, (list, tuple)) and isinstance(now, (list, tuple)):
+        return sorted(then) == sorted(now)
+    return then == now
+
+
+def resume_changes(checkpoint: str | os.PathLike, config: dict) -> list[str]:
+    """`key: then -> now` for each shape-defining setting a resume would change (empty: it may resume)."""
+    then = saved_settings(checkpoint) or {}
+    return [
+        f"{key} {then[key]!r} -> {config.get(key)!r}"
+        for key in SHAPE_KEYS
+        if key in then and then[key] is not None and not _same(key, then[key], config.get(key))
+    ]

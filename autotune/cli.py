@@ -11,8 +11,16 @@ import sys
 
 import click
 
+import autotune.quiet  # noqa: F401  (one bitsandbytes hint silenced before any command imports it: quiet.py)
 from autotune import __version__
-from autotune.config import MAX_RANK_CANDIDATES, OBJECTIVES
+from autotune.config import (
+    DEFAULT_MAX_TRIALS,
+    EXPORT_DTYPES,
+    MAX_RANK_CANDIDATES,
+    OBJECTIVES,
+    STRATEGIES,
+    SWITCHES,
+)
 from autotune.errors import UserError
 from autotune.units import DEFAULT_MARGIN, Budget, GiB
 
@@ -26,6 +34,17 @@ def _load(config_path, sets, **flags):
 
     return layered_config(config_path, sets, flags=flags)[0]
 
+
+def gpus_option(help_text: str):
+    return click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help=help_text)
+
+
+strategy_option = click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    help="How the ranks share the model: ddp (each holds it whole), fsdp (sharded; GPUs only), auto "
+    "(ddp where the model fits one card). Default: the config's distributed_strategy.",
+)
 
 set_option = click.option(
     "--set",
@@ -139,6 +158,23 @@ def _data_config(config, sets, data_dir):
     return _load(config, sets, data_dir=data_dir)
 
 
+# A folder with at least this many data files gets a progress bar over them (a few files go by too fast to need one).
+PROGRESS_MIN_FILES = 20
+
+
+def _file_progress(label: str):
+    """Wraps a list of data files in a progress bar on stderr when there are many of them."""
+
+    def wrap(files: list[str]):
+        if len(files) < PROGRESS_MIN_FILES:
+            yield from files
+            return
+        with click.progressbar(files, label=f"{label} {len(files)} files", file=sys.stderr) as bar:
+            yield from bar
+
+    return wrap
+
+
 @data.command("inspect")
 @click.argument("data_dir", required=False)
 @click.option("--config", type=click.Path(dir_okay=False), help="Take data_format, prefixes and patterns from here.")
@@ -147,25 +183,35 @@ def _data_config(config, sets, data_dir):
     "--json",
     "as_json",
     is_flag=True,
-    help="files (path, format, pairs, skipped) and pairs (question, answer, source, line).",
+    help="files (path, format, samples as pairs, assistant turns, traces, record kinds, skipped) and the samples "
+    "(question, answer, reasoning, history, source, line).",
 )
 def data_inspect(data_dir, config, sets, as_json):
-    """Per file: the format found, the pairs, and each skipped item with its reason."""
+    """Per file (or hub dataset): the format found, the samples, the assistant turns they train and how many carry
+    a reasoning trace, the record shapes (chat, sharegpt, alpaca, qa), and each skipped item with its reason."""
     from autotune.data.parsing import parse_data
 
     cfg = _data_config(config, sets, data_dir)
-    report = parse_data(cfg)
+    report = parse_data(cfg, progress=_file_progress("reading"))
     if as_json:
         _echo_json(report.to_json())
         return
     for f in report.files:
         encoding = f.encoding + (" (guessed)" if f.encoding_guessed else "")
-        click.echo(f"{f.path:40} {f.format:10} {encoding:20} {f.pairs:5} pairs  {len(f.skipped)} skipped")
+        kinds = ", ".join(f"{kind} {n}" for kind, n in f.kinds.items())
+        click.echo(
+            f"{f.path:40} {f.format:10} {encoding:20} {f.pairs:5} samples {f.turns:5} turns {f.traces:5} traces  "
+            f"{len(f.skipped)} skipped" + (f"  ({kinds})" if kinds else "")
+        )
         for item in f.skipped:
             click.echo(f"    line {item['line']}: {item['reason']}")
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(f"{len(report.pairs)} pairs in {len(report.files)} files")
+    turns, traces = sum(p.turns for p in report.pairs), sum(p.traces for p in report.pairs)
+    click.echo(
+        f"{len(report.pairs)} samples ({turns} assistant turns, {traces} with a reasoning trace) "
+        f"in {len(report.files)} files"
+    )
 
 
 @data.command("stats")
@@ -179,11 +225,15 @@ def data_stats(data_dir, config, sets, as_json):
     from autotune.data.prepare import data_length_stats
 
     ctx = RunContext(_data_config(config, sets, data_dir))
-    stats = data_length_stats(ctx)
+    stats = data_length_stats(ctx, progress=_file_progress("tokenizing"))
     if as_json:
         _echo_json(stats)
         return
-    click.echo(f"{stats['count']} samples, tokens with {ctx.spec.name}'s chat template")
+    click.echo(
+        f"{stats['count']} samples ({stats['turns']} assistant turns, {stats['traces']} reasoning traces "
+        f"{'trained' if ctx.cfg.reasoning_traces == 'train' else 'dropped'}), tokens with {ctx.spec.name}'s chat "
+        "template; answer: every labelled assistant turn"
+    )
     click.echo(f"{'':8}" + "".join(f"{k:>8}" for k in ("p50", "p90", "p95", "p99", "max", "mean")))
     for part in ("prompt", "answer", "total"):
         click.echo(
@@ -208,22 +258,53 @@ def data_stats(data_dir, config, sets, as_json):
 )
 @set_option
 @click.option("--resume", is_flag=True, help="Go on from the latest checkpoint in output_dir/checkpoints.")
-def train(config_path, profile_path, sets, resume):
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the run output_dir holds (its checkpoints, adapter and summary)."
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    help="Train on N processes (GPUs) of this machine: runs this command under torchrun (--standalone, "
+    "--max-restarts = max_oom_retries). Several machines: run torchrun yourself (README).",
+)
+@strategy_option
+def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
     """Fine-tune with LoRA/QLoRA on the HF Trainer: TensorBoard, JSONL log, checkpoints, resume."""
     from autotune.profile import layered_config, load_profile
-    from autotune.trainer import train as run_training
 
     profile = load_profile(profile_path) if profile_path else None
-    cfg, warnings = layered_config(config_path, sets, profile=profile)
-    for warning in warnings:
-        click.echo(f"warning: {warning}", err=True)
-    summary = run_training(cfg, profile=profile, resume=resume, echo=lambda m: click.echo(m, err=True))
-    final = summary.get("final", {})
-    loss = (
-        f"loss {final['first_loss']:.4f} -> {final['last_loss']:.4f}"
-        if final.get("first_loss") is not None
-        else f"mean training loss {final.get('train_loss')}"
+    cfg, warnings = layered_config(config_path, sets, profile=profile, flags={"distributed_strategy": strategy})
+    if nproc is not None:
+        _launch(nproc, cfg, profile)  # does not return: this process becomes torchrun
+    from autotune.distributed import oom_decisions, world
+
+    if world().restart and not oom_decisions(cfg.output_dir):
+        # torchrun restarts the whole group whatever failed; only an OOM's restart has something new to try.
+        raise UserError(
+            "an earlier attempt of this torchrun launch failed for another reason than memory (its error is above): "
+            "not trying again. Fix it and run the command again, with --resume to go on from the last checkpoint"
+        )
+    from autotune.trainer import train as run_training
+
+    if world().is_main:  # torchrun's other ranks run the same command: one copy of each message
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
+    summary = run_training(
+        cfg, profile=profile, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True)
     )
+    if not world().is_main:
+        if summary["status"] == "interrupted":
+            sys.exit(130)
+        return
+    final = summary.get("final", {})
+    if summary["status"] == "interrupted":
+        _interrupted(summary, config_path, profile_path, sets)
+    if final.get("losses_logged", 2) > 1 and final.get("first_loss") is not None:
+        loss = f"loss {final['first_loss']:.4f} -> {final['last_loss']:.4f}"
+    elif final.get("first_loss") is not None:
+        loss = f"loss {final['first_loss']:.4f} (one logged step)"
+    else:
+        loss = f"mean training loss {final.get('train_loss')}"
     click.echo(
         f"\ntraining {summary['status']} in {summary['seconds']:.0f}s: {final.get('global_step')} steps, "
         f"{loss}, eval loss {final.get('eval_loss')}"
@@ -231,6 +312,96 @@ def train(config_path, profile_path, sets, resume):
     click.echo(f"adapter, tokenizer and run summary: {summary['output_dir']}")
     if "inference_report" in summary:
         click.echo(f"inference report: {summary['inference_report']['markdown']}")
+
+
+def _launch(nproc: int, cfg, profile: dict | None) -> None:
+    """`train --nproc N`: check what can be checked once, here (a bad input is one message, not N), then become
+    torchrun running this same command line without --nproc."""
+    import os
+    import shlex
+
+    import torch
+
+    from autotune.distributed import (
+        RESTARTABLE_ENV,
+        rank_batches,
+        resolve_strategy,
+        torchrun_command,
+        without_option,
+        world,
+    )
+
+    if world().launched:
+        raise UserError(
+            "--nproc inside torchrun (or accelerate launch): the launcher already started the processes; drop --nproc"
+        )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise UserError(f"--nproc {nproc}: this machine has {gpus} GPU(s) visible to CUDA; use at most {gpus}")
+    resolve_strategy(cfg, profile, "cuda" if gpus else "cpu")
+    rank_batches(cfg.batch_size, cfg.effective_batch, nproc)
+    command = torchrun_command(nproc, without_option(_ARGV, "--nproc"), max_restarts=cfg.max_oom_retries)
+    env = " ".join(f"{k}={v}" for k, v in RESTARTABLE_ENV.items())
+    click.echo(f"launching: {env} {shlex.join(command)}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ.update(RESTARTABLE_ENV)
+    os.execv(command[0], command)
+
+
+def _interrupted(summary: dict, config_path, profile_path, sets) -> None:
+    """Ctrl-C: where the run stopped and the command that goes on from there; exit 130 as a shell expects."""
+    import shlex
+
+    step = (summary.get("final") or {}).get("global_step")
+    checkpoint = summary.get("resume_from")
+    click.echo(f"\ntraining interrupted{f' at step {step}' if step is not None else ''}.", err=True)
+    if checkpoint:
+        command = ["autotune", "train"]
+        command += ["--config", config_path] if config_path else []
+        command += ["--profile", profile_path] if profile_path else []
+        for item in sets:
+            command += ["--set", item]
+        click.echo(f"checkpoint: {checkpoint}\nresume with: {shlex.join([*command, '--resume'])}", err=True)
+    else:
+        click.echo("no checkpoint was saved yet: run the same command again to start over", err=True)
+    sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+def _progressbar(length: int, label: str):
+    """A progress bar on stderr (click draws it on a terminal and prints only the label elsewhere)."""
+    return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--merge", is_flag=True, help="Merge the adapter into the base: a full model (sharded safetensors).")
+@click.option(
+    "--dtype",
+    type=click.Choice(EXPORT_DTYPES),
+    default="auto",
+    show_default=True,
+    help="Weights dtype; auto: the dtype the run trained in (without --merge: the adapter as saved).",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Folder to write (default: RUN_DIR/merged or RUN_DIR/adapter)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out when it exists and is not empty.")
+def export(run_dir, merge, dtype, out, overwrite):
+    """Export a finished run: a clean adapter folder (PEFT, vLLM LoRA), or with --merge a full model
+    (transformers, vLLM), merged on the CPU a layer at a time."""
+    from autotune.export import export_run
+
+    result = export_run(run_dir, out, merge=merge, dtype=dtype, overwrite=overwrite, progress=_progressbar)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    kind = "merged model" if result.merged else "adapter"
+    click.echo(f"{kind} ({result.dtype}) of {result.base}: {result.out}")
+    if result.gguf_command:
+        click.echo(f"GGUF: from a llama.cpp checkout, run: {result.gguf_command}")
 
 
 # ------------------------------------------------------------------------------------ solve
@@ -279,18 +450,31 @@ def _rank_list(ranks: str | None, rank: int | None, objective: str) -> list[int]
 @click.option(
     "--max-seq", type=click.IntRange(min=8), help="Upper bound for --objective max-seq (default: the model's maximum)."
 )
-@click.option("--max-trials", type=click.IntRange(min=2))
+@click.option(
+    "--max-trials",
+    type=click.IntRange(min=2),
+    default=DEFAULT_MAX_TRIALS,
+    show_default=True,
+    help="Stop measuring after this many trials and keep the best so far.",
+)
 @click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds; stop searching and keep the best so far.")
 @click.option(
     "--checkpointing",
-    type=click.Choice(["auto", "on", "off"]),
+    type=click.Choice(SWITCHES),
     default="auto",
     show_default=True,
-    help="Gradient checkpointing: auto measures with and without it (throughput) and keeps the faster.",
+    help="Gradient checkpointing: auto lets the search measure without it where the estimate says that could be "
+    "faster. The other techniques follow their config keys (fused_loss, offload_activations, embedding_on_cpu: "
+    "auto means measured).",
 )
 @click.option(
     "--real-weights", is_flag=True, help="Trial on the real weights (downloads/loads them) instead of random init."
 )
+@gpus_option(
+    "Processes (GPUs) the run will train on: each trial is one rank's step, the budget the smallest card's, "
+    "accumulation = effective batch / (micro-batch x GPUs)."
+)
+@strategy_option
 @click.option("--plot", is_flag=True, help="Also write a PNG beside the profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def solve(
@@ -310,6 +494,8 @@ def solve(
     time_budget,
     checkpointing,
     real_weights,
+    gpus,
+    strategy,
     plot,
     as_json,
 ):
@@ -317,26 +503,32 @@ def solve(
     from autotune.memory import ensure_expandable_segments
 
     ensure_expandable_segments()  # before anything touches CUDA
-    from autotune.config import explicit_keys
+    from autotune.config import explicit_keys, lora_rank_problem
     from autotune.context import RunContext
     from autotune.profile import layered_config
     from autotune.solver import SolveRequest
     from autotune.solver import run as run_solve
 
-    flags = {"model_name": model_name, "data_dir": data_dir, "lora_r": rank}
+    flags = {"model_name": model_name, "data_dir": data_dir, "lora_r": rank, "distributed_strategy": strategy}
     if checkpointing != "auto":
         flags["gradient_checkpointing"] = checkpointing == "on"
     cfg, _ = layered_config(config_path, sets, flags=flags)
     explicit = explicit_keys(config_path, sets)
+    ctx = RunContext(cfg)
+    rank_list = _rank_list(ranks, rank, objective)
+    for r in rank_list if ranks else ():  # the user's candidates; the defaults are the solver's to prune
+        if problem := lora_rank_problem(r, ctx.spec):
+            raise UserError(f"--ranks: {problem}")
     req = SolveRequest(
-        ctx=RunContext(cfg),
+        ctx=ctx,
         objective=objective,
         seq=seq,
-        ranks=_rank_list(ranks, rank, objective),
+        ranks=rank_list,
         max_seq=max_seq,
         max_trials=max_trials,
         time_budget_s=time_budget,
-        try_without_checkpointing=checkpointing == "auto" and objective == "throughput",
+        checkpointing=checkpointing,
+        world_size=gpus,
     )
     profile, path = run_solve(
         req,
@@ -358,10 +550,21 @@ def solve(
         f"(effective {c['effective_batch_size']}), max_sequence_length {c['max_sequence_length']}, "
         f"lora_r {c['lora_r']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}; "
         f"peak {profile['measurement']['peak_bytes'] / GiB:.3f} GiB of {profile['constraints']['max_memory_gb']:g}"
+        + (" (estimated, not measured)" if profile["measurement"]["source"] == "estimate" else "")
+        + (
+            f" per rank of {profile['constraints']['world_size']} ({profile['constraints']['strategy'].upper()})"
+            if profile["constraints"]["world_size"] > 1
+            else ""
+        )
     )
     click.echo(f"why: {profile['reason']}")
-    click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
-    click.echo(f"next: autotune train --profile {path}")
+    if profile["measurement"]["source"] == "estimate":
+        click.echo(f"planned from the estimate, no trials; profile: {path}")
+    else:
+        click.echo(f"{len(profile['trials'])} trials in {profile['solve_seconds']:.0f}s; profile: {path}")
+    world = profile["constraints"]["world_size"]
+    launch = f" --nproc {world}" if world > 1 else ""
+    click.echo(f"next: autotune train --profile {path}{launch}")
 
 
 @profiles.command("plot")
@@ -397,33 +600,64 @@ def profiles_plot(profile_path, output):
     show_default=True,
     help="cuda adds the CUDA context; cpu predicts what the CPU memory tracker measures.",
 )
+@gpus_option("Processes (GPUs) the run will have: every figure is then one rank's, its budget the smallest card's.")
+@strategy_option
 @click.option("--json", "as_json", is_flag=True)
-def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, as_json):
+def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, gpus, strategy, as_json):
     """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
     from autotune.context import RunContext
-    from autotune.estimate import report
+    from autotune.estimate import options_for, pick_strategy, report
 
-    cfg = _load(config_path, sets, model_name=model_name)
+    cfg = _load(config_path, sets, model_name=model_name, distributed_strategy=strategy)
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
     budget = Budget.from_gib(budget_gb, margin) if budget_gb is not None else None
     seq, batch, rank = seq or cfg.max_sequence_length, batch or cfg.batch_size, rank or cfg.lora_r
-    est, doc = report(RunContext(cfg), batch=batch, seq=seq, rank=rank, device=device, budget=budget)
+    ctx = RunContext(cfg)
+    strategy, why = cfg.distributed_strategy, ""
+    if strategy == "auto":
+        if budget is None or gpus == 1:
+            strategy = "ddp"
+        else:
+            options = options_for(cfg, device)
+            strategy, why = pick_strategy(ctx.architecture, budget, world_size=gpus, seq=seq, rank=rank, **options)
+    est, doc = report(
+        ctx, batch=batch, seq=seq, rank=rank, device=device, budget=budget, world_size=gpus, strategy=strategy
+    )
+    if why:
+        doc["strategy_reason"] = why
     if as_json:
         _echo_json(doc)
         return
+    ranks = f"; per rank of {gpus} ({strategy.upper()})" if gpus > 1 else ""
     click.echo(
         f"{doc['model']}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
-        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device})"
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device}){ranks}"
     )
+    if why:
+        click.echo(f"  {why}")
     for name, gb in doc["components_gb"].items():
         click.echo(f"  {name:18} {gb:9.3f} GiB")
     click.echo(f"  {'peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
+    band = doc.get("error_band")
+    if band:
+        click.echo(
+            f"  expected error {band['low']:+.1%} to {band['high']:+.1%} (out of sample, on {band['trials']} GPU "
+            "trials; bench/RESULTS.md)"
+        )
     if budget is not None:
         verdict = "fits" if doc["fits"] else "does NOT fit"
-        click.echo(
-            f"{verdict} {budget.describe()}; predicted to fit: batch "
-            f"{doc['largest_batch_at_seq']} at seq {seq}, seq {doc['largest_seq_at_batch']} at batch {batch}"
-        )
+        safe = " on the safe side of that error" if band else ""
+        # A zero is "nothing of that shape fits": said in words, so "batch 0" never reads as a plan.
+        fits_batch, fits_seq = doc["largest_batch_at_seq"], doc["largest_seq_at_batch"]
+        at_seq = f"batch {fits_batch} at seq {seq}" if fits_batch else f"no batch at seq {seq}"
+        at_batch = f"seq {fits_seq} at batch {batch}" if fits_seq else f"no sequence at batch {batch}"
+        click.echo(f"{verdict} {budget.describe()}; predicted to fit{safe}: {at_seq}, {at_batch}")
+        if not fits_batch and not fits_seq:
+            quantize = "" if cfg.quantization == "4bit" else "--set quantization=4bit, "
+            click.echo(
+                f"  nothing of this shape is predicted to fit: lower --rank, {quantize}shard it with --gpus N "
+                "--strategy fsdp, or use a card with more memory"
+            )
     click.echo("a prediction: `autotune solve` measures real steps", err=True)
 
 
@@ -447,7 +681,7 @@ def demo(ctx, max_memory_gb, output_dir):
     simulated cap, train it with the solved profile on data/raw, show the inference report."""
     from pathlib import Path
 
-    from autotune.config import preset_path
+    from autotune.config import preset_path, read_json
 
     preset = preset_path(DEMO_CONFIG)
     sample_data = Path(__file__).resolve().parent.parent / "data" / "raw"
@@ -464,6 +698,7 @@ def demo(ctx, max_memory_gb, output_dir):
         f"structured_logging.log_file={output_dir}/logs/training.jsonl",
     )
     profile = str(Path(output_dir) / "profile.json")
+    replace = _demo_may_replace(Path(output_dir))
     click.echo("== 1/3 autotune probe", err=True)
     ctx.invoke(probe)
     click.echo(f"\n== 2/3 autotune solve (tiny-qwen3, simulated {max_memory_gb:g} GiB card)", err=True)
@@ -477,15 +712,44 @@ def demo(ctx, max_memory_gb, output_dir):
         objective="throughput",
         margin=DEFAULT_MARGIN,
         checkpointing="auto",
+        # The demo's own window, not the data's p99: short rows keep its training inside two minutes on a CPU.
+        seq=read_json(preset)["max_sequence_length"],
     )
     click.echo("\n== 3/3 autotune train --profile", err=True)
-    ctx.invoke(train, config_path=config, profile_path=profile, sets=sets)
+    ctx.invoke(train, config_path=config, profile_path=profile, sets=sets, overwrite=replace)
     report = Path(output_dir) / "inference_report.md"
     if report.is_file():
         click.echo("\n" + report.read_text(encoding="utf-8"))
 
 
+def _demo_may_replace(output_dir) -> bool:
+    """Whether the demo may replace what output_dir holds: nothing, or an earlier demo's run (the tiny random
+    model). Any other run there is refused before the demo writes anything (its solve writes profile.json)."""
+    from autotune.catalog import TINY
+    from autotune.checkpoint import CONFIG_FILE
+    from autotune.trainer import existing_run, read_summary
+
+    held = existing_run(output_dir, read_summary(output_dir))
+    if held is None:
+        return False
+    try:
+        previous = json.loads((output_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and previous.get("model_name") == TINY and previous.get("init") == "random":
+        return True
+    raise UserError(
+        f"--output-dir {output_dir} already holds {held}, not a demo's: give the demo another folder (--output-dir)"
+    )
+
+
+# The command line as given (`train --nproc` hands it on to torchrun's processes).
+_ARGV: list[str] = []
+
+
 def main(argv=None) -> None:
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="autotune", standalone_mode=False)
     except UserError as exc:

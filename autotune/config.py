@@ -1,6 +1,7 @@
 """The typed run configuration: every key of the original guide, inheritance, validation, presets.
 
-A config file is JSON. It may name a `base_config` (a path relative to the file, or a preset name from
+A config file is JSON, or YAML when it is named *.yaml / *.yml (same schema, inheritance and messages). It may
+name a `base_config` (a path relative to the file, or a preset name from
 profiles/) and put its own values at top level or under `overrides`; chains are followed and cycles
 reported. Every error of a file is collected and reported at once, as a UserError (exit code 2).
 Importing this module must not import torch.
@@ -12,11 +13,12 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from autotune.catalog import check_target_modules, resolve_model
+from autotune.catalog import ModelSpec, check_target_modules, resolve_model
 from autotune.errors import UserError
 
 
@@ -39,7 +41,12 @@ PRESET_KINDS = ("hardware", "models", "strategies", "lora", "configs")
 QUANTIZATIONS = ("4bit", "8bit", "none")
 INIT_MODES = ("pretrained", "random")
 MARKDOWN_FORMATS = ("simple_qa", "header_qa")
-DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json")
+# Tables, read through the `datasets` library (each name is also its packaged builder's name).
+TABLE_FORMATS = ("parquet", "arrow", "csv")
+DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json", *TABLE_FORMATS)
+# Reasoning traces of the data (reasoning_content, or a <think> block opening an answer): trained inside the
+# model's think block, or dropped (the sample then trains the empty think block, like one without a trace).
+REASONING_TRACES = ("train", "drop")
 OVERFLOW_POLICIES = ("truncate", "drop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A memory technique of the step: `auto` lets the solved profile decide (and falls back to the technique's
@@ -48,6 +55,15 @@ SWITCHES = ("auto", "on", "off")
 # `autotune solve --objective`, and the ranks `--objective max-rank` tries when none are given.
 OBJECTIVES = ("throughput", "max-seq", "max-rank")
 MAX_RANK_CANDIDATES = (4, 8, 16, 32, 64)
+# The trials a solve runs at most unless --max-trials says otherwise: the search, the technique combinations
+# the estimate says could matter, and the evaluation step.
+DEFAULT_MAX_TRIALS = 12
+# How the ranks of a multi-process run (torchrun) share the work: `ddp` (every rank holds the whole quantized model
+# and trains on its shard of the data), `fsdp` (parameters, gradients and optimizer state sharded across the
+# ranks: a model that does not fit one card), `auto` (the solved profile's, else ddp; solve picks by the estimate).
+STRATEGIES = ("auto", "ddp", "fsdp")
+# `autotune export --dtype`: auto keeps the dtype the run trained in (the adapter as saved, without --merge).
+EXPORT_DTYPES = ("auto", "bf16", "fp16", "fp32")
 # The guide's LoRA targets: the attention projections.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -133,8 +149,25 @@ class Config:
     lora_dropout: float = _key(0.1, "Dropout on the LoRA path.", "ratio")
     target_modules: list[str] = _key(list(DEFAULT_TARGET_MODULES), "Linear layers that get adapters.", "list[str]")
     # --- data ---
-    data_dir: str = _key("data/raw", "Folder of *.md QA files (README.md skipped), *.jsonl or *.json.", "str")
+    data_dir: str = _key(
+        "data/raw",
+        "Folder of *.md QA files (README.md skipped), *.jsonl, *.json, *.parquet, *.arrow or *.csv.",
+        "str",
+    )
     data_format: str = _key("auto", "`auto` detects per file; or force one format.", _choice(DATA_FORMATS))
+    dataset_name: str | None = _key(
+        None,
+        "A Hugging Face hub dataset id (org/name) read through `datasets` instead of data_dir; needs the hub, or "
+        "the dataset in the local cache when offline.",
+        "str?",
+    )
+    dataset_split: str = _key("train", "The split of dataset_name to read.", "str")
+    reasoning_traces: str = _key(
+        "train",
+        "Reasoning traces in the data (reasoning_content, or a <think> block opening an answer): `train` them "
+        "inside the model's think block, or `drop` them (the empty think block is trained instead).",
+        _choice(REASONING_TRACES),
+    )
     question_prefix: str = _key("Q", "Question marker in markdown (Q1:).", "str")
     answer_prefix: str = _key("A", "Answer marker in markdown (A1:).", "str")
     separator: str = _key(":", "Marker separator; a full-width colon is always accepted too.", "str")
@@ -151,7 +184,18 @@ class Config:
     # --- logging and checkpoints ---
     log_dir: str = _key("./logs", "Run logs.", "str")
     enable_tensorboard: bool = _key(True, "Write TensorBoard event files.", "bool")
-    tensorboard_log_dir: str | None = _key(None, "TensorBoard folder; null: <log_dir>/tensorboard.", "str?")
+    tensorboard_log_dir: str | None = _key(
+        None,
+        "TensorBoard folder (each run writes into a subfolder named by its run_id); null: <log_dir>/tensorboard.",
+        "str?",
+    )
+    report_to: list[str] = _key(
+        ["tensorboard"],
+        "Trackers the HF Trainer reports to (its report_to): tensorboard (into tensorboard_log_dir; "
+        "enable_tensorboard: false leaves it out), wandb, mlflow or any other integration transformers has, when "
+        'its package is installed; ["none"] for none. The JSONL log is written either way.',
+        "list[str]",
+    )
     log_every_n_steps: int = _key(10, "Optimizer steps between metric records.", "int>=1")
     save_every_n_steps: int = _key(100, "Optimizer steps between checkpoints.", "int>=1")
     save_total_limit: int = _key(3, "Checkpoints kept (oldest deleted).", "int>=1")
@@ -160,9 +204,9 @@ class Config:
     )
     # --- after training ---
     enable_inference_test: bool = _key(
-        True, "Answer held-out questions with base and tuned model; write a report.", "bool"
+        True, "Answer trained-on and held-out questions with base and tuned model; write a report.", "bool"
     )
-    inference_samples: int = _key(5, "Held-out questions in the inference test.", "int>=1")
+    inference_samples: int = _key(5, "Questions of each kind in the inference test (trained-on, held-out).", "int>=1")
     inference_max_new_tokens: int = _key(128, "Generation length in the inference test.", "int>=1")
     # --- environment ---
     verify_environment: bool = _key(
@@ -186,7 +230,18 @@ class Config:
     lr_scheduler_type: str = _key("cosine", "HF scheduler name.", "str")
     lr_scheduler_kwargs: dict = _key({}, "Extra scheduler arguments.", "dict")
     max_oom_retries: int = _key(
-        4, "Times a training OOM may halve the micro-batch (accumulation doubles) before giving up.", "int>=0"
+        4,
+        "Times a training OOM may halve the micro-batch (accumulation doubles) before giving up. Under torchrun an "
+        "OOM on one rank restarts every rank with the smaller micro-batch; `train --nproc` gives torchrun this many "
+        "restarts.",
+        "int>=0",
+    )
+    distributed_strategy: str = _key(
+        "auto",
+        "Under torchrun (or `autotune train --nproc N`): `ddp` (each rank holds the whole model and trains on its "
+        "shard of the data), `fsdp` (weights, gradients and optimizer state sharded across the ranks; GPUs only), or "
+        "`auto` (the solved profile's strategy, else ddp). One process ignores it.",
+        _choice(STRATEGIES),
     )
     eval_batch_size: int | None = _key(
         None,
@@ -212,6 +267,18 @@ class Config:
         "looked up move to the GPU. auto: the profile's choice, else off.",
         _choice(SWITCHES),
     )
+    lm_head_8bit: str = _key(
+        "auto",
+        "Untied models (Qwen3-8B/14B/32B), with the fused loss: the frozen lm_head as int8 rows with fp32 scales, "
+        "half its bf16 size, dequantized a block at a time. auto: the profile's choice, else off.",
+        _choice(SWITCHES),
+    )
+    tiled_mlp: str = _key(
+        "auto",
+        "Each layer's MLP runs a slice of tokens at a time and keeps only its input for backward (recomputed per "
+        "slice): long sequences. auto: the profile's choice, else off.",
+        _choice(SWITCHES),
+    )
     packing: str = _key(
         "auto",
         "Padding-free packing: a micro-batch's samples are concatenated into one row, attention stops at sample "
@@ -230,28 +297,65 @@ class Config:
 KEY_DOCS = {f.name: (f.metadata["doc"], f.metadata["kind"]) for f in fields(Config)}
 NESTED = {"structured_logging": StructuredLogging}
 INHERITANCE_KEYS = ("base_config", "overrides")
+# Config files with these suffixes are YAML (same schema, inheritance and messages); any other is JSON.
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 # ----------------------------------------------------------------------------------- loading
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; malformed JSON is reported with file, line and column."""
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
     except (OSError, ValueError) as exc:  # ValueError: undecodable bytes, a NUL byte in the name
         raise UserError(f"{path}: cannot read it ({exc})") from None
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; malformed JSON is reported with file, line and column."""
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(
             f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}. "
-            "Only JSON is accepted (no comments or trailing commas)."
+            "Only JSON is accepted in a .json file (no comments or trailing commas; a .yaml config may have them)."
         ) from None
     except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
         raise UserError(f"{path}: unreadable JSON: {exc}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file (safe loading: plain data only); a syntax error is reported with file, line and column."""
+    import yaml  # only YAML configs pay for it
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # PyYAML follows YAML 1.1, where 5e-5 (no dot) is a string; JSON and YAML 1.2 read it as a number, so that a
+    # YAML config means what its JSON twin means.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    text = _read_text(path)
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data, never Python objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        raise UserError(f"{where}: malformed YAML: {problem}.") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: unreadable YAML: {exc}") from None
+
+
+def read_config_file(path: Path) -> Any:
+    """A config file's document: YAML for *.yaml / *.yml, JSON otherwise."""
+    return read_yaml(path) if path.suffix.lower() in YAML_SUFFIXES else read_json(path)
 
 
 def preset_path(name: str) -> Path | None:
@@ -312,9 +416,10 @@ def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise UserError(f"base_config cycle: {cycle}. Remove one base_config link.")
-    doc = read_json(path)
+    doc = read_config_file(path)
     if not isinstance(doc, dict):
-        raise UserError(f"{path}: a config must be a JSON object, got {type(doc).__name__}")
+        shape = "YAML mapping" if path.suffix.lower() in YAML_SUFFIXES else "JSON object"
+        raise UserError(f"{path}: a config must be a {shape}, got {type(doc).__name__}")
     values = {k: v for k, v in doc.items() if k not in INHERITANCE_KEYS and k != "description"}
     overrides = doc.get("overrides", {})
     if not isinstance(overrides, dict):
@@ -402,12 +507,54 @@ def check_values(values: dict, where: str, errors: list[str]) -> None:
             errors.append(f"{where}: key {key!r}: value {value!r} is not allowed: must be {_describe(kind)}")
 
 
+# The most tokens one micro-batch may hold (batch_size x max_sequence_length): PyTorch indexes many kernels'
+# elements with 32-bit integers, and no GPU holds the activations of more.
+MAX_MICRO_BATCH_TOKENS = 2**31 - 1
+
+
+def _int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def lora_rank_problem(r: int, spec: ModelSpec) -> str | None:
+    """Why LoRA rank `r` makes no sense for this model (None when it does): the config's `lora_r` and
+    `solve --ranks` are held to the same bound."""
+    hidden = spec.architecture.hidden_size
+    if r <= hidden:
+        return None
+    return (
+        f"{r} is more than {spec.name}'s hidden size {hidden}: a LoRA update of a layer that wide has rank at most "
+        f"{hidden}, so a larger rank only costs memory; use at most {hidden} (8 to 64 is usual)"
+    )
+
+
+def _check_sizes(values: dict, spec: ModelSpec, errors: list[str]) -> None:
+    """Sizes the model bounds, checked before anything tries to allocate them."""
+    arch, name = spec.architecture, spec.name
+    r = values.get("lora_r")
+    if _int(r) and (problem := lora_rank_problem(r, spec)):
+        errors.append(f"key 'lora_r': {problem}")
+    for key in ("max_sequence_length", "inference_max_new_tokens"):
+        n = values.get(key)
+        if _int(n) and n > arch.max_position_embeddings:
+            errors.append(
+                f"key {key!r}: {n} is more than the {arch.max_position_embeddings} positions {name} supports; "
+                f"use at most {arch.max_position_embeddings}"
+            )
+    batch, seq = values.get("batch_size"), values.get("max_sequence_length")
+    if _int(batch) and _int(seq) and batch * seq > MAX_MICRO_BATCH_TOKENS:
+        errors.append(
+            f"key 'batch_size': {batch} rows of {seq} tokens is more than one micro-batch can hold "
+            f"({MAX_MICRO_BATCH_TOKENS:,} tokens); use a smaller batch_size and raise gradient_accumulation_steps"
+        )
+
+
 def _check_consistency(values: dict, errors: list[str]) -> None:
     """Checks across keys, on the merged values (run even when some values are bad, so that every
     error of a file is reported at once)."""
     if isinstance(values.get("model_name"), str):
         try:
-            resolve_model(values["model_name"])
+            _check_sizes(values, resolve_model(values["model_name"]), errors)
         except UserError as exc:
             errors.append(f"key 'model_name': {exc}")
     targets = values.get("target_modules")

@@ -28,12 +28,17 @@ runs no step of its own; it imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from autotune.catalog import Architecture, check_target_modules
 from autotune.config import DEFAULT_TARGET_MODULES, QUANTIZATIONS
+from autotune.techniques import CHUNK_BYTES, ROW_BLOCK, Knobs, chunk_tokens, resolve, tile_tokens
 from autotune.units import DEFAULT_CUDA_OVERHEAD_BYTES, Budget, GiB
 
 # bitsandbytes' 8-bit optimizers keep fp32 state for tensors smaller than this (min_8bit_size).
@@ -68,6 +73,30 @@ _OPTIMIZER_STATE = {
 }
 
 
+# The MLP's projections (the rest of catalog.PROJECTIONS are attention's): what the tiled MLP slices.
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+# What the GPU trials on record show beyond the arithmetic, and how far off the estimate has been out of sample:
+# written by bench/estimate_check.py --write-calibration from bench/results/, read here.
+CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
+
+
+@functools.cache
+def calibration() -> dict:
+    """{"residual_bytes": int, "band": {"low": float, "high": float} | None, "trials": int, ...}; an empty
+    calibration (no residual, no band) where the file is missing."""
+    try:
+        return json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"residual_bytes": 0, "band": None, "trials": 0}
+
+
+def error_band() -> tuple[float, float] | None:
+    """The estimate's out-of-sample error range on the GPU trials on record (estimate / measured - 1)."""
+    band = calibration().get("band")
+    return (band["low"], band["high"]) if band else None
+
+
 # The parts an estimate's peak is the sum of, in report order.
 COMPONENTS = (
     "weights",
@@ -77,6 +106,7 @@ COMPONENTS = (
     "activations",
     "logits_and_loss",
     "temporaries",
+    "distributed",
     "cuda_overhead",
 )
 
@@ -325,18 +355,36 @@ def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act
 # ------------------------------------------------------------------------------- the estimate
 
 
-def options_for(cfg, device: str = "cuda", gradient_checkpointing: bool | None = None) -> dict:
-    """estimate_peak's keyword arguments for a config (an autotune.config.Config): the one mapping the
-    CLI, the solver and the benchmarks share, so their estimates describe the same step."""
+def options_for(cfg, device: str = "cuda", knobs: Knobs | None = None) -> dict:
+    """estimate_peak's keyword arguments for a config (an autotune.config.Config) and the techniques a step
+    runs with (default: the config's, `auto` resolved): the one mapping the CLI, the solver and the benchmarks
+    share, so their estimates describe the same step."""
+    if knobs is None:
+        from autotune.catalog import resolve_model
+
+        knobs = resolve(cfg, resolve_model(cfg.model_name))
     return dict(
         target_modules=cfg.target_modules,
         quantization=cfg.quantization,
-        gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing,
+        gradient_checkpointing=knobs.checkpointing,
         optimizer=cfg.optimizer,
         device=device,
         dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4,
         lora_dropout=cfg.lora_dropout,
+        fused_loss=knobs.fused_loss,
+        fused_kernel=fused_kernel(device),
+        offload_activations=knobs.offload_activations,
+        embedding_on_cpu=knobs.embedding_on_cpu,
+        lm_head_8bit=knobs.lm_head_8bit,
+        tiled_mlp=knobs.tiled_mlp,
+        packing=knobs.packing,
     )
+
+
+def fused_kernel(device: str) -> str:
+    """The fused loss's implementation on `device`, as techniques/fused_loss.kernel_for picks it, told without
+    importing anything: liger-kernel on CUDA where it is installed, else the chunked PyTorch loss."""
+    return "liger" if device != "cpu" and importlib.util.find_spec("liger_kernel") is not None else "chunked"
 
 
 def estimate_peak(
@@ -356,6 +404,16 @@ def estimate_peak(
     kbit_prepare: bool = False,
     double_quant: bool = True,
     cuda_overhead_bytes: int | None = None,
+    fused_loss: bool = False,
+    fused_kernel: str = "chunked",
+    offload_activations: bool = False,
+    embedding_on_cpu: bool = False,
+    lm_head_8bit: bool = False,
+    tiled_mlp: bool = False,
+    packing: bool = False,
+    calibrated: bool = True,
+    world_size: int = 1,
+    strategy: str = "ddp",
 ) -> Estimate:
     """Predict the peak memory of a training step once the optimizer state exists (from the second on).
 
@@ -368,6 +426,12 @@ def estimate_peak(
         dtype, hence the default False. Ignored for quantization="none".
     device: "cuda" adds the CUDA context/workspace overhead (cuda_overhead_bytes, default
         DEFAULT_CUDA_OVERHEAD_BYTES); "cpu" predicts what CpuTrackedMeter measures.
+    fused_loss, offload_activations, embedding_on_cpu, packing: the step's techniques (autotune/techniques/);
+        fused_kernel: "chunked" or "liger" (options_for picks it for the device).
+    calibrated: on a GPU, add the residual the GPU trials on record show beyond this arithmetic
+        (calibration(); bench/estimate_check.py fits it and judges it out of sample).
+    world_size, strategy: the peak of ONE rank of a run of world_size processes (`batch` is that rank's
+        micro-batch); per_rank_state says what DDP and FSDP change.
     LoRA gradients are counted as resident throughout (they are, with gradient accumulation).
     """
     if batch < 1 or seq < 1 or rank < 1:
@@ -378,6 +442,13 @@ def estimate_peak(
     kbit_prepare = kbit_prepare and quantization != "none"
     if autocast is None:
         autocast = dtype_bytes == 2
+    if world_size < 1 or strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"world_size must be >= 1 and strategy ddp or fsdp (got {world_size}, {strategy!r})")
+    sharded = strategy == "fsdp" and world_size > 1
+    if sharded:
+        # Under FSDP each rank holds 1/N of both tables already, and the techniques that move them are refused
+        # (distributed.check_fsdp).
+        embedding_on_cpu = lm_head_8bit = False
     act = _ActivationModel(
         arch,
         batch=batch,
@@ -390,15 +461,27 @@ def estimate_peak(
         lora_dropout=lora_dropout,
         dropout_mask_bytes=4 if device == "cpu" else 1,
         autocast=autocast,
+        fused_loss=fused_loss,
+        fused_kernel=fused_kernel,
+        offload_activations=offload_activations and gradient_checkpointing,
+        lm_head_8bit=lm_head_8bit and fused_loss and not arch.tie_word_embeddings,
+        tiled_mlp=tiled_mlp,
+        packing=packing,
     )
 
     lora_numels = lora_param_tensors(arch, rank, targets)
     lora = 4 * sum(lora_numels)
     weights = weight_bytes(arch, quantization, dtype_bytes, kbit_prepare, double_quant)
     weights += 2 * (arch.head_dim // 2) * 4  # rotary inv_freq + original_inv_freq buffers (fp32)
+    if embedding_on_cpu and not arch.tie_word_embeddings:
+        # The input-embedding table in host memory (bitsandbytes never quantizes it: compute dtype).
+        weights -= arch.vocab_size * arch.hidden_size * (4 if kbit_prepare else dtype_bytes)
+    if act.lm_head_8bit:
+        # int8_head: the lm_head table as int8 plus an fp32 scale per row, instead of the compute dtype.
+        weights += arch.vocab_size * (arch.hidden_size + 4) - arch.vocab_size * arch.hidden_size * dtype_bytes
 
     saved, logits = act.saved(), act.loss_head()
-    if device != "cpu" and dtype_bytes == 2:
+    if device != "cpu" and dtype_bytes == 2 and not fused_loss:
         # Calibrated on an H200 (bench/results/2026-11-27-NVIDIA-H200.json): on CUDA the measured peak
         # grows by one more half-precision logits tensor per token than the CPU tracker sees (+0.30 MB per
         # token for Qwen3-0.6B, 8B and 14B alike): the autocast bf16 logits stay allocated through the
@@ -414,6 +497,8 @@ def estimate_peak(
         overhead = 0
     else:
         overhead = DEFAULT_CUDA_OVERHEAD_BYTES if cuda_overhead_bytes is None else cuda_overhead_bytes
+        if calibrated:
+            overhead += calibration().get("residual_bytes", 0)
     parts = {
         "weights": weights,
         "lora_params": lora,
@@ -425,6 +510,20 @@ def estimate_peak(
         "temporaries": act.misc() + max(0, candidates[phase] - saved - logits),
         "cuda_overhead": overhead,
     }
+    parts.update(
+        per_rank_state(
+            arch,
+            parts,
+            lora_numels,
+            world_size=world_size,
+            strategy=strategy,
+            quantization=quantization,
+            dtype_bytes=dtype_bytes,
+            kbit_prepare=kbit_prepare,
+            double_quant=double_quant,
+            optimizer=optimizer,
+        )
+    )
     components = {name: int(parts[name]) for name in COMPONENTS}
     shape = dict(
         batch=batch,
@@ -439,8 +538,74 @@ def estimate_peak(
         lora_dropout=lora_dropout,
         autocast=autocast,
         kbit_prepare=kbit_prepare,
+        fused_loss=fused_loss,
+        fused_kernel=fused_kernel if fused_loss else None,
+        offload_activations=offload_activations,
+        embedding_on_cpu=embedding_on_cpu,
+        lm_head_8bit=act.lm_head_8bit,
+        tiled_mlp=tiled_mlp,
+        packing=packing,
+        world_size=world_size,
+        strategy=strategy,
     )
     return Estimate(components=components, peak_bytes=sum(components.values()), shape=shape, phase=phase)
+
+
+def per_rank_state(
+    arch: Architecture,
+    parts: dict,
+    lora_numels: Sequence[int],
+    *,
+    world_size: int,
+    strategy: str,
+    quantization: str,
+    dtype_bytes: int,
+    kbit_prepare: bool,
+    double_quant: bool,
+    optimizer: str,
+) -> dict:
+    """What one rank of `world_size` holds instead of one process's persistent state, as overrides of the
+    components (the activations and the loss head are per micro-batch, the same on every rank):
+
+    * DDP (world_size > 1): everything a process holds, plus DDP's gradient buckets (`distributed`): with
+      gradient_as_bucket_view off, the Trainer's default, a second copy of the trainable gradients, fp32 like
+      the adapters (trial.py measures it with a real DDP: distributed.ddp_bucket_bytes).
+    * FSDP2 (world_size > 1; accelerate shards each decoder layer as a unit, the embedding and the head as
+      their own): 1/N of the stored weights (4-bit data stored as the compute dtype, bnb_4bit_quant_storage,
+      and the embedding, lm_head and norms), of the adapters, their gradients and the optimizer state; each
+      rank keeps the 4-bit quantization state whole (it is no parameter, so FSDP does not shard it). Beside the
+      shards (`distributed`): the layers gathered whole, the one computing and the next (prefetched), or at the
+      loss the head with one layer; and a layer's adapter gradients before their reduce-scatter.
+    """
+    if world_size <= 1:
+        return {"distributed": 0}
+    lora_bytes = 4 * sum(lora_numels)
+    if strategy == "ddp":
+        return {"distributed": lora_bytes}
+    n = world_size
+    linear, other = _nonlinear_param_counts(arch)
+    other_bytes = other * (4 if kbit_prepare else dtype_bytes)
+    numels = [i * o for i, o in arch.projection_shapes().values()]
+    if quantization == "4bit":
+        layer_data = sum(math.ceil(k / 2) for k in numels)
+    else:  # "none" (FSDP refuses 8-bit: distributed.check_fsdp)
+        layer_data = linear // arch.num_hidden_layers * dtype_bytes
+    stored = layer_data * arch.num_hidden_layers + other_bytes
+    quant_state = weight_bytes(arch, quantization, dtype_bytes, kbit_prepare, double_quant) - stored
+    buffers = 2 * (arch.head_dim // 2) * 4  # rotary inv_freq + original_inv_freq, on every rank
+    layer_lora = lora_bytes // arch.num_hidden_layers
+    # One layer whole, as FSDP2 gathers it: its stored weights, its norms, its adapters in the compute dtype.
+    layer_full = layer_data + (2 * arch.head_dim + 2 * arch.hidden_size) * dtype_bytes + layer_lora // 2
+    head_full = arch.vocab_size * arch.hidden_size * dtype_bytes
+    gathered = max(2 * layer_full, head_full + layer_full) + layer_lora
+    shard = [math.ceil(k / n) for k in lora_numels]
+    return {
+        "weights": math.ceil(stored / n) + quant_state + buffers,
+        "lora_params": math.ceil(lora_bytes / n),
+        "lora_grads": math.ceil(lora_bytes / n),
+        "optimizer_state": optimizer_state_bytes(shard, optimizer),
+        "distributed": gathered,
+    }
 
 
 @dataclass
@@ -458,16 +623,54 @@ class _ActivationModel:
     lora_dropout: float
     dropout_mask_bytes: int
     autocast: bool
+    fused_loss: bool = False
+    fused_kernel: str = "chunked"  # "chunked" (techniques/fused_loss.py) or "liger"
+    offload_activations: bool = False
+    lm_head_8bit: bool = False
+    tiled_mlp: bool = False
+    packing: bool = False
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    @property
+    def _matmul_bytes(self) -> int:
+        """Bytes of lm_head's matmul output: the autocast dtype's, else the activations'."""
+        return 2 if self.autocast else self.act_bytes
+
+    @property
+    def _mlp_targets(self) -> tuple[str, ...]:
+        return tuple(t for t in self.targets if t in MLP_PROJECTIONS)
+
     def _layer(self, first: bool = False) -> float:
+        if self.tiled_mlp:
+            # The tiled MLP keeps only its input; its own activations (and its LoRA branches') exist a slice
+            # at a time, in its backward.
+            attention = tuple(t for t in self.targets if t not in MLP_PROJECTIONS)
+            full = self._layer_with(attention or self.targets, first) - (0 if attention else self._lora_mlp())
+            return full - 3 * self.arch.intermediate_size * self.act_bytes + self.arch.hidden_size * self.act_bytes
+        return self._layer_with(self.targets, first)
+
+    def _lora_mlp(self) -> float:
+        mlp = self._mlp_targets
+        if not mlp:
+            return 0.0
+        return lora_saved_bytes_per_token(
+            self.arch,
+            rank=self.rank,
+            target_modules=mlp,
+            act_bytes=self.act_bytes,
+            lora_dropout=self.lora_dropout,
+            dropout_mask_bytes=self.dropout_mask_bytes,
+            autocast=self.autocast,
+        )
+
+    def _layer_with(self, targets: tuple[str, ...], first: bool) -> float:
         return layer_saved_bytes_per_token(
             self.arch,
             rank=self.rank,
-            target_modules=self.targets,
+            target_modules=targets,
             act_bytes=self.act_bytes,
             lora_dropout=self.lora_dropout,
             first_layer=first,
@@ -486,7 +689,9 @@ class _ActivationModel:
             # Without the input-grad hook the first layer's input norm (and the k-bit inputs of q/k/v) keep
             # nothing: the frozen embeddings' output needs no grad.
             return int(self.tokens * (self._layer(first=True) + (L - 1) * self._layer()) + self._final_norm())
-        saved = self.tokens * L * a * arch.hidden_size  # each layer's input (the previous layer's output)
+        # Each layer's input (the previous layer's output); offloaded, all but the one in use leave the device.
+        kept = 1 if self.offload_activations else L
+        saved = self.tokens * kept * a * arch.hidden_size
         if self.quantization == "8bit":
             # LLM.int8 keeps its inputs as ctx attributes, which checkpointing cannot drop: every layer keeps
             # one copy per distinct projection input.
@@ -501,10 +706,38 @@ class _ActivationModel:
 
         An fp32 lm_head (peft's k-bit preparation) under autocast also keeps its bf16 cast of the weight
         for the backward (autocast caches casts of trainable weights only, so this one is a fresh copy)."""
+        if self.fused_loss:
+            return self._fused_head()
         head = 12 * self.tokens * self.arch.vocab_size
         if self.act_bytes == 4 and self.autocast and self.quantization != "none":
             head += 2 * self.arch.vocab_size * self.arch.hidden_size
         return head
+
+    def _fused_head(self) -> int:
+        """The fused loss (techniques/fused_loss.py): the logits of one chunk of tokens at a time. The chunked
+        kernel holds a chunk's matmul output and its fp32 copy (forward), or its fp32 gradient and the
+        compute-dtype cast of it (backward): 2 + 4 bytes per chunk token and vocabulary entry under bf16, 4 in
+        fp32 (the upcast and the cast are no-ops). Beside
+        it: the final hidden states it keeps, the gradient it fills for them, one fp32 log-sum-exp a token.
+        liger's kernel sizes its chunks to about tokens x hidden elements and computes the hidden states'
+        gradient during forward: the same terms at its own chunk."""
+        arch, tokens = self.arch, self.tokens
+        hidden = tokens * arch.hidden_size * self.act_bytes  # kept by the loss; its gradient, the same again
+        per_entry = self._matmul_bytes + (4 if self._matmul_bytes != 4 else 0)  # an fp32 matmul needs no upcast
+        if self.lm_head_8bit:
+            # int8_head.Int8Head: a block of rows dequantized (and its int8 -> dtype cast) beside a chunk x block
+            # of logits, and an fp32 accumulator of the chunk's hidden-state gradient.
+            block = min(arch.vocab_size, ROW_BLOCK)
+            chunk = min(tokens, max(1, CHUNK_BYTES // (4 * block)))
+            rows = 2 * block * arch.hidden_size * self._matmul_bytes
+            return per_entry * chunk * block + rows + 4 * chunk * arch.hidden_size + 2 * hidden + 4 * tokens
+        if self.fused_kernel == "liger":
+            per_chunk = -(-arch.vocab_size // arch.hidden_size)
+            chunk = 1 << max(0, math.ceil(math.log2(max(1, -(-tokens // per_chunk)))))
+        else:
+            chunk = chunk_tokens(arch.vocab_size)
+        chunk = min(tokens, chunk)
+        return per_entry * chunk * arch.vocab_size + 2 * hidden + 4 * tokens
 
     def layer_backward(self) -> int:
         """The last decoder layer's backward: what every layer saved (under checkpointing, this layer's
@@ -514,8 +747,22 @@ class _ActivationModel:
         the intermediate-sized grad it produces)."""
         arch, a, tokens = self.arch, self.act_bytes, self.tokens
         h, I = arch.hidden_size, arch.intermediate_size
-        burst = tokens * mlp_backward_bytes_per_token(arch, self.targets, a, self.autocast)
-        if self.gradient_checkpointing and "down_proj" in self.targets:
+        if self.tiled_mlp:
+            # One slice's MLP (its activations, its LoRA branches', its backward burst) beside the input
+            # gradient the tiled MLP fills for the whole sequence.
+            tile = min(tokens, tile_tokens(I, a))
+            per_token = (
+                3 * I * a + self._lora_mlp() + mlp_backward_bytes_per_token(arch, self.targets, a, self.autocast)
+            )
+            burst = tile * per_token + tokens * h * a
+        else:
+            burst = tokens * mlp_backward_bytes_per_token(arch, self.targets, a, self.autocast)
+        # The attention's backward: each LoRA'd attention projection rebuilds its fp32 input copy for the
+        # adapter's gradients, and the input norm's backward works in fp32 (two hidden-sized fp32 temporaries).
+        # The MLP's burst is larger unless the MLP is tiled.
+        attention_lora = sum(1 for t in self.targets if t not in MLP_PROJECTIONS)
+        burst = max(burst, tokens * (4 * h * attention_lora + 8 * h))
+        if self.gradient_checkpointing and "down_proj" in self.targets and not self.tiled_mlp:
             # The recompute reaching down_proj: its input, peft's fp32 copy of it, and (under autocast,
             # where only the bf16 cast is kept) the dropped-out fp32 copy, on top of what is recomputed;
             # the recomputed layer's residual, the MLP's input and down_proj's base output are alive too.
@@ -527,7 +774,7 @@ class _ActivationModel:
                 dequant = 2 * biggest + math.ceil(biggest / NF4_BLOCK) * 4
             else:  # the int8 weight times its row scales, in the input's dtype
                 dequant = a * biggest
-            burst = max(burst, dequant + I * a * tokens)
+            burst = max(burst, dequant + I * a * (min(tokens, tile_tokens(I, a)) if self.tiled_mlp else tokens))
         held: float = self.saved() - self._final_norm()
         if self.gradient_checkpointing:
             # fp32 hidden states: the input norm's fp32 "copy" is the checkpointed input itself. LLM.int8's
@@ -546,8 +793,12 @@ class _ActivationModel:
         return int(held + tokens * h * a + burst)
 
     def misc(self) -> int:
-        """RoPE cos/sin (shared by all layers) and the int64 input ids and shifted labels."""
-        return 2 * self.seq * self.arch.head_dim * self.act_bytes + 2 * 8 * self.tokens
+        """RoPE cos/sin (shared by all layers) and the int64 input ids and shifted labels; packed, the
+        attention mask sdpa gets for the one row of batch x seq tokens (a boolean tokens x tokens)."""
+        rope = 2 * self.seq * self.arch.head_dim * self.act_bytes
+        if self.packing:
+            return rope * self.batch + 3 * 8 * self.tokens + self.tokens**2  # positions run over the whole row
+        return rope + 2 * 8 * self.tokens
 
 
 def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str) -> int:
@@ -561,14 +812,28 @@ def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str) -> int
 # ------------------------------------------------------------------------------- the report
 
 
-def report(ctx, *, batch: int, seq: int, rank: int, device: str, budget: Budget | None = None) -> tuple[Estimate, dict]:
+def report(
+    ctx,
+    *,
+    batch: int,
+    seq: int,
+    rank: int,
+    device: str,
+    budget: Budget | None = None,
+    world_size: int = 1,
+    strategy: str = "ddp",
+) -> tuple[Estimate, dict]:
     """`autotune estimate`: the estimate of one shape of a run (a context.RunContext), and a JSON-able
-    report of it; with a budget, whether it fits and the largest batch and sequence predicted to fit."""
+    report of it; with a budget, whether it fits and the largest batch and sequence predicted to fit. With
+    world_size > 1 every figure is one rank's (`batch` its micro-batch, `budget` its card: the smallest)."""
     arch, cfg = ctx.architecture, ctx.cfg
-    options = options_for(cfg, device)
+    options = {**options_for(cfg, device), "world_size": world_size, "strategy": strategy}
     est = estimate_peak(arch, batch=batch, seq=seq, rank=rank, **options)
     doc = {
         "model": ctx.spec.name,
+        "world_size": world_size,
+        "strategy": strategy,
+        "per_rank": world_size > 1,
         "shape": est.shape,
         "peak_bytes": est.peak_bytes,
         "peak_gb": round(est.peak_gib, 3),
@@ -586,6 +851,9 @@ def report(ctx, *, batch: int, seq: int, rank: int, device: str, budget: Budget 
             largest_batch_at_seq=fit["batch"],
             largest_seq_at_batch=fit["seq"],
         )
+    band = error_band() if device != "cpu" else None
+    if band:
+        doc["error_band"] = {"low": band[0], "high": band[1], "trials": calibration().get("trials")}
     return est, doc
 
 
@@ -610,8 +878,14 @@ def largest_fitting(
     max_position_embeddings; 0 means not even the smallest shape fits. "at_seq"/"at_batch" echo the
     fixed side. `options` go to estimate_peak (quantization, target_modules, device, ...). The peak grows
     with batch and seq, so a doubling search then bisection takes ~2 log2(limit) estimates (milliseconds).
+
+    On a GPU the answers keep to the safe side of the error band measured on the trials on record: where the
+    estimate has come out as much as x% low, a shape counts as fitting only if its estimate does x% better.
     """
     limit = budget.usable_bytes
+    band = error_band() if options.get("device", "cuda") != "cpu" else None
+    if band and band[0] < 0:
+        limit = int(limit * (1 + band[0]))
 
     def fits(b: int, s: int) -> bool:
         return estimate_peak(arch, batch=b, seq=s, rank=rank, **options).peak_bytes <= limit
@@ -643,3 +917,23 @@ def _largest(fits, cap: int) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def pick_strategy(
+    arch: Architecture, budget: Budget, *, world_size: int, seq: int, rank: int, **options
+) -> tuple[str, str]:
+    """`--strategy auto`: DDP when a rank holds the whole model and one sample of `seq` tokens within the budget
+    (DDP communicates least: one gradient all-reduce per step), else FSDP (each rank holds 1/N of the model).
+    Returns the strategy and why."""
+    if world_size <= 1:
+        return "ddp", "one process: nothing to shard"
+    ddp = estimate_peak(arch, batch=1, seq=seq, rank=rank, world_size=world_size, strategy="ddp", **options)
+    if ddp.peak_bytes <= budget.usable_bytes:
+        return "ddp", (
+            f"auto: DDP, every rank holds the whole model (estimated {ddp.peak_gib:.2f} GiB per rank at batch 1 x "
+            f"seq {seq}, within {budget.describe()})"
+        )
+    return "fsdp", (
+        f"auto: FSDP, DDP would need {ddp.peak_gib:.2f} GiB per rank at batch 1 x seq {seq}, over "
+        f"{budget.describe()}; FSDP shards the model over {world_size} ranks"
+    )

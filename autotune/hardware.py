@@ -289,31 +289,108 @@ def _load_nvml() -> Any:
     return pynvml
 
 
-def probe_gpus(nvml: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
-    """(visible gpus, driver info, nvml_error). Never raises for NVML problems."""
+# pynvml's constants, with their values where an older binding lacks the name.
+_P2P_READ, _P2P_NVLINK, _P2P_OK = (
+    ("NVML_P2P_CAPS_INDEX_READ", 0),
+    ("NVML_P2P_CAPS_INDEX_NVLINK", 2),
+    ("NVML_P2P_STATUS_OK", 0),
+)
+# nvmlDeviceGetTopologyCommonAncestor's levels: the closest thing two GPUs share (nvidia-smi topo's words).
+TOPOLOGY = {
+    0: "same board",
+    10: "one PCIe switch",
+    20: "several PCIe switches",
+    30: "one PCIe host bridge",
+    40: "one NUMA node",
+    50: "across NUMA nodes",
+}
+
+
+def _constant(nvml: Any, named: tuple[str, int]) -> int:
+    return getattr(nvml, named[0], named[1])
+
+
+def _optional(nvml: Any, name: str, *args: Any) -> Any:
+    """An NVML query that a driver, a GPU or the binding may not support: None instead of an error."""
+    fn = getattr(nvml, name, None)
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except nvml.NVMLError:
+        return None
+    except (AttributeError, TypeError, ValueError):  # a binding whose function the driver library lacks
+        return None
+
+
+def _nvlink_links(nvml: Any, handle: Any) -> int | None:
+    """Active NVLink links of one GPU; None when NVML cannot tell (no NVLink, or not supported)."""
+    states = [
+        _optional(nvml, "nvmlDeviceGetNvLinkState", handle, link)
+        for link in range(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))
+    ]
+    known = [s for s in states if s is not None]
+    if not known:
+        return None
+    return sum(1 for s in known if s == getattr(nvml, "NVML_FEATURE_ENABLED", 1))
+
+
+def _p2p(nvml: Any, a: Any, b: Any, index: tuple[str, int]) -> bool | None:
+    status = _optional(nvml, "nvmlDeviceGetP2PStatus", a, b, _constant(nvml, index))
+    return None if status is None else status == _constant(nvml, _P2P_OK)
+
+
+def read_interconnect(nvml: Any, gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the visible GPUs reach each other, as far as NVML says (each query optional: None = unknown):
+    active NVLink links per GPU, and per pair whether peer-to-peer reads work, whether over NVLink, and the
+    closest thing the two share on the PCIe/CPU topology. What DDP's all-reduce and FSDP's all-gathers run on."""
+    handles = {g["index"]: _optional(nvml, "nvmlDeviceGetHandleByIndex", g["nvml_index"]) for g in gpus}
+    links = {str(i): (_nvlink_links(nvml, h) if h is not None else None) for i, h in handles.items()}
+    pairs = []
+    indexes = sorted(handles)
+    for n, i in enumerate(indexes):
+        for j in indexes[n + 1 :]:
+            a, b = handles[i], handles[j]
+            known = a is not None and b is not None
+            level = _optional(nvml, "nvmlDeviceGetTopologyCommonAncestor", a, b) if known else None
+            pairs.append(
+                {
+                    "gpus": [i, j],
+                    "p2p": _p2p(nvml, a, b, _P2P_READ) if known else None,
+                    "nvlink": _p2p(nvml, a, b, _P2P_NVLINK) if known else None,
+                    "topology": TOPOLOGY.get(level) if isinstance(level, int) else None,
+                }
+            )
+    return {"nvlink_active_links": links, "pairs": pairs}
+
+
+def probe_gpus(nvml: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any], str | None, dict[str, Any] | None]:
+    """(visible gpus, driver info, nvml_error, interconnect of the visible gpus). Never raises for NVML problems."""
     driver: dict[str, Any] = {"version": None, "cuda": None}
     if nvml is None:
         try:
             nvml = _load_nvml()
         except ImportError as err:
-            return [], driver, f"NVML Python bindings not installed (nvidia-ml-py): {err}"
+            return [], driver, f"NVML Python bindings not installed (nvidia-ml-py): {err}", None
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as err:
-        return [], driver, str(err)
+        return [], driver, str(err), None
     try:
         driver = _read_driver(nvml)
         try:
             count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError as err:
-            return [], driver, str(err)
+            return [], driver, str(err), None
         physical = [_read_gpu(nvml, i) for i in range(count)]
+        visible = visible_gpus(physical, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        interconnect = read_interconnect(nvml, visible) if len(visible) > 1 else None
     finally:
         try:
             nvml.nvmlShutdown()
         except nvml.NVMLError:
             pass  # the data is already read; a failing shutdown must not lose it
-    return visible_gpus(physical, os.environ.get("CUDA_VISIBLE_DEVICES")), driver, None
+    return visible, driver, None, interconnect
 
 
 # --------------------------------------------------------------------------- public API
@@ -321,7 +398,7 @@ def probe_gpus(nvml: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any], 
 
 def probe(output_dir: str | Path = ".", nvml: Any = None) -> dict[str, Any]:
     """Describe the GPUs CUDA will see and the host, as one versioned JSON-able document."""
-    gpus, driver, nvml_error = probe_gpus(nvml)
+    gpus, driver, nvml_error, interconnect = probe_gpus(nvml)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -331,6 +408,8 @@ def probe(output_dir: str | Path = ".", nvml: Any = None) -> dict[str, Any]:
         "driver": driver,
         "host": probe_host(output_dir),
         "nvml_error": nvml_error,
+        # Between the visible GPUs (None with fewer than two): NVLink, peer-to-peer, PCIe/NUMA topology.
+        "interconnect": interconnect,
     }
 
 
@@ -399,6 +478,25 @@ def _gpu_lines(doc: dict[str, Any]) -> list[str]:
     ]
     lines = _table(headers, rows)
     lines += [f"  GPU {g['index']} error: {g['error']}" for g in gpus if g.get("error")]
+    return lines + _interconnect_lines(doc.get("interconnect"))
+
+
+def _interconnect_lines(interconnect: dict[str, Any] | None) -> list[str]:
+    if not interconnect:
+        return []
+    links = interconnect.get("nvlink_active_links") or {}
+    lines = ["Interconnect"]
+    for pair in interconnect.get("pairs") or []:
+        i, j = pair["gpus"]
+        if pair.get("nvlink"):
+            how = f"NVLink ({_fmt(links.get(str(i)))} / {_fmt(links.get(str(j)))} active links)"
+        elif pair.get("nvlink") is False:
+            how = "no NVLink"
+        else:
+            how = "NVLink unknown"
+        p2p = {True: "P2P ok", False: "no P2P"}.get(pair.get("p2p"), "P2P unknown")
+        where = pair.get("topology") or "topology unknown"
+        lines.append(f"  GPU {i} <-> GPU {j}: {how}, {p2p}, {where}")
     return lines
 
 

@@ -15,10 +15,12 @@ Small functions, one concern each, in the manner of accelerate's `utils/memory.p
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import os
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -64,6 +66,10 @@ class MemoryMeter(ABC):
     @abstractmethod
     def current_bytes(self) -> int:
         """Bytes of live tensors now."""
+
+    def details(self) -> dict:
+        """What the peak is made of, for the record (the estimate's validation reads it): {} by default."""
+        return {}
 
     def __enter__(self) -> MemoryMeter:
         return self
@@ -233,6 +239,14 @@ class CudaMeter(MemoryMeter):
     def current_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.index)
 
+    def details(self) -> dict:
+        """The peak's parts: the allocator's reserved and allocated peaks and the overhead outside it."""
+        return {
+            "max_reserved_bytes": torch.cuda.max_memory_reserved(self.index),
+            "max_allocated_bytes": torch.cuda.max_memory_allocated(self.index),
+            "overhead_bytes": self.overhead_bytes,
+        }
+
     def cleanup(self) -> None:
         gc.collect()
         torch.cuda.synchronize(self.index)
@@ -294,6 +308,8 @@ class _StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         meter = self.meter
+        if _HOST.depth:  # host memory (see host_memory): not the device's
+            return out
         if isinstance(out, torch.Tensor):  # fast path: most ops return one tensor
             meter._track(out)
         else:
@@ -311,11 +327,31 @@ class _StorageTracker(TorchDispatchMode):
         return out
 
 
+class _HostDepth(threading.local):
+    depth = 0
+
+
+_HOST = _HostDepth()
+HOST_TENSOR = "_autotune_host"  # set on a tensor that lives in host memory for good (a table kept on the CPU)
+
+
+@contextlib.contextmanager
+def host_memory():
+    """Tensors created inside live in host (CPU) memory, not on the device: offloaded activations, copies
+    parked for backward. On a GPU this says nothing (they are CPU tensors already); on the CPU, where the
+    tracked meter stands in for a GPU, it keeps them out of the count, as a GPU's allocator would."""
+    _HOST.depth += 1
+    try:
+        yield
+    finally:
+        _HOST.depth -= 1
+
+
 def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """Every tensor a module holds on its device: parameters, buffers, and the quantization state that
     bitsandbytes keeps beside a k-bit weight (absmax, code books, row scales; not registered as parameters or
-    buffers)."""
-    tensors = [*module.parameters(), *module.buffers()]
+    buffers). Tensors marked HOST_TENSOR live in host memory and are left out."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not getattr(t, HOST_TENSOR, False)]
     for param in module.parameters():
         # Int8Params keeps CB (the int8 weight, same storage) and SCB (fp32 row scales) as attributes.
         tensors.extend(v for v in vars(param).values() if isinstance(v, torch.Tensor))

@@ -14,10 +14,16 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from autotune import quiet, techniques
 from autotune.catalog import ModelSpec, check_target_modules
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
+from autotune.techniques import Knobs
+from autotune.techniques.host_embedding import set_host_embedding
+from autotune.techniques.int8_head import set_int8_head
+from autotune.techniques.offload import set_offload
+from autotune.techniques.tiled_mlp import set_tiled_mlp
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -36,7 +42,7 @@ class BuiltModel:
     lora_r: int
     lora_alpha: float
     target_modules: list[str]
-    gradient_checkpointing: bool
+    knobs: Knobs  # the techniques the model and its step run with (apply_knobs switches them)
 
     def parameter_counts(self) -> dict:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -45,7 +51,10 @@ class BuiltModel:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: under torchrun the GPU of its LOCAL_RANK (distributed.rank_device)."""
+    from autotune.distributed import rank_device
+
+    return rank_device()
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -57,7 +66,10 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
-def quantization_config(quantization: str, dtype: torch.dtype):
+def quantization_config(quantization: str, dtype: torch.dtype, *, sharded: bool = False):
+    """bitsandbytes' config for `quantization`. `sharded` (FSDP): the packed 4-bit weights are stored as
+    `dtype` elements (bnb_4bit_quant_storage), so that every parameter FSDP flattens into a shard has one
+    dtype (the FSDP-QLoRA recipe of peft and bitsandbytes); the bytes are the same, only their element type."""
     if quantization == "none":
         return None
     try:
@@ -71,10 +83,50 @@ def quantization_config(quantization: str, dtype: torch.dtype):
 
     if quantization == "4bit":
         # nf4 + double quantization: the QLoRA recipe (Dettmers et al. 2023), ~0.5 byte per weight.
+        storage = {"bnb_4bit_quant_storage": dtype} if sharded else {}
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            **storage,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+# A model with at most this many weights is small enough to train from random weights (the demo's tiny-qwen3):
+# it gets an initialisation it can learn from instead of the shared pool (_learnable_state_dict).
+LEARNABLE_INIT_MAX_ELEMENTS = 64 * 2**20
+# The tied embedding's std times sqrt(hidden_size): the std of the logits of a random hidden state (the final
+# norm makes every hidden state sqrt(hidden_size) long). A hidden state aligned with one token's embedding then
+# lifts that token EMBEDDING_LOGIT_SPREAD * sqrt(hidden_size) above an average one (24 on tiny-qwen3), so the
+# loss can fall far; at HF's std of 0.02 it could lift it barely a nat, and the loss could not fall at all.
+# The price: an untrained model's loss starts about SPREAD**2 / 2 = 4.5 nats above ln(vocabulary size).
+EMBEDDING_LOGIT_SPREAD = 3.0
+
+
+def _learnable_state_dict(shapes: dict, hf_config, dtype: torch.dtype, seed: int) -> dict:
+    """Random weights a small model can learn from: every tensor drawn on its own (no weights shared between
+    layers or projections), each linear layer at std 1/sqrt(fan_in) so that every layer passes its input on at
+    its scale (and a LoRA update anywhere reaches the output), the embedding (tied to lm_head) at
+    EMBEDDING_LOGIT_SPREAD / sqrt(hidden_size), norms at one."""
+    gen = torch.Generator().manual_seed(seed)
+    embedding_std = EMBEDDING_LOGIT_SPREAD / hf_config.hidden_size**0.5
+    state, embedding = {}, None
+    for name, shape in shapes.items():
+        if "norm" in name:
+            state[name] = torch.ones(shape, dtype=dtype)
+        elif "embed_tokens" in name or "lm_head" in name:
+            if embedding is None:  # tied: one table for both names
+                embedding = torch.randn(shape, generator=gen).mul_(embedding_std).to(dtype)
+                state[name] = embedding
+            else:
+                # Untied: the same values in a table of its own, as a real untied model holds two (the memory
+                # meter and the estimate count both).
+                state[name] = embedding if hf_config.tie_word_embeddings else embedding.clone()
+        else:
+            state[name] = torch.randn(shape, generator=gen).mul_(shape[-1] ** -0.5).to(dtype)
+    return state
 
 
 def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool = False) -> dict:
@@ -83,13 +135,16 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
     Memory and speed do not depend on weight values, so all matrices are views into one pool of
     N(0, 0.02) values the size of the largest tensor: building Qwen3-14B this way needs ~1.5 GB of
     host memory instead of 28 GB, and loading goes through the same from_pretrained (and the same
-    bitsandbytes quantization) as real weights.
+    bitsandbytes quantization) as real weights. A model small enough to be trained from random weights
+    gets weights it can learn from instead (_learnable_state_dict).
     """
     from transformers import Qwen3ForCausalLM
 
     with torch.device("meta"):
         meta = Qwen3ForCausalLM(hf_config)
     shapes = {k: v.shape for k, v in meta.state_dict().items()}
+    if sum(s.numel() for s in shapes.values()) <= LEARNABLE_INIT_MAX_ELEMENTS:
+        return _learnable_state_dict(shapes, hf_config, dtype, seed)
     largest = max(s.numel() for s in shapes.values())
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(largest, generator=gen, dtype=torch.float32).mul_(hf_config.initializer_range).to(dtype)
@@ -103,12 +158,20 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
 
 
 def load_base_model(
-    spec: ModelSpec, *, init: str, quantization: str, dtype: torch.dtype, device: torch.device, seed: int = 42
+    spec: ModelSpec,
+    *,
+    init: str,
+    quantization: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 42,
+    sharded: bool = False,
 ) -> PreTrainedModel:
-    """Real weights (hub id or local path; safetensors only, no remote code) or random init."""
+    """Real weights (hub id or local path; safetensors only, no remote code) or random init. `sharded`: the model
+    will be sharded by FSDP (quantization_config)."""
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
-    qcfg = quantization_config(quantization, dtype)
+    qcfg = quantization_config(quantization, dtype, sharded=sharded)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     common: dict = dict(quantization_config=qcfg, dtype=dtype, device_map=device_map, attn_implementation="sdpa")
     model: PreTrainedModel
@@ -123,18 +186,44 @@ def load_base_model(
             model.config._name_or_path = ""
             model.name_or_path = ""
         else:
+            from autotune import hub
+
+            # A hub id on a machine whose hub does not answer: the local cache only, at once (hub.py), instead
+            # of a minute of retries; a local folder never touches the network.
+            local_only, why = (True, None) if spec.local_path else hub.local_only()
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    spec.source, use_safetensors=True, trust_remote_code=False, **common
+                    spec.source, use_safetensors=True, trust_remote_code=False, local_files_only=local_only, **common
                 )
             except (OSError, ValueError) as exc:
+                if why is not None:
+                    raise hub.not_cached_error("model", spec.source, why) from None
                 raise UserError(
                     f"cannot load weights for {spec.source!r}: {exc}. Give a local directory with config.json and "
                     "*.safetensors, make sure the hub is reachable (and HF_HUB_OFFLINE is not set), or set "
                     'init="random" to build the architecture with random weights.'
                 ) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if quantization == "4bit":
+        keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights on a CPU with AVX512-BF16.
+
+    There, the first forward in eval mode without grad (the Trainer's evaluation, the inference test)
+    rewrites each Linear4bit in place into a CPU layout whose block scales (absmax) are rounded to bf16,
+    and the next state_dict() (every checkpoint: peft takes the adapter out of the full state dict)
+    converts it back, re-quantizing those scales with a new offset. Both steps are lossy: the frozen base
+    weights change by up to ~3e-3 relative, so a run's losses would depend on when it evaluated and saved,
+    and a resumed run (fresh base weights) would drift from the run it resumes. Training never uses that
+    layout, so keeping the original one costs only CPU evaluation speed; CUDA never takes this path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_checkpointing(model, kwargs: dict | None) -> None:
@@ -149,24 +238,37 @@ def enable_checkpointing(model, kwargs: dict | None) -> None:
     model.enable_input_require_grads()
 
 
-def set_checkpointing(built: BuiltModel, on: bool, kwargs: dict | None = None) -> None:
-    """Switch checkpointing of a built model on or off (the solver measures both, on one model)."""
-    if built.gradient_checkpointing == on:
-        return
-    base = cast("PreTrainedModel", built.model.get_base_model())
+def _set_checkpointing(base: PreTrainedModel, on: bool, kwargs: dict | None) -> None:
     if on:
         enable_checkpointing(base, kwargs)
     elif hasattr(base, "activation_checkpointing_disable"):
         base.activation_checkpointing_disable()
     else:
         base.gradient_checkpointing_disable()
-    built.gradient_checkpointing = on
+
+
+def apply_knobs(built: BuiltModel, knobs: Knobs, checkpointing_kwargs: dict | None = None) -> None:
+    """Switch a built model's model-level techniques (checkpointing, activation offloading, the embedding table
+    on the host) to `knobs`; the step-level ones (fused loss, packing) go with it to the step. One model build
+    serves every combination a solve measures."""
+    techniques.check(knobs, built.spec)
+    base = cast("PreTrainedModel", built.model.get_base_model())
+    if knobs.checkpointing != built.knobs.checkpointing:
+        _set_checkpointing(base, knobs.checkpointing, checkpointing_kwargs)
+    if knobs.checkpointing:
+        # Enabling checkpointing installs transformers' own checkpoint function: set ours after it.
+        set_offload(base, knobs.offload_activations, checkpointing_kwargs)
+    set_host_embedding(base, knobs.embedding_on_cpu, built.device)
+    set_int8_head(base, knobs.lm_head_8bit, built.device)
+    set_tiled_mlp(base, knobs.tiled_mlp, built.dtype.itemsize)
+    built.knobs = knobs
 
 
 def prepare_for_training(model, quantized: bool, checkpointing: bool, checkpointing_kwargs: dict | None) -> None:
     """Our k-bit preparation. peft's prepare_model_for_kbit_training also casts every non-quantized
     weight to fp32, which for Qwen3-8B's untied embeddings and lm_head costs an extra 2.5 GB; we
-    keep them in the compute dtype (the adapters themselves stay fp32) and do the rest it does."""
+    keep them in the compute dtype (the adapters themselves stay fp32) and do the rest it does.
+    (build_model leaves checkpointing to apply_knobs; tests/fake_trace.py asks for it here.)"""
     for p in model.parameters():
         p.requires_grad_(False)
     if checkpointing:
@@ -192,14 +294,20 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
 
 
 def build_model(
-    ctx: RunContext, *, init: str | None = None, lora_r: int | None = None, device: torch.device | None = None
+    ctx: RunContext,
+    *,
+    init: str | None = None,
+    lora_r: int | None = None,
+    device: torch.device | None = None,
+    knobs: Knobs | None = None,
 ) -> BuiltModel:
     """The model `autotune train` trains and a solver trial measures, from a run's config.
 
-    `init` and `lora_r` override the config (the solver tries ranks on random weights).
+    `init`, `lora_r` and `knobs` override the config (the solver tries ranks and techniques on random weights).
     """
     quiet_libraries()
     cfg, spec = ctx.cfg, ctx.spec
+    knobs = knobs or techniques.resolve(cfg, spec)
     device = device or pick_device()
     dtype = compute_dtype(cfg, device)
     quantization = cfg.quantization
@@ -208,14 +316,20 @@ def build_model(
         torch.backends.cudnn.allow_tf32 = True
     r = lora_r or cfg.lora_r
     base = load_base_model(
-        spec, init=init or cfg.init, quantization=quantization, dtype=dtype, device=device, seed=cfg.seed
+        spec,
+        init=init or cfg.init,
+        quantization=quantization,
+        dtype=dtype,
+        device=device,
+        seed=cfg.seed,
+        sharded=cfg.distributed_strategy == "fsdp",
     )
-    prepare_for_training(base, quantization != "none", cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+    prepare_for_training(base, quantization != "none", False, None)
     # LoRA A matrices are drawn from torch's global RNG (the Trainer seeds it only later, in its
     # __init__): seed it here, or two runs of one config start from different adapters.
     torch.manual_seed(cfg.seed)
     model = attach_lora(base, r=r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
-    return BuiltModel(
+    built = BuiltModel(
         model=model,
         spec=spec,
         device=device,
@@ -224,15 +338,16 @@ def build_model(
         lora_r=r,
         lora_alpha=cfg.lora_alpha,
         target_modules=list(cfg.target_modules),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        knobs=Knobs(checkpointing=False, fused_loss=False),  # what the bare model does; apply_knobs sets them
     )
+    apply_knobs(built, knobs, cfg.gradient_checkpointing_kwargs)
+    return built
 
 
 def quiet_libraries() -> None:
     """Silence known-harmless noise (bitsandbytes' optional CPU kernel hub lookup, tokenizer forks)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    quiet.install()  # bitsandbytes' `pip install kernels` hint, that one message only (quiet.py)
     # transformers 5.24 renamed gradient to activation checkpointing; peft still asks the old name.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes' paged optimizers page only on CUDA; on the CPU (demo, tests) they run unpaged.

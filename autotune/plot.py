@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autotune.techniques import Knobs
 from autotune.units import GiB
+
+
+def _techniques(trial: dict) -> str:
+    """A trial's techniques as its label ("ckpt+fused+packed"); "" for a trial recorded without them."""
+    return Knobs.from_dict(trial["knobs"]).describe() if trial.get("knobs") else ""
 
 
 def plot_profile(profile: dict, path: str | Path) -> Path:
@@ -18,15 +24,15 @@ def plot_profile(profile: dict, path: str | Path) -> Path:
     usable = profile["constraints"]["usable_bytes"] / GiB
     choice = profile["choice"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    groups = sorted({(t["rank"], t.get("checkpointing")) for t in trials}, key=lambda g: (g[0], g[1] is False))
-    for rank, ckpt in groups:
-        name = f"rank {rank}" + {True: ", checkpointing", False: ", no checkpointing", None: ""}[ckpt]
-        mine = [t for t in trials if t["rank"] == rank and t.get("checkpointing") == ckpt]
+    groups = sorted({(t["rank"], _techniques(t)) for t in trials})
+    for rank, techniques in groups:
+        name = f"rank {rank}" + (f", {techniques}" if techniques else "")
+        mine = [t for t in trials if t["rank"] == rank and _techniques(t) == techniques]
         fits = [t for t in mine if t["peak_bytes"]]
         ax.plot(
             [t["batch"] * t["seq"] for t in fits],
             [t["peak_bytes"] / GiB for t in fits],
-            "o" if ckpt is not False else "s",
+            "s" if techniques.startswith("no-ckpt") else "o",
             label=f"{name} (measured)",
         )
         ooms = [t for t in mine if t["oom"]]

@@ -17,16 +17,18 @@ from typing import TYPE_CHECKING
 
 from autotune import __version__
 from autotune.catalog import Architecture
-from autotune.config import Config, build_config, load_config, merge_values, parse_set
+from autotune.config import STRATEGIES, Config, build_config, load_config, merge_values, parse_set
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
+from autotune.techniques import TECHNIQUES, as_config_values
 from autotune.units import GiB
 
 if TYPE_CHECKING:
     from autotune.solver import SolveRequest
     from autotune.trial import Trial
 
-SCHEMA_VERSION = 1
+# 2: the choice records the step's techniques (fused_loss, offload_activations, embedding_on_cpu, packing).
+SCHEMA_VERSION = 2
 KIND = "autotune.profile"
 
 # The choice keys that train applies over the config (they are config keys too).
@@ -41,6 +43,8 @@ CHOICE_KEYS = (
     "quantization",
     "gradient_checkpointing",
     "optimizer",
+    "eval_batch_size",
+    *TECHNIQUES,
 )
 
 
@@ -140,6 +144,13 @@ def load_profile(path: str | Path) -> dict:
             f"{path}: the profile is corrupt: {', '.join(repr(k) for k in wrong)} missing or of the "
             "wrong type; solve again with `autotune solve`"
         )
+    constraints = doc["constraints"]
+    world, strategy = constraints.get("world_size", 1), constraints.get("strategy", "ddp")
+    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1) or strategy not in STRATEGIES[1:]:
+        raise UserError(
+            f"{path}: the profile is corrupt: constraints world_size {world!r} / strategy {strategy!r} (an integer "
+            f">= 1 and one of {', '.join(STRATEGIES[1:])}); solve again with `autotune solve`"
+        )
     choice = doc.get("choice")
     if not isinstance(choice, dict) or any(k not in choice for k in CHOICE_KEYS):
         raise UserError(
@@ -198,20 +209,54 @@ def layered_config(
     return cfg, warnings
 
 
+def _architecture_change(model: dict, arch: Architecture) -> str:
+    """The fields in which the profile's recorded architecture and `arch` differ, as `field then -> now`."""
+    then, now = model.get("architecture"), dataclasses.asdict(arch)
+    if not isinstance(then, dict):
+        return "architecture hash " + f"{model.get('architecture_hash')} -> {architecture_hash(arch)}"
+    diffs = [f"{k} {then[k]} -> {now[k]}" for k in now if k in then and then[k] != now[k]]
+    return ", ".join(diffs[:4]) or f"architecture hash {model.get('architecture_hash')} -> {architecture_hash(arch)}"
+
+
+def model_mismatch(profile: dict, model_name: str, arch: Architecture) -> tuple[str, bool] | None:
+    """How the model the profile was solved for differs from the one `model_name` builds, naming both, and
+    whether the architecture differs (then the profile's memory figures do not apply); None when they agree."""
+    model = profile.get("model", {})
+    then = model.get("name")
+    if model.get("architecture_hash") != architecture_hash(arch):
+        change = _architecture_change(model, arch)
+        if then == model_name:
+            return (
+                f"the profile was solved for model {then!r}, and {model_name!r} now has another architecture "
+                f"({change}): its memory figures do not apply",
+                True,
+            )
+        return (
+            f"the profile was solved for model {then!r} but the config trains {model_name!r}, another architecture "
+            f"({change}): its memory figures do not apply",
+            True,
+        )
+    if then != model_name:
+        return (
+            f"the profile was solved for model {then!r} but the config trains {model_name!r} (the same "
+            "architecture, so its memory figures still apply)",
+            False,
+        )
+    return None
+
+
 def mismatches(profile: dict, hardware_now: dict, model_name: str, arch: Architecture) -> list[str]:
     """What differs between where the profile was solved and where it is used (warnings, not errors:
-    a profile solved on one 24 GB card is a fair start on another)."""
+    a profile solved on one 24 GB card is a fair start on another; `autotune train` refuses a profile of
+    another architecture itself, through model_mismatch)."""
     out = []
     then = profile.get("hardware", {})
     for key in ("gpu_name", "memory_total_gb", "bitsandbytes", "torch"):
         if then.get(key) != hardware_now.get(key):
             out.append(f"profile was solved with {key}={then.get(key)!r}, this machine has {hardware_now.get(key)!r}")
-    model = profile.get("model", {})
-    if model.get("architecture_hash") != architecture_hash(arch):
-        out.append(
-            f"profile was solved for model {model.get('name')!r} (another architecture) but the config "
-            f"trains {model_name!r}: its memory figures do not apply"
-        )
+    model = model_mismatch(profile, model_name, arch)
+    if model is not None:
+        out.append(model[0])
     return out
 
 
@@ -222,17 +267,21 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
 
 
-def default_profile_path(gpu_name: str | None, model_name: str, budget_gb: float) -> Path:
+def default_profile_path(
+    gpu_name: str | None, model_name: str, budget_gb: float, *, world_size: int = 1, strategy: str = "ddp"
+) -> Path:
     # Relative to the working directory: solved profiles belong to the user's project, not to autotune.
-    name = f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB.json"
+    ranks = f"__{world_size}x{strategy}" if world_size > 1 else ""
+    name = f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB{ranks}.json"
     return Path("profiles") / "solved" / name
 
 
 def _estimate_bytes(req: SolveRequest, trial: Trial, device_type: str) -> int | None:
     """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
-    from autotune.estimate import estimate_peak, options_for
+    from autotune.estimate import estimate_peak
+    from autotune.solver import estimate_options
 
-    options = options_for(req.ctx.cfg, device_type, trial.checkpointing)
+    options = estimate_options(req, device_type, trial.knobs)
     try:
         est = estimate_peak(req.ctx.architecture, batch=trial.batch, seq=trial.seq, rank=trial.rank, **options)
     except (ValueError, UserError):
@@ -256,8 +305,12 @@ def profile_from_solve(
         "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r,
         "target_modules": list(cfg.target_modules),
         "quantization": cfg.quantization,
-        "gradient_checkpointing": cfg.gradient_checkpointing if best.checkpointing is None else best.checkpointing,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "optimizer": cfg.optimizer,
+        "eval_batch_size": result.get("eval_batch", best.batch),
+        # The techniques the chosen trial ran with, as explicit on/off: train applies exactly them.
+        **{name: getattr(cfg, name) for name in TECHNIQUES},
+        **(as_config_values(best.knobs) if best.knobs else {}),
         "dtype": dtype,
     }
     runner_up = result["runner_up"]
@@ -275,7 +328,9 @@ def profile_from_solve(
             "margin": result["margin"],
             "objective": req.objective,
             "usable_bytes": result["usable_bytes"],
+            # Every figure of the profile is one rank's of world_size processes sharing the model by `strategy`.
             "world_size": req.world_size,
+            "strategy": req.strategy,
             "effective_batch_size": result["effective"],
             "max_trials": req.max_trials,
             "time_budget_s": req.time_budget_s,
@@ -283,13 +338,18 @@ def profile_from_solve(
         choice=choice,
         prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(req, best, device_type)},
         measurement={
+            # "trials": measured steps; "estimate": no step could be measured here (FSDP), the estimate's peak.
+            "source": "trials" if best.measured else "estimate",
+            "per_rank": req.world_size > 1,
+            "ddp_bucket_bytes": best.memory.get("ddp_bucket_bytes"),
             "peak_bytes": best.peak_bytes,
             "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
             "tokens_per_second": best.tokens_per_second,
             "step_seconds": best.step_seconds,
             "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
-            "max_feasible_batch_without_checkpointing": {
-                str(k): v for k, v in result["max_feasible_batch_without_checkpointing"].items()
+            "max_feasible_batch_by_techniques": {
+                label: {str(k): v for k, v in by_rank.items()}
+                for label, by_rank in result["max_feasible_batch_by_techniques"].items()
             },
         },
         runner_up=dataclasses.asdict(runner_up) if runner_up else None,

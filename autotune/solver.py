@@ -9,6 +9,7 @@ nothing of models or GPUs, only of a `Trials` object: a budget and a `measure(ba
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -17,9 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from autotune.config import Config
+import torch
+
+from autotune import techniques
+from autotune.config import DEFAULT_MAX_TRIALS, Config
 from autotune.context import RunContext
 from autotune.errors import UserError
+from autotune.techniques import Knobs
+from autotune.techniques.fused_loss import kernel_for
 from autotune.trial import Trial
 from autotune.units import DEFAULT_MARGIN, Budget, GiB
 
@@ -35,7 +41,7 @@ class Trials(Protocol):
     @property
     def device_type(self) -> str: ...
 
-    def measure(self, batch: int, seq: int, rank: int, *, checkpointing: bool | None = None) -> Trial: ...
+    def measure(self, batch: int, seq: int, rank: int, *, knobs: Knobs | None = None) -> Trial: ...
 
 
 # ------------------------------------------------------------------------------ the search
@@ -72,7 +78,7 @@ class SearchLog:
     max_trials: int | None = None
     deadline: float | None = None
     on_trial: Callable[[Trial], None] | None = None
-    variant: object = None  # what else distinguishes the shapes being searched now (e.g. checkpointing)
+    variant: object = None  # what else distinguishes the shapes being searched now (the techniques, Knobs)
     _cache: dict = field(default_factory=dict)
 
     def run(self, measure: Measure, batch: int, seq: int, rank: int, predicted: int | None = None) -> Trial:
@@ -182,8 +188,24 @@ def divisors_up_to(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def largest_seq(measure: Measure, log: SearchLog, rank: int, lo: int, hi: int, step: int = 64) -> int:
-    """The longest sequence (a multiple of `step`) that fits at batch 1; 0 if `lo` does not."""
+def largest_seq(
+    measure: Measure, log: SearchLog, rank: int, lo: int, hi: int, step: int = 64, guess: int | None = None
+) -> int:
+    """The longest sequence (a multiple of `step`) that fits at batch 1; 0 if `lo` does not.
+
+    With a `guess` (the estimate's answer) the first trials bracket it, 10% either side, before the
+    bisection: a good guess leaves a few steps instead of log2((hi - lo) / step)."""
+    if guess is not None and lo < guess < hi:
+        below, above = max(lo, int(guess * 0.9) // step * step), min(hi, -(-int(guess * 1.1) // step) * step)
+        if log.run(measure, 1, below, rank).fits:
+            lo = below
+            if below < above:
+                if log.run(measure, 1, above, rank).fits:
+                    lo = above
+                else:
+                    hi = above
+        else:
+            hi = below
     if not log.run(measure, 1, lo, rank).fits:
         return 0
     if log.run(measure, 1, hi, rank).fits:
@@ -229,6 +251,22 @@ def choose_seq(
 
 # -------------------------------------------------------------------------------- the solve
 
+# Technique combinations a throughput solve measures besides the config's own (the estimate ranks them).
+MAX_VARIANTS = 2
+
+# Throughput priors, only to order the candidates before anything is measured (the measured tokens/s
+# decides): what each technique costs a step relative to not using it. Checkpointing recomputes a forward
+# (~1/3 more compute); offloading waits on a PCIe copy now and then; the host embedding gathers on the CPU;
+# the chunked loss recomputes the lm_head matmul in backward (liger's kernel does not).
+SPEED_PRIOR = {
+    "checkpointing": 0.75,
+    "offload_activations": 0.9,
+    "embedding_on_cpu": 0.97,
+    "lm_head_8bit": 0.97,
+    "tiled_mlp": 0.9,
+    "fused_loss": 0.95,
+}
+
 
 @dataclass
 class SolveRequest:
@@ -236,21 +274,24 @@ class SolveRequest:
     objective: str = "throughput"  # throughput | max-seq | max-rank
     seq: int | None = None  # fixed sequence length
     ranks: list[int] | None = None  # candidates; None: the config's lora_r
-    max_trials: int | None = None
+    max_trials: int | None = DEFAULT_MAX_TRIALS
     time_budget_s: float | None = None
-    world_size: int = 1
+    world_size: int = 1  # processes the run will have: every trial is one rank's step
+    strategy: str = "ddp"  # how those ranks share the model (resolved: never "auto")
     data_stats: dict | None = None
     max_seq: int | None = None  # upper bound for max-seq
-    # Throughput only: also search without gradient checkpointing (faster when it fits).
-    try_without_checkpointing: bool = False
+    # Gradient checkpointing: "auto" lets the search turn it off where that is faster; "on"/"off" force it.
+    checkpointing: str = "auto"
+    # Measure the technique combinations the config leaves on "auto" (False: the config's knobs only).
+    techniques: bool = True
 
 
 @dataclass
 class _Found:
-    """The largest fitting micro-batch per rank, with and without gradient checkpointing."""
+    """The largest fitting micro-batch per rank: with the config's techniques, and per combination tried."""
 
     batch: dict[int, int] = field(default_factory=dict)
-    without_checkpointing: dict[int, int] = field(default_factory=dict)
+    by_knobs: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None] | None = None) -> dict:
@@ -271,7 +312,7 @@ def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None
         if req.objective == "max-seq":
             seq, seq_reason = _search_max_seq(req, trials, log, ranks[-1], seq, found)
         elif req.objective == "max-rank":
-            _search_max_rank(trials, log, ranks, seq, per_device_effective, found)
+            _search_max_rank(req, trials, log, ranks, seq, per_device_effective, found)
         else:
             _search_throughput(req, trials, log, ranks, seq, per_device_effective, found)
     except TrialBudgetExceeded as exc:
@@ -281,17 +322,21 @@ def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None
     candidates = _candidates(req, log.trials, seq, per_device_effective)
     best, runner_up = candidates[0], (candidates[1] if len(candidates) > 1 else None)
     accumulation = math.ceil(cfg.effective_batch / (best.batch * req.world_size))
+    eval_batch, eval_note = _plan_eval(trials, log, best)
     return {
         "best": best,
         "runner_up": runner_up,
         "accumulation": accumulation,
         "effective": cfg.effective_batch,
         "max_feasible_batch": found.batch,
-        "max_feasible_batch_without_checkpointing": found.without_checkpointing,
+        "max_feasible_batch_by_techniques": found.by_knobs,
         "trials": log.trials,
         "seq": best.seq,
         "seq_reason": seq_reason,
-        "reason": _reason(req, best, runner_up, found, seq_reason, accumulation, stopped),
+        "eval_batch": eval_batch,
+        "reason": " ".join(
+            filter(None, [_reason(req, best, runner_up, found, seq_reason, accumulation, stopped), eval_note])
+        ),
         "stopped": stopped,
         "budget_bytes": trials.budget.total_bytes,
         "usable_bytes": trials.budget.usable_bytes,
@@ -299,27 +344,134 @@ def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None
     }
 
 
-def _search_max_seq(
-    req: SolveRequest, trials: Trials, log: SearchLog, rank: int, seq: int, found: _Found
-) -> tuple[int, str]:
-    max_pos = req.ctx.architecture.max_position_embeddings
-    upper = min(max_pos, req.max_seq or max_pos)
-    lo = min(seq, upper)
-    longest = largest_seq(trials.measure, log, rank, lo=lo, hi=upper)
-    found.batch[rank] = 1 if longest else 0
-    # Nothing fits: the error names the shortest sequence tried.
-    return longest or lo, f"the longest sequence that fits at batch 1 (searched {lo}..{upper})"
+def _plan_eval(trials: Trials, log: SearchLog, best: Trial) -> tuple[int, str]:
+    """The evaluation batch: twice the training micro-batch where one evaluation step of it, after a training
+    step, fits under the cap (evaluation keeps no activations for backward, so it usually does); else the
+    training micro-batch, which fits by construction (a forward alone needs less than a training step)."""
+    measure_eval = getattr(trials, "measure_eval", None)
+    if measure_eval is None or best.kind != "train":
+        return best.batch, ""
+    log.variant = ("eval", best.knobs, best.batch)
+
+    def measure(batch: int, seq: int, rank: int) -> Trial:
+        return measure_eval(batch, seq, rank, train_batch=best.batch, knobs=best.knobs)
+
+    try:
+        trial = log.run(measure, 2 * best.batch, best.seq, best.rank)
+    except TrialBudgetExceeded:
+        return best.batch, f"Evaluation batch {best.batch}, the training micro-batch (no trial left to measure more)."
+    if trial.fits:
+        return trial.batch, f"Evaluation batch {trial.batch}: measured to fit after a training step."
+    return best.batch, f"Evaluation batch {best.batch}: {trial.batch} measured over the budget."
 
 
-def _search_max_rank(
-    trials: Trials, log: SearchLog, ranks: list[int], seq: int, per_device_effective: int, found: _Found
-) -> None:
-    for rank in ranks:
-        b = largest_batch(trials.measure, log, seq, rank, trials.budget.usable_bytes, first_guess=2)[0]
-        found.batch[rank] = b
-        if b == 0:
-            break
-        _measure_divisor(trials.measure, log, seq, rank, b, per_device_effective)
+# ----------------------------------------------------------------------- which techniques to measure
+
+
+def _allowed(req: SolveRequest) -> dict[str, tuple[bool, ...]]:
+    """The values each knob may take: a config switch on "auto" leaves both open, "on"/"off" fixes it; so
+    does --checkpointing. Packing is not searched: a trial's rows are all full length, so it cannot show
+    packing's gain (no padding to drop) and only its cost; the config's choice (auto: on) stands."""
+    cfg, default = req.ctx.cfg, techniques.resolve(req.ctx.cfg, req.ctx.spec)
+    allowed: dict[str, tuple[bool, ...]] = {"packing": (default.packing,)}
+    for name in techniques.TECHNIQUES:
+        if name != "packing":
+            allowed[name] = (False, True) if getattr(cfg, name) == "auto" else (getattr(default, name),)
+    allowed["checkpointing"] = {"auto": (False, True), "on": (True,), "off": (False,)}[req.checkpointing]
+    return allowed
+
+
+def _combinations(req: SolveRequest) -> list[Knobs]:
+    """Every valid combination of the knobs the request leaves open."""
+    allowed = _allowed(req)
+    names = list(allowed)
+    out = []
+    for values in itertools.product(*(allowed[n] for n in names)):
+        knobs = Knobs(**dict(zip(names, values)))
+        if techniques.valid(knobs, req.ctx.spec):
+            out.append(knobs)
+    return out
+
+
+def lean_knobs(req: SolveRequest) -> Knobs:
+    """Every technique that saves memory, where the request allows it: what max-seq and max-rank run with."""
+    options = _combinations(req)
+    return max(
+        options,
+        key=lambda k: (
+            k.checkpointing,
+            k.fused_loss,
+            k.offload_activations,
+            k.embedding_on_cpu,
+            k.lm_head_8bit,
+            k.tiled_mlp,
+        ),
+    )
+
+
+def speed_prior(knobs: Knobs, device_type: str) -> float:
+    """The step's relative speed with these techniques (1.0: none of them), from SPEED_PRIOR."""
+    prior = 1.0
+    for name, cost in SPEED_PRIOR.items():
+        if getattr(knobs, name) and not (name == "fused_loss" and kernel_for(torch.device(device_type)) == "liger"):
+            prior *= cost
+    return prior
+
+
+def estimate_options(req: SolveRequest, device_type: str, knobs: Knobs | None) -> dict:
+    """estimate_peak's options for one rank of the request's run with these techniques."""
+    from autotune.estimate import options_for
+
+    return {**options_for(req.ctx.cfg, device_type, knobs), "world_size": req.world_size, "strategy": req.strategy}
+
+
+def _estimated_batch(req: SolveRequest, trials: Trials, knobs: Knobs, seq: int, rank: int, upper: int) -> int:
+    """The largest micro-batch the estimate puts within the budget with these techniques (0: none)."""
+    from autotune.estimate import largest_fitting
+
+    try:
+        fit = largest_fitting(
+            req.ctx.architecture,
+            trials.budget,
+            seq=seq,
+            rank=rank,
+            max_batch=upper,
+            **estimate_options(req, trials.device_type, knobs),
+        )
+    except (ValueError, UserError):  # the estimate only places and ranks trials; the measurements decide
+        return 0
+    return int(fit.get("batch") or 0)
+
+
+def _variants(req: SolveRequest, trials: Trials, seq: int, rank: int, per_device_effective: int, base: Knobs):
+    """The other combinations worth measuring, best first: ranked by the speed prior times how well the
+    estimated largest divisor micro-batch fills the device, and only those the estimate gives a micro-batch
+    no slower combination already reaches (a slower one that fits no more cannot win)."""
+    scored = []
+    for knobs in _combinations(req):
+        if knobs == base:
+            continue
+        largest = _estimated_batch(req, trials, knobs, seq, rank, per_device_effective)
+        batch = divisors_up_to(per_device_effective, largest)[-1] if largest else 0
+        if batch:
+            scored.append((speed_prior(knobs, trials.device_type) * _fill(batch * seq), batch, knobs))
+    scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
+    kept: list[tuple[float, int, Knobs]] = []
+    for score, batch, knobs in scored:
+        prior = speed_prior(knobs, trials.device_type)
+        if any(b >= batch and speed_prior(k, trials.device_type) >= prior for _, b, k in kept):
+            continue  # dominated
+        kept.append((score, batch, knobs))
+    return [(knobs, batch) for _, batch, knobs in kept[:MAX_VARIANTS]]
+
+
+def _fill(tokens: int) -> float:
+    """How busy a micro-batch of `tokens` keeps a GPU, 0..1: small ones leave it waiting on launches and
+    memory; beyond a few thousand tokens per step the matmuls are large enough."""
+    return tokens / (tokens + 2048)
+
+
+# ----------------------------------------------------------------------- the searches
 
 
 def _search_throughput(
@@ -331,25 +483,108 @@ def _search_throughput(
     per_device_effective: int,
     found: _Found,
 ) -> None:
+    """Per rank: the largest fitting micro-batch with the config's techniques (a linear memory model,
+    verified), then the combinations the estimate ranks best, each by a bisection over the micro-batches
+    that divide the effective batch, starting where the estimate puts it."""
+    base = techniques.resolve(req.ctx.cfg, req.ctx.spec)
+    if req.checkpointing != "auto":
+        base = base.with_(checkpointing=req.checkpointing == "on", offload_activations=False)
     usable = trials.budget.usable_bytes
     for rank in ranks:
-        # Nothing above the per-device effective batch can be chosen, so nothing above it is tried.
-        guess = _first_guess(req, trials, seq, rank)
+        measure = functools.partial(trials.measure, knobs=base)
+        log.variant = base
+        guess = max(2, _estimated_batch(req, trials, base, seq, rank, 4096) // 2)
         found.batch[rank], _ = largest_batch(
-            trials.measure, log, seq, rank, usable, first_guess=guess, upper=per_device_effective
+            measure, log, seq, rank, usable, first_guess=guess, upper=per_device_effective
         )
-        _measure_divisor(trials.measure, log, seq, rank, found.batch[rank], per_device_effective)
-    if not (req.try_without_checkpointing and req.ctx.cfg.gradient_checkpointing):
+        found.by_knobs.setdefault(base.describe(), {})[rank] = found.batch[rank]
+        _measure_divisor(measure, log, seq, rank, found.batch[rank], per_device_effective)
+    if not req.techniques:
         return
-    # Checkpointing trades ~a third more compute for activation memory; where the memory allows a useful
-    # batch without it, that is usually the faster run. Measure, don't assume.
-    log.variant = "no-checkpointing"
-    measure_off: Measure = functools.partial(trials.measure, checkpointing=False)
-    for rank in ranks:
-        found.without_checkpointing[rank], _ = largest_batch(
-            measure_off, log, seq, rank, usable, upper=per_device_effective
-        )
-        _measure_divisor(measure_off, log, seq, rank, found.without_checkpointing[rank], per_device_effective)
+    rank = ranks[-1]
+    for knobs, estimated in _variants(req, trials, seq, rank, per_device_effective, base):
+        log.variant = knobs
+        measure = functools.partial(trials.measure, knobs=knobs)
+        found.by_knobs[knobs.describe()] = {
+            rank: _largest_divisor(measure, log, seq, rank, per_device_effective, estimated)
+        }
+
+
+def _largest_divisor(measure: Measure, log: SearchLog, seq: int, rank: int, n: int, start: int) -> int:
+    """The largest divisor of `n` whose trial fits, by bisection over the divisors from `start`; 0 if none."""
+    options = divisors_up_to(n, n)
+    lo, hi = -1, len(options)  # options[lo] fits (or lo == -1), options[hi] does not (or hi == len)
+    i = options.index(start) if start in options else len(options) // 2
+    while hi - lo > 1:
+        if log.run(measure, options[i], seq, rank).fits:
+            lo = i
+        else:
+            hi = i
+        i = (lo + hi) // 2 if hi - lo > 1 else i
+        if hi - lo > 1 and lo >= 0 and hi == len(options):
+            i = lo + 1  # the estimate may be low: step up one divisor at a time while nothing has failed
+    return options[lo] if lo >= 0 else 0
+
+
+def _search_max_seq(
+    req: SolveRequest, trials: Trials, log: SearchLog, rank: int, seq: int, found: _Found
+) -> tuple[int, str]:
+    """The longest sequence at batch 1, with every technique that saves memory; the estimate places the
+    first trials around its answer and a bisection finishes."""
+    from autotune.estimate import largest_fitting
+
+    knobs = lean_knobs(req)
+    log.variant = knobs
+    max_pos = req.ctx.architecture.max_position_embeddings
+    upper = min(max_pos, req.max_seq or max_pos)
+    lo = min(seq, upper)
+    try:
+        guess = largest_fitting(
+            req.ctx.architecture,
+            trials.budget,
+            rank=rank,
+            max_seq=upper,
+            **estimate_options(req, trials.device_type, knobs),
+        )["seq"]
+    except (ValueError, UserError):
+        guess = None
+    measure = functools.partial(trials.measure, knobs=knobs)
+    longest = largest_seq(measure, log, rank, lo=lo, hi=upper, guess=guess)
+    found.batch[rank] = 1 if longest else 0
+    found.by_knobs[knobs.describe()] = {rank: found.batch[rank]}
+    # Nothing fits: the error names the shortest sequence tried.
+    return longest or lo, f"the longest sequence that fits at batch 1 with {knobs.describe()} (searched {lo}..{upper})"
+
+
+def _search_max_rank(
+    req: SolveRequest,
+    trials: Trials,
+    log: SearchLog,
+    ranks: list[int],
+    seq: int,
+    per_device_effective: int,
+    found: _Found,
+) -> None:
+    """The highest rank that fits at batch 1, by bisection over the candidates (memory grows with the rank),
+    with every technique that saves memory; then the largest micro-batch at that rank."""
+    knobs = lean_knobs(req)
+    log.variant = knobs
+    measure = functools.partial(trials.measure, knobs=knobs)
+    lo, hi = -1, len(ranks)  # ranks[lo] fits at batch 1 (or lo == -1); ranks[hi] does not (or hi == len)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if log.run(measure, 1, seq, ranks[mid]).fits:
+            lo = mid
+        else:
+            hi = mid
+            found.batch[ranks[mid]] = 0
+    if lo >= 0:
+        rank = ranks[lo]
+        found.batch[rank] = largest_batch(
+            measure, log, seq, rank, trials.budget.usable_bytes, upper=per_device_effective
+        )[0]
+        _measure_divisor(measure, log, seq, rank, found.batch[rank], per_device_effective)
+    found.by_knobs[knobs.describe()] = dict(found.batch)
 
 
 def _nothing_fits(
@@ -374,33 +609,15 @@ def _measure_divisor(
         log.run(measure, divisors_up_to(per_device_effective, largest)[-1], seq, rank)
 
 
-def _first_guess(req: SolveRequest, trials: Trials, seq: int, rank: int) -> int:
-    """Where the second trial goes: half the batch the analytic estimate predicts, so the fitted
-    line spans a wide range (a short lever arm magnifies measurement noise)."""
-    from autotune.estimate import largest_fitting, options_for
-
-    try:
-        pred = largest_fitting(
-            req.ctx.architecture,
-            trials.budget,
-            seq=seq,
-            rank=rank,
-            **options_for(req.ctx.cfg, trials.device_type),
-        )
-    except (ValueError, UserError):  # the estimate only places a trial; the measurements decide
-        return 2
-    return max(2, int(pred.get("batch") or 0) // 2)
-
-
 def _smallest_peak(trials: list[Trial]) -> str:
     peaks = [t.peak_bytes for t in trials if t.peak_bytes]
     return f"{min(peaks) / GiB:.2f} GiB" if peaks else "unknown (every trial ran out of memory)"
 
 
 def _candidates(req: SolveRequest, trials: list[Trial], seq: int, per_device_effective: int) -> list[Trial]:
-    """Fitting trials ranked by the objective. For throughput only micro-batches that divide the
+    """Fitting training trials ranked by the objective. For throughput only micro-batches that divide the
     effective batch qualify, so accumulation x batch is exactly the effective batch."""
-    fitting = [t for t in trials if t.fits]
+    fitting = [t for t in trials if t.fits and t.kind == "train"]
     if req.objective == "max-seq":
         return sorted(fitting, key=lambda t: (t.seq, t.tokens_per_second or 0), reverse=True)
     if req.objective == "max-rank":
@@ -433,29 +650,43 @@ def _reason(
     parts = [f"sequence {best.seq}: {seq_reason}."]
     for rank, b in sorted(found.batch.items()):
         parts.append(f"rank {rank}: the largest micro-batch that fits is {b}.")
-    for rank, b in sorted(found.without_checkpointing.items()):
-        parts.append(f"rank {rank} without gradient checkpointing: {b}.")
-    if best.checkpointing is not None and found.without_checkpointing:
+    others = {label: b for label, b in found.by_knobs.items() if b != found.batch}
+    for label, by_rank in others.items():
         parts.append(
-            f"Gradient checkpointing {'on' if best.checkpointing else 'off'}: the faster of the two as measured."
+            f"With {label}: " + ", ".join(f"rank {r} up to batch {b}" for r, b in sorted(by_rank.items())) + "."
         )
+    if best.knobs is not None:
+        why = "the fastest combination measured" if len(found.by_knobs) > 1 else "the config's"
+        parts.append(f"Techniques: {best.knobs.describe()}, {why}.")
     objective = {
         "throughput": "the highest measured tokens/s",
         "max-seq": "the longest sequence",
         "max-rank": "the highest rank",
     }[req.objective]
+    if not best.measured:
+        objective = "the largest micro-batch the estimate puts within the budget"
     parts.append(
         f"Chose batch {best.batch} x accumulation {accumulation} (effective {best.batch * accumulation * req.world_size}"
         f", asked {effective}) at rank {best.rank} for {objective}"
         + (f": {best.tokens_per_second:.0f} tokens/s" if best.tokens_per_second else "")
         + "."
     )
+    if req.world_size > 1:
+        parts.append(
+            f"Per rank of {req.world_size} ({req.strategy.upper()}): accumulation = {effective} / ({best.batch} x "
+            f"{req.world_size})"
+            + (
+                "; each trial's peak includes DDP's gradient buckets, measured with a real DDP."
+                if req.strategy == "ddp" and best.measured
+                else "."
+            )
+        )
     if best.batch * accumulation * req.world_size != effective:
         parts.append(f"No fitting micro-batch divides {effective}, so the effective batch rounds up.")
     if runner_up is not None:
-        ckpt = {True: ", checkpointing on", False: ", checkpointing off", None: ""}[runner_up.checkpointing]
+        with_ = f" with {runner_up.knobs.describe()}" if runner_up.knobs else ""
         parts.append(
-            f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}{ckpt}"
+            f"Runner-up: batch {runner_up.batch} at rank {runner_up.rank}, seq {runner_up.seq}{with_}"
             + (f" ({runner_up.tokens_per_second:.0f} tokens/s)" if runner_up.tokens_per_second else "")
             + "."
         )
@@ -468,22 +699,120 @@ def _reason(
 
 
 def budget_for(
-    flag_gb: float | None, cfg: Config, budget_explicit: bool, probe_doc: dict, margin: float
+    flag_gb: float | None, cfg: Config, budget_explicit: bool, probe_doc: dict, margin: float, gpus: int = 1
 ) -> tuple[Budget, str]:
-    """The budget to solve within, and where it came from: the flag, else a max_memory_gb the user wrote,
-    else the training GPU's free memory less the margin."""
+    """The budget to solve within (per rank), and where it came from: the flag, else a max_memory_gb the user
+    wrote, else the free memory less the margin of the smallest of the `gpus` GPUs the run will use (every
+    rank must fit: the smallest card is the budget of all)."""
     from autotune.hardware import training_gpu
 
     if flag_gb is not None:
         return Budget.from_gib(flag_gb, margin), "--max-memory-gb"
     if budget_explicit and cfg.max_memory_gb is not None:
         return Budget.from_gib(cfg.max_memory_gb, margin), "the config's max_memory_gb"
-    gpu = training_gpu(probe_doc)
-    if gpu is None or gpu.get("error"):
-        raise UserError("no GPU to measure a budget on: give --max-memory-gb (on a CPU it sets a simulated card)")
+    if gpus > 1:
+        visible = [g for g in probe_doc.get("gpus") or [] if g.get("index") is not None and g["index"] < gpus]
+        if len(visible) < gpus or any(g.get("error") or g.get("memory_free_gb") is None for g in visible):
+            raise UserError(
+                f"--gpus {gpus}, but this machine shows {len(visible)} usable GPU(s): give --max-memory-gb (the "
+                "smallest card's memory) to plan for the machine the run will have"
+            )
+        gpu = min(visible, key=lambda g: g["memory_free_gb"])
+    else:
+        gpu = training_gpu(probe_doc)
+        if gpu is None or gpu.get("error"):
+            raise UserError("no GPU to measure a budget on: give --max-memory-gb (on a CPU it sets a simulated card)")
     free = gpu["memory_free_gb"]
     gb = round(free * (1 - DEFAULT_MARGIN), 2)
-    return Budget.from_gib(gb, margin), f"the {free:.1f} GiB free on GPU {gpu['index']} less {DEFAULT_MARGIN:.0%}"
+    smallest = f", the smallest of GPUs 0-{gpus - 1}" if gpus > 1 else ""
+    return Budget.from_gib(gb, margin), (
+        f"the {free:.1f} GiB free on GPU {gpu['index']}{smallest}, less {DEFAULT_MARGIN:.0%}"
+    )
+
+
+def choose_strategy(req: SolveRequest, budget: Budget, seq: int, device_type: str) -> tuple[str, str]:
+    """The strategy the solve plans for (the request's, `auto` resolved by the estimate), and why."""
+    from autotune.distributed import check_fsdp
+    from autotune.estimate import options_for, pick_strategy
+
+    asked = req.ctx.cfg.distributed_strategy
+    if req.world_size == 1:
+        return "ddp", "one process"
+    if asked == "auto":
+        rank = max(req.ranks or [req.ctx.cfg.lora_r])
+        options = options_for(req.ctx.cfg, device_type)
+        strategy, why = pick_strategy(
+            req.ctx.architecture, budget, world_size=req.world_size, seq=seq, rank=rank, **options
+        )
+    else:
+        strategy, why = asked, f"--strategy {asked}"
+    if strategy == "fsdp":
+        check_fsdp(req.ctx.cfg, "cuda")  # a plan for GPUs: on this machine or another
+    return strategy, why
+
+
+def plan_from_estimate(req: SolveRequest, budget: Budget) -> dict:
+    """A solve without trials, for FSDP: its per-rank memory (1/N of the model, the gathered layers) exists only
+    in N processes on N GPUs, which one solving process cannot run. The estimate's per-rank peak places the
+    micro-batch (the largest divisor of each rank's share of the effective batch predicted to fit, on the safe
+    side of its error band), and the profile says it was not measured."""
+    from autotune.estimate import estimate_peak, largest_fitting
+
+    cfg = req.ctx.cfg
+    arch = req.ctx.architecture
+    max_pos = arch.max_position_embeddings
+    seq, seq_reason = choose_seq(req.data_stats, fixed=req.seq, fallback=cfg.max_sequence_length, max_position=max_pos)
+    ranks = sorted(set(req.ranks or [cfg.lora_r]))
+    per_rank = max(1, cfg.effective_batch // req.world_size)
+    knobs = lean_knobs(req) if req.objective != "throughput" else techniques.resolve(cfg, req.ctx.spec)
+    knobs = knobs.with_(embedding_on_cpu=False, lm_head_8bit=False)  # FSDP shards both tables already
+    options = estimate_options(req, "cuda", knobs)
+    fits: dict[int, int] = {}
+    for rank in ranks:
+        largest = largest_fitting(arch, budget, seq=seq, rank=rank, max_batch=per_rank, **options)["batch"] or 0
+        fits[rank] = divisors_up_to(per_rank, largest)[-1] if largest else 0
+    fitting = [r for r in ranks if fits[r]]
+    if req.objective == "max-seq":
+        rank = ranks[-1]
+        seq = largest_fitting(arch, budget, batch=1, rank=rank, max_seq=req.max_seq or max_pos, **options)["seq"]
+        batch = 1 if seq else 0
+        seq_reason = f"the longest sequence the estimate fits at batch 1 with {knobs.describe()}"
+    else:
+        # max-rank: the highest rank that fits; throughput: the config's (lowest candidate) that fits.
+        rank = (fitting[-1] if req.objective == "max-rank" else fitting[0]) if fitting else ranks[0]
+        batch = fits[rank]
+    if not batch or not seq:
+        raise UserError(
+            f"nothing fits in {budget.describe()} per rank for {cfg.model_name} with FSDP over {req.world_size} "
+            f"processes at sequence {seq}, rank {rank} (the estimate's per-rank peak): lower max_sequence_length "
+            "or lora_r, or use more GPUs"
+        )
+    est = estimate_peak(arch, batch=batch, seq=seq, rank=rank, **options)
+    note = f"estimate: FSDP's per-rank memory needs {req.world_size} processes on GPUs; not measured"
+    best = Trial(batch, seq, rank, True, False, est.peak_bytes, 0.0, None, None, est.peak_bytes, note, knobs)
+    best.measured = False
+    accumulation = math.ceil(cfg.effective_batch / (batch * req.world_size))
+    found = _Found(batch={rank: batch}, by_knobs={knobs.describe(): {rank: batch}})
+    reason = _reason(req, best, None, found, seq_reason, accumulation, None)
+    return {
+        "best": best,
+        "runner_up": None,
+        "accumulation": accumulation,
+        "effective": cfg.effective_batch,
+        "max_feasible_batch": found.batch,
+        "max_feasible_batch_by_techniques": found.by_knobs,
+        "trials": [best],
+        "seq": seq,
+        "seq_reason": seq_reason,
+        "eval_batch": batch,
+        "reason": reason
+        + f" FSDP per rank, from the estimate ({est.peak_gib:.2f} GiB at the {est.phase.replace('_', ' ')}): not"
+        " measured; the first training steps are the measurement (the memory watchdog warns past it).",
+        "stopped": None,
+        "budget_bytes": budget.total_bytes,
+        "usable_bytes": budget.usable_bytes,
+        "margin": budget.margin,
+    }
 
 
 def check_writable(path: str | Path) -> None:
@@ -528,7 +857,9 @@ def run(
 ) -> tuple[dict, Path]:
     """`autotune solve`: probe, budget, data statistics, the trials, then the profile, written atomically
     (and its plot). Returns the profile and where it was written."""
+    from autotune.distributed import rank_batches
     from autotune.hardware import probe, training_gpu
+    from autotune.modeling import compute_dtype, pick_device
     from autotune.profile import default_profile_path, hardware_fingerprint, profile_from_solve, save_profile
     from autotune.step import check_training_settings
     from autotune.trial import TrialRunner
@@ -536,31 +867,64 @@ def run(
     started = time.monotonic()
     cfg = req.ctx.cfg
     check_training_settings(cfg)
+    rank_batches(cfg.batch_size, cfg.effective_batch, req.world_size)  # the effective batch splits over the ranks
     probe_doc = probe(cfg.output_dir)
-    budget, source = budget_for(max_memory_gb, cfg, budget_explicit, probe_doc, margin)
+    budget, source = budget_for(max_memory_gb, cfg, budget_explicit, probe_doc, margin, gpus=req.world_size)
     if output:
         check_writable(output)
     if req.data_stats is None:
         req = replace(req, data_stats=data_stats_for(req.ctx, required=data_required, echo=echo))
-    runner = TrialRunner(req.ctx, budget, init=init)
-    echo(
-        f"solving {cfg.model_name} ({cfg.quantization}) on {runner.device_type} within {budget.describe()} "
-        f"({source}), objective {req.objective}"
-    )
-    result = solve(req, runner, on_trial=lambda t: echo("  " + t.describe(budget.total_bytes)))
+    device = pick_device()
+    seq = choose_seq(
+        req.data_stats,
+        fixed=req.seq,
+        fallback=cfg.max_sequence_length,
+        max_position=req.ctx.architecture.max_position_embeddings,
+    )[0]
+    strategy, why = choose_strategy(req, budget, seq, device.type)
+    req = replace(req, strategy=strategy)
+    ranks = f", {req.world_size} ranks ({why})" if req.world_size > 1 else ""
+    runner = None
+    if strategy == "fsdp":
+        echo(
+            f"planning {cfg.model_name} ({cfg.quantization}) for FSDP over {req.world_size} GPUs within "
+            f"{budget.describe()} per rank ({source}){ranks}: from the estimate, without trials"
+        )
+        result = plan_from_estimate(req, budget)
+        # The plan is for GPUs (FSDP trains on nothing else): their compute dtype, this one's if it has one.
+        planned = compute_dtype(cfg, device) if device.type == "cuda" else (torch.bfloat16 if cfg.bf16 else None)
+        device_type = "cuda"
+        dtype: str | None = str(planned or (torch.float16 if cfg.fp16 else torch.float32)).removeprefix("torch.")
+        echo("  " + result["best"].describe(budget.total_bytes))
+    else:
+        runner = TrialRunner(req.ctx, budget, init=init, device=device, world_size=req.world_size)
+        echo(
+            f"solving {cfg.model_name} ({cfg.quantization}) on {runner.device_type} within {budget.describe()} "
+            f"({source}), objective {req.objective}{ranks}"
+        )
+        result = solve(req, runner, on_trial=lambda t: echo("  " + t.describe(budget.total_bytes)))
+        device_type, dtype = runner.device_type, runner.dtype
     profile = profile_from_solve(
         req,
         result,
-        hardware=hardware_fingerprint(probe_doc, runner.device_type),
-        init=runner.init,
-        dtype=runner.dtype,
-        device_type=runner.device_type,
+        hardware=hardware_fingerprint(probe_doc, device_type),
+        init=runner.init if runner else init,
+        dtype=dtype,
+        device_type=device_type,
     )
+    profile["constraints"]["strategy_reason"] = why
     profile["solve_seconds"] = round(time.monotonic() - started, 2)
-    profile["model_build_seconds"] = round(runner.build_seconds, 2)
-    runner.release()
-    gpu = training_gpu(probe_doc) if runner.device_type == "cuda" else None
-    path = Path(output) if output else default_profile_path(gpu["name"] if gpu else None, cfg.model_name, budget.gb)
+    profile["model_build_seconds"] = round(runner.build_seconds, 2) if runner else 0.0
+    if runner is not None:
+        runner.release()
+    gpu = training_gpu(probe_doc) if device_type == "cuda" else None
+    path = (
+        Path(output)
+        if output
+        else default_profile_path(
+            gpu["name"] if gpu else None, cfg.model_name, budget.gb, world_size=req.world_size, strategy=strategy
+        )
+    )
     save_profile(profile, path)
     if plot:
         from autotune.plot import plot_profile

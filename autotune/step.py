@@ -13,10 +13,18 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
 
+from autotune.checkpoint import save_checkpoint
 from autotune.config import Config
+from autotune.distributed import save_checkpoint_collectively
+from autotune.distributed import training_arguments as distributed_arguments
 from autotune.errors import UserError
+from autotune.evaluation import evaluate_with_oom_recovery
 from autotune.modeling import BuiltModel
+from autotune.techniques.fused_loss import linear_cross_entropy
+from autotune.techniques.int8_head import Int8Head
+from autotune.trackers import check_report_to, trainer_report_to
 from autotune.units import gib
 
 # Optimizer arguments that TrainingArguments takes as fields of its own; the rest go to optim_args.
@@ -73,6 +81,7 @@ def check_training_settings(cfg: Config) -> None:
             f"gradient_checkpointing_kwargs {sorted(unknown)} unknown; allowed: {sorted(_CHECKPOINT_KWARGS)}"
         )
     optimizer_arguments(cfg)  # raises a UserError for malformed betas / eps
+    check_report_to(cfg)  # an unknown or uninstalled tracker
 
 
 def optimizer_arguments(cfg: Config) -> dict:
@@ -112,6 +121,8 @@ def training_arguments(
     """TrainingArguments from the config; the solver overrides batch, accumulation and steps only."""
     on_cpu = built.device.type == "cpu"
     steps = max_steps if max_steps is not None else (cfg.max_steps or -1)
+    # Under torchrun: DDP's or FSDP's arguments (one process: none).
+    ranks = distributed_arguments(cfg.distributed_strategy, on_cpu)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size or cfg.batch_size,
@@ -139,23 +150,43 @@ def training_arguments(
         save_steps=cfg.save_every_n_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if evaluate else "no",
+        prediction_loss_only=True,  # evaluation reports the loss; it never needs the logits kept
         eval_steps=cfg.save_every_n_steps,
-        report_to="none",  # TensorBoard is attached explicitly (see trainer.py), where the config says
+        # The config's trackers, passed through; TensorBoard is attached by trainer.py, in the config's folder.
+        # A run that does not log (a solver trial) reports nowhere.
+        report_to=trainer_report_to(cfg) if log else "none",
         disable_tqdm=not progress,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=not on_cpu,
-        include_num_input_tokens_seen="non_padding",
+        # Packed rows have no padding (and no attention mask to count it by): every token is real.
+        include_num_input_tokens_seen="all" if built.knobs.packing else "non_padding",
+        **ranks,
     )
 
 
 class AutotuneTrainer(Trainer):
-    """The HF Trainer plus throughput and memory in every log record (TensorBoard and JSONL see them)."""
+    """The HF Trainer plus the fused loss (techniques/fused_loss.py) when `fused_loss` is on, and throughput and
+    memory in every log record (TensorBoard and JSONL see them)."""
+
+    fused_loss = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._last_log = (time.perf_counter(), 0)
         self.add_callback(_ThroughputStart(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With the fused loss, the model runs without labels and keeps no logits (`logits_to_keep` empty); a
+        forward hook on the decoder hands over its final hidden states, and the loss comes from them and
+        lm_head's weight. Going through model(...) keeps what wraps it (accelerate's autocast, peft, DDP)."""
+        if not self.fused_loss or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        base = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        loss, outputs = fused_causal_lm_loss(model, base, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as the base class: the DDP mean undoes it
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # a training record, not an eval one
@@ -168,6 +199,49 @@ class AutotuneTrainer(Trainer):
                 logs["gpu_memory_reserved_gb"] = gib(torch.cuda.max_memory_reserved())
                 logs["gpu_memory_allocated_gb"] = gib(torch.cuda.max_memory_allocated())
         super().log(logs, start_time)
+
+    # name -> JSON document written into every checkpoint (autotune train: the config, for --resume's checks)
+    checkpoint_files: dict | None = None
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Staged then renamed (a checkpoint-N folder is always whole), free space checked first, a full disk a
+        # UserError naming the last good checkpoint: checkpoint.py. The Trainer's own code writes the files.
+        # Under torchrun every rank writes its part of a save into one staging folder (distributed.py).
+        save = save_checkpoint_collectively if self.args.world_size > 1 else save_checkpoint
+        save(self, super()._save_checkpoint, model, trial, self.checkpoint_files or {})
+
+    # An evaluation OOM on one of several ranks: set for the runner, which has every rank restart with a smaller
+    # evaluation batch (trainer._restart_for_oom); the other ranks wait in evaluation's gather meanwhile.
+    oom_in_evaluation = False
+
+    def evaluate(self, *args, **kwargs) -> dict:
+        if self.args.world_size > 1:
+            try:
+                return super().evaluate(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                self.oom_in_evaluation = True
+                raise
+        # An evaluation OOM halves the evaluation batch, never the training micro-batch: evaluation.py.
+        return evaluate_with_oom_recovery(self, super().evaluate, *args, **kwargs)
+
+
+def fused_causal_lm_loss(model, base, inputs: dict, num_items_in_batch=None):
+    """The causal-LM loss of `model` (the PeftModel, or what wraps it) on `inputs`, through the fused loss:
+    `base` (the Qwen3ForCausalLM inside) runs without labels and keeps no logits (`logits_to_keep` empty); a
+    forward hook on its decoder hands over the final hidden states, and the loss comes from them and lm_head
+    (its weight, or the 8-bit head). Returns (loss, the model's outputs)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    captured: dict = {}
+    hook = base.model.register_forward_hook(lambda module, args, out: captured.update(h=out.last_hidden_state))
+    try:
+        outputs = model(
+            **inputs, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device)
+        )
+    finally:
+        hook.remove()
+    head = base.lm_head if isinstance(base.lm_head, Int8Head) else base.lm_head.weight
+    return linear_cross_entropy(captured.pop("h"), head, labels, num_items_in_batch=num_items_in_batch), outputs
 
 
 class _ThroughputStart(TrainerCallback):
@@ -218,7 +292,7 @@ def make_trainer(
     callbacks: list[TrainerCallback] | None = None,
     tokenizer=None,
 ) -> AutotuneTrainer:
-    return AutotuneTrainer(
+    trainer = AutotuneTrainer(
         model=built.model,
         args=args,
         train_dataset=train_dataset,
@@ -227,3 +301,5 @@ def make_trainer(
         callbacks=callbacks or [],
         processing_class=tokenizer,
     )
+    trainer.fused_loss = built.knobs.fused_loss
+    return trainer

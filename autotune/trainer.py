@@ -1,30 +1,54 @@
 """`autotune train`: data -> model -> HF Trainer, with logging, checkpoints, resume and OOM recovery.
 
 The training step itself lives in step.py (shared with the solver); this module is the runner
-around it: what is written where, and what happens when the GPU runs out of memory.
+around it: what is written where, and what happens when the GPU runs out of memory, the user presses
+Ctrl-C, or a folder already holds a run.
+
+A run holds its output_dir for its whole life (runlock.py: a second run into the folder is refused, a dead
+run's lock is taken over). A folder that holds a finished or resumable run is never overwritten unless the
+user asks (--overwrite), and then only the files a run writes are removed, once the new run's inputs have
+proven good.
 """
 
 from __future__ import annotations
 
+import autotune.quiet  # noqa: F401  (before transformers imports bitsandbytes: see quiet.py)
+
+# isort: split
+import os
+import shutil
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from autotune import distributed
+from autotune.checkpoint import (
+    CONFIG_FILE,
+    checkpoint_step,
+    disk_full_is_a_user_error,
+    last_complete_checkpoint,
+    remove_partial_saves,
+    resume_changes,
+)
 from autotune.config import Config
 from autotune.context import RunContext
-from autotune.data.encoding import CausalLMCollator
 from autotune.data.prepare import PreparedData, prepare_data
 from autotune.errors import UserError
-from autotune.fsutil import atomic_write_json
+from autotune.fsutil import apply_umask, atomic_write_json
 from autotune.memory import free_memory
-from autotune.modeling import BuiltModel, build_model, quiet_libraries
-from autotune.runlog import RunLog
+from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries
+from autotune.runlock import RunLock
+from autotune.runlog import RunLog, drop_records
 from autotune.step import (
     ListDataset,
     check_training_settings,
@@ -32,9 +56,36 @@ from autotune.step import (
     release_trainer,
     training_arguments,
 )
+from autotune.techniques.packing import collator_for
+from autotune.trackers import reports_to_tensorboard
+from autotune.watchdog import MemoryWatchdog, limit_for
+
+__all__ = ["last_complete_checkpoint", "smaller_batch", "train"]
 
 CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
+SUMMARY = "run_summary.json"
+ADAPTER = "adapter_model.safetensors"
+# Every file a run writes into output_dir (peft's adapter and model card, the tokenizer's files, autotune's
+# own): what --overwrite removes, and nothing else, so a user's own files in the folder survive it.
+RUN_FILES = (
+    ADAPTER,
+    "adapter_config.json",
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    CONFIG_FILE,
+    "profile.json",
+    "inference_report.json",
+    "inference_report.md",
+    SUMMARY,
+)
+# Summary statuses.
+RUNNING, SUCCEEDED, FAILED, INTERRUPTED = "running", "succeeded", "failed", "interrupted"
 
 Echo = Callable[[str], None]
 
@@ -66,11 +117,97 @@ class StructuredLogCallback(TrainerCallback):
         self.runlog.write("checkpoint", "checkpoint saved", global_step=state.global_step)
 
 
-def tensorboard_callback(log_dir: str):
+class EvalOOMReporter(TrainerCallback):
+    """Hears evaluation.py's on_eval_oom: logs it, says it, records it, and keeps the smaller evaluation batch
+    for the rest of the run (a Trainer rebuilt after a training OOM starts from it)."""
+
+    def __init__(self, run: Run, changes: list[dict]):
+        self.run, self.changes = run, changes
+
+    def on_eval_oom(self, state, change: dict) -> None:
+        self.changes.append(change)
+        old, new = change["eval_batch_size"]
+        self.run.eval_batch = new
+        step = change["at_step"]
+        if new is None:
+            message = (
+                f"out of memory in evaluation at step {step} with eval_batch_size=1: evaluation is skipped for "
+                "the rest of the run; training goes on unchanged (lower max_sequence_length, or set eval_ratio=0)"
+            )
+        else:
+            message = (
+                f"out of memory in evaluation at step {step}: eval_batch_size {old} -> {new}; the training "
+                "micro-batch is unchanged"
+            )
+        self.run.runlog.write("oom", message, level="WARNING", global_step=step, metrics=change)
+        self.run.echo(f"warning: {message}")
+
+
+class GracefulInterrupt(TrainerCallback):
+    """The first Ctrl-C asks the Trainer to finish the optimizer step under way, save a checkpoint and stop; a
+    second one stops at once (KeyboardInterrupt: the last complete checkpoint stays the resume point)."""
+
+    def __init__(self, echo: Echo):
+        self.echo = echo
+        self.requested = False
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.echo("\ninterrupt: finishing this step and saving a checkpoint (press Ctrl-C again to stop at once)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Several ranks stop together at the same step, or those that did not see the Ctrl-C would wait for the
+        # others in the next gradient all-reduce (one small all-reduce per step decides it).
+        requested = distributed.any_rank(self.requested) if args.world_size > 1 else self.requested
+        if requested:
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class InjectedOOM(TrainerCallback):
+    """distributed.INJECT_OOM_ENV's testing hook: a CUDA-style OOM on one rank at the start of one step, raised
+    where a real one would reach the runner (a CPU cannot run out of memory on one rank on cue)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.step = -1
+            raise torch.OutOfMemoryError(f"injected OOM at step {state.global_step} ({distributed.INJECT_OOM_ENV})")
+
+
+def _silent(message: str) -> None:
+    """The console of the ranks other than 0: they run the same run, rank 0 says it once."""
+
+
+def tensorboard_dir(cfg: Config, run_id: str) -> Path:
+    """Where a run's TensorBoard events go: a folder of their own per run (its run_id), so that two runs'
+    curves never mix, a resume continues its own, and --overwrite can remove the replaced run's alone."""
+    return Path(cfg.tensorboard_log_dir or Path(cfg.log_dir) / "tensorboard") / run_id
+
+
+def tensorboard_callback(log_dir: Path, purge_step: int | None = None):
+    """HF's TensorBoardCallback on our writer. `purge_step`: a resume's first step; TensorBoard then hides
+    what the interrupted attempt logged from that step on, as the JSONL log drops those records."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=log_dir))
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir), purge_step=purge_step))
 
 
 # -------------------------------------------------------------------------------- the runner
@@ -82,8 +219,9 @@ class Run:
     built: BuiltModel
     data: PreparedData
     runlog: RunLog
-    callbacks: list
     echo: Echo
+    callbacks: list = field(default_factory=list)
+    eval_batch: int | None = None  # set once an evaluation OOM has shrunk it
 
     @property
     def cfg(self) -> Config:
@@ -102,19 +240,6 @@ class Run:
         return self.output_dir / CHECKPOINTS
 
 
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint-N that was written to the end. The Trainer writes trainer_state.json
-    last, so a run killed while saving leaves a newer folder without it, which cannot be resumed."""
-    if not folder.is_dir():
-        return None
-    steps = {}
-    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
-        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
-            steps[int(suffix)] = path
-    return str(steps[max(steps)]) if steps else None
-
-
 def smaller_batch(batch: int, effective: int) -> tuple[int, int]:
     """After an OOM: the largest micro-batch of at most half the current one that divides the effective
     batch, and the accumulation that keeps the effective batch exactly (halve and double, when batch is
@@ -123,20 +248,21 @@ def smaller_batch(batch: int, effective: int) -> tuple[int, int]:
     return new, effective // new
 
 
-def _collator(run: Run) -> CausalLMCollator:
-    # Rounding rows up to a multiple of 8 suits tensor cores, but never past max_sequence_length: the
-    # solver measured rows of exactly that length.
-    length = run.cfg.max_sequence_length
-    return CausalLMCollator(run.tokenizer.pad_token_id, pad_to_multiple_of=8 if length % 8 == 0 else None)
+def training_collator(cfg: Config, built: BuiltModel, pad_token_id: int):
+    """The collator training batches go through: packed rows, or rows padded to the longest sample, rounded up
+    to a multiple of 8 for tensor cores but never past max_sequence_length (the solver measured rows of
+    exactly that length)."""
+    return collator_for(built.knobs.packing, pad_token_id, max_length=cfg.max_sequence_length)
 
 
 def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict]):
     """trainer.train(), and on an OOM: keep the completed optimizer steps, at least halve the micro-batch
     with the accumulation that keeps the effective batch (smaller_batch), and go on from the last
     completed step. Each change is appended to `changes` as it happens (a failed run's summary reports
-    them too). Returns the Trainer that finished."""
+    them too). An OOM in evaluation never gets here (evaluation.py shrinks the evaluation batch). Returns the
+    Trainer that finished."""
     batch, accumulation = run.cfg.batch_size, run.cfg.gradient_accumulation_steps
-    collator = _collator(run)
+    collator = training_collator(run.cfg, run.built, run.tokenizer.pad_token_id)
     while True:
         args = training_arguments(
             run.cfg,
@@ -146,6 +272,8 @@ def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict
             accumulation=accumulation,
             evaluate=run.data.eval is not None,
         )
+        # null eval_batch_size means the training micro-batch (as it is now, after any OOM halving).
+        args.per_device_eval_batch_size = run.eval_batch or run.cfg.eval_batch_size or batch
         trainer = make_trainer(
             run.built,
             args,
@@ -155,10 +283,14 @@ def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict
             callbacks=run.callbacks,
             tokenizer=run.tokenizer,
         )
+        # Every checkpoint carries the config it was trained with: a resume compares its shape settings.
+        trainer.checkpoint_files = {CONFIG_FILE: run.cfg.to_dict()}
         try:
             trainer.train(resume_from_checkpoint=resume_from)
             return trainer
         except torch.OutOfMemoryError as exc:
+            if distributed.world().distributed:
+                _restart_for_oom(run, trainer, exc, batch, accumulation, changes)  # raises: torchrun restarts all
             resume_from, batch, accumulation = _recover_from_oom(run, trainer, exc, batch, accumulation, changes)
             release_trainer(trainer, run.built.model)
             del trainer
@@ -210,6 +342,100 @@ def _recover_from_oom(
     return resume_from, new_batch, new_accumulation
 
 
+def _restart_for_oom(run: Run, trainer, exc: BaseException, batch: int, accumulation: int, changes: list[dict]):
+    """An OOM on one of several ranks: the others are waiting in a collective this rank will never join, so
+    nothing can be recovered in this process. Write the decision (the smaller micro-batch, or the smaller
+    evaluation batch when evaluation ran out) for the restarted group, and stop this rank: torchrun stops
+    the others and restarts all of them (--max-restarts), and each goes on with the decision from the last
+    complete checkpoint (distributed.oom_decisions)."""
+    w, cfg, step = distributed.world(), run.cfg, trainer.state.global_step
+    checkpoint = last_complete_checkpoint(run.checkpoint_dir)
+    change: dict = {
+        "at_step": step,
+        "rank": w.rank,
+        "error": str(exc).splitlines()[0][:200],
+        "resume_from": checkpoint,
+    }
+    if getattr(trainer, "oom_in_evaluation", False):
+        old = trainer.args.per_device_eval_batch_size
+        change["eval_batch_size"] = [old, old // 2 if old > 1 else None]
+        what = f"evaluation batch {old} -> {old // 2}" if old > 1 else "no more evaluation"
+    else:
+        training = [c for c in changes if "batch_size" in c]
+        if batch == 1 or len(training) >= cfg.max_oom_retries:
+            four_bit = "" if cfg.quantization == "4bit" else 'use quantization="4bit", '
+            raise UserError(
+                f"out of GPU memory on rank {w.rank} at step {step} with batch_size={batch}"
+                f"{' (the smallest)' if batch == 1 else f' after {len(training)} halvings'}: lower "
+                f"max_sequence_length (now {cfg.max_sequence_length}) or lora_r (now {cfg.lora_r}), "
+                f"{four_bit}use more GPUs with --strategy fsdp, or run `autotune solve --gpus {w.size}`"
+            ) from None
+        new_batch, new_accumulation = smaller_batch(batch, batch * accumulation)
+        change.update(
+            batch_size=[batch, new_batch],
+            gradient_accumulation_steps=[accumulation, new_accumulation],
+            effective_batch_size=batch * accumulation * w.size,
+        )
+        what = (
+            f"batch_size {batch} -> {new_batch}, gradient_accumulation_steps {accumulation} -> {new_accumulation} "
+            f"(effective batch {batch * accumulation * w.size} unchanged)"
+        )
+    distributed.record_oom(run.output_dir, change, w)
+    run.runlog.write("oom", "out of memory on one rank: every rank restarts", level="WARNING", metrics=change)
+    by_hand = f"--set batch_size={change['batch_size'][1]}" if "batch_size" in change else "--set eval_batch_size=1"
+    raise distributed.RestartForOOM(
+        f"out of memory on rank {w.rank} at step {step}: every rank restarts with {what}, from "
+        f"{checkpoint or 'the start (no checkpoint yet)'}. torchrun restarts the group when it was given "
+        "--max-restarts (`autotune train --nproc` gives max_oom_retries); otherwise run the same command again with "
+        f"--resume {by_hand}"
+    ) from None
+
+
+def _after_oom_restart(
+    cfg: Config, decisions: list[dict], w: distributed.World, echo: Echo
+) -> tuple[Config, bool, bool]:
+    """A group torchrun restarted after an OOM: the config with the decided micro-batch (and evaluation batch),
+    whether there is a checkpoint to resume from, and whether to evaluate at all."""
+    training = [d for d in decisions if "batch_size" in d]
+    evaluation = [d for d in decisions if "eval_batch_size" in d]
+    if training:
+        cfg = replace(
+            cfg,
+            batch_size=training[-1]["batch_size"][1],
+            gradient_accumulation_steps=training[-1]["gradient_accumulation_steps"][1],
+        )
+    evaluate = not evaluation or evaluation[-1]["eval_batch_size"][1] is not None
+    if evaluation:
+        cfg = replace(cfg, eval_batch_size=evaluation[-1]["eval_batch_size"][1] or 1)
+    checkpoint = last_complete_checkpoint(Path(cfg.output_dir) / CHECKPOINTS)
+    last = decisions[-1]
+    echo(
+        f"restart {w.restart} of this launch after an out-of-memory on rank {last.get('rank')} at step "
+        f"{last.get('at_step')}: batch_size {cfg.batch_size}, gradient_accumulation_steps "
+        f"{cfg.gradient_accumulation_steps}"
+        + ((f", eval_batch_size {cfg.eval_batch_size}" if evaluate else ", no evaluation") if evaluation else "")
+        + (f"; resuming from {checkpoint}" if checkpoint else "; starting over (no checkpoint yet)")
+    )
+    return cfg, checkpoint is not None, evaluate
+
+
+# ------------------------------------------------------------------------- checks before a run
+
+
+def check_profile_model(ctx: RunContext, profile: dict | None) -> None:
+    """A profile solved for another architecture has memory figures for another model: refuse it up front."""
+    if profile is None:
+        return
+    from autotune.profile import model_mismatch
+
+    found = model_mismatch(profile, ctx.cfg.model_name, ctx.architecture)
+    if found is not None and found[1]:
+        raise UserError(
+            f"--profile: {found[0]}. Solve for this model (`autotune solve --model {ctx.cfg.model_name}`), "
+            "or train without --profile"
+        )
+
+
 def _check_environment(ctx: RunContext, profile: dict | None, echo: Echo) -> None:
     """Dependencies, the hardware against the config (verify_environment), and where the profile was solved
     against where it is used (warnings: a profile solved on one 24 GB card is a fair start on another)."""
@@ -237,57 +463,155 @@ def _check_environment(ctx: RunContext, profile: dict | None, echo: Echo) -> Non
         raise UserError("environment check failed (verify_environment): " + "; ".join(errors))
 
 
-def _resume_point(cfg: Config, resume: bool) -> str | None:
-    if not resume:
+def read_summary(output_dir: Path) -> dict | None:
+    """The run summary in output_dir, or None (absent or unreadable)."""
+    import json
+
+    try:
+        doc = json.loads((output_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    checkpoint = last_complete_checkpoint(Path(cfg.output_dir) / CHECKPOINTS)
+    return doc if isinstance(doc, dict) else None
+
+
+def existing_run(output_dir: Path, previous: dict | None) -> str | None:
+    """What run output_dir holds that a new run would destroy (trained weights, or a finished run), described
+    for the message; None when it holds none (a run that failed before its first checkpoint leaves nothing
+    to lose)."""
+    checkpoints = sorted(
+        checkpoint_step(p)
+        for p in (output_dir / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if p.name[len(PREFIX_CHECKPOINT_DIR) + 1 :].isdigit()
+    )
+    adapter = (output_dir / ADAPTER).is_file()
+    status = (previous or {}).get("status")
+    if not checkpoints and not adapter and status != SUCCEEDED:
+        return None
+    steps = ((previous or {}).get("final") or {}).get("global_step")
+    if status == SUCCEEDED:
+        what = f"a finished run ({steps} steps)" if steps else "a finished run"
+    elif status == INTERRUPTED:
+        what = "an interrupted run"
+    elif status in (RUNNING, FAILED):
+        what = "a run that stopped before finishing" if status == RUNNING else "a failed run"
+    else:
+        what = "a run's adapter" if adapter else "a run"
+    if checkpoints:
+        what += f" with checkpoints up to step {checkpoints[-1]}"
+    return what
+
+
+def _resume_point(cfg: Config) -> str:
+    """The checkpoint a --resume goes on from; a UserError when there is none, or when the config changed a
+    setting the checkpoint's tensors were shaped by."""
+    folder = Path(cfg.output_dir) / CHECKPOINTS
+    checkpoint = last_complete_checkpoint(folder)
     if checkpoint is None:
+        raise UserError(f"--resume: no complete checkpoint under {folder}; start without --resume")
+    changed = resume_changes(checkpoint, cfg.to_dict())
+    if changed:
         raise UserError(
-            f"--resume: no complete checkpoint under {Path(cfg.output_dir) / CHECKPOINTS}; start without --resume"
+            f"--resume: {checkpoint} was trained with other settings ({'; '.join(changed)}). Its adapter and "
+            "optimizer state fit only the settings they were trained with: resume with those (--set key=old value), "
+            "or start a new run (another output_dir, or --overwrite)"
         )
     return checkpoint
 
 
-def _callbacks(cfg: Config, built: BuiltModel, runlog: RunLog, extra) -> list:
+def _callbacks(cfg: Config, built: BuiltModel, runlog: RunLog, extra, *, run_id: str, resume_from: str | None) -> list:
     callbacks: list = [StructuredLogCallback(runlog, built, cfg.structured_logging.include_model_stats)]
-    if cfg.enable_tensorboard:
-        callbacks.append(tensorboard_callback(cfg.tensorboard_log_dir or str(Path(cfg.log_dir) / "tensorboard")))
+    if reports_to_tensorboard(cfg) and distributed.world().is_main:  # one writer: rank 0
+        purge = checkpoint_step(resume_from) + 1 if resume_from else None
+        callbacks.append(tensorboard_callback(tensorboard_dir(cfg, run_id), purge_step=purge))
+    injected = distributed.injected_oom_step()
+    if injected is not None:
+        callbacks.append(InjectedOOM(injected))
     return callbacks + list(extra)
 
 
-def _open_runlog(cfg: Config) -> RunLog:
+def _watchdog(run: Run, profile: dict | None, summary: dict) -> MemoryWatchdog | None:
+    found = limit_for(profile, run.cfg.max_memory_gb)
+    if found is None:
+        return None
+    summary["memory_warnings"] = []
+
+    def warn(message: str, metrics: dict) -> None:
+        summary["memory_warnings"].append(message)
+        run.runlog.write("memory", message, level="WARNING", metrics=metrics)
+        run.echo(f"warning: {message}")
+
+    return MemoryWatchdog(found[0], found[1], warn)
+
+
+def _open_runlog(cfg: Config, run_id: str) -> RunLog:
     log = cfg.structured_logging
-    return RunLog(log.log_file if log.enabled else None, log.log_level, log.include_memory_stats)
+    path = log.log_file if log.enabled and distributed.world().is_main else None  # one writer: rank 0
+    return RunLog(path, log.log_level, log.include_memory_stats, run_id=run_id)
 
 
 def _inference_test(run: Run, summary: dict) -> None:
     if not run.cfg.enable_inference_test:
         return
-    if not run.data.eval_pairs:
-        run.echo("note: inference test skipped: no held-out pairs (eval_ratio is 0 or the data is too small)")
-        return
+    from autotune.data.parsing import parse_data, split_pairs
     from autotune.inference import run_inference_test
 
+    # The pairs trained on, split exactly as prepare_data split them (the same function, the same seed).
+    trained, _ = split_pairs(parse_data(run.cfg).pairs, run.cfg.eval_ratio, run.cfg.seed)
     summary["inference_report"] = run_inference_test(
-        run.built, run.tokenizer, run.data.eval_pairs, run.cfg, run.output_dir
+        run.built, run.tokenizer, trained, run.data.eval_pairs, run.cfg, run.output_dir
     )
 
 
-def _finish_summary(summary: dict, runlog: RunLog, echo: Echo) -> None:
+def _finish_summary(summary: dict, runlog: RunLog, echo: Echo, write: bool) -> None:
     summary["finished_at"] = time.time()
     summary["seconds"] = round(summary["finished_at"] - summary["started_at"], 2)
-    ok = summary["status"] == "succeeded"
+    level = {SUCCEEDED: "INFO", INTERRUPTED: "WARNING"}.get(summary["status"], "ERROR")
     runlog.write(
         "run",
         f"run {summary['status']}",
-        level="INFO" if ok else "ERROR",
+        level=level,
         metrics={k: summary.get(k) for k in ("seconds", "final") if k in summary},
     )
     runlog.close()
+    if not write:
+        return
     try:
-        atomic_write_json(Path(summary["output_dir"]) / "run_summary.json", summary)
-    except OSError as exc:  # pragma: no cover - a full disk must not hide the real error
-        echo(f"warning: could not write run_summary.json: {exc}")
+        atomic_write_json(Path(summary["output_dir"]) / SUMMARY, summary)
+    except OSError as exc:  # a full disk must not hide the real error
+        echo(f"warning: could not write {SUMMARY}: {exc}")
+
+
+def _clear_previous_run(cfg: Config, previous: dict | None, runlog: RunLog, echo: Echo) -> None:
+    """--overwrite: remove the previous run's checkpoints, the files a run writes, its TensorBoard events and
+    its JSONL records."""
+    out = Path(cfg.output_dir)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    old_id = (previous or {}).get("run_id")
+    if old_id:
+        shutil.rmtree(tensorboard_dir(cfg, old_id), ignore_errors=True)
+    if old_id and runlog.path is not None:
+        with runlog.paused():
+            dropped = drop_records(runlog.path, lambda r: r.get("run_id") == old_id)
+        if dropped is None:
+            echo(f"note: the previous run's records stay in {runlog.path} (another run has it open); run_id {old_id}")
+    echo(f"--overwrite: removed the previous run in {out}")
+
+
+def _forget_rerun_steps(cfg: Config, run_id: str | None, resumed_step: int, echo: Echo) -> None:
+    """A resume re-runs the steps after its checkpoint: drop the interrupted attempt's records of them, so the
+    JSONL holds each step once."""
+    log = cfg.structured_logging
+    if not (log.enabled and run_id):
+        return
+
+    def rerun(record: dict) -> bool:
+        step = record.get("global_step")
+        return record.get("run_id") == run_id and isinstance(step, int) and step > resumed_step
+
+    if drop_records(log.log_file, rerun) is None:
+        echo(f"note: {log.log_file} is open in another run: the re-run steps after {resumed_step} appear twice")
 
 
 def train(
@@ -295,19 +619,102 @@ def train(
     *,
     profile: dict | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     extra_callbacks: tuple[TrainerCallback, ...] = (),
     echo: Echo = print,
 ) -> dict:
-    """Run a fine-tune. Returns the run summary (also written to <output_dir>/run_summary.json)."""
+    """Run a fine-tune. Returns the run summary (also written to <output_dir>/run_summary.json); its status is
+    "succeeded", or "interrupted" after a Ctrl-C (resume with resume=True). Bad inputs raise a UserError
+    before anything is written."""
     quiet_libraries()
+    if resume and overwrite:
+        raise UserError(
+            "--resume and --overwrite contradict each other: --resume continues the run, --overwrite replaces it"
+        )
     check_training_settings(cfg)  # a bad name is a config error: nothing is started or written
+    w = distributed.world()
+    device = pick_device()
+    # One rank's share: the strategy, and the micro-batch and accumulation that keep the effective batch exact.
+    cfg, notes = distributed.plan_for_world(cfg, profile, distributed.resolve_strategy(cfg, profile, device.type), w)
+    evaluate = True
+    decisions = distributed.oom_decisions(cfg.output_dir, w)
+    if not w.is_main:
+        echo = _silent
+    if decisions:  # torchrun restarted the group after an OOM on one rank: go on with what it decided
+        cfg, resume, evaluate = _after_oom_restart(cfg, decisions, w, echo)
+        overwrite = False  # the first attempt of this launch already did what --overwrite asked
     ctx = RunContext(cfg)
-    summary: dict = {"status": "failed", "output_dir": cfg.output_dir, "started_at": time.time()}
-    runlog = _open_runlog(cfg)
+    check_profile_model(ctx, profile)
+    for note in notes if not decisions else ():  # after a restart, the restart's own line says the batch
+        echo(f"note: {note}")
+    distributed.join(device)
+    if not w.is_main:
+        # Under torchrun the ranks of one run share its folder: the main process holds it for all of them.
+        return _train_holding_the_folder(
+            ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions=decisions, evaluate=evaluate
+        )
+    with RunLock(cfg.output_dir) as lock:
+        stale = lock.describe_stale()
+        if stale:
+            echo(stale)
+        return _train_holding_the_folder(
+            ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions=decisions, evaluate=evaluate
+        )
+
+
+def _train_holding_the_folder(
+    ctx: RunContext,
+    profile: dict | None,
+    resume: bool,
+    overwrite: bool,
+    extra_callbacks: tuple,
+    echo: Echo,
+    *,
+    decisions: tuple[dict, ...] | list[dict] = (),
+    evaluate: bool = True,
+) -> dict:
+    cfg, out = ctx.cfg, Path(ctx.cfg.output_dir)
+    main = distributed.world().is_main  # under torchrun, rank 0 alone writes; the others read
+    if main:
+        remove_partial_saves(out / CHECKPOINTS)  # a save a kill cut short; we hold the folder, so none is running
+        if not decisions:
+            distributed.forget_oom_decisions(out)  # an earlier launch's: this launch starts from the config
+    previous = read_summary(out)
+    held = None
+    resume_from: str | None = None
+    if resume:
+        resume_from = _resume_point(cfg)
+        run_id = (previous or {}).get("run_id") or uuid.uuid4().hex[:12]
+        if main:
+            _forget_rerun_steps(cfg, (previous or {}).get("run_id"), checkpoint_step(resume_from), echo)
+    else:
+        held = existing_run(out, previous)
+        if held is not None and not overwrite:
+            raise UserError(
+                f"output_dir {out} already holds {held}, and a new run would replace it. To continue it, run "
+                "the same command with --resume; to keep it, give this run another folder (--set output_dir=...); "
+                "to replace it, add --overwrite"
+            )
+        run_id = uuid.uuid4().hex[:12]
+    summary: dict = {
+        "status": FAILED,
+        "run_id": run_id,
+        "output_dir": cfg.output_dir,
+        "started_at": time.time(),
+        "pid": os.getpid(),
+    }
+    if resume_from:
+        summary["resumed_from"] = resume_from
+    # The summary file is this run's once no earlier run's would be lost by writing it: at once for a resume
+    # (the same run) or a free folder; after --overwrite has removed the previous run otherwise. Rank 0's alone.
+    owns_summary = held is None and main
+    runlog = _open_runlog(cfg, run_id)
     try:
         _check_environment(ctx, profile, echo)
-        resume_from = _resume_point(cfg, resume)
-        data = prepare_data(ctx, echo)
+        with distributed.main_process_first():  # rank 0 tokenizes into the cache, the others read it
+            data = prepare_data(ctx, echo)
+        if not evaluate:
+            data = replace(data, eval=None)
         summary["data"] = data.report
         runlog.write("data", "dataset ready", metrics=data.report)
         built = build_model(ctx)
@@ -318,23 +725,60 @@ def train(
             "quantization": built.quantization,
             **built.parameter_counts(),
         }
-        run = Run(ctx, built, data, runlog, _callbacks(cfg, built, runlog, extra_callbacks), echo)
-        summary["oom_recoveries"] = []
-        trainer = _fit_with_oom_recovery(run, resume_from, summary["oom_recoveries"])
+        if held is not None and main:
+            _clear_previous_run(cfg, previous, runlog, echo)
+            owns_summary = True
+        run = Run(ctx, built, data, runlog, echo)
+        interrupt = GracefulInterrupt(echo)
+        summary["oom_recoveries"] = [d for d in decisions if "batch_size" in d]
+        summary["eval_oom_recoveries"] = [d for d in decisions if "eval_batch_size" in d]
+        run.callbacks = _callbacks(cfg, built, runlog, extra_callbacks, run_id=run_id, resume_from=resume_from) + [
+            EvalOOMReporter(run, summary["eval_oom_recoveries"]),
+            interrupt,
+        ]
+        watchdog = _watchdog(run, profile, summary)
+        if watchdog is not None:
+            run.callbacks.append(watchdog)
+        if main:
+            atomic_write_json(out / SUMMARY, {**summary, "status": RUNNING})  # a killed run says it never finished
+        distributed.wait_for_everyone()  # no rank trains before rank 0 has cleared and claimed the folder
+        with interrupt.installed():
+            trainer = _fit_with_oom_recovery(run, resume_from, summary["oom_recoveries"])
         summary["final"] = _final_metrics(trainer)
-        _save_outputs(run, profile)
-        _inference_test(run, summary)
-        summary["status"] = "succeeded"
+        if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
+            distributed.leave()
+            summary["status"] = INTERRUPTED
+            summary["resume_from"] = last_complete_checkpoint(run.checkpoint_dir)
+            return summary
+        with disk_full_is_a_user_error("the adapter", out, lambda: last_complete_checkpoint(out / CHECKPOINTS)):
+            _save_outputs(run, profile, trainer)
+            distributed.leave()  # the last collective: every rank has its part of the outputs written
+            if main and cfg.distributed_strategy != "fsdp":  # FSDP: no rank holds the whole model to generate
+                _inference_test(run, summary)
+        summary["status"] = SUCCEEDED
+        if main:
+            distributed.forget_oom_decisions(out)
         return summary
     except UserError as exc:
         summary["error"] = str(exc)
         raise
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or one before training started): the last complete checkpoint is the resume point.
+        summary["status"] = INTERRUPTED
+        summary["resume_from"] = last_complete_checkpoint(out / CHECKPOINTS)
+        return summary
     except BaseException as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         summary["traceback"] = traceback.format_exc()
+        if distributed.world().distributed and distributed.peer_stopped(exc):
+            raise distributed.PeerStopped(
+                f"{distributed.world().describe()}: another rank stopped mid-step (its own message says why), so "
+                "this one stops too; torchrun restarts the group after an out-of-memory, else run the command "
+                "again with --resume"
+            ) from None
         raise
     finally:
-        _finish_summary(summary, runlog, echo)
+        _finish_summary(summary, runlog, echo, write=owns_summary)
 
 
 def _final_metrics(trainer) -> dict:
@@ -346,6 +790,7 @@ def _final_metrics(trainer) -> dict:
         "global_step": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "losses_logged": len(losses),
         "eval_loss": evals[-1] if evals else None,
         "train_runtime": train_out.get("train_runtime"),
         "train_loss": train_out.get("train_loss"),
@@ -353,11 +798,21 @@ def _final_metrics(trainer) -> dict:
     }
 
 
-def _save_outputs(run: Run, profile: dict | None) -> None:
+def _save_outputs(run: Run, profile: dict | None, trainer=None) -> None:
+    """The adapter, tokenizer, resolved config and profile into output_dir, by rank 0 (under FSDP every rank
+    first hands its shard of the adapter to rank 0)."""
+    w = distributed.world()
+    state = None
+    if w.distributed and run.cfg.distributed_strategy == "fsdp" and trainer is not None:
+        state = distributed.full_trainable_state(trainer.model_wrapped)  # collective
+    if not w.is_main:
+        return
     out = run.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    run.built.model.save_pretrained(str(out), safe_serialization=True)
+    run.built.model.save_pretrained(str(out), safe_serialization=True, state_dict=state)
     run.tokenizer.save_pretrained(str(out))
-    atomic_write_json(out / "autotune_config.json", run.cfg.to_dict())
+    atomic_write_json(out / CONFIG_FILE, run.cfg.to_dict())
     if profile is not None:
         atomic_write_json(out / "profile.json", profile)
+    for name in RUN_FILES:  # safetensors writes the adapter through a private temp file
+        apply_umask(out / name)

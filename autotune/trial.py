@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,10 +23,12 @@ from transformers import PrinterCallback, TrainerCallback
 
 from autotune.config import Config
 from autotune.context import RunContext
-from autotune.data.encoding import CausalLMCollator
+from autotune.distributed import ddp_bucket_bytes
 from autotune.memory import CpuTrackedMeter, MemoryMeter, free_memory, make_meter
-from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries, set_checkpointing
+from autotune.modeling import BuiltModel, apply_knobs, build_model, pick_device, quiet_libraries
 from autotune.step import ListDataset, make_trainer, release_trainer, training_arguments
+from autotune.techniques import Knobs, resolve
+from autotune.techniques.packing import collator_for
 from autotune.units import Budget, GiB
 
 # The second optimizer step is the first to hold the optimizer state, so two steps reach training's peak.
@@ -46,7 +48,15 @@ class Trial:
     tokens_per_second: float | None
     predicted_bytes: int | None = None
     note: str = ""
-    checkpointing: bool | None = None  # gradient checkpointing in this trial (None: as configured)
+    knobs: Knobs | None = None  # the techniques the step ran with (None: a synthetic trial that has none)
+    memory: dict = field(default_factory=dict)  # the meter's details of the peak (CUDA: reserved, allocated)
+    kind: str = "train"  # "train": optimizer steps; "eval": an evaluation step
+    # False: the peak is the estimate's, not a measurement (FSDP's per-rank memory, which one process cannot run)
+    measured: bool = True
+
+    @property
+    def checkpointing(self) -> bool | None:
+        return self.knobs.checkpointing if self.knobs else None
 
     def describe(self, budget_bytes: int) -> str:
         peak = (
@@ -55,10 +65,12 @@ class Trial:
             else "      -"
         )
         verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
+        if not self.measured:
+            verdict += " (est.)"
         speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""
-        ckpt = {True: " ckpt", False: " no-ckpt", None: ""}[self.checkpointing]
+        knobs = f" {self.knobs.describe():<26}" if self.knobs else ""
         return (
-            f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{ckpt} peak {peak}  {verdict:11s} "
+            f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{knobs} peak {peak}  {verdict:11s} "
             f"{self.seconds:6.1f}s {speed}"
         )
 
@@ -93,16 +105,10 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._t0)
 
 
-def run_trial_steps(
-    built: BuiltModel, cfg: Config, *, batch_size: int, seq_len: int, steps: int, workdir: str | Path
-) -> list[float]:
-    """Run `steps` optimizer steps of the training Trainer on full-length synthetic rows.
-
-    Returns each step's seconds. The second and later steps hold the optimizer state, so the peak of
-    a run of >= 2 steps is the peak of training. Raises torch.OutOfMemoryError when it does not fit.
-    """
-    timer = StepTimer()
-    args = training_arguments(
+def _trial_arguments(cfg: Config, built: BuiltModel, workdir: str | Path, *, steps: int, batch_size: int):
+    """The training run's TrainingArguments for a trial: one micro-batch per optimizer step, and nothing
+    written (no evaluation, checkpoint, log or progress bar) so that only the step itself is measured."""
+    return training_arguments(
         cfg,
         built,
         workdir,
@@ -114,9 +120,22 @@ def run_trial_steps(
         log=False,
         progress=False,
     )
+
+
+def run_trial_steps(
+    built: BuiltModel, cfg: Config, *, batch_size: int, seq_len: int, steps: int, workdir: str | Path
+) -> list[float]:
+    """Run `steps` optimizer steps of the training Trainer on full-length synthetic rows, with the techniques
+    `built.knobs` holds (packed rows when packing is on: one row of batch_size x seq_len tokens).
+
+    Returns each step's seconds. The second and later steps hold the optimizer state, so the peak of
+    a run of >= 2 steps is the peak of training. Raises torch.OutOfMemoryError when it does not fit.
+    """
+    timer = StepTimer()
+    args = _trial_arguments(cfg, built, workdir, steps=steps, batch_size=batch_size)
     data = synthetic_rows(batch_size * steps, seq_len, built.spec.architecture.vocab_size, seed=cfg.seed)
-    # Every row exactly seq_len long: the worst case a training batch of this shape can be.
-    collator = CausalLMCollator(pad_token_id=0, pad_to_length=seq_len)
+    # Every sample exactly seq_len long: the worst case a training batch of this shape can be.
+    collator = collator_for(built.knobs.packing, 0, max_length=seq_len, pad_to_length=seq_len)
     trainer = make_trainer(built, args, data, collator=collator, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # a trial prints its own one-line summary
     try:
@@ -128,6 +147,28 @@ def run_trial_steps(
     return timer.seconds
 
 
+def run_eval_step(
+    built: BuiltModel, cfg: Config, *, train_batch: int, eval_batch: int, seq_len: int, workdir: str | Path
+) -> list[float]:
+    """One optimizer step at the training micro-batch, then one evaluation (the Trainer's evaluate()) at
+    `eval_batch`, on full-length synthetic rows: the evaluation sees the optimizer state resident, as it does
+    between training steps. Returns the evaluation's seconds."""
+    args = _trial_arguments(cfg, built, workdir, steps=1, batch_size=train_batch)
+    args.per_device_eval_batch_size = eval_batch
+    data = synthetic_rows(max(train_batch, eval_batch), seq_len, built.spec.architecture.vocab_size, seed=cfg.seed)
+    collator = collator_for(built.knobs.packing, 0, max_length=seq_len, pad_to_length=seq_len)
+    trainer = make_trainer(built, args, data, collator=collator, eval_dataset=ListDataset(data.rows[:eval_batch]))
+    trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train()
+        start = time.perf_counter()
+        trainer.evaluate()
+        return [time.perf_counter() - start]
+    finally:
+        release_trainer(trainer, built.model)
+        del trainer
+
+
 # ------------------------------------------------------------------------------------ the runner
 
 
@@ -136,6 +177,10 @@ class TrialRunner:
 
     The budget (a units.Budget) is the runner's alone: `measure` caps the meter at its total and judges
     "fits" against its usable part; `set_budget` moves it (a benchmark sweeping caps on one model build).
+
+    With world_size > 1 (DDP) a trial is one rank's step: the same step, beside the gradient buckets DDP
+    allocates on every rank, measured once per model build with a real DDP (distributed.ddp_bucket_bytes);
+    the meter's cap leaves room for them and every peak includes them.
     """
 
     def __init__(
@@ -146,14 +191,18 @@ class TrialRunner:
         init: str = "random",
         device: torch.device | None = None,
         meter: MemoryMeter | None = None,
+        world_size: int = 1,
     ):
         quiet_libraries()
         self.ctx = ctx
         self.budget = budget
+        self.knobs = resolve(ctx.cfg, ctx.spec)  # what a trial runs with unless it asks for other knobs
         self.device = device or pick_device()
         self.meter = meter or make_meter(self.device.type)
         self.init = init
+        self.world_size = world_size
         self.build_seconds = 0.0
+        self.bucket_bytes = 0  # DDP's gradient buckets of the model built now (0 in one process)
         self._built: BuiltModel | None = None
         self._overhead_remeasured = False
         self._workdir: str | None = None
@@ -180,8 +229,10 @@ class TrialRunner:
             return self._built
         self.release()
         t = time.perf_counter()
-        self._built = build_model(self.ctx, init=self.init, lora_r=rank, device=self.device)
+        self._built = build_model(self.ctx, init=self.init, lora_r=rank, device=self.device, knobs=self.knobs)
         self.build_seconds += time.perf_counter() - t
+        if self.world_size > 1:
+            self.bucket_bytes = ddp_bucket_bytes(self._built.model)
         if isinstance(self.meter, CpuTrackedMeter):  # a GPU counts the weights by itself
             self.meter.track_existing(self._built.model)
         return self._built
@@ -189,6 +240,7 @@ class TrialRunner:
     def release(self) -> None:
         """Free the model (the next one's peak must not include it) and the trials' scratch folder."""
         self._built = None
+        self.bucket_bytes = 0
         free_memory()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -201,23 +253,51 @@ class TrialRunner:
         return self._workdir
 
     def measure(
-        self, batch: int, seq: int, rank: int, *, checkpointing: bool | None = None, steps: int = TRIAL_STEPS
+        self, batch: int, seq: int, rank: int, *, knobs: Knobs | None = None, steps: int = TRIAL_STEPS
     ) -> Trial:
-        """`steps` optimizer steps (>= 2) at batch x seq under the cap; the step time is the mean of the
-        steps after the first (the first builds the optimizer state)."""
+        """`steps` optimizer steps (>= 2) at batch x seq with `knobs` (default: the config's) under the cap; the
+        step time is the mean of the steps after the first (the first builds the optimizer state)."""
+        return self._trial(
+            batch,
+            seq,
+            rank,
+            knobs,
+            lambda built: run_trial_steps(
+                built, self.cfg, batch_size=batch, seq_len=seq, steps=steps, workdir=self.workdir()
+            ),
+        )
+
+    def measure_eval(self, batch: int, seq: int, rank: int, *, train_batch: int, knobs: Knobs | None = None) -> Trial:
+        """An evaluation step at batch x seq after a training step at train_batch, under the cap: whether an
+        evaluation batch of that size fits beside the model and its optimizer state, as training evaluates."""
+        return self._trial(
+            batch,
+            seq,
+            rank,
+            knobs,
+            lambda built: run_eval_step(
+                built, self.cfg, train_batch=train_batch, eval_batch=batch, seq_len=seq, workdir=self.workdir()
+            ),
+            kind="eval",
+        )
+
+    def _trial(self, batch: int, seq: int, rank: int, knobs: Knobs | None, run, kind: str = "train") -> Trial:
+        """`run(built)` (returning its steps' seconds) under the capped meter, and the Trial it makes."""
         built = self.model_for(rank)
-        want = self.cfg.gradient_checkpointing if checkpointing is None else checkpointing
-        set_checkpointing(built, want, self.cfg.gradient_checkpointing_kwargs)
+        knobs = knobs or self.knobs
+        apply_knobs(built, knobs, self.cfg.gradient_checkpointing_kwargs)
+        if isinstance(self.meter, CpuTrackedMeter):
+            self.meter.track_existing(built.model)  # a table moved back from the host counts again
         t = time.perf_counter()
-        peak, seconds, oom, note = None, None, False, ""
-        self.meter.cap(self.budget.total_bytes)
+        peak, seconds, oom, note, memory = None, None, False, "", {}
+        # DDP's buckets live beside every step of a rank: the step gets what they leave of the card.
+        self.meter.cap(max(1, self.budget.total_bytes - self.bucket_bytes))
         self.meter.reset_peak()
         try:
             with self.meter:
-                seconds = run_trial_steps(
-                    built, self.cfg, batch_size=batch, seq_len=seq, steps=steps, workdir=self.workdir()
-                )
+                seconds = run(built)
             peak = self.meter.peak_bytes()
+            memory = self.meter.details()
         except torch.OutOfMemoryError as exc:
             oom, note = True, str(exc).splitlines()[0][:300]
         finally:
@@ -225,7 +305,12 @@ class TrialRunner:
             built.model.zero_grad(set_to_none=True)
             self.meter.cleanup()
         if peak is not None:
-            peak += self._overhead_growth()
+            growth = self._overhead_growth()
+            peak += growth + self.bucket_bytes
+            if "overhead_bytes" in memory:
+                memory["overhead_bytes"] += growth
+            if self.bucket_bytes:
+                memory["ddp_bucket_bytes"] = self.bucket_bytes
         steady = (seconds[1:] or seconds) if seconds else None
         step_s = sum(steady) / len(steady) if steady else None
         fits = not oom and peak is not None and peak <= self.budget.usable_bytes
@@ -240,7 +325,9 @@ class TrialRunner:
             step_s,
             (batch * seq / step_s) if step_s else None,
             note=note,
-            checkpointing=want,
+            knobs=knobs,
+            memory=memory,
+            kind=kind,
         )
 
     def _overhead_growth(self) -> int:

@@ -1,11 +1,26 @@
 """Every GPU claim of autotune, measured in one prepared run (see bench/gpu_check.sh).
 
-Stages run in order of value and each writes its result into --out as soon as it has it (a run cut
-short still returns data): probe; solve Qwen3-0.6B/4B/8B/14B (random init, 4-bit) under simulated
-8/12/16/24 GB caps; 30 training steps with each solved profile under the same cap (peak / budget,
-OOMs); estimate error against the measured peak; the guide's 16 GB preset against autotune's profile
-(tokens/s); the longest Qwen3-8B r=32 sequence at batch 1 under 16 GB; solve wall time.
+Stages run in order of value; each writes its results into --out as soon as it has them (a run cut short still
+returns data), and every trial of every stage is recorded with its whole shape, techniques and the parts of
+its peak (`trials`), so that bench/estimate_check.py can hold the estimate to all of them:
 
+- min_cap (b): the smallest cap (0.25 GB steps) at which Qwen3-0.6B/4B/8B/14B train at sequence 512,
+  batch 1, with every technique that saves memory.
+- longest_seq (a): the longest Qwen3-8B r=32 batch-1 sequence under a 16 GB cap (1k granularity, up to
+  64k), with every technique, and with each one off in turn.
+- costs (c): tokens/s of each technique against the plain step at one shape (Qwen3-8B, no cap).
+- real_data (d, e): on the shipped sample data at a 16 GB cap, the guide's 16 GB preset (loaded from
+  profiles/hardware/16gb.json), a profile solved without the techniques and one solved with them, each
+  trained by `autotune train` itself; real (unpadded) tokens/s. The solved profile's run goes 100 steps with
+  TensorBoard, checkpoints and an injected OOM, so the runner has GPU evidence.
+- solve: solves of Qwen3-0.6B/4B/8B/14B under 8/12/16/24 GB caps, each choice run for up to 30 steps.
+- ddp (f): multi-GPU on the one GPU there is: `autotune solve --gpus 2 --strategy ddp` (each trial one rank's
+  step, DDP's gradient buckets measured with a real DDP in a one-process NCCL group), then `autotune train
+  --nproc 1` of that profile under torchrun (the rank's GPU from LOCAL_RANK, the accumulation re-derived for
+  one process). accelerate wraps no DDP around a single GPU process, so the gradient all-reduce, FSDP's shards
+  and NVLink remain unmeasured: they need two GPUs.
+
+Models are built from architecture with random weights (memory and speed do not depend on their values).
 `--rehearse` runs every stage on the CPU with the tiny model and small simulated caps.
 """
 
@@ -13,21 +28,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/faults.py: the injected OOM of the runner stage
 
-from autotune.errors import UserError
-from autotune.units import Budget, GiB
+from autotune.errors import UserError  # noqa: E402  (after the path inserts above)
+from autotune.units import Budget, GiB  # noqa: E402
 
-# The guide's 16 GB tier, loaded from its preset file (never copied here): the throughput stage's baseline.
+# The guide's 16 GB tier, loaded from its preset file (never copied here): the real-data stage's baseline.
 GUIDE_PRESET = "hardware/16gb"
+STAGES = ("probe", "min_cap", "longseq", "costs", "real_data", "solve", "ddp")
 
 
 def now() -> str:
@@ -35,11 +55,11 @@ def now() -> str:
 
 
 class Results:
-    """results.json rewritten atomically after every stage."""
+    """results.json rewritten atomically after every change."""
 
     def __init__(self, out: Path, meta: dict):
         self.out = out
-        self.doc = {"meta": meta, "stages": {}, "errors": []}
+        self.doc: dict = {"meta": meta, "stages": {}, "trials": [], "errors": []}
         self.save()
 
     def put(self, stage: str, value) -> None:
@@ -49,6 +69,35 @@ class Results:
     def append(self, stage: str, value) -> None:
         self.doc["stages"].setdefault(stage, []).append(value)
         self.save()
+
+    def trial(self, stage: str, runner, trial) -> dict:
+        """Record one measured trial with everything the estimate needs to predict it."""
+        cfg = runner.cfg
+        record = {
+            "stage": stage,
+            "model": cfg.model_name,
+            "batch": trial.batch,
+            "seq": trial.seq,
+            "rank": trial.rank,
+            "knobs": trial.knobs.to_dict() if trial.knobs else None,
+            "quantization": cfg.quantization,
+            "optimizer": cfg.optimizer,
+            "target_modules": list(cfg.target_modules),
+            "lora_dropout": cfg.lora_dropout,
+            "bf16": cfg.bf16,
+            "dtype": runner.dtype,
+            "device": runner.device_type,
+            "budget_bytes": runner.budget.total_bytes,
+            "peak_bytes": trial.peak_bytes,
+            "memory": trial.memory,
+            "fits": trial.fits,
+            "oom": trial.oom,
+            "step_seconds": trial.step_seconds,
+            "tokens_per_second": trial.tokens_per_second,
+        }
+        self.doc["trials"].append(record)
+        self.save()
+        return record
 
     def error(self, stage: str, exc: BaseException) -> None:
         self.doc["errors"].append(
@@ -64,45 +113,53 @@ class Results:
 
 def git_commit() -> str | None:
     try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or None
-        )
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() or None
 
 
 class Plan:
     def __init__(self, rehearse: bool, deadline: float, quick: bool = False):
-        self.rehearse = rehearse
-        self.deadline = deadline
+        self.rehearse, self.deadline = rehearse, deadline
+        self.data_dir = str(ROOT / "data" / "raw")
         if rehearse:
-            self.models = ["tiny-qwen3"]
-            self.caps = [0.25, 0.35]
-            self.train_steps = 3
-            self.throughput_model, self.throughput_cap = "tiny-qwen3", 0.35
-            self.longseq_model, self.longseq_cap, self.longseq_max = "tiny-qwen3", 0.35, 1024
-            self.fixed_models, self.fixed_shape = ["tiny-qwen3"], (2, 64)
-            self.data_dir = "data/raw"
-            self.solve_seq = None  # the data's p99
-            self.reserve_s = 0
-            self.train_step_budget_s = 60
+            tiny = "tiny-qwen3"
+            self.min_cap_models, self.min_cap_seq, self.cap_step, self.cap_ceiling = [tiny], 128, 0.01, 0.5
+            self.longseq_model, self.longseq_cap, self.longseq_max, self.longseq_step = tiny, 0.35, 1024, 64
+            self.costs_model, self.costs_shape, self.costs_steps = tiny, (2, 128), 3
+            self.real_model, self.real_cap, self.guide_steps, self.real_steps, self.oom_at = tiny, 0.35, 4, 8, 5
+            self.solve_models, self.solve_caps, self.solve_seq, self.train_steps = [tiny], [0.25, 0.35], None, 3
+            self.max_trials, self.longseq_variants = 12, 5
+            self.real_runs: tuple[str, ...] = ("solved_without_techniques", "solved")
             if quick:  # the test suite's rehearsal: every stage once, at the smallest size
-                self.caps, self.train_steps, self.longseq_max = [0.35], 2, 256
+                self.real_runs = ("solved",)
+                self.solve_caps, self.train_steps, self.longseq_max = [0.35], 2, 512
+                self.guide_steps, self.real_steps, self.oom_at = 3, 6, 4
+                self.cap_step, self.max_trials, self.longseq_variants = 0.05, 4, 2
         else:
-            self.models = ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B"]
-            self.caps = [8.0, 12.0, 16.0, 24.0]
-            self.train_steps = 30
-            self.throughput_model, self.throughput_cap = "Qwen3-4B-Thinking-2507", 16.0
-            self.longseq_model, self.longseq_cap, self.longseq_max = "Qwen3-8B", 16.0, 65536
-            self.fixed_models, self.fixed_shape = ["Qwen3-0.6B", "Qwen3-4B"], (4, 512)
-            self.data_dir = "data/raw"
-            self.solve_seq = 512
-            # Time kept back from the solve stage for throughput, longest-sequence and fixed-shape.
-            self.reserve_s = 150
-            self.train_step_budget_s = 25
+            self.min_cap_models = ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B"]
+            self.min_cap_seq, self.cap_step, self.cap_ceiling = 512, 0.25, 24.0
+            self.longseq_model, self.longseq_cap, self.longseq_max, self.longseq_step = "Qwen3-8B", 16.0, 65536, 1024
+            self.costs_model, self.costs_shape, self.costs_steps = "Qwen3-8B", (2, 1024), 4
+            self.real_model, self.real_cap, self.guide_steps, self.real_steps, self.oom_at = (
+                "Qwen3-4B-Thinking-2507",
+                16.0,
+                20,
+                100,
+                60,
+            )
+            self.solve_models, self.solve_caps, self.solve_seq = (
+                ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-14B"],
+                [8.0, 16.0],
+                512,
+            )
+            self.train_steps, self.max_trials, self.longseq_variants = 30, 12, 6
+            self.real_runs = ("solved_without_techniques", "solved")
+        # The ddp stage: a model, a per-rank cap and the steps its 1-process torchrun trains.
+        self.ddp_model, self.ddp_cap, self.ddp_seq, self.ddp_steps = (
+            ("tiny-qwen3", 0.35, 64, 4) if rehearse else ("Qwen3-0.6B", 8.0, 512, 20)
+        )
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -111,12 +168,15 @@ class Plan:
 def base_config(model: str, rehearse: bool, **extra):
     from autotune.config import build_config
 
+    scratch = tempfile.mkdtemp(prefix="autotune-gpu-check-")  # nothing lands in the working tree
     values = dict(
         model_name=model,
         init="random",
         quantization="4bit",
-        data_dir="data/raw",
-        output_dir="/tmp/autotune-gpu-check",
+        data_dir=str(ROOT / "data" / "raw"),
+        output_dir=f"{scratch}/run",
+        log_dir=f"{scratch}/logs",
+        data_cache_dir=f"{scratch}/cache",
         verify_environment=False,
         enable_tensorboard=False,
         enable_inference_test=False,
@@ -126,10 +186,11 @@ def base_config(model: str, rehearse: bool, **extra):
         lora_r=16,
         lora_alpha=32,
         optimizer="paged_adamw_8bit",
+        tokenizer_name="qwen3-offline",  # the device has no network: Qwen3's tokenizer built offline
         structured_logging={"enabled": False},
     )
     if rehearse:
-        values.update(tokenizer_name="qwen3-offline", effective_batch_size=8, gradient_accumulation_steps=8)
+        values.update(effective_batch_size=8, gradient_accumulation_steps=8)
     values.update(extra)
     return build_config(values, "gpu_check")
 
@@ -142,92 +203,18 @@ def runner_for(cfg, cap_gb: float):
     return TrialRunner(RunContext(cfg), Budget.from_gib(cap_gb))
 
 
-def measure_steps(runner, batch: int, seq: int, steps: int, *, rank: int | None = None, checkpointing=None) -> dict:
-    """`steps` optimizer steps of the solver's trial (the training step) under the runner's cap:
-    peak, OOM, tokens/s, with the shape's settings so the estimate can be judged against it later."""
-    rank = rank or runner.cfg.lora_r
-    trial = runner.measure(batch, seq, rank, checkpointing=checkpointing, steps=steps)
-    budget = runner.budget.total_bytes
-    out = {
-        "batch": batch,
-        "seq": seq,
-        "rank": rank,
-        "steps": steps,
-        "checkpointing": trial.checkpointing,
-        "oom": trial.oom,
-        "seconds": trial.seconds,
-        "peak_fraction": trial.peak_bytes / budget if trial.peak_bytes else None,
-    }
-    if trial.oom:
-        out["error"] = trial.note
-    else:
-        out.update(
-            peak_bytes=trial.peak_bytes,
-            step_seconds=trial.step_seconds,
-            tokens_per_second=trial.tokens_per_second,
-        )
-    return out
+def lean(runner):
+    """Every technique that saves memory that this model and config allow (what max-seq runs with)."""
+    from autotune.solver import SolveRequest, lean_knobs
+
+    return lean_knobs(SolveRequest(runner.ctx, checkpointing="on"))
 
 
-def estimate_for(cfg, batch: int, seq: int, device: str) -> dict | None:
-    from autotune.catalog import resolve_model
-    from autotune.estimate import estimate_peak, options_for
-
-    est = estimate_peak(
-        resolve_model(cfg.model_name).architecture, batch=batch, seq=seq, rank=cfg.lora_r, **options_for(cfg, device)
-    )
-    return {"peak_bytes": est.peak_bytes, "components": est.components}
-
-
-def stage_solve_and_train(plan: Plan, results: Results, stats: dict | None) -> None:
-    """b, c, d, g: per model one build, then per cap a solve, 30 steps at the choice, the estimate."""
-    for model in plan.models:
-        if plan.left() < plan.reserve_s + 30:
-            results.append("skipped", f"{model}: out of time")
-            continue
-        cfg = base_config(model, plan.rehearse)
-        t0 = time.perf_counter()
-        runner = runner_for(cfg, plan.caps[-1])
-        runner.model_for(cfg.lora_r)
-        build_s = time.perf_counter() - t0
-        for cap in plan.caps:
-            if plan.left() < plan.reserve_s:
-                results.append("skipped", f"{model} @ {cap} GB: out of time")
-                continue
-            runner.set_budget(Budget.from_gib(cap))
-            try:
-                entry = solve_and_train_one(plan, runner, cap, build_s, stats)
-            except Exception as exc:  # noqa: BLE001 - one failed solve must not cost the run the other caps
-                entry = {"model": model, "cap_gb": cap, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-            results.append("solve_train", entry)
-        runner.release()
-
-
-def solve_and_train_one(plan: Plan, runner, cap: float, build_s: float, stats: dict | None) -> dict:
-    """One model at one cap: the solve, then the choice run for up to 30 steps, then the estimate."""
+def solved_profile(req, result, runner) -> dict:
+    """The profile `autotune solve` would write for a solve on `runner` (profile.profile_from_solve)."""
     from autotune.profile import profile_from_solve
-    from autotune.solver import SolveRequest, solve
 
-    cfg = runner.cfg
-    # On the GPU the solve runs at a fixed, representative sequence (the guide's 16 GB tier uses
-    # 512); the p99 path is exercised by the rehearsal and the tests.
-    req = SolveRequest(
-        ctx=runner.ctx,
-        data_stats=stats,
-        seq=plan.solve_seq,
-        time_budget_s=min(120, max(20, plan.left() - plan.reserve_s)),
-    )
-    entry = {"model": cfg.model_name, "cap_gb": cap, "build_seconds": round(build_s, 1)}
-    t = time.perf_counter()
-    try:
-        result = solve(
-            req, runner, on_trial=lambda tr: print("   ", tr.describe(runner.budget.total_bytes), flush=True)
-        )
-    except UserError as exc:  # nothing fits: a finding, not a failure of the run
-        entry.update(error=f"UserError: {str(exc)[:500]}", solve_seconds=round(time.perf_counter() - t, 1))
-        return entry
-    entry["solve_seconds"] = round(time.perf_counter() - t, 1)
-    profile = profile_from_solve(
+    return profile_from_solve(
         req,
         result,
         hardware={"device": runner.device_type},
@@ -235,55 +222,206 @@ def solve_and_train_one(plan: Plan, runner, cap: float, build_s: float, stats: d
         dtype=runner.dtype,
         device_type=runner.device_type,
     )
-    entry.update(
-        choice=profile["choice"],
-        trials=len(profile["trials"]),
-        trial_shapes=profile["trials"],
-        solver_peak_bytes=profile["measurement"]["peak_bytes"],
-        solver_tokens_per_second=profile["measurement"]["tokens_per_second"],
-        reason=profile["reason"],
-    )
-    choice = profile["choice"]
-    # 30 steps where a step is quick; fewer (>= 5) where 30 would eat the run's budget.
-    step_s = profile["measurement"]["step_seconds"] or 1.0
-    steps = max(5, min(plan.train_steps, int(plan.train_step_budget_s / step_s)))
-    run = measure_steps(
-        runner,
-        choice["batch_size"],
-        choice["max_sequence_length"],
-        steps,
-        rank=choice["lora_r"],
-        checkpointing=choice["gradient_checkpointing"],
-    )
-    entry["train"] = run
-    est = estimate_for(
-        replace(cfg, lora_r=choice["lora_r"]), choice["batch_size"], choice["max_sequence_length"], runner.device_type
-    )
-    if est and run.get("peak_bytes"):
-        est["error"] = (est["peak_bytes"] - run["peak_bytes"]) / run["peak_bytes"]
-    entry["estimate"] = est
-    print(f"  {cfg.model_name} @ {cap} GB: {json.dumps({'choice': choice}, default=str)[:300]}", flush=True)
-    return entry
 
 
-def stage_fixed_shape(plan: Plan, results: Results) -> None:
-    """The training issue's figures: fixed batch x seq, 30 steps, tokens/s and peak, no cap."""
-    batch, seq = plan.fixed_shape
-    for model in plan.fixed_models:
+def plain(checkpointing: bool = True):
+    from autotune.techniques import Knobs
+
+    return Knobs(checkpointing=checkpointing, fused_loss=False)
+
+
+def estimated_seq(runner, knobs, rank: int, upper: int) -> int | None:
+    from autotune.estimate import largest_fitting, options_for
+
+    try:
+        fit = largest_fitting(
+            runner.ctx.architecture,
+            runner.budget,
+            rank=rank,
+            max_seq=upper,
+            **options_for(runner.cfg, runner.device_type, knobs),
+        )
+    except (ValueError, UserError):
+        return None
+    return fit["seq"] or None
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def stage_min_cap(plan: Plan, results: Results) -> None:
+    """b: the smallest cap at which each model trains at the plan's sequence, batch 1, every memory technique
+    on: a bisection over caps in cap_step steps, started where the estimate puts the answer."""
+    from autotune.estimate import estimate_peak, options_for
+
+    for model in plan.min_cap_models:
         if plan.left() < 60:
-            return
-        runner = runner_for(base_config(model, plan.rehearse), 10**6)
-        run = measure_steps(runner, batch, seq, plan.train_steps)
-        run["model"] = model
-        results.append("fixed_shape", run)
+            results.append("min_cap", {"model": model, "skipped": "out of time"})
+            continue
+        runner = runner_for(base_config(model, plan.rehearse), plan.cap_ceiling)
+        knobs = lean(runner)
+        step, seq, rank = plan.cap_step, plan.min_cap_seq, runner.cfg.lora_r
+        est = estimate_peak(
+            runner.ctx.architecture, batch=1, seq=seq, rank=rank, **options_for(runner.cfg, runner.device_type, knobs)
+        ).peak_bytes
+        lo, hi = 0, math.ceil(plan.cap_ceiling / step)  # lo * step does not fit (assumed), hi * step does
+        k = min(hi, max(1, math.ceil(est / (1 - runner.budget.margin) / GiB / step)))
+        while hi - lo > 1 and plan.left() > 30:
+            runner.set_budget(Budget.from_gib(k * step))
+            trial = runner.measure(1, seq, rank, knobs=knobs)
+            results.trial("min_cap", runner, trial)
+            lo, hi = (lo, k) if trial.fits else (k, hi)
+            k = (lo + hi) // 2
+        results.append(
+            "min_cap",
+            {
+                "model": model,
+                "seq": seq,
+                "rank": rank,
+                "knobs": knobs.to_dict(),
+                "smallest_cap_gb": round(hi * step, 3),
+                "estimate_bytes": est,
+                "resolved": hi - lo <= 1,
+            },
+        )
+        print(f"  {model}: trains at seq {seq}, batch 1 under {hi * step:g} GB ({knobs.describe()})", flush=True)
         runner.release()
 
 
-def guide_preset_config(plan: Plan):
-    """The guide's 16 GB preset from profiles/, with gpu_check's own settings (random init, no outputs)."""
+def stage_longest_seq(plan: Plan, results: Results) -> None:
+    """a: the longest Qwen3-8B r=32 batch-1 sequence under a 16 GB cap, every technique on, then each off."""
+    from autotune.solver import SearchLog, TrialBudgetExceeded, largest_seq
+
+    cfg = base_config(plan.longseq_model, plan.rehearse, lora_r=32, lora_alpha=64)
+    runner = runner_for(cfg, plan.longseq_cap)
+    step, all_on = plan.longseq_step, lean(runner)
+    out: dict = {
+        "model": plan.longseq_model,
+        "cap_gb": plan.longseq_cap,
+        "rank": 32,
+        "granularity": step,
+        "with_every_technique": None,
+        "without": {},
+        "knobs": all_on.to_dict(),
+    }
+    variants = [("all", all_on)]
+    for name in ("fused_loss", "offload_activations", "embedding_on_cpu", "lm_head_8bit", "checkpointing"):
+        if getattr(all_on, name):
+            # Turning one off turns off what depends on it: offloading needs checkpointing, the int8 head the
+            # fused loss.
+            follow = {"checkpointing": "offload_activations", "fused_loss": "lm_head_8bit"}.get(name)
+            off = all_on.with_(**{name: False}, **({follow: False} if follow else {}))
+            variants.append((name, off))
+    for name, knobs in variants[: plan.longseq_variants]:
+        if plan.left() < 45:
+            break
+        # Every technique on: searched to the granularity. Each one off: a few trials around the estimate
+        # (what each technique is worth, not the exact figure).
+        log = SearchLog(
+            deadline=time.monotonic() + max(30, plan.left() / 2 - 15),
+            max_trials=None if name == "all" else 4,
+            on_trial=lambda t: results.trial("longest_seq", runner, t),
+        )
+        guess = estimated_seq(runner, knobs, 32, plan.longseq_max)
+        measure = lambda b, s, r, k=knobs: runner.measure(b, s, r, knobs=k)  # noqa: E731
+        try:
+            seq, bound = largest_seq(measure, log, 32, lo=step, hi=plan.longseq_max, step=step, guess=guess), "exact"
+        except TrialBudgetExceeded:  # cut short (trials or time): the longest measured to fit, a lower bound
+            seq, bound = max((t.seq for t in log.trials if t.fits), default=0), "at least"
+        out.setdefault("bound", {})[name] = bound
+        if name == "all":
+            out["with_every_technique"] = seq
+        else:
+            out["without"][name] = seq
+        out.setdefault("estimate", {})[name] = guess
+        results.put("longest_seq", out)
+        print(f"  longest {plan.longseq_model} r=32 seq, {knobs.describe()}: {seq} (estimate {guess})", flush=True)
+    runner.release()
+
+
+def stage_costs(plan: Plan, results: Results) -> None:
+    """c: tokens/s of each technique against the plain step at one shape, no cap."""
+    cfg = base_config(plan.costs_model, plan.rehearse)
+    runner = runner_for(cfg, 10**6)
+    batch, seq = plan.costs_shape
+    base = plain()
+    fused = base.with_(fused_loss=True)
+    variants = {
+        "plain": base,
+        "fused_loss": fused,
+        "fused+offload": fused.with_(offload_activations=True),
+        "fused+packing": fused.with_(packing=True),
+        "fused, no checkpointing": fused.with_(checkpointing=False),
+    }
+    if not runner.ctx.architecture.tie_word_embeddings:
+        variants["fused+embedding_on_cpu"] = fused.with_(embedding_on_cpu=True)
+        variants["fused+lm_head_8bit"] = fused.with_(lm_head_8bit=True)
+    out: dict = {"model": plan.costs_model, "batch": batch, "seq": seq, "rank": cfg.lora_r, "runs": {}}
+    for name, knobs in variants.items():
+        if plan.left() < 30:
+            break
+        trial = runner.measure(batch, seq, cfg.lora_r, knobs=knobs, steps=plan.costs_steps)
+        results.trial("costs", runner, trial)
+        out["runs"][name] = {
+            "tokens_per_second": trial.tokens_per_second,
+            "peak_bytes": trial.peak_bytes,
+            "oom": trial.oom,
+        }
+        results.put("costs", out)
+    ref = out["runs"].get("plain", {}).get("tokens_per_second")
+    for run in out["runs"].values():
+        if ref and run.get("tokens_per_second"):
+            run["relative_to_plain"] = run["tokens_per_second"] / ref
+    results.put("costs", out)
+    runner.release()
+
+
+def _train(cfg, cap_gb: float, *, profile=None, callbacks=()) -> dict:
+    """`autotune train` itself (trainer.train) under a cap: the memory meter capped around the whole run, as
+    a card of that size would be. Real tokens/s: the tokens the Trainer counted (padding excluded)."""
+    from autotune.memory import make_meter
+    from autotune.modeling import pick_device
+    from autotune.trainer import train
+
+    meter = make_meter(pick_device().type)
+    meter.cap(Budget.from_gib(cap_gb).total_bytes)
+    meter.reset_peak()
+    try:
+        with meter:
+            summary = train(cfg, profile=profile, extra_callbacks=tuple(callbacks), echo=lambda m: None)
+    finally:
+        meter.cap(None)
+    final = summary.get("final") or {}
+    runtime, tokens = final.get("train_runtime"), final.get("num_input_tokens_seen")
+    out = {
+        "status": summary["status"],
+        "steps": final.get("global_step"),
+        "peak_bytes": meter.peak_bytes(),
+        "oom_recoveries": summary.get("oom_recoveries"),
+        "train_runtime": runtime,
+        "tokens_seen": tokens,
+        "real_tokens_per_second": tokens / runtime if runtime and tokens else None,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "max_sequence_length": cfg.max_sequence_length,
+        "lora_r": cfg.lora_r,
+    }
+    meter.cleanup()
+    return out
+
+
+def stage_real_data(plan: Plan, results: Results, stats: dict | None) -> None:
+    """d, e: the shipped sample data at one cap: the guide's 16 GB preset, a profile solved without the
+    techniques (yesterday's solver), and one solved with them, each trained by the runner; the last one for
+    plan.real_steps steps with TensorBoard, checkpoints every quarter and an injected OOM."""
+    from faults import InjectOOM
+
     from autotune.config import load_config, preset_path
+    from autotune.profile import apply_profile
+    from autotune.solver import SolveRequest, solve
 
     preset = load_config(preset_path(GUIDE_PRESET))
+    techniques_off = dict(fused_loss="off", packing="off", offload_activations="off", embedding_on_cpu="off")
     keep = (
         "batch_size",
         "gradient_accumulation_steps",
@@ -296,77 +434,235 @@ def guide_preset_config(plan: Plan):
         "optimizer",
         "gradient_checkpointing",
     )
-    model = plan.throughput_model or preset.model_name
-    return preset, base_config(model, plan.rehearse, effective_batch_size=None, **{k: getattr(preset, k) for k in keep})
+    shape = {k: getattr(preset, k) for k in keep}
+    if plan.rehearse:  # the preset's micro-batch and sequence, but not 64 samples a step on two CPU cores
+        shape["gradient_accumulation_steps"] = 2
+    guide = base_config(
+        plan.real_model,
+        plan.rehearse,
+        effective_batch_size=None,
+        **shape,
+        **techniques_off,
+        max_steps=plan.guide_steps,
+        eval_ratio=0.0,
+        save_every_n_steps=10**6,
+    )
+    out: dict = {
+        "model": plan.real_model,
+        "cap_gb": plan.real_cap,
+        "preset": GUIDE_PRESET,
+        "data": stats,
+        "guide": _train(guide, plan.real_cap),
+    }
+    results.put("real_data", out)
+    for name, extra in (("solved_without_techniques", techniques_off), ("solved", {})):
+        if name not in plan.real_runs:
+            continue
+        if plan.left() < 60:
+            out[name] = {"skipped": "out of time"}
+            break
+        cfg = base_config(plan.real_model, plan.rehearse, **extra)
+        runner = runner_for(cfg, plan.real_cap)
+        req = SolveRequest(
+            ctx=runner.ctx,
+            data_stats=stats,
+            time_budget_s=max(20, min(90, plan.left() / 3)),
+            max_trials=plan.max_trials,
+        )
+        record = lambda t, r=runner, n=name: results.trial(f"real_data/{n}", r, t)  # noqa: E731
+        result = solve(req, runner, on_trial=record)
+        profile = solved_profile(req, result, runner)
+        runner.release()
+        steps = plan.real_steps if name == "solved" else plan.guide_steps
+        run_cfg = apply_profile(
+            replace(
+                cfg,
+                max_steps=steps,
+                eval_ratio=0.0,
+                enable_tensorboard=name == "solved",
+                save_every_n_steps=max(1, steps // 4),
+            ),
+            profile,
+        )
+        # An OOM mid-run (injected: the cap holds) shows the recovery on the device, where a smaller batch exists.
+        inject = name == "solved" and run_cfg.batch_size > 1
+        callbacks = [InjectOOM([plan.oom_at])] if inject else []
+        run = _train(run_cfg, plan.real_cap, profile=profile, callbacks=callbacks)
+        run["injected_oom_at"] = plan.oom_at if inject else None
+        run["choice"], run["reason"] = profile["choice"], profile["reason"]
+        if name == "solved":
+            out_dir = Path(run_cfg.output_dir)
+            run["checkpoints"] = sorted(p.name for p in (out_dir / "checkpoints").glob("checkpoint-*"))
+            run["tensorboard_files"] = len(list(Path(run_cfg.log_dir).rglob("events.out.tfevents*")))
+        out[name] = run
+        ours, base = run.get("real_tokens_per_second"), out["guide"].get("real_tokens_per_second")
+        if ours and base:
+            run["speedup_vs_guide"] = ours / base
+        results.put("real_data", out)
+    solved, before = out.get("solved") or {}, out.get("solved_without_techniques") or {}
+    if solved.get("real_tokens_per_second") and before.get("real_tokens_per_second"):
+        solved["speedup_vs_solved_without_techniques"] = (
+            solved["real_tokens_per_second"] / before["real_tokens_per_second"]
+        )
+    results.put("real_data", out)
 
 
-def stage_throughput(plan: Plan, results: Results) -> None:
-    """e: the guide's 16 GB preset (profiles/hardware/16gb.json) against autotune's solved profile, same cap,
-    same sequence and rank."""
+def stage_solve(plan: Plan, results: Results, stats: dict | None) -> None:
+    """The solve grid: per model one build, per cap a solve (every trial recorded), then the choice for up to
+    train_steps steps under the same cap, and the estimate of the choice."""
+    from autotune.estimate import estimate_peak, options_for
     from autotune.solver import SolveRequest, solve
 
-    if plan.left() < 90:
-        results.put("throughput", {"skipped": "out of time"})
-        return
-    preset, cfg = guide_preset_config(plan)
-    seq = 64 if plan.rehearse else cfg.max_sequence_length
-    runner = runner_for(cfg, plan.throughput_cap)
-    steps = max(3, plan.train_steps // 3)
-    guide = measure_steps(runner, cfg.batch_size, seq, steps)
-    out = {
-        "model": cfg.model_name,
-        "preset": GUIDE_PRESET,
-        "preset_shape": {
-            "batch_size": preset.batch_size,
-            "max_sequence_length": preset.max_sequence_length,
-            "lora_r": preset.lora_r,
-            "lora_alpha": preset.lora_alpha,
-        },
-        "cap_gb": plan.throughput_cap,
-        "seq": seq,
-        "guide": guide,
-    }
-    results.put("throughput", out)
-    req = SolveRequest(ctx=runner.ctx, seq=seq, time_budget_s=min(90, plan.left() - 30), try_without_checkpointing=True)
-    result = solve(req, runner)
-    best = result["best"]
-    ours = measure_steps(runner, best.batch, seq, steps, checkpointing=best.checkpointing)
-    out["autotune"] = {
-        **ours,
-        "choice_batch": best.batch,
-        "accumulation": result["accumulation"],
-        "solve_trials": len(result["trials"]),
-    }
-    if guide.get("tokens_per_second") and ours.get("tokens_per_second"):
-        out["speedup"] = ours["tokens_per_second"] / guide["tokens_per_second"]
-    results.put("throughput", out)
-    runner.release()
+    for model in plan.solve_models:
+        if plan.left() < 60:
+            results.append("solve_train", {"model": model, "skipped": "out of time"})
+            continue
+        runner = runner_for(base_config(model, plan.rehearse), plan.solve_caps[-1])
+        t0 = time.perf_counter()
+        runner.model_for(runner.cfg.lora_r)
+        build_s = round(time.perf_counter() - t0, 1)
+        for cap in plan.solve_caps:
+            if plan.left() < 45:
+                break
+            runner.set_budget(Budget.from_gib(cap))
+            entry: dict = {"model": model, "cap_gb": cap, "build_seconds": build_s}
+            req = SolveRequest(
+                ctx=runner.ctx,
+                data_stats=stats,
+                seq=plan.solve_seq,
+                max_trials=plan.max_trials,
+                time_budget_s=max(20, min(120, plan.left() / 2)),
+            )
+            t = time.perf_counter()
+            try:
+                result = solve(req, runner, on_trial=lambda tr, r=runner: results.trial("solve", r, tr))
+            except UserError as exc:  # nothing fits: a finding, not a failure of the run
+                entry.update(error=f"UserError: {str(exc)[:500]}", solve_seconds=round(time.perf_counter() - t, 1))
+                results.append("solve_train", entry)
+                continue
+            entry["solve_seconds"] = round(time.perf_counter() - t, 1)
+            profile = solved_profile(req, result, runner)
+            best, choice = result["best"], profile["choice"]
+            entry.update(choice=choice, trials=len(result["trials"]), reason=profile["reason"])
+            steps = max(3, min(plan.train_steps, int(25 / (best.step_seconds or 1.0))))
+            run = runner.measure(best.batch, best.seq, best.rank, knobs=best.knobs, steps=steps)
+            results.trial("solve/run", runner, run)
+            entry["train"] = {
+                "steps": steps,
+                "oom": run.oom,
+                "peak_bytes": run.peak_bytes,
+                "peak_fraction": run.peak_bytes / runner.budget.total_bytes if run.peak_bytes else None,
+                "tokens_per_second": run.tokens_per_second,
+            }
+            est = estimate_peak(
+                runner.ctx.architecture,
+                batch=best.batch,
+                seq=best.seq,
+                rank=best.rank,
+                **options_for(runner.cfg, runner.device_type, best.knobs),
+            )
+            entry["estimate"] = {"peak_bytes": est.peak_bytes, "components": est.components}
+            if run.peak_bytes:
+                entry["estimate"]["error"] = est.peak_bytes / run.peak_bytes - 1
+            results.append("solve_train", entry)
+            print(f"  {model} @ {cap} GB: batch {best.batch} x seq {best.seq}, {best.knobs.describe()}", flush=True)
+        runner.release()
 
 
-def stage_longest_seq(plan: Plan, results: Results) -> None:
-    """f: the longest sequence Qwen3-8B QLoRA r=32 trains at batch 1 under a 16 GB cap."""
-    from autotune.solver import SearchLog, largest_seq
+def stage_ddp(plan: Plan, results: Results) -> None:
+    """f: `autotune solve --gpus 2 --strategy ddp` and `autotune train --nproc 1` of its profile, as a user runs
+    them (real processes: the second under torchrun)."""
+    from autotune.estimate import estimate_peak, options_for
+    from autotune.profile import load_profile
 
-    if plan.left() < 60:
-        results.put("longest_seq", {"skipped": "out of time"})
-        return
-    cfg = base_config(plan.longseq_model, plan.rehearse, lora_r=32, lora_alpha=64)
-    runner = runner_for(cfg, plan.longseq_cap)
-    log = SearchLog(deadline=time.monotonic() + max(30, plan.left() - 20))
-    step = 64 if plan.rehearse else 1024
-    seq = largest_seq(runner.measure, log, 32, lo=step, hi=plan.longseq_max, step=step)
-    results.put(
-        "longest_seq",
-        {
-            "model": plan.longseq_model,
-            "cap_gb": plan.longseq_cap,
-            "rank": 32,
-            "longest_seq": seq,
-            "granularity": step,
-            "trials": [asdict(t) for t in log.trials],
-        },
+    scratch = Path(tempfile.mkdtemp(prefix="autotune-gpu-check-ddp-"))
+    cfg = base_config(
+        plan.ddp_model,
+        plan.rehearse,
+        output_dir=str(scratch / "run"),
+        log_dir=str(scratch / "logs"),
+        max_steps=plan.ddp_steps,
+        save_every_n_steps=max(1, plan.ddp_steps // 2),
+        eval_ratio=0.0,
+        structured_logging={"enabled": True, "log_file": str(scratch / "logs" / "run.jsonl")},
     )
-    runner.release()
+    config = scratch / "config.json"
+    config.write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+    profile_path = scratch / "profile.json"
+    cli = [sys.executable, "-m", "autotune.cli"]
+    solve = subprocess.run(
+        [
+            *cli,
+            "solve",
+            "--config",
+            str(config),
+            "--gpus",
+            "2",
+            "--strategy",
+            "ddp",
+            "--max-memory-gb",
+            str(plan.ddp_cap),
+            "--seq",
+            str(plan.ddp_seq),
+            "--max-trials",
+            str(plan.max_trials),
+            "--output",
+            str(profile_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=max(60, plan.left() / 2),
+    )
+    out: dict = {"model": plan.ddp_model, "cap_gb": plan.ddp_cap, "solve_returncode": solve.returncode}
+    results.put("ddp", out)
+    if solve.returncode != 0:
+        raise RuntimeError(f"solve --gpus 2 failed: {solve.stderr[-2000:]}")
+    profile = load_profile(profile_path)
+    choice = profile["choice"]
+    arch_cfg = base_config(plan.ddp_model, plan.rehearse)
+    from autotune.context import RunContext
+
+    estimated = estimate_peak(
+        RunContext(arch_cfg).architecture,
+        batch=choice["batch_size"],
+        seq=choice["max_sequence_length"],
+        rank=choice["lora_r"],
+        world_size=2,
+        strategy="ddp",
+        **options_for(arch_cfg, "cpu" if plan.rehearse else "cuda"),
+    )
+    out.update(
+        constraints={k: profile["constraints"].get(k) for k in ("world_size", "strategy", "strategy_reason")},
+        choice={k: choice[k] for k in ("batch_size", "gradient_accumulation_steps", "effective_batch_size")},
+        peak_bytes=profile["measurement"]["peak_bytes"],
+        ddp_bucket_bytes=profile["measurement"]["ddp_bucket_bytes"],
+        estimated_bucket_bytes=estimated.components["distributed"],
+        trials=len(profile["trials"]),
+    )
+    results.put("ddp", out)
+    train = subprocess.run(
+        [*cli, "train", "--config", str(config), "--profile", str(profile_path), "--nproc", "1"],
+        capture_output=True,
+        text=True,
+        timeout=max(60, plan.left() - 10),
+    )
+    summary_path = Path(cfg.output_dir) / "run_summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    out["train"] = {
+        "returncode": train.returncode,
+        "status": summary.get("status"),
+        "steps": (summary.get("final") or {}).get("global_step"),
+        "device": (summary.get("model") or {}).get("device"),
+        "rederived": [line for line in train.stderr.splitlines() if "re-derived" in line],
+        "checkpoints": sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").glob("checkpoint-*")),
+        "stderr_tail": train.stderr[-1500:] if train.returncode else None,
+    }
+    results.put("ddp", out)
+    if train.returncode != 0:
+        raise RuntimeError(f"train --nproc 1 failed: {train.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------------------------------- the run
 
 
 def main() -> int:
@@ -374,24 +670,24 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--rehearse", action="store_true")
     ap.add_argument("--budget-s", type=float, default=450, help="Stop starting new work after this many seconds.")
-    ap.add_argument("--stages", default="probe,solve,throughput,longseq,fixed")
-    ap.add_argument("--models", help="Comma-separated models for the solve stage (default: all four, smallest first).")
-    ap.add_argument("--quick", action="store_true", help="With --rehearse: one cap, two steps (the test suite's run).")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"Comma-separated, from: {', '.join(STAGES)}.")
+    ap.add_argument("--quick", action="store_true", help="With --rehearse: the smallest run of every stage (tests).")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan(args.rehearse, time.monotonic() + args.budget_s, quick=args.quick)
-    if args.models:
-        plan.models = args.models.split(",")
-    if not {"throughput", "longseq", "fixed"} & set(args.stages.split(",")):
-        plan.reserve_s = 0  # nothing after the solve stage to keep time for
     from autotune.memory import ensure_expandable_segments
 
     ensure_expandable_segments()
+    from autotune.context import RunContext
+    from autotune.data.prepare import data_length_stats
     from autotune.hardware import probe, render_table, training_gpu
+    from autotune.techniques.fused_loss import kernel_for
 
     probe_doc = probe(".")
     gpu = training_gpu(probe_doc)
+    import torch
+
     meta = {
         "date": now(),
         "commit": git_commit(),
@@ -400,6 +696,7 @@ def main() -> int:
         "driver": probe_doc.get("driver"),
         "packages": probe_doc["host"]["packages"],
         "torch_cuda_build": probe_doc["host"].get("torch_cuda_build"),
+        "fused_loss_kernel": kernel_for(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
     }
     results = Results(out, meta)
     stages = args.stages.split(",")
@@ -407,19 +704,21 @@ def main() -> int:
         (out / "probe.json").write_text(json.dumps(probe_doc, indent=2))
         print(render_table(probe_doc), flush=True)
         results.put("probe", {"gpus": probe_doc["gpus"], "nvml_error": probe_doc["nvml_error"]})
-    from autotune.context import RunContext
-    from autotune.data.prepare import data_length_stats
-
     # The shipped sample data through the offline tokenizer (the GPU machine has no network).
-    stats = data_length_stats(RunContext(base_config(plan.models[0], plan.rehearse, tokenizer_name="qwen3-offline")))
+    stats = data_length_stats(RunContext(base_config(plan.real_model, plan.rehearse)))
     results.put("data_stats", stats)
     for name, fn in [
-        ("solve", lambda: stage_solve_and_train(plan, results, stats)),
-        ("throughput", lambda: stage_throughput(plan, results)),
+        ("min_cap", lambda: stage_min_cap(plan, results)),
         ("longseq", lambda: stage_longest_seq(plan, results)),
-        ("fixed", lambda: stage_fixed_shape(plan, results)),
+        ("costs", lambda: stage_costs(plan, results)),
+        ("real_data", lambda: stage_real_data(plan, results, stats)),
+        ("solve", lambda: stage_solve(plan, results, stats)),
+        ("ddp", lambda: stage_ddp(plan, results)),
     ]:
         if name not in stages:
+            continue
+        if plan.left() < 20:
+            results.error(name, TimeoutError("out of time before the stage"))
             continue
         print(f"== stage {name} ({plan.left():.0f}s left)", flush=True)
         try:
@@ -439,42 +738,56 @@ def main() -> int:
 
 
 def print_summary(doc: dict) -> None:
-    print("\n== summary", doc["meta"]["card"], doc["meta"]["date"], doc["meta"]["commit"])
+    stages = doc["stages"]
     print(
-        f"{'model':24} {'cap':>5} {'batch':>5} {'acc':>4} {'seq':>6} {'r':>3} {'peak/budget':>11} {'OOM':>4} "
-        f"{'tok/s':>9} {'est.err':>8} {'solve s':>8}"
+        "\n== summary",
+        doc["meta"]["card"],
+        doc["meta"]["date"],
+        doc["meta"]["commit"],
+        f"fused loss: {doc['meta'].get('fused_loss_kernel')}",
     )
-    for e in doc["stages"].get("solve_train", []):
-        c, tr, est = e.get("choice") or {}, e.get("train") or {}, e.get("estimate") or {}
-        frac = f"{tr['peak_fraction']:.3f}" if tr.get("peak_fraction") else "-"
-        err = f"{est['error']:+.1%}" if est.get("error") is not None else "-"
-        tps = f"{tr['tokens_per_second']:.0f}" if tr.get("tokens_per_second") else "-"
+    for m in stages.get("min_cap", []):
+        print(f"min cap {m['model']}: {m.get('smallest_cap_gb', m.get('skipped'))} GB at seq {m.get('seq')}, batch 1")
+    ls = stages.get("longest_seq") or {}
+    if ls:
         print(
-            f"{e['model']:24} {e['cap_gb']:>5g} {c.get('batch_size', '-'):>5} {c.get('gradient_accumulation_steps', '-'):>4} "
-            f"{c.get('max_sequence_length', '-'):>6} {c.get('lora_r', '-'):>3} {frac:>11} "
-            f"{('yes' if tr.get('oom') else 'no') if tr else '-':>4} {tps:>9} {err:>8} {e.get('solve_seconds', '-'):>8}"
-            + (f"  error: {e['error'][:80]}" if e.get("error") else "")
+            f"longest seq {ls['model']} r=32 batch 1 @ {ls['cap_gb']} GB: {ls['with_every_technique']} tokens; "
+            f"without each: {ls['without']}"
         )
-    tp = doc["stages"].get("throughput") or {}
-    if tp.get("guide", {}).get("oom"):
+    costs = stages.get("costs") or {}
+    for name, run in costs.get("runs", {}).items():
+        rel = f" ({run['relative_to_plain']:.2f}x plain)" if run.get("relative_to_plain") else ""
         print(
-            f"throughput {tp['model']} @ {tp['cap_gb']} GB: the guide's preset runs out of memory; autotune "
-            f"{(tp.get('autotune') or {}).get('tokens_per_second') or 0:.0f} tok/s"
+            f"cost {name}: {run.get('tokens_per_second') or 0:.0f} tok/s{rel}, peak {(run.get('peak_bytes') or 0) / GiB:.2f} GiB"
         )
-    if tp.get("speedup"):
+    real = stages.get("real_data") or {}
+    for name in ("guide", "solved_without_techniques", "solved"):
+        run = real.get(name) or {}
+        if run.get("real_tokens_per_second"):
+            print(
+                f"real data {name}: {run['real_tokens_per_second']:.0f} real tok/s, {run.get('steps')} steps, "
+                f"OOM recoveries {len(run.get('oom_recoveries') or [])}"
+            )
+    for key in ("speedup_vs_guide", "speedup_vs_solved_without_techniques"):
+        if (real.get("solved") or {}).get(key):
+            print(f"real data {key}: {real['solved'][key]:.2f}x")
+    for e in stages.get("solve_train", []):
+        c, tr = e.get("choice") or {}, e.get("train") or {}
         print(
-            f"throughput {tp['model']} @ {tp['cap_gb']} GB seq {tp['seq']}: guide {tp['guide'].get('tokens_per_second', 0):.0f} "
-            f"tok/s, autotune {tp['autotune'].get('tokens_per_second', 0):.0f} tok/s (batch {tp['autotune']['choice_batch']}), "
-            f"speedup {tp['speedup']:.2f}x"
+            f"solve {e['model']} @ {e.get('cap_gb')} GB: batch {c.get('batch_size', '-')} x seq "
+            f"{c.get('max_sequence_length', '-')}, peak/budget {tr.get('peak_fraction') or 0:.3f}, "
+            f"OOM {tr.get('oom')}" + (f"  error: {e['error'][:80]}" if e.get("error") else "")
         )
-    ls = doc["stages"].get("longest_seq") or {}
-    if ls.get("longest_seq") is not None:
-        print(f"longest seq {ls['model']} r=32 batch 1 @ {ls['cap_gb']} GB: {ls['longest_seq']} tokens")
-    for f in doc["stages"].get("fixed_shape", []):
+    ddp = stages.get("ddp") or {}
+    if ddp.get("trials"):
+        tr = ddp.get("train") or {}
         print(
-            f"fixed shape {f['model']} batch {f['batch']} x seq {f['seq']}: "
-            f"{f.get('tokens_per_second', 0) or 0:.0f} tok/s, peak {(f.get('peak_bytes') or 0) / GiB:.2f} GiB"
+            f"ddp {ddp['model']}: solve --gpus 2 chose batch {ddp['choice']['batch_size']}, per-rank peak "
+            f"{(ddp.get('peak_bytes') or 0) / GiB:.3f} GiB incl. buckets {ddp.get('ddp_bucket_bytes')} B (estimate "
+            f"{ddp.get('estimated_bucket_bytes')} B); train --nproc 1: {tr.get('status')} on {tr.get('device')}, "
+            f"{tr.get('steps')} steps"
         )
+    print(f"{len(doc['trials'])} trials recorded")
     if doc["errors"]:
         print(f"{len(doc['errors'])} stage error(s): " + "; ".join(e["error"][:120] for e in doc["errors"]))
 

@@ -3,8 +3,8 @@
     python bench/make_results.py
 
 GPU runs are the results.json of bench/gpu_check.sh, saved as bench/results/<date>-<card>.json; CPU
-figures are the --json output of bench/train_bench.py and bench/solver_bench.py (kind train_bench /
-solver_bench). Tables newest first, one per goal.
+figures are the --json output of bench/train_bench.py, bench/solver_bench.py, bench/techniques_bench.py and
+bench/distributed_bench.py (their `kind`). Tables newest first, one per goal.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # estimate_check.py beside this file
 RESULTS = HERE / "results"
 GiB = 2**30
 
@@ -131,6 +132,85 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
     return out + [""] + est + [""] + tp + [""] + ls + [""] + fx + [""] + sw + [""]
 
 
+def technique_tables(gpu: list[dict]) -> list[str]:
+    """The memory techniques' GPU figures (gpu_check.py since 2026-12-01: min_cap, longest_seq, costs,
+    real_data), newest first; the targets are the issue's (Unsloth's published figures)."""
+    runs = [d for d in gpu if "min_cap" in d["stages"] or "costs" in d["stages"] or "real_data" in d["stages"]]
+    if not runs:
+        return [
+            "## Memory techniques on a GPU",
+            "",
+            "No GPU run with the techniques yet: bench/gpu_check.sh measures the smallest caps, the longest "
+            "sequence, each technique's cost and the real-data speedup the next time a GPU is available. Until "
+            "then the CPU figures and the estimate's predictions below are the evidence.",
+            "",
+        ]
+    out = [
+        "## Smallest cap at sequence 512, batch 1, every technique (targets: 14B 8.5 GB, 8B 6 GB)",
+        "",
+        "| run | model | smallest cap GB | techniques |",
+        "|---|---|---|---|",
+    ]
+    for d in runs:
+        for m in d["stages"].get("min_cap", []):
+            knobs = ", ".join(k for k, v in (m.get("knobs") or {}).items() if v)
+            out.append(f"| {_run_label(d)} | {m['model']} | {m.get('smallest_cap_gb', m.get('skipped'))} | {knobs} |")
+    out += [
+        "",
+        "## Longest Qwen3-8B r=32 batch-1 sequence under 16 GB (target 40,000; Unsloth 40,724)",
+        "",
+        "| run | every technique | without each (a few trials: a bound) | estimate |",
+        "|---|---|---|---|",
+    ]
+    for d in runs:
+        ls = d["stages"].get("longest_seq") or {}
+        if ls:
+            out.append(
+                f"| {_run_label(d)} | {ls.get('with_every_technique')} | {ls.get('without')} | "
+                f"{(ls.get('estimate') or {}).get('all')} |"
+            )
+    out += [
+        "",
+        "## What each technique costs (tokens/s against the plain step, one shape, no cap)",
+        "",
+        "| run | shape | technique | tokens/s | x plain | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in runs:
+        c = d["stages"].get("costs") or {}
+        for name, r in (c.get("runs") or {}).items():
+            rel = f"{r['relative_to_plain']:.2f}" if r.get("relative_to_plain") else "—"
+            out.append(
+                f"| {_run_label(d)} | {c['model']} {c['batch']} x {c['seq']} | {name} | "
+                f"{r.get('tokens_per_second') or 0:.0f} | {rel} | {(r.get('peak_bytes') or 0) / GiB:.2f} |"
+            )
+    out += [
+        "",
+        "## Real data (the shipped sample), real tokens/s at one cap (target: 2x the preset and 2x yesterday's solver)",
+        "",
+        "| run | run of | steps | real tokens/s | OOM recoveries | speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in runs:
+        rd = d["stages"].get("real_data") or {}
+        for name in ("guide", "solved_without_techniques", "solved"):
+            r = rd.get(name) or {}
+            sp = ", ".join(f"{k.removeprefix('speedup_')} {v:.2f}x" for k, v in r.items() if k.startswith("speedup"))
+            out.append(
+                f"| {_run_label(d)} | {name} | {r.get('steps')} | {r.get('real_tokens_per_second') or 0:.0f} | "
+                f"{len(r.get('oom_recoveries') or [])} | {sp or '—'} |"
+            )
+    return out + [""]
+
+
+def estimate_tables() -> list[str]:
+    """bench/estimate_check.py: the estimate against every GPU trial on record, in and out of sample."""
+    import estimate_check
+
+    lines, _ = estimate_check.report(estimate_check.load_checks(RESULTS))
+    return lines
+
+
 def cpu_tables(cpu: list[dict]) -> list[str]:
     out = ["## CPU figures", ""]
     for doc in cpu:
@@ -145,6 +225,47 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 f"| {r['quantization']} | {r['batch']} x {r['seq']} | {r['step_seconds']} | {r['tokens_per_second']} | "
                 f"{r['peak_tracked_gib']} |"
                 for r in doc["rows"]
+            ]
+            out.append("")
+        elif doc.get("kind") == "techniques_bench":
+            f, r, g = doc["fused_loss"], doc["regret"], doc["gpu_predictions"]
+            out += [
+                f"### Memory techniques, CPU ({doc['date']}, {doc.get('cpu') or 'cpu'}; `bench/techniques_bench.py`)",
+                "",
+                f"- Fused loss, tiny Qwen3 at {f['seq']} tokens: tracked peak {f['plain']['peak_bytes'] / 2**20:.0f} MiB "
+                f"plain, {f['fused']['peak_bytes'] / 2**20:.0f} MiB fused: {f['drop_bytes'] / 2**20:.0f} MiB less "
+                f"(one fp32 logits tensor is {f['logits_term_bytes'] / 2**20:.0f} MiB).",
+                f"- Solver regret at a {r['cap_gb']} GB simulated cap, seq {r['seq']}, effective batch "
+                f"{r['effective_batch']}: its choice (batch {r['solver']['batch']}, {r['solver']['knobs']}, "
+                f"{r['solver']['trials']} trials) {r['solver']['tokens_per_second']:.0f} tokens/s against the best of a "
+                f"{r['grid']['trials']}-trial brute-force grid (batch {r['grid']['best_batch']}, "
+                f"{r['grid']['best_knobs']}) {r['grid']['tokens_per_second']:.0f}: regret {r['regret']:.1%} "
+                "(target 5%).",
+                f"- The estimate's answers for the GPU targets, every technique on, on the safe side of its error band "
+                f"[{g['error_band'][0]:+.1%}, {g['error_band'][1]:+.1%}]: Qwen3-8B r=32 longest batch-1 sequence at 16 GB "
+                f"{g['qwen3_8b_r32_longest_seq_at_16gb']} (target 40,000); smallest cap at sequence 512: Qwen3-14B "
+                f"{g['qwen3_14b_smallest_cap_gb_at_512']} GB (target 8.5), Qwen3-8B {g['qwen3_8b_smallest_cap_gb_at_512']} "
+                "GB (target 6). Predictions, not measurements.",
+                "",
+            ]
+        elif doc.get("kind") == "distributed_bench":
+            shape = doc["shape"]
+            out += [
+                f"### DDP over gloo, CPU ({doc['date']}; `bench/distributed_bench.py`; tiny Qwen3 {shape['quantization']}, "
+                f"micro-batch {shape['batch']} x {shape['seq']} per rank, {shape['steps']} steps)",
+                "",
+                "Two processes share this machine's two cores, and gloo's all-reduce crosses memory: what one more rank "
+                "costs per rank and what the solver plans for it, not GPU scaling (unmeasured).",
+                "",
+                "| processes | rank | tracked peak MiB | solver's per-rank trial MiB | estimate MiB | tokens/s rank | tokens/s total |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {run['processes']} | {r['rank']} | {r['peak_bytes'] / 2**20:.2f} | "
+                f"{run['planned']['trial_peak_bytes'] / 2**20:.2f} | {run['planned']['estimate_bytes'] / 2**20:.2f} | "
+                f"{r['tokens_per_second']:.0f} | {run['tokens_per_second_total']:.0f} |"
+                for run in doc["runs"]
+                for r in run["ranks"]
             ]
             out.append("")
         elif doc.get("kind") in ("solver_bench", "autotune.solver_bench"):
@@ -232,7 +353,7 @@ def main() -> int:
     png = chart(gpu)
     if png:
         lines += [f"![peak ÷ budget and tokens/s]({png.relative_to(HERE)})", ""]
-    lines += gpu_tables(gpu) + cpu_tables(cpu)
+    lines += gpu_tables(gpu) + technique_tables(gpu) + estimate_tables() + cpu_tables(cpu)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'} from {len(gpu)} GPU and {len(cpu)} CPU result files")
     return 0

@@ -1,7 +1,7 @@
 """Rewrite the README's config-key table from the schema (autotune.config), so the two never drift.
 
-    python scripts/readme_config_table.py          # rewrite README.md in place
-    python scripts/readme_config_table.py --check  # exit 1 if README.md is out of date
+python scripts/readme_config_table.py          # rewrite README.md in place
+python scripts/readme_config_table.py --check  # exit 1 if README.md is out of date
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ PRESETS = sorted((REPO / "profiles").glob("*/*.json"))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """Run autotune in-process; (exit code, stdout, stderr)."""
+    """Run autotune in-process; (exit code, stdout, stderr). The one copy: other test modules import it."""
     try:
-        main(list(argv))
+        main([str(a) for a in argv])
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

@@ -312,7 +312,7 @@ def test_cuda_meter_overhead_can_be_given_and_the_estimate_uses_the_meters_defau
     from autotune.estimate import estimate_peak
 
     assert CudaMeter(0, overhead_bytes=123).overhead_bytes == 123
-    est = estimate_peak(CATALOG["Qwen3-0.6B"].architecture, batch=1, seq=64, rank=8, device="cuda")
+    est = estimate_peak(CATALOG["Qwen3-0.6B"].architecture, batch=1, seq=64, rank=8, device="cuda", calibrated=False)
     assert est.components["cuda_overhead"] == DEFAULT_CUDA_OVERHEAD_BYTES
 
 

@@ -159,6 +159,29 @@ class FakeNVML:
             raise self.NVMLError_NoPermission("Insufficient Permissions")
         return [SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.GPUS[h][6]]
 
+    # The interconnect, as NVML reports it: GPUs 0 and 2 share 12 NVLink links (NVML_FEATURE_ENABLED = 1);
+    # GPU 1 has none (NotSupported on each link, as NVML says on a card without NVLink); 0-1 only meet at the
+    # CPU's host bridge, with P2P reads not supported.
+    NVML_NVLINK_MAX_LINKS = 18
+    NVML_FEATURE_ENABLED = 1
+    NVML_P2P_CAPS_INDEX_READ, NVML_P2P_CAPS_INDEX_NVLINK, NVML_P2P_STATUS_OK = 0, 2, 0
+    NVLINK_LINKS: ClassVar[dict] = {0: 12, 2: 12}
+    TOPOLOGY: ClassVar[dict] = {(0, 1): 30, (0, 2): 10, (1, 2): 30}
+
+    def nvmlDeviceGetNvLinkState(self, h, link):
+        if h not in self.NVLINK_LINKS:
+            raise self.NVMLError("Not Supported")
+        return 1 if link < self.NVLINK_LINKS[h] else 0
+
+    def nvmlDeviceGetP2PStatus(self, a, b, index):
+        nvlinked = a in self.NVLINK_LINKS and b in self.NVLINK_LINKS
+        if index == self.NVML_P2P_CAPS_INDEX_NVLINK:
+            return 0 if nvlinked else 4  # NVML_P2P_STATUS_NOT_SUPPORTED
+        return 0 if nvlinked else 1  # NVML_P2P_STATUS_CHIPSET_NOT_SUPPORTED
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
+        return self.TOPOLOGY[(min(a, b), max(a, b))]
+
 
 @pytest.fixture
 def nvml():
@@ -325,3 +348,44 @@ def test_cuda_visible_devices_empty_hides_a_single_gpu_too():
     assert hardware.visible_gpus(one, "") == []
     assert hardware.visible_gpus(one, " ") == []
     assert [g["index"] for g in hardware.visible_gpus(one, "GPU-aaaa")] == [0]
+
+
+# --------------------------------------------------------------------------- interconnect
+
+
+def test_interconnect_names_nvlink_p2p_and_topology_per_pair(nvml, no_cuda_env):
+    doc = hardware.probe(nvml=nvml)
+    ic = doc["interconnect"]
+    assert ic["nvlink_active_links"] == {"0": 12, "1": None, "2": 12}
+    by_pair = {tuple(p["gpus"]): p for p in ic["pairs"]}
+    assert by_pair[(0, 2)] == {"gpus": [0, 2], "p2p": True, "nvlink": True, "topology": "one PCIe switch"}
+    assert by_pair[(0, 1)] == {"gpus": [0, 1], "p2p": False, "nvlink": False, "topology": "one PCIe host bridge"}
+    text = hardware.render_table(doc)
+    assert "GPU 0 <-> GPU 2: NVLink (12 / 12 active links), P2P ok, one PCIe switch" in text
+    assert "GPU 0 <-> GPU 1: no NVLink, no P2P, one PCIe host bridge" in text
+    json.dumps(doc)
+
+
+def test_interconnect_follows_cuda_numbering(nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    pairs = hardware.probe(nvml=nvml)["interconnect"]["pairs"]
+    assert pairs == [{"gpus": [0, 1], "p2p": True, "nvlink": True, "topology": "one PCIe switch"}]
+
+
+def test_interconnect_queries_a_driver_lacks_are_unknown_not_errors(nvml, no_cuda_env, monkeypatch):
+    def not_supported(*args):
+        raise nvml.NVMLError("Not Supported")
+
+    monkeypatch.setattr(nvml, "nvmlDeviceGetP2PStatus", not_supported)
+    monkeypatch.delattr(FakeNVML, "nvmlDeviceGetTopologyCommonAncestor")  # an older binding
+    doc = hardware.probe(nvml=nvml)
+    pair = doc["interconnect"]["pairs"][0]
+    assert (pair["p2p"], pair["nvlink"], pair["topology"]) == (None, None, None)
+    assert all(g["error"] is None for g in doc["gpus"])  # nothing of it is a GPU error
+    assert "NVLink unknown, P2P unknown, topology unknown" in hardware.render_table(doc)
+
+
+def test_one_gpu_has_no_interconnect(nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    doc = hardware.probe(nvml=nvml)
+    assert doc["interconnect"] is None and "Interconnect" not in hardware.render_table(doc)

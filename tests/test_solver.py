@@ -7,6 +7,7 @@ Qwen3 under a simulated cap, and the CLI end to end.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -15,9 +16,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cli_basics import run_cli
 
 from autotune import hardware
-from autotune.cli import main
 from autotune.config import build_config, load_config
 from autotune.context import RunContext
 from autotune.errors import UserError
@@ -31,6 +32,7 @@ from autotune.solver import (
     largest_seq,
     solve,
 )
+from autotune.techniques import Knobs
 from autotune.trial import Trial
 from autotune.units import Budget, GiB
 
@@ -80,17 +82,20 @@ def synthetic(peak_fn, *, cap=None, speed=None):
 
 
 class SyntheticTrials:
-    """A solver.Trials over a synthetic `measure(batch, seq, rank, usable[, checkpointing=])`: the budget
-    is the only thing a real runner adds."""
+    """A solver.Trials over a synthetic `measure(batch, seq, rank, usable[, knobs=])`: the budget is the only
+    thing a real runner adds. A memory curve that takes no knobs is the same for every technique."""
 
     device_type = "cpu"
 
     def __init__(self, measure, budget_gb: float):
         self.fn, self.budget = measure, Budget.from_gib(budget_gb)
 
-    def measure(self, batch, seq, rank, *, checkpointing=None):
-        extra = {} if checkpointing is None else {"checkpointing": checkpointing}
-        return self.fn(batch, seq, rank, self.budget.usable_bytes, **extra)
+    def measure(self, batch, seq, rank, *, knobs=None):
+        if "knobs" in inspect.signature(self.fn).parameters:
+            return self.fn(batch, seq, rank, self.budget.usable_bytes, knobs=knobs)
+        trial = self.fn(batch, seq, rank, self.budget.usable_bytes)
+        trial.knobs = knobs
+        return trial
 
 
 def request(cfg, **kw) -> SolveRequest:
@@ -441,7 +446,7 @@ def test_solve_max_seq_picks_the_longest_sequence():
 
 # ------------------------------------------------------------------------------ the real trial (CPU)
 
-BUDGET_GB = 0.28  # tiny-qwen3 at seq 32, bf16, no quantization: ~78 MB + ~58 MB per sample -> batch 4 fits
+BUDGET_GB = 0.15  # tiny-qwen3 (demo config) at seq 32, fp32, r=64, fused + packed: ~40 MB + ~20 MB a sample -> 5 fit
 SEQ = 32
 
 QA = "\n\n".join(f"Q{i}: What is item {i}?\nA{i}: Item {i} is a short answer number {i}." for i in range(1, 13))
@@ -470,7 +475,11 @@ def _dirs(root: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def real_cfg(workdir):
-    return load_config(DEMO, {"quantization": "none", **_dirs(workdir, "solve")})
+    # An effective batch of 16: the solver searches micro-batches up to it, so the true maximum (about 5
+    # under BUDGET_GB) is inside its range, as it is in a real solve.
+    return load_config(
+        DEMO, {"quantization": "none", "batch_size": 4, "gradient_accumulation_steps": 4, **_dirs(workdir, "solve")}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +487,8 @@ def solved(real_cfg):
     from autotune.trial import TrialRunner
 
     runner = TrialRunner(RunContext(real_cfg), Budget.from_gib(BUDGET_GB))
-    req = request(real_cfg, seq=SEQ)
+    # The config's techniques only: this solve is held against a brute force over one memory curve.
+    req = request(real_cfg, seq=SEQ, checkpointing="on", techniques=False)
     shown = []
     result = solve(req, runner, on_trial=shown.append)
     return req, result, runner, shown
@@ -516,7 +526,9 @@ def test_real_solve_equals_brute_force(solved):
     best = result["best"]
     assert best.fits and best.peak_bytes <= usable <= budget
     assert best.batch * result["accumulation"] == req.ctx.cfg.effective_batch
-    assert shown == result["trials"] and len(result["trials"]) <= 4
+    # Four training trials (two to fit the line, the predicted maximum, the divisor of the effective
+    # batch) and one for the evaluation batch.
+    assert shown == result["trials"] and [t.kind for t in result["trials"]].count("train") <= 4
     profile = profile_of(req, result, runner)
     assert len(profile["trials"]) == len(result["trials"])
     assert profile["measurement"]["peak_bytes"] == best.peak_bytes <= profile["constraints"]["usable_bytes"]
@@ -577,16 +589,6 @@ def test_a_model_the_runner_let_go_is_really_gone(real_cfg):
 
 
 # ------------------------------------------------------------------------------ profile and train
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -727,15 +729,24 @@ def test_cli_solve_unknown_model_exits_2(capsys, clean_alloc_env):
     assert code == 2 and "Qwen3-8B" in err and "Traceback" not in err
 
 
+def test_cli_solve_ranks_past_the_hidden_size_exit_2_before_any_trial(capsys, tmp_path, clean_alloc_env):
+    hidden = RunContext(build_config({"model_name": "tiny-qwen3"})).architecture.hidden_size
+    argv = ["solve", "--model", "tiny-qwen3", "--max-memory-gb", "1", "--objective", "max-rank"]
+    code, _out, err = run_cli(capsys, *argv, "--ranks", f"8,{hidden * 2}", "--output", tmp_path / "p.json")
+    assert code == 2 and f"--ranks: {hidden * 2} is more than" in err and "Traceback" not in err
+    assert "  batch " not in err and not (tmp_path / "p.json").exists()  # refused before measuring or writing
+
+
 def test_cli_solve_without_budget_or_gpu_exits_2(capsys, monkeypatch, tmp_path, clean_alloc_env):
     monkeypatch.setattr(hardware, "probe", lambda output_dir=".", nvml=None: {"gpus": [], "host": {}})
     code, _out, err = run_cli(capsys, "solve", "--model", "tiny-qwen3", "--set", f"output_dir={tmp_path}")
     assert code == 2 and "--max-memory-gb" in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
-    """Checkpointing is a fifth knob: without it the step is faster but needs more memory. The solver
-    searches both and the choice (and the profile) carry whichever measured faster among the fits."""
+def test_throughput_measures_the_techniques_the_estimate_ranks_and_keeps_the_faster():
+    """Checkpointing and the other techniques are knobs: without checkpointing the step is faster but needs
+    more memory. The solver measures the combinations the estimate ranks best (here: off, on the tiny model
+    everything is estimated to fit) and the choice and the profile carry whichever measured faster."""
     cfg = build_config(
         {
             "model_name": "tiny-qwen3",
@@ -747,30 +758,36 @@ def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
     )
     usable_cap = 10 * GiB
 
-    def measure(batch, seq, rank, usable, checkpointing=None):
-        ckpt = True if checkpointing is None else checkpointing
+    def measure(batch, seq, rank, usable, knobs=None):
+        ckpt = knobs.checkpointing
         peak = int((1 + batch * (0.4 if ckpt else 1.1)) * GiB)  # no checkpointing: ~3x the activations
         fits = peak <= usable
         speed = 1000 * batch * (1.0 if ckpt else 1.3)
-        return Trial(batch, seq, rank, fits, False, peak, 0.01, 0.01, speed if fits else None, checkpointing=ckpt)
+        return Trial(batch, seq, rank, fits, False, peak, 0.01, 0.01, speed if fits else None, knobs=knobs)
 
-    req = request(cfg, seq=64, try_without_checkpointing=True)
+    req = request(cfg, seq=64)
     result = solve(req, SyntheticTrials(measure, usable_cap / GiB))
     usable = result["usable_bytes"]
     # The search stops at the effective batch (16): nothing above it could be chosen.
     assert result["max_feasible_batch"][cfg.lora_r] == min(
         16, max(b for b in range(1, 64) if (1 + b * 0.4) * GiB <= usable)
     )
-    off = result["max_feasible_batch_without_checkpointing"][cfg.lora_r]
-    assert off == max(b for b in range(1, 64) if (1 + b * 1.1) * GiB <= usable)
+    by_techniques = result["max_feasible_batch_by_techniques"]
+    # The estimate ranks "no checkpointing, no fused loss" fastest of the rest; every slower combination that
+    # fits no larger batch is not measured.
+    assert list(by_techniques) == ["ckpt+fused+packed", "no-ckpt+packed"]
+    assert by_techniques["no-ckpt+packed"][cfg.lora_r] == max(
+        b for b in (1, 2, 4, 8, 16) if (1 + b * 1.1) * GiB <= usable
+    )
+    assert len(result["trials"]) <= 12
     best = result["best"]
     # With checkpointing the largest divisor of 16 that fits is 16 (16000 tok/s); without, 4 (5200 tok/s).
     assert best.checkpointing is True and best.batch == 16
-    assert "without gradient checkpointing" in result["reason"]
+    assert f"With no-ckpt+packed: rank {cfg.lora_r} up to batch 4." in result["reason"]
 
     # Make the un-checkpointed run much faster: now it wins, and the profile says so.
-    def fast_off(batch, seq, rank, usable, checkpointing=None):
-        t = measure(batch, seq, rank, usable, checkpointing)
+    def fast_off(batch, seq, rank, usable, knobs=None):
+        t = measure(batch, seq, rank, usable, knobs)
         if t.checkpointing is False and t.fits:
             t.tokens_per_second *= 5  # 4 x 1300 x 5 = 26000 > 16000
         return t
@@ -778,5 +795,26 @@ def test_throughput_measures_without_checkpointing_and_keeps_the_faster():
     result = solve(req, SyntheticTrials(fast_off, usable_cap / GiB))
     assert result["best"].checkpointing is False
     profile = profile_of(req, result, None)
-    assert profile["choice"]["gradient_checkpointing"] is False
-    assert profile["choice"]["batch_size"] * profile["choice"]["gradient_accumulation_steps"] == 16
+    choice = profile["choice"]
+    assert choice["gradient_checkpointing"] is False and choice["fused_loss"] == "off" and choice["packing"] == "on"
+    assert choice["batch_size"] * choice["gradient_accumulation_steps"] == 16
+    assert load_profile(save_profile(profile, Path(req.ctx.cfg.output_dir) / "p.json"))["choice"] == choice
+
+
+def test_a_config_that_fixes_the_techniques_gets_them_measured_and_nothing_else():
+    cfg = build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "effective_batch_size": 16,
+            "batch_size": 1,
+            "fused_loss": "on",
+            "offload_activations": "off",
+            "embedding_on_cpu": "off",
+            "lm_head_8bit": "off",
+            "tiled_mlp": "off",
+            "packing": "off",
+        }
+    )
+    m = synthetic(per_token(), speed=speed)
+    result = solve(request(cfg, seq=64, checkpointing="on"), SyntheticTrials(m, 1.0))
+    assert {t.knobs for t in result["trials"]} == {Knobs(checkpointing=True, fused_loss=True)}

@@ -67,7 +67,6 @@ def config_values(tmp: Path, **overrides) -> dict:
         lora_r=4,
         lora_alpha=8,
         target_modules=["q_proj", "v_proj"],
-        data_dir=str(write_qa(tmp / "data", PAIRS)),
         data_cache_dir=str(tmp / "cache"),
         output_dir=str(tmp / "out"),
         log_dir=str(tmp / "logs"),
@@ -78,6 +77,9 @@ def config_values(tmp: Path, **overrides) -> dict:
         log_every_n_steps=1,
         save_every_n_steps=100,
     )
+    # The default data only when the caller brings none: a folder of its own would otherwise be mixed in.
+    if "data_dir" not in overrides:
+        values["data_dir"] = str(write_qa(tmp / "data", PAIRS))
     for key, value in overrides.items():
         if key == "structured_logging":
             values[key] = {**values[key], **value}
@@ -110,8 +112,15 @@ def summary_file(cfg: Config) -> dict:
     return json.loads((Path(cfg.output_dir) / "run_summary.json").read_text(encoding="utf-8"))
 
 
+def samples(forward_kwargs: dict) -> int:
+    """The samples of a forward pass: its rows, or with packing (a micro-batch's samples in one row, each
+    restarting its positions at 0) the position resets."""
+    positions = forward_kwargs.get("position_ids")
+    return forward_kwargs["input_ids"].shape[0] if positions is None else int((positions == 0).sum())
+
+
 class BatchRows(TrainerCallback):
-    """Records (optimizer step, rows) for every forward pass of training."""
+    """Records (optimizer step, samples) for every forward pass of training."""
 
     def __init__(self):
         self.seen: list[tuple[int, int]] = []
@@ -123,7 +132,7 @@ class BatchRows(TrainerCallback):
 
         def hook(module, args, kwargs):
             if module.training:
-                self.seen.append((state.global_step + 1, kwargs["input_ids"].shape[0]))
+                self.seen.append((state.global_step + 1, samples(kwargs)))
 
         self._handle = model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -174,6 +183,33 @@ def test_qlora_4bit_loss_falls_on_a_repeated_batch(tmp_path, autotune_cache):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_evaluating_and_saving_leave_the_4bit_base_weights_alone(tmp_path, autotune_cache):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit on its first no-grad eval forward (block
+    scales rounded to bf16) and unpacks it on state_dict() (scales re-quantized): both lossy, so every
+    evaluation and checkpoint changed the frozen base, and a resumed run (fresh base) drifted from the run it
+    resumed. build_model keeps the training layout. On a CPU without AVX512-BF16 this passes either way."""
+    import bitsandbytes as bnb
+
+    from autotune.modeling import build_model
+
+    cfg = build_config(config_values(tmp_path, quantization="4bit", bf16=True, lora_dropout=0.0))
+    built = build_model(RunContext(cfg))
+    layers = [m for m in built.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+    def dequantized():
+        return [bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in layers]
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = dequantized()
+    built.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        built.model(input_ids=ids)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    built.model.state_dict()  # what every checkpoint (peft's adapter extraction) calls
+    after = dequantized()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -432,11 +468,18 @@ def _cli_run(*args, timeout: float) -> tuple[int, str, str]:
     return proc.returncode, stdout, stderr
 
 
+# The issue's default config: QLoRA (nf4 + double quant), bf16, paged 8-bit AdamW, LoRA dropout 0.1 and an
+# evaluation at every checkpoint; and the plain fp32 + adamw_torch run the test covered before.
+DEFAULT_PRECISION = dict(eval_ratio=0.1, quantization="4bit", bf16=True, optimizer="paged_adamw_8bit")
+FP32_PRECISION = dict(eval_ratio=0.0)
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache):
+@pytest.mark.parametrize("precision", [DEFAULT_PRECISION, FP32_PRECISION], ids=["default", "fp32"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, precision):
     # lora_dropout stays on: resuming must restore the RNG state, not only weights and optimizer.
-    common = dict(max_steps=8, save_every_n_steps=2, log_every_n_steps=1, eval_ratio=0.0, lora_dropout=0.1)
-    values = config_values(tmp_path / "killed", **common)
+    common = dict(max_steps=8, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1, **precision)
+    values = config_values(tmp_path / "killed", enable_tensorboard=True, **common)
     config_path = tmp_path / "killed.json"
     config_path.write_text(json.dumps(values), encoding="utf-8")
     out = Path(values["output_dir"])
@@ -463,6 +506,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+    # A save is renamed into place whole: checkpoint-4 exists, so it is complete.
+    assert (checkpoint / "trainer_state.json").is_file()
 
     code, stdout, stderr = _cli_run("train", "--config", str(config_path), "--resume", timeout=300)
     assert code == 0, stderr[-3000:]
@@ -475,27 +520,47 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     got = summary_file(cfg)
     assert got["status"] == "succeeded"
     assert got["final"]["global_step"] == expected["final"]["global_step"] == 8
-    assert got["final"]["last_loss"] == pytest.approx(expected["final"]["last_loss"], rel=1e-4)
+    # Same arithmetic in both processes: a resume reproduces the run bit for bit (README, "Resume").
+    assert got["final"]["last_loss"] == expected["final"]["last_loss"]
     records = read_jsonl(cfg)  # both processes appended to it
     starts = [r["global_step"] for r in records if r["message"] == "training started"]
-    # Not from scratch: from checkpoint-4, or from checkpoint-2 when the kill caught checkpoint-4
-    # half-written (no trainer_state.json yet), or from checkpoint-6 when a save slipped in.
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] in (2, 4, 6), starts
+    # Not from scratch: from checkpoint-4, or from checkpoint-6 when a save slipped in before the kill.
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] in (4, 6), starts
+    # Each step logged once: the killed attempt's records of the steps re-run after the resume are gone.
+    steps = [r["global_step"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
+    assert steps == list(range(1, 9)), steps
+    assert {r["run_id"] for r in records} == {got["run_id"]}  # one run, resumed
     # Every step, including those re-run after the resume, matches the uninterrupted run.
-    assert loss_by_step(records) == pytest.approx(loss_by_step(read_jsonl(baseline)), rel=1e-4)
+    assert loss_by_step(records) == loss_by_step(read_jsonl(baseline))
+    # TensorBoard too: the resume writes into the run's own folder, and what the killed attempt logged past the
+    # checkpoint is purged (purge_step), so each step shows once with the resumed run's loss.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from autotune.trainer import tensorboard_dir
+
+    acc = EventAccumulator(str(tensorboard_dir(cfg, got["run_id"])))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(
+        [loss_by_step(records)[s] for s in range(1, 9)]
+    )
 
 
-def test_resume_without_a_checkpoint_is_a_user_error(make_cfg):
+def test_resume_without_a_checkpoint_is_a_user_error_and_writes_nothing(make_cfg):
     cfg = make_cfg()
     with pytest.raises(UserError, match="no complete checkpoint"):
         train(cfg, resume=True, **QUIET)
-    assert summary_file(cfg)["status"] == "failed"
-    # A checkpoint folder that a kill cut short (no trainer_state.json) is not resumable either.
+    # A bad input: nothing written, not even the output folder, its lock or the log.
+    assert not Path(cfg.output_dir).exists()
+    assert not Path(cfg.structured_logging.log_file).exists()
+    # A checkpoint folder from before saves were atomic, cut short by a kill (no trainer_state.json), is not
+    # resumable either.
     partial = Path(cfg.output_dir) / "checkpoints" / "checkpoint-4"
     partial.mkdir(parents=True)
     (partial / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="no complete checkpoint"):
         train(cfg, resume=True, **QUIET)
+    assert sorted(p.name for p in Path(cfg.output_dir).iterdir()) == ["checkpoints"]
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
@@ -524,17 +589,36 @@ def test_inference_report_has_base_and_tuned_answers_and_whole_references(make_c
         data_dir=str(data), max_steps=2, enable_inference_test=True, inference_samples=1, inference_max_new_tokens=8
     )
     summary = train(cfg, **QUIET)
-    assert summary["inference_report"]["samples"] == 1
+    assert (summary["inference_report"]["samples"], summary["inference_report"]["trained_samples"]) == (1, 1)
     out = Path(cfg.output_dir)
     report = json.loads((out / "inference_report.json").read_text(encoding="utf-8"))
     (sample,) = report["samples"]
-    assert {"question", "reference", "base", "tuned"} <= set(sample)
-    assert (sample["question"], sample["reference"]) in long_pairs  # the held-out pair, answer whole
-    assert isinstance(sample["base"], str) and isinstance(sample["tuned"], str)
+    (trained,) = report["trained_samples"]
+    for row in (sample, trained):
+        assert {"question", "reference", "base", "tuned"} <= set(row)
+        assert (row["question"], row["reference"]) in long_pairs  # answers whole
+        assert isinstance(row["base"], str) and isinstance(row["tuned"], str)
+        assert 0 <= row["base_token_match"] <= 1 and 0 <= row["tuned_token_match"] <= 1
+    assert sample["question"] != trained["question"]  # one held out, one trained on
+    assert report["trained_token_match"]["tuned"] == trained["tuned_token_match"]
     markdown = (out / "inference_report.md").read_text(encoding="utf-8")
     assert len(sample["reference"]) > 500  # far longer than the 64-token training window
-    assert sample["reference"] in markdown
-    assert sample["question"] in markdown
+    for row in (sample, trained):
+        assert row["reference"] in markdown and row["question"] in markdown
+    assert "Questions it was trained on" in markdown and "Held-out questions" in markdown
+    assert "memorisation by a tiny random model" in markdown  # init=random: said plainly
+
+
+def test_token_match_counts_reference_tokens_reproduced_in_place():
+    from autotune.inference import token_match
+
+    assert token_match([5, 6, 7], [5, 6, 7], max_new_tokens=8) == 1.0
+    assert token_match([5, 9, 7, 1, 1], [5, 6, 7], max_new_tokens=8) == pytest.approx(2 / 3)
+    assert token_match([6, 7], [5, 6, 7], max_new_tokens=8) == 0.0  # shifted by one: nothing in place
+    assert token_match([], [5, 6, 7], max_new_tokens=8) == 0.0
+    # Only as much of the reference as the answer was allowed to be long.
+    assert token_match([5, 6], [5, 6, 7, 8], max_new_tokens=2) == 1.0
+    assert token_match([1], [], max_new_tokens=8) is None
 
 
 # ---------------------------------------------------------------------------------- profiles
@@ -542,9 +626,12 @@ def test_inference_report_has_base_and_tuned_answers_and_whole_references(make_c
 
 def _profile(**choice) -> dict:
     from autotune.profile import CHOICE_KEYS, architecture_hash, hardware_fingerprint, new_profile
+    from autotune.techniques import TECHNIQUES
 
     spec = resolve_model("tiny-qwen3")
     full = {
+        # Every choice key a solve records, at the config's default unless said here (the list grows).
+        **{k: v for k, v in Config().to_dict().items() if k in CHOICE_KEYS},
         "batch_size": 1,
         "gradient_accumulation_steps": 2,
         "effective_batch_size": 2,
@@ -555,6 +642,8 @@ def _profile(**choice) -> dict:
         "quantization": "none",
         "gradient_checkpointing": True,
         "optimizer": "adamw_torch",
+        # The step's memory techniques, as a solve records them: the tiny model on a CPU needs none.
+        **{name: "off" for name in TECHNIQUES},
         **choice,
     }
     assert set(full) == set(CHOICE_KEYS)

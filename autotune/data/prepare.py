@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from autotune.context import RunContext
-from autotune.data.encoding import length_stats, load_or_encode
-from autotune.data.parsing import QAPair, parse_data, split_pairs
+from autotune.data.encoding import load_or_encode, sample_lengths, summarize_lengths
+from autotune.data.parsing import FileProgress, QAPair, parse_data, split_pairs
 from autotune.errors import UserError
 
 
@@ -28,7 +28,10 @@ def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> Prepar
         echo(f"warning: {warning}")
     train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
     opts: dict[str, Any] = dict(
-        system_prompt=cfg.system_prompt, thinking_model=ctx.spec.thinking, overflow=cfg.overflow
+        system_prompt=cfg.system_prompt,
+        thinking_model=ctx.spec.thinking,
+        overflow=cfg.overflow,
+        reasoning=cfg.reasoning_traces,
     )
     train_rows, train_report, hit = load_or_encode(
         tokenizer, train_pairs, cfg.max_sequence_length, cfg.data_cache_dir, **opts
@@ -37,14 +40,26 @@ def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> Prepar
         tokenizer, eval_pairs, cfg.max_sequence_length, cfg.data_cache_dir, **opts
     )
     if not train_rows:
+        # Truncation keeps the prompt whole, so under overflow="truncate" only a prompt that alone
+        # fills the window drops a sample: suggesting truncate again would send the user in a circle.
+        fix = (
+            "every prompt alone is longer than the window: raise max_sequence_length or shorten the system prompt"
+            if cfg.overflow == "truncate"
+            else 'raise max_sequence_length or set overflow="truncate"'
+        )
         raise UserError(
             f"no training sample fits max_sequence_length={cfg.max_sequence_length} "
-            f'({train_report.dropped} dropped): raise max_sequence_length or set overflow="truncate"'
+            f"({train_report.dropped} dropped): {fix}"
         )
     if train_report.truncated or train_report.dropped:
         echo(
             f"note: {train_report.truncated} training samples truncated (answer cut, end-of-turn kept), "
             f"{train_report.dropped} dropped as longer than {cfg.max_sequence_length} tokens"
+        )
+    if train_report.traces_dropped and cfg.reasoning_traces == "train":
+        echo(
+            f"note: {train_report.traces_dropped} reasoning traces not trained: {ctx.spec.name}'s chat template has "
+            "no think block to put them in"
         )
     report = {
         "files": len(parsed.files),
@@ -58,8 +73,20 @@ def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> Prepar
     return PreparedData(train_rows, eval_rows or None, eval_pairs, report)
 
 
-def data_length_stats(ctx: RunContext) -> dict:
+def data_length_stats(ctx: RunContext, progress: FileProgress | None = None) -> dict:
     """Token-length statistics of the run's data with the model's chat template (the solver sizes the
-    sequence from them)."""
-    parsed = parse_data(ctx.cfg)
-    return length_stats(ctx.tokenizer, parsed.pairs, ctx.cfg.system_prompt, ctx.spec.thinking)
+    sequence from them). `progress` wraps the files as they are tokenized (a progress bar, in the CLI)."""
+    cfg = ctx.cfg
+    parsed = parse_data(cfg)
+    by_file: dict[str, list[QAPair]] = {}
+    for pair in parsed.pairs:
+        by_file.setdefault(pair.source, []).append(pair)
+    lengths = []
+    for source in progress(list(by_file)) if progress else by_file:
+        lengths += sample_lengths(
+            ctx.tokenizer, by_file[source], cfg.system_prompt, ctx.spec.thinking, cfg.reasoning_traces
+        )
+    stats = summarize_lengths(lengths)
+    stats["turns"] = sum(p.turns for p in parsed.pairs)
+    stats["traces"] = sum(p.traces for p in parsed.pairs)
+    return stats

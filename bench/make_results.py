@@ -29,6 +29,11 @@ def load() -> tuple[list[dict], list[dict]]:
     return sorted(gpu, key=key, reverse=True), sorted(cpu, key=key, reverse=True)
 
 
+def _columns(header: str) -> list[str]:
+    """A markdown table's header row and its separator, which must have as many cells."""
+    return [header, "|---" * (header.count("|") - 1) + "|"]
+
+
 def _run_label(doc: dict) -> str:
     m = doc["meta"]
     return f"{m['date'][:10]} {m['card']}{' (CPU rehearsal)' if m.get('rehearse') else ''} @ {m.get('commit')}"
@@ -38,8 +43,9 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
     out = [
         "## Peak ÷ budget and OOMs of the solved profiles (goal 0.90–0.98, no OOM)",
         "",
-        "| run | model | cap GB | batch | acc | seq | r | steps | peak ÷ budget | OOM | tokens/s | solve s | trials |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_columns(
+            "| run | model | cap GB | batch | acc | seq | r | steps | peak ÷ budget | OOM | tokens/s | solve s | trials |"
+        ),
     ]
     est = [
         "## Estimate against measured peak (goal ≤ 10 %)",
@@ -47,8 +53,9 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
         "`at run` is the estimate the run computed; `current` is today's estimate.py evaluated offline against the "
         "same measured peak (where the run calibrated it, that is in-sample).",
         "",
-        "| run | model | cap GB | batch x seq | measured GiB | estimated at run | error | current estimate | error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_columns(
+            "| run | model | cap GB | batch x seq | measured GiB | estimated at run | error | current estimate | error |"
+        ),
     ]
     for doc in gpu:
         for e in doc["stages"].get("solve_train", []):
@@ -81,22 +88,21 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
         "The baseline is the guide's 16 GB tier as `profiles/hardware/16gb.json` holds it (batch 4 x accumulation 16, "
         "sequence 512, r 8); the 2026-11-27 row measured another shape and is no evidence for that goal.",
         "",
-        "| run | model | baseline | cap GB | seq | baseline tokens/s | autotune batch | autotune tokens/s | speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_columns(
+            "| run | model | baseline | cap GB | seq | baseline tokens/s | autotune batch | autotune tokens/s | speedup |"
+        ),
     ]
     ls = [
         "## Longest sequence, Qwen3-8B QLoRA r=32, batch 1, 16 GB cap",
         "",
         "(Unsloth reports 40,724 tokens for Llama-3.1-8B at 16 GB; plain HF with FlashAttention-2, 2,551.)",
         "",
-        "| run | model | longest sequence | granularity |",
-        "|---|---|---|---|",
+        *_columns("| run | model | longest sequence | granularity |"),
     ]
     fx = [
         "## Fixed shape, 4-bit, no cap (training issue)",
         "",
-        "| run | model | batch x seq | steps | tokens/s | peak GiB |",
-        "|---|---|---|---|---|---|",
+        *_columns("| run | model | batch x seq | steps | tokens/s | peak GiB |"),
     ]
     for doc in gpu:
         t = doc["stages"].get("throughput") or {}
@@ -121,8 +127,7 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
     sw = [
         "## Solve wall time (goal ≤ 120 s for Qwen3-14B)",
         "",
-        "| run | model | cap GB | model build s | solve s |",
-        "|---|---|---|---|---|",
+        *_columns("| run | model | cap GB | model build s | solve s |"),
     ]
     for doc in gpu:
         for e in doc["stages"].get("solve_train", []):
@@ -148,8 +153,7 @@ def technique_tables(gpu: list[dict]) -> list[str]:
     out = [
         "## Smallest cap at sequence 512, batch 1, every technique (targets: 14B 8.5 GB, 8B 6 GB)",
         "",
-        "| run | model | smallest cap GB | techniques |",
-        "|---|---|---|---|",
+        *_columns("| run | model | smallest cap GB | techniques |"),
     ]
     for d in runs:
         for m in d["stages"].get("min_cap", []):
@@ -159,8 +163,7 @@ def technique_tables(gpu: list[dict]) -> list[str]:
         "",
         "## Longest Qwen3-8B r=32 batch-1 sequence under 16 GB (target 40,000; Unsloth 40,724)",
         "",
-        "| run | every technique | without each (a few trials: a bound) | estimate |",
-        "|---|---|---|---|",
+        *_columns("| run | every technique | without each (a few trials: a bound) | estimate |"),
     ]
     for d in runs:
         ls = d["stages"].get("longest_seq") or {}
@@ -173,8 +176,7 @@ def technique_tables(gpu: list[dict]) -> list[str]:
         "",
         "## What each technique costs (tokens/s against the plain step, one shape, no cap)",
         "",
-        "| run | shape | technique | tokens/s | x plain | peak GiB |",
-        "|---|---|---|---|---|---|",
+        *_columns("| run | shape | technique | tokens/s | x plain | peak GiB |"),
     ]
     for d in runs:
         c = d["stages"].get("costs") or {}
@@ -188,8 +190,7 @@ def technique_tables(gpu: list[dict]) -> list[str]:
         "",
         "## Real data (the shipped sample), real tokens/s at one cap (target: 2x the preset and 2x yesterday's solver)",
         "",
-        "| run | run of | steps | real tokens/s | OOM recoveries | speedup |",
-        "|---|---|---|---|---|---|",
+        *_columns("| run | run of | steps | real tokens/s | OOM recoveries | speedup |"),
     ]
     for d in runs:
         rd = d["stages"].get("real_data") or {}
@@ -218,8 +219,7 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
             out += [
                 f"### Training benchmark, CPU ({doc['date']}, {doc.get('cpu') or 'cpu'})",
                 "",
-                "| weights | batch x seq | step s | tokens/s | peak tracked GiB |",
-                "|---|---|---|---|---|",
+                *_columns("| weights | batch x seq | step s | tokens/s | peak tracked GiB |"),
             ]
             out += [
                 f"| {r['quantization']} | {r['batch']} x {r['seq']} | {r['step_seconds']} | {r['tokens_per_second']} | "
@@ -257,8 +257,9 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 "Two processes share this machine's two cores, and gloo's all-reduce crosses memory: what one more rank "
                 "costs per rank and what the solver plans for it, not GPU scaling (unmeasured).",
                 "",
-                "| processes | rank | tracked peak MiB | solver's per-rank trial MiB | estimate MiB | tokens/s rank | tokens/s total |",
-                "|---|---|---|---|---|---|---|",
+                *_columns(
+                    "| processes | rank | tracked peak MiB | solver's per-rank trial MiB | estimate MiB | tokens/s rank | tokens/s total |"
+                ),
             ]
             out += [
                 f"| {run['processes']} | {r['rank']} | {r['peak_bytes'] / 2**20:.2f} | "
@@ -275,8 +276,7 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 "",
                 "Target: at most a third of Lightning's trials, within one of the true maximum.",
                 "",
-                "| strategy | trials | seconds | batch found | true max | within 1 |",
-                "|---|---|---|---|---|---|",
+                *_columns("| strategy | trials | seconds | batch found | true max | within 1 |"),
             ]
             out += [
                 f"| {r['strategy']} | {r['trials']} | {r['seconds']} | {r['batch']} | {r['true_max']} | "

@@ -3,6 +3,8 @@ fault would reach autotune."""
 
 from __future__ import annotations
 
+import subprocess
+
 import torch
 from transformers import TrainerCallback
 
@@ -18,3 +20,13 @@ class InjectOOM(TrainerCallback):
         if state.global_step in self.pending:
             self.pending.discard(state.global_step)
             raise torch.OutOfMemoryError(f"injected OOM at step {state.global_step}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Reap a test's child process whatever happened to the test: kill it if it still runs, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import stop
 from test_train import (
     PAIRS,
     QUIET,
@@ -100,14 +101,6 @@ def logged(values: dict, message: str, min_step: int = 0) -> bool:
         if record["message"] == message and (record.get("global_step") or 0) >= min_step:
             return True
     return False
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
 
 
 def clean_error(stderr: str) -> str:

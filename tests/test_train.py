@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import InjectOOM
+from faults import InjectOOM, stop
 from transformers import TrainerCallback
 
 from autotune.catalog import resolve_model
@@ -499,11 +499,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        stop(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
     # A save is renamed into place whole: checkpoint-4 exists, so it is complete.

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from faults import stop
 from test_runs import small_disk  # noqa: F401  (a fixture, used by name)
 from test_train import PAIRS, QUIET, config_values, write_qa
 from transformers import TrainerCallback
@@ -137,10 +138,7 @@ def test_a_process_killed_while_writing_leaves_a_whole_file(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
+            stop(proc)
         text = path.read_text(encoding="ascii")
         assert text in ("A" * (16 * 2**20) + "\n", "B" * (16 * 2**20) + "\n"), (len(text), text[:1], text[-2:])
 

@@ -794,10 +794,13 @@ class _ActivationModel:
 
     def misc(self) -> int:
         """RoPE cos/sin (shared by all layers) and the int64 input ids and shifted labels; packed, the
-        attention mask sdpa gets for the one row of batch x seq tokens (a boolean tokens x tokens)."""
+        attention mask sdpa gets for the one row of batch x seq tokens (a boolean tokens x tokens). A row of
+        one sample has no boundary for transformers to find (masking_utils.find_packed_sequence_indices), so
+        sdpa runs causal without a mask, as unpacked: batch 1, the long-sequence case, pays no mask."""
         rope = 2 * self.seq * self.arch.head_dim * self.act_bytes
         if self.packing:
-            return rope * self.batch + 3 * 8 * self.tokens + self.tokens**2  # positions run over the whole row
+            mask = self.tokens**2 if self.batch > 1 else 0
+            return rope * self.batch + 3 * 8 * self.tokens + mask  # positions run over the whole row
         return rope + 2 * 8 * self.tokens
 
 

@@ -155,30 +155,31 @@ H64 = arch(64, 128, 2, 4, 2, 16, 2048)
 H128 = arch(128, 384, 3, 4, 2, 32, 4096)
 H192 = arch(192, 768, 3, 6, 2, 32, 2048)
 H256 = arch(256, 768, 4, 8, 4, 32, 4096)
-# Untied, with Qwen3's real vocabulary: the input-embedding table can live on the host.
+# Untied, with Qwen3's real vocabulary: the input-embedding table can live on the host. Its cases run in fp32:
+# on a CPU without AVX512-BF16 a bf16 matmul takes torch's reference GEMM, ~50x slower than fp32 (one step of
+# 1,024 tokens through this head: minutes); the tiny cases cover bf16 autocast with the techniques.
 H256_UNTIED = arch(256, 768, 4, 8, 4, 32, 151936)
 # A 1000-entry vocabulary moves the peak from the loss head into the last layer's backward.
 H256_SMALL_VOCAB = arch(256, 1024, 2, 8, 4, 32, 1000)
 
 
-def case(a, batch, seq, rank, targets, quantization, bf16, gc, dropout, optimizer, id, knobs=None):
-    return pytest.param(
-        a,
-        batch,
-        seq,
-        knobs or plain(gc),
-        dict(
-            lora_r=rank,
-            lora_alpha=2 * rank,
-            target_modules=list(targets),
-            quantization=quantization,
-            bf16=bf16,
-            gradient_checkpointing=gc,
-            lora_dropout=dropout,
-            optimizer=optimizer,
-        ),
-        id=id,
+def step_values(rank, targets, quantization, bf16, gc, dropout, optimizer) -> dict:
+    """The config values of one measured step (alpha twice the rank)."""
+    return dict(
+        lora_r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(targets),
+        quantization=quantization,
+        bf16=bf16,
+        gradient_checkpointing=gc,
+        lora_dropout=dropout,
+        optimizer=optimizer,
     )
+
+
+def case(a, batch, seq, rank, targets, quantization, bf16, gc, dropout, optimizer, id, knobs=None):
+    values = step_values(rank, targets, quantization, bf16, gc, dropout, optimizer)
+    return pytest.param(a, batch, seq, knobs or plain(gc), values, id=id)
 
 
 REAL_STEP_CASES = [
@@ -337,11 +338,11 @@ REAL_STEP_CASES = [
         8,
         ATTN,
         "none",
-        True,
+        False,
         True,
         0.0,
         "adamw_torch",
-        "h256-untied-every-technique",
+        "h256-untied-fp32-every-technique",
         knobs=Knobs(fused_loss=True, offload_activations=True, embedding_on_cpu=True, packing=True),
     ),
     case(
@@ -351,11 +352,11 @@ REAL_STEP_CASES = [
         8,
         ALL_TARGETS,
         "4bit",
-        True,
+        False,
         True,
         0.1,
         "paged_adamw_8bit",
-        "h256-untied-4bit-host-table",
+        "h256-untied-fp32-4bit-host-table",
         knobs=Knobs(fused_loss=True, embedding_on_cpu=True),
     ),
     case(
@@ -393,11 +394,11 @@ REAL_STEP_CASES = [
         8,
         ATTN,
         "none",
-        True,
+        False,
         False,
         0.0,
         "adamw_torch",
-        "h256-untied-no-ckpt-fused",
+        "h256-untied-fp32-no-ckpt-fused",
         knobs=Knobs(checkpointing=False, fused_loss=True),
     ),
 ]
@@ -414,6 +415,23 @@ def test_estimate_matches_the_real_training_step(a, batch, seq, knobs, values, m
     assert abs(error) < 0.10, f"estimate {predicted.peak_bytes} vs measured {measured['peak_bytes']}: {error:+.1%}"
     # the persistent part is exact: weights (packed + quantization state for k-bit) + adapters, as counted
     assert predicted.components["weights"] + predicted.components["lora_params"] == measured["weights"]
+
+
+def test_a_packed_row_of_one_sample_builds_no_mask(models_dir, tmp_path):
+    """Packing at batch 1 costs nothing: transformers finds no sample boundary in the row
+    (masking_utils.find_packed_sequence_indices) and sdpa runs causal without a mask, so the estimate's
+    longest-sequence answers must not pay for a tokens x tokens mask that never exists (at 4096 tokens it
+    would be 16 MiB, most of this small model's step)."""
+    a, seq = H64, 4096
+    values = step_values(8, ATTN, "none", False, True, 0.0, "adamw_torch")
+    name = model_name(a, models_dir)
+    packed, padded = Knobs(fused_loss=True, packing=True), Knobs(fused_loss=True, packing=False)
+    measured = measure_real_step(name, tmp_path / "packed", batch=1, seq=seq, knobs=packed, **values)
+    unpacked = measure_real_step(name, tmp_path / "padded", batch=1, seq=seq, knobs=padded, **values)
+    assert abs(measured["peak_bytes"] - unpacked["peak_bytes"]) < seq * seq / 4  # no mask was built
+    predicted = estimate_for(resolve_model(name).architecture, measured, batch=1, seq=seq, knobs=packed, **values)
+    error = relative_error(predicted.peak_bytes, measured["peak_bytes"])
+    assert abs(error) < 0.10, f"estimate {predicted.peak_bytes} vs measured {measured['peak_bytes']}: {error:+.1%}"
 
 
 def test_lora_parameter_count_matches_peft():
@@ -491,16 +509,7 @@ def test_estimate_matches_a_trace_of_full_width_8b_at_8k_tokens(knobs):
 def test_trace_agrees_with_the_real_step(models_dir, tmp_path):
     """The trace's minimal loop stands in for the Trainer's step where the Trainer cannot run."""
     a = arch(128, 384, 2, 4, 2, 32, 8192, tie=True)
-    values = dict(
-        lora_r=8,
-        lora_alpha=16,
-        target_modules=list(DEFAULT_TARGETS),
-        quantization="none",
-        bf16=True,
-        gradient_checkpointing=False,
-        lora_dropout=0.0,
-        optimizer="adamw_torch",
-    )
+    values = step_values(8, DEFAULT_TARGETS, "none", True, False, 0.0, "adamw_torch")
     real = measure_real_step(model_name(a, models_dir), tmp_path, batch=2, seq=64, **values)
     traced = calibrate_by_trace(
         a, batch=2, seq=64, rank=8, target_modules=DEFAULT_TARGETS, gradient_checkpointing=False, dtype_bytes=2
@@ -644,16 +653,7 @@ def test_estimate_matches_a_real_cuda_step(gc, models_dir, tmp_path):
     """bf16 LoRA on Qwen3-1.7B's architecture (random weights): the real training step as a solver trial
     measures it (peak reserved + the measured CUDA overhead) against the estimate."""
     a = CATALOG["Qwen3-1.7B"].architecture
-    values = dict(
-        lora_r=16,
-        lora_alpha=32,
-        target_modules=list(DEFAULT_TARGETS),
-        quantization="none",
-        bf16=True,
-        gradient_checkpointing=gc,
-        lora_dropout=0.0,
-        optimizer="adamw_torch",
-    )
+    values = step_values(16, DEFAULT_TARGETS, "none", True, gc, 0.0, "adamw_torch")
     measured = measure_real_step("Qwen3-1.7B", tmp_path, batch=2, seq=1024, device="cuda", **values)
     predicted = estimate_for(a, measured, batch=2, seq=1024, device="cuda", **values)
     assert abs(relative_error(predicted.peak_bytes, measured["peak_bytes"])) < 0.10

@@ -10,7 +10,8 @@ use_cache=False, which modeling.build_model sets). A micro-batch still holds `ba
 effective batch keeps counting samples and stays exactly what was asked.
 
 What it costs: sdpa gets an explicit (1, 1, T, T) boolean mask for the packed row (T = the micro-batch's
-tokens), where an unpacked causal batch needs none; the estimate counts it.
+tokens), where an unpacked causal batch needs none; the estimate counts it. A row of one sample (batch 1) has
+no boundary to block, so transformers builds no mask and sdpa runs causal: packing costs nothing there.
 """
 
 from __future__ import annotations

@@ -190,7 +190,9 @@ def base_config(model: str, rehearse: bool, **extra):
         structured_logging={"enabled": False},
     )
     if rehearse:
-        values.update(effective_batch_size=8, gradient_accumulation_steps=8)
+        # fp32 on the CPU: without AVX512-BF16 a bf16 matmul takes torch's reference GEMM, ~50x slower than
+        # fp32, and the rehearsal checks that every stage runs and records, not bf16 speed.
+        values.update(effective_batch_size=8, gradient_accumulation_steps=8, bf16=False)
     values.update(extra)
     return build_config(values, "gpu_check")
 

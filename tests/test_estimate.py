@@ -292,7 +292,7 @@ REAL_STEP_CASES = [
     case(
         TINY,
         2,
-        512,
+        256,
         8,
         ALL_TARGETS,
         "none",
@@ -320,7 +320,7 @@ REAL_STEP_CASES = [
     case(
         TINY,
         4,
-        256,
+        128,
         8,
         ATTN,
         "4bit",

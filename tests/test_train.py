@@ -462,9 +462,7 @@ def _cli_run(*args, timeout: float) -> tuple[int, str, str]:
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     return proc.returncode, stdout, stderr
 
 

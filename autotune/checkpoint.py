@@ -24,11 +24,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, folder_bytes, free_bytes, fsync_dir
+from autotune.run_files import ADAPTER_CONFIG, CONFIG_FILE
 from autotune.units import MiB
 
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
-CONFIG_FILE = "autotune_config.json"  # the resolved config, in output_dir and in every checkpoint
-ADAPTER_CONFIG = "adapter_config.json"  # peft's, in every checkpoint
 # A save in progress (or cut short by a kill): hidden, so neither autotune nor the Trainer takes it for a checkpoint.
 STAGING_PREFIX = f".{PREFIX_CHECKPOINT_DIR}-"
 STAGING_SUFFIX = ".partial"

@@ -19,9 +19,10 @@ from autotune.config import (
     MAX_RANK_CANDIDATES,
     OBJECTIVES,
     STRATEGIES,
-    SWITCHES,
 )
 from autotune.errors import UserError
+from autotune.run_files import INFERENCE_REPORT_MD, PROFILE
+from autotune.techniques import SWITCHES
 from autotune.units import DEFAULT_MARGIN, Budget, GiB
 
 
@@ -272,8 +273,10 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
     """Fine-tune with LoRA/QLoRA on the HF Trainer: TensorBoard, JSONL log, checkpoints, resume."""
     from autotune.profile import layered_config, load_profile
 
-    profile = load_profile(profile_path) if profile_path else None
+    notes: list[str] = []
+    profile = load_profile(profile_path, notes) if profile_path else None
     cfg, warnings = layered_config(config_path, sets, profile=profile, flags={"distributed_strategy": strategy})
+    warnings = notes + warnings
     if nproc is not None:
         _launch(nproc, cfg, profile)  # does not return: this process becomes torchrun
     from autotune.distributed import oom_decisions, world
@@ -284,7 +287,7 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
             "an earlier attempt of this torchrun launch failed for another reason than memory (its error is above): "
             "not trying again. Fix it and run the command again, with --resume to go on from the last checkpoint"
         )
-    from autotune.trainer import train as run_training
+    from autotune.runner import train as run_training
 
     if world().is_main:  # torchrun's other ranks run the same command: one copy of each message
         for warning in warnings:
@@ -322,14 +325,8 @@ def _launch(nproc: int, cfg, profile: dict | None) -> None:
 
     import torch
 
-    from autotune.distributed import (
-        RESTARTABLE_ENV,
-        rank_batches,
-        resolve_strategy,
-        torchrun_command,
-        without_option,
-        world,
-    )
+    from autotune.batching import share_of
+    from autotune.distributed import RESTARTABLE_ENV, resolve_strategy, torchrun_command, without_option, world
 
     if world().launched:
         raise UserError(
@@ -339,7 +336,7 @@ def _launch(nproc: int, cfg, profile: dict | None) -> None:
     if gpus and nproc > gpus:
         raise UserError(f"--nproc {nproc}: this machine has {gpus} GPU(s) visible to CUDA; use at most {gpus}")
     resolve_strategy(cfg, profile, "cuda" if gpus else "cpu")
-    rank_batches(cfg.batch_size, cfg.effective_batch, nproc)
+    share_of(cfg.effective_batch, nproc)  # every rank takes an equal share of the effective batch
     command = torchrun_command(nproc, without_option(_ARGV, "--nproc"), max_restarts=cfg.max_oom_retries)
     env = " ".join(f"{k}={v}" for k, v in RESTARTABLE_ENV.items())
     click.echo(f"launching: {env} {shlex.join(command)}", err=True)
@@ -506,8 +503,7 @@ def solve(
     from autotune.config import explicit_keys, lora_rank_problem
     from autotune.context import RunContext
     from autotune.profile import layered_config
-    from autotune.solver import SolveRequest
-    from autotune.solver import run as run_solve
+    from autotune.solve import SolveRequest, run_solve
 
     flags = {"model_name": model_name, "data_dir": data_dir, "lora_r": rank, "distributed_strategy": strategy}
     if checkpointing != "auto":
@@ -605,24 +601,24 @@ def profiles_plot(profile_path, output):
 @click.option("--json", "as_json", is_flag=True)
 def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, gpus, strategy, as_json):
     """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
+    from dataclasses import replace
+
     from autotune.context import RunContext
-    from autotune.estimate import options_for, pick_strategy, report
+    from autotune.estimate import report, shape_for, strategy_for
 
     cfg = _load(config_path, sets, model_name=model_name, distributed_strategy=strategy)
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
     budget = Budget.from_gib(budget_gb, margin) if budget_gb is not None else None
     seq, batch, rank = seq or cfg.max_sequence_length, batch or cfg.batch_size, rank or cfg.lora_r
     ctx = RunContext(cfg)
+    shape = shape_for(cfg, ctx.architecture, batch=batch, seq=seq, rank=rank, device=device, world_size=gpus)
     strategy, why = cfg.distributed_strategy, ""
     if strategy == "auto":
         if budget is None or gpus == 1:
             strategy = "ddp"
         else:
-            options = options_for(cfg, device)
-            strategy, why = pick_strategy(ctx.architecture, budget, world_size=gpus, seq=seq, rank=rank, **options)
-    est, doc = report(
-        ctx, batch=batch, seq=seq, rank=rank, device=device, budget=budget, world_size=gpus, strategy=strategy
-    )
+            strategy, why = strategy_for(shape, budget)
+    est, doc = report(ctx.spec.name, replace(shape, strategy=strategy), budget)
     if why:
         doc["strategy_reason"] = why
     if as_json:
@@ -697,7 +693,7 @@ def demo(ctx, max_memory_gb, output_dir):
         f"data_dir={sample_data}",
         f"structured_logging.log_file={output_dir}/logs/training.jsonl",
     )
-    profile = str(Path(output_dir) / "profile.json")
+    profile = str(Path(output_dir) / PROFILE)
     replace = _demo_may_replace(Path(output_dir))
     click.echo("== 1/3 autotune probe", err=True)
     ctx.invoke(probe)
@@ -717,7 +713,7 @@ def demo(ctx, max_memory_gb, output_dir):
     )
     click.echo("\n== 3/3 autotune train --profile", err=True)
     ctx.invoke(train, config_path=config, profile_path=profile, sets=sets, overwrite=replace)
-    report = Path(output_dir) / "inference_report.md"
+    report = Path(output_dir) / INFERENCE_REPORT_MD
     if report.is_file():
         click.echo("\n" + report.read_text(encoding="utf-8"))
 
@@ -726,8 +722,8 @@ def _demo_may_replace(output_dir) -> bool:
     """Whether the demo may replace what output_dir holds: nothing, or an earlier demo's run (the tiny random
     model). Any other run there is refused before the demo writes anything (its solve writes profile.json)."""
     from autotune.catalog import TINY
-    from autotune.checkpoint import CONFIG_FILE
-    from autotune.trainer import existing_run, read_summary
+    from autotune.run_files import CONFIG_FILE
+    from autotune.runner import existing_run, read_summary
 
     held = existing_run(output_dir, read_summary(output_dir))
     if held is None:

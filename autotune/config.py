@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from autotune.batching import BatchPlan
 from autotune.catalog import ModelSpec, check_target_modules, resolve_model
 from autotune.errors import UserError
+from autotune.techniques import SWITCHES, TECHNIQUES_TABLE
 
 
 def _profiles_dir() -> Path:
@@ -49,9 +51,6 @@ DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json", *TABLE_FORMATS)
 REASONING_TRACES = ("train", "drop")
 OVERFLOW_POLICIES = ("truncate", "drop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# A memory technique of the step: `auto` lets the solved profile decide (and falls back to the technique's
-# own default without one), `on` and `off` force it.
-SWITCHES = ("auto", "on", "off")
 # `autotune solve --objective`, and the ranks `--objective max-rank` tries when none are given.
 OBJECTIVES = ("throughput", "max-seq", "max-rank")
 MAX_RANK_CANDIDATES = (4, 8, 16, 32, 64)
@@ -96,7 +95,17 @@ class StructuredLogging:
     include_model_stats: bool = _key(True, "Log trainable and total parameter counts.", "bool")
 
 
+def with_technique_switches(cls):
+    """One auto|on|off key per row of the techniques table, documented by the row, after the keys written out:
+    a new technique's row is its config key (solve measures it, the profile records it)."""
+    for technique in TECHNIQUES_TABLE:
+        cls.__annotations__[technique.key] = "str"
+        setattr(cls, technique.key, _key("auto", technique.config_doc(), _choice(SWITCHES)))
+    return cls
+
+
 @dataclass
+@with_technique_switches
 class Config:
     # --- model and output ---
     model_name: str = _key(
@@ -248,43 +257,7 @@ class Config:
         "Per-device evaluation batch; null: batch_size. An evaluation OOM halves it and never the training micro-batch.",
         "int>=1?",
     )
-    # --- memory techniques of the step (autotune/techniques/); solve measures them, the profile records them ---
-    fused_loss: str = _key(
-        "auto",
-        "The loss straight from the hidden states, a chunk of tokens at a time, so the logits over Qwen3's 151,936-"
-        "token vocabulary never exist all at once (liger-kernel's fused kernel on CUDA where it imports). auto: on.",
-        _choice(SWITCHES),
-    )
-    offload_activations: str = _key(
-        "auto",
-        "With gradient checkpointing, each layer's saved input goes to CPU memory in forward and comes back for "
-        "backward. auto: the profile's choice, else off.",
-        _choice(SWITCHES),
-    )
-    embedding_on_cpu: str = _key(
-        "auto",
-        "Untied models (Qwen3-8B/14B/32B): the frozen input-embedding table stays in CPU memory and only the rows "
-        "looked up move to the GPU. auto: the profile's choice, else off.",
-        _choice(SWITCHES),
-    )
-    lm_head_8bit: str = _key(
-        "auto",
-        "Untied models (Qwen3-8B/14B/32B), with the fused loss: the frozen lm_head as int8 rows with fp32 scales, "
-        "half its bf16 size, dequantized a block at a time. auto: the profile's choice, else off.",
-        _choice(SWITCHES),
-    )
-    tiled_mlp: str = _key(
-        "auto",
-        "Each layer's MLP runs a slice of tokens at a time and keeps only its input for backward (recomputed per "
-        "slice): long sequences. auto: the profile's choice, else off.",
-        _choice(SWITCHES),
-    )
-    packing: str = _key(
-        "auto",
-        "Padding-free packing: a micro-batch's samples are concatenated into one row, attention stops at sample "
-        "boundaries and positions restart per sample; a micro-batch still holds batch_size samples. auto: on.",
-        _choice(SWITCHES),
-    )
+    # --- the memory techniques of the step: one key per row of autotune/techniques (with_technique_switches) ---
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -604,8 +577,10 @@ def _finish(values: dict, where: str, errors: list[str]) -> Config:
     if errors:
         raise UserError("\n".join(dict.fromkeys(errors)))
     if full["effective_batch_size"] is not None:
-        # The effective batch, when given, is the contract: accumulation follows from it.
-        full["gradient_accumulation_steps"] = full["effective_batch_size"] // full["batch_size"]
+        # The effective batch, when given, is the contract: accumulation follows from it (checked above to divide).
+        full["gradient_accumulation_steps"] = BatchPlan.largest(
+            full["effective_batch_size"], 1, full["batch_size"]
+        ).accumulation
     full["structured_logging"] = StructuredLogging(**full["structured_logging"])
     return Config(**full)
 

@@ -6,7 +6,7 @@ Trainer's TrainingArguments, joins the process group and wraps the model in DDP 
 collective here is torch.distributed's (through accelerate's helpers). This module reads that world, says which
 rank writes (rank 0, alone), and holds the few decisions the ranks must share:
 
-* the batch plan: accumulation = effective batch / (micro-batch x world size), the effective batch exact;
+* the batch plan per rank (batching.BatchPlan): micro-batch x accumulation x world size = the effective batch;
 * the folder a checkpoint is staged in (every rank writes its part of a save into the same one);
 * an out-of-memory's new micro-batch. An OOM inside DDP's backward leaves the other ranks blocked in the
   gradient all-reduce, so no in-process recovery can be collective; torchrun's elastic agent already solves
@@ -28,9 +28,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autotune.batching import BatchPlan
 from autotune.config import Config
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
+from autotune.techniques import check_strategy
 
 if TYPE_CHECKING:
     import torch
@@ -247,17 +249,10 @@ def check_fsdp(cfg: Config, device_type: str) -> None:
             "and LLM.int8 weights keep int8 data beside their scales, which it cannot. Use quantization "
             '"4bit" (stored as the compute dtype under FSDP) or "none", or --strategy ddp'
         )
-    # Host-side tables make no sense under sharding (each rank holds 1/N of them already) and have not been
-    # made to work with FSDP's parameter hooks.
-    for key in ("embedding_on_cpu", "lm_head_8bit"):
-        if getattr(cfg, key) == "on":
-            raise UserError(
-                f'{key} "on" with distributed_strategy fsdp: FSDP already keeps 1/N of that table per rank, and the '
-                f'technique replaces the module FSDP shards. Set {key} "auto" or "off", or use --strategy ddp'
-            )
+    check_strategy(cfg, "fsdp")  # the techniques FSDP refuses (their rows in the techniques table say why)
 
 
-def training_arguments(strategy: str, on_cpu: bool) -> dict:
+def strategy_arguments(strategy: str, on_cpu: bool) -> dict:
     """What TrainingArguments needs for this strategy, beyond one process's arguments."""
     w = world()
     if not w.distributed:
@@ -288,27 +283,13 @@ def training_arguments(strategy: str, on_cpu: bool) -> dict:
 # ------------------------------------------------------------------------------------ the batch plan
 
 
-def rank_batches(batch: int, effective: int, world_size: int) -> tuple[int, int]:
-    """(micro-batch, accumulation) per rank with micro-batch x accumulation x world_size == effective: the
-    largest micro-batch up to `batch` that divides the effective batch's share of one rank. A smaller
-    micro-batch always fits where `batch` did (per-rank memory grows with the micro-batch)."""
-    if effective % world_size:
-        raise UserError(
-            f"the effective batch {effective} cannot be split over {world_size} processes: every optimizer step "
-            f"takes the same number of samples from each rank. Use a process count that divides {effective}, or "
-            "set effective_batch_size to a multiple of the process count"
-        )
-    share = effective // world_size
-    micro = max(d for d in range(1, min(batch, share) + 1) if share % d == 0)
-    return micro, share // micro
-
-
 def plan_for_world(cfg: Config, profile: dict | None, strategy: str, w: World) -> tuple[Config, list[str]]:
     """The config one rank trains with: the strategy resolved, the micro-batch and accumulation per rank (the
     effective batch exact), and what changed, said aloud. The config's `gradient_accumulation_steps` counts for
     the whole run: under N processes each takes 1/N of it."""
     effective = cfg.effective_batch
-    micro, accumulation = rank_batches(cfg.batch_size, effective, w.size)
+    plan = BatchPlan.largest(effective, w.size, cfg.batch_size)
+    micro, accumulation = plan.micro, plan.accumulation
     notes: list[str] = []
     solved = solved_strategy(profile)
     if solved is not None and solved[1] != w.size:
@@ -538,11 +519,11 @@ def ddp_bucket_bytes(model) -> int:
     DDP hooks and its frozen weights no broadcast), then let go. With gradient_as_bucket_view off (the
     Trainer's default) the buckets are a second copy of the trainable gradients, resident for the whole run:
     they add to every step's peak on each rank."""
-    import gc
-
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from autotune.memory import free_memory
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -564,7 +545,5 @@ def ddp_bucket_bytes(model) -> int:
         if joined:
             dist.destroy_process_group()
         del stand_in
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     return sum(int(s) for s in sizes.replace(" ", "").split(",") if s)

@@ -38,12 +38,8 @@ from autotune.catalog import ModelSpec, resolve_model
 from autotune.config import EXPORT_DTYPES, Config, load_config
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, fsync_dir
+from autotune.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, EXPORT_MANIFEST, SUMMARY
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-RUN_CONFIG = "autotune_config.json"
-RUN_SUMMARY = "run_summary.json"
-MANIFEST = "autotune_export.json"
 # An output shard is held in memory until it is written: this bounds the merge's memory (plus one layer).
 MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -112,10 +108,10 @@ def read_run(run_dir: str | os.PathLike) -> FinishedRun:
             + ". Fix: give the output_dir of a finished `autotune train`; a run that failed or is still running "
             "has not written its adapter yet."
         )
-    for name in (ADAPTER_CONFIG, RUN_CONFIG):
+    for name in (ADAPTER_CONFIG, CONFIG_FILE):
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}. Fix: give the output_dir of a finished `autotune train`.")
-    cfg = load_config(path / RUN_CONFIG)
+    cfg = load_config(path / CONFIG_FILE)
     adapter_config = _read_json(path / ADAPTER_CONFIG)
     _check_adapter_config(adapter_config, path / ADAPTER_CONFIG)
     return FinishedRun(path, cfg, resolve_model(cfg.model_name), _train_dtype(path, cfg), adapter_config)
@@ -150,7 +146,7 @@ def _check_adapter_config(doc: Any, where: Path) -> None:
 
 def _train_dtype(path: Path, cfg: Config) -> str:
     """The dtype training held the base weights in: the run summary says; else what the config asked for."""
-    summary = path / RUN_SUMMARY
+    summary = path / SUMMARY
     if summary.is_file():
         try:
             recorded = json.loads(summary.read_text(encoding="utf-8")).get("model", {}).get("dtype")
@@ -591,7 +587,7 @@ def export_run(
             files, resolved = _export_adapter(run, staging.tmp, resolved, notes)
         base = base_description(run)
         atomic_write_json(
-            staging.tmp / MANIFEST,
+            staging.tmp / EXPORT_MANIFEST,
             {
                 "run": str(run.path.resolve()),
                 "merged": merge,

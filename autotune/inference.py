@@ -15,6 +15,7 @@ import torch
 from autotune.config import Config
 from autotune.data.encoding import render_prompt
 from autotune.fsutil import atomic_write_json, atomic_write_text
+from autotune.run_files import INFERENCE_REPORT_JSON, INFERENCE_REPORT_MD
 
 
 @torch.no_grad()
@@ -31,11 +32,6 @@ def generate_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int
     )
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     return ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids
-
-
-def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    ids = generate_ids(model, tokenizer, prompt, max_new_tokens)
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def token_match(answer_ids: list[int], reference_ids: list[int], max_new_tokens: int) -> float | None:
@@ -102,11 +98,11 @@ def run_inference_test(built, tokenizer, trained_pairs, held_out_pairs, cfg: Con
         "trained_samples": trained,
         "samples": held_out,  # the held-out questions (the name earlier reports used)
     }
-    atomic_write_json(out / "inference_report.json", report)
-    atomic_write_text(out / "inference_report.md", render_markdown(report))
+    atomic_write_json(out / INFERENCE_REPORT_JSON, report)
+    atomic_write_text(out / INFERENCE_REPORT_MD, render_markdown(report))
     return {
-        "json": str(out / "inference_report.json"),
-        "markdown": str(out / "inference_report.md"),
+        "json": str(out / INFERENCE_REPORT_JSON),
+        "markdown": str(out / INFERENCE_REPORT_MD),
         "samples": len(held_out),
         "trained_samples": len(trained),
         "trained_token_match": report["trained_token_match"]["tuned"],

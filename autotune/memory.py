@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import gc
 import os
 import threading
 import weakref
@@ -78,17 +77,22 @@ class MemoryMeter(ABC):
         return None
 
     def cleanup(self) -> None:
-        """Release what a finished or failed trial left behind. Frames of an OOM traceback form reference
-        cycles with the activations they hold, so only the cycle collector frees them."""
-        gc.collect()
+        """Release what a finished or failed trial left behind (free_memory)."""
+        free_memory()
 
 
 def free_memory() -> None:
-    """Collect reference cycles (an OOM's traceback frames hold activations) and, on CUDA, return the
-    allocator's cached blocks, so the next model or attempt starts from what is really live."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """The one cleanup, so the next model, trial or attempt starts from what is really live: once the device has
+    finished its queued work, accelerate's clear_device_cache with garbage collection (an OOM's traceback frames
+    hold activations in reference cycles, which only the cycle collector frees; then the allocator's cached
+    blocks go back to the device), and on the host the freed heap pages go back to the OS (glibc keeps them
+    mapped, so RSS would stay high after a big failed trial and a leak check on RSS would see caching)."""
+    from accelerate.utils.memory import clear_device_cache
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    clear_device_cache(garbage_collection=True)
+    release_host_memory()
 
 
 # --------------------------------------------------------------------------------- CUDA
@@ -246,11 +250,6 @@ class CudaMeter(MemoryMeter):
             "max_allocated_bytes": torch.cuda.max_memory_allocated(self.index),
             "overhead_bytes": self.overhead_bytes,
         }
-
-    def cleanup(self) -> None:
-        gc.collect()
-        torch.cuda.synchronize(self.index)
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------- CPU
@@ -444,12 +443,6 @@ class CpuTrackedMeter(MemoryMeter):
 
     def current_bytes(self) -> int:
         return self._live
-
-    def cleanup(self) -> None:
-        gc.collect()
-        # glibc keeps freed heap pages mapped, so RSS stays high after a big failed trial; give them back so
-        # a leak check on RSS sees leaks and not allocator caching (the CPU analogue of empty_cache).
-        release_host_memory()
 
     def __enter__(self) -> CpuTrackedMeter:
         if self._depth == 0:

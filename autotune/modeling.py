@@ -19,11 +19,7 @@ from autotune.catalog import ModelSpec, check_target_modules
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
-from autotune.techniques import Knobs
-from autotune.techniques.host_embedding import set_host_embedding
-from autotune.techniques.int8_head import set_int8_head
-from autotune.techniques.offload import set_offload
-from autotune.techniques.tiled_mlp import set_tiled_mlp
+from autotune.techniques import Knobs, Place
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -248,20 +244,24 @@ def _set_checkpointing(base: PreTrainedModel, on: bool, kwargs: dict | None) -> 
 
 
 def apply_knobs(built: BuiltModel, knobs: Knobs, checkpointing_kwargs: dict | None = None) -> None:
-    """Switch a built model's model-level techniques (checkpointing, activation offloading, the embedding table
-    on the host) to `knobs`; the step-level ones (fused loss, packing) go with it to the step. One model build
-    serves every combination a solve measures."""
+    """Switch a built model's checkpointing and model-level techniques to `knobs`; the step-level ones (fused
+    loss, packing) go with it to the step. One model build serves every combination a solve measures."""
     techniques.check(knobs, built.spec)
     base = cast("PreTrainedModel", built.model.get_base_model())
     if knobs.checkpointing != built.knobs.checkpointing:
         _set_checkpointing(base, knobs.checkpointing, checkpointing_kwargs)
-    if knobs.checkpointing:
-        # Enabling checkpointing installs transformers' own checkpoint function: set ours after it.
-        set_offload(base, knobs.offload_activations, checkpointing_kwargs)
-    set_host_embedding(base, knobs.embedding_on_cpu, built.device)
-    set_int8_head(base, knobs.lm_head_8bit, built.device)
-    set_tiled_mlp(base, knobs.tiled_mlp, built.dtype.itemsize)
+    switch_techniques(base, knobs, Place(built.device, built.dtype.itemsize, checkpointing_kwargs))
     built.knobs = knobs
+
+
+def switch_techniques(base: PreTrainedModel, knobs: Knobs, place: Place) -> None:
+    """Every model-level row of the techniques table switched to `knobs` on `base` (the transformers model inside
+    peft's), in table order. Checkpointing must be set first: enabling it installs transformers' own checkpoint
+    function, which activation offloading then wraps."""
+    for technique in techniques.model_level():
+        switch = techniques.switch_function(technique)
+        assert switch is not None  # model_level() yields only rows that have one
+        switch(base, getattr(knobs, technique.key), place)
 
 
 def prepare_for_training(model, quantized: bool, checkpointing: bool, checkpointing_kwargs: dict | None) -> None:

@@ -52,7 +52,8 @@ def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
                     Finding(
                         "error",
                         f"max_memory_gb {cfg.max_memory_gb} exceeds GPU {gpu['index']} "
-                        f"({gpu['name']}) total of {total:.1f} GiB: set max_memory_gb <= {total * 0.95:.1f}",
+                        f"({gpu['name']}) total of {total:.1f} GiB: set max_memory_gb <= {total:.1f} (the margin is "
+                        "kept inside it)",
                     )
                 )
             elif cfg.max_memory_gb > free:
@@ -61,7 +62,7 @@ def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
                         "warning",
                         f"max_memory_gb {cfg.max_memory_gb} exceeds the {free:.1f} GiB free "
                         f"on GPU {gpu['index']} now: other processes hold memory; free it "
-                        f"or set max_memory_gb <= {free * 0.95:.1f}",
+                        f"or set max_memory_gb <= {free:.1f} (the margin is kept inside it)",
                     )
                 )
             else:

@@ -10,24 +10,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from autotune import __version__
 from autotune.catalog import Architecture
 from autotune.config import STRATEGIES, Config, build_config, load_config, merge_values, parse_set
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
-from autotune.techniques import TECHNIQUES, as_config_values
-from autotune.units import GiB
+from autotune.techniques import TECHNIQUES
 
-if TYPE_CHECKING:
-    from autotune.solver import SolveRequest
-    from autotune.trial import Trial
-
-# 2: the choice records the step's techniques (fused_loss, offload_activations, embedding_on_cpu, packing).
+# 2: the choice records the step's techniques, one key per row of the techniques table; the profile lists the
+# techniques its writer knew ("techniques"). A technique added since is not in an older profile's choice: it loads
+# with that technique off (as its trials ran), and says so.
 SCHEMA_VERSION = 2
 KIND = "autotune.profile"
 
@@ -70,6 +65,10 @@ def hardware_fingerprint(probe: dict | None, device: str) -> dict:
     }
 
 
+# The choice keys every profile of this schema has; the techniques may be missing from an older one.
+REQUIRED_CHOICE_KEYS = tuple(k for k in CHOICE_KEYS if k not in TECHNIQUES)
+
+
 def new_profile(
     *,
     hardware: dict,
@@ -91,6 +90,7 @@ def new_profile(
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
         "autotune_version": __version__,
+        "techniques": list(TECHNIQUES),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware,
         "model": model,
@@ -112,8 +112,9 @@ def save_profile(profile: dict, path: str | Path) -> Path:
     return atomic_write_json(path, profile)
 
 
-def load_profile(path: str | Path) -> dict:
-    """Read and check a profile; a corrupt, foreign or older-schema file gets one clear error."""
+def load_profile(path: str | Path, notes: list[str] | None = None) -> dict:
+    """Read and check a profile; a corrupt, foreign, older- or newer-schema file gets one clear error. A technique
+    the profile predates is filled in as "off" (its trials ran without it), with a line appended to `notes`."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -130,10 +131,16 @@ def load_profile(path: str | Path) -> dict:
             f'{path}: not an autotune profile (no "kind": "{KIND}"); give a file written by `autotune solve`'
         )
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < SCHEMA_VERSION:
         raise UserError(
             f"{path}: profile schema_version {version!r}, this autotune reads {SCHEMA_VERSION}; "
             "solve again with this version of autotune"
+        )
+    if version > SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: profile schema_version {version}, written by a newer autotune "
+            f"({doc.get('autotune_version')!r}) than this one ({__version__}, schema {SCHEMA_VERSION}): upgrade "
+            "autotune, or solve again with this one"
         )
     sections = {"hardware": dict, "model": dict, "constraints": dict, "measurement": dict, "trials": list}
     wrong = [k for k, kind in sections.items() if not isinstance(doc.get(k), kind)]
@@ -152,11 +159,12 @@ def load_profile(path: str | Path) -> dict:
             f">= 1 and one of {', '.join(STRATEGIES[1:])}); solve again with `autotune solve`"
         )
     choice = doc.get("choice")
-    if not isinstance(choice, dict) or any(k not in choice for k in CHOICE_KEYS):
+    if not isinstance(choice, dict) or any(k not in choice for k in REQUIRED_CHOICE_KEYS):
         raise UserError(
             f'{path}: the profile\'s "choice" is missing keys '
-            f"{[k for k in CHOICE_KEYS if not isinstance(choice, dict) or k not in choice]}"
+            f"{[k for k in REQUIRED_CHOICE_KEYS if not isinstance(choice, dict) or k not in choice]}"
         )
+    _fill_missing_techniques(doc, path, notes)
     try:
         build_config({k: choice[k] for k in CHOICE_KEYS})
         if doc.get("config") is not None:
@@ -164,6 +172,29 @@ def load_profile(path: str | Path) -> dict:
     except UserError as exc:
         raise UserError(f"{path}: the profile's choice is invalid: {exc}") from None
     return doc
+
+
+def _fill_missing_techniques(doc: dict, path: Path, notes: list[str] | None) -> None:
+    """The techniques the profile's writer did not know, switched off in its choice (and its config): its trials
+    ran without them, so that is what its memory figures describe."""
+    missing = [k for k in TECHNIQUES if k not in doc["choice"]]
+    known = doc.get("techniques")
+    lost = [k for k in missing if isinstance(known, list) and k in known]
+    if lost:
+        raise UserError(
+            f'{path}: the profile\'s "choice" is missing keys {lost}, which its writer knew; solve again with '
+            "`autotune solve`"
+        )
+    for key in missing:
+        doc["choice"][key] = "off"
+        if isinstance(doc.get("config"), dict):
+            doc["config"].setdefault(key, "off")
+    if missing and notes is not None:
+        notes.append(
+            f"{path} was solved by autotune {doc.get('autotune_version', '?')}, before {', '.join(missing)} "
+            f"existed: {'they are' if len(missing) > 1 else 'it is'} off, as its trials ran (solve again to measure "
+            f"{'them' if len(missing) > 1 else 'it'})"
+        )
 
 
 def profile_config(profile: dict) -> Config:
@@ -258,103 +289,3 @@ def mismatches(profile: dict, hardware_now: dict, model_name: str, arch: Archite
     if model is not None:
         out.append(model[0])
     return out
-
-
-# ------------------------------------------------------------------------------ from a solve
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
-
-
-def default_profile_path(
-    gpu_name: str | None, model_name: str, budget_gb: float, *, world_size: int = 1, strategy: str = "ddp"
-) -> Path:
-    # Relative to the working directory: solved profiles belong to the user's project, not to autotune.
-    ranks = f"__{world_size}x{strategy}" if world_size > 1 else ""
-    name = f"{slug(gpu_name or 'cpu')}__{slug(model_name.split('/')[-1])}__{budget_gb:g}GB{ranks}.json"
-    return Path("profiles") / "solved" / name
-
-
-def _estimate_bytes(req: SolveRequest, trial: Trial, device_type: str) -> int | None:
-    """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
-    from autotune.estimate import estimate_peak
-    from autotune.solver import estimate_options
-
-    options = estimate_options(req, device_type, trial.knobs)
-    try:
-        est = estimate_peak(req.ctx.architecture, batch=trial.batch, seq=trial.seq, rank=trial.rank, **options)
-    except (ValueError, UserError):
-        return None
-    return est.peak_bytes
-
-
-def profile_from_solve(
-    req: SolveRequest, result: dict, *, hardware: dict, init: str, dtype: str | None, device_type: str
-) -> dict:
-    """The profile of a finished solve: its choice, what was measured and predicted, and every trial.
-
-    `init` and `dtype` describe the model the trials ran on (trial.TrialRunner.init / .dtype)."""
-    cfg, spec, best = req.ctx.cfg, req.ctx.spec, result["best"]
-    choice = {
-        "batch_size": best.batch,
-        "gradient_accumulation_steps": result["accumulation"],
-        "effective_batch_size": best.batch * result["accumulation"] * req.world_size,
-        "max_sequence_length": best.seq,
-        "lora_r": best.rank,
-        "lora_alpha": cfg.lora_alpha * best.rank / cfg.lora_r,
-        "target_modules": list(cfg.target_modules),
-        "quantization": cfg.quantization,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
-        "optimizer": cfg.optimizer,
-        "eval_batch_size": result.get("eval_batch", best.batch),
-        # The techniques the chosen trial ran with, as explicit on/off: train applies exactly them.
-        **{name: getattr(cfg, name) for name in TECHNIQUES},
-        **(as_config_values(best.knobs) if best.knobs else {}),
-        "dtype": dtype,
-    }
-    runner_up = result["runner_up"]
-    return new_profile(
-        hardware=hardware,
-        model={
-            "name": cfg.model_name,
-            "architecture_hash": architecture_hash(spec.architecture),
-            "architecture": dataclasses.asdict(spec.architecture),
-            "init": init,
-        },
-        data=req.data_stats,
-        constraints={
-            "max_memory_gb": result["budget_bytes"] / GiB,
-            "margin": result["margin"],
-            "objective": req.objective,
-            "usable_bytes": result["usable_bytes"],
-            # Every figure of the profile is one rank's of world_size processes sharing the model by `strategy`.
-            "world_size": req.world_size,
-            "strategy": req.strategy,
-            "effective_batch_size": result["effective"],
-            "max_trials": req.max_trials,
-            "time_budget_s": req.time_budget_s,
-        },
-        choice=choice,
-        prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(req, best, device_type)},
-        measurement={
-            # "trials": measured steps; "estimate": no step could be measured here (FSDP), the estimate's peak.
-            "source": "trials" if best.measured else "estimate",
-            "per_rank": req.world_size > 1,
-            "ddp_bucket_bytes": best.memory.get("ddp_bucket_bytes"),
-            "peak_bytes": best.peak_bytes,
-            "peak_fraction_of_budget": best.peak_bytes / result["budget_bytes"],
-            "tokens_per_second": best.tokens_per_second,
-            "step_seconds": best.step_seconds,
-            "max_feasible_batch": {str(k): v for k, v in result["max_feasible_batch"].items()},
-            "max_feasible_batch_by_techniques": {
-                label: {str(k): v for k, v in by_rank.items()}
-                for label, by_rank in result["max_feasible_batch_by_techniques"].items()
-            },
-        },
-        runner_up=dataclasses.asdict(runner_up) if runner_up else None,
-        reason=result["reason"],
-        trials=[dataclasses.asdict(t) for t in result["trials"]],
-        # What train starts from with --profile alone: the solve's config with the choice applied.
-        config={**cfg.to_dict(), **{k: choice[k] for k in CHOICE_KEYS}},
-    )

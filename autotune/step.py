@@ -17,8 +17,7 @@ from transformers.trainer_utils import unwrap_peft_model
 
 from autotune.checkpoint import save_checkpoint
 from autotune.config import Config
-from autotune.distributed import save_checkpoint_collectively
-from autotune.distributed import training_arguments as distributed_arguments
+from autotune.distributed import save_checkpoint_collectively, strategy_arguments
 from autotune.errors import UserError
 from autotune.evaluation import evaluate_with_oom_recovery
 from autotune.modeling import BuiltModel
@@ -122,7 +121,7 @@ def training_arguments(
     on_cpu = built.device.type == "cpu"
     steps = max_steps if max_steps is not None else (cfg.max_steps or -1)
     # Under torchrun: DDP's or FSDP's arguments (one process: none).
-    ranks = distributed_arguments(cfg.distributed_strategy, on_cpu)
+    ranks = strategy_arguments(cfg.distributed_strategy, on_cpu)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size or cfg.batch_size,

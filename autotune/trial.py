@@ -6,7 +6,7 @@ the peak reset, the steps themselves (`run_trial_steps`), the CUDA overhead re-m
 step, and the cleanup that lets the next trial start from the same baseline. The runner alone holds the
 memory budget, in bytes (units.Budget).
 
-It knows nothing of search: solver.py decides which trials to run (as Lightning's batch-size tuner keeps its
+It knows nothing of search: solve/ decides which trials to run (as Lightning's batch-size tuner keeps its
 search apart from its trial).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,55 +23,16 @@ from transformers import PrinterCallback, TrainerCallback
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.distributed import ddp_bucket_bytes
+from autotune.measurement import Trial
 from autotune.memory import CpuTrackedMeter, MemoryMeter, free_memory, make_meter
 from autotune.modeling import BuiltModel, apply_knobs, build_model, pick_device, quiet_libraries
 from autotune.step import ListDataset, make_trainer, release_trainer, training_arguments
 from autotune.techniques import Knobs, resolve
 from autotune.techniques.packing import collator_for
-from autotune.units import Budget, GiB
+from autotune.units import Budget
 
 # The second optimizer step is the first to hold the optimizer state, so two steps reach training's peak.
 TRIAL_STEPS = 2
-
-
-@dataclass
-class Trial:
-    batch: int
-    seq: int
-    rank: int
-    fits: bool  # ran, and its peak is inside the usable budget (budget less margin)
-    oom: bool  # the step ran out of memory under the cap
-    peak_bytes: int | None
-    seconds: float  # wall time of the whole trial
-    step_seconds: float | None  # mean of the optimizer steps after the first
-    tokens_per_second: float | None
-    predicted_bytes: int | None = None
-    note: str = ""
-    knobs: Knobs | None = None  # the techniques the step ran with (None: a synthetic trial that has none)
-    memory: dict = field(default_factory=dict)  # the meter's details of the peak (CUDA: reserved, allocated)
-    kind: str = "train"  # "train": optimizer steps; "eval": an evaluation step
-    # False: the peak is the estimate's, not a measurement (FSDP's per-rank memory, which one process cannot run)
-    measured: bool = True
-
-    @property
-    def checkpointing(self) -> bool | None:
-        return self.knobs.checkpointing if self.knobs else None
-
-    def describe(self, budget_bytes: int) -> str:
-        peak = (
-            f"{self.peak_bytes / GiB:7.3f} GiB ({self.peak_bytes / budget_bytes:5.1%})"
-            if self.peak_bytes
-            else "      -"
-        )
-        verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
-        if not self.measured:
-            verdict += " (est.)"
-        speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""
-        knobs = f" {self.knobs.describe():<26}" if self.knobs else ""
-        return (
-            f"batch {self.batch:4d} x seq {self.seq:6d}  r={self.rank:<4d}{knobs} peak {peak}  {verdict:11s} "
-            f"{self.seconds:6.1f}s {speed}"
-        )
 
 
 # ------------------------------------------------------------------------------------ the steps

@@ -1,11 +1,10 @@
 """A memory watchdog: notices memory creeping up during a long run before it becomes an OOM.
 
-The solver measured the step's peak on full-length rows (profile["measurement"]["peak_bytes"]: the allocator's
-reserved peak plus the CUDA context). While training, after each optimizer step, the watchdog reads the
-allocator again (reserved, allocated) and, once the footprint passes the solved peak by more than the margin
-(or, without a profile, passes the budget less the margin), it warns once, in the log and on the console,
-saying what grew since the run settled: the allocator's cache (fragmentation) or live tensors (a leak, longer
-rows than solved for).
+The solver held every trial's peak (the allocator's reserved peak plus the CUDA context) to the usable part of
+the budget: the budget less its margin. While training, after each optimizer step, the watchdog reads the
+allocator again (reserved, allocated) and, once the footprint passes that same line, it warns once, in the log
+and on the console, saying what grew since the run settled: the allocator's cache (fragmentation) or live
+tensors (a leak, longer rows than solved for).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from autotune.units import DEFAULT_MARGIN, GiB
+from autotune.units import DEFAULT_MARGIN, Budget, GiB
 
 # The first optimizer step creates the optimizer state; the footprint after the second is the settled one.
 SETTLE_STEPS = 2
@@ -45,17 +44,18 @@ _OVERHEAD: int | None = None
 
 
 def limit_for(profile: dict | None, budget_gb: float | None) -> tuple[int, str] | None:
-    """The footprint past which the watchdog warns, and how to say where it comes from."""
-    if profile is not None:
-        peak = (profile.get("measurement") or {}).get("peak_bytes")
-        margin = (profile.get("constraints") or {}).get("margin", DEFAULT_MARGIN)
-        if isinstance(peak, (int, float)) and peak > 0:
-            return int(peak * (1 + margin)), f"the solved peak of {peak / GiB:.2f} GiB plus its {margin:.0%} margin"
-    if budget_gb:
-        return int(budget_gb * GiB * (1 - DEFAULT_MARGIN)), (
-            f"max_memory_gb {budget_gb:g} less a {DEFAULT_MARGIN:.0%} margin"
-        )
-    return None
+    """The footprint past which the watchdog warns, and how to say where it comes from: the usable part of the
+    budget (units.Budget: the budget less its margin), the very line the solve held every trial to; the profile's
+    budget and margin where there is a profile, else max_memory_gb with the default margin."""
+    constraints = (profile or {}).get("constraints") or {}
+    gb, margin = constraints.get("max_memory_gb"), constraints.get("margin", DEFAULT_MARGIN)
+    source = "the solved budget"
+    if not isinstance(gb, (int, float)) or gb <= 0:
+        gb, margin, source = budget_gb, DEFAULT_MARGIN, "max_memory_gb"
+    if not gb:
+        return None
+    budget = Budget.from_gib(gb, margin)
+    return budget.usable_bytes, f"{source}, {budget.describe()}"
 
 
 def _gib(nbytes: int) -> str:

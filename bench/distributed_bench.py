@@ -120,22 +120,18 @@ def planned(args, world_size: int) -> dict:
     import torch
 
     from autotune.context import RunContext
-    from autotune.estimate import estimate_peak, options_for
+    from autotune.estimate import estimate, shape_for
     from autotune.trial import TrialRunner
     from autotune.units import Budget
 
     cfg = _config(args, tempfile.mkdtemp(prefix="autotune-dist-bench-"))
     runner = TrialRunner(RunContext(cfg), Budget(2**50), device=torch.device("cpu"), world_size=world_size)
     trial = runner.measure(args.batch, args.seq, cfg.lora_r)
-    est = estimate_peak(
-        runner.ctx.architecture,
-        batch=args.batch,
-        seq=args.seq,
-        rank=cfg.lora_r,
-        world_size=world_size,
-        strategy="ddp",
-        **options_for(cfg, "cpu"),
-    )
+    shape = shape_for(
+        cfg, runner.ctx.architecture, batch=args.batch, seq=args.seq, rank=cfg.lora_r, device="cpu",
+        world_size=world_size, strategy="ddp",
+    )  # fmt: skip
+    est = estimate(shape)
     runner.release()
     return {
         "trial_peak_bytes": trial.peak_bytes,

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from autotune.catalog import resolve_model  # noqa: E402  (after the path insert above)
 from autotune.config import DEFAULT_TARGET_MODULES  # noqa: E402
-from autotune.estimate import CALIBRATION_PATH, estimate_peak, fused_kernel  # noqa: E402
+from autotune.estimate import CALIBRATION_PATH, StepShape, estimate  # noqa: E402
 from autotune.fsutil import atomic_write_json  # noqa: E402
+from autotune.techniques import Knobs, fused_kernel  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -58,25 +59,22 @@ class Check:
     stale_bytes: int = 0  # earlier models' tables still resident (the 2026-11-27 record's fault)
 
     def estimate(self, residual_bytes: int = 0) -> int:
-        knobs = self.knobs
-        est = estimate_peak(
-            resolve_model(self.model).architecture,
-            batch=self.batch,
-            seq=self.seq,
-            rank=self.rank,
-            target_modules=self.target_modules,
-            quantization=self.quantization,
-            gradient_checkpointing=knobs.get("checkpointing", True),
-            fused_loss=knobs.get("fused_loss", False),
-            fused_kernel=fused_kernel("cuda"),
-            offload_activations=knobs.get("offload_activations", False),
-            embedding_on_cpu=knobs.get("embedding_on_cpu", False),
-            packing=knobs.get("packing", False),
-            dtype_bytes=2 if self.bf16 else 4,
-            optimizer=self.optimizer,
-            lora_dropout=self.lora_dropout,
-            device="cuda",
-            calibrated=False,
+        est = estimate(
+            StepShape(
+                resolve_model(self.model).architecture,
+                batch=self.batch,
+                seq=self.seq,
+                rank=self.rank,
+                target_modules=tuple(self.target_modules),
+                quantization=self.quantization,
+                knobs=Knobs.from_dict(self.knobs),
+                fused_kernel=fused_kernel("cuda"),
+                dtype_bytes=2 if self.bf16 else 4,
+                optimizer=self.optimizer,
+                lora_dropout=self.lora_dropout,
+                device="cuda",
+                calibrated=False,
+            )
         )
         return est.peak_bytes + residual_bytes
 

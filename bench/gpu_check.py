@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/faults.py: the injected OOM of the runner stage
+sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers/faults.py: the injected OOM of the runner stage
 
 from autotune.errors import UserError  # noqa: E402  (after the path inserts above)
 from autotune.units import Budget, GiB  # noqa: E402
@@ -207,14 +207,14 @@ def runner_for(cfg, cap_gb: float):
 
 def lean(runner):
     """Every technique that saves memory that this model and config allow (what max-seq runs with)."""
-    from autotune.solver import SolveRequest, lean_knobs
+    from autotune.solve.plan import SolveRequest, lean_knobs
 
     return lean_knobs(SolveRequest(runner.ctx, checkpointing="on"))
 
 
 def solved_profile(req, result, runner) -> dict:
-    """The profile `autotune solve` would write for a solve on `runner` (profile.profile_from_solve)."""
-    from autotune.profile import profile_from_solve
+    """The profile `autotune solve` would write for a solve on `runner` (solve.record.profile_from_solve)."""
+    from autotune.solve.record import profile_from_solve
 
     return profile_from_solve(
         req,
@@ -232,20 +232,23 @@ def plain(checkpointing: bool = True):
     return Knobs(checkpointing=checkpointing, fused_loss=False)
 
 
+def shape_of_run(runner, knobs, *, batch: int = 1, seq: int = 1, rank: int):
+    """The estimate's shape of a step of the runner's config with these knobs (estimate.shape_for)."""
+    from autotune.estimate import shape_for
+
+    return shape_for(
+        runner.cfg, runner.ctx.architecture, batch=batch, seq=seq, rank=rank, device=runner.device_type, knobs=knobs
+    )
+
+
 def estimated_seq(runner, knobs, rank: int, upper: int) -> int | None:
-    from autotune.estimate import largest_fitting, options_for
+    from autotune.estimate import fit
 
     try:
-        fit = largest_fitting(
-            runner.ctx.architecture,
-            runner.budget,
-            rank=rank,
-            max_seq=upper,
-            **options_for(runner.cfg, runner.device_type, knobs),
-        )
+        found = fit(shape_of_run(runner, knobs, rank=rank), runner.budget, max_batch=0, max_seq=upper)
     except (ValueError, UserError):
         return None
-    return fit["seq"] or None
+    return found["seq"] or None
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -254,7 +257,7 @@ def estimated_seq(runner, knobs, rank: int, upper: int) -> int | None:
 def stage_min_cap(plan: Plan, results: Results) -> None:
     """b: the smallest cap at which each model trains at the plan's sequence, batch 1, every memory technique
     on: a bisection over caps in cap_step steps, started where the estimate puts the answer."""
-    from autotune.estimate import estimate_peak, options_for
+    from autotune.estimate import estimate
 
     for model in plan.min_cap_models:
         if plan.left() < 60:
@@ -263,9 +266,7 @@ def stage_min_cap(plan: Plan, results: Results) -> None:
         runner = runner_for(base_config(model, plan.rehearse), plan.cap_ceiling)
         knobs = lean(runner)
         step, seq, rank = plan.cap_step, plan.min_cap_seq, runner.cfg.lora_r
-        est = estimate_peak(
-            runner.ctx.architecture, batch=1, seq=seq, rank=rank, **options_for(runner.cfg, runner.device_type, knobs)
-        ).peak_bytes
+        est = estimate(shape_of_run(runner, knobs, seq=seq, rank=rank)).peak_bytes
         lo, hi = 0, math.ceil(plan.cap_ceiling / step)  # lo * step does not fit (assumed), hi * step does
         k = min(hi, max(1, math.ceil(est / (1 - runner.budget.margin) / GiB / step)))
         while hi - lo > 1 and plan.left() > 30:
@@ -292,7 +293,8 @@ def stage_min_cap(plan: Plan, results: Results) -> None:
 
 def stage_longest_seq(plan: Plan, results: Results) -> None:
     """a: the longest Qwen3-8B r=32 batch-1 sequence under a 16 GB cap, every technique on, then each off."""
-    from autotune.solver import SearchLog, TrialBudgetExceeded, largest_seq
+    from autotune.solve.search import SearchLog, TrialBudgetExceeded, largest_seq
+    from autotune.techniques import TECHNIQUES_TABLE
 
     cfg = base_config(plan.longseq_model, plan.rehearse, lora_r=32, lora_alpha=64)
     runner = runner_for(cfg, plan.longseq_cap)
@@ -307,13 +309,12 @@ def stage_longest_seq(plan: Plan, results: Results) -> None:
         "knobs": all_on.to_dict(),
     }
     variants = [("all", all_on)]
-    for name in ("fused_loss", "offload_activations", "embedding_on_cpu", "lm_head_8bit", "checkpointing"):
+    for name in (*(t.key for t in TECHNIQUES_TABLE if t.searched), "checkpointing"):
         if getattr(all_on, name):
-            # Turning one off turns off what depends on it: offloading needs checkpointing, the int8 head the
-            # fused loss.
-            follow = {"checkpointing": "offload_activations", "fused_loss": "lm_head_8bit"}.get(name)
-            off = all_on.with_(**{name: False}, **({follow: False} if follow else {}))
-            variants.append((name, off))
+            # Turning one off turns off what needs it (the table's rules: offloading needs checkpointing, the int8
+            # head the fused loss).
+            needing = {t.key: False for t in TECHNIQUES_TABLE if any(n.knob == name for n in t.needs)}
+            variants.append((name, all_on.with_(**{name: False}, **needing)))
     for name, knobs in variants[: plan.longseq_variants]:
         if plan.left() < 45:
             break
@@ -383,7 +384,7 @@ def _train(cfg, cap_gb: float, *, profile=None, callbacks=()) -> dict:
     a card of that size would be. Real tokens/s: the tokens the Trainer counted (padding excluded)."""
     from autotune.memory import make_meter
     from autotune.modeling import pick_device
-    from autotune.trainer import train
+    from autotune.runner import train
 
     meter = make_meter(pick_device().type)
     meter.cap(Budget.from_gib(cap_gb).total_bytes)
@@ -416,14 +417,15 @@ def stage_real_data(plan: Plan, results: Results, stats: dict | None) -> None:
     """d, e: the shipped sample data at one cap: the guide's 16 GB preset, a profile solved without the
     techniques (yesterday's solver), and one solved with them, each trained by the runner; the last one for
     plan.real_steps steps with TensorBoard, checkpoints every quarter and an injected OOM."""
-    from faults import InjectOOM
+    from helpers.faults import InjectOOM
 
     from autotune.config import load_config, preset_path
     from autotune.profile import apply_profile
-    from autotune.solver import SolveRequest, solve
+    from autotune.solve import SolveRequest, solve
+    from autotune.techniques import TECHNIQUES_TABLE
 
     preset = load_config(preset_path(GUIDE_PRESET))
-    techniques_off = dict(fused_loss="off", packing="off", offload_activations="off", embedding_on_cpu="off")
+    techniques_off = {t.key: "off" for t in TECHNIQUES_TABLE}  # yesterday's step: none of the techniques
     keep = (
         "batch_size",
         "gradient_accumulation_steps",
@@ -512,8 +514,8 @@ def stage_real_data(plan: Plan, results: Results, stats: dict | None) -> None:
 def stage_solve(plan: Plan, results: Results, stats: dict | None) -> None:
     """The solve grid: per model one build, per cap a solve (every trial recorded), then the choice for up to
     train_steps steps under the same cap, and the estimate of the choice."""
-    from autotune.estimate import estimate_peak, options_for
-    from autotune.solver import SolveRequest, solve
+    from autotune.estimate import estimate
+    from autotune.solve import SolveRequest, solve
 
     for model in plan.solve_models:
         if plan.left() < 60:
@@ -544,8 +546,8 @@ def stage_solve(plan: Plan, results: Results, stats: dict | None) -> None:
                 continue
             entry["solve_seconds"] = round(time.perf_counter() - t, 1)
             profile = solved_profile(req, result, runner)
-            best, choice = result["best"], profile["choice"]
-            entry.update(choice=choice, trials=len(result["trials"]), reason=profile["reason"])
+            best, choice = result.best, profile["choice"]
+            entry.update(choice=choice, trials=len(result.trials), reason=profile["reason"])
             steps = max(3, min(plan.train_steps, int(25 / (best.step_seconds or 1.0))))
             run = runner.measure(best.batch, best.seq, best.rank, knobs=best.knobs, steps=steps)
             results.trial("solve/run", runner, run)
@@ -556,13 +558,7 @@ def stage_solve(plan: Plan, results: Results, stats: dict | None) -> None:
                 "peak_fraction": run.peak_bytes / runner.budget.total_bytes if run.peak_bytes else None,
                 "tokens_per_second": run.tokens_per_second,
             }
-            est = estimate_peak(
-                runner.ctx.architecture,
-                batch=best.batch,
-                seq=best.seq,
-                rank=best.rank,
-                **options_for(runner.cfg, runner.device_type, best.knobs),
-            )
+            est = estimate(shape_of_run(runner, best.knobs, batch=best.batch, seq=best.seq, rank=best.rank))
             entry["estimate"] = {"peak_bytes": est.peak_bytes, "components": est.components}
             if run.peak_bytes:
                 entry["estimate"]["error"] = est.peak_bytes / run.peak_bytes - 1
@@ -574,7 +570,7 @@ def stage_solve(plan: Plan, results: Results, stats: dict | None) -> None:
 def stage_ddp(plan: Plan, results: Results) -> None:
     """f: `autotune solve --gpus 2 --strategy ddp` and `autotune train --nproc 1` of its profile, as a user runs
     them (real processes: the second under torchrun)."""
-    from autotune.estimate import estimate_peak, options_for
+    from autotune.estimate import estimate, shape_for
     from autotune.profile import load_profile
 
     scratch = Path(tempfile.mkdtemp(prefix="autotune-gpu-check-ddp-"))
@@ -624,14 +620,17 @@ def stage_ddp(plan: Plan, results: Results) -> None:
     arch_cfg = base_config(plan.ddp_model, plan.rehearse)
     from autotune.context import RunContext
 
-    estimated = estimate_peak(
-        RunContext(arch_cfg).architecture,
-        batch=choice["batch_size"],
-        seq=choice["max_sequence_length"],
-        rank=choice["lora_r"],
-        world_size=2,
-        strategy="ddp",
-        **options_for(arch_cfg, "cpu" if plan.rehearse else "cuda"),
+    estimated = estimate(
+        shape_for(
+            arch_cfg,
+            RunContext(arch_cfg).architecture,
+            batch=choice["batch_size"],
+            seq=choice["max_sequence_length"],
+            rank=choice["lora_r"],
+            device="cpu" if plan.rehearse else "cuda",
+            world_size=2,
+            strategy="ddp",
+        )
     )
     out.update(
         constraints={k: profile["constraints"].get(k) for k in ("world_size", "strategy", "strategy_reason")},
@@ -684,7 +683,7 @@ def main() -> int:
     from autotune.context import RunContext
     from autotune.data.prepare import data_length_stats
     from autotune.hardware import probe, render_table, training_gpu
-    from autotune.techniques.fused_loss import kernel_for
+    from autotune.techniques import fused_kernel
 
     probe_doc = probe(".")
     gpu = training_gpu(probe_doc)
@@ -698,7 +697,7 @@ def main() -> int:
         "driver": probe_doc.get("driver"),
         "packages": probe_doc["host"]["packages"],
         "torch_cuda_build": probe_doc["host"].get("torch_cuda_build"),
-        "fused_loss_kernel": kernel_for(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "fused_loss_kernel": fused_kernel("cuda" if torch.cuda.is_available() else "cpu"),
     }
     results = Results(out, meta)
     stages = args.stages.split(",")

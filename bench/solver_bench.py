@@ -6,7 +6,7 @@ One model (tiny-qwen3, no quantization, random init) at one fixed sequence lengt
 the CPU (the CpuTrackedMeter raises a simulated OOM at the cap), and every trial the real training step
 (TrialRunner.measure: the HF Trainer for two optimizer steps). Three strategies each run their own trials:
 
-- ours:      autotune.solver.largest_batch (linear memory model from two trials, verify, bisect on a miss)
+- ours:      autotune.solve.search.largest_batch (linear memory model from two trials, verify, bisect on a miss)
 - lightning: Lightning's Tuner.scale_batch_size(mode="binsearch"): start at 2, double until a failure,
              then bisect between the last success and the failure (reimplemented here, not imported)
 - accelerate: accelerate's find_executable_batch_size: start at 128, multiply by 0.9 (int) on each OOM
@@ -121,7 +121,7 @@ def run_strategy(bench: Bench, name: str, search) -> dict:
 
 
 def strategies(bench: Bench) -> list:
-    from autotune.solver import SearchLog, largest_batch
+    from autotune.solve.search import SearchLog, largest_batch
 
     def ours(trial):
         return largest_batch(lambda b, s, r: trial(b), SearchLog(), bench.seq, bench.rank, bench.usable)[0]

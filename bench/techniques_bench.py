@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from autotune.units import GiB, MiB  # noqa: E402  (after the path insert above)
+from autotune.units import DEFAULT_MARGIN, GiB, MiB  # noqa: E402  (after the path insert above)
 
 
 def tiny_config(**values):
@@ -70,8 +70,10 @@ def fused_at_long_sequence(seq: int) -> dict:
 
 def regret(cap_gb: float, seq: int, effective: int, steps: int) -> dict:
     """The solver's choice against the best of every (technique combination x divisor micro-batch)."""
+    from autotune.batching import divisors_up_to
     from autotune.context import RunContext
-    from autotune.solver import SolveRequest, _combinations, divisors_up_to, solve
+    from autotune.solve import SolveRequest, solve
+    from autotune.solve.plan import combinations
     from autotune.trial import TrialRunner
     from autotune.units import Budget
 
@@ -82,9 +84,9 @@ def regret(cap_gb: float, seq: int, effective: int, steps: int) -> dict:
     t0 = time.perf_counter()
     result = solve(req, runner)
     solve_s = time.perf_counter() - t0
-    best = result["best"]
+    best = result.best
     grid = []
-    for knobs in _combinations(req):
+    for knobs in combinations(req):
         for batch in divisors_up_to(effective, effective):
             trial = runner.measure(batch, seq, cfg.lora_r, knobs=knobs)
             grid.append(trial)
@@ -106,7 +108,7 @@ def regret(cap_gb: float, seq: int, effective: int, steps: int) -> dict:
         "solver": {
             "batch": best.batch,
             "knobs": best.knobs.describe(),
-            "trials": len(result["trials"]),
+            "trials": len(result.trials),
             "seconds": round(solve_s, 1),
             "tokens_per_second": ours,
         },
@@ -146,7 +148,7 @@ def gpu_predictions() -> dict:
         peak = estimate_peak(arch, batch=1, seq=512, rank=16, **every).peak_bytes
         band = error_band()
         safe = peak / (1 + band[0]) if band and band[0] < 0 else peak
-        return round(safe / 0.95 / GiB, 2)
+        return round(safe / (1 - DEFAULT_MARGIN) / GiB, 2)
 
     return {
         "qwen3_8b_r32_longest_seq_at_16gb": longest,

@@ -24,3 +24,40 @@ def autotune_cache(tmp_path_factory):
         os.environ.pop("AUTOTUNE_CACHE", None)
     else:
         os.environ["AUTOTUNE_CACHE"] = saved
+
+
+@pytest.fixture
+def make_cfg(tmp_path, autotune_cache):
+    """A few-second CPU run's config (helpers.runs.config_values), every path inside tmp_path/<sub>."""
+    from helpers.runs import config_values
+
+    from autotune.config import build_config
+
+    def make(sub: str = "run", **overrides):
+        return build_config(config_values(tmp_path / sub, **overrides))
+
+    return make
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of the given size, really full when it is full (skips where mounting needs rights it lacks)."""
+    import subprocess
+    from pathlib import Path
+
+    mounted: list[Path] = []
+
+    def mount(size_mib: int) -> Path:
+        folder = tmp_path / f"disk-{size_mib}m"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(folder)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

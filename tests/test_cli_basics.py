@@ -10,24 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
+from helpers.cli import run_cli
 
 from autotune import hardware
-from autotune.cli import main
 from autotune.config import Config
 
-REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "profiles").glob("*/*.json"))
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """Run autotune in-process; (exit code, stdout, stderr). The one copy: other test modules import it."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write(path: Path, doc) -> Path:

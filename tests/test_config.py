@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,6 @@ from autotune.config import (
 )
 from autotune.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "profiles").glob("*/*.json"))
 
 # A valid value different from the default for every key of the schema.

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_cli_basics import run_cli
-from tiny_run import train_tiny
+from helpers.cli import run_cli
+from helpers.runs import train_tiny
 
 from autotune.config import build_config
 from autotune.context import RunContext

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.runs import config_values
 
 from autotune import distributed
+from autotune.batching import BatchPlan
 from autotune.config import build_config
-from autotune.distributed import World, plan_for_world, rank_batches, resolve_strategy
+from autotune.distributed import World, plan_for_world, resolve_strategy
 from autotune.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
@@ -66,8 +67,9 @@ def test_a_hand_made_world_is_one_clear_error(env):
 def test_rank_batches_keep_the_effective_batch_exact(batch, effective, world_size):
     if effective % world_size:
         return
-    micro, accumulation = rank_batches(batch, effective, world_size)
-    assert micro * accumulation * world_size == effective
+    plan = BatchPlan.largest(effective, world_size, batch)
+    micro, accumulation = plan.micro, plan.accumulation
+    assert micro * accumulation * world_size == effective == plan.effective
     share = effective // world_size
     # the largest micro-batch up to `batch` that divides a rank's share
     assert micro == max(d for d in range(1, min(batch, share) + 1) if share % d == 0)
@@ -75,7 +77,7 @@ def test_rank_batches_keep_the_effective_batch_exact(batch, effective, world_siz
 
 def test_an_effective_batch_that_does_not_split_is_refused():
     with pytest.raises(UserError, match="cannot be split over 3 processes"):
-        rank_batches(4, 16, 3)
+        BatchPlan.largest(16, 3, 4)
 
 
 def _cfg(**values):
@@ -128,13 +130,13 @@ def test_what_fsdp_cannot_do_is_one_clear_error(values, device, needle):
         resolve_strategy(_cfg(distributed_strategy="fsdp", **values), None, device)
 
 
-def test_training_arguments_per_strategy(monkeypatch):
-    assert distributed.training_arguments("ddp", on_cpu=True) == {}  # one process: nothing to add
+def test_strategy_arguments_per_strategy(monkeypatch):
+    assert distributed.strategy_arguments("ddp", on_cpu=True) == {}  # one process: nothing to add
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    ddp = distributed.training_arguments("ddp", on_cpu=True)
+    ddp = distributed.strategy_arguments("ddp", on_cpu=True)
     assert ddp == {"ddp_find_unused_parameters": False, "ddp_backend": "gloo"}
-    fsdp = distributed.training_arguments("fsdp", on_cpu=False)
+    fsdp = distributed.strategy_arguments("fsdp", on_cpu=False)
     # What transformers turns it into is what accelerate's FSDP2 plugin gets: one unit per decoder layer.
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import TrainingArguments
@@ -204,7 +206,7 @@ def test_ddp_buckets_are_measured_with_a_real_ddp_and_are_the_trainable_gradient
 
 
 def test_budget_for_several_gpus_is_the_smallest_card():
-    from autotune.solver import budget_for
+    from autotune.solve.command import budget_for
 
     doc = {
         "gpus": [
@@ -214,7 +216,8 @@ def test_budget_for_several_gpus_is_the_smallest_card():
         ]
     }
     budget, source = budget_for(None, _cfg(), False, doc, 0.05, gpus=2)
-    assert budget.gb == pytest.approx(round(15.0 * 0.95, 2)) and "GPU 1, the smallest of GPUs 0-1" in source
+    # the smallest card's free memory, the margin taken once (by the budget)
+    assert (budget.gb, budget.margin) == (15.0, 0.05) and "GPU 1, the smallest of GPUs 0-1" in source
     with pytest.raises(UserError, match="shows 3 usable GPU"):
         budget_for(None, _cfg(), False, doc, 0.05, gpus=4)
     assert budget_for(16.0, _cfg(), False, doc, 0.05, gpus=4)[0].gb == 16.0  # a plan for another machine
@@ -340,30 +343,13 @@ def run_dir(tmp_path_factory, autotune_cache):
     (root / "data").mkdir()
     pair = "Q{i}: What is the code word for the blue box?\nA{i}: The code word for the blue box is amber.\n\n"
     (root / "data" / "qa.md").write_text("".join(pair.format(i=i) for i in range(1, 9)), encoding="utf-8")
-    config = dict(
-        model_name="tiny-qwen3",
-        init="random",
-        tokenizer_name="qwen3-offline",
-        quantization="none",
-        bf16=False,
-        optimizer="adamw_torch",
-        batch_size=2,
+    config = config_values(
+        root,
+        data_dir=str(root / "data"),
         effective_batch_size=4,
         max_steps=STEPS,
-        max_sequence_length=64,
-        learning_rate=1e-2,
-        warmup_ratio=0.0,
-        lora_r=4,
-        lora_alpha=8,
         lora_dropout=0.0,
-        target_modules=["q_proj", "v_proj"],
-        data_dir=str(root / "data"),
-        data_cache_dir=str(root / "cache"),
         eval_ratio=0.0,
-        enable_tensorboard=False,
-        enable_inference_test=False,
-        verify_environment=False,
-        log_every_n_steps=1,
         save_every_n_steps=2,
     )
     (root / "c.json").write_text(json.dumps(config), encoding="utf-8")
@@ -387,7 +373,6 @@ def _where(root: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
 def test_two_ddp_processes_train_the_one_process_loss_curve_and_write_everything_once(run_dir):
     root, reference = run_dir
     result = _run(_cli("train", *_where(root, "ddp"), "--nproc", "2"), root, timeout=300)
@@ -412,7 +397,6 @@ def test_two_ddp_processes_train_the_one_process_loss_curve_and_write_everything
     assert (out / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
 def test_an_oom_on_one_rank_is_recovered_by_every_rank_together(run_dir):
     """Rank 1 alone runs out of memory at step 3 (injected: distributed.INJECT_OOM_ENV); rank 0 is then waiting in
     the gradient all-reduce. torchrun restarts both, and both go on from checkpoint-2 with micro-batch 1 x
@@ -434,7 +418,6 @@ def test_an_oom_on_one_rank_is_recovered_by_every_rank_together(run_dir):
     assert not (root / "oom" / "out" / distributed.OOM_DECISIONS).exists()  # the decision ends with the run
 
 
-@pytest.mark.slow
 def test_a_profile_solved_for_two_gpus_trains_on_two_processes(run_dir):
     """`solve --gpus 2` measures one rank's step with DDP's buckets and writes a profile for 2 DDP ranks;
     `train --profile P --nproc 2` runs it."""
@@ -512,7 +495,6 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
 def test_killing_one_rank_leaves_a_run_every_rank_resumes(run_dir):
     """SIGKILL of rank 1 mid-run: torchrun stops rank 0, the restart it tries refuses to start over (nothing it
     could do differently), and `train --resume` on two processes goes on from the last complete checkpoint and
@@ -574,7 +556,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_nodes_meet_through_torchruns_rendezvous(run_dir):
     """Multi-node as far as one machine goes: two torchrun agents, one process each, meeting through the c10d
     rendezvous on the loopback (what two machines do over their network), train the one-process curve."""
@@ -597,7 +578,6 @@ def test_two_nodes_meet_through_torchruns_rendezvous(run_dir):
     assert sum(a.stdout.count("training succeeded") for a in agents) == 1  # global rank 0 alone says it
 
 
-@pytest.mark.slow
 def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, autotune_cache):
     """FSDP2 on CPU/gloo, two real processes: the QLoRA model autotune builds for FSDP (4-bit data stored as bf16)
     prepared by accelerate's own fsdp2_prepare_model, with the plugin transformers builds from autotune's
@@ -679,7 +659,7 @@ def _fsdp_worker(out: str) -> None:
         output_dir=str(Path(out) / "unused"),
         report_to="none",
         use_cpu=True,
-        **distributed.training_arguments("fsdp", False),
+        **distributed.strategy_arguments("fsdp", False),
     )
     plugin = FullyShardedDataParallelPlugin(**args._process_fsdp_args())
     stand_in = SimpleNamespace(  # the Accelerator accelerate would have built on GPUs, holding the plugin

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_trace import calibrate_by_trace
+from helpers.fake_trace import calibrate_by_trace
 
 from autotune.catalog import CATALOG, PROJECTIONS, TINY, Architecture, resolve_model
 from autotune.config import DEFAULT_TARGET_MODULES, build_config
@@ -464,7 +464,6 @@ def test_estimate_matches_a_fake_tensor_trace_of_a_real_size_model():
 EIGHT_B_TWO_LAYERS = Architecture(**{**CATALOG["Qwen3-8B"].architecture.__dict__, "num_hidden_layers": 2})
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "knobs",
     [

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_basics import run_cli
-from tiny_run import train_tiny
+from helpers.cli import run_cli
+from helpers.runs import train_tiny
 
 from autotune.catalog import resolve_model
 from autotune.errors import UserError

@@ -7,12 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from autotune.data.parsing import (
 )
 from autotune.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "data" / "raw"
 SHARED_QA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa-markdown"
 

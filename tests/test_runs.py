@@ -23,38 +23,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import stop
-from test_train import (
+from helpers import REPO
+from helpers.cli import cli_process, run_cli_process
+from helpers.faults import stop
+from helpers.runs import (
     PAIRS,
     QUIET,
-    REPO,
-    _cli,
-    _cli_run,
-    _profile,
     config_values,
     loss_by_step,
     read_jsonl,
     samples,
     summary_file,
+    tiny_profile,
     write_qa,
 )
 from transformers import TrainerCallback
 
 from autotune.config import build_config
 from autotune.errors import UserError
-from autotune.trainer import train
+from autotune.runner import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
-
-
-@pytest.fixture
-def make_cfg(tmp_path, autotune_cache):
-    """A few-second CPU run's config (test_train.config_values), every path inside tmp_path/<sub>."""
-
-    def make(sub: str = "run", **overrides):
-        return build_config(config_values(tmp_path / sub, **overrides))
-
-    return make
 
 
 def config_file(tmp: Path, sub: str = "run", **overrides) -> tuple[Path, dict]:
@@ -115,7 +104,6 @@ def clean_error(stderr: str) -> str:
 # ------------------------------------------------------------------------- 1. no run is lost
 
 
-@pytest.mark.slow
 def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tmp_path, autotune_cache):
     """The issue's reproduction: 25 steps saved every step (2 kept), then the same config with max_steps=3."""
     config, values = config_file(
@@ -123,7 +111,7 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     )
     out, log = Path(values["output_dir"]), Path(values["structured_logging"]["log_file"])
     tensorboard = Path(values["log_dir"]) / "tensorboard"
-    code, _, stderr = _cli_run("train", "--config", str(config), timeout=300)
+    code, _, stderr = run_cli_process("train", "--config", str(config), timeout=300)
     assert code == 0, stderr[-3000:]
     first_id = summary_file(build_config(values))["run_id"]
     assert [p.name for p in tensorboard.iterdir()] == [first_id]  # a folder per run
@@ -131,7 +119,7 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     first, first_log = tree(out), log.read_bytes()
     assert checkpoints(out) == ["checkpoint-4", "checkpoint-5"]
 
-    code, _, stderr = _cli_run("train", "--config", str(config), "--set", "max_steps=3", timeout=300)
+    code, _, stderr = run_cli_process("train", "--config", str(config), "--set", "max_steps=3", timeout=300)
     assert code == 2
     error = clean_error(stderr)
     assert f"output_dir {out} already holds a finished run (5 steps)" in error
@@ -139,7 +127,7 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
         assert way_out in error
     assert tree(out) == first and log.read_bytes() == first_log  # nothing touched
 
-    code, stdout, stderr = _cli_run(
+    code, stdout, stderr = run_cli_process(
         "train", "--config", str(config), "--set", "max_steps=3", "--overwrite", timeout=300
     )
     assert code == 0, stderr[-3000:]
@@ -155,14 +143,13 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     assert [p.name for p in tensorboard.iterdir()] == [summary["run_id"]] != [first_id]
 
 
-@pytest.mark.slow
 def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, autotune_cache):
     config, values = config_file(tmp_path, max_steps=500, save_every_n_steps=2, eval_ratio=0.0)
     out = Path(values["output_dir"])
-    first = _cli("train", "--config", str(config))
+    first = cli_process("train", "--config", str(config))
     try:
         wait_for(lambda: (out / "checkpoints" / "checkpoint-2").is_dir(), first, "checkpoint-2")
-        code, _, stderr = _cli_run("train", "--config", str(config), timeout=300)
+        code, _, stderr = run_cli_process("train", "--config", str(config), timeout=300)
         assert code == 2
         error = clean_error(stderr)
         assert f"output_dir {out} is in use by another `autotune train` (pid {first.pid} on " in error
@@ -178,7 +165,7 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_p
     (leftover / "adapter_model.safetensors").write_bytes(b"half")
     killed = summary_file(build_config(values))  # written as training started: it says it never finished
     assert (killed["status"], killed["pid"]) == ("running", first.pid)
-    code, _, stderr = _cli_run(
+    code, _, stderr = run_cli_process(
         "train", "--config", str(config), "--resume", "--set", f"max_steps={last_step(out) + 1}", timeout=300
     )
     assert code == 0, stderr[-3000:]
@@ -188,12 +175,11 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_p
     assert summary_file(build_config(values))["status"] == "succeeded"
 
 
-@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_says_interrupted_and_resumes_exactly(tmp_path, autotune_cache):
     common = dict(max_steps=8, save_every_n_steps=100, lora_dropout=0.1, eval_ratio=0.0)
     config, values = config_file(tmp_path, "interrupted", **common)
     out = Path(values["output_dir"])
-    proc = _cli("train", "--config", str(config))
+    proc = cli_process("train", "--config", str(config))
     try:
         wait_for(lambda: logged(values, "metrics", min_step=3), proc, "step 3")
         proc.send_signal(signal.SIGINT)
@@ -214,7 +200,7 @@ def test_ctrl_c_saves_a_checkpoint_says_interrupted_and_resumes_exactly(tmp_path
     (command,) = [line.removeprefix("resume with: ") for line in stderr.splitlines() if line.startswith("resume with")]
     assert command == shlex.join(["autotune", "train", "--config", str(config), "--resume"])
 
-    code, _, stderr = _cli_run(*shlex.split(command)[1:], timeout=300)
+    code, _, stderr = run_cli_process(*shlex.split(command)[1:], timeout=300)
     assert code == 0, stderr[-3000:]
     baseline = build_config(config_values(tmp_path / "uninterrupted", **common))
     train(baseline, **QUIET)
@@ -268,34 +254,13 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_a_run_to_keep(make
 # ------------------------------------------------------------------------------ the full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of the given size, really full when it is full."""
-    mounted: list[Path] = []
-
-    def mount(size_mib: int) -> Path:
-        folder = tmp_path / f"disk-{size_mib}m"
-        folder.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(folder)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {done.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_the_free_space_is_checked_before_each_save(tmp_path, small_disk, autotune_cache):
     # A checkpoint here is ~19 MB (the tokenizer's 18.7 MB dominate); 100 MiB holds four and a reserve.
     disk = small_disk(100)
     config, values = config_file(
         tmp_path, max_steps=8, save_every_n_steps=1, save_total_limit=10, eval_ratio=0.0, output_dir=str(disk / "out")
     )
-    code, _, stderr = _cli_run("train", "--config", str(config), timeout=300)
+    code, _, stderr = run_cli_process("train", "--config", str(config), timeout=300)
     assert code == 2
     error = clean_error(stderr)
     out = disk / "out"
@@ -337,7 +302,7 @@ def test_a_profile_solved_for_another_architecture_is_refused_naming_both(make_c
 
     cfg = make_cfg(max_steps=1)
     other = resolve_model("Qwen3-0.6B")
-    profile = _profile()
+    profile = tiny_profile()
     profile["model"] = {"name": "Qwen3-0.6B", "architecture_hash": architecture_hash(other.architecture)}
     with pytest.raises(UserError) as caught:
         train(cfg, profile=profile, **QUIET)
@@ -354,7 +319,7 @@ def test_profile_and_model_mismatches_name_both_models():
     from autotune.profile import architecture_hash, model_mismatch
 
     tiny = resolve_model("tiny-qwen3").architecture
-    profile = _profile()
+    profile = tiny_profile()
     profile["model"] = {"name": "my-copy-of-tiny", "architecture_hash": architecture_hash(tiny)}
     message, other_arch = model_mismatch(profile, "tiny-qwen3", tiny)
     assert not other_arch and "'my-copy-of-tiny' but the config trains 'tiny-qwen3'" in message
@@ -378,8 +343,8 @@ def test_every_file_a_run_writes_keeps_the_umask(make_cfg, umask):
     cfg = build_config({**cfg.to_dict(), "inference_max_new_tokens": 4})
     previous = os.umask(umask)
     try:
-        save_profile(_profile(), Path(cfg.output_dir).parent / "profile.json")
-        train(cfg, profile=_profile(), **QUIET)
+        save_profile(tiny_profile(), Path(cfg.output_dir).parent / "profile.json")
+        train(cfg, profile=tiny_profile(), **QUIET)
     finally:
         os.umask(previous)
     roots = [Path(cfg.output_dir), Path(cfg.data_cache_dir), Path(cfg.structured_logging.log_file).parent]
@@ -433,7 +398,7 @@ def test_only_bitsandbytes_kernels_hint_is_silenced(caplog):
 
 def test_one_logged_loss_is_not_shown_as_a_change(tmp_path, autotune_cache):
     config, _ = config_file(tmp_path, max_steps=1)
-    code, stdout, stderr = _cli_run("train", "--config", str(config), timeout=300)
+    code, stdout, stderr = run_cli_process("train", "--config", str(config), timeout=300)
     assert code == 0, stderr[-3000:]
     assert "1 steps, loss " in stdout and "(one logged step)" in stdout and " -> " not in stdout
 
@@ -494,7 +459,7 @@ def test_evaluation_that_never_fits_is_dropped_and_training_goes_on(make_cfg):
 # ----------------------------------------------------------------------------- the memory watchdog
 
 
-def test_memory_creeping_past_the_solved_peak_is_warned_once_saying_what_grew(make_cfg, monkeypatch):
+def test_memory_creeping_past_the_solved_budget_is_warned_once_saying_what_grew(make_cfg, monkeypatch):
     """Faked: only the readings (a CPU has no CUDA allocator); the watchdog, the run and the log are real."""
     import autotune.watchdog as watchdog
 
@@ -503,18 +468,19 @@ def test_memory_creeping_past_the_solved_peak_is_warned_once_saying_what_grew(ma
         [watchdog.MemoryReading(int((0.90 + 0.04 * max(0, n - 2)) * GiB), int(0.70 * GiB)) for n in range(1, 9)]
     )
     monkeypatch.setattr(watchdog, "read_memory", lambda: next(readings))
-    profile = _profile()
-    profile["measurement"] = {"peak_bytes": GiB}
-    profile["constraints"] = {"max_memory_gb": 2.0, "margin": 0.05}
+    profile = tiny_profile()
+    profile["measurement"] = {"peak_bytes": int(0.85 * GiB)}
+    profile["constraints"] = {"max_memory_gb": 1.0, "margin": 0.05}
     said: list[str] = []
     cfg = make_cfg(max_steps=8, eval_ratio=0.0)
     summary = train(cfg, profile=profile, echo=said.append)
-    # 0.90, 0.90, 0.94, 0.98, 1.02, 1.06 GiB: the 6th step passes 1 GiB + 5%; warned there, and only there.
+    # 0.90, 0.90, 0.94, 0.98, 1.02 GiB: the 4th step passes the line every trial of the solve was held to, the
+    # budget less its margin (0.95 GiB); warned there, and only there.
     (warning,) = [r for r in read_jsonl(cfg) if r["component"] == "memory"]
     assert warning["level"] == "WARNING"
-    assert "memory is creeping up: at step 6 the process holds 1.06 GiB" in warning["message"]
-    assert "the solved peak of 1.00 GiB plus its 5% margin" in warning["message"]
-    assert "the allocator's cache grew by 0.16 GiB while live tensors grew by 0.00 GiB" in warning["message"]
+    assert "memory is creeping up: at step 4 the process holds 0.98 GiB" in warning["message"]
+    assert "past the solved budget, 1 GiB less a 5% margin (0.95 GiB)" in warning["message"]
+    assert "the allocator's cache grew by 0.08 GiB while live tensors grew by 0.00 GiB" in warning["message"]
     assert [m for m in said if "memory is creeping up" in m] == [f"warning: {warning['message']}"]
     assert summary["memory_warnings"] == [warning["message"]] and summary["status"] == "succeeded"
 
@@ -540,8 +506,9 @@ def test_the_watchdog_limit_comes_from_the_profile_else_the_budget():
     from autotune.watchdog import limit_for
 
     GiB = 2**30
-    profile = {"measurement": {"peak_bytes": 10 * GiB}, "constraints": {"margin": 0.1}}
-    assert limit_for(profile, 16.0) == (11 * GiB, "the solved peak of 10.00 GiB plus its 10% margin")
+    profile = {"measurement": {"peak_bytes": 10 * GiB}, "constraints": {"max_memory_gb": 12.0, "margin": 0.1}}
+    assert limit_for(profile, 16.0) == (int(12 * GiB * 0.9), "the solved budget, 12 GiB less a 10% margin")
+    assert limit_for({"constraints": {}}, 16.0) == (int(16 * GiB * 0.95), "max_memory_gb, 16 GiB less a 5% margin")
     assert limit_for(None, 16.0)[0] == int(16 * GiB * 0.95)
     assert limit_for(None, None) is None
 
@@ -554,19 +521,18 @@ def test_the_demo_refuses_a_folder_holding_someone_elses_run(tmp_path):
     (out / "checkpoints" / "checkpoint-100").mkdir(parents=True)
     (out / "autotune_config.json").write_text(json.dumps({"model_name": "Qwen3-8B", "init": "pretrained"}))
     before = tree(out)
-    code, _, stderr = _cli_run("demo", "--output-dir", str(out), timeout=300)
+    code, _, stderr = run_cli_process("demo", "--output-dir", str(out), timeout=300)
     assert code == 2
     error = clean_error(stderr)
     assert f"--output-dir {out} already holds a run with checkpoints up to step 100, not a demo's" in error
     assert tree(out) == before
 
 
-@pytest.mark.slow
 def test_the_demo_visibly_learns(tmp_path, autotune_cache):
     """`autotune demo` end to end (probe, solve, train, inference report) offline on the CPU: its loss at least
     halves, and the tuned model reproduces tokens of answers it was trained on, which the base model does not."""
     out = tmp_path / "demo"
-    code, stdout, stderr = _cli_run("demo", "--output-dir", str(out), timeout=900)
+    code, stdout, stderr = run_cli_process("demo", "--output-dir", str(out), timeout=900)
     assert code == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "pip install kernels" not in stderr
     final = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))["final"]

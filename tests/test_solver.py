@@ -1,7 +1,7 @@
 """`autotune solve`: the search against brute force, the real trial on the CPU, leaks, profiles, CLI.
 
 Part 1 drives the search with synthetic memory curves (no model, milliseconds): every answer is compared
-with brute force over every batch size. Part 2 (marked slow) runs the real trial.TrialRunner on the tiny
+with brute force over every batch size. Part 2 runs the real trial.TrialRunner on the tiny
 Qwen3 under a simulated cap, and the CLI end to end.
 """
 
@@ -14,29 +14,23 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import REPO
+from helpers.cli import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cli_basics import run_cli
 
 from autotune import hardware
 from autotune.config import build_config, load_config
 from autotune.context import RunContext
 from autotune.errors import UserError
+from autotune.measurement import Trial
 from autotune.profile import load_profile, save_profile
-from autotune.solver import (
-    SearchLog,
-    SolveRequest,
-    TrialBudgetExceeded,
-    choose_seq,
-    largest_batch,
-    largest_seq,
-    solve,
-)
+from autotune.solve import SolveRequest, solve
+from autotune.solve.plan import choose_seq
+from autotune.solve.search import SearchLog, TrialBudgetExceeded, largest_batch, largest_seq
 from autotune.techniques import Knobs
-from autotune.trial import Trial
 from autotune.units import Budget, GiB
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "profiles" / "configs" / "demo.json"
 MiB = 2**20
 
@@ -266,13 +260,13 @@ def test_prediction_misses_low_then_recovers():
 def test_search_log_caps_trials_and_time():
     m = synthetic(memory("linear", 0, 1.0))
     log = SearchLog(max_trials=2)
-    log.run(lambda b, s, r: m(b, s, r, 10**9), 1, 64, 8)
-    log.run(lambda b, s, r: m(b, s, r, 10**9), 2, 64, 8)
-    assert log.run(lambda b, s, r: m(b, s, r, 10**9), 1, 64, 8) is log.trials[0]  # cached: no new trial
+    log.trial(lambda b, s, r: m(b, s, r, 10**9), 1, 64, 8)
+    log.trial(lambda b, s, r: m(b, s, r, 10**9), 2, 64, 8)
+    assert log.trial(lambda b, s, r: m(b, s, r, 10**9), 1, 64, 8) is log.trials[0]  # cached: no new trial
     with pytest.raises(TrialBudgetExceeded, match="--max-trials 2"):
-        log.run(lambda b, s, r: m(b, s, r, 10**9), 3, 64, 8)
+        log.trial(lambda b, s, r: m(b, s, r, 10**9), 3, 64, 8)
     with pytest.raises(TrialBudgetExceeded, match="--time-budget"):
-        SearchLog(deadline=0.0).run(lambda b, s, r: m(b, s, r, 10**9), 1, 64, 8)
+        SearchLog(deadline=0.0).trial(lambda b, s, r: m(b, s, r, 10**9), 1, 64, 8)
 
 
 # ------------------------------------------------------------------------------ sequence length
@@ -352,15 +346,15 @@ def test_solve_keeps_the_effective_batch_with_the_largest_fitting_divisor():
     m = synthetic(per_token(), speed=speed)
     shown = []
     result = solve(request(tiny_cfg(), seq=64), SyntheticTrials(m, 1.0), on_trial=shown.append)
-    best = result["best"]
-    assert result["max_feasible_batch"] == {8: 13}
-    assert (best.batch, result["accumulation"], best.seq, best.rank) == (8, 2, 64, 8)
-    assert best.batch * result["accumulation"] == result["effective"] == 16
-    assert shown == result["trials"] and result["stopped"] is None
-    fitting = [t for t in result["trials"] if t.fits and 16 % t.batch == 0]
+    best = result.best
+    assert result.max_feasible_batch == {8: 13}
+    assert (best.batch, result.batches.accumulation, best.seq, best.rank) == (8, 2, 64, 8)
+    assert best.batch * result.batches.accumulation == result.batches.effective == 16
+    assert shown == result.trials and result.stopped is None
+    fitting = [t for t in result.trials if t.fits and 16 % t.batch == 0]
     assert best.tokens_per_second == max(t.tokens_per_second for t in fitting)
-    assert "batch 8 x accumulation 2 (effective 16, asked 16)" in result["reason"]
-    print(f"synthetic solve: {len(result['trials'])} trials: {[t.batch for t in result['trials']]}")
+    assert "batch 8 x accumulation 2 (effective 16, asked 16)" in result.reason
+    print(f"synthetic solve: {len(result.trials)} trials: {[t.batch for t in result.trials]}")
 
 
 def test_solve_never_changes_the_effective_batch():
@@ -370,30 +364,30 @@ def test_solve_never_changes_the_effective_batch():
         request(tiny_cfg(batch_size=1, gradient_accumulation_steps=13), seq=64),
         SyntheticTrials(synthetic(usable_12, speed=speed), 1.0),
     )
-    assert result["max_feasible_batch"] == {8: 12}
-    assert (result["best"].batch, result["accumulation"]) == (1, 13)
+    assert result.max_feasible_batch == {8: 12}
+    assert (result.best.batch, result.batches.accumulation) == (1, 13)
 
 
 def test_solve_world_size_divides_the_effective_batch():
     result = solve(request(tiny_cfg(), seq=64, world_size=2), SyntheticTrials(synthetic(per_token(), speed=speed), 1.0))
-    assert (result["best"].batch, result["accumulation"]) == (8, 1)  # 8 per device x 2 devices = 16
+    assert (result.best.batch, result.batches.accumulation) == (8, 1)  # 8 per device x 2 devices = 16
 
 
 def test_solve_uses_the_data_p99_and_the_config_rank():
     stats = {"count": 40, "total": {"p50": 50, "p90": 80, "p95": 85, "p99": 90, "max": 97}}
     result = solve(request(tiny_cfg(), data_stats=stats), SyntheticTrials(synthetic(per_token(), speed=speed), 1.0))
-    assert {(t.seq, t.rank) for t in result["trials"]} == {(96, 8)}
-    assert result["seq"] == 96 and "p99" in result["seq_reason"]
+    assert {(t.seq, t.rank) for t in result.trials} == {(96, 8)}
+    assert result.seq == 96 and "p99" in result.seq_reason
 
 
 def test_solve_max_trials_keeps_the_best_so_far():
     result = solve(request(tiny_cfg(), seq=64, max_trials=2), SyntheticTrials(synthetic(per_token(), speed=speed), 1.0))
-    trials = result["trials"]
-    assert len(trials) == 2 and "--max-trials 2" in result["stopped"]
+    trials = result.trials
+    assert len(trials) == 2 and "--max-trials 2" in result.stopped
     # Where trial 2 goes depends on the analytic estimate; the choice is the best of the two measured.
     best = max((t for t in trials if t.fits and 16 % t.batch == 0), key=lambda t: t.tokens_per_second)
-    assert result["best"] is best and result["accumulation"] == 16 // best.batch
-    assert "Search stopped early" in result["reason"]
+    assert result.best is best and result.batches.accumulation == 16 // best.batch
+    assert "Search stopped early" in result.reason
 
 
 def test_solve_time_budget_keeps_the_best_so_far():
@@ -406,8 +400,8 @@ def test_solve_time_budget_keeps_the_best_so_far():
         return inner(*args)
 
     result = solve(request(tiny_cfg(), seq=64, time_budget_s=1.0), SyntheticTrials(slow, 1.0))
-    assert 1 <= len(result["trials"]) <= 2 and "--time-budget" in result["stopped"]
-    assert result["best"].fits
+    assert 1 <= len(result.trials) <= 2 and "--time-budget" in result.stopped
+    assert result.best.fits
 
 
 def test_solve_nothing_fits_says_what_to_do():
@@ -427,12 +421,12 @@ def test_solve_max_rank_picks_the_highest_rank_that_fits():
     # 14 MiB per rank: at batch 1 rank 64 needs 100 + 64 + 896 MiB > 972.8 usable; rank 32 fits up to batch 6.
     m = synthetic(per_token(mib_per_rank=14.0), speed=speed)
     result = solve(request(tiny_cfg(), seq=64, objective="max-rank", ranks=[4, 8, 16, 32, 64]), SyntheticTrials(m, 1.0))
-    found = result["max_feasible_batch"]
+    found = result.max_feasible_batch
     assert found[64] == 0 and found[32] > 0
-    assert result["best"].rank == 32
-    assert 16 % result["best"].batch == 0 and result["best"].batch * result["accumulation"] == 16
+    assert result.best.rank == 32
+    assert 16 % result.best.batch == 0 and result.best.batch * result.batches.accumulation == 16
     # brute force at rank 32: the largest divisor of 16 that fits
-    assert result["best"].batch == max(b for b in (1, 2, 4, 8, 16) if (100 + 64 * b + 14 * 32) <= 972.8)
+    assert result.best.batch == max(b for b in (1, 2, 4, 8, 16) if (100 + 64 * b + 14 * 32) <= 972.8)
 
 
 def test_solve_max_seq_picks_the_longest_sequence():
@@ -440,8 +434,8 @@ def test_solve_max_seq_picks_the_longest_sequence():
     usable = int(1.0 * GiB * 0.95)
     result = solve(request(tiny_cfg(), seq=64, objective="max-seq", max_seq=4096), SyntheticTrials(synthetic(fn), 1.0))
     want = max(s for s in range(64, 4097, 64) if fn(1, s, 8) <= usable)
-    assert result["best"].seq == result["seq"] == want == 1728
-    assert (result["best"].batch, result["accumulation"]) == (1, 16)
+    assert result.best.seq == result.seq == want == 1728
+    assert (result.best.batch, result.batches.accumulation) == (1, 16)
 
 
 # ------------------------------------------------------------------------------ the real trial (CPU)
@@ -495,7 +489,7 @@ def solved(real_cfg):
 
 
 def profile_of(req, result, runner, hardware=None) -> dict:
-    from autotune.profile import profile_from_solve
+    from autotune.solve.record import profile_from_solve
 
     return profile_from_solve(
         req,
@@ -507,10 +501,9 @@ def profile_of(req, result, runner, hardware=None) -> dict:
     )
 
 
-@pytest.mark.slow
 def test_real_solve_equals_brute_force(solved):
     req, result, runner, shown = solved
-    rank, usable, budget = req.ctx.cfg.lora_r, result["usable_bytes"], result["budget_bytes"]
+    rank, usable, budget = req.ctx.cfg.lora_r, result.budget.usable_bytes, result.budget.total_bytes
     brute = {}
     for b in itertools.count(1):  # brute force: every batch size from 1 to the first that does not fit
         brute[b] = runner.measure(b, SEQ, rank)
@@ -518,27 +511,26 @@ def test_real_solve_equals_brute_force(solved):
             break
     true_max = max(b for b, t in brute.items() if t.fits)
     assert 3 <= true_max <= 6, "the cap no longer sizes this test as intended"
-    assert result["max_feasible_batch"] == {rank: true_max}
+    assert result.max_feasible_batch == {rank: true_max}
     # A shape measures the same peak every time: the trials before did not leave memory behind.
-    for t in result["trials"]:
+    for t in result.trials:
         if t.batch in brute and t.peak_bytes is not None:
             assert abs(t.peak_bytes - brute[t.batch].peak_bytes) <= 64 * 1024
-    best = result["best"]
+    best = result.best
     assert best.fits and best.peak_bytes <= usable <= budget
-    assert best.batch * result["accumulation"] == req.ctx.cfg.effective_batch
+    assert best.batch * result.batches.accumulation == req.ctx.cfg.effective_batch
     # Four training trials (two to fit the line, the predicted maximum, the divisor of the effective
     # batch) and one for the evaluation batch.
-    assert shown == result["trials"] and [t.kind for t in result["trials"]].count("train") <= 4
+    assert shown == result.trials and [t.kind for t in result.trials].count("train") <= 4
     profile = profile_of(req, result, runner)
-    assert len(profile["trials"]) == len(result["trials"])
+    assert len(profile["trials"]) == len(result.trials)
     assert profile["measurement"]["peak_bytes"] == best.peak_bytes <= profile["constraints"]["usable_bytes"]
     print(
-        f"real solve: true max {true_max}, solver {len(result['trials'])} trials "
-        f"{[t.batch for t in result['trials']]}, brute force {len(brute)} trials"
+        f"real solve: true max {true_max}, solver {len(result.trials)} trials "
+        f"{[t.batch for t in result.trials]}, brute force {len(brute)} trials"
     )
 
 
-@pytest.mark.slow
 def test_twenty_failing_trials_leave_nothing_behind(real_cfg):
     import psutil
 
@@ -565,7 +557,6 @@ def test_twenty_failing_trials_leave_nothing_behind(real_cfg):
     print(f"20 failed trials: meter back to {baseline} bytes each time, RSS {grown / MiB:+.1f} MiB")
 
 
-@pytest.mark.slow
 def test_a_model_the_runner_let_go_is_really_gone(real_cfg):
     """With an 8-bit bitsandbytes optimizer the HF Trainer registers the embeddings in bitsandbytes'
     process-wide GlobalOptimManager; unless the trial takes them out again, a rank change (or the next
@@ -610,13 +601,11 @@ def train_config(workdir):
     return path
 
 
-@pytest.mark.slow
 def test_profile_round_trip(profile_path):
     profile, path = profile_path
     assert load_profile(path) == profile
 
 
-@pytest.mark.slow
 def test_train_with_profile_runs_inside_the_cap(profile_path, train_config, workdir, capsys):
     from autotune.memory import CpuTrackedMeter
 
@@ -660,7 +649,6 @@ def _corrupt(profile: dict, how: str) -> str:
     return json.dumps(doc)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "how,message",
     [
@@ -690,7 +678,6 @@ def clean_alloc_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.slow
 def test_cli_solve_writes_profile_and_plot(workdir, tmp_path, capsys, monkeypatch, clean_alloc_env):
     monkeypatch.chdir(tmp_path)
     out_json = tmp_path / "p.json"
@@ -767,23 +754,23 @@ def test_throughput_measures_the_techniques_the_estimate_ranks_and_keeps_the_fas
 
     req = request(cfg, seq=64)
     result = solve(req, SyntheticTrials(measure, usable_cap / GiB))
-    usable = result["usable_bytes"]
+    usable = result.budget.usable_bytes
     # The search stops at the effective batch (16): nothing above it could be chosen.
-    assert result["max_feasible_batch"][cfg.lora_r] == min(
+    assert result.max_feasible_batch[cfg.lora_r] == min(
         16, max(b for b in range(1, 64) if (1 + b * 0.4) * GiB <= usable)
     )
-    by_techniques = result["max_feasible_batch_by_techniques"]
+    by_techniques = result.max_feasible_batch_by_techniques
     # The estimate ranks "no checkpointing, no fused loss" fastest of the rest; every slower combination that
     # fits no larger batch is not measured.
     assert list(by_techniques) == ["ckpt+fused+packed", "no-ckpt+packed"]
     assert by_techniques["no-ckpt+packed"][cfg.lora_r] == max(
         b for b in (1, 2, 4, 8, 16) if (1 + b * 1.1) * GiB <= usable
     )
-    assert len(result["trials"]) <= 12
-    best = result["best"]
+    assert len(result.trials) <= 12
+    best = result.best
     # With checkpointing the largest divisor of 16 that fits is 16 (16000 tok/s); without, 4 (5200 tok/s).
     assert best.checkpointing is True and best.batch == 16
-    assert f"With no-ckpt+packed: rank {cfg.lora_r} up to batch 4." in result["reason"]
+    assert f"With no-ckpt+packed: rank {cfg.lora_r} up to batch 4." in result.reason
 
     # Make the un-checkpointed run much faster: now it wins, and the profile says so.
     def fast_off(batch, seq, rank, usable, knobs=None):
@@ -793,7 +780,7 @@ def test_throughput_measures_the_techniques_the_estimate_ranks_and_keeps_the_fas
         return t
 
     result = solve(req, SyntheticTrials(fast_off, usable_cap / GiB))
-    assert result["best"].checkpointing is False
+    assert result.best.checkpointing is False
     profile = profile_of(req, result, None)
     choice = profile["choice"]
     assert choice["gradient_checkpointing"] is False and choice["fused_loss"] == "off" and choice["packing"] == "on"
@@ -817,4 +804,4 @@ def test_a_config_that_fixes_the_techniques_gets_them_measured_and_nothing_else(
     )
     m = synthetic(per_token(), speed=speed)
     result = solve(request(cfg, seq=64, checkpointing="on"), SyntheticTrials(m, 1.0))
-    assert {t.knobs for t in result["trials"]} == {Knobs(checkpointing=True, fused_loss=True)}
+    assert {t.knobs for t in result.trials} == {Knobs(checkpointing=True, fused_loss=True)}

@@ -153,7 +153,6 @@ def accumulated_grads(knobs: Knobs, batches) -> tuple[list[float], dict[str, tor
     return losses, grads
 
 
-@pytest.mark.slow
 def test_fused_loss_through_the_trainer_equals_the_plain_loss_and_its_lora_gradients():
     batches = micro_batches()
     plain_losses, plain = accumulated_grads(Knobs(checkpointing=True, fused_loss=False), batches)
@@ -168,7 +167,6 @@ def test_fused_loss_through_the_trainer_equals_the_plain_loss_and_its_lora_gradi
 # ------------------------------------------------------------------------------------ offload, host table
 
 
-@pytest.mark.slow
 def test_offloaded_activations_give_the_same_gradients():
     batches = micro_batches(seed=3)
     _, plain = accumulated_grads(Knobs(checkpointing=True, fused_loss=True), batches)
@@ -185,7 +183,6 @@ def untied(tmp_path) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.slow
 def test_the_embedding_table_on_the_host_gives_the_same_gradients_and_leaves_the_device(tmp_path, autotune_cache):
     cfg = tiny_cfg(model_name=untied(tmp_path), tokenizer_name="qwen3-offline")
     ctx = RunContext(cfg)
@@ -226,7 +223,6 @@ def test_auto_means_fused_and_packed_and_nothing_that_costs_speed():
     )
 
 
-@pytest.mark.slow
 def test_offloading_takes_the_checkpointed_inputs_off_the_device(tmp_path):
     """A deeper model (8 layers) at 1k tokens: the checkpointed inputs are 8 x tokens x hidden x 4 bytes; with
     offloading about two of them stay (the one being recomputed, the one coming back)."""
@@ -253,7 +249,6 @@ def test_offloading_takes_the_checkpointed_inputs_off_the_device(tmp_path):
 # ---------------------------------------------------------------------------------------------- packing
 
 
-@pytest.mark.slow
 def test_packed_samples_have_the_losses_they_have_alone():
     cfg = tiny_cfg()
     built = build_model(RunContext(cfg), knobs=Knobs(checkpointing=False, fused_loss=False))
@@ -283,7 +278,6 @@ def test_packed_samples_have_the_losses_they_have_alone():
     assert start == packed["input_ids"].shape[1]  # not one pad token
 
 
-@pytest.mark.slow
 def test_packing_and_the_fused_loss_give_the_padded_steps_gradients():
     batches = micro_batches(seed=9)
     _, padded = accumulated_grads(Knobs(checkpointing=True, fused_loss=False, packing=False), batches)
@@ -295,7 +289,6 @@ def test_packing_and_the_fused_loss_give_the_padded_steps_gradients():
 # ------------------------------------------------------------------------------------ what each one saves
 
 
-@pytest.mark.slow
 def test_the_fused_loss_saves_at_least_the_logits_at_a_long_sequence():
     """The tiny model (Qwen3's 151,936-token vocabulary) at 1,024 tokens: the plain loss holds fp32 logits,
     their log-probabilities and their gradient (12 bytes per token and vocabulary entry); the fused one never
@@ -347,7 +340,6 @@ def test_the_8bit_head_loss_is_within_its_stated_tolerance_of_the_bf16_head():
     assert relative_error(blocked / (F.pad(labels, (0, 1), value=IGNORE)[..., 1:] != IGNORE).sum(), exact) < 1e-6
 
 
-@pytest.mark.slow
 def test_the_8bit_head_halves_the_table_and_trains(tmp_path):
     cfg = tiny_cfg(model_name=untied(tmp_path), tokenizer_name="qwen3-offline", bf16=True)
     ctx = RunContext(cfg)
@@ -397,7 +389,6 @@ def mlp_grads(targets, dropout, mode: str) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "gate_proj", "up_proj", "down_proj"]])
 def test_the_tiled_mlp_gives_the_same_gradients(targets):
     """The input gradient and every LoRA gradient, the MLP's own adapters included."""
@@ -407,7 +398,6 @@ def test_the_tiled_mlp_gives_the_same_gradients(targets):
     assert worst < 1e-5, worst
 
 
-@pytest.mark.slow
 def test_the_tiled_mlp_replays_lora_dropout_in_its_recompute():
     """With dropout on the MLP's adapters a tiled run draws its masks a slice at a time, so it is compared with
     the same slices run with ordinary graphs: equal gradients mean the recompute saw the forward's masks."""
@@ -419,7 +409,6 @@ def test_the_tiled_mlp_replays_lora_dropout_in_its_recompute():
     assert max(relative_error(unrelated[k], sliced[k]) for k in sliced) > 1e-3
 
 
-@pytest.mark.slow
 def test_the_tiled_mlp_keeps_the_mlp_activations_off_a_long_sequence(tmp_path, monkeypatch):
     """A wide MLP (intermediate 4096) on a narrow model at 2,048 tokens: the layer's backward holds the MLP's
     gate, up and product for every token untiled; tiled, for one slice (128 tokens here, so this small model

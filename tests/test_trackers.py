@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny_values, train_tiny
+from helpers.runs import tiny_values, train_tiny
 
 from autotune.cli import main
 from autotune.config import build_config

@@ -11,134 +11,34 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
-from faults import InjectOOM, stop
-from transformers import TrainerCallback
+from helpers.cli import cli_process, run_cli_process
+from helpers.faults import InjectOOM, stop
+from helpers.runs import (
+    PAIRS,
+    QUIET,
+    BatchRows,
+    config_values,
+    loss_by_step,
+    read_jsonl,
+    summary_file,
+    tiny_profile,
+    write_qa,
+)
 
 from autotune.catalog import resolve_model
-from autotune.config import Config, build_config
+from autotune.config import build_config
 from autotune.context import RunContext
 from autotune.errors import UserError
-from autotune.trainer import train
+from autotune.runner import train
 
 # Saving an adapter of a random-init base (no hub name) makes peft say it cannot check the vocabulary.
 pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
-
-REPO = Path(__file__).resolve().parent.parent
-QUIET = dict(echo=lambda message: None)
-
-PAIRS = [
-    (f"What is the code word for box {i}?", f"The code word for box {i} is {word}.")
-    for i, word in enumerate(
-        ["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "inlet", "juniper"], 1
-    )
-]
-
-
-def write_qa(folder: Path, pairs) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"Q{i}: {q}\nA{i}: {a}\n\n" for i, (q, a) in enumerate(pairs, 1))
-    (folder / "qa.md").write_text(text, encoding="utf-8")
-    return folder
-
-
-def config_values(tmp: Path, **overrides) -> dict:
-    """A few-second CPU run; every path inside `tmp`."""
-    values = dict(
-        model_name="tiny-qwen3",
-        init="random",
-        tokenizer_name="qwen3-offline",
-        quantization="none",
-        bf16=False,
-        optimizer="adamw_torch",  # bf16 autocast is ~4x slower on this CPU
-        batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=4,
-        max_sequence_length=64,
-        learning_rate=1e-2,
-        warmup_ratio=0.0,
-        lora_r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        data_cache_dir=str(tmp / "cache"),
-        output_dir=str(tmp / "out"),
-        log_dir=str(tmp / "logs"),
-        structured_logging={"log_file": str(tmp / "logs" / "run.jsonl")},
-        enable_tensorboard=False,
-        enable_inference_test=False,
-        verify_environment=False,
-        log_every_n_steps=1,
-        save_every_n_steps=100,
-    )
-    # The default data only when the caller brings none: a folder of its own would otherwise be mixed in.
-    if "data_dir" not in overrides:
-        values["data_dir"] = str(write_qa(tmp / "data", PAIRS))
-    for key, value in overrides.items():
-        if key == "structured_logging":
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return values
-
-
-@pytest.fixture
-def make_cfg(tmp_path, autotune_cache):
-    def make(sub: str = "run", **overrides) -> Config:
-        return build_config(config_values(tmp_path / sub, **overrides))
-
-    return make
-
-
-def read_jsonl(cfg: Config) -> list[dict]:
-    lines = Path(cfg.structured_logging.log_file).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def loss_by_step(records: list[dict]) -> dict[int, float]:
-    """The training loss of each logged step (a later record of a step wins: after a resume)."""
-    return {
-        r["global_step"]: r["metrics"]["loss"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]
-    }
-
-
-def summary_file(cfg: Config) -> dict:
-    return json.loads((Path(cfg.output_dir) / "run_summary.json").read_text(encoding="utf-8"))
-
-
-def samples(forward_kwargs: dict) -> int:
-    """The samples of a forward pass: its rows, or with packing (a micro-batch's samples in one row, each
-    restarting its positions at 0) the position resets."""
-    positions = forward_kwargs.get("position_ids")
-    return forward_kwargs["input_ids"].shape[0] if positions is None else int((positions == 0).sum())
-
-
-class BatchRows(TrainerCallback):
-    """Records (optimizer step, samples) for every forward pass of training."""
-
-    def __init__(self):
-        self.seen: list[tuple[int, int]] = []
-        self._handle = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._handle is not None:  # a trainer that died of an OOM never reached on_train_end
-            self._handle.remove()
-
-        def hook(module, args, kwargs):
-            if module.training:
-                self.seen.append((state.global_step + 1, samples(kwargs)))
-
-        self._handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._handle.remove()
-        self._handle = None
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -215,7 +115,6 @@ def test_evaluating_and_saving_leave_the_4bit_base_weights_alone(tmp_path, autot
 # ------------------------------------------------------------------------------ end to end
 
 
-@pytest.mark.slow
 def test_train_writes_a_loadable_adapter_and_a_true_summary(make_cfg):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -443,36 +342,12 @@ def test_oom_gives_up_after_max_oom_retries(make_cfg):
 # ----------------------------------------------------------------------------------- resume
 
 
-def _cli(*args) -> subprocess.Popen:
-    """`python -m autotune.cli ARGS` in the background (the caller bounds its time)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "autotune.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _cli_run(*args, timeout: float) -> tuple[int, str, str]:
-    """`python -m autotune.cli ARGS` to completion within `timeout` (killed, never leaked, past it)."""
-    proc = _cli(*args)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        stop(proc)
-    return proc.returncode, stdout, stderr
-
-
 # The issue's default config: QLoRA (nf4 + double quant), bf16, paged 8-bit AdamW, LoRA dropout 0.1 and an
 # evaluation at every checkpoint; and the plain fp32 + adamw_torch run the test covered before.
 DEFAULT_PRECISION = dict(eval_ratio=0.1, quantization="4bit", bf16=True, optimizer="paged_adamw_8bit")
 FP32_PRECISION = dict(eval_ratio=0.0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("precision", [DEFAULT_PRECISION, FP32_PRECISION], ids=["default", "fp32"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, precision):
     # lora_dropout stays on: resuming must restore the RNG state, not only weights and optimizer.
@@ -483,7 +358,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     out = Path(values["output_dir"])
     checkpoint = out / "checkpoints" / "checkpoint-4"
 
-    proc = _cli("train", "--config", str(config_path))
+    proc = cli_process("train", "--config", str(config_path))
     deadline = time.monotonic() + 300
     try:
         while not checkpoint.is_dir():
@@ -503,7 +378,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     # A save is renamed into place whole: checkpoint-4 exists, so it is complete.
     assert (checkpoint / "trainer_state.json").is_file()
 
-    code, stdout, stderr = _cli_run("train", "--config", str(config_path), "--resume", timeout=300)
+    code, stdout, stderr = run_cli_process("train", "--config", str(config_path), "--resume", timeout=300)
     assert code == 0, stderr[-3000:]
     assert "training succeeded" in stdout
 
@@ -530,7 +405,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     # checkpoint is purged (purge_step), so each step shows once with the resumed run's loss.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from autotune.trainer import tensorboard_dir
+    from autotune.runner import tensorboard_dir
 
     acc = EventAccumulator(str(tensorboard_dir(cfg, got["run_id"])))
     acc.Reload()
@@ -558,7 +433,7 @@ def test_resume_without_a_checkpoint_is_a_user_error_and_writes_nothing(make_cfg
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
-    from autotune.trainer import last_complete_checkpoint
+    from autotune.runner import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "missing") is None
     for step, complete in ((2, True), (10, True), (12, False)):
@@ -618,43 +493,6 @@ def test_token_match_counts_reference_tokens_reproduced_in_place():
 # ---------------------------------------------------------------------------------- profiles
 
 
-def _profile(**choice) -> dict:
-    from autotune.profile import CHOICE_KEYS, architecture_hash, hardware_fingerprint, new_profile
-    from autotune.techniques import TECHNIQUES
-
-    spec = resolve_model("tiny-qwen3")
-    full = {
-        # Every choice key a solve records, at the config's default unless said here (the list grows).
-        **{k: v for k, v in Config().to_dict().items() if k in CHOICE_KEYS},
-        "batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "effective_batch_size": 2,
-        "max_sequence_length": 64,
-        "lora_r": 2,
-        "lora_alpha": 4,
-        "target_modules": ["q_proj", "k_proj"],
-        "quantization": "none",
-        "gradient_checkpointing": True,
-        "optimizer": "adamw_torch",
-        # The step's memory techniques, as a solve records them: the tiny model on a CPU needs none.
-        **{name: "off" for name in TECHNIQUES},
-        **choice,
-    }
-    assert set(full) == set(CHOICE_KEYS)
-    return new_profile(
-        hardware=hardware_fingerprint(None, "cpu"),
-        model={"name": spec.name, "architecture_hash": architecture_hash(spec.architecture)},
-        data=None,
-        constraints={"max_memory_gb": 2.0},
-        choice=full,
-        prediction={},
-        measurement={},
-        runner_up=None,
-        reason="test",
-        trials=[],
-    )
-
-
 def test_train_with_profile_uses_its_choice(tmp_path, capsys, autotune_cache):
     from autotune.cli import main
     from autotune.profile import save_profile
@@ -663,7 +501,7 @@ def test_train_with_profile_uses_its_choice(tmp_path, capsys, autotune_cache):
     assert (values["batch_size"], values["lora_r"]) == (2, 4)  # the profile must change these
     config_path = tmp_path / "cfg.json"
     config_path.write_text(json.dumps(values), encoding="utf-8")
-    profile = _profile()
+    profile = tiny_profile()
     profile_path = save_profile(profile, tmp_path / "profile.json")
     try:
         main(["train", "--config", str(config_path), "--profile", str(profile_path)])
@@ -689,7 +527,7 @@ def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
     config_path.write_text(json.dumps(config_values(tmp_path)), encoding="utf-8")
     bad = tmp_path / "profile.json"
     bad.write_text('{"schema_version": 1, "kind": "autotune.profile", "choice": {', encoding="utf-8")
-    code, _stdout, stderr = _cli_run("train", "--config", str(config_path), "--profile", str(bad), timeout=120)
+    code, _stdout, stderr = run_cli_process("train", "--config", str(config_path), "--profile", str(bad), timeout=120)
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert f"error: {bad}:1:" in stderr and "corrupt" in stderr and "autotune solve" in stderr
@@ -708,9 +546,11 @@ def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
     ],
 )
 def test_smaller_batch_keeps_the_effective_batch_exactly(batch, effective, expected):
-    from autotune.trainer import smaller_batch
+    from autotune.batching import BatchPlan
 
-    new, accumulation = smaller_batch(batch, effective)
+    smaller = BatchPlan(batch, effective // batch).smaller()
+    assert smaller is not None
+    new, accumulation = smaller.micro, smaller.accumulation
     assert (new, accumulation) == expected
     assert new <= batch // 2 and new * accumulation == effective
 
@@ -722,7 +562,7 @@ def test_smaller_batch_keeps_the_effective_batch_exactly(batch, effective, expec
 def test_a_parseable_but_corrupt_profile_is_one_clear_error(tmp_path, section, value):
     from autotune.profile import load_profile, save_profile
 
-    doc = _profile()
+    doc = tiny_profile()
     doc[section] = value
     path = save_profile(doc, tmp_path / "p.json")
     with pytest.raises(UserError, match=f"corrupt.*'{section}'"):
@@ -735,7 +575,7 @@ def test_train_with_only_a_profile_trains_what_it_was_solved_for(tmp_path, capsy
     from autotune.profile import save_profile
 
     values = config_values(tmp_path, max_steps=1)
-    doc = _profile()
+    doc = tiny_profile()
     doc["config"] = values
     path = save_profile(doc, tmp_path / "p.json")
     try:

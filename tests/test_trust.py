@@ -16,9 +16,8 @@ import time
 
 import pytest
 import torch
-from faults import stop
-from test_runs import small_disk  # noqa: F401  (a fixture, used by name)
-from test_train import PAIRS, QUIET, config_values, write_qa
+from helpers.faults import stop
+from helpers.runs import PAIRS, QUIET, config_values, write_qa
 from transformers import TrainerCallback
 
 from autotune.config import build_config
@@ -54,7 +53,27 @@ def test_a_trial_fits_only_inside_the_budget_less_the_margin(autotune_cache):
         runner.release()
 
 
-# ---------------------------------------------------------------------- accumulation rounds up, never down
+@pytest.mark.parametrize("margin", [0.05, 0.2])
+def test_the_margin_is_taken_once_and_is_the_same_figure_in_solve_and_the_watchdog(margin):
+    """A probed card with 23.5 GiB free: the budget is the free memory and its usable part is (1 - margin) of it
+    (95% with the default margin, not 95% of 95%); the watchdog warns past that same line, with or without the
+    profile that solve writes."""
+    from autotune.solve.command import budget_for
+    from autotune.units import DEFAULT_MARGIN
+    from autotune.watchdog import limit_for
+
+    cfg = build_config({"model_name": "tiny-qwen3"})
+    probe = {"gpus": [{"index": 0, "name": "card", "memory_free_gb": 23.5, "memory_total_gb": 24.0, "error": None}]}
+    budget, source = budget_for(None, cfg, False, probe, margin)
+    assert (budget.total_bytes, budget.margin) == (int(23.5 * GiB), margin)
+    assert budget.usable_bytes == int(23.5 * GiB * (1 - margin))
+    assert "23.5 GiB free on GPU 0" in source
+    profile = {"constraints": {"max_memory_gb": budget.gb, "margin": budget.margin}}
+    assert limit_for(profile, None)[0] == budget.usable_bytes  # type: ignore[index]
+    assert limit_for(None, 23.5)[0] == int(23.5 * GiB * (1 - DEFAULT_MARGIN))  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------- one rule for the effective batch
 
 
 class _LinearTrials:
@@ -66,26 +85,29 @@ class _LinearTrials:
         self.budget = Budget.from_gib(budget_gb)
 
     def measure(self, batch, seq, rank, *, knobs=None):
-        from autotune.trial import Trial
+        from autotune.measurement import Trial
 
         peak = (100 + batch * seq) * MiB
         fits = peak <= self.budget.usable_bytes
         return Trial(batch, seq, rank, fits, False, peak, 0.0, 0.001, batch * seq / 0.001, knobs=knobs)
 
 
-def test_an_effective_batch_no_micro_batch_divides_rounds_the_accumulation_up():
-    """Effective 12 over 5 devices: 2 per device x 5 is 10, short of 12; the accumulation rounds up (2: 20
-    samples, said in the reason), never down (1: 10 samples, fewer than asked)."""
-    from autotune.solver import SolveRequest, solve
+def test_an_effective_batch_the_ranks_cannot_share_is_refused_by_solve_as_by_train():
+    """Effective 12 over 5 devices: no micro-batch x accumulation per device makes 12 (2 x 1 x 5 is 10, 2 x 2 x 5
+    is 20). Solve refuses it as train does (one rule: batching.BatchPlan), instead of rounding either way."""
+    from autotune.batching import BatchPlan
+    from autotune.solve import SolveRequest, solve
 
     cfg = build_config(
         {"model_name": "tiny-qwen3", "batch_size": 4, "gradient_accumulation_steps": 3, "max_sequence_length": 64}
     )
-    result = solve(SolveRequest(RunContext(cfg), seq=64, world_size=5, techniques=False), _LinearTrials(1.0))
-    best, accumulation = result["best"], result["accumulation"]
-    assert (best.batch, accumulation) == (2, 2)
-    assert best.batch * accumulation * 5 >= cfg.effective_batch == 12
-    assert "rounds up" in result["reason"]
+    with pytest.raises(UserError, match="effective batch 12 cannot be split over 5 processes"):
+        solve(SolveRequest(RunContext(cfg), seq=64, world_size=5, techniques=False), _LinearTrials(1.0))
+    with pytest.raises(UserError, match="effective batch 12 cannot be split over 5 processes"):
+        BatchPlan.largest(12, 5, 4)
+    # Over 4 devices it splits: the largest micro-batch that fits and divides 3, the effective batch exact.
+    result = solve(SolveRequest(RunContext(cfg), seq=64, world_size=4, techniques=False), _LinearTrials(1.0))
+    assert (result.batches.micro, result.batches.accumulation, result.batches.effective) == (3, 1, 12)
 
 
 # ------------------------------------------------------------------------- atomic writes stay atomic
@@ -102,7 +124,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temp file left behind
 
 
-def test_a_write_the_disk_cannot_hold_leaves_the_old_file_whole(small_disk):  # noqa: F811
+def test_a_write_the_disk_cannot_hold_leaves_the_old_file_whole(small_disk):
     from autotune.fsutil import atomic_write_text
 
     disk = small_disk(4)
@@ -163,9 +185,9 @@ def test_effective_batch_size_sets_the_accumulation(tmp_path):
 
 
 def test_the_trial_cache_tells_checkpointing_on_and_off_apart():
-    from autotune.solver import SearchLog
+    from autotune.measurement import Trial
+    from autotune.solve.search import SearchLog
     from autotune.techniques import Knobs
-    from autotune.trial import Trial
 
     measured: list[tuple] = []
 
@@ -175,10 +197,10 @@ def test_the_trial_cache_tells_checkpointing_on_and_off_apart():
 
     log = SearchLog()
     log.variant = Knobs(checkpointing=True, fused_loss=True)
-    first = log.run(measure, 4, 64, 8)
-    assert log.run(measure, 4, 64, 8) is first and len(measured) == 1  # the same trial is measured once
+    first = log.trial(measure, 4, 64, 8)
+    assert log.trial(measure, 4, 64, 8) is first and len(measured) == 1  # the same trial is measured once
     log.variant = Knobs(checkpointing=False, fused_loss=True)
-    second = log.run(measure, 4, 64, 8)
+    second = log.trial(measure, 4, 64, 8)
     assert second is not first and len(measured) == 2 and len(log.trials) == 2
 
 
@@ -200,7 +222,7 @@ class _RowLengths(TrainerCallback):
 def test_training_rows_are_never_padded_past_max_sequence_length(tmp_path, autotune_cache):
     """61 is not a multiple of 8: rounding rows up for tensor cores must stop at 61, the length the solver
     measured (packing off: a packed row is a micro-batch's samples end to end)."""
-    from autotune.trainer import train
+    from autotune.runner import train
 
     long_pairs = [(q, a + " Then more words follow, well past the end of the window." * 4) for q, a in PAIRS]
     cfg = build_config(

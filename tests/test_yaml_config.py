@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli_basics import run_cli
+from helpers import REPO
+from helpers.cli import run_cli
 
 from autotune.config import explicit_keys, load_config
 from autotune.errors import UserError
-
-REPO = Path(__file__).resolve().parent.parent
 
 JSON_TWIN = {
     "base_config": "hardware/16gb",

@@ -1,8 +1,12 @@
-"""The memory techniques of the training step, each with an on/off switch (`Knobs`).
+"""The memory techniques of the training step: one row each in `TECHNIQUES`, one file each beside this one.
 
-One file per technique; each is applied in one place (the model build for the model-level ones, the step for
-the loss and the batches) from the switches the config or the solved profile carries, and each has a test
-showing it computes what the plain step computes:
+A row declares everything autotune knows of a technique: its config key (auto|on|off) and what `auto` means
+without a solved profile, its label in trial lines, its documentation, the rules for when it applies (another
+knob it needs, untied embeddings only, refused under FSDP), the speed prior the solver ranks it by, how it is
+switched on a built model (or that the step applies it), and the estimate terms it changes. Everything else
+reads the table: the config's keys and their documentation (config.py), the knobs a trial measures and a profile
+records (`Knobs`), the combinations the solver searches, the model build (modeling.apply_knobs), the estimate's
+shape, FSDP's refusals. Adding a technique is its file and its row (docs/architecture.md).
 
 - fused_loss.py: the loss without the full logits (liger-kernel on CUDA, chunked PyTorch everywhere).
 - offload.py: gradient-checkpointed layer inputs kept in CPU memory between forward and backward.
@@ -11,21 +15,39 @@ showing it computes what the plain step computes:
 - tiled_mlp.py: each layer's MLP a slice of tokens at a time, keeping only its input for backward.
 - packing.py: padding-free packing, a micro-batch's samples in one row with attention blocked at boundaries.
 
-Gradient checkpointing is a knob too (it predates this package; modeling.py switches it).
+Gradient checkpointing is a knob too (`Knobs.checkpointing`, the config's boolean gradient_checkpointing; it
+predates this table and modeling.py switches it). Importing this module must not import torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from autotune.catalog import ModelSpec
-from autotune.config import Config
 from autotune.errors import UserError
+
+if TYPE_CHECKING:
+    from autotune.config import Config
+
+# The values of a technique's config key: `auto` lets the solved profile decide (and falls back to the row's
+# `auto` without one), `on` and `off` force it.
+SWITCHES = ("auto", "on", "off")
 
 # The fused loss's chunk: bytes of fp32 logits one chunk may take (chunk tokens x vocabulary x 4). 256 MiB is
 # about 440 tokens of Qwen3's vocabulary; the backward holds one such buffer and its cast. Smaller chunks only
 # add kernel launches. (Here, not in fused_loss.py, so the estimate reads it without importing torch.)
 CHUNK_BYTES = 256 * 2**20
+
+# The 8-bit lm_head's rows dequantized at once (int8_head.py): a block of this many rows in the compute dtype is
+# the transient, and the fused loss's vocabulary block.
+ROW_BLOCK = 16384
+
+# Gradient checkpointing's speed prior: it recomputes a forward in backward (~1/3 more compute).
+CHECKPOINTING_SPEED = 0.75
 
 
 def chunk_tokens(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -39,89 +61,281 @@ def tile_tokens(intermediate_size: int, dtype_bytes: int) -> int:
     return max(1, CHUNK_BYTES // (6 * intermediate_size * dtype_bytes))
 
 
-# The 8-bit lm_head's rows dequantized at once (int8_head.py): a block of this many rows in the compute dtype is
-# the transient, and the fused loss's vocabulary block.
-ROW_BLOCK = 16384
-
-# What `auto` means without a solved profile: the techniques that cost (almost) no speed are on.
-AUTO_DEFAULTS = {
-    "fused_loss": True,
-    "offload_activations": False,
-    "embedding_on_cpu": False,
-    "lm_head_8bit": False,
-    "tiled_mlp": False,
-    "packing": True,
-}
-TECHNIQUES = tuple(AUTO_DEFAULTS)  # the config keys, one per technique
+def fused_kernel(device_type: str) -> str:
+    """The fused loss's implementation on a device: liger-kernel's on CUDA where it is installed, else the chunked
+    PyTorch loss. The one decision: the step runs it (fused_loss.py), the estimate charges it, the solver's speed
+    prior counts it. Told without importing anything."""
+    return "liger" if device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None else "chunked"
 
 
 @dataclass(frozen=True)
-class Knobs:
-    """Which techniques a step runs with: what a trial measures, a profile records and training applies."""
+class Requirement:
+    """Another knob a technique needs on: `knob` is "checkpointing" or a technique's key; `why` finishes the
+    sentence "<key> "on" needs <knob>: ..."."""
 
-    checkpointing: bool = True
-    fused_loss: bool = True
-    offload_activations: bool = False
-    embedding_on_cpu: bool = False
-    lm_head_8bit: bool = False
-    tiled_mlp: bool = False
-    packing: bool = False
+    knob: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One technique of the step, declared once."""
+
+    key: str  # its config key and its Knobs field
+    module: str  # its one file beside this table (autotune/techniques/<module>.py)
+    label: str  # in trial lines and reasons ("ckpt+fused+offload")
+    doc: str  # what it does, for the config reference (what `auto` means is added from `auto`)
+    auto: bool  # what `auto` means without a solved profile
+    # The step's relative speed with it on (1.0: free), by device type: orders the solver's candidates before
+    # anything is measured (the measured tokens/s decides).
+    speed: Callable[[str], float]
+    # The function of its file that switches it on a built model, called as switch(model, on, place) (modeling.
+    # apply_knobs); None: the step applies it (step.py, trial.py).
+    switch: str | None = None
+    needs: tuple[Requirement, ...] = ()
+    # Why a model with tied embeddings cannot take it (None: any model can): finishes "<model> ...".
+    untied_only: str | None = None
+    # Why FSDP refuses it (None: FSDP takes it).
+    fsdp: str | None = None
+    # Whether solve measures it on and off when the config leaves it on auto (False: auto means the row's default).
+    searched: bool = True
+    # The estimate's terms (estimate/terms.py, by name) whose bytes it changes; tests/test_techniques_table.py
+    # toggles each technique and holds the estimate to exactly these.
+    estimate: tuple[str, ...] = ()
+
+    def config_doc(self) -> str:
+        auto = "on" if self.auto else "the profile's choice, else off"
+        return f"{self.doc} auto: {auto}."
+
+
+@dataclass(frozen=True)
+class Place:
+    """What a model-level switch needs to know of the model it switches: every switch is called as
+    `switch(model, on, place)` (modeling.apply_knobs)."""
+
+    device: Any  # the torch.device the model trains on
+    dtype_bytes: int  # its compute dtype's width
+    checkpointing_kwargs: dict | None = None
+
+
+def _free(device_type: str) -> float:
+    return 1.0
+
+
+def _costs(factor: float) -> Callable[[str], float]:
+    def speed(device_type: str) -> float:
+        return factor
+
+    return speed
+
+
+def _fused_loss_speed(device_type: str) -> float:
+    """The chunked loss recomputes lm_head's matmul in backward; liger's kernel computes the gradient in forward."""
+    return 1.0 if fused_kernel(device_type) == "liger" else 0.95
+
+
+_UNTIED = "only untied models (Qwen3-8B, 14B, 32B) can"
+
+TECHNIQUES_TABLE: tuple[Technique, ...] = (
+    Technique(
+        key="fused_loss",
+        module="fused_loss",
+        label="fused",
+        doc="The loss straight from the hidden states, a chunk of tokens at a time, so the logits over Qwen3's 151,936-"
+        "token vocabulary never exist all at once (liger-kernel's fused kernel on CUDA where it imports).",
+        auto=True,
+        speed=_fused_loss_speed,
+        estimate=("head.loss", "calibration.cuda_logits"),
+    ),
+    Technique(
+        key="offload_activations",
+        module="offload",
+        label="offload",
+        doc="With gradient checkpointing, each layer's saved input goes to CPU memory in forward and comes back for "
+        "backward.",
+        auto=False,
+        # Waits on a PCIe copy now and then.
+        speed=_costs(0.9),
+        switch="set_offload",
+        needs=(Requirement("checkpointing", "it moves the inputs each checkpointed layer keeps"),),
+        estimate=("layers.saved", "layers.backward"),
+    ),
+    Technique(
+        key="embedding_on_cpu",
+        module="host_embedding",
+        label="emb-cpu",
+        doc="Untied models (Qwen3-8B/14B/32B): the frozen input-embedding table stays in CPU memory and only the rows "
+        "looked up move to the GPU.",
+        auto=False,
+        # A gather on the CPU and a copy per forward.
+        speed=_costs(0.97),
+        switch="set_host_embedding",
+        untied_only="ties its input embeddings to lm_head, which the loss needs on the GPU; "
+        f"{_UNTIED} keep the table in CPU memory",
+        fsdp="FSDP already keeps 1/N of that table per rank, and the technique replaces the module FSDP shards",
+        estimate=("weights.embedding",),
+    ),
+    Technique(
+        key="lm_head_8bit",
+        module="int8_head",
+        label="int8-head",
+        doc="Untied models (Qwen3-8B/14B/32B), with the fused loss: the frozen lm_head as int8 rows with fp32 scales, "
+        "half its bf16 size, dequantized a block at a time.",
+        auto=False,
+        speed=_costs(0.97),
+        switch="set_int8_head",
+        needs=(
+            Requirement(
+                "fused_loss",
+                "the fused loss reads the 8-bit table a block at a time, the plain loss would rebuild it whole",
+            ),
+        ),
+        untied_only=f"ties lm_head to its input embeddings, which lookups need whole; {_UNTIED} keep lm_head in 8-bit",
+        fsdp="FSDP already keeps 1/N of that table per rank, and the technique replaces the module FSDP shards",
+        estimate=("weights.lm_head", "head.loss"),
+    ),
+    Technique(
+        key="tiled_mlp",
+        module="tiled_mlp",
+        label="tiled-mlp",
+        doc="Each layer's MLP runs a slice of tokens at a time and keeps only its input for backward (recomputed per "
+        "slice): long sequences.",
+        auto=False,
+        # Runs the MLP's forward twice without checkpointing, a third time with it.
+        speed=_costs(0.9),
+        switch="set_tiled_mlp",
+        estimate=("layers.saved", "layers.backward"),
+    ),
+    Technique(
+        key="packing",
+        module="packing",
+        label="packed",
+        doc="Padding-free packing: a micro-batch's samples are concatenated into one row, attention stops at sample "
+        "boundaries and positions restart per sample; a micro-batch still holds batch_size samples.",
+        auto=True,
+        speed=_free,
+        # A trial's rows are all full length, so a trial cannot show packing's gain (no padding to drop), only its
+        # cost: the solver keeps the config's choice.
+        searched=False,
+        estimate=("misc.inputs",),
+    ),
+)
+
+TECHNIQUES = tuple(t.key for t in TECHNIQUES_TABLE)  # the config keys, one per technique, in table order
+BY_KEY = {t.key: t for t in TECHNIQUES_TABLE}
+KNOBS = ("checkpointing", *TECHNIQUES)  # a Knobs' fields
+
+
+class Knobs:
+    """Which techniques a step runs with (and whether it checkpoints): what a trial measures, a profile records
+    and training applies. Immutable and hashable; one boolean per table row, read as an attribute
+    (`knobs.fused_loss`). A technique not named is off."""
+
+    __slots__ = ("_values",)
+    _values: dict[str, bool]
+
+    def __init__(self, checkpointing: bool = True, **switches: bool) -> None:
+        unknown = sorted(set(switches) - set(TECHNIQUES))
+        if unknown:
+            raise TypeError(f"unknown technique(s) {unknown}: the table (autotune/techniques) has {list(TECHNIQUES)}")
+        values = {"checkpointing": bool(checkpointing), **{k: bool(switches.get(k, False)) for k in TECHNIQUES}}
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> bool:
+        if name.startswith("_"):  # copy, pickle and friends probe for dunders: never a knob
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"Knobs has no knob {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Knobs are immutable: use with_()")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Knobs) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values.items()))
+
+    def __repr__(self) -> str:
+        return "Knobs(" + ", ".join(f"{k}={v}" for k, v in self._values.items()) + ")"
+
+    def __reduce__(self):
+        return (_knobs, (self.to_dict(),))
 
     def with_(self, **changes: bool) -> Knobs:
-        return replace(self, **changes)
+        return Knobs(**{**self._values, **changes})
 
     def to_dict(self) -> dict[str, bool]:
-        return asdict(self)
+        return dict(self._values)
 
     @classmethod
     def from_dict(cls, values: dict) -> Knobs:
-        return cls(**{f.name: bool(values[f.name]) for f in fields(cls) if f.name in values})
+        """The knobs a dict records; a technique it does not name is off (a record from before it existed)."""
+        return cls(**{k: bool(values[k]) for k in KNOBS if k in values})
+
+    def on(self) -> tuple[Technique, ...]:
+        """The rows switched on, in table order."""
+        return tuple(t for t in TECHNIQUES_TABLE if self._values[t.key])
 
     def describe(self) -> str:
         """A short label for trial lines and reasons: "ckpt+fused+offload", "no-ckpt+packed"."""
-        names = {
-            "fused_loss": "fused",
-            "offload_activations": "offload",
-            "embedding_on_cpu": "emb-cpu",
-            "lm_head_8bit": "int8-head",
-            "tiled_mlp": "tiled-mlp",
-            "packing": "packed",
-        }
-        on = [label for name, label in names.items() if getattr(self, name)]
-        return "+".join(["ckpt" if self.checkpointing else "no-ckpt", *on])
+        return "+".join(["ckpt" if self.checkpointing else "no-ckpt", *(t.label for t in self.on())])
+
+    def speed(self, device_type: str) -> float:
+        """The step's relative speed with these knobs (1.0: none of them): the product of the rows' priors."""
+        prior = CHECKPOINTING_SPEED if self.checkpointing else 1.0
+        for t in self.on():
+            prior *= t.speed(device_type)
+        return prior
+
+    def lean_key(self) -> tuple[bool, ...]:
+        """Orders knobs by how much memory they save, for max-seq and max-rank: checkpointing first, then the
+        rows in table order."""
+        return tuple(self._values[k] for k in KNOBS)
+
+    def under_fsdp(self) -> Knobs:
+        """These knobs with what FSDP refuses switched off (FSDP shards those tables already)."""
+        return self.with_(**{t.key: False for t in TECHNIQUES_TABLE if t.fsdp})
+
+
+def _knobs(values: dict) -> Knobs:
+    return Knobs(**values)
 
 
 def resolve(cfg: Config, spec: ModelSpec) -> Knobs:
-    """The switches a config asks for, `auto` resolved to the technique's default (a solved profile writes
-    explicit on/off values, so `auto` here means no profile decided). A switch that cannot apply to this
-    model or config is a UserError naming it."""
-    values = {name: _switch(getattr(cfg, name), AUTO_DEFAULTS[name]) for name in TECHNIQUES}
+    """The switches a config asks for, `auto` resolved to the row's default (a solved profile writes explicit
+    on/off values, so `auto` here means no profile decided). A switch that cannot apply to this model or config
+    is a UserError naming it."""
+    values = {t.key: _switch(getattr(cfg, t.key), t.auto) for t in TECHNIQUES_TABLE}
     knobs = Knobs(checkpointing=cfg.gradient_checkpointing, **values)
     check(knobs, spec)
     return knobs
 
 
 def check(knobs: Knobs, spec: ModelSpec) -> None:
-    if knobs.offload_activations and not knobs.checkpointing:
-        raise UserError(
-            'offload_activations "on" needs gradient_checkpointing: it moves the inputs each checkpointed layer '
-            'keeps. Set gradient_checkpointing true, or offload_activations "auto"/"off"'
-        )
-    if knobs.embedding_on_cpu and spec.architecture.tie_word_embeddings:
-        raise UserError(
-            f'embedding_on_cpu "on": {spec.name} ties its input embeddings to lm_head, which the loss needs on the '
-            'GPU; only untied models (Qwen3-8B, 14B, 32B) can keep the table in CPU memory. Set it "auto" or "off"'
-        )
-    if knobs.lm_head_8bit and spec.architecture.tie_word_embeddings:
-        raise UserError(
-            f'lm_head_8bit "on": {spec.name} ties lm_head to its input embeddings, which lookups need whole; only '
-            'untied models (Qwen3-8B, 14B, 32B) can keep lm_head in 8-bit. Set it "auto" or "off"'
-        )
-    if knobs.lm_head_8bit and not knobs.fused_loss:
-        raise UserError(
-            'lm_head_8bit "on" needs fused_loss: the fused loss reads the 8-bit table a block at a time, the plain '
-            'loss would rebuild it whole. Set fused_loss "on" or "auto", or lm_head_8bit "off"'
-        )
+    """The rules of the rows that are on, each broken one a UserError that says how to fix it."""
+    for t in knobs.on():
+        for need in t.needs:
+            if not getattr(knobs, need.knob):
+                fix = "gradient_checkpointing true" if need.knob == "checkpointing" else f'{need.knob} "on" or "auto"'
+                name = "gradient_checkpointing" if need.knob == "checkpointing" else need.knob
+                raise UserError(f'{t.key} "on" needs {name}: {need.why}. Set {fix}, or {t.key} "auto"/"off"')
+        if t.untied_only and spec.architecture.tie_word_embeddings:
+            raise UserError(f'{t.key} "on": {spec.name} {t.untied_only}. Set it "auto" or "off"')
+
+
+def check_strategy(cfg: Config, strategy: str) -> None:
+    """What the config's switches ask that `strategy` refuses, as one UserError."""
+    if strategy != "fsdp":
+        return
+    for t in TECHNIQUES_TABLE:
+        if t.fsdp and getattr(cfg, t.key) == "on":
+            raise UserError(
+                f'{t.key} "on" with distributed_strategy fsdp: {t.fsdp}. Set {t.key} "auto" or "off", or use '
+                "--strategy ddp"
+            )
 
 
 def valid(knobs: Knobs, spec: ModelSpec) -> bool:
@@ -139,6 +353,18 @@ def _switch(value: str, default: bool) -> bool:
 
 def as_config_values(knobs: Knobs) -> dict:
     """The switches as config values ("on"/"off", and gradient_checkpointing), as a profile records them."""
-    values: dict = {name: "on" if getattr(knobs, name) else "off" for name in TECHNIQUES}
+    values: dict = {t.key: "on" if getattr(knobs, t.key) else "off" for t in TECHNIQUES_TABLE}
     values["gradient_checkpointing"] = knobs.checkpointing
     return values
+
+
+def switch_function(technique: Technique) -> Callable[..., Any] | None:
+    """The row's model-level switch, imported (it needs torch); None for a technique the step applies."""
+    if technique.switch is None:
+        return None
+    return getattr(importlib.import_module(f"{__name__}.{technique.module}"), technique.switch)
+
+
+def model_level() -> Iterable[Technique]:
+    """The rows switched on a built model (the rest go with the knobs to the step)."""
+    return (t for t in TECHNIQUES_TABLE if t.switch is not None)

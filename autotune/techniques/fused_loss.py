@@ -24,10 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from autotune.techniques import CHUNK_BYTES, ROW_BLOCK, chunk_tokens
+from autotune.data.encoding import IGNORE_INDEX
+from autotune.errors import UserError
+from autotune.techniques import CHUNK_BYTES, ROW_BLOCK, chunk_tokens, fused_kernel
 from autotune.techniques.int8_head import Int8Head
-
-IGNORE_INDEX = -100
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -158,17 +158,16 @@ class BlockedHeadCrossEntropy(torch.autograd.Function):
 
 @functools.cache
 def _liger():
-    """liger-kernel's functional fused loss, or None where it does not import (no triton, no CUDA build)."""
+    """liger-kernel's functional fused loss. techniques.fused_kernel chose it (installed, on CUDA), and the estimate
+    and the solver counted on it: a broken install is said, not silently swapped for the chunked loss."""
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise UserError(
+            f"liger-kernel is installed but its fused loss does not import ({exc}): repair it (pip install -U "
+            'liger-kernel), uninstall it to use the chunked PyTorch loss, or set fused_loss "off"'
+        ) from None
     return liger_fused_linear_cross_entropy
-
-
-def kernel_for(device: torch.device) -> str:
-    """Which implementation runs on `device`: "liger" (CUDA, importable) or "chunked"."""
-    return "liger" if device.type == "cuda" and _liger() is not None else "chunked"
 
 
 def linear_cross_entropy(
@@ -196,7 +195,7 @@ def linear_cross_entropy(
         block = min(weight.out_features, ROW_BLOCK)
         chunk = chunk or max(1, CHUNK_BYTES // (4 * block))
         total = BlockedHeadCrossEntropy.apply(flat_hidden, weight, targets, chunk, block, _compute_dtype(flat_hidden))
-    elif kernel_for(flat_hidden.device) == "liger":
+    elif fused_kernel(flat_hidden.device.type) == "liger":
         liger = _liger()
         total = liger(flat_hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     else:

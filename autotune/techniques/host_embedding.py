@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotune.memory import HOST_TENSOR, host_memory
+from autotune.techniques import Place
 
 
 class HostEmbedding(nn.Module):
@@ -46,9 +47,10 @@ class HostEmbedding(nn.Module):
         return rows.to(self.device, non_blocking=True)
 
 
-def set_host_embedding(model, on: bool, device: torch.device) -> bool:
+def set_host_embedding(model, on: bool, place: Place) -> bool:
     """Put `model`'s (a transformers PreTrainedModel) input-embedding table in host memory, or back on
-    `device`. Returns whether anything changed."""
+    `place.device`. Returns whether anything changed."""
+    device = place.device
     current = model.get_input_embeddings()
     if on == isinstance(current, HostEmbedding):
         return False

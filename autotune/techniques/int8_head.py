@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from autotune.memory import host_memory
-from autotune.techniques import ROW_BLOCK
+from autotune.techniques import ROW_BLOCK, Place
 
 
 class Int8Head(nn.Module):
@@ -36,10 +36,6 @@ class Int8Head(nn.Module):
         with host_memory():
             self.original_weight = weight.to("cpu", copy=True)  # to switch back; host memory, not the device's
         self.out_features, self.in_features = weight.shape
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.original_weight.dtype
 
     def rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight[start:end].to(dtype) * self.scale[start:end, None].to(dtype)
@@ -61,9 +57,9 @@ class Int8Head(nn.Module):
         return torch.cat(blocks, dim=-1)
 
 
-def set_int8_head(model, on: bool, device: torch.device) -> bool:
-    """Swap `model`'s (a transformers PreTrainedModel) lm_head for its int8 form, or back. Returns whether
-    anything changed."""
+def set_int8_head(model, on: bool, place: Place) -> bool:
+    """Swap `model`'s (a transformers PreTrainedModel) lm_head for its int8 form, or back (on `place.device`).
+    Returns whether anything changed."""
     current = model.get_output_embeddings()
     if on == isinstance(current, Int8Head):
         return False
@@ -72,6 +68,6 @@ def set_int8_head(model, on: bool, device: torch.device) -> bool:
         current.weight = None  # the compute-dtype table goes; its host copy stays with the int8 head
     else:
         head = nn.Linear(current.in_features, current.out_features, bias=False, device="meta")
-        head.weight = nn.Parameter(current.original_weight.to(device, copy=True), requires_grad=False)
+        head.weight = nn.Parameter(current.original_weight.to(place.device, copy=True), requires_grad=False)
     model.set_output_embeddings(head)
     return True

@@ -22,6 +22,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from autotune.memory import host_memory
+from autotune.techniques import Place
 
 
 class _ToHost(saved_tensors_hooks):
@@ -65,13 +66,13 @@ def offloading_checkpoint(function, *args, **checkpoint_kwargs):
         return checkpoint(function, *args, **checkpoint_kwargs)
 
 
-def set_offload(model: torch.nn.Module, on: bool, checkpoint_kwargs: dict | None = None) -> int:
+def set_offload(model: torch.nn.Module, on: bool, place: Place) -> int:
     """Make every gradient-checkpointed decoder layer of `model` offload its saved input (or stop). Call after
     checkpointing is enabled: transformers installs its own checkpoint function when it enables it. Returns the
     number of layers switched."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    kwargs = dict(checkpoint_kwargs or {"use_reentrant": False})
+    kwargs = dict(place.checkpointing_kwargs or {"use_reentrant": False})
     if kwargs.get("use_reentrant"):
         # Reentrant checkpointing saves through its own autograd.Function, out of the hooks' reach.
         raise ValueError("activation offloading needs non-reentrant checkpointing (use_reentrant false)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from autotune.techniques import tile_tokens
+from autotune.techniques import Place, tile_tokens
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -59,7 +59,7 @@ def _tiled_forward(self, x):
     return _TiledMLP.apply(x, self, self._tile_tokens)
 
 
-def set_tiled_mlp(model, on: bool, dtype_bytes: int) -> int:
+def set_tiled_mlp(model, on: bool, place: Place) -> int:
     """Tile (or stop tiling) the MLP of every decoder layer of `model` (a transformers Qwen3 model). The MLP
     module stays where it is (its parameters keep their names, peft's adapters with them); only its forward
     is wrapped. Returns the number of MLPs switched."""
@@ -73,7 +73,7 @@ def set_tiled_mlp(model, on: bool, dtype_bytes: int) -> int:
         if on and not tiled:
             # Instance attributes over the class's forward (setattr: nn.Module would type them as submodules).
             setattr(module, "_plain_forward", module.forward)  # noqa: B010
-            setattr(module, "_tile_tokens", tile_tokens(module.intermediate_size, dtype_bytes))  # noqa: B010
+            setattr(module, "_tile_tokens", tile_tokens(module.intermediate_size, place.dtype_bytes))  # noqa: B010
             setattr(module, "forward", _tiled_forward.__get__(module))  # noqa: B010
             switched += 1
         elif not on and tiled:

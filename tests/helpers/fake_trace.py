@@ -40,7 +40,8 @@ def calibrate_by_trace(
     under bf16 autocast (`autocast`, default: when dtype_bytes == 2, as the Trainer runs a bf16 model),
     backward, torch AdamW, zero_grad. Unquantized only (bitsandbytes kernels cannot run on fake tensors);
     optimizer "adamw_torch" only. Qwen3-14B takes ~10 s and 0.5 GB of RAM.
-    `knobs` (techniques.Knobs) switches the step's techniques the way modeling.apply_knobs does, and the loss
+    `knobs` (techniques.Knobs) switches the step's techniques with modeling.switch_techniques, as the model build
+    does, and the loss
     goes through step.fused_causal_lm_loss when the fused loss is on; packing is not traced (batch rows).
     Returns peak_bytes (weights, adapters, optimizer state, inputs, activations), weights, after_step.
     """
@@ -52,13 +53,9 @@ def calibrate_by_trace(
     from transformers import Qwen3ForCausalLM
 
     from autotune.memory import CpuTrackedMeter
-    from autotune.modeling import attach_lora, prepare_for_training, quiet_libraries
+    from autotune.modeling import attach_lora, prepare_for_training, quiet_libraries, switch_techniques
     from autotune.step import fused_causal_lm_loss
-    from autotune.techniques import Knobs
-    from autotune.techniques.host_embedding import set_host_embedding
-    from autotune.techniques.int8_head import set_int8_head
-    from autotune.techniques.offload import set_offload
-    from autotune.techniques.tiled_mlp import set_tiled_mlp
+    from autotune.techniques import Knobs, Place
 
     knobs = knobs or Knobs(checkpointing=gradient_checkpointing, fused_loss=False)
     gradient_checkpointing = knobs.checkpointing
@@ -88,12 +85,7 @@ def calibrate_by_trace(
             model.to_empty(device="cpu")
             # to_empty gives every parameter its own storage; tie the embeddings again (Qwen3 <= 4B ties them).
             model.get_base_model().tie_weights()
-            cpu = torch.device("cpu")
-            if knobs.checkpointing:
-                set_offload(base, knobs.offload_activations)
-            set_host_embedding(base, knobs.embedding_on_cpu, cpu)
-            set_int8_head(base, knobs.lm_head_8bit, cpu)
-            set_tiled_mlp(base, knobs.tiled_mlp, dtype_bytes)
+            switch_techniques(base, knobs, Place(torch.device("cpu"), dtype_bytes, {"use_reentrant": False}))
             meter = CpuTrackedMeter()
             meter.track_existing(model)
             weights = meter.current_bytes()

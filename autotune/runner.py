@@ -1,8 +1,9 @@
-"""`autotune train`: data -> model -> HF Trainer, with logging, checkpoints, resume and OOM recovery.
+"""`autotune train`: the runner. Setup helpers (the folder, the inputs, the data, the model, the callbacks), then a
+linear run (`train`), in the manner of torchtune's recipes.
 
-The training step itself lives in step.py (shared with the solver); this module is the runner
-around it: what is written where, and what happens when the GPU runs out of memory, the user presses
-Ctrl-C, or a folder already holds a run.
+The training step itself lives in step.py (the HF Trainer subclass, shared with the solver's trials); this
+module is what happens around it: what is written where, and what happens when the GPU runs out of memory, the
+user presses Ctrl-C, or a folder already holds a run.
 
 A run holds its output_dir for its whole life (runlock.py: a second run into the folder is refused, a dead
 run's lock is taken over). A folder that holds a finished or resumable run is never overwritten unless the
@@ -32,8 +33,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from autotune import distributed
+from autotune.batching import BatchPlan
 from autotune.checkpoint import (
-    CONFIG_FILE,
     checkpoint_step,
     disk_full_is_a_user_error,
     last_complete_checkpoint,
@@ -47,6 +48,7 @@ from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json
 from autotune.memory import free_memory
 from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries
+from autotune.run_files import ADAPTER_WEIGHTS, CHECKPOINTS, CONFIG_FILE, PROFILE, RUN_FILES, SUMMARY
 from autotune.runlock import RunLock
 from autotune.runlog import RunLog, drop_records
 from autotune.step import (
@@ -60,30 +62,6 @@ from autotune.techniques.packing import collator_for
 from autotune.trackers import reports_to_tensorboard
 from autotune.watchdog import MemoryWatchdog, limit_for
 
-__all__ = ["last_complete_checkpoint", "smaller_batch", "train"]
-
-CHECKPOINTS = "checkpoints"
-SUMMARY = "run_summary.json"
-ADAPTER = "adapter_model.safetensors"
-# Every file a run writes into output_dir (peft's adapter and model card, the tokenizer's files, autotune's
-# own): what --overwrite removes, and nothing else, so a user's own files in the folder survive it.
-RUN_FILES = (
-    ADAPTER,
-    "adapter_config.json",
-    "README.md",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    CONFIG_FILE,
-    "profile.json",
-    "inference_report.json",
-    "inference_report.md",
-    SUMMARY,
-)
 # Summary statuses.
 RUNNING, SUCCEEDED, FAILED, INTERRUPTED = "running", "succeeded", "failed", "interrupted"
 
@@ -240,14 +218,6 @@ class Run:
         return self.output_dir / CHECKPOINTS
 
 
-def smaller_batch(batch: int, effective: int) -> tuple[int, int]:
-    """After an OOM: the largest micro-batch of at most half the current one that divides the effective
-    batch, and the accumulation that keeps the effective batch exactly (halve and double, when batch is
-    a power of two; 3 x 2 becomes 1 x 6, never 1 x 4)."""
-    new = max(d for d in range(1, max(1, batch // 2) + 1) if effective % d == 0)
-    return new, effective // new
-
-
 def training_collator(cfg: Config, built: BuiltModel, pad_token_id: int):
     """The collator training batches go through: packed rows, or rows padded to the longest sample, rounded up
     to a multiple of 8 for tensor cores but never past max_sequence_length (the solver measured rows of
@@ -257,7 +227,7 @@ def training_collator(cfg: Config, built: BuiltModel, pad_token_id: int):
 
 def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict]):
     """trainer.train(), and on an OOM: keep the completed optimizer steps, at least halve the micro-batch
-    with the accumulation that keeps the effective batch (smaller_batch), and go on from the last
+    with the accumulation that keeps the effective batch (BatchPlan.smaller), and go on from the last
     completed step. Each change is appended to `changes` as it happens (a failed run's summary reports
     them too). An OOM in evaluation never gets here (evaluation.py shrinks the evaluation batch). Returns the
     Trainer that finished."""
@@ -319,7 +289,9 @@ def _recover_from_oom(
     if step > 0:
         trainer._save_checkpoint(trainer.model, trial=None)
         resume_from = str(run.checkpoint_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}")
-    new_batch, new_accumulation = smaller_batch(batch, batch * accumulation)
+    smaller = BatchPlan(batch, accumulation).smaller()
+    assert smaller is not None  # batch > 1 here
+    new_batch, new_accumulation = smaller.micro, smaller.accumulation
     change = {
         "at_step": step,
         "error": str(exc).splitlines()[0][:200],
@@ -370,7 +342,9 @@ def _restart_for_oom(run: Run, trainer, exc: BaseException, batch: int, accumula
                 f"max_sequence_length (now {cfg.max_sequence_length}) or lora_r (now {cfg.lora_r}), "
                 f"{four_bit}use more GPUs with --strategy fsdp, or run `autotune solve --gpus {w.size}`"
             ) from None
-        new_batch, new_accumulation = smaller_batch(batch, batch * accumulation)
+        smaller = BatchPlan(batch, accumulation).smaller()
+        assert smaller is not None  # batch > 1 here
+        new_batch, new_accumulation = smaller.micro, smaller.accumulation
         change.update(
             batch_size=[batch, new_batch],
             gradient_accumulation_steps=[accumulation, new_accumulation],
@@ -483,7 +457,7 @@ def existing_run(output_dir: Path, previous: dict | None) -> str | None:
         for p in (output_dir / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
         if p.name[len(PREFIX_CHECKPOINT_DIR) + 1 :].isdigit()
     )
-    adapter = (output_dir / ADAPTER).is_file()
+    adapter = (output_dir / ADAPTER_WEIGHTS).is_file()
     status = (previous or {}).get("status")
     if not checkpoints and not adapter and status != SUCCEEDED:
         return None
@@ -614,6 +588,16 @@ def _forget_rerun_steps(cfg: Config, run_id: str | None, resumed_step: int, echo
         echo(f"note: {log.log_file} is open in another run: the re-run steps after {resumed_step} appear twice")
 
 
+@dataclass
+class Start:
+    """How this run starts in its folder: its id, the checkpoint it resumes from, and the earlier run it replaces."""
+
+    run_id: str
+    resume_from: str | None = None
+    replaces: str | None = None  # what the folder holds that --overwrite replaces (existing_run's words)
+    previous: dict | None = None  # the folder's earlier run summary
+
+
 def train(
     cfg: Config,
     *,
@@ -648,102 +632,58 @@ def train(
     for note in notes if not decisions else ():  # after a restart, the restart's own line says the batch
         echo(f"note: {note}")
     distributed.join(device)
+    with _holding(cfg.output_dir, w, echo):
+        return _run(ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions, evaluate)
+
+
+@contextmanager
+def _holding(output_dir: str, w: distributed.World, echo: Echo) -> Iterator[None]:
+    """The run's folder held for its whole life (runlock.py). Under torchrun the ranks of one run share it: the
+    main process holds it for all of them."""
     if not w.is_main:
-        # Under torchrun the ranks of one run share its folder: the main process holds it for all of them.
-        return _train_holding_the_folder(
-            ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions=decisions, evaluate=evaluate
-        )
-    with RunLock(cfg.output_dir) as lock:
+        yield
+        return
+    with RunLock(output_dir) as lock:
         stale = lock.describe_stale()
         if stale:
             echo(stale)
-        return _train_holding_the_folder(
-            ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions=decisions, evaluate=evaluate
-        )
+        yield
 
 
-def _train_holding_the_folder(
+def _run(
     ctx: RunContext,
     profile: dict | None,
     resume: bool,
     overwrite: bool,
     extra_callbacks: tuple,
     echo: Echo,
-    *,
-    decisions: tuple[dict, ...] | list[dict] = (),
-    evaluate: bool = True,
+    decisions: list[dict],
+    evaluate: bool,
 ) -> dict:
+    """The run, start to end, in the folder this process holds."""
     cfg, out = ctx.cfg, Path(ctx.cfg.output_dir)
     main = distributed.world().is_main  # under torchrun, rank 0 alone writes; the others read
     if main:
-        remove_partial_saves(out / CHECKPOINTS)  # a save a kill cut short; we hold the folder, so none is running
-        if not decisions:
-            distributed.forget_oom_decisions(out)  # an earlier launch's: this launch starts from the config
-    previous = read_summary(out)
-    held = None
-    resume_from: str | None = None
-    if resume:
-        resume_from = _resume_point(cfg)
-        run_id = (previous or {}).get("run_id") or uuid.uuid4().hex[:12]
-        if main:
-            _forget_rerun_steps(cfg, (previous or {}).get("run_id"), checkpoint_step(resume_from), echo)
-    else:
-        held = existing_run(out, previous)
-        if held is not None and not overwrite:
-            raise UserError(
-                f"output_dir {out} already holds {held}, and a new run would replace it. To continue it, run "
-                "the same command with --resume; to keep it, give this run another folder (--set output_dir=...); "
-                "to replace it, add --overwrite"
-            )
-        run_id = uuid.uuid4().hex[:12]
-    summary: dict = {
-        "status": FAILED,
-        "run_id": run_id,
-        "output_dir": cfg.output_dir,
-        "started_at": time.time(),
-        "pid": os.getpid(),
-    }
-    if resume_from:
-        summary["resumed_from"] = resume_from
+        _tidy_folder(out, decisions)
+    start = _start(cfg, resume, overwrite, main, echo)
+    summary = _new_summary(cfg, start)
     # The summary file is this run's once no earlier run's would be lost by writing it: at once for a resume
     # (the same run) or a free folder; after --overwrite has removed the previous run otherwise. Rank 0's alone.
-    owns_summary = held is None and main
-    runlog = _open_runlog(cfg, run_id)
+    owns_summary = start.replaces is None and main
+    runlog = _open_runlog(cfg, start.run_id)
     try:
         _check_environment(ctx, profile, echo)
-        with distributed.main_process_first():  # rank 0 tokenizes into the cache, the others read it
-            data = prepare_data(ctx, echo)
-        if not evaluate:
-            data = replace(data, eval=None)
-        summary["data"] = data.report
-        runlog.write("data", "dataset ready", metrics=data.report)
-        built = build_model(ctx)
-        summary["model"] = {
-            "name": ctx.spec.name,
-            "device": str(built.device),
-            "dtype": str(built.dtype),
-            "quantization": built.quantization,
-            **built.parameter_counts(),
-        }
-        if held is not None and main:
-            _clear_previous_run(cfg, previous, runlog, echo)
+        data = _prepare(ctx, evaluate, summary, runlog, echo)
+        built = _build(ctx, summary)
+        if start.replaces is not None and main:
+            _clear_previous_run(cfg, start.previous, runlog, echo)
             owns_summary = True
-        run = Run(ctx, built, data, runlog, echo)
-        interrupt = GracefulInterrupt(echo)
-        summary["oom_recoveries"] = [d for d in decisions if "batch_size" in d]
-        summary["eval_oom_recoveries"] = [d for d in decisions if "eval_batch_size" in d]
-        run.callbacks = _callbacks(cfg, built, runlog, extra_callbacks, run_id=run_id, resume_from=resume_from) + [
-            EvalOOMReporter(run, summary["eval_oom_recoveries"]),
-            interrupt,
-        ]
-        watchdog = _watchdog(run, profile, summary)
-        if watchdog is not None:
-            run.callbacks.append(watchdog)
+        run, interrupt = _setup_run(ctx, built, data, runlog, profile, start, summary, decisions, extra_callbacks, echo)
         if main:
             atomic_write_json(out / SUMMARY, {**summary, "status": RUNNING})  # a killed run says it never finished
         distributed.wait_for_everyone()  # no rank trains before rank 0 has cleared and claimed the folder
         with interrupt.installed():
-            trainer = _fit_with_oom_recovery(run, resume_from, summary["oom_recoveries"])
+            trainer = _fit_with_oom_recovery(run, start.resume_from, summary["oom_recoveries"])
         summary["final"] = _final_metrics(trainer)
         if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
             distributed.leave()
@@ -781,6 +721,101 @@ def _train_holding_the_folder(
         _finish_summary(summary, runlog, echo, write=owns_summary)
 
 
+# ------------------------------------------------------------------------- setup helpers
+
+
+def _tidy_folder(out: Path, decisions: list[dict]) -> None:
+    """What a killed run left: a save it cut short (we hold the folder, so none is running), and an earlier
+    launch's OOM decisions (this launch starts from the config)."""
+    remove_partial_saves(out / CHECKPOINTS)
+    if not decisions:
+        distributed.forget_oom_decisions(out)
+
+
+def _start(cfg: Config, resume: bool, overwrite: bool, main: bool, echo: Echo) -> Start:
+    """Where this run starts: a resume goes on from the last complete checkpoint under the same run_id; a new run
+    gets a new id, and is refused where the folder holds a run unless --overwrite says to replace it."""
+    out = Path(cfg.output_dir)
+    previous = read_summary(out)
+    if resume:
+        resume_from = _resume_point(cfg)
+        if main:
+            _forget_rerun_steps(cfg, (previous or {}).get("run_id"), checkpoint_step(resume_from), echo)
+        return Start((previous or {}).get("run_id") or uuid.uuid4().hex[:12], resume_from=resume_from)
+    held = existing_run(out, previous)
+    if held is not None and not overwrite:
+        raise UserError(
+            f"output_dir {out} already holds {held}, and a new run would replace it. To continue it, run "
+            "the same command with --resume; to keep it, give this run another folder (--set output_dir=...); "
+            "to replace it, add --overwrite"
+        )
+    return Start(uuid.uuid4().hex[:12], replaces=held, previous=previous)
+
+
+def _new_summary(cfg: Config, start: Start) -> dict:
+    summary: dict = {
+        "status": FAILED,
+        "run_id": start.run_id,
+        "output_dir": cfg.output_dir,
+        "started_at": time.time(),
+        "pid": os.getpid(),
+    }
+    if start.resume_from:
+        summary["resumed_from"] = start.resume_from
+    return summary
+
+
+def _prepare(ctx: RunContext, evaluate: bool, summary: dict, runlog: RunLog, echo: Echo) -> PreparedData:
+    """The tokenized data (rank 0 tokenizes into the cache, the others read it); no evaluation split after an
+    evaluation that could not fit even one sample."""
+    with distributed.main_process_first():
+        data = prepare_data(ctx, echo)
+    if not evaluate:
+        data = replace(data, eval=None)
+    summary["data"] = data.report
+    runlog.write("data", "dataset ready", metrics=data.report)
+    return data
+
+
+def _build(ctx: RunContext, summary: dict) -> BuiltModel:
+    built = build_model(ctx)
+    summary["model"] = {
+        "name": ctx.spec.name,
+        "device": str(built.device),
+        "dtype": str(built.dtype),
+        "quantization": built.quantization,
+        **built.parameter_counts(),
+    }
+    return built
+
+
+def _setup_run(
+    ctx: RunContext,
+    built: BuiltModel,
+    data: PreparedData,
+    runlog: RunLog,
+    profile: dict | None,
+    start: Start,
+    summary: dict,
+    decisions: list[dict],
+    extra_callbacks: tuple,
+    echo: Echo,
+) -> tuple[Run, GracefulInterrupt]:
+    """The Run and its callbacks: logging, TensorBoard, the evaluation-OOM reporter, Ctrl-C, the memory watchdog;
+    the OOM changes an earlier attempt of this launch made, recorded in the summary."""
+    run = Run(ctx, built, data, runlog, echo)
+    interrupt = GracefulInterrupt(echo)
+    summary["oom_recoveries"] = [d for d in decisions if "batch_size" in d]
+    summary["eval_oom_recoveries"] = [d for d in decisions if "eval_batch_size" in d]
+    run.callbacks = _callbacks(
+        ctx.cfg, built, runlog, extra_callbacks, run_id=start.run_id, resume_from=start.resume_from
+    ) + [EvalOOMReporter(run, summary["eval_oom_recoveries"]), interrupt]
+    watchdog = _watchdog(run, profile, summary)
+    if watchdog is not None:
+        run.callbacks.append(watchdog)
+    return run, interrupt
+
+
 def _final_metrics(trainer) -> dict:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -813,6 +848,6 @@ def _save_outputs(run: Run, profile: dict | None, trainer=None) -> None:
     run.tokenizer.save_pretrained(str(out))
     atomic_write_json(out / CONFIG_FILE, run.cfg.to_dict())
     if profile is not None:
-        atomic_write_json(out / "profile.json", profile)
+        atomic_write_json(out / PROFILE, profile)
     for name in RUN_FILES:  # safetensors writes the adapter through a private temp file
         apply_umask(out / name)

@@ -1,0 +1,139 @@
+"""What fits: the estimate inverted (the largest micro-batch, the longest sequence), the strategy for several
+ranks, and `autotune estimate`'s report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from autotune.catalog import Architecture
+from autotune.estimate.peak import Estimate, calibration, error_band, estimate
+from autotune.estimate.shape import StepShape, shape_of
+from autotune.units import Budget, GiB
+
+
+def safe_limit(budget: Budget, device: str) -> int:
+    """The bytes a shape's estimate may reach and count as fitting: the budget's usable part (less its margin),
+    and on a GPU kept to the safe side of the error band measured on the trials on record: where the estimate has
+    come out as much as x% low, a shape fits only if its estimate does x% better."""
+    limit = budget.usable_bytes
+    band = error_band() if device != "cpu" else None
+    if band and band[0] < 0:
+        limit = int(limit * (1 + band[0]))
+    return limit
+
+
+def fit(shape: StepShape, budget: Budget, *, max_batch: int = 4096, max_seq: int | None = None) -> dict:
+    """The biggest shapes like `shape` predicted to fit the budget (safe_limit).
+
+    "batch": the largest micro-batch at shape.seq; "seq": the longest sequence at shape.batch, capped at max_seq or
+    the model's max_position_embeddings; 0 means not even the smallest fits (or, for a bound of 0, not asked). The peak grows with batch and seq, so
+    a doubling search then bisection takes ~2 log2(limit) estimates (milliseconds)."""
+    limit = safe_limit(budget, shape.device)
+
+    def fits(batch: int, seq: int) -> bool:
+        return estimate(replace(shape, batch=batch, seq=seq)).peak_bytes <= limit
+
+    return {
+        "batch": _largest(lambda b: fits(b, shape.seq), max_batch),
+        "seq": _largest(
+            lambda s: fits(shape.batch, s), shape.arch.max_position_embeddings if max_seq is None else max_seq
+        ),
+        "at_seq": shape.seq,
+        "at_batch": shape.batch,
+        "budget_bytes": budget.total_bytes,
+        "limit_bytes": limit,
+        "margin": budget.margin,
+    }
+
+
+def largest_fitting(
+    arch: Architecture,
+    budget: Budget,
+    *,
+    seq: int | None = None,
+    batch: int | None = None,
+    rank: int,
+    max_batch: int = 4096,
+    max_seq: int | None = None,
+    **options,
+) -> dict:
+    """fit() of the shape these keywords describe (shape.shape_of); "batch" is None when no `seq` is given, and the
+    longest sequence is at micro-batch `batch` (default 1)."""
+    shape = shape_of(arch, batch=batch or 1, seq=seq or 1, rank=rank, **options)
+    found = fit(shape, budget, max_batch=max_batch if seq is not None else 0, max_seq=max_seq)
+    found.update(batch=None if seq is None else found["batch"], at_seq=seq)
+    return found
+
+
+def _largest(fits: Callable[[int], bool], cap: int) -> int:
+    """The largest n in [1, cap] with fits(n), for a monotone fits; 0 if fits(1) is False."""
+    if cap < 1 or not fits(1):
+        return 0
+    lo = 1
+    while lo < cap and fits(min(2 * lo, cap)):
+        lo = min(2 * lo, cap)
+    if lo == cap:
+        return cap
+    hi = min(2 * lo, cap)  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def strategy_for(shape: StepShape, budget: Budget) -> tuple[str, str]:
+    """`--strategy auto` for shape.world_size ranks: DDP when a rank holds the whole model and one sample of
+    shape.seq tokens within the budget (DDP communicates least: one gradient all-reduce per step), else FSDP (each
+    rank holds 1/N of the model). Returns the strategy and why."""
+    if shape.world_size <= 1:
+        return "ddp", "one process: nothing to shard"
+    ddp = estimate(replace(shape, batch=1, strategy="ddp"))
+    seq = shape.seq
+    if ddp.peak_bytes <= budget.usable_bytes:
+        return "ddp", (
+            f"auto: DDP, every rank holds the whole model (estimated {ddp.peak_gib:.2f} GiB per rank at batch 1 x "
+            f"seq {seq}, within {budget.describe()})"
+        )
+    return "fsdp", (
+        f"auto: FSDP, DDP would need {ddp.peak_gib:.2f} GiB per rank at batch 1 x seq {seq}, over "
+        f"{budget.describe()}; FSDP shards the model over {shape.world_size} ranks"
+    )
+
+
+def pick_strategy(
+    arch: Architecture, budget: Budget, *, world_size: int, seq: int, rank: int, **options
+) -> tuple[str, str]:
+    """strategy_for() of the shape these keywords describe."""
+    return strategy_for(shape_of(arch, batch=1, seq=seq, rank=rank, world_size=world_size, **options), budget)
+
+
+def report(model: str, shape: StepShape, budget: Budget | None = None) -> tuple[Estimate, dict]:
+    """`autotune estimate`: the estimate of one shape of a run, and a JSON-able report of it; with a budget,
+    whether it fits and the largest batch and sequence predicted to fit. With world_size > 1 every figure is one
+    rank's (`batch` its micro-batch, `budget` its card: the smallest)."""
+    est = estimate(shape)
+    doc = {
+        "model": model,
+        "world_size": shape.world_size,
+        "strategy": shape.strategy,
+        "per_rank": shape.world_size > 1,
+        "shape": est.shape,
+        "peak_bytes": est.peak_bytes,
+        "peak_gb": round(est.peak_gib, 3),
+        "phase": est.phase,
+        "components_gb": {k: round(v / GiB, 3) for k, v in est.components.items()},
+    }
+    if budget is not None:
+        found = fit(shape, budget)
+        doc.update(
+            max_memory_gb=budget.gb,
+            margin=budget.margin,
+            fits=est.peak_bytes <= budget.usable_bytes,
+            largest_batch_at_seq=found["batch"],
+            largest_seq_at_batch=found["seq"],
+        )
+    band = error_band() if shape.device != "cpu" else None
+    if band:
+        doc["error_band"] = {"low": band[0], "high": band[1], "trials": calibration().get("trials")}
+    return est, doc

@@ -1,0 +1,345 @@
+"""The decoder layer's kinds: what each keeps for backward and what its backward holds at its busiest.
+
+A decoder layer is a sequence of kinds (Qwen3's dense layer: full attention, then a dense MLP), each behind its
+RMSNorm; `decoder_layers` lists them per layer. A new architecture (a mixture-of-experts MLP, a linear-attention
+block) is a new kind here, not a branch in the arithmetic around it.
+
+Figures follow what the installed transformers/peft/bitsandbytes allocate, read off their code and checked
+against the real step (tests/test_estimate.py): the frozen base Linears keep nothing; the RMSNorms and QK-norms
+keep an fp32 copy of their input; SDPA keeps q, k, v, its output and a logsumexp (no seq^2 term: flash and
+memory-efficient kernels with `is_causal`); the MLP keeps gate, up and silu(gate); each LoRA module keeps its
+input cast to fp32 (bf16 under autocast) and its rank-r hidden; LLM.int8 keeps its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+from autotune.catalog import Architecture
+from autotune.estimate.shape import StepShape
+from autotune.techniques import tile_tokens
+
+NF4_BLOCK = 64  # elements per absmax of a 4-bit weight
+
+
+class LayerKind(Protocol):
+    """One part of a decoder layer with memory of its own."""
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of its linear layers: what LoRA can target, what quantization packs."""
+        ...
+
+    def norm_elements(self, arch: Architecture) -> int:
+        """Elements of its norms' weights (never quantized)."""
+        ...
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        """Bytes per token it keeps for backward when nothing is checkpointed. `first`: the first layer, whose
+        input needs no grad (the frozen embeddings' output) unless checkpointing's input-grad hook asks."""
+        ...
+
+    def kept_through_checkpointing(self, s: StepShape) -> float:
+        """Bytes per token it keeps even when its layer is checkpointed (tensors stored outside autograd's saved
+        tensors, which checkpointing cannot drop)."""
+        ...
+
+    def int8_inputs(self, s: StepShape, targets: Sequence[str], *, first: bool = False) -> float:
+        """Bytes per token of the inputs LLM.int8's matmuls keep (0 unless quantization is 8bit)."""
+        ...
+
+    def bursts(self, s: StepShape, biggest_weight: int) -> list[float]:
+        """Candidate transients of its backward, in bytes, beside what the layers saved (the largest counts)."""
+        ...
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def lora_saved_bytes_per_token(
+    arch: Architecture,
+    *,
+    rank: int,
+    target_modules: Sequence[str],
+    act_bytes: int,
+    lora_dropout: float = 0.0,
+    dropout_mask_bytes: int = 1,
+    first_layer: bool = False,
+    autocast: bool = False,
+) -> float:
+    """What the LoRA branches keep per token: lora_A's fp32 input and lora_B's rank-r fp32 input.
+
+    peft casts the module input to the adapter dtype (fp32) per module, so q, k and v each keep their own
+    fp32 copy of the same hidden state when the activations are bf16; when they are already fp32 the cast is
+    a no-op and the modules that share an input share one tensor. With dropout each module keeps its own
+    dropped-out fp32 input plus the dropout mask: bool on CUDA (fused native_dropout), fp32 on the CPU
+    (dropout there is input * noise); no mask where the input needs no grad (the first layer's q/k/v
+    without checkpointing). Under bf16 autocast (the HF Trainer's mixed precision) lora_A's matmul keeps
+    the bf16 cast of that fp32 input instead, one per module, and lora_B's input is bf16 too.
+    """
+    shapes = arch.projection_shapes()
+    targets = tuple(target_modules)
+    if autocast:
+        total = 0
+        for t in targets:
+            fan_in = shapes[t][0]
+            needs_mask = lora_dropout > 0 and not (first_layer and t in ("q_proj", "k_proj", "v_proj"))
+            total += (2 + (dropout_mask_bytes if needs_mask else 0)) * fan_in + 2 * rank
+        return total
+    total = 4 * rank * len(targets)
+    shared_input = {
+        "q_proj": "attn_in",
+        "k_proj": "attn_in",
+        "v_proj": "attn_in",
+        "gate_proj": "mlp_in",
+        "up_proj": "mlp_in",
+    }
+    seen: set[str] = set()
+    for t in targets:
+        fan_in = shapes[t][0]
+        if lora_dropout > 0:
+            needs_mask = not (first_layer and shared_input.get(t) == "attn_in")
+            total += (4 + (dropout_mask_bytes if needs_mask else 0)) * fan_in
+        elif act_bytes != 4:
+            total += 4 * fan_in
+        else:
+            group = shared_input.get(t, t)
+            if group not in seen:
+                seen.add(group)
+                total += 4 * fan_in
+    return total
+
+
+def _lora_saved(s: StepShape, targets: Sequence[str], first: bool = False) -> float:
+    if not targets:
+        return 0.0
+    return lora_saved_bytes_per_token(
+        s.arch,
+        rank=s.rank,
+        target_modules=targets,
+        act_bytes=s.act_bytes,
+        lora_dropout=s.lora_dropout,
+        dropout_mask_bytes=s.dropout_mask_bytes,
+        first_layer=first,
+        autocast=bool(s.autocast),
+    )
+
+
+def _int8_groups(s: StepShape, groups: dict, targets: Sequence[str], first: bool) -> float:
+    """bitsandbytes' LLM.int8 matmul keeps its input for backward (`ctx.tensors`), even with frozen weights.
+    Projections that share an input share the tensor, and so does a LoRA branch whose fp32 cast of that input
+    was a no-op (fp32 activations, no dropout, no autocast). Nothing is kept where the input needs no grad (the
+    first layer's q/k/v without checkpointing)."""
+    if s.quantization != "8bit":
+        return 0.0
+    total = 0
+    for name, (width, members) in groups.items():
+        if first and name == "attn_in":
+            continue
+        shared_with_lora = (
+            s.act_bytes == 4 and s.lora_dropout == 0 and not s.autocast and any(m in targets for m in members)
+        )
+        if not shared_with_lora:
+            total += s.act_bytes * width
+    return total
+
+
+def _norm_bytes_per_token(arch: Architecture) -> int:
+    """An RMSNorm's fp32 copy of its input and its fp32 rsqrt, per token."""
+    return 4 * arch.hidden_size + 4
+
+
+# ------------------------------------------------------------------------------------------ kinds
+
+
+class FullAttention:
+    """Qwen3's attention behind its input RMSNorm: q/k/v/o, per-head QK-norms, RoPE, SDPA."""
+
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        shapes = arch.projection_shapes()
+        return {p: shapes[p] for p in self.PROJECTIONS}
+
+    def norm_elements(self, arch: Architecture) -> int:
+        return 2 * arch.head_dim + arch.hidden_size  # q_norm, k_norm, input_layernorm
+
+    def _targets(self, s: StepShape) -> tuple[str, ...]:
+        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
+
+    def _groups(self, arch: Architecture) -> dict:
+        q = arch.num_attention_heads * arch.head_dim
+        return {"attn_in": (arch.hidden_size, ("q_proj", "k_proj", "v_proj")), "o_in": (q, ("o_proj",))}
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        arch, a = s.arch, s.act_bytes
+        nh, nkv = arch.num_attention_heads, arch.num_key_value_heads
+        q, kv = nh * arch.head_dim, nkv * arch.head_dim
+        total: float = 0 if first else _norm_bytes_per_token(arch)  # the first layer's input norm: no grad needed
+        total += 4 * q + 4 * nh + 4 * kv + 4 * nkv  # q_norm / k_norm: fp32 input + rsqrt per head
+        total += a * (2 * q + 2 * kv) + 4 * nh  # SDPA: q, k, v, output, logsumexp
+        total += _lora_saved(s, self._targets(s), first)
+        return total + self.int8_inputs(s, s.target_modules, first=first)
+
+    def kept_through_checkpointing(self, s: StepShape) -> float:
+        if s.quantization != "8bit":
+            return 0.0
+        return s.act_bytes * (s.arch.hidden_size + s.arch.num_attention_heads * s.arch.head_dim)
+
+    def int8_inputs(self, s: StepShape, targets: Sequence[str], *, first: bool = False) -> float:
+        return _int8_groups(s, self._groups(s.arch), targets, first)
+
+    def bursts(self, s: StepShape, biggest_weight: int) -> list[float]:
+        """Each LoRA'd attention projection rebuilds its fp32 input copy for the adapter's gradients, and the input
+        norm's backward works in fp32 (two hidden-sized fp32 temporaries)."""
+        h = s.arch.hidden_size
+        return [s.tokens * (4 * h * len(self._targets(s)) + 8 * h)]
+
+
+class DenseMlp:
+    """Qwen3's SwiGLU MLP behind its post-attention RMSNorm: gate, up, down; tiled a slice of tokens at a time when
+    the tiled MLP is on (techniques/tiled_mlp.py)."""
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        shapes = arch.projection_shapes()
+        return {p: shapes[p] for p in self.PROJECTIONS}
+
+    def norm_elements(self, arch: Architecture) -> int:
+        return arch.hidden_size  # post_attention_layernorm
+
+    def _targets(self, s: StepShape) -> tuple[str, ...]:
+        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
+
+    def _groups(self, arch: Architecture) -> dict:
+        return {
+            "mlp_in": (arch.hidden_size, ("gate_proj", "up_proj")),
+            "down_in": (arch.intermediate_size, ("down_proj",)),
+        }
+
+    def _tile(self, s: StepShape) -> int:
+        return min(s.tokens, tile_tokens(s.arch.intermediate_size, s.act_bytes))
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        arch, a = s.arch, s.act_bytes
+        total: float = _norm_bytes_per_token(arch)
+        if s.knobs.tiled_mlp:
+            # The tiled MLP keeps only its input; its own activations (and its LoRA branches') exist a slice at a
+            # time, in its backward. (Its LLM.int8 inputs stay counted as if no MLP projection had an adapter
+            # where attention has some: no real 8-bit step with the tiled MLP has been measured.)
+            attention = tuple(t for t in s.target_modules if t not in self.PROJECTIONS)
+            return total + arch.hidden_size * a + self.int8_inputs(s, attention or s.target_modules)
+        total += 3 * arch.intermediate_size * a  # gate, up, silu(gate)
+        total += _lora_saved(s, self._targets(s))
+        return total + self.int8_inputs(s, s.target_modules)
+
+    def kept_through_checkpointing(self, s: StepShape) -> float:
+        if s.quantization != "8bit":
+            return 0.0
+        return s.act_bytes * (s.arch.hidden_size + s.arch.intermediate_size)
+
+    def int8_inputs(self, s: StepShape, targets: Sequence[str], *, first: bool = False) -> float:
+        return _int8_groups(s, self._groups(s.arch), targets, first)
+
+    def bursts(self, s: StepShape, biggest_weight: int) -> list[float]:
+        arch, a, tokens = s.arch, s.act_bytes, s.tokens
+        h, I = arch.hidden_size, arch.intermediate_size
+        targets = s.target_modules
+        per_token = mlp_backward_bytes_per_token(arch, targets, a, bool(s.autocast))
+        if s.knobs.tiled_mlp:
+            # One slice's MLP (its activations, its LoRA branches', its backward burst) beside the input gradient
+            # the tiled MLP fills for the whole sequence.
+            burst = self._tile(s) * (3 * I * a + _lora_saved(s, self._targets(s)) + per_token) + tokens * h * a
+        else:
+            burst = tokens * per_token
+        out = [burst]
+        if s.knobs.checkpointing and "down_proj" in targets and not s.knobs.tiled_mlp:
+            # The recompute reaching down_proj: its input, peft's fp32 copy of it, and (under autocast, where only
+            # the bf16 cast is kept) the dropped-out fp32 copy, on top of what is recomputed; the recomputed
+            # layer's residual, the MLP's input and down_proj's base output are alive too.
+            fp32_copies = (4 if a != 4 else 0) + (4 if s.lora_dropout > 0 and s.autocast else 0)
+            out.append(tokens * (I * (a + fp32_copies) + 3 * h * a))
+        if s.quantization != "none":
+            # A k-bit weight's backward matmul: a dequantized copy of the biggest weight and the intermediate-sized
+            # gradient it produces.
+            if s.quantization == "4bit":  # bf16 (compute dtype) weight + the fp32 absmax it was scaled by
+                dequant = 2 * biggest_weight + math.ceil(biggest_weight / NF4_BLOCK) * 4
+            else:  # the int8 weight times its row scales, in the input's dtype
+                dequant = a * biggest_weight
+            out.append(dequant + I * a * (self._tile(s) if s.knobs.tiled_mlp else tokens))
+        return out
+
+
+def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act_bytes: int, autocast: bool) -> float:
+    """The largest burst of intermediate-sized grads in the MLP's backward, per token, net of the MLP's
+    saved tensors already released at that moment (the layer's saved tensors are counted elsewhere).
+
+    Candidates, in backward order:
+    * a LoRA'd down_proj: the grad of its input comes back along both branches, the LoRA one in fp32
+      (peft computes it in fp32) or, under autocast, bf16 cast up to fp32 and down again;
+    * the act*up product: its grad and the grads of both factors, once down_proj's saved input is gone;
+    * a LoRA'd gate/up without autocast: the grad arriving at the fp32 LoRA sum is upcast to fp32,
+      scaled, and cast back for the base weight, while the other factor's grad waits; act and up are
+      released by then.
+    """
+    I, a = arch.intermediate_size, act_bytes
+    down_input = (2 if autocast else 4) * I if "down_proj" in targets else 0
+    bursts = [3 * I * a - down_input]
+    if "down_proj" in targets:
+        bursts.append((2 + 4 + 2) * I if autocast else 4 * I + a * I)
+    if not autocast and ("gate_proj" in targets or "up_proj" in targets):
+        bursts.append(8 * I - down_input)
+    return max(bursts)
+
+
+# ------------------------------------------------------------------------------------------ layers
+
+
+Layer = tuple[LayerKind, ...]
+
+
+@functools.cache
+def decoder_layers(arch: Architecture) -> tuple[Layer, ...]:
+    """The kinds of every decoder layer, in order."""
+    dense: Layer = (FullAttention(), DenseMlp())
+    return (dense,) * arch.num_hidden_layers
+
+
+@functools.cache
+def layer_groups(arch: Architecture) -> tuple[tuple[Layer, int], ...]:
+    """The distinct layers and how many of each (most models repeat one layer), in order of first appearance:
+    sums over the layers take each distinct one once."""
+    counts: dict[int, list] = {}
+    for layer in decoder_layers(arch):
+        counts.setdefault(id(layer), [layer, 0])[1] += 1
+    return tuple((layer, n) for layer, n in counts.values())
+
+
+@functools.cache
+def layer_projections(layer: Layer, arch: Architecture) -> dict[str, tuple[int, int]]:
+    return {name: shape for kind in layer for name, shape in kind.projections(arch).items()}
+
+
+def layer_saved(layer: Sequence[LayerKind], s: StepShape, *, first: bool = False) -> float:
+    """Bytes per token one layer keeps for backward when nothing is checkpointed."""
+    return sum(kind.saved(s, first=first) for kind in layer)
+
+
+def layer_backward(layer: Sequence[LayerKind], s: StepShape) -> float:
+    """The layer's own share of the moment its backward is busiest: under checkpointing its activations recomputed
+    (less what `kept_through_checkpointing` already holds, and the input norm's fp32 "copy", which for fp32 hidden
+    states is the checkpointed input itself), the incoming hidden-state grad, and the largest burst of its kinds."""
+    arch, tokens = s.arch, s.tokens
+    biggest = max(i * o for i, o in layer_projections(layer, arch).values())
+    burst = max(b for kind in layer for b in kind.bursts(s, biggest))
+    own = 0.0
+    if s.knobs.checkpointing:
+        recomputed = layer_saved(layer, s) - (4 * arch.hidden_size if s.act_bytes == 4 else 0)
+        # LLM.int8's inputs are not recomputed into the original graph: the layers already hold them (the
+        # recompute's own copies die with its graph, stopped early once the saved tensors are back).
+        recomputed -= sum(kind.int8_inputs(s, s.target_modules) for kind in layer)
+        own = tokens * recomputed
+    return own + tokens * arch.hidden_size * s.act_bytes + burst

@@ -1,0 +1,34 @@
+"""The files of a run's output_dir, one name each: what train writes, what --resume and --overwrite look for,
+what export reads. Importing this module must not import torch."""
+
+from __future__ import annotations
+
+CHECKPOINTS = "checkpoints"  # the folder of checkpoint-N folders
+SUMMARY = "run_summary.json"  # the run's status and figures ("running" while it lives)
+CONFIG_FILE = "autotune_config.json"  # the resolved config, in output_dir and in every checkpoint
+PROFILE = "profile.json"  # the profile the run trained with
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's adapter
+ADAPTER_CONFIG = "adapter_config.json"  # peft's, beside the adapter and in every checkpoint
+INFERENCE_REPORT_JSON = "inference_report.json"
+INFERENCE_REPORT_MD = "inference_report.md"
+EXPORT_MANIFEST = "autotune_export.json"  # what `autotune export` wrote into its folder
+
+# Every file a run writes into output_dir (peft's adapter and model card, the tokenizer's files, autotune's own):
+# what --overwrite removes, and nothing else, so a user's own files in the folder survive it.
+RUN_FILES = (
+    ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG,
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    CONFIG_FILE,
+    PROFILE,
+    INFERENCE_REPORT_JSON,
+    INFERENCE_REPORT_MD,
+    SUMMARY,
+)

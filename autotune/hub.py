@@ -55,3 +55,15 @@ def not_cached_error(what: str, name: str, why: str, detail: str = "") -> UserEr
         "its Hugging Face cache here and set HF_HUB_OFFLINE=1; the offline demo model needs neither "
         "(model_name tiny-qwen3, tokenizer_name qwen3-offline)"
     )
+
+
+def require_reachable(what: str, repo_id: str) -> None:
+    """Fail now, before the data is prepared, when `repo_id` cannot be loaded: the hub does not answer (or the
+    environment says offline) and the local cache has no copy of it. One cache lookup, no download."""
+    local, why = local_only()
+    if not local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise not_cached_error(what, repo_id, why or "the hub is not used")

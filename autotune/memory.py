@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import threading
 import weakref
@@ -255,23 +256,45 @@ class CudaMeter(MemoryMeter):
 # --------------------------------------------------------------------------------- CPU
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, where it is the C library (malloc_trim and mallopt are its own: musl and macOS have neither)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def release_host_memory() -> bool:
     """Return freed heap memory to the OS (glibc `malloc_trim`). False where there is no glibc."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.malloc_trim  # noqa: B018  (musl, macOS: no such symbol)
-            _LIBC = libc
-        except (OSError, AttributeError):
-            _LIBC = False
-    if not isinstance(_LIBC, ctypes.CDLL):
+    libc = _glibc()
+    if libc is None:
         return False
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 
-_LIBC: ctypes.CDLL | bool | None = None  # None: not looked up yet; False: no malloc_trim here
+# mallopt's parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def reuse_freed_host_memory() -> bool:
+    """Where the CPU is the training device: keep freed host memory in the process for the next allocation.
+
+    glibc serves every allocation over 32 MiB (the tiny Qwen3's logits: 117 MB a micro-batch of the demo) with a
+    mapping of its own and unmaps it at free, so every step faults its largest tensors in again, page by page: on
+    the demo that was 40% of a step, in the kernel. Served from the heap instead, and the heap not trimmed at every
+    free, a step reuses the pages the last one freed (the demo's steps: 1.7x faster; bench/overhead_bench.py).
+    free_memory() still gives the memory back between trials (malloc_trim). False where there is no glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return True
 
 
 class _StorageRef(weakref.ref):

@@ -19,6 +19,7 @@ from autotune.catalog import ModelSpec, check_target_modules
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
+from autotune.memory import reuse_freed_host_memory
 from autotune.techniques import Knobs, Place
 
 if TYPE_CHECKING:
@@ -309,6 +310,8 @@ def build_model(
     cfg, spec = ctx.cfg, ctx.spec
     knobs = knobs or techniques.resolve(cfg, spec)
     device = device or pick_device()
+    if device.type == "cpu":
+        reuse_freed_host_memory()  # the CPU trains: its allocator is the step's (memory.py)
     dtype = compute_dtype(cfg, device)
     quantization = cfg.quantization
     if cfg.tf32 and device.type == "cuda":

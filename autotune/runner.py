@@ -32,7 +32,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from autotune import distributed
+from autotune import distributed, hub
 from autotune.batching import BatchPlan
 from autotune.checkpoint import (
     checkpoint_step,
@@ -673,6 +673,8 @@ def _run(
     runlog = _open_runlog(cfg, start.run_id)
     try:
         _check_environment(ctx, profile, echo)
+        if cfg.init == "pretrained" and ctx.spec.hub_id and not ctx.spec.local_path:
+            hub.require_reachable("model", ctx.spec.hub_id)  # before the data: a missing model fails at once
         data = _prepare(ctx, evaluate, summary, runlog, echo)
         built = _build(ctx, summary)
         if start.replaces is not None and main:

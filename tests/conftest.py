@@ -8,6 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported 
 
 import pytest
 
+from autotune.memory import reuse_freed_host_memory
+
+# The tests train on the CPU, as autotune does there (modeling.build_model): freed host memory kept for reuse, so
+# that a step does not fault its logits in again page by page (memory.reuse_freed_host_memory). Here for the
+# tests that build a model without build_model.
+reuse_freed_host_memory()
+
 
 @pytest.fixture(scope="session")
 def autotune_cache(tmp_path_factory):

@@ -213,3 +213,17 @@ def test_a_technique_file_imports_no_other_technique_but_the_ones_it_builds_on(m
     reads the 8-bit head a block at a time)."""
     others = {m for m in GRAPH[module] if m.startswith("autotune.techniques.")}
     assert others <= {"autotune.techniques.int8_head"}, others
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers/ and conftest.py, once."""
+    tests = REPO / "tests"
+    names = {p.stem for p in tests.glob("test_*.py")}
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                offenders += [(path.name, a.name) for a in node.names if a.name in names]
+            elif isinstance(node, ast.ImportFrom) and node.module in names:
+                offenders.append((path.name, node.module))
+    assert offenders == []

@@ -56,15 +56,10 @@ def test_real_render_has_one_clear_no_gpu_line(no_cuda_env):
     assert "\x1b" not in text  # plain text, no colour codes
 
 
-def test_import_is_cheap_and_probe_does_not_import_torch():
-    code = (
-        "import sys, time; t = time.perf_counter();"
-        "import autotune.hardware as h; h.probe();"
-        "assert 'torch' not in sys.modules, 'probe imported torch';"
-        "print(time.perf_counter() - t)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert float(out.stdout) < 1.0
+def test_probe_does_not_import_torch():
+    """What keeps `autotune probe` quick (bench/overhead_bench.py prints how quick)."""
+    code = "import sys; import autotune.hardware as h; h.probe(); assert 'torch' not in sys.modules, 'probe imported torch'"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
 def test_torch_cuda_build_without_import_matches_torch():

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO
-from helpers.cli import cli_process, run_cli_process
+from helpers.cli import cli_process, run_cli, run_cli_process
 from helpers.faults import stop
 from helpers.runs import (
     PAIRS,
@@ -104,8 +104,9 @@ def clean_error(stderr: str) -> str:
 # ------------------------------------------------------------------------- 1. no run is lost
 
 
-def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tmp_path, autotune_cache):
-    """The issue's reproduction: 25 steps saved every step (2 kept), then the same config with max_steps=3."""
+def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tmp_path, autotune_cache, capsys):
+    """The issue's reproduction: 25 steps saved every step (2 kept), then the same config with max_steps=3. The
+    first run is a process of its own (its console is the user's); the second and third run in this one."""
     config, values = config_file(
         tmp_path, max_steps=5, save_every_n_steps=1, save_total_limit=2, enable_tensorboard=True
     )
@@ -119,7 +120,7 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     first, first_log = tree(out), log.read_bytes()
     assert checkpoints(out) == ["checkpoint-4", "checkpoint-5"]
 
-    code, _, stderr = run_cli_process("train", "--config", str(config), "--set", "max_steps=3", timeout=300)
+    code, _, stderr = run_cli(capsys, "train", "--config", str(config), "--set", "max_steps=3")
     assert code == 2
     error = clean_error(stderr)
     assert f"output_dir {out} already holds a finished run (5 steps)" in error
@@ -127,9 +128,7 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
         assert way_out in error
     assert tree(out) == first and log.read_bytes() == first_log  # nothing touched
 
-    code, stdout, stderr = run_cli_process(
-        "train", "--config", str(config), "--set", "max_steps=3", "--overwrite", timeout=300
-    )
+    code, stdout, stderr = run_cli(capsys, "train", "--config", str(config), "--set", "max_steps=3", "--overwrite")
     assert code == 0, stderr[-3000:]
     assert "training succeeded" in stdout
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-3"]
@@ -143,13 +142,14 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     assert [p.name for p in tensorboard.iterdir()] == [summary["run_id"]] != [first_id]
 
 
-def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, autotune_cache):
+def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, autotune_cache, capsys):
+    """The first run is a process of its own (killed); the second and third run in this one."""
     config, values = config_file(tmp_path, max_steps=500, save_every_n_steps=2, eval_ratio=0.0)
     out = Path(values["output_dir"])
     first = cli_process("train", "--config", str(config))
     try:
         wait_for(lambda: (out / "checkpoints" / "checkpoint-2").is_dir(), first, "checkpoint-2")
-        code, _, stderr = run_cli_process("train", "--config", str(config), timeout=300)
+        code, _, stderr = run_cli(capsys, "train", "--config", str(config))
         assert code == 2
         error = clean_error(stderr)
         assert f"output_dir {out} is in use by another `autotune train` (pid {first.pid} on " in error
@@ -165,8 +165,8 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_p
     (leftover / "adapter_model.safetensors").write_bytes(b"half")
     killed = summary_file(build_config(values))  # written as training started: it says it never finished
     assert (killed["status"], killed["pid"]) == ("running", first.pid)
-    code, _, stderr = run_cli_process(
-        "train", "--config", str(config), "--resume", "--set", f"max_steps={last_step(out) + 1}", timeout=300
+    code, _, stderr = run_cli(
+        capsys, "train", "--config", str(config), "--resume", "--set", f"max_steps={last_step(out) + 1}"
     )
     assert code == 0, stderr[-3000:]
     assert f"took over the lock of a run that is no longer running (pid {first.pid} on" in stderr
@@ -175,7 +175,7 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_p
     assert summary_file(build_config(values))["status"] == "succeeded"
 
 
-def test_ctrl_c_saves_a_checkpoint_says_interrupted_and_resumes_exactly(tmp_path, autotune_cache):
+def test_ctrl_c_saves_a_checkpoint_says_interrupted_and_resumes_exactly(tmp_path, autotune_cache, capsys):
     common = dict(max_steps=8, save_every_n_steps=100, lora_dropout=0.1, eval_ratio=0.0)
     config, values = config_file(tmp_path, "interrupted", **common)
     out = Path(values["output_dir"])
@@ -200,7 +200,7 @@ def test_ctrl_c_saves_a_checkpoint_says_interrupted_and_resumes_exactly(tmp_path
     (command,) = [line.removeprefix("resume with: ") for line in stderr.splitlines() if line.startswith("resume with")]
     assert command == shlex.join(["autotune", "train", "--config", str(config), "--resume"])
 
-    code, _, stderr = run_cli_process(*shlex.split(command)[1:], timeout=300)
+    code, _, stderr = run_cli(capsys, *shlex.split(command)[1:])  # the printed command, run in this process
     assert code == 0, stderr[-3000:]
     baseline = build_config(config_values(tmp_path / "uninterrupted", **common))
     train(baseline, **QUIET)
@@ -254,13 +254,13 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_a_run_to_keep(make
 # ------------------------------------------------------------------------------ the full disk
 
 
-def test_the_free_space_is_checked_before_each_save(tmp_path, small_disk, autotune_cache):
+def test_the_free_space_is_checked_before_each_save(tmp_path, small_disk, autotune_cache, capsys):
     # A checkpoint here is ~19 MB (the tokenizer's 18.7 MB dominate); 100 MiB holds four and a reserve.
     disk = small_disk(100)
     config, values = config_file(
         tmp_path, max_steps=8, save_every_n_steps=1, save_total_limit=10, eval_ratio=0.0, output_dir=str(disk / "out")
     )
-    code, _, stderr = run_cli_process("train", "--config", str(config), timeout=300)
+    code, _, stderr = run_cli(capsys, "train", "--config", str(config))
     assert code == 2
     error = clean_error(stderr)
     out = disk / "out"
@@ -396,9 +396,9 @@ def test_only_bitsandbytes_kernels_hint_is_silenced(caplog):
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
 
 
-def test_one_logged_loss_is_not_shown_as_a_change(tmp_path, autotune_cache):
+def test_one_logged_loss_is_not_shown_as_a_change(tmp_path, autotune_cache, capsys):
     config, _ = config_file(tmp_path, max_steps=1)
-    code, stdout, stderr = run_cli_process("train", "--config", str(config), timeout=300)
+    code, stdout, stderr = run_cli(capsys, "train", "--config", str(config))
     assert code == 0, stderr[-3000:]
     assert "1 steps, loss " in stdout and "(one logged step)" in stdout and " -> " not in stdout
 

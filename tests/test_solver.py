@@ -696,6 +696,8 @@ def test_cli_solve_writes_profile_and_plot(workdir, tmp_path, capsys, monkeypatc
         "--set",
         "quantization=none",
         "--set",
+        "bf16=false",  # fp32: a bf16 matmul on a CPU without AVX512-BF16 takes torch's ~50x slower reference GEMM
+        "--set",
         f"data_dir={workdir / 'data'}",
         "--set",
         f"output_dir={tmp_path / 'out'}",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import cli_process, run_cli_process
+from helpers.cli import cli_process, run_cli, run_cli_process
 from helpers.faults import InjectOOM, stop
 from helpers.runs import (
     PAIRS,
@@ -351,12 +351,12 @@ FP32_PRECISION = dict(eval_ratio=0.0)
 @pytest.mark.parametrize("precision", [DEFAULT_PRECISION, FP32_PRECISION], ids=["default", "fp32"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, precision):
     # lora_dropout stays on: resuming must restore the RNG state, not only weights and optimizer.
-    common = dict(max_steps=8, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1, **precision)
+    common = dict(max_steps=6, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1, **precision)
     values = config_values(tmp_path / "killed", enable_tensorboard=True, **common)
     config_path = tmp_path / "killed.json"
     config_path.write_text(json.dumps(values), encoding="utf-8")
     out = Path(values["output_dir"])
-    checkpoint = out / "checkpoints" / "checkpoint-4"
+    checkpoint = out / "checkpoints" / "checkpoint-2"
 
     proc = cli_process("train", "--config", str(config_path))
     deadline = time.monotonic() + 300
@@ -364,10 +364,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
         while not checkpoint.is_dir():
             if proc.poll() is not None:
                 pytest.fail(
-                    f"training exited (rc {proc.returncode}) before checkpoint-4:\n{proc.stderr.read()[-3000:]}"
+                    f"training exited (rc {proc.returncode}) before checkpoint-2:\n{proc.stderr.read()[-3000:]}"
                 )
             if time.monotonic() > deadline:
-                pytest.fail("no checkpoint-4 within 300 s")
+                pytest.fail("no checkpoint-2 within 300 s")
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -375,7 +375,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
         stop(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
-    # A save is renamed into place whole: checkpoint-4 exists, so it is complete.
+    # A save is renamed into place whole: checkpoint-2 exists, so it is complete.
     assert (checkpoint / "trainer_state.json").is_file()
 
     code, stdout, stderr = run_cli_process("train", "--config", str(config_path), "--resume", timeout=300)
@@ -388,16 +388,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     cfg = build_config(values)
     got = summary_file(cfg)
     assert got["status"] == "succeeded"
-    assert got["final"]["global_step"] == expected["final"]["global_step"] == 8
+    assert got["final"]["global_step"] == expected["final"]["global_step"] == 6
     # Same arithmetic in both processes: a resume reproduces the run bit for bit (README, "Resume").
     assert got["final"]["last_loss"] == expected["final"]["last_loss"]
     records = read_jsonl(cfg)  # both processes appended to it
     starts = [r["global_step"] for r in records if r["message"] == "training started"]
-    # Not from scratch: from checkpoint-4, or from checkpoint-6 when a save slipped in before the kill.
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] in (4, 6), starts
+    # Not from scratch: from checkpoint-2, or from checkpoint-4 when a save slipped in before the kill.
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] in (2, 4), starts
     # Each step logged once: the killed attempt's records of the steps re-run after the resume are gone.
     steps = [r["global_step"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
-    assert steps == list(range(1, 9)), steps
+    assert steps == list(range(1, 7)), steps
     assert {r["run_id"] for r in records} == {got["run_id"]}  # one run, resumed
     # Every step, including those re-run after the resume, matches the uninterrupted run.
     assert loss_by_step(records) == loss_by_step(read_jsonl(baseline))
@@ -409,9 +409,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
 
     acc = EventAccumulator(str(tensorboard_dir(cfg, got["run_id"])))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(
-        [loss_by_step(records)[s] for s in range(1, 9)]
+        [loss_by_step(records)[s] for s in range(1, 7)]
     )
 
 
@@ -522,12 +522,12 @@ def test_train_with_profile_uses_its_choice(tmp_path, capsys, autotune_cache):
     assert "training succeeded" in captured.out
 
 
-def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path):
+def test_train_with_a_corrupt_profile_exits_2_without_traceback(tmp_path, capsys):
     config_path = tmp_path / "cfg.json"
     config_path.write_text(json.dumps(config_values(tmp_path)), encoding="utf-8")
     bad = tmp_path / "profile.json"
     bad.write_text('{"schema_version": 1, "kind": "autotune.profile", "choice": {', encoding="utf-8")
-    code, _stdout, stderr = run_cli_process("train", "--config", str(config_path), "--profile", str(bad), timeout=120)
+    code, _stdout, stderr = run_cli(capsys, "train", "--config", str(config_path), "--profile", str(bad))
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert f"error: {bad}:1:" in stderr and "corrupt" in stderr and "autotune solve" in stderr
@@ -567,6 +567,60 @@ def test_a_parseable_but_corrupt_profile_is_one_clear_error(tmp_path, section, v
     path = save_profile(doc, tmp_path / "p.json")
     with pytest.raises(UserError, match=f"corrupt.*'{section}'"):
         load_profile(path)
+
+
+def test_a_profile_from_before_a_technique_existed_loads_with_it_off_and_says_so(tmp_path):
+    """A profile written before the tiled MLP (its choice and config lack the key, its list of techniques too)
+    loads with the technique off, as its trials ran, and a note says so; train reads the same."""
+    from autotune.profile import apply_profile, load_profile, save_profile
+    from autotune.techniques import TECHNIQUES
+
+    doc = tiny_profile()
+    del doc["choice"]["tiled_mlp"]
+    doc["techniques"] = [t for t in TECHNIQUES if t != "tiled_mlp"]
+    doc["autotune_version"] = "0.0.9"
+    doc["config"] = {"model_name": "tiny-qwen3"}
+    path = save_profile(doc, tmp_path / "old.json")
+    notes: list[str] = []
+    loaded = load_profile(path, notes)
+    assert loaded["choice"]["tiled_mlp"] == "off" and loaded["config"]["tiled_mlp"] == "off"
+    (note,) = notes
+    assert "autotune 0.0.9, before tiled_mlp existed: it is off, as its trials ran" in note
+    assert apply_profile(build_config({}), loaded).tiled_mlp == "off"  # type: ignore[attr-defined]
+    # A profile without the list (written before profiles kept one) reads the same way.
+    del doc["techniques"]
+    assert load_profile(save_profile(doc, tmp_path / "older.json"))["choice"]["tiled_mlp"] == "off"
+
+
+def test_a_profile_missing_a_technique_its_writer_knew_or_from_a_newer_schema_is_refused(tmp_path):
+    from autotune.profile import SCHEMA_VERSION, load_profile, save_profile
+
+    doc = tiny_profile()
+    del doc["choice"]["tiled_mlp"]  # its writer listed it: a damaged file, not an old one
+    with pytest.raises(UserError, match=r"missing keys \['tiled_mlp'\], which its writer knew"):
+        load_profile(save_profile(doc, tmp_path / "damaged.json"))
+    newer = tiny_profile()
+    newer["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(UserError, match="written by a newer autotune"):
+        load_profile(save_profile(newer, tmp_path / "newer.json"))
+
+
+def test_train_prints_the_note_of_a_profile_from_before_a_technique(tmp_path, capsys):
+    from autotune.cli import main
+    from autotune.profile import save_profile
+
+    doc = tiny_profile()
+    del doc["choice"]["tiled_mlp"]
+    doc["techniques"] = ["fused_loss"]
+    path = save_profile(doc, tmp_path / "old.json")
+    # --resume with no run to resume: the profile is read, its note said, then the run refused (nothing trained).
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(config_values(tmp_path)), encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(config), "--profile", str(path), "--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "warning: " in err and "before tiled_mlp existed: it is off" in err and "no complete checkpoint" in err
 
 
 def test_train_with_only_a_profile_trains_what_it_was_solved_for(tmp_path, capsys, autotune_cache):

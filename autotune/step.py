@@ -151,7 +151,7 @@ def training_arguments(
         eval_strategy="steps" if evaluate else "no",
         prediction_loss_only=True,  # evaluation reports the loss; it never needs the logits kept
         eval_steps=cfg.save_every_n_steps,
-        # The config's trackers, passed through; TensorBoard is attached by trainer.py, in the config's folder.
+        # The config's trackers, passed through; TensorBoard is attached by runner.py, in the config's folder.
         # A run that does not log (a solver trial) reports nowhere.
         report_to=trainer_report_to(cfg) if log else "none",
         disable_tqdm=not progress,

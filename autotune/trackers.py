@@ -2,7 +2,7 @@
 
 The reporting itself is transformers' own integrations (wandb, mlflow, ...); nothing here logs anything. Two
 things are ours: the names are checked before a run starts (an unknown or uninstalled tracker would otherwise
-fail after the model is built), and TensorBoard's callback is attached by trainer.py with the config's folder
+fail after the model is built), and TensorBoard's callback is attached by runner.py with the config's folder
 (tensorboard_log_dir, else <log_dir>/tensorboard) instead of the Trainer's default under output_dir.
 `enable_tensorboard: false` (the guide's key) takes tensorboard out of report_to.
 """
@@ -27,7 +27,7 @@ def reports_to_tensorboard(cfg: Config) -> bool:
 
 
 def trainer_report_to(cfg: Config) -> list[str] | str:
-    """TrainingArguments.report_to: every selected tracker but TensorBoard, which trainer.py attaches itself."""
+    """TrainingArguments.report_to: every selected tracker but TensorBoard, which runner.py attaches itself."""
     others = [name for name in selected(cfg) if name != TENSORBOARD]
     return others or NONE
 

@@ -160,6 +160,8 @@ class Plan:
         self.ddp_model, self.ddp_cap, self.ddp_seq, self.ddp_steps = (
             ("tiny-qwen3", 0.35, 64, 4) if rehearse else ("Qwen3-0.6B", 8.0, 512, 20)
         )
+        if rehearse and quick:  # two steps: a checkpoint, then the end
+            self.ddp_steps = 2
 
     def left(self) -> float:
         return self.deadline - time.monotonic()

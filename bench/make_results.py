@@ -50,7 +50,7 @@ def gpu_tables(gpu: list[dict]) -> list[str]:
     est = [
         "## Estimate against measured peak (goal ≤ 10 %)",
         "",
-        "`at run` is the estimate the run computed; `current` is today's estimate.py evaluated offline against the "
+        "`at run` is the estimate the run computed; `current` is today's estimate (autotune/estimate/) evaluated offline against the "
         "same measured peak (where the run calibrated it, that is in-sample).",
         "",
         *_columns(

@@ -15,6 +15,7 @@ tests):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,20 +32,15 @@ def tracker_ratio(repeats: int = 10) -> dict:
     # isort: split
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
+    from autotune.catalog import TINY, resolve_model
     from autotune.memory import CpuTrackedMeter
 
     torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
+    # tiny-qwen3's architecture (the catalog's) with a 1k vocabulary: the tracker's cost per op, not the head's
+    arch = dataclasses.replace(resolve_model(TINY).architecture, vocab_size=1024)
+    config = arch.to_hf_config()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(r=8, target_modules=targets))
     model.train()

@@ -327,6 +327,7 @@ def _launch(nproc: int, cfg, profile: dict | None) -> None:
 
     from autotune.batching import share_of
     from autotune.distributed import RESTARTABLE_ENV, resolve_strategy, torchrun_command, without_option, world
+    from autotune.techniques import check_strategy
 
     if world().launched:
         raise UserError(
@@ -335,7 +336,7 @@ def _launch(nproc: int, cfg, profile: dict | None) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and nproc > gpus:
         raise UserError(f"--nproc {nproc}: this machine has {gpus} GPU(s) visible to CUDA; use at most {gpus}")
-    resolve_strategy(cfg, profile, "cuda" if gpus else "cpu")
+    check_strategy(cfg, resolve_strategy(cfg, profile, "cuda" if gpus else "cpu"), nproc)
     share_of(cfg.effective_batch, nproc)  # every rank takes an equal share of the effective batch
     command = torchrun_command(nproc, without_option(_ARGV, "--nproc"), max_restarts=cfg.max_oom_retries)
     env = " ".join(f"{k}={v}" for k, v in RESTARTABLE_ENV.items())
@@ -648,6 +649,17 @@ def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, mar
         at_seq = f"batch {fits_batch} at seq {seq}" if fits_batch else f"no batch at seq {seq}"
         at_batch = f"seq {fits_seq} at batch {batch}" if fits_seq else f"no sequence at batch {batch}"
         click.echo(f"{verdict} {budget.describe()}; predicted to fit{safe}: {at_seq}, {at_batch}")
+        lean = doc.get("with_every_technique")
+        if lean:
+            sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in lean["set"].items())
+            lean_batch, lean_seq = lean["largest_batch_at_seq"], lean["largest_seq_at_batch"]
+            click.echo(
+                f"with every memory technique this model takes ({sets}): "
+                + (f"batch {lean_batch} at seq {seq}" if lean_batch else f"no batch at seq {seq}")
+                + ", "
+                + (f"seq {lean_seq} at batch {batch}" if lean_seq else f"no sequence at batch {batch}")
+                + ("; `autotune solve` measures which of them pay" if lean_seq or lean_batch else "")
+            )
         if not fits_batch and not fits_seq:
             quantize = "" if cfg.quantization == "4bit" else "--set quantization=4bit, "
             click.echo(

@@ -32,7 +32,6 @@ from autotune.batching import BatchPlan
 from autotune.config import Config
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
-from autotune.techniques import check_strategy
 
 if TYPE_CHECKING:
     import torch
@@ -249,7 +248,6 @@ def check_fsdp(cfg: Config, device_type: str) -> None:
             "and LLM.int8 weights keep int8 data beside their scales, which it cannot. Use quantization "
             '"4bit" (stored as the compute dtype under FSDP) or "none", or --strategy ddp'
         )
-    check_strategy(cfg, "fsdp")  # the techniques FSDP refuses (their rows in the techniques table say why)
 
 
 def strategy_arguments(strategy: str, on_cpu: bool) -> dict:

@@ -32,7 +32,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from autotune import distributed, hub
+from autotune import distributed, hub, techniques
 from autotune.batching import BatchPlan
 from autotune.checkpoint import (
     checkpoint_step,
@@ -619,7 +619,9 @@ def train(
     w = distributed.world()
     device = pick_device()
     # One rank's share: the strategy, and the micro-batch and accumulation that keep the effective batch exact.
-    cfg, notes = distributed.plan_for_world(cfg, profile, distributed.resolve_strategy(cfg, profile, device.type), w)
+    strategy = distributed.resolve_strategy(cfg, profile, device.type)
+    techniques.check_strategy(cfg, strategy, w.size)  # refused before anything starts, with the reason
+    cfg, notes = distributed.plan_for_world(cfg, profile, strategy, w)
     evaluate = True
     decisions = distributed.oom_decisions(cfg.output_dir, w)
     if not w.is_main:
@@ -631,6 +633,8 @@ def train(
     check_profile_model(ctx, profile)
     for note in notes if not decisions else ():  # after a restart, the restart's own line says the batch
         echo(f"note: {note}")
+    if device.type == "cuda" and (liger := techniques.liger_problem()):
+        echo(f"note: {liger}")
     distributed.join(device)
     with _holding(cfg.output_dir, w, echo):
         return _run(ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions, evaluate)

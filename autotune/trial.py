@@ -246,6 +246,9 @@ class TrialRunner:
         built = self.model_for(rank)
         knobs = knobs or self.knobs
         apply_knobs(built, knobs, self.cfg.gradient_checkpointing_kwargs)
+        # What the switch let go (a table moved to the host, the bf16 head the 8-bit one replaced) is freed now,
+        # not left in CUDA's cache, where the peak reset below would count it as this trial's.
+        free_memory()
         if isinstance(self.meter, CpuTrackedMeter):
             self.meter.track_existing(built.model)  # a table moved back from the host counts again
         t = time.perf_counter()

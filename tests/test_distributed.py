@@ -488,6 +488,28 @@ def test_fsdp_on_a_cpu_and_nproc_under_torchrun_are_one_message_each(tmp_path, c
     assert code == 2 and "--nproc inside torchrun" in err
 
 
+@pytest.mark.parametrize(
+    "technique, targets",
+    [("tiled_mlp", ["q_proj", "down_proj"]), ("embedding_on_cpu", ["q_proj", "v_proj"])],
+)
+def test_a_technique_ddp_refuses_is_refused_before_any_rank_trains(tmp_path, capsys, monkeypatch, technique, targets):
+    """The tiled MLP with LoRA on the MLP (each tile's backward makes DDP see a parameter ready twice) and the host
+    embedding (DDP cannot wrap a module with a table in CPU memory) under DDP: refused before torchrun starts
+    (`--nproc 2`), and by each rank torchrun started before it trains (its environment set as torchrun sets it;
+    the refusal needs no collective), with the reason and nothing written."""
+    from helpers.cli import run_cli
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(config_values(tmp_path, target_modules=targets, **{technique: "on"})))
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--nproc", "2")
+    assert code == 2 and f'{technique} "on" with distributed_strategy ddp' in err and "Traceback" not in err
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, "train", "--config", str(config))
+    assert code == 2 and f'{technique} "on" with distributed_strategy ddp' in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()  # nothing written
+
+
 def _rank_pid(launcher: int, rank: int) -> int | None:
     import psutil
 

@@ -19,8 +19,10 @@ from autotune.errors import UserError
 from autotune.estimate import (
     COMPONENTS,
     Estimate,
+    StepShape,
     calibration,
     error_band,
+    estimate,
     estimate_peak,
     largest_fitting,
     lora_param_tensors,
@@ -91,6 +93,8 @@ def measure_real_step(
     knobs = knobs or plain(values["gradient_checkpointing"])
     built = runner.model_for(cfg.lora_r)
     apply_knobs(built, knobs)  # as measure will: the weights counted are those the step runs with
+    if hasattr(runner.meter, "track_existing"):
+        runner.meter.track_existing(built.model)  # as measure does: tables a technique made (the 8-bit head's)
     weights = runner.meter.current_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Paged optimizers are not supported on CPU", deprecations
@@ -126,19 +130,14 @@ def estimate_for(
     (the Trainer's mixed precision follows built.dtype), autotune's own k-bit preparation (no fp32
     upcast: kbit_prepare=False), and the same techniques."""
     bf16 = measured["dtype_bytes"] == 2
-    knobs = knobs or plain(values["gradient_checkpointing"])
-    return estimate_peak(
+    shape = StepShape(
         a,
         batch=batch,
         seq=seq,
         rank=values["lora_r"],
-        target_modules=values["target_modules"],
+        target_modules=tuple(values["target_modules"]),
         quantization=values["quantization"],
-        gradient_checkpointing=knobs.checkpointing,
-        fused_loss=knobs.fused_loss,
-        offload_activations=knobs.offload_activations,
-        embedding_on_cpu=knobs.embedding_on_cpu,
-        packing=knobs.packing,
+        knobs=knobs or plain(values["gradient_checkpointing"]),  # every knob the step ran with, as one object
         dtype_bytes=measured["dtype_bytes"],
         optimizer=values["optimizer"],
         lora_dropout=values["lora_dropout"],
@@ -147,6 +146,7 @@ def estimate_for(
         device=device,
         cuda_overhead_bytes=measured["overhead"] if device != "cpu" else None,
     )
+    return estimate(shape)
 
 
 ATTN, MLP = DEFAULT_TARGETS, ("gate_proj", "up_proj", "down_proj")
@@ -402,6 +402,34 @@ REAL_STEP_CASES = [
         "adamw_torch",
         "h256-untied-fp32-no-ckpt-fused",
         knobs=Knobs(checkpointing=False, fused_loss=True),
+    ),
+    case(
+        H256_UNTIED,
+        1,
+        1024,
+        8,
+        ALL_TARGETS,
+        "none",
+        False,
+        True,
+        0.0,
+        "adamw_torch",
+        "h256-untied-fp32-tiled-mlp",
+        knobs=Knobs(fused_loss=True, tiled_mlp=True),
+    ),
+    case(
+        H256_UNTIED,
+        2,
+        256,
+        8,
+        ATTN,
+        "none",
+        False,
+        True,
+        0.0,
+        "adamw_torch",
+        "h256-untied-fp32-int8-head",
+        knobs=Knobs(fused_loss=True, lm_head_8bit=True),
     ),
 ]
 

@@ -1,6 +1,7 @@
 """`autotune estimate`: a peak prediction by component and the largest shapes, with no GPU."""
 
 import json
+import re
 
 import pytest
 
@@ -89,3 +90,21 @@ def test_when_nothing_fits_the_estimate_says_so_in_words(capsys):
 def test_estimate_unknown_model_is_a_clear_error(capsys):
     code, _out, err = run(capsys, "estimate", "--model", "Qwen3-7B")
     assert code == 2 and "Qwen3-8B" in err and "Traceback" not in err
+
+
+def test_estimate_says_what_every_technique_would_buy_and_how_to_ask_for_it(capsys):
+    """Qwen3-8B r=32 on a 16 GB card: with the config's techniques the longest batch-1 sequence is ~13.5k tokens;
+    with every memory technique the model takes, ~40k. Both are said, with the --set line that switches them on."""
+    args = ["estimate", "--model", "Qwen3-8B", "--max-memory-gb", "16", "--batch", "1", "--rank", "32"]
+    out = run_ok(capsys, *args).out
+    own = re.search(r"predicted to fit.*seq (\d+) at batch 1", out)
+    lean = re.search(r"with every memory technique this model takes \((.*)\): .*seq (\d+) at batch 1", out)
+    assert own and lean, out
+    assert int(lean.group(2)) > 2 * int(own.group(1))
+    sets = lean.group(1).split()  # --set key=value ...
+    assert {"offload_activations=on", "embedding_on_cpu=on", "tiled_mlp=on"} <= set(sets[1::2])
+    doc = json.loads(run_ok(capsys, *args, "--json").out)["with_every_technique"]
+    assert doc["largest_seq_at_batch"] == int(lean.group(2)) and doc["set"]["offload_activations"] == "on"
+    # With every one of them already on, there is nothing more to say.
+    out = run_ok(capsys, *args, *sets).out
+    assert "with every memory technique" not in out and f"seq {lean.group(2)} at batch 1" in out

@@ -10,11 +10,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import assert_lora_a_gradients_nonzero, randomise_lora_b
 
 from autotune.catalog import TINY, resolve_model
 from autotune.config import build_config
 from autotune.context import RunContext
 from autotune.errors import UserError
+from autotune.memory import CpuTrackedMeter
 from autotune.modeling import apply_knobs, build_model
 from autotune.step import ListDataset, make_trainer, training_arguments
 from autotune.techniques import Knobs, resolve
@@ -130,6 +132,7 @@ def accumulated_grads(knobs: Knobs, batches) -> tuple[list[float], dict[str, tor
     num_items_in_batch normalisation and accumulation scaling), the LoRA gradients it accumulates."""
     cfg = tiny_cfg(gradient_accumulation_steps=len(batches))
     built = build_model(RunContext(cfg), knobs=knobs)
+    randomise_lora_b(built.model)
     args = training_arguments(
         cfg,
         built,
@@ -150,6 +153,7 @@ def accumulated_grads(knobs: Knobs, batches) -> tuple[list[float], dict[str, tor
     built.model.train()
     losses = [trainer.training_step(built.model, x, num_items_in_batch=torch.tensor(n_items)).item() for x in inputs]
     grads = {n: p.grad.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    assert_lora_a_gradients_nonzero(grads)
     return losses, grads
 
 
@@ -197,6 +201,7 @@ def test_the_embedding_table_on_the_host_gives_the_same_gradients_and_leaves_the
 
     batches = micro_batches(seed=5)
     built = build_model(ctx)
+    randomise_lora_b(built.model)
     grads = {}
     for on in (False, True):
         apply_knobs(built, Knobs(checkpointing=True, fused_loss=True, embedding_on_cpu=on))
@@ -204,7 +209,50 @@ def test_the_embedding_table_on_the_host_gives_the_same_gradients_and_leaves_the
         x = collator_for(False, 0, max_length=64)(batches[0])
         built.model(**x).loss.backward()
         grads[on] = {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    assert_lora_a_gradients_nonzero(grads[False])
     assert all(torch.equal(grads[True][k], grads[False][k]) for k in grads[False])
+
+
+class CachingMeter(CpuTrackedMeter):
+    """Faked, as a CPU has none: CUDA's caching allocator. Freed bytes stay reserved (and in the peak a reset starts
+    from) until memory.free_memory empties the cache, as torch.cuda.empty_cache does on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.cached = 0
+
+    def _release(self, ref):
+        if ref.key in self._refs:
+            self.cached += ref.nbytes
+        super()._release(ref)
+
+    def reset_peak(self) -> None:
+        self._peak = self._live + self.cached
+
+    def peak_bytes(self) -> int:
+        return max(self._peak, self._live + self.cached)
+
+
+def test_a_trial_after_a_technique_freed_a_table_does_not_count_it(tmp_path, autotune_cache, monkeypatch):
+    """The host embedding switched on between two trials of one build frees the device's table; a trial's peak
+    starts from the memory the step will hold, with that table gone from the (faked) allocator cache too."""
+    import autotune.trial as trial_module
+
+    meter = CachingMeter()
+    real_free = trial_module.free_memory
+
+    def free_memory():
+        real_free()
+        meter.cached = 0
+
+    monkeypatch.setattr(trial_module, "free_memory", free_memory)
+    cfg = tiny_cfg(model_name=untied(tmp_path), tokenizer_name="qwen3-offline")
+    runner = TrialRunner(RunContext(cfg), Budget(64 * GiB), meter=meter)
+    on_device = runner.measure(1, 32, 8, knobs=Knobs(checkpointing=True, fused_loss=True))
+    on_host = runner.measure(1, 32, 8, knobs=Knobs(checkpointing=True, fused_loss=True, embedding_on_cpu=True))
+    table = runner.ctx.architecture.vocab_size * runner.ctx.architecture.hidden_size * 4  # fp32
+    assert on_device.peak_bytes - on_host.peak_bytes == pytest.approx(table, rel=0.02)
+    runner.release()
 
 
 def test_the_embedding_table_of_a_tied_model_stays_with_lm_head():
@@ -371,6 +419,7 @@ def mlp_grads(targets, dropout, mode: str) -> dict[str, torch.Tensor]:
 
     cfg = tiny_cfg(gradient_accumulation_steps=2, target_modules=targets, lora_dropout=dropout)
     built = build_model(RunContext(cfg), knobs=Knobs(checkpointing=True, fused_loss=True, tiled_mlp=mode == "tiled"))
+    randomise_lora_b(built.model)
     for module in built.model.modules():
         if type(module).__name__ == "Qwen3MLP":
             if mode == "tiled":
@@ -386,7 +435,9 @@ def mlp_grads(targets, dropout, mode: str) -> dict[str, torch.Tensor]:
     built.model.train()
     for batch in micro_batches(seed=13):
         built.model(**collator(batch)).loss.backward()
-    return {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    assert_lora_a_gradients_nonzero(grads)
+    return grads
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "gate_proj", "up_proj", "down_proj"]])

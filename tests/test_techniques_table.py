@@ -69,17 +69,48 @@ def test_a_rows_rules_refuse_what_it_cannot_do_saying_how_to_fix_it(t):
         assert t.untied_only in str(exc.value)
 
 
-@pytest.mark.parametrize("t", [t for t in TECHNIQUES_TABLE if t.fsdp], ids=lambda t: t.key)
-def test_a_row_fsdp_refuses_is_refused_under_fsdp_and_off_in_its_estimate(t):
-    cfg = build_config({"model_name": UNTIED.name, t.key: "on", "fused_loss": "on"})
-    check_strategy(cfg, "ddp")
-    with pytest.raises(UserError, match=f'{t.key} "on" with distributed_strategy fsdp') as exc:
-        check_strategy(cfg, "fsdp")
-    assert t.fsdp in str(exc.value)
+RULES = [(t, rule) for t in TECHNIQUES_TABLE for rule in t.refused_under]
+
+
+@pytest.mark.parametrize("t, rule", RULES, ids=lambda x: getattr(x, "key", None) or getattr(x, "strategy", ""))
+def test_a_strategy_that_refuses_a_row_refuses_it_before_anything_starts_and_its_estimate_drops_it(t, rule):
+    targets = list(rule.only_with) or ["q_proj", "v_proj"]
+    cfg = build_config({"model_name": UNTIED.name, t.key: "on", "fused_loss": "on", "target_modules": targets})
+    check_strategy(cfg, rule.strategy, 1)  # one process: nothing wraps or shards it
+    other = "ddp" if rule.strategy == "fsdp" else "fsdp"
+    if not any(r.strategy == other for r in t.refused_under):
+        check_strategy(cfg, other, 2)
+    with pytest.raises(UserError, match=f'{t.key} "on" with distributed_strategy {rule.strategy}') as exc:
+        check_strategy(cfg, rule.strategy, 2)
+    assert rule.why in str(exc.value) and f"--strategy {other}" in str(exc.value)
     knobs = Knobs(fused_loss=True, **{t.key: True})
-    assert getattr(knobs.under_fsdp(), t.key) is False
-    shape = StepShape(UNTIED.architecture, 1, 512, 16, knobs=knobs, world_size=2, strategy="fsdp")
+    assert getattr(knobs.allowed_under(rule.strategy, 2, targets), t.key) is False
+    assert getattr(knobs.allowed_under(rule.strategy, 1, targets), t.key) is True
+    shape = StepShape(UNTIED.architecture, 1, 512, 16, target_modules=tuple(targets), knobs=knobs, world_size=2,
+                      strategy=rule.strategy)  # fmt: skip
     assert getattr(shape.knobs, t.key) is False
+
+
+def test_the_tiled_mlp_under_ddp_is_refused_only_with_lora_on_the_mlp():
+    attention = build_config({"model_name": TIED.name, "tiled_mlp": "on", "target_modules": ["q_proj", "o_proj"]})
+    check_strategy(attention, "ddp", 2)  # the tiles' backward touches no adapter: DDP's hooks never fire twice
+    mlp = build_config({"model_name": TIED.name, "tiled_mlp": "on", "target_modules": ["q_proj", "down_proj"]})
+    with pytest.raises(UserError, match="becomes ready more than once"):
+        check_strategy(mlp, "ddp", 2)
+
+
+def test_the_solver_never_proposes_what_its_strategy_refuses():
+    from autotune.context import RunContext
+    from autotune.solve.plan import SolveRequest, combinations
+
+    cfg = build_config({"model_name": UNTIED.name, "target_modules": ["q_proj", "gate_proj"]})
+    one = combinations(SolveRequest(RunContext(cfg)))
+    assert any(k.tiled_mlp for k in one) and any(k.embedding_on_cpu for k in one)
+    two = combinations(SolveRequest(RunContext(cfg), world_size=2, strategy="ddp"))
+    assert two and not any(k.tiled_mlp or k.embedding_on_cpu for k in two)
+    assert {k for k in one if not (k.tiled_mlp or k.embedding_on_cpu)} == set(two)
+    fsdp = combinations(SolveRequest(RunContext(cfg), world_size=2, strategy="fsdp"))
+    assert not any(k.embedding_on_cpu or k.lm_head_8bit for k in fsdp) and any(k.tiled_mlp for k in fsdp)
 
 
 def _shapes():
@@ -105,3 +136,31 @@ def test_a_row_changes_exactly_the_estimate_terms_it_names(t):
         assert diff <= set(t.estimate), (values, checkpointing, diff - set(t.estimate))
         changed |= diff
     assert changed == set(t.estimate)
+
+
+@pytest.mark.parametrize("version, kernel", [("0.4.2", "chunked"), ("0.5.0", "liger"), ("0.6.1.dev3", "liger")])
+def test_liger_kernel_runs_only_from_the_release_whose_call_matches(monkeypatch, version, kernel):
+    """Faked: liger-kernel is not installable here (triton, CUDA); what is read of it is its metadata."""
+    import importlib.metadata
+    import importlib.util
+
+    from autotune import techniques
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "liger-kernel" else "0")
+    assert techniques.fused_kernel("cuda") == kernel
+    assert techniques.fused_kernel("cpu") == "chunked"
+    problem = techniques.liger_problem()
+    if kernel == "chunked":
+        assert problem and f"liger-kernel {version} is installed, older than 0.5.0" in problem
+        assert "chunked PyTorch loss runs instead" in problem
+    else:
+        assert problem is None
+    # The estimate charges the kernel that runs.
+    from autotune.estimate import shape_for
+
+    cfg = build_config({"model_name": UNTIED.name})
+    assert shape_for(cfg, UNTIED.architecture, batch=1, seq=64, rank=8, device="cuda").fused_kernel == kernel

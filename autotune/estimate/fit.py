@@ -108,6 +108,31 @@ def pick_strategy(
     return strategy_for(shape_of(arch, batch=1, seq=seq, rank=rank, world_size=world_size, **options), budget)
 
 
+def _with_every_technique(shape: StepShape, budget: Budget, found: dict) -> dict | None:
+    """What every memory technique the model and strategy take would buy over the shape's own: its answers and the
+    config values that switch them on; None when they would buy nothing (same largest batch and sequence)."""
+    lean = shape.knobs.leanest(
+        tied=shape.arch.tie_word_embeddings,
+        strategy=shape.strategy,
+        world_size=shape.world_size,
+        targets=shape.target_modules,
+    )
+    if lean == shape.knobs:
+        return None
+    better = fit(replace(shape, knobs=lean), budget)
+    if (better["batch"], better["seq"]) == (found["batch"], found["seq"]):
+        return None
+    values: dict[str, str | bool] = {t.key: "on" for t in lean.on() if not getattr(shape.knobs, t.key)}
+    if lean.checkpointing and not shape.knobs.checkpointing:
+        values["gradient_checkpointing"] = True
+    return {
+        "set": values,
+        "peak_bytes": estimate(replace(shape, knobs=lean)).peak_bytes,
+        "largest_batch_at_seq": better["batch"],
+        "largest_seq_at_batch": better["seq"],
+    }
+
+
 def report(model: str, shape: StepShape, budget: Budget | None = None) -> tuple[Estimate, dict]:
     """`autotune estimate`: the estimate of one shape of a run, and a JSON-able report of it; with a budget,
     whether it fits and the largest batch and sequence predicted to fit. With world_size > 1 every figure is one
@@ -133,6 +158,7 @@ def report(model: str, shape: StepShape, budget: Budget | None = None) -> tuple[
             largest_batch_at_seq=found["batch"],
             largest_seq_at_batch=found["seq"],
         )
+        doc["with_every_technique"] = _with_every_technique(shape, budget, found)
     band = error_band() if shape.device != "cpu" else None
     if band:
         doc["error_band"] = {"low": band[0], "high": band[1], "trials": calibration().get("trials")}

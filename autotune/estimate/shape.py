@@ -77,18 +77,16 @@ class StepShape:
             object.__setattr__(self, name, value)
 
     def _applicable(self, knobs: Knobs) -> Knobs:
-        """The knobs that take effect: under FSDP the tables stay where FSDP shards them, and a technique whose
-        rules fail (another knob off, tied embeddings) does nothing. techniques.check refuses such knobs where a
-        run is configured; the estimate answers for any shape."""
-        if self.sharded:
-            knobs = knobs.under_fsdp()
-        for t in TECHNIQUES_TABLE:
-            blocked = any(not getattr(knobs, need.knob) for need in t.needs) or (
-                t.untied_only is not None and self.arch.tie_word_embeddings
-            )
-            if getattr(knobs, t.key) and blocked:
-                knobs = knobs.with_(**{t.key: False})
-        return knobs
+        """The knobs that take effect (Knobs.applicable): what the strategy refuses is off (under FSDP the tables stay
+        where FSDP shards them), and a technique whose rules fail (another knob off, tied embeddings) does nothing.
+        techniques.check and check_strategy refuse such knobs where a run is configured; the estimate answers for
+        any shape."""
+        return knobs.applicable(
+            tied=self.arch.tie_word_embeddings,
+            strategy=self.strategy,
+            world_size=self.world_size,
+            targets=self.target_modules,
+        )
 
     # ------------------------------------------------------------------ derived
 

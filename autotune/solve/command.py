@@ -14,6 +14,7 @@ from autotune.errors import UserError
 from autotune.estimate import strategy_for
 from autotune.solve.plan import SolveRequest, SolveResult, plan_from_estimate, request_seq, solve
 from autotune.solve.record import default_profile_path, profile_from_solve
+from autotune.techniques import liger_problem
 from autotune.units import Budget
 
 Echo = Callable[[str], None]
@@ -51,12 +52,12 @@ def budget_for(
 def choose_strategy(req: SolveRequest, budget: Budget, seq: int, device_type: str) -> tuple[str, str]:
     """The strategy the solve plans for (the request's, `auto` resolved by the estimate), and why."""
     from autotune.distributed import check_fsdp
-    from autotune.techniques import resolve
+    from autotune.techniques import check_strategy, resolve
 
     cfg = req.ctx.cfg
     asked = cfg.distributed_strategy
     if req.world_size == 1:
-        return "ddp", "one process"
+        return "ddp", "one process"  # nothing wraps or shards one process: every technique applies
     if asked == "auto":
         rank = max(req.ranks or [cfg.lora_r])
         shape = replace(req.shape(device_type, resolve(cfg, req.ctx.spec), seq=seq, rank=rank), strategy="ddp")
@@ -65,6 +66,7 @@ def choose_strategy(req: SolveRequest, budget: Budget, seq: int, device_type: st
         strategy, why = asked, f"--strategy {asked}"
     if strategy == "fsdp":
         check_fsdp(cfg, "cuda")  # a plan for GPUs: on this machine or another
+    check_strategy(cfg, strategy, req.world_size)  # what the config forces on that the strategy refuses
     return strategy, why
 
 
@@ -129,6 +131,8 @@ def run_solve(
     if req.data_stats is None:
         req = replace(req, data_stats=data_stats_for(req.ctx, required=data_required, echo=echo))
     device = pick_device()
+    if device.type == "cuda" and (liger := liger_problem()):
+        echo(f"note: {liger}")
     strategy, why = choose_strategy(req, budget, request_seq(req)[0], device.type)
     req = replace(req, strategy=strategy)
     ranks = f", {req.world_size} ranks ({why})" if req.world_size > 1 else ""

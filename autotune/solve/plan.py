@@ -160,12 +160,13 @@ def allowed_values(req: SolveRequest) -> dict[str, tuple[bool, ...]]:
 
 
 def combinations(req: SolveRequest) -> list[Knobs]:
-    """Every valid combination of the knobs the request leaves open."""
+    """Every valid combination of the knobs the request leaves open: for this model, and for the strategy its
+    ranks will run under (a combination the strategy refuses is never proposed)."""
     allowed = allowed_values(req)
     out = []
     for values in itertools.product(*(allowed[k] for k in KNOBS)):
         knobs = Knobs(**dict(zip(KNOBS, values)))
-        if valid(knobs, req.ctx.spec):
+        if valid(knobs, req.ctx.spec, req.strategy, req.world_size, req.ctx.cfg.target_modules):
             out.append(knobs)
     return out
 
@@ -443,7 +444,7 @@ def plan_from_estimate(req: SolveRequest, budget: Budget) -> SolveResult:
     seq, seq_reason = request_seq(req)
     ranks = sorted(set(req.ranks or [cfg.lora_r]))
     knobs = lean_knobs(req) if req.objective != "throughput" else resolve(cfg, req.ctx.spec)
-    knobs = knobs.under_fsdp()  # FSDP shards both tables already
+    knobs = knobs.allowed_under("fsdp", req.world_size, cfg.target_modules)  # FSDP shards both tables already
     fits: dict[int, int] = {}
     for rank in ranks:
         largest = fit(req.shape("cuda", knobs, seq=seq, rank=rank), budget, max_batch=share, max_seq=0)["batch"]

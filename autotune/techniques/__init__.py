@@ -22,7 +22,9 @@ predates this table and modeling.py switches it). Importing this module must not
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,11 +63,41 @@ def tile_tokens(intermediate_size: int, dtype_bytes: int) -> int:
     return max(1, CHUNK_BYTES // (6 * intermediate_size * dtype_bytes))
 
 
+# liger-kernel releases whose functional fused loss takes the keyword call fused_loss.py makes (ignore_index=,
+# reduction=); before 0.5 it was a bare autograd Function.apply, and that call a TypeError at the first step.
+LIGER_MIN_VERSION = (0, 5, 0)
+
+
+def liger_problem() -> str | None:
+    """Why an installed liger-kernel is not used (None: it is, or it is not installed)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    version = _liger_version()
+    if version is None or version >= LIGER_MIN_VERSION:
+        return None
+    have, need = ".".join(map(str, version)), ".".join(map(str, LIGER_MIN_VERSION))
+    return (
+        f"liger-kernel {have} is installed, older than {need}, whose fused loss takes the call autotune makes: the "
+        "chunked PyTorch loss runs instead (pip install -U liger-kernel for liger's kernel)"
+    )
+
+
+def _liger_version() -> tuple[int, ...] | None:
+    try:
+        raw = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = re.findall(r"\d+", raw)[:3]
+    return tuple(int(p) for p in parts) if parts else None
+
+
 def fused_kernel(device_type: str) -> str:
-    """The fused loss's implementation on a device: liger-kernel's on CUDA where it is installed, else the chunked
-    PyTorch loss. The one decision: the step runs it (fused_loss.py), the estimate charges it, the solver's speed
-    prior counts it. Told without importing anything."""
-    return "liger" if device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None else "chunked"
+    """The fused loss's implementation on a device: liger-kernel's on CUDA where a release whose call matches is
+    installed (liger_problem says why not), else the chunked PyTorch loss. The one decision: the step runs it
+    (fused_loss.py), the estimate charges it, the solver's speed prior counts it. Told without importing liger."""
+    if device_type != "cuda" or importlib.util.find_spec("liger_kernel") is None or liger_problem() is not None:
+        return "chunked"
+    return "liger"
 
 
 @dataclass(frozen=True)
@@ -75,6 +107,22 @@ class Requirement:
 
     knob: str
     why: str
+
+
+@dataclass(frozen=True)
+class StrategyRule:
+    """A way of sharing the model over several ranks that refuses a technique, and why (finishing the sentence
+    "<key> "on" with distributed_strategy <strategy>: ..."). `only_with`: refused only when one of these
+    projections carries LoRA adapters (empty: always)."""
+
+    strategy: str  # "ddp" | "fsdp"
+    why: str
+    only_with: tuple[str, ...] = ()
+
+    def refuses(self, strategy: str, world_size: int, targets: Iterable[str]) -> bool:
+        if world_size <= 1 or strategy != self.strategy:
+            return False  # one process: nothing wraps or shards the model
+        return not self.only_with or any(t in self.only_with for t in targets)
 
 
 @dataclass(frozen=True)
@@ -95,8 +143,8 @@ class Technique:
     needs: tuple[Requirement, ...] = ()
     # Why a model with tied embeddings cannot take it (None: any model can): finishes "<model> ...".
     untied_only: str | None = None
-    # Why FSDP refuses it (None: FSDP takes it).
-    fsdp: str | None = None
+    # The strategies of several ranks that refuse it (distributed_strategy ddp / fsdp), and why.
+    refused_under: tuple[StrategyRule, ...] = ()
     # Whether solve measures it on and off when the config leaves it on auto (False: auto means the row's default).
     searched: bool = True
     # The estimate's terms (estimate/terms.py, by name) whose bytes it changes; tests/test_techniques_table.py
@@ -135,6 +183,7 @@ def _fused_loss_speed(device_type: str) -> float:
 
 
 _UNTIED = "only untied models (Qwen3-8B, 14B, 32B) can"
+_FSDP_TABLE = "FSDP already keeps 1/N of that table per rank, and the technique replaces the module FSDP shards"
 
 TECHNIQUES_TABLE: tuple[Technique, ...] = (
     Technique(
@@ -172,7 +221,13 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         switch="set_host_embedding",
         untied_only="ties its input embeddings to lm_head, which the loss needs on the GPU; "
         f"{_UNTIED} keep the table in CPU memory",
-        fsdp="FSDP already keeps 1/N of that table per rank, and the technique replaces the module FSDP shards",
+        refused_under=(
+            StrategyRule("fsdp", _FSDP_TABLE),
+            StrategyRule(
+                "ddp",
+                "DDP wraps the whole model on each rank's GPU and cannot wrap a module whose table stays in CPU memory",
+            ),
+        ),
         estimate=("weights.embedding",),
     ),
     Technique(
@@ -191,7 +246,7 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
             ),
         ),
         untied_only=f"ties lm_head to its input embeddings, which lookups need whole; {_UNTIED} keep lm_head in 8-bit",
-        fsdp="FSDP already keeps 1/N of that table per rank, and the technique replaces the module FSDP shards",
+        refused_under=(StrategyRule("fsdp", _FSDP_TABLE),),
         estimate=("weights.lm_head", "head.loss"),
     ),
     Technique(
@@ -204,6 +259,15 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         # Runs the MLP's forward twice without checkpointing, a third time with it.
         speed=_costs(0.9),
         switch="set_tiled_mlp",
+        refused_under=(
+            StrategyRule(
+                "ddp",
+                "each slice of tokens runs its own backward through the MLP's adapters, and DDP's gradient hooks refuse "
+                "a parameter that becomes ready more than once a step. Put LoRA on attention only (target_modules), or "
+                "use one process",
+                only_with=("gate_proj", "up_proj", "down_proj"),
+            ),
+        ),
         estimate=("layers.saved", "layers.backward"),
     ),
     Technique(
@@ -295,9 +359,31 @@ class Knobs:
         rows in table order."""
         return tuple(self._values[k] for k in KNOBS)
 
-    def under_fsdp(self) -> Knobs:
-        """These knobs with what FSDP refuses switched off (FSDP shards those tables already)."""
-        return self.with_(**{t.key: False for t in TECHNIQUES_TABLE if t.fsdp})
+    def applicable(
+        self, *, tied: bool, strategy: str = "ddp", world_size: int = 1, targets: Iterable[str] = ()
+    ) -> Knobs:
+        """These knobs less what cannot take effect: what the strategy refuses, a row whose needs are off, one that
+        needs untied embeddings on a model that ties them (the rows' rules, in table order)."""
+        knobs = self.allowed_under(strategy, world_size, targets)
+        for t in TECHNIQUES_TABLE:
+            blocked = any(not getattr(knobs, n.knob) for n in t.needs) or (t.untied_only is not None and tied)
+            if getattr(knobs, t.key) and blocked:
+                knobs = knobs.with_(**{t.key: False})
+        return knobs
+
+    def leanest(self, *, tied: bool, strategy: str = "ddp", world_size: int = 1, targets: Iterable[str] = ()) -> Knobs:
+        """These knobs with checkpointing and every searched row on that the model and strategy take: the most
+        memory the techniques can save (what `autotune estimate` compares the config's answer with)."""
+        every = self.with_(checkpointing=True, **{t.key: True for t in TECHNIQUES_TABLE if t.searched})
+        return every.applicable(tied=tied, strategy=strategy, world_size=world_size, targets=targets)
+
+    def allowed_under(self, strategy: str, world_size: int, targets: Iterable[str]) -> Knobs:
+        """These knobs with what `strategy` over `world_size` ranks refuses switched off (the rows' rules)."""
+        targets = tuple(targets)
+        refused = [
+            t.key for t in TECHNIQUES_TABLE if any(r.refuses(strategy, world_size, targets) for r in t.refused_under)
+        ]
+        return self.with_(**dict.fromkeys(refused, False))
 
 
 def _knobs(values: dict) -> Knobs:
@@ -326,25 +412,30 @@ def check(knobs: Knobs, spec: ModelSpec) -> None:
             raise UserError(f'{t.key} "on": {spec.name} {t.untied_only}. Set it "auto" or "off"')
 
 
-def check_strategy(cfg: Config, strategy: str) -> None:
-    """What the config's switches ask that `strategy` refuses, as one UserError."""
-    if strategy != "fsdp":
-        return
+def check_strategy(cfg: Config, strategy: str, world_size: int) -> None:
+    """What the config's switches ask that `strategy` over `world_size` ranks refuses, as one UserError (before
+    anything starts: the solver never proposes it, and train refuses it before the first step)."""
     for t in TECHNIQUES_TABLE:
-        if t.fsdp and getattr(cfg, t.key) == "on":
-            raise UserError(
-                f'{t.key} "on" with distributed_strategy fsdp: {t.fsdp}. Set {t.key} "auto" or "off", or use '
-                "--strategy ddp"
-            )
+        if getattr(cfg, t.key) != "on":
+            continue
+        for rule in t.refused_under:
+            if rule.refuses(strategy, world_size, cfg.target_modules):
+                other = "ddp" if strategy == "fsdp" else "fsdp"
+                raise UserError(
+                    f'{t.key} "on" with distributed_strategy {strategy}: {rule.why}. Set {t.key} "auto" or "off", or '
+                    f"use --strategy {other}"
+                )
 
 
-def valid(knobs: Knobs, spec: ModelSpec) -> bool:
-    """Whether `check` would accept these knobs for this model."""
+def valid(
+    knobs: Knobs, spec: ModelSpec, strategy: str = "ddp", world_size: int = 1, targets: Iterable[str] = ()
+) -> bool:
+    """Whether `check` would accept these knobs for this model, and `strategy` over `world_size` ranks takes them."""
     try:
         check(knobs, spec)
     except UserError:
         return False
-    return True
+    return knobs.allowed_under(strategy, world_size, targets) == knobs
 
 
 def _switch(value: str, default: bool) -> bool:

@@ -126,8 +126,13 @@ def test_strategy_follows_the_profile_and_refuses_another():
     ],
 )
 def test_what_fsdp_cannot_do_is_one_clear_error(values, device, needle):
+    """What the machine or the config cannot shard (resolve_strategy), and the techniques FSDP refuses over several
+    ranks (their rows: techniques.check_strategy): each one message, as train checks them before anything starts."""
+    from autotune.techniques import check_strategy
+
+    cfg = _cfg(distributed_strategy="fsdp", **values)
     with pytest.raises(UserError, match=needle):
-        resolve_strategy(_cfg(distributed_strategy="fsdp", **values), None, device)
+        check_strategy(cfg, resolve_strategy(cfg, None, device), 2)
 
 
 def test_strategy_arguments_per_strategy(monkeypatch):

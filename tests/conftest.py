@@ -6,14 +6,39 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
 
-import pytest
 
-from autotune.memory import reuse_freed_host_memory
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Under pytest-xdist each worker's torch (and the CLI processes and torchrun ranks it starts, which inherit this)
+# computes on its share of the cores: a worker per core, each with every core's threads, would oversubscribe them.
+# Before torch is imported: it reads these once.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(max(1, _cores() // workers)))
+
+import pytest  # noqa: E402
+
+from autotune.memory import reuse_freed_host_memory  # noqa: E402
 
 # The tests train on the CPU, as autotune does there (modeling.build_model): freed host memory kept for reuse, so
 # that a step does not fault its logits in again page by page (memory.reuse_freed_host_memory). Here for the
 # tests that build a model without build_model.
 reuse_freed_host_memory()
+
+
+# What one worker can take at once: a training test's model, its trainer and the CLI processes it starts.
+WORKER_HOST_MEMORY_BYTES = 4 * 2**30
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, as many as the host memory holds (at most 8: the longest tests run alone)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        memory = WORKER_HOST_MEMORY_BYTES
+    return max(1, min(_cores(), memory // WORKER_HOST_MEMORY_BYTES, 8))
 
 
 @pytest.fixture(scope="session")

@@ -599,13 +599,22 @@ def profiles_plot(profile_path, output):
 )
 @gpus_option("Processes (GPUs) the run will have: every figure is then one rank's, its budget the smallest card's.")
 @strategy_option
+@click.option(
+    "--host-ram-gb",
+    type=click.FloatRange(min=0.01),
+    help="Host memory to plan the run's within (default: what this machine has available now).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, gpus, strategy, as_json):
-    """Predict a training step's peak memory without a GPU, by component, and the largest shapes that fit."""
+def estimate(
+    model_name, config_path, sets, max_memory_gb, seq, batch, rank, margin, device, gpus, strategy, host_ram_gb, as_json
+):
+    """Predict a training run's peak memory without a GPU: the step by component, each phase of the run (load,
+    step, evaluation, checkpoint), the host memory, and the largest shapes that fit."""
     from dataclasses import replace
 
     from autotune.context import RunContext
-    from autotune.estimate import report, shape_for, strategy_for
+    from autotune.estimate import GPU_PHASES, report, shape_for, strategy_for
+    from autotune.hardware import available_ram_bytes
 
     cfg = _load(config_path, sets, model_name=model_name, distributed_strategy=strategy)
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
@@ -619,7 +628,8 @@ def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, mar
             strategy = "ddp"
         else:
             strategy, why = strategy_for(shape, budget)
-    est, doc = report(ctx.spec.name, replace(shape, strategy=strategy), budget)
+    host_ram = int(host_ram_gb * GiB) if host_ram_gb is not None else available_ram_bytes()
+    est, doc = report(ctx.spec.name, replace(shape, strategy=strategy), budget, host_ram_bytes=host_ram)
     if why:
         doc["strategy_reason"] = why
     if as_json:
@@ -634,7 +644,16 @@ def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, mar
         click.echo(f"  {why}")
     for name, gb in doc["components_gb"].items():
         click.echo(f"  {name:18} {gb:9.3f} GiB")
-    click.echo(f"  {'peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
+    click.echo(f"  {'step peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
+    run = doc["run"]
+    phases = ", ".join(f"{GPU_PHASES[k]} {gb:.3f}" for k, gb in doc["phases_gb"].items())
+    click.echo(f"the whole run, GiB: {phases}; its peak at the {GPU_PHASES[run['phase']]}")
+    host = ", ".join(f"{k.removeprefix('host.').replace('_', ' ')} {v / GiB:.2f}" for k, v in run["host"].items() if v)
+    room = "" if doc.get("host_fits", True) else ": MORE than"
+    click.echo(
+        f"host memory {doc['host_gb']:.2f} GiB ({host}){room or ' of'} {doc['host_ram_gb']:.1f} GiB available"
+        + ("; free host memory or leave offload_activations / embedding_on_cpu off" if room else "")
+    )
     band = doc.get("error_band")
     if band:
         click.echo(
@@ -649,6 +668,11 @@ def estimate(model_name, config_path, sets, max_memory_gb, seq, batch, rank, mar
         at_seq = f"batch {fits_batch} at seq {seq}" if fits_batch else f"no batch at seq {seq}"
         at_batch = f"seq {fits_seq} at batch {batch}" if fits_seq else f"no sequence at batch {batch}"
         click.echo(f"{verdict} {budget.describe()}; predicted to fit{safe}: {at_seq}, {at_batch}")
+        if run["phases"]["load"] > budget.usable_bytes:
+            click.echo(
+                f"  loading the model alone takes {run['phases']['load'] / GiB:.2f} GiB: the tables load on the device "
+                "before the techniques move them (estimate/run.py)"
+            )
         lean = doc.get("with_every_technique")
         if lean:
             sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in lean["set"].items())

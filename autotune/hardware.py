@@ -142,8 +142,15 @@ def _existing_ancestor(path: str | Path) -> Path:
     return p
 
 
-def probe_host(output_dir: str | Path = ".") -> dict[str, Any]:
+def available_ram_bytes() -> int:
+    """The host memory a new process can have now (psutil's `available`: free plus reclaimable cache)."""
     import psutil  # lazy: keeps `import autotune.hardware` cheap for the CLI's other commands
+
+    return int(psutil.virtual_memory().available)
+
+
+def probe_host(output_dir: str | Path = ".") -> dict[str, Any]:
+    import psutil
 
     mem = psutil.virtual_memory()
     disk_path = _existing_ancestor(output_dir)

@@ -28,6 +28,10 @@ class Trial:
     kind: str = "train"  # "train": optimizer steps; "eval": an evaluation step
     # False: the peak is the estimate's, not a measurement (FSDP's per-rank memory, which one process cannot run)
     measured: bool = True
+    # The host memory the run would hold at this shape (estimate/run.py), and whether the host lacks it: planned
+    # over the probed RAM (the step is then not run) or a host allocation failed in it (memory.HostOutOfMemory).
+    host_bytes: int | None = None
+    over_host_ram: bool = False
 
     @property
     def checkpointing(self) -> bool | None:
@@ -46,7 +50,7 @@ class Trial:
             if self.peak_bytes
             else "      -"
         )
-        verdict = "fits" if self.fits else ("OOM" if self.oom else "over margin")
+        verdict = "fits" if self.fits else ("host RAM" if self.over_host_ram else "OOM" if self.oom else "over margin")
         if not self.measured:
             verdict += " (est.)"
         speed = f"{self.tokens_per_second:9.0f} tok/s" if self.tokens_per_second else ""

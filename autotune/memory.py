@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import math
 import os
 import threading
 import weakref
@@ -41,6 +42,33 @@ class SimulatedOOM(torch.OutOfMemoryError):
     A subclass of `torch.OutOfMemoryError`, so the `except torch.OutOfMemoryError` that handles a real CUDA
     OOM handles this one too.
     """
+
+
+class HostOutOfMemory(torch.OutOfMemoryError):
+    """Host memory ran out where a technique keeps tensors there (offloaded activations, the host embedding's
+    rows): a failed pinned allocation is a RuntimeError in torch, not an OOM. Raised as an OutOfMemoryError so that
+    a solver trial records the combination as not fitting and training's OOM recovery shrinks the micro-batch
+    (which shrinks what goes to the host), with a message that names host RAM."""
+
+
+# torch's allocation, named here so that a test can make it fail as a host out of RAM would (tests/test_trust.py).
+_host_empty = torch.empty
+
+
+def host_empty(shape, dtype: torch.dtype, *, pinned: bool, what: str) -> torch.Tensor:
+    """An empty host tensor (page-locked where `pinned`, for asynchronous copies to and from a GPU) for `what`;
+    HostOutOfMemory where the host cannot give it."""
+    try:
+        return _host_empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
+    except RuntimeError as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        nbytes = math.prod(shape) * dtype.itemsize
+        kind = "page-locked (pinned) " if pinned else ""
+        raise HostOutOfMemory(
+            f"host RAM: cannot allocate {nbytes / MiB:.1f} MiB of {kind}host memory for {what} "
+            f"({str(exc).splitlines()[0][:200]}); free host memory, or switch off the technique that keeps it there"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------- interface

@@ -23,13 +23,14 @@ from transformers import PrinterCallback, TrainerCallback
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.distributed import ddp_bucket_bytes
+from autotune.estimate import RunPlan, plan_run, shape_for
 from autotune.measurement import Trial
-from autotune.memory import CpuTrackedMeter, MemoryMeter, free_memory, make_meter
+from autotune.memory import CpuTrackedMeter, HostOutOfMemory, MemoryMeter, free_memory, make_meter
 from autotune.modeling import BuiltModel, apply_knobs, build_model, pick_device, quiet_libraries
 from autotune.step import ListDataset, make_trainer, release_trainer, training_arguments
 from autotune.techniques import Knobs, resolve
 from autotune.techniques.packing import collator_for
-from autotune.units import Budget
+from autotune.units import Budget, GiB
 
 # The second optimizer step is the first to hold the optimizer state, so two steps reach training's peak.
 TRIAL_STEPS = 2
@@ -152,6 +153,8 @@ class TrialRunner:
         device: torch.device | None = None,
         meter: MemoryMeter | None = None,
         world_size: int = 1,
+        host_ram_bytes: int | None = None,
+        samples: int | None = None,
     ):
         quiet_libraries()
         self.ctx = ctx
@@ -161,7 +164,14 @@ class TrialRunner:
         self.meter = meter or make_meter(self.device.type)
         self.init = init
         self.world_size = world_size
+        # The host memory the run may hold (the probed RAM; None: not checked): a trial whose plan needs more is
+        # not run (estimate/run.py's host terms: offloaded inputs, tables kept on the host).
+        self.host_ram_bytes = host_ram_bytes
+        self.samples = samples  # the dataset's rows, which the run holds in host memory too (None: unknown)
         self.build_seconds = 0.0
+        # The device's peak while the model of the latest build loaded (a GPU's allocator; None on the CPU, whose
+        # tracker counts the built model, not its loading).
+        self.load_peak_bytes: int | None = None
         self.bucket_bytes = 0  # DDP's gradient buckets of the model built now (0 in one process)
         self._built: BuiltModel | None = None
         self._overhead_remeasured = False
@@ -189,7 +199,9 @@ class TrialRunner:
             return self._built
         self.release()
         t = time.perf_counter()
+        self.meter.reset_peak()
         self._built = build_model(self.ctx, init=self.init, lora_r=rank, device=self.device, knobs=self.knobs)
+        self.load_peak_bytes = None if isinstance(self.meter, CpuTrackedMeter) else self.meter.peak_bytes()
         self.build_seconds += time.perf_counter() - t
         if self.world_size > 1:
             self.bucket_bytes = ddp_bucket_bytes(self._built.model)
@@ -241,10 +253,35 @@ class TrialRunner:
             kind="eval",
         )
 
+    def run_plan(self, batch: int, seq: int, rank: int, knobs: Knobs) -> RunPlan:
+        """The estimate's plan of a run of this shape on this runner's device (estimate/run.py)."""
+        shape = shape_for(
+            self.cfg,
+            self.ctx.architecture,
+            batch=batch,
+            seq=seq,
+            rank=rank,
+            device=self.device_type,
+            knobs=knobs,
+            world_size=self.world_size,
+        )
+        return plan_run(shape, samples=self.samples)
+
     def _trial(self, batch: int, seq: int, rank: int, knobs: Knobs | None, run, kind: str = "train") -> Trial:
-        """`run(built)` (returning its steps' seconds) under the capped meter, and the Trial it makes."""
-        built = self.model_for(rank)
+        """`run(built)` (returning its steps' seconds) under the capped meter, and the Trial it makes; not run when
+        the host would lack the memory the run's plan keeps there."""
         knobs = knobs or self.knobs
+        host = self.run_plan(batch, seq, rank, knobs).host_bytes
+        if self.host_ram_bytes is not None and host > self.host_ram_bytes:
+            note = (
+                f"host RAM: the run would hold {host / GiB:.2f} GiB of host memory, {self.host_ram_bytes / GiB:.2f} "
+                "GiB is available"
+            )
+            return Trial(
+                batch, seq, rank, False, False, None, 0.0, None, None,
+                note=note, knobs=knobs, kind=kind, host_bytes=host, over_host_ram=True,
+            )  # fmt: skip
+        built = self.model_for(rank)
         apply_knobs(built, knobs, self.cfg.gradient_checkpointing_kwargs)
         # What the switch let go (a table moved to the host, the bf16 head the 8-bit one replaced) is freed now,
         # not left in CUDA's cache, where the peak reset below would count it as this trial's.
@@ -252,7 +289,7 @@ class TrialRunner:
         if isinstance(self.meter, CpuTrackedMeter):
             self.meter.track_existing(built.model)  # a table moved back from the host counts again
         t = time.perf_counter()
-        peak, seconds, oom, note, memory = None, None, False, "", {}
+        peak, seconds, oom, note, memory, over_host_ram = None, None, False, "", {}, False
         # DDP's buckets live beside every step of a rank: the step gets what they leave of the card.
         self.meter.cap(max(1, self.budget.total_bytes - self.bucket_bytes))
         self.meter.reset_peak()
@@ -263,6 +300,7 @@ class TrialRunner:
             memory = self.meter.details()
         except torch.OutOfMemoryError as exc:
             oom, note = True, str(exc).splitlines()[0][:300]
+            over_host_ram = isinstance(exc, HostOutOfMemory)
         finally:
             self.meter.cap(None)
             built.model.zero_grad(set_to_none=True)
@@ -291,6 +329,8 @@ class TrialRunner:
             knobs=knobs,
             memory=memory,
             kind=kind,
+            host_bytes=host,
+            over_host_ram=over_host_ram,
         )
 
     def _overhead_growth(self) -> int:

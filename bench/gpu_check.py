@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers/faults.py: the injected OOM of the runner stage
 
+import psutil  # noqa: E402
+
 from autotune.errors import UserError  # noqa: E402  (after the path inserts above)
 from autotune.units import Budget, GiB  # noqa: E402
 
@@ -94,7 +96,19 @@ class Results:
             "oom": trial.oom,
             "step_seconds": trial.step_seconds,
             "tokens_per_second": trial.tokens_per_second,
+            "kind": trial.kind,
         }
+        # The whole run's plan against what this device shows of it (issue 19): the load phase's measured peak
+        # (the latest build's), the host's resident memory now, and the estimate's phases and host memory.
+        if trial.knobs is not None:
+            plan = runner.run_plan(trial.batch, trial.seq, trial.rank, trial.knobs)
+            record.update(
+                planned_phases=plan.phases,
+                planned_host_bytes=plan.host_bytes,
+                planned_host=plan.host,
+                load_peak_bytes=runner.load_peak_bytes,
+                host_rss_bytes=psutil.Process().memory_info().rss,
+            )
         self.doc["trials"].append(record)
         self.save()
         return record

@@ -43,5 +43,9 @@ def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     trials = doc["trials"]
     assert len(trials) >= 10 and {t["stage"] for t in trials} >= {"min_cap", "longest_seq", "costs", "solve"}
     assert all({"batch", "seq", "rank", "knobs", "quantization", "optimizer", "peak_bytes"} <= set(t) for t in trials)
+    # And the whole run's plan beside what the device showed of it: the phases, the host memory, the load's peak.
+    planned = [t for t in trials if t["knobs"]]
+    assert planned and all({"planned_phases", "planned_host_bytes", "host_rss_bytes"} <= set(t) for t in planned)
+    assert all(set(t["planned_phases"]) == {"load", "step", "eval", "save"} for t in planned)
     assert (out / "probe.json").is_file() and (out / "gpu_check.log").is_file()
     assert "== summary" in proc.stdout

@@ -10,7 +10,7 @@ import pytest
 from autotune.catalog import resolve_model
 from autotune.config import Config, build_config
 from autotune.errors import UserError
-from autotune.estimate import StepShape, estimate
+from autotune.estimate import StepShape, estimate, plan_run
 from autotune.profile import CHOICE_KEYS
 from autotune.techniques import (
     KNOBS,
@@ -136,6 +136,25 @@ def test_a_row_changes_exactly_the_estimate_terms_it_names(t):
         assert diff <= set(t.estimate), (values, checkpointing, diff - set(t.estimate))
         changed |= diff
     assert changed == set(t.estimate)
+
+
+@pytest.mark.parametrize("t", TECHNIQUES_TABLE, ids=lambda t: t.key)
+def test_a_row_changes_exactly_the_load_and_host_terms_it_names(t):
+    """The whole run (estimate/run.py): toggling a technique changes only the load and host terms its row declares
+    (beside the step's), and every one of them somewhere."""
+    changed: set[str] = set()
+    for values, checkpointing in _shapes():
+        needs = {n.knob: True for n in t.needs}
+        if not checkpointing and "checkpointing" in needs:
+            continue
+        base = Knobs(**{"checkpointing": checkpointing, **needs})
+        off = plan_run(StepShape(UNTIED.architecture, rank=16, knobs=base, **values))
+        on = plan_run(StepShape(UNTIED.architecture, rank=16, knobs=base.with_(**{t.key: True}), **values))
+        load = {k for k in off.phase_terms["load"] if off.phase_terms["load"][k] != on.phase_terms["load"][k]}
+        host = {k for k in off.host if off.host[k] != on.host[k]}
+        assert load <= set(t.load) and host <= set(t.host), (values, checkpointing, load, host)
+        changed |= load | host
+    assert changed == set(t.load) | set(t.host)
 
 
 @pytest.mark.parametrize("version, kernel", [("0.4.2", "chunked"), ("0.5.0", "liger"), ("0.6.1.dev3", "liger")])

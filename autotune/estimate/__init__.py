@@ -13,6 +13,7 @@ as `autotune train` runs it: bf16 autocast for a bf16 model, full-length rows as
 - head.py: the final norm, the loss head, the step's inputs;
 - state.py: weights, adapters, optimizer state, and one rank's share under DDP/FSDP;
 - peak.py: the named terms summed, the moment that sets the peak, the calibration;
+- run.py: the whole run: each phase's peak (load, step, evaluation, checkpoint) and the host memory;
 - fit.py: what fits (largest micro-batch, longest sequence), the strategy, `autotune estimate`'s report.
 """
 
@@ -26,13 +27,16 @@ from autotune.estimate.peak import (
     estimate,
     estimate_peak,
 )
+from autotune.estimate.run import GPU_PHASES, RunPlan, plan_run
 from autotune.estimate.shape import StepShape, shape_for, shape_of
 from autotune.estimate.state import lora_param_tensors, optimizer_state_bytes, weight_bytes
 
 __all__ = [
     "CALIBRATION_PATH",
     "COMPONENTS",
+    "GPU_PHASES",
     "Estimate",
+    "RunPlan",
     "StepShape",
     "calibration",
     "error_band",
@@ -43,6 +47,7 @@ __all__ = [
     "lora_param_tensors",
     "optimizer_state_bytes",
     "pick_strategy",
+    "plan_run",
     "report",
     "safe_limit",
     "shape_for",

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from autotune.catalog import Architecture
 from autotune.estimate.peak import Estimate, calibration, error_band, estimate
+from autotune.estimate.run import load_terms, plan_run
 from autotune.estimate.shape import StepShape, shape_of
 from autotune.units import Budget, GiB
 
@@ -24,15 +25,18 @@ def safe_limit(budget: Budget, device: str) -> int:
 
 
 def fit(shape: StepShape, budget: Budget, *, max_batch: int = 4096, max_seq: int | None = None) -> dict:
-    """The biggest shapes like `shape` predicted to fit the budget (safe_limit).
+    """The biggest shapes like `shape` predicted to fit the budget (safe_limit), loading included: a model whose
+    load phase is over the limit fits nothing (run.load_terms).
 
     "batch": the largest micro-batch at shape.seq; "seq": the longest sequence at shape.batch, capped at max_seq or
     the model's max_position_embeddings; 0 means not even the smallest fits (or, for a bound of 0, not asked). The peak grows with batch and seq, so
     a doubling search then bisection takes ~2 log2(limit) estimates (milliseconds)."""
     limit = safe_limit(budget, shape.device)
+    # Loading does not grow with the batch or the sequence: a model that cannot load fits no shape (run.py).
+    load = sum(load_terms(shape).values())
 
     def fits(batch: int, seq: int) -> bool:
-        return estimate(replace(shape, batch=batch, seq=seq)).peak_bytes <= limit
+        return load <= limit and estimate(replace(shape, batch=batch, seq=seq)).peak_bytes <= limit
 
     return {
         "batch": _largest(lambda b: fits(b, shape.seq), max_batch),
@@ -43,6 +47,7 @@ def fit(shape: StepShape, budget: Budget, *, max_batch: int = 4096, max_seq: int
         "at_batch": shape.batch,
         "budget_bytes": budget.total_bytes,
         "limit_bytes": limit,
+        "load_bytes": load,
         "margin": budget.margin,
     }
 
@@ -133,11 +138,16 @@ def _with_every_technique(shape: StepShape, budget: Budget, found: dict) -> dict
     }
 
 
-def report(model: str, shape: StepShape, budget: Budget | None = None) -> tuple[Estimate, dict]:
-    """`autotune estimate`: the estimate of one shape of a run, and a JSON-able report of it; with a budget,
-    whether it fits and the largest batch and sequence predicted to fit. With world_size > 1 every figure is one
-    rank's (`batch` its micro-batch, `budget` its card: the smallest)."""
-    est = estimate(shape)
+def report(
+    model: str, shape: StepShape, budget: Budget | None = None, *, host_ram_bytes: int | None = None
+) -> tuple[Estimate, dict]:
+    """`autotune estimate`: the estimate of one shape of a run, and a JSON-able report of it: the step by
+    component, then the whole run (each phase's peak, the host memory); with a budget, whether the run fits (its
+    largest phase) and the largest batch and sequence predicted to fit; with `host_ram_bytes`, whether the host
+    holds it. With world_size > 1 every figure is one rank's (`batch` its micro-batch, `budget` its card: the
+    smallest)."""
+    run = plan_run(shape)
+    est = run.step
     doc = {
         "model": model,
         "world_size": shape.world_size,
@@ -148,13 +158,19 @@ def report(model: str, shape: StepShape, budget: Budget | None = None) -> tuple[
         "peak_gb": round(est.peak_gib, 3),
         "phase": est.phase,
         "components_gb": {k: round(v / GiB, 3) for k, v in est.components.items()},
+        "run": run.to_dict(),
+        "phases_gb": {k: round(v / GiB, 3) for k, v in run.phases.items()},
+        "host_gb": round(run.host_bytes / GiB, 3),
+        "export_host_gb": round(run.export_host_bytes / GiB, 3),
     }
+    if host_ram_bytes is not None:
+        doc.update(host_ram_gb=round(host_ram_bytes / GiB, 3), host_fits=run.host_bytes <= host_ram_bytes)
     if budget is not None:
         found = fit(shape, budget)
         doc.update(
             max_memory_gb=budget.gb,
             margin=budget.margin,
-            fits=est.peak_bytes <= budget.usable_bytes,
+            fits=run.peak_bytes <= budget.usable_bytes,
             largest_batch_at_seq=found["batch"],
             largest_seq_at_batch=found["seq"],
         )

@@ -128,7 +128,7 @@ def estimate(s: StepShape) -> Estimate:
         ),
         "optimizer.step": optimizer_step_temporaries(lora_numels, s.device),
         "misc.inputs": step_inputs(s),
-        "cuda.overhead": _overhead(s),
+        "cuda.overhead": overhead_bytes(s),
     }
     terms.update(per_rank_state(s, lora_numels))
     logits = terms["head.loss"] + terms["calibration.cuda_logits"]
@@ -141,7 +141,7 @@ def estimate(s: StepShape) -> Estimate:
     )
 
 
-def _overhead(s: StepShape) -> int:
+def overhead_bytes(s: StepShape) -> int:
     """The CUDA context and library workspaces (0 on the CPU), plus on a GPU the residual the trials on record show
     beyond this arithmetic (calibration(); bench/estimate_check.py fits it and judges it out of sample)."""
     if s.device == "cpu":

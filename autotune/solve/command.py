@@ -150,7 +150,15 @@ def run_solve(
         dtype: str | None = str(planned or (torch.float16 if cfg.fp16 else torch.float32)).removeprefix("torch.")
         echo("  " + result.best.describe(budget.total_bytes))
     else:
-        runner = TrialRunner(req.ctx, budget, init=init, device=device, world_size=req.world_size)
+        runner = TrialRunner(
+            req.ctx,
+            budget,
+            init=init,
+            device=device,
+            world_size=req.world_size,
+            host_ram_bytes=(probe_doc.get("host") or {}).get("ram_available_bytes"),
+            samples=(req.data_stats or {}).get("count"),
+        )
         echo(
             f"solving {cfg.model_name} ({cfg.quantization}) on {runner.device_type} within {budget.describe()} "
             f"({source}), objective {req.objective}{ranks}"

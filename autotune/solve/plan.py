@@ -52,6 +52,9 @@ class SolveRequest:
     checkpointing: str = "auto"
     # Measure the technique combinations the config leaves on "auto" (False: the config's knobs only).
     techniques: bool = True
+    # Techniques left on "auto" that the search must keep off: those that keep memory on the host, once a trial
+    # showed the host cannot hold them (solve).
+    keep_off: frozenset[str] = frozenset()
 
     @property
     def share(self) -> int:
@@ -155,7 +158,10 @@ def allowed_values(req: SolveRequest) -> dict[str, tuple[bool, ...]]:
     }
     for t in TECHNIQUES_TABLE:
         open_ = t.searched and getattr(cfg, t.key) == "auto"
-        allowed[t.key] = (False, True) if open_ else (getattr(default, t.key),)
+        if open_ and t.key in req.keep_off:
+            allowed[t.key] = (False,)
+        else:
+            allowed[t.key] = (False, True) if open_ else (getattr(default, t.key),)
     return allowed
 
 
@@ -392,6 +398,19 @@ def _nothing_fits(req: SolveRequest, budget: Budget, seq: int, rank: int, trials
 # ----------------------------------------------------------------------- the two ways to solve
 
 
+def _search(
+    req: SolveRequest, trials: Trials, log: SearchLog, ranks: list[int], seq: int, seq_reason: str, found: _Found
+) -> tuple[int, str]:
+    """The objective's search; returns the sequence it settled on and why."""
+    if req.objective == "max-seq":
+        return _search_max_seq(req, trials, log, ranks[-1], seq, found)
+    if req.objective == "max-rank":
+        _search_max_rank(req, trials, log, ranks, seq, found)
+    else:
+        _search_throughput(req, trials, log, ranks, seq, found)
+    return seq, seq_reason
+
+
 def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None] | None = None) -> SolveResult:
     """Run the objective's search against `trials` (its budget, its measure)."""
     cfg = req.ctx.cfg
@@ -404,12 +423,14 @@ def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None
     ranks = sorted(set(req.ranks or [cfg.lora_r]))
     found, stopped = _Found(), None
     try:
-        if req.objective == "max-seq":
-            seq, seq_reason = _search_max_seq(req, trials, log, ranks[-1], seq, found)
-        elif req.objective == "max-rank":
-            _search_max_rank(req, trials, log, ranks, seq, found)
-        else:
-            _search_throughput(req, trials, log, ranks, seq, found)
+        seq, seq_reason = _search(req, trials, log, ranks, seq, seq_reason, found)
+        if not _candidates(req, log.trials, seq) and any(t.over_host_ram for t in log.trials):
+            # The host could not hold what a technique keeps there (offloaded inputs, a table): the same search
+            # without the techniques that keep memory on the host (their rows' host terms).
+            keep_off = frozenset(t.key for t in TECHNIQUES_TABLE if t.host and getattr(cfg, t.key) == "auto")
+            if keep_off:
+                req = replace(req, keep_off=keep_off)
+                seq, seq_reason = _search(req, trials, log, ranks, request_seq(req)[0], request_seq(req)[1], found)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
     candidates = _candidates(req, log.trials, seq)

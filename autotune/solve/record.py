@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.estimate import estimate
+from autotune.estimate import RunPlan, plan_run
 from autotune.measurement import Trial
 from autotune.profile import CHOICE_KEYS, architecture_hash, new_profile
 from autotune.solve.plan import SolveRequest, SolveResult
@@ -28,15 +28,17 @@ def default_profile_path(
     return Path("profiles") / "solved" / name
 
 
-def _estimate_bytes(req: SolveRequest, trial: Trial, device_type: str) -> int | None:
-    """The analytic estimate for the chosen shape, recorded beside the measurement it can be judged by."""
+def _run_plan(req: SolveRequest, trial: Trial, eval_batch: int, device_type: str) -> RunPlan | None:
+    """The estimate's plan of the whole run at the chosen shape (estimate/run.py), recorded beside the measurement
+    its step can be judged by."""
     if trial.knobs is None:
         return None
     try:
         shape = req.shape(device_type, trial.knobs, batch=trial.batch, seq=trial.seq, rank=trial.rank)
-        return estimate(shape).peak_bytes
     except (ValueError, UserError):
         return None
+    samples = (req.data_stats or {}).get("count")
+    return plan_run(shape, eval_batch=eval_batch, samples=samples if isinstance(samples, int) else None)
 
 
 def profile_from_solve(
@@ -63,6 +65,7 @@ def profile_from_solve(
         "dtype": dtype,
     }
     runner_up = result.runner_up
+    plan = _run_plan(req, best, result.eval_batch, device_type)
     return new_profile(
         hardware=hardware,
         model={
@@ -85,7 +88,12 @@ def profile_from_solve(
             "time_budget_s": req.time_budget_s,
         },
         choice=choice,
-        prediction={"peak_bytes": best.predicted_bytes, "estimate_bytes": _estimate_bytes(req, best, device_type)},
+        prediction={
+            "peak_bytes": best.predicted_bytes,
+            "estimate_bytes": plan.step.peak_bytes if plan else None,
+            # Each phase's peak on the device (load, step, evaluation, checkpoint) and the host memory, estimated.
+            "run": plan.to_dict() if plan else None,
+        },
         measurement={
             # "trials": measured steps; "estimate": no step could be measured here (FSDP), the estimate's peak.
             "source": "trials" if best.measured else "estimate",

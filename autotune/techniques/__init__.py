@@ -48,6 +48,10 @@ CHUNK_BYTES = 256 * 2**20
 # the transient, and the fused loss's vocabulary block.
 ROW_BLOCK = 16384
 
+# The 8-bit lm_head is quantized this many rows at a time (int8_head.py): the fp32 scratch of building it is a
+# block's, not the whole table's (about 10 GiB for Qwen3-8B's), beside the table it replaces.
+QUANTIZE_ROWS = 4096
+
 # Gradient checkpointing's speed prior: it recomputes a forward in backward (~1/3 more compute).
 CHECKPOINTING_SPEED = 0.75
 
@@ -150,6 +154,9 @@ class Technique:
     # The estimate's terms (estimate/terms.py, by name) whose bytes it changes; tests/test_techniques_table.py
     # toggles each technique and holds the estimate to exactly these.
     estimate: tuple[str, ...] = ()
+    # The whole run's terms it changes beyond the step's (estimate/run.py): while the model loads, and on the host.
+    load: tuple[str, ...] = ()
+    host: tuple[str, ...] = ()
 
     def config_doc(self) -> str:
         auto = "on" if self.auto else "the profile's choice, else off"
@@ -208,6 +215,7 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         switch="set_offload",
         needs=(Requirement("checkpointing", "it moves the inputs each checkpointed layer keeps"),),
         estimate=("layers.saved", "layers.backward"),
+        host=("host.offload",),
     ),
     Technique(
         key="embedding_on_cpu",
@@ -229,6 +237,8 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
             ),
         ),
         estimate=("weights.embedding",),
+        # Loaded on the device with the rest, then copied to the host: the load still holds it (estimate/run.py).
+        host=("host.embedding", "host.embedding_rows"),
     ),
     Technique(
         key="lm_head_8bit",
@@ -248,6 +258,9 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         untied_only=f"ties lm_head to its input embeddings, which lookups need whole; {_UNTIED} keep lm_head in 8-bit",
         refused_under=(StrategyRule("fsdp", _FSDP_TABLE),),
         estimate=("weights.lm_head", "head.loss"),
+        load=("load.lm_head_8bit",),
+        # The compute-dtype table it replaced waits on the host, so that a solve can switch it back.
+        host=("host.lm_head_copy",),
     ),
     Technique(
         key="tiled_mlp",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotune.memory import HOST_TENSOR, host_memory
+from autotune.memory import HOST_TENSOR, host_empty, host_memory
 from autotune.techniques import Place
 
 
@@ -43,7 +43,9 @@ class HostEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input_ids.to("cpu"), self.weight, self.padding_idx)
         if self.device.type == "cuda":
-            rows = rows.pin_memory()  # lets the copy below run asynchronously
+            # Pinned, the copy below runs asynchronously.
+            pinned = host_empty(rows.shape, rows.dtype, pinned=True, what="the looked-up rows (embedding_on_cpu)")
+            rows = pinned.copy_(rows)
         return rows.to(self.device, non_blocking=True)
 
 

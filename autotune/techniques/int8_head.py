@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from autotune.memory import host_memory
-from autotune.techniques import ROW_BLOCK, Place
+from autotune.techniques import QUANTIZE_ROWS, ROW_BLOCK, Place
 
 
 class Int8Head(nn.Module):
@@ -30,8 +30,16 @@ class Int8Head(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach()
-        scale = weight.float().abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("qweight", torch.round(weight.float() / scale[:, None]).to(torch.int8))
+        qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        # A block of rows at a time: the fp32 copies exist for one block, not for the whole table (QUANTIZE_ROWS).
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+            rows = weight[start : start + QUANTIZE_ROWS].to(torch.float32, copy=True)  # divided in place below
+            block = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            scale[start : start + QUANTIZE_ROWS] = block
+            qweight[start : start + QUANTIZE_ROWS] = torch.round(rows.div_(block[:, None]))
+            del rows
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         with host_memory():
             self.original_weight = weight.to("cpu", copy=True)  # to switch back; host memory, not the device's

@@ -21,8 +21,10 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
-from autotune.memory import host_memory
+from autotune.memory import host_empty, host_memory
 from autotune.techniques import Place
+
+WHAT = "an offloaded layer input (offload_activations)"
 
 
 class _ToHost(saved_tensors_hooks):
@@ -35,11 +37,12 @@ class _ToHost(saved_tensors_hooks):
     def _pack(tensor: torch.Tensor):
         if tensor.device.type != "cuda":
             with host_memory():
-                return tensor.device, tensor.detach().clone(), None
+                host = host_empty(tensor.shape, tensor.dtype, pinned=False, what=WHAT)
+                return tensor.device, host.copy_(tensor.detach()), None
         stream = _side_stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is complete
         with torch.cuda.stream(stream):
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            host = host_empty(tensor.shape, tensor.dtype, pinned=True, what=WHAT)
             host.copy_(tensor, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)

@@ -1,0 +1,208 @@
+"""The whole run planned, not only its step (issue 19): each phase's peak on the device, the host memory, and the
+trials and allocations the host cannot hold. Faked, and said at the place: a host out of RAM (this machine has
+24 GiB) and a failed pinned allocation (no CUDA here)."""
+
+from __future__ import annotations
+
+import torch
+
+from autotune.catalog import resolve_model
+from autotune.config import build_config
+from autotune.context import RunContext
+from autotune.estimate import StepShape, fit, plan_run
+from autotune.estimate.run import PROCESS_HOST_BYTES, pinned_block
+from autotune.techniques import Knobs
+from autotune.units import Budget, GiB
+
+QWEN3_8B = resolve_model("Qwen3-8B").architecture
+EVERY = Knobs(fused_loss=True, offload_activations=True, embedding_on_cpu=True, lm_head_8bit=True)
+
+
+def test_pinned_blocks_round_up_to_a_power_of_two():
+    assert [pinned_block(n) for n in (0, 1, 2, 3, 4096, 4097, 3 * 2**20)] == [0, 1, 2, 4, 4096, 8192, 4 * 2**20]
+
+
+def test_on_a_gpu_the_offloaded_inputs_are_planned_as_the_pinned_allocator_keeps_them():
+    """36 layers of 1 x 3,000 tokens x 4,096 x 2 bytes (23.4 MiB each) are kept as 32 MiB pinned blocks on CUDA;
+    on the CPU (no pinning) exactly."""
+    layer_input = 3000 * 4096 * 2
+    gpu = plan_run(StepShape(QWEN3_8B, 1, 3000, 16, knobs=EVERY))
+    cpu = plan_run(StepShape(QWEN3_8B, 1, 3000, 16, knobs=EVERY, device="cpu"))
+    assert gpu.host["host.offload"] == 36 * 32 * 2**20
+    assert cpu.host["host.offload"] == 36 * layer_input
+    assert gpu.host["host.embedding_rows"] == 32 * 2**20 and cpu.host["host.embedding_rows"] == 0
+    table = 151936 * 4096 * 2
+    assert gpu.host["host.embedding"] == gpu.host["host.lm_head_copy"] == table
+    assert gpu.host["host.process"] == PROCESS_HOST_BYTES["cuda"]
+    without = plan_run(StepShape(QWEN3_8B, 1, 3000, 16, knobs=Knobs(fused_loss=True)))
+    assert without.host_bytes == gpu.host_bytes - 2 * table - 36 * 32 * 2**20 - 32 * 2**20
+
+
+def test_the_smallest_card_is_decided_by_loading_where_the_tables_load_on_the_device():
+    """Qwen3-8B with the host embedding and the 8-bit head at 512 tokens: the step is about 5.4 GiB, but both
+    tables load on the device in bf16 and the 8-bit head is built beside one of them: the load phase is the run's
+    peak, and a card between the two fits no shape."""
+    shape = StepShape(QWEN3_8B, 1, 512, 32, knobs=EVERY.with_(checkpointing=True))
+    run = plan_run(shape)
+    assert run.phase == "load" and run.phases["load"] > run.phases["step"] + GiB
+    table = 151936 * 4096 * 2
+    load = run.phase_terms["load"]
+    assert load["weights.embedding"] == load["weights.lm_head"] == table  # as loaded, before the techniques
+    assert load["load.lm_head_8bit"] >= 151936 * 4096  # the int8 rows, beside the table they replace
+    between = Budget(int((run.phases["step"] + run.phases["load"]) / 2 / 0.95), 0.05)
+    assert run.phases["step"] < between.usable_bytes < run.phases["load"]
+    found = fit(shape, between)
+    assert found["batch"] == 0 and found["seq"] == 0 and found["load_bytes"] == run.phases["load"]
+    # Without the techniques the tables stay, the step grows, and loading is no longer what decides.
+    plain = plan_run(StepShape(QWEN3_8B, 1, 512, 32, knobs=Knobs(fused_loss=True)))
+    assert plain.phases["load"] < plain.phases["step"]
+
+
+def test_evaluation_and_checkpoint_hold_less_than_the_step_and_are_recorded_per_phase():
+    run = plan_run(StepShape(QWEN3_8B, 4, 1024, 16, knobs=Knobs(fused_loss=True)), eval_batch=8, samples=1000)
+    assert set(run.phases) == {"load", "step", "eval", "save"}
+    assert run.phases["save"] < run.phases["step"]
+    assert "lora.grads" not in run.phase_terms["eval"]  # the Trainer has set them to None by then
+    assert run.host["host.dataset"] == 1000 * 1024 * 24
+    doc = run.to_dict()
+    assert doc["peak_bytes"] == max(run.phases.values()) and doc["host_bytes"] == sum(run.host.values())
+
+
+def test_the_8bit_head_built_a_block_at_a_time_is_the_table_quantized_whole(monkeypatch):
+    """Int8Head quantizes QUANTIZE_ROWS rows at a time (its fp32 scratch is a block's); the result is what
+    quantizing the whole table at once gives, for a row count that is no multiple of the block."""
+    from autotune.techniques import int8_head
+
+    monkeypatch.setattr(int8_head, "QUANTIZE_ROWS", 7)
+    weight = torch.randn(50, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    head = int8_head.Int8Head(_linear(weight))
+    scale = weight.float().abs().amax(dim=1) / 127
+    assert torch.equal(head.scale, scale)
+    assert torch.equal(head.qweight, torch.round(weight.float() / scale[:, None]).to(torch.int8))
+    assert torch.equal(head.original_weight, weight)  # the table itself untouched
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    return linear
+
+
+# ------------------------------------------------------------------ the host, in a real trial
+
+
+def _offload_runner(host_ram_bytes):
+    from autotune.trial import TrialRunner
+
+    cfg = build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "quantization": "none",
+            "bf16": False,
+            "lora_r": 4,
+            "gradient_checkpointing": True,
+            "fused_loss": "on",
+            "offload_activations": "on",
+        }
+    )
+    return TrialRunner(RunContext(cfg), Budget(2 * GiB, 0.05), host_ram_bytes=host_ram_bytes)
+
+
+def test_a_trial_the_host_cannot_hold_is_not_run_and_says_host_ram(autotune_cache):
+    """Faked: a host with too little RAM for the offload plan (the figure the probe would report). The trial
+    whose plan needs more is recorded as not fitting, without building or running anything; one the host holds
+    runs."""
+    probe = _offload_runner(None)
+    needs = probe.run_plan(4, 64, 4, probe.knobs).host_bytes
+    assert needs > probe.run_plan(1, 64, 4, probe.knobs).host_bytes  # the offloaded inputs grow with the batch
+    runner = _offload_runner(needs - 1)
+    try:
+        short = runner.measure(4, 64, 4)
+        assert not short.fits and short.over_host_ram and short.peak_bytes is None
+        assert runner._built is None  # nothing was built for it
+        assert "host RAM" in short.note and "host RAM" in short.describe(GiB)
+        held = runner.measure(1, 64, 4)
+        assert held.fits and not held.over_host_ram and held.host_bytes < needs
+    finally:
+        runner.release()
+
+
+def test_a_host_allocation_that_fails_is_a_trial_that_does_not_fit(autotune_cache, monkeypatch):
+    """Faked: the host allocation of an offloaded input fails as a pinned one does on CUDA (cudaHostAlloc's
+    RuntimeError, not an OutOfMemoryError). The trial records it as not fitting, naming host RAM, and the runner
+    measures the next trial normally."""
+    from autotune import memory
+
+    real = memory._host_empty
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+
+    runner = _offload_runner(None)
+    try:
+        monkeypatch.setattr(memory, "_host_empty", failing)
+        failed = runner.measure(2, 64, 4)
+        assert failed.oom and failed.over_host_ram and not failed.fits
+        assert failed.note.startswith("host RAM: cannot allocate") and "offload_activations" in failed.note
+        monkeypatch.setattr(memory, "_host_empty", real)
+        assert runner.measure(2, 64, 4).fits
+    finally:
+        runner.release()
+
+
+def test_a_solve_on_a_host_short_of_ram_for_offloading_says_so_and_trains_without_it(
+    autotune_cache, monkeypatch, tmp_path
+):
+    """Faked: the probe reports less host RAM than offloading needs at the config's shape (this machine has more).
+    The solve's trials with offloading are refused for host RAM, and the profile it writes has offloading off."""
+    from autotune.hardware import probe as real_probe
+    from autotune.solve import SolveRequest, run_solve
+
+    cfg = build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "init": "random",
+            "tokenizer_name": "qwen3-offline",
+            "quantization": "none",
+            "bf16": False,
+            "lora_r": 4,
+            "batch_size": 2,
+            "max_sequence_length": 64,
+            "gradient_checkpointing": True,
+            "fused_loss": "on",
+            "offload_activations": "auto",
+        }
+    )
+    ctx = RunContext(cfg)
+    from autotune.data.prepare import data_length_stats
+
+    probe = _offload_runner(None)
+    probe.samples = data_length_stats(ctx)["count"]  # the run holds its dataset too (the default data folder)
+    plain = probe.run_plan(2, 64, 4, probe.knobs.with_(offload_activations=False)).host_bytes
+    offloaded = probe.run_plan(1, 64, 4, probe.knobs).host_bytes
+    assert offloaded > plain
+
+    def short_probe(*args, **kwargs):
+        doc = real_probe(*args, **kwargs)
+        doc["host"]["ram_available_bytes"] = plain  # enough for the step, not for one offloaded sample more
+        return doc
+
+    monkeypatch.setattr("autotune.hardware.probe", short_probe)
+    lines: list[str] = []
+    profile, _ = run_solve(
+        SolveRequest(ctx, objective="max-seq", max_seq=64, max_trials=6),
+        max_memory_gb=0.5,
+        budget_explicit=True,
+        margin=0.05,
+        data_required=False,
+        output=str(tmp_path / "profile.json"),
+        init="random",
+        plot=False,
+        echo=lines.append,
+    )
+    assert profile["choice"]["offload_activations"] == "off"
+    refused = [t for t in profile["trials"] if t["over_host_ram"]]
+    assert all(t["knobs"]["offload_activations"] for t in refused)
+    assert profile["prediction"]["run"]["host_bytes"] <= plain
+    assert refused, lines  # the search measured offloading (checkpointing on, at a card it needs): refused
+    assert any("host RAM" in line for line in lines)

@@ -125,17 +125,25 @@ def _shapes():
 def test_a_row_changes_exactly_the_estimate_terms_it_names(t):
     """Toggling a technique changes only the terms its row declares, and every one of them somewhere."""
     changed: set[str] = set()
+    for off_shape, on_shape in _toggled(t):
+        off, on = estimate(off_shape).terms, estimate(on_shape).terms
+        diff = {name for name in off if off[name] != on[name]}
+        assert diff <= set(t.estimate), (on_shape, diff - set(t.estimate))
+        changed |= diff
+    assert changed == set(t.estimate)
+
+
+def _toggled(t):
+    """Pairs of shapes (the technique off, on) over _shapes(), with the knobs it needs on in both."""
     for values, checkpointing in _shapes():
         needs = {n.knob: True for n in t.needs}
         if not checkpointing and "checkpointing" in needs:
             continue
         base = Knobs(**{"checkpointing": checkpointing, **needs})
-        off = estimate(StepShape(UNTIED.architecture, rank=16, knobs=base, **values)).terms
-        on = estimate(StepShape(UNTIED.architecture, rank=16, knobs=base.with_(**{t.key: True}), **values)).terms
-        diff = {name for name in off if off[name] != on[name]}
-        assert diff <= set(t.estimate), (values, checkpointing, diff - set(t.estimate))
-        changed |= diff
-    assert changed == set(t.estimate)
+        yield (
+            StepShape(UNTIED.architecture, rank=16, knobs=base, **values),
+            StepShape(UNTIED.architecture, rank=16, knobs=base.with_(**{t.key: True}), **values),
+        )
 
 
 @pytest.mark.parametrize("t", TECHNIQUES_TABLE, ids=lambda t: t.key)
@@ -143,16 +151,11 @@ def test_a_row_changes_exactly_the_load_and_host_terms_it_names(t):
     """The whole run (estimate/run.py): toggling a technique changes only the load and host terms its row declares
     (beside the step's), and every one of them somewhere."""
     changed: set[str] = set()
-    for values, checkpointing in _shapes():
-        needs = {n.knob: True for n in t.needs}
-        if not checkpointing and "checkpointing" in needs:
-            continue
-        base = Knobs(**{"checkpointing": checkpointing, **needs})
-        off = plan_run(StepShape(UNTIED.architecture, rank=16, knobs=base, **values))
-        on = plan_run(StepShape(UNTIED.architecture, rank=16, knobs=base.with_(**{t.key: True}), **values))
+    for off_shape, on_shape in _toggled(t):
+        off, on = plan_run(off_shape), plan_run(on_shape)
         load = {k for k in off.phase_terms["load"] if off.phase_terms["load"][k] != on.phase_terms["load"][k]}
         host = {k for k in off.host if off.host[k] != on.host[k]}
-        assert load <= set(t.load) and host <= set(t.host), (values, checkpointing, load, host)
+        assert load <= set(t.load) and host <= set(t.host), (on_shape, load, host)
         changed |= load | host
     assert changed == set(t.load) | set(t.host)
 

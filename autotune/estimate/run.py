@@ -37,9 +37,9 @@ from autotune.estimate.state import lora_param_tensors, weight_terms
 from autotune.techniques import QUANTIZE_ROWS
 from autotune.units import GiB
 
-# The process before any weight: torch, transformers, peft and bitsandbytes imported (0.47 GiB measured on a CPU,
-# tests/test_estimate.py) and on CUDA the host side of the context and its libraries (cuBLAS, cuDNN), taken as
-# another GiB until bench/gpu_check.sh measures it (its `host_rss_bytes`).
+# The process before any weight: torch, transformers, peft and bitsandbytes imported (0.47 GiB resident, measured
+# with psutil on a CPU after importing autotune.runner), and on CUDA the host side of the context and its libraries
+# (cuBLAS, cuDNN), taken as another GiB until bench/gpu_check.sh measures it (each trial's `host_rss_bytes`).
 PROCESS_HOST_BYTES = {"cpu": GiB // 2, "cuda": 3 * GiB // 2}
 # A merged export holds one layer of the base and one output shard at a time (export.py).
 EXPORT_SHARD_BYTES = 2 * GiB

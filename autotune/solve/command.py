@@ -157,7 +157,7 @@ def run_solve(
             device=device,
             world_size=req.world_size,
             host_ram_bytes=(probe_doc.get("host") or {}).get("ram_available_bytes"),
-            samples=(req.data_stats or {}).get("count"),
+            samples=req.samples,
         )
         echo(
             f"solving {cfg.model_name} ({cfg.quantization}) on {runner.device_type} within {budget.describe()} "

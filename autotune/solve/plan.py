@@ -61,6 +61,12 @@ class SolveRequest:
         """One rank's samples per optimizer step (a UserError when the ranks cannot share the batch equally)."""
         return share_of(self.ctx.cfg.effective_batch, self.world_size)
 
+    @property
+    def samples(self) -> int | None:
+        """The dataset's rows (its data statistics' count), which the run holds in host memory; None: unknown."""
+        count = (self.data_stats or {}).get("count")
+        return count if isinstance(count, int) else None
+
     def shape(self, device_type: str, knobs: Knobs, *, seq: int, rank: int, batch: int = 1) -> StepShape:
         """The estimate's shape of one rank's step of this run."""
         return shape_for(
@@ -430,7 +436,7 @@ def solve(req: SolveRequest, trials: Trials, *, on_trial: Callable[[Trial], None
             keep_off = frozenset(t.key for t in TECHNIQUES_TABLE if t.host and getattr(cfg, t.key) == "auto")
             if keep_off:
                 req = replace(req, keep_off=keep_off)
-                seq, seq_reason = _search(req, trials, log, ranks, request_seq(req)[0], request_seq(req)[1], found)
+                seq, seq_reason = _search(req, trials, log, ranks, *request_seq(req), found)
     except TrialBudgetExceeded as exc:
         stopped = str(exc)
     candidates = _candidates(req, log.trials, seq)

@@ -37,8 +37,7 @@ def _run_plan(req: SolveRequest, trial: Trial, eval_batch: int, device_type: str
         shape = req.shape(device_type, trial.knobs, batch=trial.batch, seq=trial.seq, rank=trial.rank)
     except (ValueError, UserError):
         return None
-    samples = (req.data_stats or {}).get("count")
-    return plan_run(shape, eval_batch=eval_batch, samples=samples if isinstance(samples, int) else None)
+    return plan_run(shape, eval_batch=eval_batch, samples=req.samples)
 
 
 def profile_from_solve(

@@ -515,9 +515,10 @@ def test_real_solve_equals_brute_force(solved):
     true_max = max(b for b, t in brute.items() if t.fits)
     assert 3 <= true_max <= 6, "the cap no longer sizes this test as intended"
     assert result.max_feasible_batch == {rank: true_max}
-    # A shape measures the same peak every time: the trials before did not leave memory behind.
+    # A shape measures the same peak every time: the trials before did not leave memory behind. Training trials
+    # only: the evaluation trial at the same batch is a different step (no backward), whose peak may differ.
     for t in result.trials:
-        if t.batch in brute and t.peak_bytes is not None:
+        if t.kind == "train" and t.batch in brute and t.peak_bytes is not None:
             assert abs(t.peak_bytes - brute[t.batch].peak_bytes) <= 64 * 1024
     best = result.best
     assert best.fits and best.peak_bytes <= usable <= budget

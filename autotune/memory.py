@@ -432,6 +432,9 @@ class CpuTrackedMeter(MemoryMeter):
         self._peak = 0
         self._cap: int | None = None
         self._refs: dict[int, _StorageRef] = {}  # StorageImpl address -> weak ref carrying its bytes
+        # Storages of host tensors (HOST_TENSOR) seen by track_existing: never counted, whatever op later takes a
+        # view of them inside the meter (a table's rows sliced to quantize, a state_dict's detach).
+        self._host: dict[int, weakref.ref] = {}
         self._mode = _StorageTracker(self)
         self._depth = 0
 
@@ -440,6 +443,8 @@ class CpuTrackedMeter(MemoryMeter):
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
+        if key in self._host:
+            return
         ref = self._refs.get(key)
         if ref is None:
             nbytes = storage.nbytes()
@@ -468,6 +473,9 @@ class CpuTrackedMeter(MemoryMeter):
         model too big for the card would.
         """
         if isinstance(tensors, torch.nn.Module):
+            for host in (*tensors.parameters(), *tensors.buffers()):
+                if getattr(host, HOST_TENSOR, False):
+                    self._mark_host(host)
             tensors = module_tensors(tensors)
         elif isinstance(tensors, torch.Tensor):
             tensors = [tensors]
@@ -480,6 +488,16 @@ class CpuTrackedMeter(MemoryMeter):
                 f"{self._live / MiB:.1f} MiB, over the cap of {self._cap / MiB:.1f} MiB"
             )
         return self._live - before
+
+    def _mark_host(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self._host:
+
+            def forget(_ref: weakref.ref, key: int = key) -> None:
+                self._host.pop(key, None)
+
+            self._host[key] = weakref.ref(storage, forget)
 
     # -- MemoryMeter
 

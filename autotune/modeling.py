@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -19,7 +21,7 @@ from autotune.catalog import ModelSpec, check_target_modules
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
-from autotune.memory import reuse_freed_host_memory
+from autotune.memory import HOST_TENSOR, reuse_freed_host_memory
 from autotune.techniques import Knobs, Place
 
 if TYPE_CHECKING:
@@ -63,10 +65,13 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
-def quantization_config(quantization: str, dtype: torch.dtype, *, sharded: bool = False):
+def quantization_config(quantization: str, dtype: torch.dtype, *, sharded: bool = False, host_modules: bool = False):
     """bitsandbytes' config for `quantization`. `sharded` (FSDP): the packed 4-bit weights are stored as
     `dtype` elements (bnb_4bit_quant_storage), so that every parameter FSDP flattens into a shard has one
-    dtype (the FSDP-QLoRA recipe of peft and bitsandbytes); the bytes are the same, only their element type."""
+    dtype (the FSDP-QLoRA recipe of peft and bitsandbytes); the bytes are the same, only their element type.
+    `host_modules`: the device map puts modules on the CPU (a frozen table a technique keeps there), which
+    transformers allows a bitsandbytes model only with llm_int8_enable_fp32_cpu_offload; those modules are tables,
+    never quantized anyway."""
     if quantization == "none":
         return None
     try:
@@ -86,9 +91,10 @@ def quantization_config(quantization: str, dtype: torch.dtype, *, sharded: bool 
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            llm_int8_enable_fp32_cpu_offload=host_modules,
             **storage,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=host_modules)
 
 
 # A model with at most this many weights is small enough to train from random weights (the demo's tiny-qwen3):
@@ -154,6 +160,51 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
     return state
 
 
+def table_modules(hf_config) -> dict[str, str]:
+    """Where the model class transformers builds for `hf_config` keeps its frozen tables: {"input": the input
+    embedding's module name, "output": lm_head's} (the keys of techniques.Technique.host_table). Read off the
+    model built on the meta device, so nothing is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf_config)
+    names = {id(module): name for name, module in meta.named_modules()}
+    return {"input": names[id(meta.get_input_embeddings())], "output": names[id(meta.get_output_embeddings())]}
+
+
+def _map_value(device: torch.device) -> int | str:
+    """`device` as a device map names it: a GPU by its index, the CPU as "cpu"."""
+    return (device.index or 0) if device.type == "cuda" else "cpu"
+
+
+def load_device_map(device: torch.device, host_modules: Sequence[str]) -> dict:
+    """from_pretrained's device map: everything on `device`, except on a GPU the modules kept on the host."""
+    return {"": _map_value(device), **dict.fromkeys(host_modules if device.type == "cuda" else (), "cpu")}
+
+
+def undo_dispatch(model: PreTrainedModel, device: torch.device) -> None:
+    """Take off what accelerate's dispatch_model put on a model whose device map names the CPU: the hooks that
+    would copy a CPU module's weights to the GPU at every forward (accelerate's offload, with the weights moved to
+    the meta device meanwhile). Removing them puts the weights back where they were loaded, on the host, where our
+    techniques (HostEmbedding, Int8Head) use them. The recorded map then says one device, as the model trains: the
+    Trainer's accelerate refuses to train a k-bit model whose map names the CPU (offload it does not support)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model, recurse=True)
+    left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if left:  # a bug of ours or a change of accelerate's, not the user's: say which weights
+        raise RuntimeError(f"weights left on the meta device after undoing accelerate's dispatch: {left[:3]}")
+    model.hf_device_map = {"": _map_value(device)}  # type: ignore[assignment]
+
+
+def _mark_on_host(model: PreTrainedModel, host_modules: Sequence[str]) -> None:
+    """Mark the weights of the modules loaded on the host as host memory (memory.HOST_TENSOR): the techniques then
+    use them where they are, and on the CPU the tracked meter, which stands in for the device, leaves them out."""
+    for name in host_modules:
+        for param in model.get_submodule(name).parameters():
+            setattr(param, HOST_TENSOR, True)
+
+
 def load_base_model(
     spec: ModelSpec,
     *,
@@ -163,19 +214,26 @@ def load_base_model(
     device: torch.device,
     seed: int = 42,
     sharded: bool = False,
+    host_tables: Sequence[str] = (),
 ) -> PreTrainedModel:
     """Real weights (hub id or local path; safetensors only, no remote code) or random init. `sharded`: the model
-    will be sharded by FSDP (quantization_config)."""
+    will be sharded by FSDP (quantization_config). `host_tables` ("input", "output"; techniques.host_tables): the
+    frozen tables that the techniques keep in host memory, loaded there and never on the device, so that loading
+    does not hold more than training (a 6 GB card that trains Qwen3-8B with both tables off the device could not
+    load it otherwise)."""
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
-    qcfg = quantization_config(quantization, dtype, sharded=sharded)
-    device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    hf_config = spec.architecture.to_hf_config(attn_implementation="sdpa")
+    names = table_modules(hf_config) if host_tables else {}
+    host_modules = [names[t] for t in host_tables]
+    device_map = load_device_map(device, host_modules)
+    dispatched = len(set(device_map.values())) > 1
+    qcfg = quantization_config(quantization, dtype, sharded=sharded, host_modules=dispatched)
     common: dict = dict(quantization_config=qcfg, dtype=dtype, device_map=device_map, attn_implementation="sdpa")
     model: PreTrainedModel
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*kernels.*")
         if init == "random":
-            hf_config = spec.architecture.to_hf_config(attn_implementation="sdpa")
             state = _random_state_dict(hf_config, dtype, seed, separate=device.type == "cpu")
             model = Qwen3ForCausalLM.from_pretrained(None, config=hf_config, state_dict=state, **common)
             # from_pretrained(None) records the name "None", which peft would later look up on the hub
@@ -200,6 +258,9 @@ def load_base_model(
                     "*.safetensors, make sure the hub is reachable (and HF_HUB_OFFLINE is not set), or set "
                     'init="random" to build the architecture with random weights.'
                 ) from None
+    if dispatched:
+        undo_dispatch(model, device)
+    _mark_on_host(model, host_modules)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if quantization == "4bit":
         keep_4bit_layout(model)
@@ -301,10 +362,13 @@ def build_model(
     lora_r: int | None = None,
     device: torch.device | None = None,
     knobs: Knobs | None = None,
+    after_load: Callable[[PreTrainedModel], AbstractContextManager] | None = None,
 ) -> BuiltModel:
     """The model `autotune train` trains and a solver trial measures, from a run's config.
 
     `init`, `lora_r` and `knobs` override the config (the solver tries ranks and techniques on random weights).
+    `after_load(base)`: a context the rest of the build (adapters, techniques) runs in, entered once the base model
+    has loaded (the CPU's tracked meter counts the loaded weights there, then what the build adds; trial.py).
     """
     quiet_libraries()
     cfg, spec = ctx.cfg, ctx.spec
@@ -318,6 +382,7 @@ def build_model(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     r = lora_r or cfg.lora_r
+    techniques.check(knobs, spec)  # before loading: the tables a technique keeps on the host load there
     base = load_base_model(
         spec,
         init=init or cfg.init,
@@ -326,24 +391,28 @@ def build_model(
         device=device,
         seed=cfg.seed,
         sharded=cfg.distributed_strategy == "fsdp",
+        host_tables=techniques.host_tables(knobs),
     )
-    prepare_for_training(base, quantization != "none", False, None)
-    # LoRA A matrices are drawn from torch's global RNG (the Trainer seeds it only later, in its
-    # __init__): seed it here, or two runs of one config start from different adapters.
-    torch.manual_seed(cfg.seed)
-    model = attach_lora(base, r=r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
-    built = BuiltModel(
-        model=model,
-        spec=spec,
-        device=device,
-        dtype=dtype,
-        quantization=quantization,
-        lora_r=r,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.target_modules),
-        knobs=Knobs(checkpointing=False, fused_loss=False),  # what the bare model does; apply_knobs sets them
-    )
-    apply_knobs(built, knobs, cfg.gradient_checkpointing_kwargs)
+    with after_load(base) if after_load else nullcontext():
+        prepare_for_training(base, quantization != "none", False, None)
+        # LoRA A matrices are drawn from torch's global RNG (the Trainer seeds it only later, in its
+        # __init__): seed it here, or two runs of one config start from different adapters.
+        torch.manual_seed(cfg.seed)
+        model = attach_lora(
+            base, r=r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules
+        )
+        built = BuiltModel(
+            model=model,
+            spec=spec,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            lora_r=r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=list(cfg.target_modules),
+            knobs=Knobs(checkpointing=False, fused_loss=False),  # what the bare model does; apply_knobs sets them
+        )
+        apply_knobs(built, knobs, cfg.gradient_checkpointing_kwargs)
     return built
 
 

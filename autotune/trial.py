@@ -12,9 +12,11 @@ search apart from its trial).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -169,8 +171,8 @@ class TrialRunner:
         self.host_ram_bytes = host_ram_bytes
         self.samples = samples  # the dataset's rows, which the run holds in host memory too (None: unknown)
         self.build_seconds = 0.0
-        # The device's peak while the model of the latest build loaded (a GPU's allocator; None on the CPU, whose
-        # tracker counts the built model, not its loading).
+        # The device's peak while the model of the latest build loaded and took its techniques (estimate/run.py's
+        # load phase; _count_the_build says what the CPU's tracker sees of it).
         self.load_peak_bytes: int | None = None
         self.bucket_bytes = 0  # DDP's gradient buckets of the model built now (0 in one process)
         self._built: BuiltModel | None = None
@@ -200,14 +202,34 @@ class TrialRunner:
         self.release()
         t = time.perf_counter()
         self.meter.reset_peak()
-        self._built = build_model(self.ctx, init=self.init, lora_r=rank, device=self.device, knobs=self.knobs)
-        self.load_peak_bytes = None if isinstance(self.meter, CpuTrackedMeter) else self.meter.peak_bytes()
+        tracked = isinstance(self.meter, CpuTrackedMeter)
+        self._built = build_model(
+            self.ctx,
+            init=self.init,
+            lora_r=rank,
+            device=self.device,
+            knobs=self.knobs,
+            after_load=self._count_the_build if tracked else None,
+        )
+        self.load_peak_bytes = self.meter.peak_bytes()
         self.build_seconds += time.perf_counter() - t
         if self.world_size > 1:
             self.bucket_bytes = ddp_bucket_bytes(self._built.model)
         if isinstance(self.meter, CpuTrackedMeter):  # a GPU counts the weights by itself
             self.meter.track_existing(self._built.model)
         return self._built
+
+    @contextlib.contextmanager
+    def _count_the_build(self, base) -> Iterator[None]:
+        """On the CPU, where the tracked meter stands in for the device: the loaded weights counted (those loaded on
+        the host are marked and left out), then what the build adds to them (adapters, the 8-bit head and its
+        scratch), as a GPU's allocator would see the load. (What from_pretrained holds for a moment while it
+        quantizes, one projection in the compute dtype, happens before this and is not seen.)"""
+        meter = self.meter
+        assert isinstance(meter, CpuTrackedMeter)  # only the tracked meter asks for this (model_for)
+        meter.track_existing(base)
+        with meter:
+            yield
 
     def release(self) -> None:
         """Free the model (the next one's peak must not include it) and the trials' scratch folder."""

@@ -281,6 +281,9 @@ def stage_min_cap(plan: Plan, results: Results) -> None:
             continue
         runner = runner_for(base_config(model, plan.rehearse), plan.cap_ceiling)
         knobs = lean(runner)
+        # Built with them, as `autotune train` would build it: the tables they keep on the host load there, so the
+        # load's measured peak (each trial's load_peak_bytes) checks the plan's load phase for the smallest card.
+        runner.knobs = knobs
         step, seq, rank = plan.cap_step, plan.min_cap_seq, runner.cfg.lora_r
         est = estimate(shape_of_run(runner, knobs, seq=seq, rank=rank)).peak_bytes
         lo, hi = 0, math.ceil(plan.cap_ceiling / step)  # lo * step does not fit (assumed), hi * step does
@@ -300,6 +303,7 @@ def stage_min_cap(plan: Plan, results: Results) -> None:
                 "knobs": knobs.to_dict(),
                 "smallest_cap_gb": round(hi * step, 3),
                 "estimate_bytes": est,
+                "load_peak_bytes": runner.load_peak_bytes,
                 "resolved": hi - lo <= 1,
             },
         )

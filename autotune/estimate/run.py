@@ -2,12 +2,13 @@
 
 A run that fits its step can still fail around it. `plan_run(shape)` answers for each phase, as one rank's bytes:
 
-* load: the model as `modeling.build_model` builds it, before the techniques move anything. from_pretrained puts
-  every weight on the device, the tables (embedding, lm_head) in the compute dtype, and bitsandbytes quantizes
-  each projection after it lands (`load.quantize`: the largest in the compute dtype, one at a time); the LoRA
-  adapters are attached; then the switches run: the 8-bit head is built beside the table it replaces
-  (`load.lm_head_8bit`: int8 rows, fp32 scales, one block of rows in fp32), the host embedding copies its table to
-  the host and frees the device's. Under FSDP each rank loads its shard (accelerate's cpu_ram_efficient_loading).
+* load: the model as `modeling.build_model` builds it. from_pretrained puts every weight on the device except the
+  tables a technique keeps on the host (the host embedding's table, the compute-dtype lm_head the 8-bit head is
+  quantized from: loaded there, never on the device), and bitsandbytes quantizes each projection after it lands
+  (`load.quantize`: the largest in the compute dtype, one at a time); the LoRA adapters are attached; then the
+  switches run: the 8-bit head is quantized a block of rows at a time on the device (its int8 rows and fp32 scales
+  are the step's `weights.lm_head`; `load.lm_head_8bit`: one block in fp32 and its absolute values). Under FSDP each
+  rank loads its shard (accelerate's cpu_ram_efficient_loading).
 * step: the training step (peak.estimate), the phase that normally decides.
 * eval: a forward without gradients at the evaluation batch, beside the weights, adapters and optimizer state
   (the Trainer has set the gradients to None by then).
@@ -87,21 +88,16 @@ class RunPlan:
 
 def load_terms(s: StepShape) -> dict[str, int]:
     """The device while `build_model` loads and switches the model (the module docstring, `load`)."""
-    as_loaded = replace(s, knobs=s.knobs.with_(embedding_on_cpu=False, lm_head_8bit=False))
     lora = 4 * sum(lora_param_tensors(s.arch, s.rank, s.target_modules))
     if s.sharded:
         step = estimate(s).terms
         weights = {"weights.sharded": step["weights.sharded"]}
         lora = step["lora.params"]
     else:
-        weights = weight_terms(as_loaded)
+        weights = weight_terms(s)  # the tables on the host never reach the device
     largest = max(i * o for layer, _ in layer_groups(s.arch) for i, o in layer_projections(layer, s.arch).values())
-    arch = s.arch
-    int8_head = 0
-    if s.knobs.lm_head_8bit:
-        # int8_head.Int8Head: int8 rows and fp32 scales beside the table it replaces, and while it quantizes a
-        # block of rows: their fp32 copy and its absolute values.
-        int8_head = arch.vocab_size * (arch.hidden_size + 4) + 2 * 4 * QUANTIZE_ROWS * arch.hidden_size
+    # int8_head.Int8Head, while it quantizes a block of rows: their fp32 copy and its absolute values.
+    int8_head = 2 * 4 * QUANTIZE_ROWS * s.arch.hidden_size if s.knobs.lm_head_8bit else 0
     return {
         **weights,
         "lora.params": lora,

@@ -157,6 +157,9 @@ class Technique:
     # The whole run's terms it changes beyond the step's (estimate/run.py): while the model loads, and on the host.
     load: tuple[str, ...] = ()
     host: tuple[str, ...] = ()
+    # The frozen table it keeps in host memory ("input": the input embedding, "output": lm_head), which the model
+    # build therefore loads there, never on the device (modeling.load_base_model). None: it keeps none.
+    host_table: str | None = None
 
     def config_doc(self) -> str:
         auto = "on" if self.auto else "the profile's choice, else off"
@@ -237,8 +240,9 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
             ),
         ),
         estimate=("weights.embedding",),
-        # Loaded on the device with the rest, then copied to the host: the load still holds it (estimate/run.py).
+        load=("weights.embedding",),
         host=("host.embedding", "host.embedding_rows"),
+        host_table="input",
     ),
     Technique(
         key="lm_head_8bit",
@@ -258,9 +262,11 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         untied_only=f"ties lm_head to its input embeddings, which lookups need whole; {_UNTIED} keep lm_head in 8-bit",
         refused_under=(StrategyRule("fsdp", _FSDP_TABLE),),
         estimate=("weights.lm_head", "head.loss"),
-        load=("load.lm_head_8bit",),
-        # The compute-dtype table it replaced waits on the host, so that a solve can switch it back.
+        load=("weights.lm_head", "load.lm_head_8bit"),
+        # The compute-dtype table it is quantized from is loaded on the host and waits there, so that a solve can
+        # switch it back.
         host=("host.lm_head_copy",),
+        host_table="output",
     ),
     Technique(
         key="tiled_mlp",
@@ -411,6 +417,11 @@ def resolve(cfg: Config, spec: ModelSpec) -> Knobs:
     knobs = Knobs(checkpointing=cfg.gradient_checkpointing, **values)
     check(knobs, spec)
     return knobs
+
+
+def host_tables(knobs: Knobs) -> tuple[str, ...]:
+    """The frozen tables ("input", "output") that the techniques on in `knobs` keep in host memory."""
+    return tuple(t.host_table for t in knobs.on() if t.host_table is not None)
 
 
 def check(knobs: Knobs, spec: ModelSpec) -> None:

@@ -29,10 +29,15 @@ class HostEmbedding(nn.Module):
         self.original = [embedding]  # in a list: not a submodule, so its parameters are not counted twice
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
-        # A Parameter under the same name keeps the state_dict key ("...embed_tokens.weight"); a copy of its own
-        # (on the CPU too), made as host memory, so the device's table can go.
-        with host_memory():
-            table = embedding.weight.detach().to("cpu", copy=True)
+        # A Parameter under the same name keeps the state_dict key ("...embed_tokens.weight"). A table the build
+        # loaded on the host (modeling.load_base_model) is used where it is; one on the device is copied, as host
+        # memory (on the CPU too, where the tracked meter stands in for the device), so the device's can go.
+        weight = embedding.weight.detach()
+        if getattr(embedding.weight, HOST_TENSOR, False):
+            table = weight
+        else:
+            with host_memory():
+                table = weight.to("cpu", copy=True)
         self.weight = nn.Parameter(table, requires_grad=False)
         setattr(self.weight, HOST_TENSOR, True)
         self.device = torch.device(device)

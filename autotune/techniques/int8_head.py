@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autotune.memory import host_memory
+from autotune.memory import HOST_TENSOR, host_memory
 from autotune.techniques import QUANTIZE_ROWS, ROW_BLOCK, Place
 
 
@@ -27,22 +27,29 @@ class Int8Head(nn.Module):
     qweight: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, device: torch.device):
         super().__init__()
         weight = linear.weight.detach()
-        qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        # A block of rows at a time: the fp32 copies exist for one block, not for the whole table (QUANTIZE_ROWS).
+        on_host = getattr(linear.weight, HOST_TENSOR, False)  # loaded on the host (modeling.load_base_model)
+        qweight = torch.empty(weight.shape, dtype=torch.int8, device=device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
+        # A block of rows at a time, on the device: the fp32 copies exist for one block, not for the whole table
+        # (QUANTIZE_ROWS), and from a table on the host only that block crosses to the device.
         for start in range(0, weight.shape[0], QUANTIZE_ROWS):
-            rows = weight[start : start + QUANTIZE_ROWS].to(torch.float32, copy=True)  # divided in place below
+            rows = weight[start : start + QUANTIZE_ROWS].to(device, torch.float32, copy=True)  # divided in place
             block = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
             scale[start : start + QUANTIZE_ROWS] = block
             qweight[start : start + QUANTIZE_ROWS] = torch.round(rows.div_(block[:, None]))
             del rows
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        with host_memory():
-            self.original_weight = weight.to("cpu", copy=True)  # to switch back; host memory, not the device's
+        # The compute-dtype table, kept to switch back: host memory, not the device's (used as it is where it was
+        # loaded there).
+        if on_host:
+            self.original_weight = weight
+        else:
+            with host_memory():
+                self.original_weight = weight.to("cpu", copy=True)
         self.out_features, self.in_features = weight.shape
 
     def rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -72,7 +79,7 @@ def set_int8_head(model, on: bool, place: Place) -> bool:
     if on == isinstance(current, Int8Head):
         return False
     if on:
-        head: nn.Module = Int8Head(current)
+        head: nn.Module = Int8Head(current, place.device)
         current.weight = None  # the compute-dtype table goes; its host copy stays with the int8 head
     else:
         head = nn.Linear(current.in_features, current.out_features, bias=False, device="meta")

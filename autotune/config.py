@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from autotune.batching import BatchPlan
-from autotune.catalog import ModelSpec, check_target_modules, resolve_model
+from autotune.catalog import (
+    ATTENTION_PROJECTIONS,
+    PROJECTIONS,
+    ModelSpec,
+    check_target_modules,
+    lora_on_experts,
+    resolve_model,
+)
 from autotune.errors import UserError
 from autotune.techniques import SWITCHES, TECHNIQUES_TABLE
 
@@ -157,6 +164,12 @@ class Config:
     lora_alpha: float = _key(12, "LoRA scaling numerator (scale = alpha / r).", "float>0")
     lora_dropout: float = _key(0.1, "Dropout on the LoRA path.", "ratio")
     target_modules: list[str] = _key(list(DEFAULT_TARGET_MODULES), "Linear layers that get adapters.", "list[str]")
+    lora_experts: str = _key(
+        "auto",
+        "Mixture-of-experts models (Qwen3-30B-A3B, 235B-A22B): adapters on every expert's fused gate/up and down "
+        "tensors too (PEFT's target_parameters), the router frozen. auto: on for those models; a dense model has none.",
+        _choice(SWITCHES),
+    )
     # --- data ---
     data_dir: str = _key(
         "data/raw",
@@ -514,11 +527,42 @@ def _check_sizes(values: dict, spec: ModelSpec, errors: list[str]) -> None:
                 f"key {key!r}: {n} is more than the {arch.max_position_embeddings} positions {name} supports; "
                 f"use at most {arch.max_position_embeddings}"
             )
+    _check_expert_lora(values, spec, errors)
     batch, seq = values.get("batch_size"), values.get("max_sequence_length")
     if _int(batch) and _int(seq) and batch * seq > MAX_MICRO_BATCH_TOKENS:
         errors.append(
             f"key 'batch_size': {batch} rows of {seq} tokens is more than one micro-batch can hold "
             f"({MAX_MICRO_BATCH_TOKENS:,} tokens); use a smaller batch_size and raise gradient_accumulation_steps"
+        )
+
+
+def _check_expert_lora(values: dict, spec: ModelSpec, errors: list[str]) -> None:
+    """LoRA on an MoE model: its targets attention projections (its MLPs are experts), and adapters on the experts
+    need a model that has them and no dropout (PEFT's adapters on parameters, which the fused expert tensors are,
+    refuse it)."""
+    targets = values.get("target_modules")
+    if spec.architecture.is_moe and isinstance(targets, list):
+        mlp = [t for t in targets if isinstance(t, str) and t in PROJECTIONS and t not in ATTENTION_PROJECTIONS]
+        if mlp:
+            errors.append(
+                f"key 'target_modules': {mlp} are not Linear layers of {spec.name}, whose MLPs are experts (fused "
+                f"tensors, which get adapters through lora_experts); target attention: {', '.join(ATTENTION_PROJECTIONS)}"
+            )
+    switch = values.get("lora_experts")
+    if switch not in SWITCHES:
+        return
+    try:
+        experts = lora_on_experts(switch, spec.architecture, spec.name)
+    except UserError as exc:
+        errors.append(f"key 'lora_experts': {exc}")
+        return
+    dropout = values.get("lora_dropout")
+    if experts and isinstance(dropout, (int, float)) and dropout > 0:
+        why = "auto: on for mixture-of-experts models" if switch == "auto" else "on"
+        errors.append(
+            f"key 'lora_dropout': {dropout} with adapters on {spec.name}'s experts (lora_experts {why}): PEFT's "
+            'adapters on the fused expert tensors take no dropout. Set lora_dropout 0, or lora_experts "off" '
+            "(adapters on attention only)"
         )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from autotune import quiet, techniques
-from autotune.catalog import ModelSpec, check_target_modules
+from autotune.catalog import ModelSpec, check_target_modules, expert_lora_targets, lora_on_experts
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
@@ -141,10 +141,8 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
     bitsandbytes quantization) as real weights. A model small enough to be trained from random weights
     gets weights it can learn from instead (_learnable_state_dict).
     """
-    from transformers import Qwen3ForCausalLM
-
     with torch.device("meta"):
-        meta = Qwen3ForCausalLM(hf_config)
+        meta = _causal_lm_class(hf_config)(hf_config)
     shapes = {k: v.shape for k, v in meta.state_dict().items()}
     if sum(s.numel() for s in shapes.values()) <= LEARNABLE_INIT_MAX_ELEMENTS:
         return _learnable_state_dict(shapes, hf_config, dtype, seed)
@@ -160,14 +158,19 @@ def _random_state_dict(hf_config, dtype: torch.dtype, seed: int, separate: bool 
     return state
 
 
+def _causal_lm_class(hf_config) -> type[PreTrainedModel]:
+    """The causal-LM class transformers builds for `hf_config` (Qwen3ForCausalLM, Qwen3MoeForCausalLM)."""
+    from transformers import AutoModelForCausalLM
+
+    return cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(hf_config)])
+
+
 def table_modules(hf_config) -> dict[str, str]:
     """Where the model class transformers builds for `hf_config` keeps its frozen tables: {"input": the input
     embedding's module name, "output": lm_head's} (the keys of techniques.Technique.host_table). Read off the
     model built on the meta device, so nothing is allocated."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf_config)
+        meta = _causal_lm_class(hf_config)(hf_config)
     names = {id(module): name for name, module in meta.named_modules()}
     return {"input": names[id(meta.get_input_embeddings())], "output": names[id(meta.get_output_embeddings())]}
 
@@ -221,7 +224,7 @@ def load_base_model(
     frozen tables that the techniques keep in host memory, loaded there and never on the device, so that loading
     does not hold more than training (a 6 GB card that trains Qwen3-8B with both tables off the device could not
     load it otherwise)."""
-    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     hf_config = spec.architecture.to_hf_config(attn_implementation="sdpa")
     names = table_modules(hf_config) if host_tables else {}
@@ -235,7 +238,7 @@ def load_base_model(
         warnings.filterwarnings("ignore", message=".*kernels.*")
         if init == "random":
             state = _random_state_dict(hf_config, dtype, seed, separate=device.type == "cpu")
-            model = Qwen3ForCausalLM.from_pretrained(None, config=hf_config, state_dict=state, **common)
+            model = _causal_lm_class(hf_config).from_pretrained(None, config=hf_config, state_dict=state, **common)
             # from_pretrained(None) records the name "None", which peft would later look up on the hub
             # when saving; an empty name marks a from-config model and skips that lookup.
             model.config._name_or_path = ""
@@ -262,6 +265,10 @@ def load_base_model(
         undo_dispatch(model, device)
     _mark_on_host(model, host_modules)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if spec.architecture.is_moe:
+        # The router's load-balancing loss joins the training loss (with the model's router_aux_loss_coef), as the
+        # model was pre-trained: without it LoRA on the experts may tilt the routing toward a few of them.
+        model.config.output_router_logits = True
     if quantization == "4bit":
         keep_4bit_layout(model)
     return model
@@ -340,7 +347,11 @@ def prepare_for_training(model, quantized: bool, checkpointing: bool, checkpoint
         model.model_parallel = True
 
 
-def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str]):
+def attach_lora(
+    model, *, r: int, alpha: float, dropout: float, target_modules: list[str], target_parameters: Sequence[str] = ()
+):
+    """peft's LoRA on the `target_modules` Linears, and on the `target_parameters` tensors (an MoE model's fused
+    experts: peft adds each expert's low-rank update to the stack, catalog.expert_lora_targets)."""
     from peft import LoraConfig, get_peft_model
 
     targets = check_target_modules(target_modules)
@@ -349,6 +360,7 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
         lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes any number
         lora_dropout=dropout,
         target_modules=list(targets),
+        target_parameters=list(target_parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -398,8 +410,14 @@ def build_model(
         # LoRA A matrices are drawn from torch's global RNG (the Trainer seeds it only later, in its
         # __init__): seed it here, or two runs of one config start from different adapters.
         torch.manual_seed(cfg.seed)
+        experts = lora_on_experts(cfg.lora_experts, spec.architecture, spec.name)
         model = attach_lora(
-            base, r=r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules
+            base,
+            r=r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+            target_parameters=expert_lora_targets(spec.architecture) if experts else (),
         )
         built = BuiltModel(
             model=model,

@@ -7,7 +7,6 @@ must not import torch.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -44,7 +43,7 @@ CHOICE_KEYS = (
 
 
 def architecture_hash(arch: Architecture) -> str:
-    blob = json.dumps(dataclasses.asdict(arch), sort_keys=True).encode()
+    blob = json.dumps(arch.facts(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -242,7 +241,7 @@ def layered_config(
 
 def _architecture_change(model: dict, arch: Architecture) -> str:
     """The fields in which the profile's recorded architecture and `arch` differ, as `field then -> now`."""
-    then, now = model.get("architecture"), dataclasses.asdict(arch)
+    then, now = model.get("architecture"), arch.facts()
     if not isinstance(then, dict):
         return "architecture hash " + f"{model.get('architecture_hash')} -> {architecture_hash(arch)}"
     diffs = [f"{k} {then[k]} -> {now[k]}" for k in now if k in then and then[k] != now[k]]

@@ -172,22 +172,34 @@ class AutotuneTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._aux_losses = []
         self._last_log = (time.perf_counter(), 0)
         self.add_callback(_ThroughputStart(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """With the fused loss, the model runs without labels and keeps no logits (`logits_to_keep` empty); a
         forward hook on the decoder hands over its final hidden states, and the loss comes from them and
-        lm_head's weight. Going through model(...) keeps what wraps it (accelerate's autocast, peft, DDP)."""
+        lm_head's weight. Going through model(...) keeps what wraps it (accelerate's autocast, peft, DDP).
+        A mixture-of-experts model's loss includes its router's load-balancing loss times the model's
+        coefficient, as transformers adds it; the auxiliary loss is also logged on its own (`aux_loss`)."""
         if not self.fused_loss or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        base = unwrap_peft_model(self.accelerator.unwrap_model(model))
-        loss, outputs = fused_causal_lm_loss(model, base, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as the base class: the DDP mean undoes it
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        else:
+            base = unwrap_peft_model(self.accelerator.unwrap_model(model))
+            loss, outputs = fused_causal_lm_loss(model, base, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as the base class: the DDP mean undoes it
+        aux = getattr(outputs, "aux_loss", None)
+        if isinstance(aux, torch.Tensor) and model.training:
+            self._aux_losses.append(aux.detach())
         return (loss, outputs) if return_outputs else loss
 
+    _aux_losses: list
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._aux_losses:  # the router's auxiliary loss since the last record
+            logs["aux_loss"] = round(torch.stack(self._aux_losses).float().mean().item(), 6)
+            self._aux_losses.clear()
         if "loss" in logs:  # a training record, not an eval one
             now, seen = time.perf_counter(), int(self.state.num_input_tokens_seen)
             then, seen_then = self._last_log
@@ -240,7 +252,11 @@ def fused_causal_lm_loss(model, base, inputs: dict, num_items_in_batch=None):
     finally:
         hook.remove()
     head = base.lm_head if isinstance(base.lm_head, Int8Head) else base.lm_head.weight
-    return linear_cross_entropy(captured.pop("h"), head, labels, num_items_in_batch=num_items_in_batch), outputs
+    loss = linear_cross_entropy(captured.pop("h"), head, labels, num_items_in_batch=num_items_in_batch)
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is not None:  # what transformers adds when it computes the loss itself (Qwen3MoeForCausalLM.forward)
+        loss = loss + base.router_aux_loss_coef * aux.to(loss.device)
+    return loss, outputs
 
 
 class _ThroughputStart(TrainerCallback):

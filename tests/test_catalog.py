@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from autotune.catalog import CATALOG, TINY, Architecture, ModelSpec, resolve_model
+from autotune.catalog import CATALOG, TINY, TINY_MOE, Architecture, ModelSpec, resolve_model
 from autotune.errors import UserError
 
 # Published sizes (total parameters, embeddings counted once when tied), in billions.
@@ -20,6 +20,14 @@ PUBLISHED_B = {
     "Qwen3-8B": 8.19,
     "Qwen3-14B": 14.77,
     "Qwen3-32B": 32.76,
+    # The MoE models' cards: 30.5B (3.3B active), 235B (22B active).
+    "Qwen3-30B-A3B": 30.5,
+    "Qwen3-30B-A3B-Instruct-2507": 30.5,
+    "Qwen3-30B-A3B-Thinking-2507": 30.5,
+    "Qwen3-Coder-30B-A3B-Instruct": 30.5,
+    "Qwen3-235B-A22B": 235,
+    "Qwen3-235B-A22B-Instruct-2507": 235,
+    "Qwen3-235B-A22B-Thinking-2507": 235,
 }
 
 
@@ -32,11 +40,11 @@ def user_error(fn, *args) -> str:
 # ------------------------------------------------------------------------- architecture facts
 
 
-def test_catalog_holds_the_qwen3_dense_family():
-    assert set(PUBLISHED_B) | {TINY} == set(CATALOG)
+def test_catalog_holds_the_qwen3_family():
+    assert set(PUBLISHED_B) | {TINY, TINY_MOE} == set(CATALOG)
     for name, spec in CATALOG.items():
         assert spec.name == name
-        if name != TINY:
+        if name not in (TINY, TINY_MOE):
             assert spec.hub_id == f"Qwen/{name}"
 
 
@@ -73,16 +81,18 @@ def test_param_count_equals_transformers_on_the_meta_device(name):
     assert tied == arch.tie_word_embeddings
 
 
-def test_to_hf_config_carries_every_field():
-    arch = CATALOG["Qwen3-4B-Thinking-2507"].architecture
-    cfg = arch.to_hf_config().to_dict()
-    assert cfg["model_type"] == "qwen3"
-    for key, value in dataclasses.asdict(arch).items():
+@pytest.mark.parametrize("name,model_type", [("Qwen3-4B-Thinking-2507", "qwen3"), ("Qwen3-30B-A3B", "qwen3_moe")])
+def test_to_hf_config_carries_every_field(name, model_type):
+    arch = CATALOG[name].architecture
+    hf = arch.to_hf_config()
+    cfg = hf.to_dict()
+    assert cfg["model_type"] == model_type
+    for key, value in arch.facts().items():
         if key == "rope_theta":
             value_seen = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
             assert value_seen == value
         else:
-            assert cfg[key] == value, key
+            assert getattr(hf, key) == value, key  # transformers names num_experts num_local_experts in its file
 
 
 # -------------------------------------------------------------------------------- resolution
@@ -119,7 +129,7 @@ def test_qwen3_7b_suggests_qwen3_8b(name):
 
 def test_unknown_name_gets_suggestions_and_the_known_list():
     msg = user_error(resolve_model, "Qwen3-15B")
-    assert "not a Qwen3 dense model" in msg
+    assert "not a Qwen3 model autotune knows" in msg
     assert "Did you mean" in msg and "Qwen3-14B" in msg.split("Known models")[0]
     assert "Known models: Qwen3-0.6B" in msg and "local directory" in msg
     assert "Did you mean" not in user_error(resolve_model, "llama-3-70b-zzz")

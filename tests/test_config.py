@@ -51,6 +51,7 @@ NON_DEFAULT = {
     "lora_alpha": 8.5,
     "lora_dropout": 0.0,
     "target_modules": ["q_proj", "gate_proj"],
+    "lora_experts": "off",
     "data_dir": "elsewhere/raw",
     "data_format": "jsonl",
     "dataset_name": "org/qa-set",

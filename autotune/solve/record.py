@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def profile_from_solve(
         model={
             "name": cfg.model_name,
             "architecture_hash": architecture_hash(spec.architecture),
-            "architecture": dataclasses.asdict(spec.architecture),
+            "architecture": spec.architecture.facts(),
             "init": init,
         },
         data=req.data_stats,

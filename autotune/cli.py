@@ -670,8 +670,8 @@ def estimate(
         click.echo(f"{verdict} {budget.describe()}; predicted to fit{safe}: {at_seq}, {at_batch}")
         if run["phases"]["load"] > budget.usable_bytes:
             click.echo(
-                f"  loading the model alone takes {run['phases']['load'] / GiB:.2f} GiB: the tables load on the device "
-                "before the techniques move them (estimate/run.py)"
+                f"  loading the model alone takes {run['phases']['load'] / GiB:.2f} GiB: its weights as loaded, with "
+                "what quantizing them holds for a moment (estimate/run.py)"
             )
         lean = doc.get("with_every_technique")
         if lean:

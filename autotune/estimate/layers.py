@@ -36,6 +36,20 @@ class LayerKind(Protocol):
         """Elements of its norms' weights (never quantized)."""
         ...
 
+    def unquantized_elements(self, arch: Architecture) -> int:
+        """Elements of its other frozen weights, stored in the compute dtype: bitsandbytes quantizes Linears only
+        (an MoE layer's fused experts and its router)."""
+        ...
+
+    def lora_tensors(self, arch: Architecture, s_rank: int, experts: bool) -> list[int]:
+        """Element counts of the LoRA tensors it holds beyond those of its projections (the experts' adapters)."""
+        ...
+
+    def saved_fixed(self, s: StepShape) -> float:
+        """Bytes it keeps for backward that do not grow with the tokens (the experts' weights with their LoRA
+        update folded in: PEFT builds them whole for every forward)."""
+        ...
+
     def saved(self, s: StepShape, *, first: bool) -> float:
         """Bytes per token it keeps for backward when nothing is checkpointed. `first`: the first layer, whose
         input needs no grad (the frozen embeddings' output) unless checkpointing's input-grad hook asks."""
@@ -154,7 +168,20 @@ def _norm_bytes_per_token(arch: Architecture) -> int:
 # ------------------------------------------------------------------------------------------ kinds
 
 
-class FullAttention:
+class _Linears:
+    """A kind whose weights are Linears (projections and norms) and nothing else."""
+
+    def unquantized_elements(self, arch: Architecture) -> int:
+        return 0
+
+    def lora_tensors(self, arch: Architecture, s_rank: int, experts: bool) -> list[int]:
+        return []
+
+    def saved_fixed(self, s: StepShape) -> float:
+        return 0.0
+
+
+class FullAttention(_Linears):
     """Qwen3's attention behind its input RMSNorm: q/k/v/o, per-head QK-norms, RoPE, SDPA."""
 
     PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -198,7 +225,7 @@ class FullAttention:
         return [s.tokens * (4 * h * len(self._targets(s)) + 8 * h)]
 
 
-class DenseMlp:
+class DenseMlp(_Linears):
     """Qwen3's SwiGLU MLP behind its post-attention RMSNorm: gate, up, down; tiled a slice of tokens at a time when
     the tiled MLP is on (techniques/tiled_mlp.py)."""
 
@@ -273,6 +300,75 @@ class DenseMlp:
         return out
 
 
+class MoeMlp:
+    """Qwen3-MoE's sparse MLP behind its post-attention RMSNorm (transformers' Qwen3MoeSparseMoeBlock): a router
+    (a frozen hidden x experts weight, a softmax in fp32, the top k), then `num_experts` SwiGLU experts stored as
+    two fused tensors (gate/up and down, never quantized by bitsandbytes), each token's rows gathered, sorted by
+    expert and run through grouped matmuls (k routed rows a token), weighted and summed back.
+
+    With adapters on the experts (StepShape.lora_experts) PEFT folds each tensor's low-rank update into a whole
+    copy of it every forward (W + B @ A, one baddbmm), which the grouped matmul keeps for backward: a copy of the
+    layer's experts per layer, whatever the tokens, and in backward the gradient of that copy, as large.
+    The router's load-balancing loss (output_router_logits) keeps a softmax of its logits per layer."""
+
+    PROJECTIONS: tuple[str, ...] = ()
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        return {}  # the experts are tensors, not Linears: nothing for bitsandbytes or target_modules
+
+    def norm_elements(self, arch: Architecture) -> int:
+        return arch.hidden_size  # post_attention_layernorm
+
+    def unquantized_elements(self, arch: Architecture) -> int:
+        experts = sum(e * o * i for e, o, i in arch.expert_shapes().values())
+        return experts + arch.num_experts * arch.hidden_size  # + the router
+
+    def lora_tensors(self, arch: Architecture, s_rank: int, experts: bool) -> list[int]:
+        if not experts:
+            return []
+        # PEFT's ParamWrapper: lora_A (r x experts, in), lora_B (out, r x experts) per fused tensor.
+        return [n for e, o, i in arch.expert_shapes().values() for n in (s_rank * e * i, o * s_rank * e)]
+
+    def _routed(self, arch: Architecture) -> int:
+        return arch.num_experts_per_tok
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        arch, a, k = s.arch, s.act_bytes, self._routed(s.arch)
+        h, i, e = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts
+        total: float = _norm_bytes_per_token(arch)
+        total += 4 * e + 8 * k + 4 * k  # the router's fp32 softmax, its top-k indices and weights
+        # Per routed row: gate/up's output, silu(gate), down's output (kept by the weighting), the sort's
+        # permutation and the row's weight; with adapters on the experts the grouped matmuls also keep their inputs
+        # (the gathered row, the product down takes) for the gradient of their weights.
+        total += k * ((h + 3 * i) * a + 8 + 8 + a)
+        if s.lora_experts:
+            total += k * (h + i) * a
+        total += e * a + 8 * k  # the load-balancing loss: its softmax of the router logits, its top-k indices
+        return total
+
+    def kept_through_checkpointing(self, s: StepShape) -> float:
+        return 0.0
+
+    def int8_inputs(self, s: StepShape, targets: Sequence[str], *, first: bool = False) -> float:
+        return 0.0
+
+    def saved_fixed(self, s: StepShape) -> float:
+        if not s.lora_experts:
+            return 0.0
+        return sum(e * o * i for e, o, i in s.arch.expert_shapes().values()) * s.dtype_bytes
+
+    def bursts(self, s: StepShape, biggest_weight: int) -> list[float]:
+        arch, a, k, tokens = s.arch, s.act_bytes, self._routed(s.arch), s.tokens
+        h, i = arch.hidden_size, arch.moe_intermediate_size
+        # The gradients of the routed rows: gate/up's output and the product's factors, beside down's input grad.
+        out: list[float] = [tokens * k * (4 * i + h) * a]
+        if s.lora_experts:
+            # The gradient of the folded copy of the largest expert tensor, twice: the grouped matmul's, for the
+            # transposed weight it multiplied by, and its transpose made contiguous for the adapters' gradients.
+            out.append(2 * max(e * o * i for e, o, i in arch.expert_shapes().values()) * s.dtype_bytes)
+        return out
+
+
 def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act_bytes: int, autocast: bool) -> float:
     """The largest burst of intermediate-sized grads in the MLP's backward, per token, net of the MLP's
     saved tensors already released at that moment (the layer's saved tensors are counted elsewhere).
@@ -303,9 +399,11 @@ Layer = tuple[LayerKind, ...]
 
 @functools.cache
 def decoder_layers(arch: Architecture) -> tuple[Layer, ...]:
-    """The kinds of every decoder layer, in order."""
+    """The kinds of every decoder layer, in order: attention, then a dense MLP or (an MoE model's sparse layers)
+    the experts."""
     dense: Layer = (FullAttention(), DenseMlp())
-    return (dense,) * arch.num_hidden_layers
+    sparse: Layer = (FullAttention(), MoeMlp())
+    return tuple(sparse if arch.is_sparse(n) else dense for n in range(arch.num_hidden_layers))
 
 
 @functools.cache
@@ -333,10 +431,11 @@ def layer_backward(layer: Sequence[LayerKind], s: StepShape) -> float:
     (less what `kept_through_checkpointing` already holds, and the input norm's fp32 "copy", which for fp32 hidden
     states is the checkpointed input itself), the incoming hidden-state grad, and the largest burst of its kinds."""
     arch, tokens = s.arch, s.tokens
-    biggest = max(i * o for i, o in layer_projections(layer, arch).values())
+    biggest = max((i * o for i, o in layer_projections(layer, arch).values()), default=0)
     burst = max(b for kind in layer for b in kind.bursts(s, biggest))
     own = 0.0
     if s.knobs.checkpointing:
+        own += sum(kind.saved_fixed(s) for kind in layer)
         recomputed = layer_saved(layer, s) - (4 * arch.hidden_size if s.act_bytes == 4 else 0)
         # LLM.int8's inputs are not recomputed into the original graph: the layers already hold them (the
         # recompute's own copies die with its graph, stopped early once the saved tensors are back).

@@ -100,7 +100,8 @@ def _layers_saved(s: StepShape) -> int:
         first = decoder_layers(s.arch)[0]
         per_token = layer_saved(first, s, first=True) - layer_saved(first, s)
         per_token += sum(count * layer_saved(layer, s) for layer, count in groups)
-        return int(s.tokens * per_token + final_norm_saved(s))
+        fixed = sum(count * kind.saved_fixed(s) for layer, count in groups for kind in layer)
+        return int(s.tokens * per_token + fixed + final_norm_saved(s))
     # Each layer's input (the previous layer's output); offloaded, all but the one in use leave the device.
     kept = 1 if s.knobs.offload_activations else s.arch.num_hidden_layers
     saved: float = s.tokens * kept * s.act_bytes * s.arch.hidden_size
@@ -110,7 +111,7 @@ def _layers_saved(s: StepShape) -> int:
 
 def estimate(s: StepShape) -> Estimate:
     """Predict the peak memory of a training step once the optimizer state exists (from the second on)."""
-    lora_numels = lora_param_tensors(s.arch, s.rank, s.target_modules)
+    lora_numels = lora_param_tensors(s.arch, s.rank, s.target_modules, s.lora_experts)
     lora = 4 * sum(lora_numels)
     saved = _layers_saved(s)
     terms: dict[str, int] = {

@@ -88,7 +88,7 @@ class RunPlan:
 
 def load_terms(s: StepShape) -> dict[str, int]:
     """The device while `build_model` loads and switches the model (the module docstring, `load`)."""
-    lora = 4 * sum(lora_param_tensors(s.arch, s.rank, s.target_modules))
+    lora = 4 * sum(lora_param_tensors(s.arch, s.rank, s.target_modules, s.lora_experts))
     if s.sharded:
         step = estimate(s).terms
         weights = {"weights.sharded": step["weights.sharded"]}
@@ -132,7 +132,7 @@ def save_terms(s: StepShape, step: Estimate) -> dict[str, int]:
     """The device while a checkpoint is written: the persistent state, and a contiguous copy of an adapter tensor."""
     return {
         **_persistent(step.terms, grads=False),
-        "save.staging": 4 * max(lora_param_tensors(s.arch, s.rank, s.target_modules)),
+        "save.staging": 4 * max(lora_param_tensors(s.arch, s.rank, s.target_modules, s.lora_experts)),
     }
 
 
@@ -149,7 +149,7 @@ def host_terms(s: StepShape, step: Estimate, *, samples: int | None = None) -> d
     else:
         offload = 0
     rows = s.tokens * arch.hidden_size * s.dtype_bytes
-    lora_numels = lora_param_tensors(s.arch, s.rank, s.target_modules)
+    lora_numels = lora_param_tensors(s.arch, s.rank, s.target_modules, s.lora_experts)
     return {
         "host.process": PROCESS_HOST_BYTES["cuda" if on_cuda else "cpu"],
         # from_pretrained reads each tensor before it moves to the device: at most the largest, a table.
@@ -167,7 +167,7 @@ def export_host_bytes(s: StepShape) -> int:
     """`autotune export --merge`: the process, one decoder layer of the base in the compute dtype with its adapters
     merged, one output shard, and the adapter itself."""
     layer = max(sum(i * o for i, o in layer_projections(layer, s.arch).values()) for layer, _ in layer_groups(s.arch))
-    lora = 4 * sum(lora_param_tensors(s.arch, s.rank, s.target_modules))
+    lora = 4 * sum(lora_param_tensors(s.arch, s.rank, s.target_modules, s.lora_experts))
     return PROCESS_HOST_BYTES["cpu"] + 2 * layer * s.dtype_bytes + EXPORT_SHARD_BYTES + lora
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune.catalog import Architecture, check_target_modules
+from autotune.catalog import Architecture, check_target_modules, lora_on_experts
 from autotune.config import DEFAULT_TARGET_MODULES, QUANTIZATIONS
 from autotune.techniques import KNOBS, TECHNIQUES_TABLE, Knobs, fused_kernel
 
@@ -57,6 +57,7 @@ class StepShape:
     strategy: str = "ddp"
     cuda_overhead_bytes: int | None = None
     calibrated: bool = True
+    lora_experts: bool | None = None  # adapters on an MoE model's experts (None: on for an MoE model)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1 or self.rank < 1:
@@ -72,6 +73,7 @@ class StepShape:
             "kbit_prepare": self.kbit_prepare and self.quantization != "none",
             "autocast": self.dtype_bytes == 2 if self.autocast is None else self.autocast,
             "knobs": self._applicable(self.knobs),
+            "lora_experts": self.arch.is_moe and self.lora_experts is not False,
         }
         for name, value in settle.items():
             object.__setattr__(self, name, value)
@@ -137,6 +139,7 @@ class StepShape:
             fused_kernel=self.fused_kernel if self.knobs.fused_loss else None,
             world_size=self.world_size,
             strategy=self.strategy,
+            **({"lora_experts": self.lora_experts} if self.arch.is_moe else {}),
         )
 
 
@@ -181,6 +184,7 @@ def shape_for(
         dtype_bytes=2 if (cfg.bf16 or cfg.fp16) else 4,
         lora_dropout=cfg.lora_dropout,
         knobs=knobs,
+        lora_experts=lora_on_experts(cfg.lora_experts, arch, cfg.model_name),
         fused_kernel=fused_kernel(device),
         world_size=world_size,
         strategy=strategy,

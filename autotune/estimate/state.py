@@ -48,13 +48,19 @@ ROTARY_BUFFERS = 2  # inv_freq and original_inv_freq, fp32, head_dim / 2 each
 # ------------------------------------------------------------------------------------------ weights
 
 
-def lora_param_tensors(arch: Architecture, rank: int, target_modules: Sequence[str]) -> list[int]:
-    """Element counts of every LoRA tensor (A: r x in, B: out x r), all layers."""
+def lora_param_tensors(
+    arch: Architecture, rank: int, target_modules: Sequence[str], experts: bool | None = None
+) -> list[int]:
+    """Element counts of every LoRA tensor (A: r x in, B: out x r), all layers; `experts`: an MoE model's experts
+    carry adapters too (None: whenever it has experts, as lora_experts "auto")."""
     targets = check_target_modules(target_modules)
+    experts = arch.is_moe if experts is None else experts
     numels: list[int] = []
     for layer, count in layer_groups(arch):
         shapes = layer_projections(layer, arch)
-        numels += [n for t in targets for n in (rank * shapes[t][0], shapes[t][1] * rank)] * count
+        own = [n for t in targets if t in shapes for n in (rank * shapes[t][0], shapes[t][1] * rank)]
+        own += [n for kind in layer for n in kind.lora_tensors(arch, rank, experts)]
+        numels += own * count
     return numels
 
 
@@ -69,6 +75,12 @@ def _projection_totals(arch: Architecture) -> tuple[list[int], int, int]:
         rows += sum(o for _, o in shapes) * count
         norms += sum(kind.norm_elements(arch) for kind in layer) * count
     return numels, rows, norms
+
+
+@functools.cache
+def _unquantized_elements(arch: Architecture) -> int:
+    """The layers' frozen weights that are no Linear (an MoE model's experts and routers), in the compute dtype."""
+    return sum(kind.unquantized_elements(arch) * count for layer, count in layer_groups(arch) for kind in layer)
 
 
 def _quantized_bytes(numels: Sequence[int], quantization: str, rows: int, dtype_bytes: int, double_quant: bool) -> int:
@@ -110,7 +122,8 @@ def weight_terms(s: StepShape) -> dict[str, int]:
         lm_head = table * table_bytes
     return {
         "weights.layers": _quantized_bytes(numels, s.quantization, rows, s.dtype_bytes, s.double_quant)
-        + norms * table_bytes,
+        + norms * table_bytes
+        + _unquantized_elements(arch) * s.dtype_bytes,
         "weights.embedding": 0 if s.knobs.embedding_on_cpu else table * table_bytes,
         "weights.lm_head": lm_head,
         # the final norm, and RoPE's inv_freq buffers (fp32)
@@ -187,6 +200,10 @@ def per_rank_state(s: StepShape, lora_numels: Sequence[int]) -> dict[str, int]:
         layer_data = sum(math.ceil(k / 2) for k in numels[: len(numels) // L])
     else:  # "none" (FSDP refuses 8-bit: distributed.check_fsdp)
         layer_data = sum(numels) // L * dtype_bytes
+    # An MoE layer's experts and router (never quantized) are sharded and gathered with their layer.
+    unquantized = _unquantized_elements(arch)
+    other_bytes -= unquantized * s.table_bytes
+    layer_data += unquantized // L * dtype_bytes
     stored = layer_data * L + other_bytes
     quant_state = weight_bytes(arch, s.quantization, dtype_bytes, s.kbit_prepare, s.double_quant) - stored
     buffers = ROTARY_BUFFERS * (arch.head_dim // 2) * 4  # on every rank

@@ -280,12 +280,19 @@ def _base_weights(run: FinishedRun):
 
 @dataclass
 class _Lora:
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
+    A: torch.Tensor  # (r, in); an expert stack's: (r x experts, in)
+    B: torch.Tensor  # (out, r); an expert stack's: (out, r x experts)
     scale: float
+    experts: int = 0  # an MoE layer's fused expert tensor (experts, out, in): PEFT's ParamWrapper factors
 
     def delta(self) -> torch.Tensor:
-        return (self.B.float() @ self.A.float()) * self.scale
+        if not self.experts:
+            return (self.B.float() @ self.A.float()) * self.scale
+        # PEFT's ParamWrapper.get_delta_weight for an (experts, out, in) parameter: expert e's update is
+        # B[:, :, e] @ A[e] with A read as (experts, r, in) and B as (out, r, experts).
+        a = self.A.float().reshape(self.experts, -1, self.A.shape[-1])
+        b = self.B.float().reshape(self.B.shape[0], -1, self.experts)
+        return torch.einsum("ore,eri->eoi", b, a) * self.scale
 
 
 def _pattern_value(patterns: dict | None, module: str, default):
@@ -312,14 +319,40 @@ def _lora_deltas(run: FinishedRun) -> dict[str, _Lora]:
             )
         pairs.setdefault(m["module"], {})[m["which"]] = tensor
     out = {}
+    experts = run.spec.architecture.num_experts
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UserError(f"{run.path / ADAPTER_WEIGHTS}: {module} has lora_A or lora_B but not both")
         r = _pattern_value(doc.get("rank_pattern"), module, doc["r"])
         alpha = _pattern_value(doc.get("alpha_pattern"), module, doc["lora_alpha"])
         scale = alpha / (r**0.5) if doc.get("use_rslora") else alpha / r
-        out[f"{module}.weight"] = _Lora(ab["A"], ab["B"], float(scale))
+        parameter = _target_parameter(module, ab, doc.get("target_parameters") or [], run.spec)
+        if parameter is None:
+            out[f"{module}.weight"] = _Lora(ab["A"], ab["B"], float(scale))
+        else:
+            out[parameter] = _Lora(ab["A"], ab["B"], float(scale), experts=experts)
     return out
+
+
+def _target_parameter(module: str, ab: dict[str, torch.Tensor], targets: list[str], spec: ModelSpec) -> str | None:
+    """The base tensor a PEFT ParamWrapper's factors belong to (None: a plain LoRA Linear). PEFT wraps the experts
+    module once per target parameter, each wrapper around the last (`.base_layer` in the saved names), in an order
+    its saved config does not pin down: the factors' shapes tell the tensors apart (A: (r x experts, in), B: (out,
+    r x experts); Qwen3-MoE's gate/up is (2 x width, hidden), its down (hidden, width), never the same)."""
+    owner = module
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    mine = [t.rsplit(".", 1)[1] for t in targets if owner.endswith("." + t.rsplit(".", 1)[0])]
+    if not mine:
+        return None
+    shapes = spec.architecture.expert_shapes()
+    found = [name for name in mine if name in shapes and shapes[name][1:] == (ab["B"].shape[0], ab["A"].shape[1])]
+    if len(found) != 1:
+        raise UserError(
+            f"{module}: adapter factors {tuple(ab['A'].shape)} and {tuple(ab['B'].shape)} match none of "
+            f"{spec.name}'s expert tensors {shapes}: the run's model_name does not name the model it was trained on"
+        )
+    return f"{owner}.{found[0]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,7 +514,8 @@ def _export_merged(
     files = _merge_weights(
         weights, deltas, torch_dtype, tmp, tied=tied, max_shard_bytes=max_shard_bytes, progress=progress
     )
-    hf_config.architectures = ["Qwen3ForCausalLM"]  # vLLM picks its implementation by this name
+    # vLLM picks its implementation by this name.
+    hf_config.architectures = ["Qwen3MoeForCausalLM" if run.spec.architecture.is_moe else "Qwen3ForCausalLM"]
     hf_config.use_cache = True
     hf_config.dtype = torch_dtype
     for attr in ("_name_or_path", "name_or_path"):

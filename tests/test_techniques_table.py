@@ -55,7 +55,9 @@ def test_knobs_take_every_row_and_nothing_else():
         every.fused_loss = False  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("t", [t for t in TECHNIQUES_TABLE if t.needs or t.untied_only], ids=lambda t: t.key)
+@pytest.mark.parametrize(
+    "t", [t for t in TECHNIQUES_TABLE if t.needs or t.untied_only or t.dense_only], ids=lambda t: t.key
+)
 def test_a_rows_rules_refuse_what_it_cannot_do_saying_how_to_fix_it(t):
     with_needs = Knobs(**{n.knob: True for n in t.needs}, **{t.key: True})
     check(with_needs, UNTIED)  # everything it needs: accepted
@@ -67,6 +69,12 @@ def test_a_rows_rules_refuse_what_it_cannot_do_saying_how_to_fix_it(t):
         with pytest.raises(UserError, match=TIED.name) as exc:
             check(with_needs, TIED)
         assert t.untied_only in str(exc.value)
+    if t.dense_only:
+        moe = resolve_model("Qwen3-30B-A3B")
+        with pytest.raises(UserError, match=moe.name) as exc:
+            check(with_needs, moe)
+        assert t.dense_only in str(exc.value)
+        assert not getattr(with_needs.applicable(tied=False, moe=True), t.key)  # the estimate drops it
 
 
 RULES = [(t, rule) for t in TECHNIQUES_TABLE for rule in t.refused_under]

@@ -121,6 +121,7 @@ def _with_every_technique(shape: StepShape, budget: Budget, found: dict) -> dict
         strategy=shape.strategy,
         world_size=shape.world_size,
         targets=shape.target_modules,
+        moe=shape.arch.is_moe,
     )
     if lean == shape.knobs:
         return None

@@ -85,6 +85,7 @@ class StepShape:
         any shape."""
         return knobs.applicable(
             tied=self.arch.tie_word_embeddings,
+            moe=self.arch.is_moe,
             strategy=self.strategy,
             world_size=self.world_size,
             targets=self.target_modules,

@@ -147,6 +147,8 @@ class Technique:
     needs: tuple[Requirement, ...] = ()
     # Why a model with tied embeddings cannot take it (None: any model can): finishes "<model> ...".
     untied_only: str | None = None
+    # Why a mixture-of-experts model cannot take it (None: any model can): finishes "<model> ...".
+    dense_only: str | None = None
     # The strategies of several ranks that refuse it (distributed_strategy ddp / fsdp), and why.
     refused_under: tuple[StrategyRule, ...] = ()
     # Whether solve measures it on and off when the config leaves it on auto (False: auto means the row's default).
@@ -278,6 +280,7 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         # Runs the MLP's forward twice without checkpointing, a third time with it.
         speed=_costs(0.9),
         switch="set_tiled_mlp",
+        dense_only="has experts, not a dense MLP, in its layers: a token's rows already go through them apart",
         refused_under=(
             StrategyRule(
                 "ddp",
@@ -379,22 +382,41 @@ class Knobs:
         return tuple(self._values[k] for k in KNOBS)
 
     def applicable(
-        self, *, tied: bool, strategy: str = "ddp", world_size: int = 1, targets: Iterable[str] = ()
+        self,
+        *,
+        tied: bool,
+        strategy: str = "ddp",
+        world_size: int = 1,
+        targets: Iterable[str] = (),
+        moe: bool = False,
     ) -> Knobs:
         """These knobs less what cannot take effect: what the strategy refuses, a row whose needs are off, one that
-        needs untied embeddings on a model that ties them (the rows' rules, in table order)."""
+        needs untied embeddings on a model that ties them, one for dense MLPs on a mixture of experts (the rows'
+        rules, in table order)."""
         knobs = self.allowed_under(strategy, world_size, targets)
         for t in TECHNIQUES_TABLE:
-            blocked = any(not getattr(knobs, n.knob) for n in t.needs) or (t.untied_only is not None and tied)
+            blocked = (
+                any(not getattr(knobs, n.knob) for n in t.needs)
+                or (t.untied_only is not None and tied)
+                or (t.dense_only is not None and moe)
+            )
             if getattr(knobs, t.key) and blocked:
                 knobs = knobs.with_(**{t.key: False})
         return knobs
 
-    def leanest(self, *, tied: bool, strategy: str = "ddp", world_size: int = 1, targets: Iterable[str] = ()) -> Knobs:
+    def leanest(
+        self,
+        *,
+        tied: bool,
+        strategy: str = "ddp",
+        world_size: int = 1,
+        targets: Iterable[str] = (),
+        moe: bool = False,
+    ) -> Knobs:
         """These knobs with checkpointing and every searched row on that the model and strategy take: the most
         memory the techniques can save (what `autotune estimate` compares the config's answer with)."""
         every = self.with_(checkpointing=True, **{t.key: True for t in TECHNIQUES_TABLE if t.searched})
-        return every.applicable(tied=tied, strategy=strategy, world_size=world_size, targets=targets)
+        return every.applicable(tied=tied, strategy=strategy, world_size=world_size, targets=targets, moe=moe)
 
     def allowed_under(self, strategy: str, world_size: int, targets: Iterable[str]) -> Knobs:
         """These knobs with what `strategy` over `world_size` ranks refuses switched off (the rows' rules)."""
@@ -434,6 +456,8 @@ def check(knobs: Knobs, spec: ModelSpec) -> None:
                 raise UserError(f'{t.key} "on" needs {name}: {need.why}. Set {fix}, or {t.key} "auto"/"off"')
         if t.untied_only and spec.architecture.tie_word_embeddings:
             raise UserError(f'{t.key} "on": {spec.name} {t.untied_only}. Set it "auto" or "off"')
+        if t.dense_only and spec.architecture.is_moe:
+            raise UserError(f'{t.key} "on": {spec.name} {t.dense_only}. Set it "auto" or "off"')
 
 
 def check_strategy(cfg: Config, strategy: str, world_size: int) -> None:

@@ -299,6 +299,8 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
         if summary["status"] == "interrupted":
             sys.exit(130)
         return
+    if summary.get("already_finished"):  # said by the runner's note: nothing trained, nothing written
+        return
     final = summary.get("final", {})
     if summary["status"] == "interrupted":
         _interrupted(summary, config_path, profile_path, sets)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import autotune.quiet  # noqa: F401  (before transformers imports bitsandbytes: see quiet.py)
 
 # isort: split
+import json
 import os
 import shutil
 import signal
@@ -29,12 +30,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from autotune import distributed, hub, techniques
 from autotune.batching import BatchPlan
 from autotune.checkpoint import (
+    TRAINER_STATE,
     checkpoint_step,
     disk_full_is_a_user_error,
     last_complete_checkpoint,
@@ -225,12 +227,13 @@ def training_collator(cfg: Config, built: BuiltModel, pad_token_id: int):
     return collator_for(built.knobs.packing, pad_token_id, max_length=cfg.max_sequence_length)
 
 
-def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict]):
+def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict], *, finished: bool = False):
     """trainer.train(), and on an OOM: keep the completed optimizer steps, at least halve the micro-batch
     with the accumulation that keeps the effective batch (BatchPlan.smaller), and go on from the last
     completed step. Each change is appended to `changes` as it happens (a failed run's summary reports
     them too). An OOM in evaluation never gets here (evaluation.py shrinks the evaluation batch). Returns the
-    Trainer that finished."""
+    Trainer that finished. `finished`: `resume_from` holds every planned step (its final save failed): the
+    checkpoint is loaded, not trained on, so that the outputs are written from it."""
     batch, accumulation = run.cfg.batch_size, run.cfg.gradient_accumulation_steps
     collator = training_collator(run.cfg, run.built, run.tokenizer.pad_token_id)
     while True:
@@ -255,6 +258,10 @@ def _fit_with_oom_recovery(run: Run, resume_from: str | None, changes: list[dict
         )
         # Every checkpoint carries the config it was trained with: a resume compares its shape settings.
         trainer.checkpoint_files = {CONFIG_FILE: run.cfg.to_dict()}
+        if finished and resume_from is not None:
+            trainer._load_from_checkpoint(resume_from)
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / TRAINER_STATE))
+            return trainer
         try:
             trainer.train(resume_from_checkpoint=resume_from)
             return trainer
@@ -475,6 +482,32 @@ def existing_run(output_dir: Path, previous: dict | None) -> str | None:
     return what
 
 
+def _finished_at(checkpoint: str, cfg: Config) -> int | None:
+    """The checkpoint's step when it holds every step the run plans under `cfg` (None: there is more to train):
+    max_steps when the config sets it, else the steps the checkpoint's own run planned (trainer_state.json), if the
+    config's epochs are the checkpoint's."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+        trained = json.loads((Path(checkpoint) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    step, planned = state.get("global_step"), state.get("max_steps")
+    if cfg.max_steps is not None:
+        planned = cfg.max_steps
+    elif (
+        not isinstance(trained, dict)
+        or trained.get("max_steps") is not None
+        or trained.get("num_epochs") != cfg.num_epochs
+    ):
+        return None
+    return step if isinstance(step, int) and isinstance(planned, int) and step >= planned else None
+
+
+def _outputs_whole(out: Path, previous: dict | None) -> bool:
+    """Whether a finished run's outputs were all written: its summary says it succeeded, its adapter is there."""
+    return previous is not None and previous.get("status") == SUCCEEDED and (out / ADAPTER_WEIGHTS).is_file()
+
+
 def _resume_point(cfg: Config) -> str:
     """The checkpoint a --resume goes on from; a UserError when there is none, or when the config changed a
     setting the checkpoint's tensors were shaped by."""
@@ -596,6 +629,7 @@ class Start:
     resume_from: str | None = None
     replaces: str | None = None  # what the folder holds that --overwrite replaces (existing_run's words)
     previous: dict | None = None  # the folder's earlier run summary
+    finished_at: int | None = None  # a resume whose checkpoint has every planned step: nothing left to train
 
 
 def train(
@@ -670,6 +704,14 @@ def _run(
     if main:
         _tidy_folder(out, decisions)
     start = _start(cfg, resume, overwrite, main, echo)
+    if start.finished_at is not None and _outputs_whole(out, start.previous):
+        # A finished run resumed: nothing to train, nothing written (transformers' loop would run one more step).
+        echo(
+            f"note: {out} holds a finished run (step {start.finished_at}, every step it planned) with its adapter: "
+            "nothing to train. To train longer, raise max_steps or num_epochs and --resume; to start again, "
+            "--overwrite"
+        )
+        return {**(start.previous or {}), "already_finished": True}
     summary = _new_summary(cfg, start)
     # The summary file is this run's once no earlier run's would be lost by writing it: at once for a resume
     # (the same run) or a free folder; after --overwrite has removed the previous run otherwise. Rank 0's alone.
@@ -689,7 +731,9 @@ def _run(
             atomic_write_json(out / SUMMARY, {**summary, "status": RUNNING})  # a killed run says it never finished
         distributed.wait_for_everyone()  # no rank trains before rank 0 has cleared and claimed the folder
         with interrupt.installed():
-            trainer = _fit_with_oom_recovery(run, start.resume_from, summary["oom_recoveries"])
+            trainer = _fit_with_oom_recovery(
+                run, start.resume_from, summary["oom_recoveries"], finished=start.finished_at is not None
+            )
         summary["final"] = _final_metrics(trainer)
         if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
             distributed.leave()
@@ -745,9 +789,11 @@ def _start(cfg: Config, resume: bool, overwrite: bool, main: bool, echo: Echo) -
     previous = read_summary(out)
     if resume:
         resume_from = _resume_point(cfg)
-        if main:
+        finished_at = _finished_at(resume_from, cfg)
+        if main and finished_at is None:
             _forget_rerun_steps(cfg, (previous or {}).get("run_id"), checkpoint_step(resume_from), echo)
-        return Start((previous or {}).get("run_id") or uuid.uuid4().hex[:12], resume_from=resume_from)
+        run_id = (previous or {}).get("run_id") or uuid.uuid4().hex[:12]
+        return Start(run_id, resume_from=resume_from, previous=previous, finished_at=finished_at)
     held = existing_run(out, previous)
     if held is not None and not overwrite:
         raise UserError(

@@ -418,6 +418,40 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     )
 
 
+def test_a_finished_run_resumed_trains_nothing_and_a_lost_final_save_is_written_from_its_checkpoint(tmp_path):
+    """transformers' loop checks for the end only after a step: resuming a finished run used to train one more step
+    and replace the finished adapter. Now it trains nothing and writes nothing, and says so; where the final save
+    never completed (a full disk: the message says to --resume), the outputs are written from the last checkpoint,
+    which holds every step, without a step more."""
+    from safetensors.torch import load_file
+
+    cfg = build_config(config_values(tmp_path, max_steps=4, save_every_n_steps=2))
+    first = train(cfg, **QUIET)
+    out = Path(cfg.output_dir)
+    adapter = out / "adapter_model.safetensors"
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    log_before = Path(cfg.structured_logging.log_file).read_bytes()
+    said: list[str] = []
+
+    again = train(cfg, resume=True, echo=said.append)
+    assert again["already_finished"] and again["final"]["global_step"] == 4
+    assert any("nothing to train" in line for line in said), said
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished  # nothing rewritten
+    assert Path(cfg.structured_logging.log_file).read_bytes() == log_before
+
+    # The final save lost (as after a full disk): no adapter, and a summary that never reached "succeeded".
+    weights = load_file(str(adapter))
+    adapter.unlink()
+    summary_path = out / "run_summary.json"
+    summary_path.write_text(json.dumps({**first, "status": "failed"}), encoding="utf-8")
+    redone = train(cfg, resume=True, **QUIET)
+    assert redone["status"] == "succeeded" and redone["final"]["global_step"] == 4
+    again_weights = load_file(str(adapter))
+    assert set(again_weights) == set(weights) and all(torch.equal(again_weights[k], weights[k]) for k in weights)
+    steps = [r["global_step"] for r in read_jsonl(cfg) if r["message"] == "metrics" and "loss" in r["metrics"]]
+    assert max(steps) == 4  # not a step more
+
+
 def test_resume_without_a_checkpoint_is_a_user_error_and_writes_nothing(make_cfg):
     cfg = make_cfg()
     with pytest.raises(UserError, match="no complete checkpoint"):

@@ -7,6 +7,7 @@ Heavy imports (torch, transformers) happen inside the commands that need them.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -24,6 +25,18 @@ from autotune.errors import UserError
 from autotune.run_files import INFERENCE_REPORT_MD, PROFILE
 from autotune.techniques import SWITCHES
 from autotune.units import DEFAULT_MARGIN, Budget, GiB
+
+
+class FiniteRange(click.FloatRange):
+    """Every float flag's type: click's range lets nan through (every comparison with it is false) and inf
+    where there is no upper bound; a budget, a margin or a time limit is a finite number."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
 
 
 def _echo_json(doc) -> None:
@@ -429,7 +442,7 @@ def _rank_list(ranks: str | None, rank: int | None, objective: str) -> list[int]
     "--data", "data_dir", help="Data folder whose token lengths size the sequence (default: the config's data_dir)."
 )
 @click.option(
-    "--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget (default: config, else probed free memory)."
+    "--max-memory-gb", type=FiniteRange(min=0.01), help="Budget (default: config, else probed free memory)."
 )
 @click.option(
     "--output",
@@ -439,7 +452,7 @@ def _rank_list(ranks: str | None, rank: int | None, objective: str) -> list[int]
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)
 @click.option(
     "--margin",
-    type=click.FloatRange(0, 0.5),
+    type=FiniteRange(0, 0.5),
     default=DEFAULT_MARGIN,
     show_default=True,
     help="Safety margin under the budget.",
@@ -457,7 +470,7 @@ def _rank_list(ranks: str | None, rank: int | None, objective: str) -> list[int]
     show_default=True,
     help="Stop measuring after this many trials and keep the best so far.",
 )
-@click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds; stop searching and keep the best so far.")
+@click.option("--time-budget", type=FiniteRange(min=1), help="Seconds; stop searching and keep the best so far.")
 @click.option(
     "--checkpointing",
     type=click.Choice(SWITCHES),
@@ -586,12 +599,12 @@ def profiles_plot(profile_path, output):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 @set_option
 @click.option(
-    "--max-memory-gb", type=click.FloatRange(min=0.01), help="Budget to compare with (default: the config's)."
+    "--max-memory-gb", type=FiniteRange(min=0.01), help="Budget to compare with (default: the config's)."
 )
 @click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default: the config's max_sequence_length).")
 @click.option("--batch", type=click.IntRange(min=1), help="Micro-batch (default: the config's batch_size).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: the config's lora_r).")
-@click.option("--margin", type=click.FloatRange(0, 0.5), default=DEFAULT_MARGIN, show_default=True)
+@click.option("--margin", type=FiniteRange(0, 0.5), default=DEFAULT_MARGIN, show_default=True)
 @click.option(
     "--device",
     type=click.Choice(["cuda", "cpu"]),
@@ -603,7 +616,7 @@ def profiles_plot(profile_path, output):
 @strategy_option
 @click.option(
     "--host-ram-gb",
-    type=click.FloatRange(min=0.01),
+    type=FiniteRange(min=0.01),
     help="Host memory to plan the run's within (default: what this machine has available now).",
 )
 @click.option("--json", "as_json", is_flag=True)
@@ -703,7 +716,7 @@ DEMO_CONFIG = "configs/demo"
 @cli.command()
 @click.option(
     "--max-memory-gb",
-    type=click.FloatRange(min=0.01),
+    type=FiniteRange(min=0.01),
     default=0.4,
     show_default=True,
     help="The simulated card the tiny model is solved for.",

@@ -189,3 +189,22 @@ def test_console_script_probe(tmp_path):
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["gpus"] == doc["gpus"] and saved["host"]["disk_path"] == str(tmp_path)
     assert saved["kind"] == doc["kind"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("estimate", "--model", "Qwen3-8B", "--max-memory-gb", "nan"),
+        ("estimate", "--model", "Qwen3-8B", "--max-memory-gb", "inf"),
+        ("estimate", "--model", "Qwen3-8B", "--margin", "nan"),
+        ("estimate", "--model", "Qwen3-8B", "--host-ram-gb", "inf"),
+        ("solve", "--max-memory-gb", "nan"),
+        ("solve", "--time-budget", "nan"),
+    ],
+    ids=lambda a: " ".join(a[-2:]),
+)
+def test_a_float_flag_that_is_not_a_finite_number_is_one_clear_error(capsys, argv):
+    """click's float range lets nan through (and inf without an upper bound): a traceback, or `--time-budget nan`
+    silently meaning no budget. Every float flag is a finite number or exit 2."""
+    code, _out, err = run_cli(capsys, *argv)
+    assert code == 2 and "is not a finite number" in err and "Traceback" not in err

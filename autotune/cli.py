@@ -38,7 +38,6 @@ class FiniteRange(click.FloatRange):
         return number
 
 
-
 def _echo_json(doc) -> None:
     click.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
 
@@ -441,9 +440,7 @@ def _rank_list(ranks: str | None, rank: int | None, objective: str) -> list[int]
 @click.option(
     "--data", "data_dir", help="Data folder whose token lengths size the sequence (default: the config's data_dir)."
 )
-@click.option(
-    "--max-memory-gb", type=FiniteRange(min=0.01), help="Budget (default: config, else probed free memory)."
-)
+@click.option("--max-memory-gb", type=FiniteRange(min=0.01), help="Budget (default: config, else probed free memory).")
 @click.option(
     "--output",
     type=click.Path(dir_okay=False),
@@ -598,9 +595,7 @@ def profiles_plot(profile_path, output):
 @click.option("--model", "model_name", help="Qwen3 model (default: the config's).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 @set_option
-@click.option(
-    "--max-memory-gb", type=FiniteRange(min=0.01), help="Budget to compare with (default: the config's)."
-)
+@click.option("--max-memory-gb", type=FiniteRange(min=0.01), help="Budget to compare with (default: the config's).")
 @click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default: the config's max_sequence_length).")
 @click.option("--batch", type=click.IntRange(min=1), help="Micro-batch (default: the config's batch_size).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: the config's lora_r).")

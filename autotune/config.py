@@ -299,11 +299,30 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: cannot read it ({exc})") from None
 
 
+def _duplicate_key(path: Path, text: str, key: str, lines: tuple[int, ...] = ()) -> UserError:
+    """A key given twice in one mapping: both places named (JSON and YAML would silently keep the last)."""
+    if not lines:  # JSON's parser does not say where: the lines that spell the key
+        spelled = re.compile(r'"' + re.escape(key) + r'"\s*:')
+        lines = tuple(n for n, line in enumerate(text.splitlines(), 1) if spelled.search(line))[:2]
+    where = " and ".join(f"line {n}" for n in lines) if lines else "twice"
+    shown = key if len(key) <= 80 else key[:77] + "..."
+    return UserError(f"{path}: key {shown!r} is given twice ({where}); keep one")
+
+
 def read_json(path: Path) -> Any:
-    """Parse a JSON file; malformed JSON is reported with file, line and column."""
+    """Parse a JSON file; malformed JSON is reported with file, line and column, a key given twice with both lines."""
     text = _read_text(path)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise _duplicate_key(path, text, key)
+            seen[key] = value
+        return seen
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
         raise UserError(
             f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}. "
@@ -317,17 +336,32 @@ def read_yaml(path: Path) -> Any:
     """Parse a YAML file (safe loading: plain data only); a syntax error is reported with file, line and column."""
     import yaml  # only YAML configs pay for it
 
-    class Loader(yaml.SafeLoader):
-        pass
+    text = _read_text(path)
 
-    # PyYAML follows YAML 1.1, where 5e-5 (no dot) is a string; JSON and YAML 1.2 read it as a number, so that a
-    # YAML config means what its JSON twin means.
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise _duplicate_key(path, text, key, (seen[key], key_node.start_mark.line + 1))
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    # PyYAML follows YAML 1.1, where 5e-5 (no dot) is a string and on/off/yes/no are booleans; JSON and YAML 1.2
+    # read 5e-5 as a number and on/off as words, so that a YAML config means what its JSON twin means (the
+    # technique switches are "on"/"off": `fused_loss: on` is that word, not true).
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
         list("-+0123456789"),
     )
-    text = _read_text(path)
     try:
         return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data, never Python objects
     except yaml.MarkedYAMLError as exc:

@@ -120,3 +120,28 @@ def test_importing_config_does_not_import_yaml():
     code = "import sys, autotune.config; print('yaml' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_switches_on_and_off_are_words_in_yaml_as_in_json(tmp_path):
+    """YAML 1.1 reads an unquoted on/off as a boolean, and the documented `fused_loss: on` was refused as "value
+    True"; read as YAML 1.2 and JSON read them, they are the switch's words. true/false stay booleans."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name: tiny-qwen3\nfused_loss: on\nembedding_on_cpu: off\ngradient_checkpointing: false\n")
+    cfg = load_config(path)
+    assert (cfg.fused_loss, cfg.embedding_on_cpu, cfg.gradient_checkpointing) == ("on", "off", False)
+
+
+@pytest.mark.parametrize(
+    "name,text,lines",
+    [
+        ("c.yaml", "model_name: tiny-qwen3\nlora_r: 4\nlora_r: 8\n", "line 2 and line 3"),
+        ("c.json", '{\n  "lora_r": 4,\n  "model_name": "tiny-qwen3",\n  "lora_r": 8\n}\n', "line 2 and line 4"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, name, text, lines):
+    """Both parsers keep the last of two equal keys without a word; a config that says lora_r twice means one of
+    them by mistake."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"key 'lora_r' is given twice \\({lines}\\)"):
+        load_config(path)

@@ -38,7 +38,15 @@ from autotune.catalog import ModelSpec, resolve_model
 from autotune.config import EXPORT_DTYPES, Config, load_config
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, fsync_dir
-from autotune.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, EXPORT_MANIFEST, SUMMARY
+from autotune.run_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINTS,
+    CONFIG_FILE,
+    EXPORT_MANIFEST,
+    SUCCEEDED,
+    SUMMARY,
+)
 
 # An output shard is held in memory until it is written: this bounds the merge's memory (plus one layer).
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -111,10 +119,33 @@ def read_run(run_dir: str | os.PathLike) -> FinishedRun:
     for name in (ADAPTER_CONFIG, CONFIG_FILE):
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}. Fix: give the output_dir of a finished `autotune train`.")
+    _check_finished(path)
     cfg = load_config(path / CONFIG_FILE)
     adapter_config = _read_json(path / ADAPTER_CONFIG)
     _check_adapter_config(adapter_config, path / ADAPTER_CONFIG)
     return FinishedRun(path, cfg, resolve_model(cfg.model_name), _train_dtype(path, cfg), adapter_config)
+
+
+def _check_finished(path: Path) -> None:
+    """The adapter of a run whose summary does not say it succeeded is an earlier run's (a run killed after
+    --overwrite... started, or resumed and stopped): exporting it would pass off old weights as the run's."""
+    summary_path = path / SUMMARY
+    if not summary_path.is_file():
+        return  # a folder written by hand, or by an autotune before run summaries: nothing says otherwise
+    status = (_read_json(summary_path) or {}).get("status")
+    if status == SUCCEEDED:
+        return
+    steps = sorted(
+        int(p.name.rsplit("-", 1)[1])
+        for p in (path / CHECKPOINTS).glob("checkpoint-*")
+        if p.name.rsplit("-", 1)[1].isdigit()
+    )
+    newest = f"; its newest checkpoint is at step {steps[-1]}" if steps else ""
+    raise UserError(
+        f"{path}: the run there has not finished (its {SUMMARY} says {status!r}){newest}, so its "
+        f"{ADAPTER_WEIGHTS} is not that run's result. Fix: finish it (`autotune train --resume` with its config), "
+        "then export."
+    )
 
 
 def _read_json(path: Path) -> Any:

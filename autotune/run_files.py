@@ -13,6 +13,9 @@ INFERENCE_REPORT_JSON = "inference_report.json"
 INFERENCE_REPORT_MD = "inference_report.md"
 EXPORT_MANIFEST = "autotune_export.json"  # what `autotune export` wrote into its folder
 
+# A run summary's statuses ("running" while it lives: a killed run's summary still says so).
+RUNNING, SUCCEEDED, FAILED, INTERRUPTED = "running", "succeeded", "failed", "interrupted"
+
 # Every file a run writes into output_dir (peft's adapter and model card, the tokenizer's files, autotune's own):
 # what --overwrite removes, and nothing else, so a user's own files in the folder survive it.
 RUN_FILES = (

@@ -50,7 +50,18 @@ from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json
 from autotune.memory import free_memory
 from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries
-from autotune.run_files import ADAPTER_WEIGHTS, CHECKPOINTS, CONFIG_FILE, PROFILE, RUN_FILES, SUMMARY
+from autotune.run_files import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINTS,
+    CONFIG_FILE,
+    FAILED,
+    INTERRUPTED,
+    PROFILE,
+    RUN_FILES,
+    RUNNING,
+    SUCCEEDED,
+    SUMMARY,
+)
 from autotune.runlock import RunLock
 from autotune.runlog import RunLog, drop_records
 from autotune.step import (
@@ -65,7 +76,6 @@ from autotune.trackers import reports_to_tensorboard
 from autotune.watchdog import MemoryWatchdog, limit_for
 
 # Summary statuses.
-RUNNING, SUCCEEDED, FAILED, INTERRUPTED = "running", "succeeded", "failed", "interrupted"
 
 Echo = Callable[[str], None]
 

@@ -236,6 +236,23 @@ def test_adapter_of_random_base_says_how_to_use_it(run_dir, tmp_path):
 # ------------------------------------------------------------------------------ errors, safety
 
 
+def test_a_run_that_has_not_finished_is_not_exported(run_dir, tmp_path):
+    """A folder whose summary says the run is still running (killed, or resumed and stopped) holds an earlier
+    adapter beside newer checkpoints: export refuses it, naming the status and the newest checkpoint, and writes
+    nothing (it used to exit 0 with the old adapter)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = json.loads((copy / "run_summary.json").read_text())
+    (copy / "run_summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    (copy / "checkpoints" / "checkpoint-9").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"has not finished \(its run_summary.json says 'running'\); its newest "
+                       r"checkpoint is at step 9.*--resume"):  # fmt: skip
+        export_run(copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_out_is_refused_then_replaced_with_overwrite(run_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

@@ -733,10 +733,12 @@ def _run(
             hub.require_reachable("model", ctx.spec.hub_id)  # before the data: a missing model fails at once
         data = _prepare(ctx, evaluate, summary, runlog, echo)
         built = _build(ctx, summary)
+        # Everything that can refuse this run (data, model, logging folders, the profile's watchdog) before
+        # --overwrite removes the previous one: a bad input leaves that run whole.
+        run, interrupt = _setup_run(ctx, built, data, runlog, profile, start, summary, decisions, extra_callbacks, echo)
         if start.replaces is not None and main:
             _clear_previous_run(cfg, start.previous, runlog, echo)
             owns_summary = True
-        run, interrupt = _setup_run(ctx, built, data, runlog, profile, start, summary, decisions, extra_callbacks, echo)
         if main:
             atomic_write_json(out / SUMMARY, {**summary, "status": RUNNING})  # a killed run says it never finished
         distributed.wait_for_everyone()  # no rank trains before rank 0 has cleared and claimed the folder

@@ -44,22 +44,77 @@ FREE_FLOOR_BYTES = 16 * MiB
 FIRST_SAVE_FIXED_BYTES = 32 * MiB
 
 
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The newest checkpoint-N that was written to the end (trainer_state.json is the last file in it; a
-    folder from before atomic saves, cut short by a kill, lacks it and cannot be resumed)."""
+def complete_checkpoints(folder: str | os.PathLike) -> list[str]:
+    """The checkpoint-N folders that were written to the end, newest first (trainer_state.json is the last file in
+    one; a folder from before atomic saves, cut short by a kill, lacks it and cannot be resumed)."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
+        return []
     steps = {}
     for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
         if suffix.isdigit() and (path / TRAINER_STATE).is_file():
             steps[int(suffix)] = path
-    return str(steps[max(steps)]) if steps else None
+    return [str(steps[step]) for step in sorted(steps, reverse=True)]
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest checkpoint-N that was written to the end."""
+    found = complete_checkpoints(folder)
+    return found[0] if found else None
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     return int(Path(path).name[len(PREFIX_CHECKPOINT_DIR) + 1 :])
+
+
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint's files, read without loading them (None: every file a resume reads opens):
+    the JSON files parse, torch's zip archives (optimizer, scheduler, RNG state) have every member intact, the
+    safetensors files hold every tensor their header lists. A checkpoint is renamed into place whole, so damage
+    comes from outside: a copy cut short, a disk error, a hand edit."""
+    folder = Path(path)
+    for file in sorted(folder.iterdir()):
+        if not file.is_file():
+            continue
+        try:
+            problem = _file_damage(file)
+        except OSError as exc:
+            problem = f"cannot read it ({exc.strerror or exc})"
+        if problem:
+            return f"{file.name}: {problem}"
+    return None
+
+
+def _file_damage(file: Path) -> str | None:
+    import zipfile
+
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            return f"not JSON ({str(exc).splitlines()[0][:120]})"
+    elif file.suffix in (".pt", ".pth", ".bin"):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, EOFError) as exc:
+            return f"not a whole torch archive ({exc})"
+        if bad is not None:
+            return f"member {bad} is corrupt"
+    elif file.suffix == ".safetensors":
+        raw = file.read_bytes()
+        if len(raw) < 8:
+            return "truncated before its header"
+        size = int.from_bytes(raw[:8], "little")
+        try:
+            header = json.loads(raw[8 : 8 + size])
+        except ValueError:
+            return "its header is not JSON"
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if len(raw) < 8 + size + end:
+            return f"truncated: {len(raw)} bytes of the {8 + size + end} its header lists"
+    return None
 
 
 def remove_partial_saves(folder: str | os.PathLike) -> list[str]:

@@ -37,7 +37,9 @@ from autotune import distributed, hub, techniques
 from autotune.batching import BatchPlan
 from autotune.checkpoint import (
     TRAINER_STATE,
+    checkpoint_damage,
     checkpoint_step,
+    complete_checkpoints,
     disk_full_is_a_user_error,
     last_complete_checkpoint,
     remove_partial_saves,
@@ -525,6 +527,16 @@ def _resume_point(cfg: Config) -> str:
     checkpoint = last_complete_checkpoint(folder)
     if checkpoint is None:
         raise UserError(f"--resume: no complete checkpoint under {folder}; start without --resume")
+    damage = checkpoint_damage(checkpoint)
+    if damage is not None:
+        earlier = [c for c in complete_checkpoints(folder)[1:] if checkpoint_damage(c) is None]
+        way = (
+            f"the newest intact one is {Path(earlier[0]).name}: move {Path(checkpoint).name} out of {folder} and "
+            f"--resume again (the steps after {checkpoint_step(earlier[0])} are trained again)"
+            if earlier
+            else "no earlier checkpoint is intact: start again with --overwrite"
+        )
+        raise UserError(f"--resume: {checkpoint} is damaged ({damage}); {way}")
     changed = resume_changes(checkpoint, cfg.to_dict())
     if changed:
         raise UserError(

@@ -452,6 +452,44 @@ def test_a_finished_run_resumed_trains_nothing_and_a_lost_final_save_is_written_
     assert max(steps) == 4  # not a step more
 
 
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, autotune_cache):
+    """The config values of a finished 4-step run with checkpoints at steps 2 and 4."""
+    values = config_values(
+        tmp_path_factory.mktemp("two-checkpoints"), max_steps=4, save_every_n_steps=2, eval_ratio=0.0
+    )
+    train(build_config(values), **QUIET)
+    return values
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+@pytest.mark.parametrize(
+    "damage,file",
+    [
+        (_truncate, "optimizer.pt"),
+        (_truncate, "adapter_model.safetensors"),
+        (lambda p: p.write_text('{"global_step": 4,'), "trainer_state.json"),
+    ],
+    ids=["optimizer-truncated", "adapter-truncated", "state-malformed"],
+)
+def test_a_damaged_checkpoint_is_one_clear_error_naming_the_intact_one(two_checkpoints, tmp_path, capsys, damage, file):
+    """A truncated optimizer.pt or adapter, or a malformed trainer_state.json, was a raw traceback on --resume."""
+    import shutil
+
+    values = two_checkpoints
+    out = tmp_path / "out"
+    shutil.copytree(values["output_dir"], out)
+    damage(out / "checkpoints" / "checkpoint-4" / file)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**values, "output_dir": str(out)}))
+    code, _out, err = run_cli(capsys, "train", "--config", str(config), "--resume")
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert f"checkpoint-4 is damaged ({file}:" in err and "the newest intact one is checkpoint-2" in err
+
+
 def test_resume_without_a_checkpoint_is_a_user_error_and_writes_nothing(make_cfg):
     cfg = make_cfg()
     with pytest.raises(UserError, match="no complete checkpoint"):

@@ -21,6 +21,7 @@ interrupted export leaves no half-written folder.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -580,11 +581,19 @@ def _check_destination(out: Path, run: FinishedRun, overwrite: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is a file. Fix: choose a folder name.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(
-            f"--out {out}: the folder exists and is not empty. Fix: choose another --out, or pass --overwrite "
-            "to replace it."
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"--out {out}: the folder exists and is not empty. Fix: choose another --out, or pass --overwrite "
+                "to replace an earlier export there."
+            )
+        if not (out / EXPORT_MANIFEST).is_file():
+            # --overwrite replaces what an export wrote, never a run's checkpoints or a user's own files.
+            shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+            raise UserError(
+                f"--out {out}: the folder holds files that are not an autotune export ({shown}); --overwrite "
+                f"replaces only an earlier export (a folder with {EXPORT_MANIFEST}). Fix: choose another --out."
+            )
 
 
 @dataclass
@@ -596,7 +605,17 @@ class _Staging:
 
     def __post_init__(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        self._remove_dead_exports()
+        prefix = f".{self.out.name}.{os.getpid()}."
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.out.parent))
+
+    def _remove_dead_exports(self) -> None:
+        """A staging folder an export killed mid-way left beside `out` (named with its pid): removed once that
+        process is gone, so killed exports do not pile up hidden copies of a model."""
+        for path in self.out.parent.glob(f".{glob.escape(self.out.name)}.*.tmp"):
+            pid = path.name[len(self.out.name) + 2 :].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
     def commit(self) -> None:
         # mkdtemp is owner-only and safetensors writes 0600: the export gets the modes the umask gives new files.
@@ -612,6 +631,16 @@ class _Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def gguf_command(out: Path, dtype: str, run: FinishedRun, merged: bool) -> str | None:

@@ -253,16 +253,39 @@ def test_a_run_that_has_not_finished_is_not_exported(run_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_out_is_refused_then_replaced_with_overwrite(run_dir, tmp_path):
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(run_dir, tmp_path):
+    """A folder of one's own (or another run's checkpoints) is never an export's to replace: --overwrite used to
+    wipe any folder. An earlier export is replaced whole."""
     out = tmp_path / "taken"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(UserError, match=r"not empty.*--overwrite"):
         export_run(run_dir, out)
-    assert (out / "mine.txt").read_text() == "keep me"
-    export_run(run_dir, out, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    with pytest.raises(UserError, match=r"not an autotune export \(mine.txt\); --overwrite replaces only an earlier"):
+        export_run(run_dir, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    earlier = tmp_path / "export"
+    export_run(run_dir, earlier)
+    (earlier / "stale.txt").write_text("from the earlier export's day")
+    export_run(run_dir, earlier, dtype="bf16", overwrite=True)
+    assert not (earlier / "stale.txt").exists() and (earlier / "adapter_model.safetensors").is_file()
     assert no_leftovers(tmp_path) == []
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(run_dir, tmp_path):
+    """An export killed mid-way leaves its hidden staging folder beside --out (named with its pid); the next export
+    to that place removes it once that process is gone, and leaves a live one's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".out.{int(dead.stdout)}.abc123.tmp"
+    killed.mkdir()
+    (killed / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    running = tmp_path / f".out.{os.getpid()}.def456.tmp"
+    running.mkdir()
+    export_run(run_dir, tmp_path / "out")
+    assert not killed.exists() and running.is_dir()
 
 
 def test_out_may_not_be_the_run(run_dir):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from autotune import __version__
 from autotune.catalog import Architecture
@@ -157,6 +160,9 @@ def load_profile(path: str | Path, notes: list[str] | None = None) -> dict:
             f"{path}: the profile is corrupt: constraints world_size {world!r} / strategy {strategy!r} (an integer "
             f">= 1 and one of {', '.join(STRATEGIES[1:])}); solve again with `autotune solve`"
         )
+    wrong = _wrong_fields(doc)
+    if wrong:
+        raise UserError(f"{path}: the profile is corrupt: {'; '.join(wrong[:4])}; solve again with `autotune solve`")
     choice = doc.get("choice")
     if not isinstance(choice, dict) or any(k not in choice for k in REQUIRED_CHOICE_KEYS):
         raise UserError(
@@ -171,6 +177,50 @@ def load_profile(path: str | Path, notes: list[str] | None = None) -> dict:
     except UserError as exc:
         raise UserError(f"{path}: the profile's choice is invalid: {exc}") from None
     return doc
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The fields the readers of a profile use (train's watchdog and batch plan, `profiles plot`, the trial table), and
+# what each must be: a profile that parses but breaks one of these is refused on load, not a traceback later.
+_FIELD_RULES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
+    ("constraints", "max_memory_gb"): (lambda v: _number(v) and v > 0, "a positive number"),
+    ("constraints", "margin"): (lambda v: _number(v) and 0 <= v <= 0.5, "a number from 0 to 0.5"),
+    ("constraints", "usable_bytes"): (_count, "a byte count"),
+    ("measurement", "peak_bytes"): (lambda v: v is None or _count(v), "a byte count or null"),
+}
+_TRIAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch": (lambda v: _count(v) and v >= 1, "a positive integer"),
+    "seq": (lambda v: _count(v) and v >= 1, "a positive integer"),
+    "rank": (lambda v: _count(v) and v >= 1, "a positive integer"),
+    "fits": (lambda v: isinstance(v, bool), "true or false"),
+    "oom": (lambda v: isinstance(v, bool), "true or false"),
+    "peak_bytes": (lambda v: v is None or _count(v), "a byte count or null"),
+}
+
+
+def _wrong_fields(doc: dict) -> list[str]:
+    """Each field of _FIELD_RULES and of every trial that is missing or of the wrong kind, said as `where: what`."""
+    wrong = []
+    for (section, key), (ok, kind) in _FIELD_RULES.items():
+        if key not in doc[section] and key != "max_memory_gb":
+            continue  # written by every solve of this schema; absent in a hand-made one the readers default
+        if not ok(doc[section].get(key)):
+            wrong.append(f"{section}.{key} is {doc[section].get(key)!r}, not {kind}")
+    for i, trial in enumerate(doc["trials"]):
+        if not isinstance(trial, dict):
+            wrong.append(f"trials[{i}] is not an object")
+            continue
+        for key, (ok, kind) in _TRIAL_RULES.items():
+            if not ok(trial.get(key)):
+                wrong.append(f"trials[{i}].{key} is {trial.get(key)!r}, not {kind}")
+    return wrong
 
 
 def _fill_missing_techniques(doc: dict, path: Path, notes: list[str] | None) -> None:

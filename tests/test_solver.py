@@ -650,6 +650,14 @@ def _corrupt(profile: dict, how: str) -> str:
         del doc["choice"]["batch_size"], doc["choice"]["lora_r"]
     elif how == "not an object":
         doc = [doc]
+    elif how == "margin a string":
+        doc["constraints"]["margin"] = "0.05"
+    elif how == "budget null":
+        doc["constraints"]["max_memory_gb"] = None
+    elif how == "peak a string":
+        doc["measurement"]["peak_bytes"] = "12 GB"
+    elif how == "trial without keys":
+        doc["trials"].append({"batch": 2})
     return json.dumps(doc)
 
 
@@ -661,6 +669,11 @@ def _corrupt(profile: dict, how: str) -> str:
         ("older schema", "schema_version 0"),
         ("missing choice keys", "missing keys ['batch_size', 'lora_r']"),
         ("not an object", "not an autotune profile"),
+        # Profiles that parse but hold a wrong kind of value where train and `profiles plot` read one: tracebacks.
+        ("margin a string", "constraints.margin is '0.05', not a number from 0 to 0.5"),
+        ("budget null", "constraints.max_memory_gb is None, not a positive number"),
+        ("peak a string", "measurement.peak_bytes is '12 GB', not a byte count or null"),
+        ("trial without keys", "seq is None, not a positive integer"),
     ],
 )
 def test_train_rejects_a_corrupt_profile(profile_path, train_config, tmp_path, capsys, how, message):
@@ -670,6 +683,9 @@ def test_train_rejects_a_corrupt_profile(profile_path, train_config, tmp_path, c
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and str(bad) in err
     assert "Traceback" not in err and err.count("\n") == 1
+    if how.startswith(("margin", "budget", "peak", "trial")):
+        code, out, err = run_cli(capsys, "profiles", "plot", bad)
+        assert code == 2 and message in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -626,10 +626,20 @@ def estimate(
     from autotune.estimate import GPU_PHASES, report, shape_for, strategy_for
     from autotune.hardware import available_ram_bytes
 
-    cfg = _load(config_path, sets, model_name=model_name, distributed_strategy=strategy)
+    # The shape's flags go through the config, so the bounds a run is held to hold here too (a sequence within the
+    # model's positions, a rank within its width, a micro-batch a step can hold): one set of checks.
+    cfg = _load(
+        config_path,
+        sets,
+        model_name=model_name,
+        distributed_strategy=strategy,
+        max_sequence_length=seq,
+        batch_size=batch,
+        lora_r=rank,
+    )
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
     budget = Budget.from_gib(budget_gb, margin) if budget_gb is not None else None
-    seq, batch, rank = seq or cfg.max_sequence_length, batch or cfg.batch_size, rank or cfg.lora_r
+    seq, batch, rank = cfg.max_sequence_length, cfg.batch_size, cfg.lora_r
     ctx = RunContext(cfg)
     shape = shape_for(cfg, ctx.architecture, batch=batch, seq=seq, rank=rank, device=device, world_size=gpus)
     strategy, why = cfg.distributed_strategy, ""

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from helpers.cli import run_cli
 
 from autotune.catalog import resolve_model
 from autotune.cli import main
@@ -108,3 +109,17 @@ def test_estimate_says_what_every_technique_would_buy_and_how_to_ask_for_it(caps
     # With every one of them already on, there is nothing more to say.
     out = run_ok(capsys, *args, *sets).out
     assert "with every memory technique" not in out and f"seq {lean.group(2)} at batch 1" in out
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--seq", "1000000000000", "is more than the 40960 positions Qwen3-8B supports"),
+        ("--rank", "100000000", "is more than Qwen3-8B's hidden size 4096"),
+    ],
+)
+def test_the_shape_flags_are_held_to_the_bounds_a_run_is(capsys, flag, value, message):
+    """--seq and --rank had no upper bound: a sequence of 10^12 tokens or a rank of 10^8 got an answer. They go
+    through the config, whose checks a run meets too."""
+    code, out, err = run_cli(capsys, "estimate", "--model", "Qwen3-8B", flag, value)
+    assert code == 2 and out == "" and message in err and "Traceback" not in err

@@ -35,6 +35,9 @@ STAGING_SUFFIX = ".partial"
 # The settings that decide the shapes (and meaning) of a checkpoint's adapter and optimizer state: a resume
 # that changes one would load tensors of the wrong size, or an adapter trained on other base weights.
 SHAPE_KEYS = ("model_name", "init", "quantization", "lora_r", "target_modules")
+# The settings a resume may change but that change what the run trains: said when it does (the adapter's scale,
+# the data, the order it is read in, the window).
+MEANING_KEYS = ("lora_alpha", "data_dir", "dataset_name", "dataset_split", "seed", "max_sequence_length")
 
 # A save needs its estimated size times this, plus FREE_FLOOR_BYTES left over for the logs and the run summary.
 SAVE_HEADROOM = 1.25
@@ -249,8 +252,9 @@ def save_checkpoint(trainer, save: Callable[[Any, Any], None], model, trial, ext
 
 
 def saved_settings(checkpoint: str | os.PathLike) -> dict | None:
-    """The shape-defining settings a checkpoint was trained with: from its autotune_config.json, else (a
-    checkpoint written before autotune put its config there) the rank and targets of peft's adapter_config."""
+    """The settings a checkpoint was trained with that a resume compares (SHAPE_KEYS, MEANING_KEYS): from its
+    autotune_config.json, else (a checkpoint written before autotune put its config there) the rank and targets
+    of peft's adapter_config."""
     folder = Path(checkpoint)
     for name in (CONFIG_FILE, ADAPTER_CONFIG):
         try:
@@ -260,7 +264,7 @@ def saved_settings(checkpoint: str | os.PathLike) -> dict | None:
         if not isinstance(doc, dict):
             continue
         if name == CONFIG_FILE:
-            return {k: doc[k] for k in SHAPE_KEYS if k in doc}
+            return {k: doc[k] for k in (*SHAPE_KEYS, *MEANING_KEYS) if k in doc}
         return {"lora_r": doc.get("r"), "target_modules": doc.get("target_modules")}
     return None
 
@@ -271,11 +275,12 @@ def _same(key: str, then: Any, now: Any) -> bool:
     return then == now
 
 
-def resume_changes(checkpoint: str | os.PathLike, config: dict) -> list[str]:
-    """`key: then -> now` for each shape-defining setting a resume would change (empty: it may resume)."""
+def resume_changes(checkpoint: str | os.PathLike, config: dict, keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:
+    """`key then -> now` for each of `keys` (default: the shape-defining settings) a resume would change (empty:
+    it may resume)."""
     then = saved_settings(checkpoint) or {}
     return [
         f"{key} {then[key]!r} -> {config.get(key)!r}"
-        for key in SHAPE_KEYS
+        for key in keys
         if key in then and then[key] is not None and not _same(key, then[key], config.get(key))
     ]

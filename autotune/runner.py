@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from autotune import distributed, hub, techniques
 from autotune.batching import BatchPlan
 from autotune.checkpoint import (
+    MEANING_KEYS,
     TRAINER_STATE,
     checkpoint_damage,
     checkpoint_step,
@@ -813,6 +814,12 @@ def _start(cfg: Config, resume: bool, overwrite: bool, main: bool, echo: Echo) -
     previous = read_summary(out)
     if resume:
         resume_from = _resume_point(cfg)
+        changed = resume_changes(resume_from, cfg.to_dict(), MEANING_KEYS)
+        if changed and main:
+            echo(
+                f"note: resuming {Path(resume_from).name} with {'; '.join(changed)}: the steps so far were trained "
+                "with the earlier values, the rest trains with these"
+            )
         finished_at = _finished_at(resume_from, cfg)
         if main and finished_at is None:
             _forget_rerun_steps(cfg, (previous or {}).get("run_id"), checkpoint_step(resume_from), echo)

@@ -490,6 +490,25 @@ def test_a_damaged_checkpoint_is_one_clear_error_naming_the_intact_one(two_check
     assert f"checkpoint-4 is damaged ({file}:" in err and "the newest intact one is checkpoint-2" in err
 
 
+def test_resuming_with_another_alpha_or_data_says_so(two_checkpoints, tmp_path):
+    """lora_alpha (the adapter's scale) and data_dir change what the rest of a run trains without breaking a tensor's
+    shape: a resume may change them, and now says it does (it went on silently)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints["output_dir"], out)
+    data = tmp_path / "more"
+    write_qa(data, PAIRS[:6])
+    values = {**two_checkpoints, "output_dir": str(out), "max_steps": 5, "lora_alpha": 16, "data_dir": str(data)}
+    said: list[str] = []
+    summary = train(build_config(values), resume=True, echo=said.append)
+    assert summary["status"] == "succeeded" and summary["final"]["global_step"] == 5
+    notes = [line for line in said if line.startswith("note: resuming checkpoint-4 with")]
+    assert len(notes) == 1, said
+    (note,) = notes
+    assert "lora_alpha 8 -> 16" in note and f"-> {str(data)!r}" in note
+
+
 def test_resume_without_a_checkpoint_is_a_user_error_and_writes_nothing(make_cfg):
     cfg = make_cfg()
     with pytest.raises(UserError, match="no complete checkpoint"):

@@ -256,3 +256,28 @@ def test_trains_end_to_end(tmp_path, autotune_cache, kind):
     losses = [summary["final"]["first_loss"], summary["final"]["last_loss"]]
     assert all(loss is not None and 0 < loss < 20 for loss in losses)
     assert (Path(summary["output_dir"]) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("ratio,warned", [(0.9, True), (0.5, False), (0.1, False)])
+def test_a_split_that_leaves_less_to_train_than_to_evaluate_is_said(tmp_path, autotune_cache, ratio, warned):
+    """eval_ratio 0.99 is valid and trained on one sample without a word: a split that holds out more than it
+    trains on is warned about, with what eval_ratio means."""
+    from helpers.runs import PAIRS, write_qa
+
+    from autotune.data.prepare import prepare_data
+
+    cfg = build_config(
+        {
+            "model_name": "tiny-qwen3",
+            "tokenizer_name": "qwen3-offline",
+            "data_dir": str(write_qa(tmp_path / "d", PAIRS)),
+            "data_cache_dir": str(tmp_path / "cache"),
+            "eval_ratio": ratio,
+        }
+    )
+    said: list[str] = []
+    data = prepare_data(RunContext(cfg), echo=said.append)
+    warnings = [line for line in said if line.startswith(f"warning: eval_ratio {ratio} holds out")]
+    assert bool(warnings) == warned, said
+    if warned:
+        assert f"leaves {len(data.train)} to train on" in warnings[0]

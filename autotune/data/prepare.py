@@ -27,6 +27,12 @@ def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> Prepar
     for warning in parsed.warnings:
         echo(f"warning: {warning}")
     train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
+    if eval_pairs and len(train_pairs) < len(eval_pairs):
+        # A valid but lopsided split (eval_ratio 0.99 left one sample to train on): the user meant something else.
+        echo(
+            f"warning: eval_ratio {cfg.eval_ratio} holds out {len(eval_pairs)} of {len(parsed.pairs)} samples and "
+            f"leaves {len(train_pairs)} to train on; eval_ratio is the share held out for evaluation (0.1: 10%)"
+        )
     opts: dict[str, Any] = dict(
         system_prompt=cfg.system_prompt,
         thinking_model=ctx.spec.thinking,

@@ -27,7 +27,7 @@ from autotune.catalog import (
     lora_on_experts,
     resolve_model,
 )
-from autotune.errors import UserError
+from autotune.errors import UserError, brief
 from autotune.techniques import SWITCHES, TECHNIQUES_TABLE
 
 
@@ -443,12 +443,12 @@ def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]
     values = {k: v for k, v in doc.items() if k not in INHERITANCE_KEYS and k != "description"}
     overrides = doc.get("overrides", {})
     if not isinstance(overrides, dict):
-        raise UserError(f"{path}: key 'overrides' must be an object of config keys, got {overrides!r}")
+        raise UserError(f"{path}: key 'overrides' must be an object of config keys, got {brief(overrides)}")
     layers: list[tuple[Path, dict]] = []
     base = doc.get("base_config")
     if base is not None:
         if not isinstance(base, str):
-            raise UserError(f"{path}: key 'base_config' must be a path or preset name (a string), got {base!r}")
+            raise UserError(f"{path}: key 'base_config' must be a path or preset name (a string), got {brief(base)}")
         layers = _layers(_resolve_base(base, path), (*chain, path))
     return layers + [(path, values), (path, overrides)]
 
@@ -500,7 +500,9 @@ def _check_value(kind: str, value: Any) -> bool:
     raise AssertionError(kind)
 
 
-def _closest(key: str, known) -> str:
+def _closest(key, known) -> str:
+    if not isinstance(key, str) or len(key) > 100:  # no config key is that long; difflib would take its time
+        return ""
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -510,21 +512,23 @@ def check_values(values: dict, where: str, errors: list[str]) -> None:
     for key, value in values.items():
         if key in NESTED:
             if not isinstance(value, dict):
-                errors.append(f"{where}: key {key!r}: value {value!r} is not allowed: must be a JSON object")
+                errors.append(f"{where}: key {key!r}: value {brief(value)} is not allowed: must be a JSON object")
                 continue
             sub = {f.name: f.metadata["kind"] for f in fields(NESTED[key])}
             for k, v in value.items():
                 if k not in sub:
-                    errors.append(f"{where}: unknown key '{key}.{k}'{_closest(k, sub)}")
+                    errors.append(f"{where}: unknown key {brief(f'{key}.{k}')}{_closest(k, sub)}")
                 elif not _check_value(sub[k], v):
-                    errors.append(f"{where}: key '{key}.{k}': value {v!r} is not allowed: must be {_describe(sub[k])}")
+                    errors.append(
+                        f"{where}: key '{key}.{k}': value {brief(v)} is not allowed: must be {_describe(sub[k])}"
+                    )
             continue
         if key not in KEY_DOCS:
-            errors.append(f"{where}: unknown key {key!r}{_closest(key, KEY_DOCS)}")
+            errors.append(f"{where}: unknown key {brief(key)}{_closest(key, KEY_DOCS)}")
             continue
         kind = KEY_DOCS[key][1]
         if not _check_value(kind, value):
-            errors.append(f"{where}: key {key!r}: value {value!r} is not allowed: must be {_describe(kind)}")
+            errors.append(f"{where}: key {key!r}: value {brief(value)} is not allowed: must be {_describe(kind)}")
 
 
 # The most tokens one micro-batch may hold (batch_size x max_sequence_length): PyTorch indexes many kernels'

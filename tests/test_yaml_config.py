@@ -145,3 +145,19 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, name, text, l
     path.write_text(text)
     with pytest.raises(UserError, match=f"key 'lora_r' is given twice \\({lines}\\)"):
         load_config(path)
+
+
+def test_an_error_quotes_a_huge_value_briefly(tmp_path):
+    """A YAML alias bomb (nine times nine times ... one list) as a value: the error quoted the whole expansion (a
+    226 MB message). It quotes a few items of a few levels now."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 8):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append("lora_r: [" + ", ".join(["*a7"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)  # the whole expansion (43 million strings) is never built
+    message = str(info.value)
+    assert "key 'lora_r'" in message and "unknown key 'a0'" in message
+    assert all(len(line) < 400 for line in message.splitlines()), max(len(line) for line in message.splitlines())

@@ -281,3 +281,18 @@ def test_a_split_that_leaves_less_to_train_than_to_evaluate_is_said(tmp_path, au
     assert bool(warnings) == warned, said
     if warned:
         assert f"leaves {len(data.train)} to train on" in warnings[0]
+
+
+def test_symlinked_folders_are_read_once_and_a_loop_is_no_loop(tmp_path):
+    """A data folder assembled from links: a symlinked sub-folder was skipped without a word. It is read now, and a
+    link back to the data folder itself (a loop) or a second link to the same folder adds nothing twice."""
+    from helpers.runs import PAIRS, write_qa
+
+    write_qa(tmp_path / "elsewhere", PAIRS[:3])
+    data = write_qa(tmp_path / "data", PAIRS[3:5])
+    (data / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (data / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    report = parse_data_dir(data)
+    assert sorted(p.question for p in report.pairs) == sorted(q for q, _ in PAIRS[:5])
+    assert sorted(f.path.split("/", 1)[0] for f in report.files) in (["again", "qa.md"], ["linked", "qa.md"])

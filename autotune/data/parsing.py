@@ -874,10 +874,18 @@ def _check_format(fmt: str, allowed: Iterable[str]) -> None:
 
 def _data_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
     """Relative posix paths of data files, sorted; hidden entries, README files and the metadata that
-    `datasets` saves beside its arrow files are skipped."""
+    `datasets` saves beside its arrow files are skipped. Symlinked folders are followed (a data folder is often
+    assembled from links), each real folder once: a link back into the tree is not a loop."""
     found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    seen = {os.path.realpath(root)}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        keep = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in seen:
+                seen.add(real)
+                keep.append(name)
+        dirs[:] = keep
         saved_dataset = any(name.endswith(".arrow") for name in files)
         for name in files:
             path = Path(name)

@@ -227,3 +227,30 @@ def test_parser_reads_traces_from_reasoning_content_and_think_blocks():
     ]
     assert pairs[4].history[1] == {"role": "assistant", "content": "x5", "reasoning_content": "h5"}
     assert report.traces == 5 and report.turns == 6
+
+
+@pytest.mark.parametrize(
+    "answer,reason",
+    [
+        ("<think>weighing it up, and then", "opened and never closed"),
+        ("<think>a <think>b</think> c</think>The answer.", "nested or repeated"),
+        ("<think>a</think>The answer.<think>again</think>", "nested or repeated"),
+    ],
+    ids=["unclosed", "nested", "repeated"],
+)
+def test_a_broken_think_block_is_skipped_with_its_reason(answer, reason):
+    """Unclosed or nested think blocks were trained as written (the tags as answer text, or a trace cut at the
+    inner </think>): the record is skipped, and `data inspect` counts why. A whole block still reads as before."""
+    from autotune.data.parsing import BrokenThink, parse_markdown
+
+    with pytest.raises(BrokenThink, match=reason):
+        split_reasoning(answer)
+    records = [
+        {"question": "Q?", "answer": answer},
+        {"question": "Q2?", "answer": "<think>fine</think>Whole."},
+    ]
+    pairs, report = parse_jsonl("\n".join(json.dumps(r) for r in records), "d.jsonl")
+    assert [(p.question, p.reasoning, p.answer) for p in pairs] == [("Q2?", "fine", "Whole.")]
+    assert len(report.skipped) == 1 and reason in report.skipped[0]["reason"]
+    md_pairs, md_report = parse_markdown(f"Q1: Q?\nA1: {answer}\n\nQ2: Q2?\nA2: Whole.\n", "d.md")
+    assert [p.question for p in md_pairs] == ["Q2?"] and reason in md_report.skipped[0]["reason"]

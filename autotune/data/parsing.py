@@ -190,16 +190,27 @@ class DataReport:
 _THINK_BLOCK = re.compile(r"\A\s*(?:<think>)?(?P<reasoning>.*?)</think>(?P<answer>.*)\Z", re.DOTALL)
 
 
+class BrokenThink(ValueError):
+    """An answer whose think block is not one block: opened and never closed, or nested. Trained as written, the
+    model would learn to emit broken tags; the sample is skipped with this reason."""
+
+
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """(reasoning trace or None, answer) of an assistant text that may open with a `<think>...</think>` block.
 
-    An empty block (`<think>\\n\\n</think>`, what Qwen3 writes for "no thinking") is no trace.
+    An empty block (`<think>\\n\\n</think>`, what Qwen3 writes for "no thinking") is no trace. BrokenThink for a
+    block opened and not closed, or a second block inside or after the first.
     """
-    if "</think>" not in text or ("<think>" in text and not text.lstrip().startswith("<think>")):
+    opens = text.lstrip().startswith("<think>")
+    if opens and "</think>" not in text:
+        raise BrokenThink("think block opened and never closed (<think> without </think>)")
+    if "</think>" not in text or ("<think>" in text and not opens):
         return None, text
     m = _THINK_BLOCK.match(text)
     if m is None:  # pragma: no cover - the checks above make the pattern match
         return None, text
+    if "<think>" in m["reasoning"] or "<think>" in m["answer"] or "</think>" in m["answer"]:
+        raise BrokenThink("think blocks nested or repeated (a <think> or </think> after the first opens)")
     reasoning = m["reasoning"].strip()
     return (reasoning or None), m["answer"].strip()
 
@@ -562,7 +573,11 @@ class _MarkdownParser:
             if not answer:
                 self._skip(current.line, "empty answer")
             else:
-                reasoning, answer = split_reasoning(answer)
+                try:
+                    reasoning, answer = split_reasoning(answer)
+                except BrokenThink as exc:
+                    self._skip(current.line, str(exc))
+                    return
                 if not answer:
                     self._skip(current.line, "empty answer after its think block")
                 else:
@@ -760,7 +775,7 @@ class _Records:
     def add(self, record: Any, line: int) -> None:
         try:
             kind, (question, answer, system, history, reasoning) = _record_sample(record)
-        except _BadRecord as e:
+        except (_BadRecord, BrokenThink) as e:
             self.skip(line, str(e))
             return
         self.kinds[kind] = self.kinds.get(kind, 0) + 1

@@ -177,6 +177,12 @@ class Config:
         "str",
     )
     data_format: str = _key("auto", "`auto` detects per file; or force one format.", _choice(DATA_FORMATS))
+    data_encoding: str | None = _key(
+        None,
+        "The text encoding of the data files; null: a BOM or UTF-8, else a legacy Chinese, Korean or Japanese "
+        "encoding where only one reads as its script (two plausible readings are an error asking for this key).",
+        "str?",
+    )
     dataset_name: str | None = _key(
         None,
         "A Hugging Face hub dataset id (org/name) read through `datasets` instead of data_dir; needs the hub, or "

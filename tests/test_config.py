@@ -52,6 +52,7 @@ NON_DEFAULT = {
     "lora_dropout": 0.0,
     "target_modules": ["q_proj", "gate_proj"],
     "lora_experts": "off",
+    "data_encoding": "cp949",
     "data_dir": "elsewhere/raw",
     "data_format": "jsonl",
     "dataset_name": "org/qa-set",

@@ -296,3 +296,27 @@ def test_symlinked_folders_are_read_once_and_a_loop_is_no_loop(tmp_path):
     report = parse_data_dir(data)
     assert sorted(p.question for p in report.pairs) == sorted(q for q, _ in PAIRS[:5])
     assert sorted(f.path.split("/", 1)[0] for f in report.files) in (["again", "qa.md"], ["linked", "qa.md"])
+
+
+KOREAN = "Q1: 질문은 무엇입니까?\nA1: 이것은 한국어로 쓴 답변입니다.\n"
+
+
+def test_a_legacy_encoding_read_two_ways_asks_for_data_encoding(tmp_path):
+    """Korean EUC-KR bytes also decode as Chinese GB18030 (garble that reads as Chinese): the file was read as
+    Chinese with only a warning. Two plausible readings are now an error showing both and naming data_encoding,
+    which reads the file as the user says; Chinese and Japanese files, read one way only, are still guessed."""
+    from autotune.data.parsing import read_text
+
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "ko.md").write_bytes(KOREAN.encode("euc-kr"))
+    with pytest.raises(UserError, match=r"reads two ways .*as cp949: 'Q1: 질문은.*data_encoding"):
+        parse_data_dir(data)
+    report = parse_data(build_config({"data_dir": str(data), "data_encoding": "cp949"}))
+    assert [p.answer for p in report.pairs] == ["이것은 한국어로 쓴 답변입니다."]
+    (tmp_path / "zh.md").write_bytes("Q1: 这是什么问题？\nA1: 这是中文的回答。\n".encode("gbk"))
+    (tmp_path / "ja.md").write_bytes("Q1: これは何ですか？\nA1: これは日本語の答えです。\n".encode("cp932"))
+    assert read_text(tmp_path / "zh.md").encoding == "gb18030" and read_text(tmp_path / "zh.md").guessed
+    assert read_text(tmp_path / "ja.md").encoding == "cp932"
+    with pytest.raises(UserError, match="no encoding Python knows"):
+        parse_data(build_config({"data_dir": str(data), "data_encoding": "euc-kor"}))

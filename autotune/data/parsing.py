@@ -234,16 +234,20 @@ class Decoded:
 _GB2312_SHARE = 0.95
 
 
-def read_text(path: str | os.PathLike) -> Decoded:
-    """Decode a data file strictly: a BOM (UTF-8, UTF-16) or valid UTF-8 settles it; else GBK/GB18030 when
-    the text reads as common Chinese (a guess, said as such); else a UserError naming the first line that is
-    not UTF-8. Nothing is ever decoded with replacement characters, so mojibake cannot pass silently."""
+def read_text(path: str | os.PathLike, encoding: str | None = None) -> Decoded:
+    """Decode a data file strictly: `encoding` when the config names one (data_encoding); else a BOM (UTF-8,
+    UTF-16) or valid UTF-8 settles it; else a legacy CJK encoding when exactly one of them reads as its script
+    (a guess, said as such); two plausible readings (Korean EUC-KR bytes also decode as Chinese GB18030) are a
+    UserError asking which; none, a UserError naming the first line that is not UTF-8. Nothing is ever decoded with
+    replacement characters, so mojibake cannot pass silently."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise UserError(
             f"{path}: cannot read data file ({e.strerror or e}). Fix: check the path and its permissions."
         ) from e
+    if encoding is not None:
+        return Decoded(_strict(data, encoding, path, named=True), encoding)
     if data.startswith(UTF8_BOM):
         return Decoded(_strict(data[len(UTF8_BOM) :], "utf-8", path), "utf-8-sig")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -252,13 +256,25 @@ def read_text(path: str | os.PathLike) -> Decoded:
         return Decoded(data.decode("utf-8"), "utf-8")
     except UnicodeDecodeError as exc:
         first_bad = exc.start
-    try:
-        text = data.decode("gb18030")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and _reads_as_chinese(text):
-        return Decoded(text, "gb18030", guessed=True)
+    readings = {}
+    for candidate, reads_as in LEGACY_ENCODINGS.items():
+        try:
+            text = data.decode(candidate)
+        except UnicodeDecodeError:
+            continue
+        if reads_as(text):
+            readings[candidate] = text
+    if len(readings) == 1:
+        (guess, text), *_ = readings.items()
+        return Decoded(text, guess, guessed=True)
     line = data.count(b"\n", 0, first_bad) + 1
+    if readings:
+        shown = "; ".join(f"as {name}: {text[:40]!r}" for name, text in readings.items())
+        raise UserError(
+            f"{path}:{line}: not UTF-8, and it reads two ways ({shown}). Fix: set data_encoding to the file's "
+            f"encoding (--set data_encoding={next(iter(readings))}, or one of {', '.join(readings)}), or re-save the "
+            "file as UTF-8."
+        )
     raise UserError(
         f"{path}:{line}: not UTF-8 (byte 0x{data[first_bad]:02x}), and not Chinese GBK text either: it is likely "
         "Latin-1/Windows-1252 or binary. Fix: re-save the file as UTF-8 (most editors: 'Save with encoding' -> "
@@ -266,15 +282,37 @@ def read_text(path: str | os.PathLike) -> Decoded:
     )
 
 
-def _strict(data: bytes, encoding: str, path) -> str:
+def _strict(data: bytes, encoding: str, path, *, named: bool = False) -> str:
     try:
         return data.decode(encoding)
+    except LookupError:
+        raise UserError(
+            f"data_encoding {encoding!r} is no encoding Python knows. Fix: a codec name such as utf-8, gb18030, "
+            "cp949 (Korean), cp932 (Japanese), big5, cp1252."
+        ) from None
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(
-            f"{path}:{line}: the file starts with a {encoding} byte-order mark but is not valid {encoding}. "
-            "Fix: re-save it as UTF-8."
-        ) from None
+        why = (
+            f"is not valid {encoding} (data_encoding)"
+            if named
+            else f"starts with a {encoding} byte-order mark but is not valid {encoding}"
+        )
+        raise UserError(f"{path}:{line}: the file {why}. Fix: re-save it as UTF-8.") from None
+
+
+def _share(text: str, wanted) -> float:
+    wide = [c for c in text if ord(c) > 0x7F]
+    return sum(map(wanted, wide)) / len(wide) if wide else 0.0
+
+
+def _reads_as_korean(text: str) -> bool:
+    return _share(text, lambda c: "\uac00" <= c <= "\ud7a3" or "\u3130" <= c <= "\u318f") >= 0.8
+
+
+def _reads_as_japanese(text: str) -> bool:
+    kana = _share(text, lambda c: "\u3040" <= c <= "\u30ff")
+    common = _share(text, lambda c: "\u3000" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef")
+    return kana >= 0.2 and common >= 0.95
 
 
 def _reads_as_chinese(text: str) -> bool:
@@ -289,6 +327,12 @@ def _reads_as_chinese(text: str) -> bool:
         except UnicodeEncodeError:
             pass
     return common / len(wide) >= _GB2312_SHARE
+
+
+# The legacy encodings a data file without a BOM that is not UTF-8 may be in, and how to tell that a decoding reads
+# as the script it is for. Several may decode the same bytes (EUC-KR Korean also decodes as GB18030 Chinese
+# garble): then read_text asks for data_encoding.
+LEGACY_ENCODINGS = {"gb18030": _reads_as_chinese, "cp949": _reads_as_korean, "cp932": _reads_as_japanese}
 
 
 def _split_lines(text: str) -> list[str]:
@@ -853,6 +897,7 @@ def parse_data_dir(
     data_format: str = "auto",
     markers: Markers = Markers(),
     progress: FileProgress | None = None,
+    encoding: str | None = None,
 ) -> DataReport:
     """Parse every data file under `data_dir` (recursively, in sorted order) into one report."""
     _check_format(data_format, allowed=DATA_FORMATS)
@@ -871,7 +916,7 @@ def parse_data_dir(
     files = _data_files(root, EXTENSIONS[data_format])
     for relative in progress(files) if progress else files:
         shown = _display(data_dir, relative)
-        pairs, file_report = _parse_file(root / relative, relative, data_format, markers)
+        pairs, file_report = _parse_file(root / relative, relative, data_format, markers, encoding)
         report.files.append(file_report)
         report.pairs.extend(pairs)
         report.warnings.extend(_file_warnings(shown, file_report))
@@ -919,11 +964,13 @@ def _format_of(path: Path, data_format: str) -> str:
     return next((fmt for fmt in (*TABLE_FORMATS, "jsonl", "json") if suffix in EXTENSIONS[fmt]), "auto")
 
 
-def _parse_file(path: Path, relative: str, data_format: str, markers: Markers) -> tuple[list[QAPair], FileReport]:
+def _parse_file(
+    path: Path, relative: str, data_format: str, markers: Markers, encoding: str | None = None
+) -> tuple[list[QAPair], FileReport]:
     fmt = _format_of(path, data_format)
     if fmt in TABLE_FORMATS:
         return parse_table(path, relative, fmt)
-    decoded = read_text(path)
+    decoded = read_text(path, encoding)
     if fmt == "jsonl":
         pairs, report = parse_jsonl(decoded.text, relative)
     elif fmt == "json":
@@ -1144,4 +1191,4 @@ def parse_data(cfg, progress: FileProgress | None = None) -> DataReport:
     data_dir parsed with its data_format and markers."""
     if getattr(cfg, "dataset_name", None):
         return parse_hub_dataset(cfg.dataset_name, cfg.dataset_split)
-    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg), progress)
+    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg), progress, cfg.data_encoding)

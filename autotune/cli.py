@@ -104,7 +104,10 @@ def probe(as_json, save, output_dir):
 )
 def validate(config, sets, as_json, hardware):
     """Check CONFIG (default: the built-in defaults) and print it fully resolved; exit 2 on errors."""
+    from autotune.preflight import check_run_config
+
     cfg = _load(config, sets)
+    check_run_config(cfg)  # what train refuses by the config, refused here too
     findings = []
     if hardware:
         from autotune.hardware import probe as run_probe

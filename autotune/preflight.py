@@ -25,6 +25,21 @@ class Finding:
     message: str
 
 
+def check_run_config(cfg: Config) -> None:
+    """The refusals of a run's config that need neither a model nor torch, as one UserError: the techniques this
+    model takes (techniques.resolve) and the data's question/answer markers (an empty separator, a regex that does
+    not compile). `autotune train` runs it before anything starts and `autotune validate` runs it too, so what
+    train refuses by these, validate refuses. (The Trainer's names, optimizer, scheduler and report_to, are checked
+    by train before it starts: their lists live in transformers, which validate does not import.)"""
+    from autotune.catalog import resolve_model
+    from autotune.data.parsing import Markers, check_markers
+    from autotune.techniques import resolve
+
+    if not cfg.dataset_name:
+        check_markers(Markers.of(cfg))
+    resolve(cfg, resolve_model(cfg.model_name))
+
+
 def check_hardware(cfg: Config, probe: dict) -> list[Finding]:
     found: list[Finding] = []
     gpu = training_gpu(probe)

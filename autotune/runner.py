@@ -53,6 +53,7 @@ from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json
 from autotune.memory import free_memory
 from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries
+from autotune.preflight import check_run_config
 from autotune.run_files import (
     ADAPTER_WEIGHTS,
     CHECKPOINTS,
@@ -672,6 +673,7 @@ def train(
         raise UserError(
             "--resume and --overwrite contradict each other: --resume continues the run, --overwrite replaces it"
         )
+    check_run_config(cfg)  # the techniques for this model, the data's markers: as `autotune validate` checks them
     check_training_settings(cfg)  # a bad name is a config error: nothing is started or written
     w = distributed.world()
     device = pick_device()

@@ -208,3 +208,21 @@ def test_a_float_flag_that_is_not_a_finite_number_is_one_clear_error(capsys, arg
     silently meaning no budget. Every float flag is a finite number or exit 2."""
     code, _out, err = run_cli(capsys, *argv)
     assert code == 2 and "is not a finite number" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (["separator="], "separator: must be a non-empty string"),
+        (["question_pattern=(["], "question_pattern: invalid regular expression"),
+        (["model_name=Qwen3-8B", "lm_head_8bit=on", "fused_loss=off"], 'lm_head_8bit "on" needs fused_loss'),
+        (["model_name=Qwen3-0.6B", "embedding_on_cpu=on"], "ties its input embeddings to lm_head"),
+    ],
+    ids=["empty-separator", "bad-regex", "int8-head-without-fused-loss", "host-embedding-on-a-tied-model"],
+)
+def test_validate_refuses_what_train_refuses_by_the_config(capsys, sets, message):
+    """`validate` said "config OK" to values train refused after 12-19 s of preparation; both run the same checks
+    (preflight.check_run_config) now, validate without importing torch."""
+    argv = [a for s in sets for a in ("--set", s)]
+    code, out, err = run_cli(capsys, "validate", *argv)
+    assert code == 2 and "config OK" not in out and message in err and "Traceback" not in err

@@ -377,6 +377,12 @@ class Markers:
         return q, a
 
 
+def check_markers(markers: Markers) -> None:
+    """A UserError where the question/answer markers cannot work (an empty separator, a regex that does not
+    compile), before any file is read."""
+    _MarkerMatcher(markers)
+
+
 class _MarkerMatcher:
     """Recognises question/answer marker lines, from prefixes or from user regexes."""
 

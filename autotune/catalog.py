@@ -248,6 +248,11 @@ _235B_A22B = Architecture(
 )
 _235B_A22B_2507 = replace(_235B_A22B, max_position_embeddings=262144, rope_theta=5_000_000.0)
 TINY_MOE = "tiny-qwen3-moe"
+# The offline demo and the tests: Qwen3's real vocabulary (so the real tokenizer works) on a model small enough to
+# train on two CPU cores in seconds.
+_TINY = Architecture(
+    64, 128, 2, 4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=4096
+)
 
 # Qwen3 hybrid models render an empty <think></think> block before a non-thinking answer; the 2507
 # Instruct model has no thinking mode at all; the 2507 Thinking model always thinks.
@@ -283,41 +288,13 @@ CATALOG: dict[str, ModelSpec] = {
         ModelSpec(
             "Qwen3-235B-A22B-Thinking-2507", "Qwen/Qwen3-235B-A22B-Thinking-2507", _235B_A22B_2507, thinking=True
         ),
-        # The offline demo and the tests: Qwen3's real vocabulary (so the real tokenizer works) on a
-        # model small enough to train on two CPU cores in seconds.
-        ModelSpec(
-            TINY,
-            None,
-            Architecture(
-                64,
-                128,
-                2,
-                4,
-                num_key_value_heads=2,
-                head_dim=16,
-                tie_word_embeddings=True,
-                max_position_embeddings=4096,
-            ),
-            thinking=True,
-            tokenizer="qwen3-offline",
-        ),
+        ModelSpec(TINY, None, _TINY, thinking=True, tokenizer="qwen3-offline"),
         # The tests' MoE: tiny-qwen3's attention and vocabulary, 8 experts of width 64, 2 per token, untied (the
         # 30B and 235B models are untied).
         ModelSpec(
             TINY_MOE,
             None,
-            Architecture(
-                64,
-                128,
-                2,
-                4,
-                num_key_value_heads=2,
-                head_dim=16,
-                max_position_embeddings=4096,
-                num_experts=8,
-                num_experts_per_tok=2,
-                moe_intermediate_size=64,
-            ),
+            replace(_TINY, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64),
             thinking=True,
             tokenizer="qwen3-offline",
         ),

@@ -404,19 +404,12 @@ class Knobs:
                 knobs = knobs.with_(**{t.key: False})
         return knobs
 
-    def leanest(
-        self,
-        *,
-        tied: bool,
-        strategy: str = "ddp",
-        world_size: int = 1,
-        targets: Iterable[str] = (),
-        moe: bool = False,
-    ) -> Knobs:
-        """These knobs with checkpointing and every searched row on that the model and strategy take: the most
-        memory the techniques can save (what `autotune estimate` compares the config's answer with)."""
+    def leanest(self, **model_and_strategy: Any) -> Knobs:
+        """These knobs with checkpointing and every searched row on that the model and strategy take (applicable's
+        keywords): the most memory the techniques can save (what `autotune estimate` compares the config's answer
+        with)."""
         every = self.with_(checkpointing=True, **{t.key: True for t in TECHNIQUES_TABLE if t.searched})
-        return every.applicable(tied=tied, strategy=strategy, world_size=world_size, targets=targets, moe=moe)
+        return every.applicable(**model_and_strategy)
 
     def allowed_under(self, strategy: str, world_size: int, targets: Iterable[str]) -> Knobs:
         """These knobs with what `strategy` over `world_size` ranks refuses switched off (the rows' rules)."""

@@ -121,7 +121,17 @@ def main() -> None:
     print("the CPU tracker against the estimate:")
     rows = measured_against_estimate(args.layers, args.vocab, [int(s) for s in args.seqs.split(",")])
     if args.json:
-        args.json.write_text(json.dumps({"tracked": rows, "answers": answers}, indent=2, default=str))
+        import platform
+        from datetime import date
+
+        doc = {
+            "kind": "moe_bench",
+            "date": date.today().isoformat(),
+            "cpu": platform.processor() or platform.machine(),
+            "tracked": rows,
+            "answers": answers,
+        }
+        args.json.write_text(json.dumps(doc, indent=2, default=str))
 
 
 if __name__ == "__main__":

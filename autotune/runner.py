@@ -673,13 +673,13 @@ def train(
         raise UserError(
             "--resume and --overwrite contradict each other: --resume continues the run, --overwrite replaces it"
         )
-    check_run_config(cfg)  # the techniques for this model, the data's markers: as `autotune validate` checks them
     check_training_settings(cfg)  # a bad name is a config error: nothing is started or written
     w = distributed.world()
     device = pick_device()
     # One rank's share: the strategy, and the micro-batch and accumulation that keep the effective batch exact.
     strategy = distributed.resolve_strategy(cfg, profile, device.type)
     techniques.check_strategy(cfg, strategy, w.size)  # refused before anything starts, with the reason
+    check_run_config(cfg)  # the techniques for this model, the data's markers: as `autotune validate` checks them
     cfg, notes = distributed.plan_for_world(cfg, profile, strategy, w)
     evaluate = True
     decisions = distributed.oom_decisions(cfg.output_dir, w)

@@ -279,20 +279,20 @@ def eight_b_two_layers(tmp_path_factory):
 
 
 def test_a_tracked_load_of_full_width_8b_agrees_with_the_load_phase(eight_b_two_layers):
-    """The CPU's tracked meter over the QLoRA build of Qwen3-8B's widths with 2 layers, the host embedding and the
-    8-bit head on (1.16 GiB tables of 151,936 x 4,096 bf16, neither counted on the device): the load phase's peak
+    """The CPU's tracked meter over the bf16 LoRA build of Qwen3-8B's widths with 2 layers, the host embedding and
+    the 8-bit head on (1.16 GiB tables of 151,936 x 4,096 bf16, neither counted on the device): the load phase's peak
     (TrialRunner.load_peak_bytes: the weights as loaded, the adapters, the 8-bit head quantized a block at a time
-    from the host's table) within 10% of the plan's (0.894 GiB tracked; bf16 with both tables on the device: 3.040
-    tracked and planned). The tracker starts counting once
-    from_pretrained has returned, so the plan's `load.quantize` (one projection held in bf16 while bitsandbytes
-    quantizes it, inside from_pretrained) is left out of the comparison."""
+    from the host's table) within 10% of the plan's (1.427 GiB tracked and planned; with both tables on the device
+    3.040 and 3.040; 4-bit, 0.894 tracked against 0.988 planned, 0.894 less `load.quantize`, the projection
+    bitsandbytes holds in bf16 while it quantizes, inside from_pretrained, before the tracker counts: measured
+    for the closing note, in bf16 here because the 4-bit build takes three times as long on a CPU)."""
     from autotune.trial import TrialRunner
 
     cfg = build_config(
         {
             "model_name": str(eight_b_two_layers),
             "init": "random",
-            "quantization": "4bit",
+            "quantization": "none",
             "lora_r": 16,
             "fused_loss": "on",
             "embedding_on_cpu": "on",
@@ -306,9 +306,11 @@ def test_a_tracked_load_of_full_width_8b_agrees_with_the_load_phase(eight_b_two_
         seen = plan.phases["load"] - plan.phase_terms["load"]["load.quantize"]
         measured = runner.load_peak_bytes
         assert measured is not None and abs(measured - seen) <= 0.10 * seen, (measured / GiB, seen / GiB)
-        assert measured < 151936 * 4096 * 2  # less than one bf16 table: neither was ever counted on the device
+        # Neither bf16 table was ever counted on the device: a table and more below the load with both there.
+        with_tables = runner.run_plan(1, 512, 16, Knobs(fused_loss=True)).phases["load"]
+        assert measured + 151936 * 4096 * 2 < with_tables
         print(
-            f"8B x 2 layers, 4bit {runner.knobs.describe()}: load {measured / GiB:.3f} GiB tracked, "
+            f"8B x 2 layers, bf16 {runner.knobs.describe()}: load {measured / GiB:.3f} GiB tracked, "
             f"{plan.phases['load'] / GiB:.3f} planned"
         )
     finally:

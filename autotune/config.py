@@ -78,7 +78,7 @@ def _choice(values: tuple[str, ...]) -> str:
     return "choice:" + "|".join(values)
 
 
-# Per key: (documentation, constraint). The constraint is checked by _check_value.
+# Per key: (documentation, constraint). The constraint is checked by value_is.
 # Kinds: "int>=1", "float>0", "ratio" (0..1), "bool", "str", "str?", "list[str]", "dict", "choice:a|b".
 
 
@@ -482,7 +482,9 @@ def _describe(kind: str) -> str:
     return text + (" or null" if opt else "")
 
 
-def _check_value(kind: str, value: Any) -> bool:
+def value_is(kind: str, value: Any) -> bool:
+    """Whether `value` is of the config's value kind `kind` ("int>=1", "float>0", "ratio", "bool", ... ; a
+    trailing "?" admits null): the one check of a config's values, which the profile's fields are held to too."""
     if kind.endswith("?"):
         if value is None:
             return True
@@ -524,7 +526,7 @@ def check_values(values: dict, where: str, errors: list[str]) -> None:
             for k, v in value.items():
                 if k not in sub:
                     errors.append(f"{where}: unknown key {brief(f'{key}.{k}')}{_closest(k, sub)}")
-                elif not _check_value(sub[k], v):
+                elif not value_is(sub[k], v):
                     errors.append(
                         f"{where}: key '{key}.{k}': value {brief(v)} is not allowed: must be {_describe(sub[k])}"
                     )
@@ -533,7 +535,7 @@ def check_values(values: dict, where: str, errors: list[str]) -> None:
             errors.append(f"{where}: unknown key {brief(key)}{_closest(key, KEY_DOCS)}")
             continue
         kind = KEY_DOCS[key][1]
-        if not _check_value(kind, value):
+        if not value_is(kind, value):
             errors.append(f"{where}: key {key!r}: value {brief(value)} is not allowed: must be {_describe(kind)}")
 
 

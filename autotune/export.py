@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from autotune.catalog import ModelSpec, resolve_model
+from autotune.checkpoint import checkpoint_step, last_complete_checkpoint
 from autotune.config import EXPORT_DTYPES, Config, load_config
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, fsync_dir
@@ -136,12 +137,8 @@ def _check_finished(path: Path) -> None:
     status = (_read_json(summary_path) or {}).get("status")
     if status == SUCCEEDED:
         return
-    steps = sorted(
-        int(p.name.rsplit("-", 1)[1])
-        for p in (path / CHECKPOINTS).glob("checkpoint-*")
-        if p.name.rsplit("-", 1)[1].isdigit()
-    )
-    newest = f"; its newest checkpoint is at step {steps[-1]}" if steps else ""
+    last = last_complete_checkpoint(path / CHECKPOINTS)  # what `train --resume` would go on from
+    newest = f"; its newest checkpoint is at step {checkpoint_step(last)}" if last else ""
     raise UserError(
         f"{path}: the run there has not finished (its {SUMMARY} says {status!r}){newest}, so its "
         f"{ADAPTER_WEIGHTS} is not that run's result. Fix: finish it (`autotune train --resume` with its config), "

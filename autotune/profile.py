@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from autotune import __version__
 from autotune.catalog import Architecture
-from autotune.config import STRATEGIES, Config, build_config, load_config, merge_values, parse_set
+from autotune.config import STRATEGIES, Config, build_config, load_config, merge_values, parse_set, value_is
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
 from autotune.techniques import TECHNIQUES
@@ -179,29 +178,25 @@ def load_profile(path: str | Path, notes: list[str] | None = None) -> dict:
     return doc
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is(kind: str) -> Callable[[Any], bool]:
+    return lambda value: value_is(kind, value)
 
 
 # The fields the readers of a profile use (train's watchdog and batch plan, `profiles plot`, the trial table), and
 # what each must be: a profile that parses but breaks one of these is refused on load, not a traceback later.
 _FIELD_RULES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
-    ("constraints", "max_memory_gb"): (lambda v: _number(v) and v > 0, "a positive number"),
-    ("constraints", "margin"): (lambda v: _number(v) and 0 <= v <= 0.5, "a number from 0 to 0.5"),
-    ("constraints", "usable_bytes"): (_count, "a byte count"),
-    ("measurement", "peak_bytes"): (lambda v: v is None or _count(v), "a byte count or null"),
+    ("constraints", "max_memory_gb"): (_is("float>0"), "a positive number"),
+    ("constraints", "margin"): (lambda v: value_is("ratio", v) and v <= 0.5, "a number from 0 to 0.5"),
+    ("constraints", "usable_bytes"): (_is("int>=0"), "a byte count"),
+    ("measurement", "peak_bytes"): (_is("int>=0?"), "a byte count or null"),
 }
 _TRIAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "batch": (lambda v: _count(v) and v >= 1, "a positive integer"),
-    "seq": (lambda v: _count(v) and v >= 1, "a positive integer"),
-    "rank": (lambda v: _count(v) and v >= 1, "a positive integer"),
-    "fits": (lambda v: isinstance(v, bool), "true or false"),
-    "oom": (lambda v: isinstance(v, bool), "true or false"),
-    "peak_bytes": (lambda v: v is None or _count(v), "a byte count or null"),
+    "batch": (_is("int>=1"), "a positive integer"),
+    "seq": (_is("int>=1"), "a positive integer"),
+    "rank": (_is("int>=1"), "a positive integer"),
+    "fits": (_is("bool"), "true or false"),
+    "oom": (_is("bool"), "true or false"),
+    "peak_bytes": (_is("int>=0?"), "a byte count or null"),
 }
 
 

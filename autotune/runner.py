@@ -79,8 +79,6 @@ from autotune.techniques.packing import collator_for
 from autotune.trackers import reports_to_tensorboard
 from autotune.watchdog import MemoryWatchdog, limit_for
 
-# Summary statuses.
-
 Echo = Callable[[str], None]
 
 

@@ -215,8 +215,6 @@ class TrialRunner:
         self.build_seconds += time.perf_counter() - t
         if self.world_size > 1:
             self.bucket_bytes = ddp_bucket_bytes(self._built.model)
-        if isinstance(self.meter, CpuTrackedMeter):  # a GPU counts the weights by itself
-            self.meter.track_existing(self._built.model)
         return self._built
 
     @contextlib.contextmanager

@@ -246,7 +246,9 @@ def test_a_run_that_has_not_finished_is_not_exported(run_dir, tmp_path):
     shutil.copytree(run_dir, copy)
     summary = json.loads((copy / "run_summary.json").read_text())
     (copy / "run_summary.json").write_text(json.dumps({**summary, "status": "running"}))
-    (copy / "checkpoints" / "checkpoint-9").mkdir(parents=True)
+    newer = copy / "checkpoints" / "checkpoint-9"  # complete: its trainer state is the last file a save writes
+    newer.mkdir(parents=True)
+    (newer / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
     with pytest.raises(UserError, match=r"has not finished \(its run_summary.json says 'running'\); its newest "
                        r"checkpoint is at step 9.*--resume"):  # fmt: skip
         export_run(copy, tmp_path / "out")

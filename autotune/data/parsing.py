@@ -301,6 +301,7 @@ def _strict(data: bytes, encoding: str, path, *, named: bool = False) -> str:
 
 
 def _share(text: str, wanted) -> float:
+    """The share of the text's non-ASCII characters for which `wanted` holds (0 where there is none)."""
     wide = [c for c in text if ord(c) > 0x7F]
     return sum(map(wanted, wide)) / len(wide) if wide else 0.0
 
@@ -315,18 +316,16 @@ def _reads_as_japanese(text: str) -> bool:
     return kana >= 0.2 and common >= 0.95
 
 
-def _reads_as_chinese(text: str) -> bool:
-    wide = [c for c in text if ord(c) > 0x7F]
-    if not wide:
+def _in_gb2312(c: str) -> bool:
+    try:
+        c.encode("gb2312")
+    except UnicodeEncodeError:
         return False
-    common = 0
-    for c in wide:
-        try:
-            c.encode("gb2312")
-            common += 1
-        except UnicodeEncodeError:
-            pass
-    return common / len(wide) >= _GB2312_SHARE
+    return True
+
+
+def _reads_as_chinese(text: str) -> bool:
+    return _share(text, _in_gb2312) >= _GB2312_SHARE
 
 
 # The legacy encodings a data file without a BOM that is not UTF-8 may be in, and how to tell that a decoding reads

@@ -1,4 +1,5 @@
-"""The Qwen3 family by architecture (the dense models and the mixture-of-experts ones), and how a model name resolves.
+"""The Qwen3 family by architecture (the dense models, the mixture-of-experts ones, and the Qwen3.5/3.6 hybrids of
+Gated DeltaNet and gated attention), and how a model name resolves.
 
 Everything here is plain data so the solver, the estimator and the tests can build any of these models
 from architecture alone (random init), without downloading weights. Figures are from the published
@@ -20,17 +21,29 @@ TINY = "tiny-qwen3"
 # have no gate/up/down Linear: their experts are fused tensors, which LoRA reaches as target parameters).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = PROJECTIONS[:4]
+MLP_PROJECTIONS = PROJECTIONS[4:]
+# A Qwen3.5/3.6 Gated DeltaNet block's linear layers (transformers' Qwen3_5GatedDeltaNet), in forward order: q, k and
+# v in one (through the short causal convolution), the output gate z, the per-head write strength b and decay a,
+# then out_proj.
+LINEAR_ATTENTION_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+
+# What mixes the tokens of a decoder layer, as config.json's layer_types names it.
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
 
 
-def check_target_modules(target_modules) -> tuple[str, ...]:
-    """The LoRA targets, deduplicated in order; a UserError unless a non-empty subset of PROJECTIONS."""
+def check_target_modules(target_modules, arch: Architecture | None = None) -> tuple[str, ...]:
+    """The LoRA targets, deduplicated in order; a UserError unless a non-empty subset of the projections of `arch`
+    (None: a Qwen3 model's, PROJECTIONS)."""
+    known = PROJECTIONS if arch is None else arch.projection_names
     targets = tuple(dict.fromkeys(target_modules))
-    unknown = [t for t in targets if t not in PROJECTIONS]
+    unknown = [t for t in targets if t not in known]
     if unknown or not targets:
+        family = "a Qwen3 model" if arch is None else arch.family
         raise UserError(
             f"target_modules {list(target_modules)!r}: "
-            + (f"{unknown} are not layers of a Qwen3 model; " if unknown else "")
-            + f"choose one or more of {', '.join(PROJECTIONS)}"
+            + (f"{unknown} are not layers of {family}; " if unknown else "")
+            + f"choose one or more of {', '.join(known)}"
         )
     return targets
 
@@ -59,33 +72,99 @@ class Architecture:
     mlp_only_layers: tuple[int, ...] = ()
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.001
+    # A hybrid (Qwen3.5/3.6; transformers' qwen3_5_text and qwen3_5_moe_text): `layer_types` names each layer's token
+    # mixer. "linear_attention" is a Gated DeltaNet block: q/k/v through a depthwise causal convolution of
+    # `linear_conv_kernel_dim` taps, `linear_num_key_heads` query/key heads of `linear_key_head_dim` and
+    # `linear_num_value_heads` value heads of `linear_value_head_dim`, a recurrent state of key x value width per
+    # value head instead of a KV cache. "full_attention" is gated attention: q_proj also gives a sigmoid gate on the
+    # attention's output (twice the width), RoPE on `partial_rotary_factor` of each head. A hybrid MoE layer adds a
+    # shared expert of width `shared_expert_intermediate_size` beside the routed ones. Empty: a Qwen3 model, every
+    # layer full attention without the gate.
+    layer_types: tuple[str, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    partial_rotary_factor: float = 1.0
+    shared_expert_intermediate_size: int = 0
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
     @property
+    def is_hybrid(self) -> bool:
+        """Qwen3.5/3.6: Gated DeltaNet layers beside gated full attention."""
+        return bool(self.layer_types)
+
+    @property
+    def family(self) -> str:
+        """The family's name in messages."""
+        if self.is_hybrid:
+            return "a Qwen3.5/3.6 hybrid model" if not self.is_moe else "a Qwen3.5/3.6 mixture-of-experts hybrid"
+        return "a Qwen3 model" if not self.is_moe else "a Qwen3 mixture-of-experts model"
+
+    @property
     def model_type(self) -> str:
-        """transformers' name for the architecture (config.json's model_type)."""
+        """transformers' name for the architecture (config.json's model_type; a hybrid's text model)."""
+        if self.is_hybrid:
+            return "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
         return "qwen3_moe" if self.is_moe else "qwen3"
+
+    @property
+    def quantization_order(self) -> tuple[str, ...]:
+        """The base-weight precisions a solve tries, first that fits wins, when the config leaves quantization to
+        it. The Qwen3.5/3.6 hybrids: bf16 LoRA, 4-bit only when nothing fits otherwise (Unsloth's Qwen3.5 guide: their
+        4-bit quantization error is larger than usual); Qwen3's: 4-bit QLoRA, the config's default."""
+        return ("none", "4bit") if self.is_hybrid else ("4bit",)
+
+    @property
+    def causal_lm_class(self) -> str:
+        """transformers' class of the text model (config.json's architectures of an exported model)."""
+        return {
+            "qwen3": "Qwen3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
+            "qwen3_5_text": "Qwen3_5ForCausalLM",
+            "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+        }[self.model_type]
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (from 0) mixes tokens with a Gated DeltaNet block (linear attention)."""
+        return self.is_hybrid and self.layer_types[layer] == LINEAR_ATTENTION
+
+    @property
+    def projection_names(self) -> tuple[str, ...]:
+        """The names of the Linear layers LoRA can target (target_modules), in forward order."""
+        return tuple(self.projection_shapes())
 
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer `layer` (from 0) has the experts rather than a dense MLP (Qwen3MoeDecoderLayer)."""
         return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
     def facts(self) -> dict:
-        """The architecture as recorded (profiles) and hashed: a dense model's without the fields of the experts,
-        so that its record is what it was before they existed."""
+        """The architecture as recorded (profiles) and hashed: a model's without the fields of what it does not have
+        (experts, linear attention), so that a Qwen3 model's record is what it was before they existed."""
         facts = asdict(self)
         if not self.is_moe:
             for name in _MOE_FIELDS:
                 facts.pop(name)
         else:
             facts["mlp_only_layers"] = list(self.mlp_only_layers)
+        if not self.is_hybrid:
+            for name in _HYBRID_FIELDS:
+                facts.pop(name)
+        else:
+            facts["layer_types"] = list(self.layer_types)
+            if not self.is_moe:
+                facts.pop("shared_expert_intermediate_size")
         return facts
 
     def to_hf_config(self, **extra):
-        """transformers' config for this architecture (Qwen3Config, Qwen3MoeConfig; imports transformers lazily)."""
+        """transformers' config for this architecture (Qwen3Config, Qwen3MoeConfig, Qwen3_5TextConfig,
+        Qwen3_5MoeTextConfig; imports transformers lazily)."""
+        if self.is_hybrid:
+            return self._hybrid_hf_config(**extra)
         if self.is_moe:
             from transformers import Qwen3MoeConfig
 
@@ -94,19 +173,54 @@ class Architecture:
 
         return Qwen3Config(**self.facts(), **extra)
 
+    def _hybrid_hf_config(self, **extra):
+        from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+        facts = self.facts()
+        # transformers' hybrid configs are strict dataclasses: only their own fields, RoPE's inside rope_parameters.
+        rope = {
+            "rope_type": "default",
+            "rope_theta": facts.pop("rope_theta"),
+            "partial_rotary_factor": facts.pop("partial_rotary_factor"),
+        }
+        if self.is_moe:
+            # Every layer of a hybrid MoE is sparse, its one dense MLP the shared expert (intermediate_size here).
+            for name in ("decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "intermediate_size"):
+                facts.pop(name)
+        cls = Qwen3_5MoeTextConfig if self.is_moe else Qwen3_5TextConfig
+        return cls(**facts, rope_parameters=rope, **extra)
+
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each projection of one decoder layer, in PROJECTIONS order."""
+        """(in_features, out_features) of each Linear of the decoder layers, in forward order: Qwen3's PROJECTIONS;
+        a hybrid's gated q_proj (query and gate, twice the width), then its DeltaNet blocks' projections."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        return {
-            "q_proj": (h, q),
+        shapes = {
+            "q_proj": (h, 2 * q if self.is_hybrid else q),
             "k_proj": (h, kv),
             "v_proj": (h, kv),
             "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
         }
+        if self.is_hybrid:
+            key, value = self.linear_key_width, self.linear_value_width
+            shapes |= {
+                "in_proj_qkv": (h, 2 * key + value),
+                "in_proj_z": (h, value),
+                "in_proj_b": (h, self.linear_num_value_heads),
+                "in_proj_a": (h, self.linear_num_value_heads),
+                "out_proj": (value, h),
+            }
+        return shapes | {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_key_width(self) -> int:
+        """A DeltaNet block's query (and key) width: its key heads times their width."""
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_width(self) -> int:
+        """A DeltaNet block's value (and output) width."""
+        return self.linear_num_value_heads * self.linear_value_head_dim
 
     def expert_shapes(self) -> dict[str, tuple[int, int, int]]:
         """(experts, out_features, in_features) of a sparse layer's fused expert tensors (transformers' Qwen3MoeExperts:
@@ -115,14 +229,26 @@ class Architecture:
         return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
 
     def param_count(self) -> int:
-        """Parameters of the base model (embeddings counted once when tied)."""
+        """Parameters of the base model (embeddings counted once when tied; a hybrid's text model, no vision tower)."""
         h, L = self.hidden_size, self.num_hidden_layers
         shapes = self.projection_shapes()
-        attention = sum(i * o for p, (i, o) in shapes.items() if p in ATTENTION_PROJECTIONS)
-        dense_mlp = sum(i * o for p, (i, o) in shapes.items() if p not in ATTENTION_PROJECTIONS)
+
+        def linears(names) -> int:
+            return sum(i * o for p, (i, o) in shapes.items() if p in names)
+
+        attention = linears(ATTENTION_PROJECTIONS) + 2 * self.head_dim  # + the QK-norms
+        conv = 2 * self.linear_key_width + self.linear_value_width
+        # + the depthwise convolution, the per-head decay (A_log) and its bias (dt_bias), the gated output norm
+        linear = linears(LINEAR_ATTENTION_PROJECTIONS) + conv * self.linear_conv_kernel_dim
+        linear += 2 * self.linear_num_value_heads + self.linear_value_head_dim
+        dense_mlp = linears(MLP_PROJECTIONS)
         experts = sum(e * o * i for e, o, i in self.expert_shapes().values()) + self.num_experts * h  # + the router
-        sparse = sum(self.is_sparse(layer) for layer in range(L))
-        layers = L * (attention + 2 * self.head_dim + 2 * h) + sparse * experts + (L - sparse) * dense_mlp
+        if self.is_hybrid and self.is_moe:
+            experts += dense_mlp + h  # the shared expert and its gate
+        n_linear = sum(self.is_linear(n) for n in range(L))
+        sparse = sum(self.is_sparse(n) for n in range(L))
+        layers = n_linear * linear + (L - n_linear) * attention + 2 * h * L
+        layers += sparse * experts + (L - sparse) * dense_mlp
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + layers + h + head
@@ -138,29 +264,44 @@ class Architecture:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> Architecture:
+        """The architecture a config.json describes (Qwen3, Qwen3-MoE, or a Qwen3.5/3.6 text model: the unified
+        vision-language checkpoints keep it under text_config)."""
+        if cfg.get("model_type") in HYBRID_MODEL_TYPES and isinstance(cfg.get("text_config"), dict):
+            cfg = {"model_type": cfg["model_type"]} | cfg["text_config"] | {"model_type": cfg["model_type"]}
+        model_type = cfg.get("model_type")
+        hybrid = model_type in HYBRID_MODEL_TYPES
+        moe = model_type in ("qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text")
         fields = cls.__dataclass_fields__
         # transformers 5 saves Qwen3-MoE's num_experts as num_local_experts (its attribute map); the hub's files
         # say num_experts.
         cfg = {_ALIASES.get(k, k): v for k, v in cfg.items()} | {k: v for k, v in cfg.items() if k in fields}
         kwargs = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
-        if cfg.get("model_type") != "qwen3_moe":  # a dense config's stray expert fields mean nothing
+        if not moe:  # a dense config's stray expert fields mean nothing
             for name in _MOE_FIELDS:
                 kwargs.pop(name, None)
         elif isinstance(kwargs.get("mlp_only_layers"), list):
             kwargs["mlp_only_layers"] = tuple(kwargs["mlp_only_layers"])
-        # transformers >= 5 saves rope_theta inside rope_parameters.
+        if not hybrid:
+            for name in _HYBRID_FIELDS:
+                kwargs.pop(name, None)
+        # transformers >= 5 saves rope_theta (and a hybrid's partial_rotary_factor) inside rope_parameters.
         rope = cfg.get("rope_parameters")
-        if "rope_theta" not in kwargs and isinstance(rope, dict) and rope.get("rope_theta") is not None:
-            kwargs["rope_theta"] = rope["rope_theta"]
-        missing = [
-            k
-            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-            if k not in kwargs
-        ]
-        if cfg.get("model_type") == "qwen3_moe":
-            missing += [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in kwargs]
+        rope = rope if isinstance(rope, dict) else {}
+        for name in ("rope_theta", "partial_rotary_factor") if hybrid else ("rope_theta",):
+            if name not in kwargs and rope.get(name) is not None:
+                kwargs[name] = rope[name]
+        if hybrid:
+            cls._hybrid_kwargs(kwargs, cfg, moe)
+        required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        if moe:
+            required += ["num_experts", "num_experts_per_tok", "moe_intermediate_size"]
+        if hybrid:
+            required += [f for f in _HYBRID_SIZES if f != "shared_expert_intermediate_size" or moe]
+        missing = [k for k in required if k not in kwargs]
         if missing:
-            raise UserError(f"config.json lacks {', '.join(missing)}: it does not describe a Qwen3 model")
+            raise UserError(
+                f"config.json lacks {', '.join(missing)}: it does not describe a {_family(model_type)} model"
+            )
         sizes = (
             "hidden_size",
             "intermediate_size",
@@ -175,6 +316,7 @@ class Architecture:
                 if "num_experts" in kwargs
                 else ()
             ),
+            *(_HYBRID_SIZES if hybrid else ()),
         )
         bad = [
             f"{k}={kwargs[k]!r}"
@@ -191,6 +333,28 @@ class Architecture:
                 f"{kwargs['num_experts']}: num_experts_per_tok must not exceed num_experts"
             )
         return cls(**kwargs)
+
+    @staticmethod
+    def _hybrid_kwargs(kwargs: dict, cfg: dict, moe: bool) -> None:
+        """A hybrid's layer types (listed, or every `full_attention_interval`-th layer full attention, as
+        transformers derives them) checked; a hybrid MoE's one dense MLP width, its shared expert's."""
+        layers = kwargs.get("num_hidden_layers")
+        types = cfg.get("layer_types")
+        if types is None and isinstance(layers, int) and layers > 0:
+            interval = cfg.get("full_attention_interval", 4)
+            if not isinstance(interval, int) or interval < 1:
+                raise UserError(f"config.json has full_attention_interval={interval!r}: must be a positive integer")
+            types = [FULL_ATTENTION if (n + 1) % interval == 0 else LINEAR_ATTENTION for n in range(layers)]
+        if types is not None:
+            if not isinstance(types, list) or any(t not in (FULL_ATTENTION, LINEAR_ATTENTION) for t in types):
+                raise UserError(
+                    f"config.json's layer_types must list {FULL_ATTENTION!r} or {LINEAR_ATTENTION!r} per layer"
+                )
+            if isinstance(layers, int) and len(types) != layers:
+                raise UserError(f"config.json lists {len(types)} layer_types for num_hidden_layers {layers}")
+            kwargs["layer_types"] = tuple(types)
+        if moe and "shared_expert_intermediate_size" in kwargs:
+            kwargs["intermediate_size"] = kwargs["shared_expert_intermediate_size"]
 
 
 def lora_on_experts(switch: str, arch: Architecture, name: str) -> bool:
@@ -213,6 +377,24 @@ _ALIASES = {"num_local_experts": "num_experts"}
 _MOE_FIELDS = tuple(
     f for f in Architecture.__dataclass_fields__ if f.startswith(("num_experts", "moe_", "decoder_sparse", "mlp_only"))
 ) + ("norm_topk_prob", "router_aux_loss_coef")
+_HYBRID_SIZES = (
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "shared_expert_intermediate_size",
+)
+_HYBRID_FIELDS = ("layer_types", "partial_rotary_factor", *_HYBRID_SIZES)
+# config.json's model_type of the Qwen3.5/3.6 checkpoints (the unified vision-language ones) and of their text models.
+HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+MODEL_TYPES = ("qwen3", "qwen3_moe", *HYBRID_MODEL_TYPES)
+
+
+def _family(model_type) -> str:
+    if model_type in HYBRID_MODEL_TYPES:
+        return "Qwen3.5/3.6"
+    return "Qwen3-MoE" if model_type == "qwen3_moe" else "Qwen3"
 
 
 @dataclass(frozen=True)
@@ -248,10 +430,91 @@ _235B_A22B = Architecture(
 )
 _235B_A22B_2507 = replace(_235B_A22B, max_position_embeddings=262144, rope_theta=5_000_000.0)
 TINY_MOE = "tiny-qwen3-moe"
+
+
+def _hybrid_layers(n: int, interval: int = 4) -> tuple[str, ...]:
+    """Every `interval`-th layer full attention, the rest Gated DeltaNet (config.json's layer_types of every
+    Qwen3.5/3.6 model: full_attention_interval 4, so the last layer is full attention)."""
+    return tuple(FULL_ATTENTION if (k + 1) % interval == 0 else LINEAR_ATTENTION for k in range(n))
+
+
+def _qwen3_5(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, value_heads: int, **kw):
+    """A Qwen3.5/3.6 text model from its config.json: what every size shares (head_dim 256; DeltaNet's 16 key heads,
+    key and value heads of 128, a 4-tap convolution; vocabulary 248,320; 262,144 positions; RoPE theta 1e7 on a
+    quarter of each head), the rest given."""
+    return Architecture(
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        num_key_value_heads=kv_heads,
+        head_dim=256,
+        vocab_size=248320,
+        max_position_embeddings=262144,
+        rope_theta=10_000_000.0,
+        layer_types=_hybrid_layers(layers),
+        linear_num_key_heads=16,
+        linear_num_value_heads=value_heads,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        partial_rotary_factor=0.25,
+        **kw,
+    )
+
+
+# The Qwen3.5/3.6 text models, from the released config.json files' text_config (cross-read in THUDM/slime's
+# scripts/models/qwen3.5-*.sh, transformers' configuration_qwen3_5*.py, NVIDIA-NeMo/Megatron-Bridge's Qwen3.5 tests
+# and model cards). The small ones tie their embeddings; the MoE ones are sparse in every layer, with a shared expert
+# of the experts' width beside them (intermediate_size here is the shared expert's). Not verified against a second
+# source: Qwen3.5-2B's 16 DeltaNet value heads and tied embeddings, and Qwen3.5-397B-A17B's shared expert of 1,024
+# (one source gave 4,096).
+_Q35_0_8B = _qwen3_5(1024, 3584, 24, 8, 2, 16, tie_word_embeddings=True)
+_Q35_2B = _qwen3_5(2048, 6144, 24, 8, 2, 16, tie_word_embeddings=True)
+_Q35_4B = _qwen3_5(2560, 9216, 32, 16, 4, 32, tie_word_embeddings=True)
+_Q35_9B = _qwen3_5(4096, 12288, 32, 16, 4, 32)
+_Q35_27B = _qwen3_5(5120, 17408, 64, 24, 4, 48)
+
+
+def _qwen3_5_moe(hidden, layers, heads, value_heads, experts, per_token, width):
+    return _qwen3_5(
+        hidden,
+        width,
+        layers,
+        heads,
+        2,
+        value_heads,
+        num_experts=experts,
+        num_experts_per_tok=per_token,
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=width,
+    )
+
+
+_Q35_35B_A3B = _qwen3_5_moe(2048, 40, 16, 32, 256, 8, 512)
+_Q35_122B_A10B = _qwen3_5_moe(3072, 48, 32, 64, 256, 8, 1024)
+_Q35_397B_A17B = _qwen3_5_moe(4096, 60, 32, 64, 512, 10, 1024)
+TINY_QWEN3_5 = "tiny-qwen3.5"
+TINY_QWEN3_5_MOE = "tiny-qwen3.5-moe"
+# The text-only fine-tune of a unified checkpoint: transformers' Qwen3_5ForCausalLM loads the language model and
+# leaves the vision tower (and the multi-token-prediction layer) unread.
+TEXT_ONLY_NOTE = (
+    "the released checkpoint is a vision-language model: its language model is loaded and trained; the vision tower "
+    "and the multi-token-prediction layer are neither loaded nor trained"
+)
 # The offline demo and the tests: Qwen3's real vocabulary (so the real tokenizer works) on a model small enough to
 # train on two CPU cores in seconds.
 _TINY = Architecture(
     64, 128, 2, 4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=4096
+)
+
+_TINY_HYBRID = replace(
+    _qwen3_5(64, 128, 4, 4, 2, 4, tie_word_embeddings=True),
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    max_position_embeddings=4096,
 )
 
 # Qwen3 hybrid models render an empty <think></think> block before a non-thinking answer; the 2507
@@ -288,6 +551,22 @@ CATALOG: dict[str, ModelSpec] = {
         ModelSpec(
             "Qwen3-235B-A22B-Thinking-2507", "Qwen/Qwen3-235B-A22B-Thinking-2507", _235B_A22B_2507, thinking=True
         ),
+        *(
+            ModelSpec(f"Qwen{version}-{size}{base}", f"Qwen/Qwen{version}-{size}{base}", arch, thinking=True)
+            for version, size, arch, bases in (
+                ("3.5", "0.8B", _Q35_0_8B, ("", "-Base")),
+                ("3.5", "2B", _Q35_2B, ("", "-Base")),
+                ("3.5", "4B", _Q35_4B, ("", "-Base")),
+                ("3.5", "9B", _Q35_9B, ("", "-Base")),
+                ("3.5", "27B", _Q35_27B, ("",)),
+                ("3.5", "35B-A3B", _Q35_35B_A3B, ("", "-Base")),
+                ("3.5", "122B-A10B", _Q35_122B_A10B, ("",)),
+                ("3.5", "397B-A17B", _Q35_397B_A17B, ("",)),
+                ("3.6", "27B", _Q35_27B, ("",)),
+                ("3.6", "35B-A3B", _Q35_35B_A3B, ("",)),
+            )
+            for base in bases
+        ),
         ModelSpec(TINY, None, _TINY, thinking=True, tokenizer="qwen3-offline"),
         # The tests' MoE: tiny-qwen3's attention and vocabulary, 8 experts of width 64, 2 per token, untied (the
         # 30B and 235B models are untied).
@@ -297,6 +576,23 @@ CATALOG: dict[str, ModelSpec] = {
             replace(_TINY, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64),
             thinking=True,
             tokenizer="qwen3-offline",
+        ),
+        # The tests' hybrids: three DeltaNet layers and one gated attention layer at tiny widths, Qwen3.5's real
+        # vocabulary and tokenizer; the MoE one with 8 experts (2 a token) and a shared expert.
+        ModelSpec(TINY_QWEN3_5, None, _TINY_HYBRID, thinking=True, tokenizer="qwen3.5-offline"),
+        ModelSpec(
+            TINY_QWEN3_5_MOE,
+            None,
+            replace(
+                _TINY_HYBRID,
+                tie_word_embeddings=False,
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=64,
+                shared_expert_intermediate_size=128,
+            ),
+            thinking=True,
+            tokenizer="qwen3.5-offline",
         ),
     ]
 }
@@ -360,13 +656,15 @@ def _from_local_dir(path: Path) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise UserError(f"{cfg_file}: must be a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type not in (None, "qwen3", "qwen3_moe"):
+    if model_type not in (None, *MODEL_TYPES):
         raise UserError(
-            f"{cfg_file}: model_type is {model_type!r}; autotune tunes Qwen3's dense models (qwen3) and its "
-            "mixture-of-experts models (qwen3_moe)"
+            f"{cfg_file}: model_type is {model_type!r}; autotune tunes Qwen3's dense models (qwen3), its "
+            "mixture-of-experts models (qwen3_moe) and the Qwen3.5/3.6 hybrids (qwen3_5, qwen3_5_moe)"
         )
     arch = Architecture.from_hf_config(cfg)
     has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    # A folder without tokenizer files (an architecture saved for random init) gets its family's offline tokenizer.
+    offline = "qwen3.5-offline" if arch.is_hybrid else "qwen3-offline"
     return ModelSpec(
-        path.name, None, arch, thinking=True, local_path=str(path), tokenizer=None if has_tokenizer else "qwen3-offline"
+        path.name, None, arch, thinking=True, local_path=str(path), tokenizer=None if has_tokenizer else offline
     )

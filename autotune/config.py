@@ -587,7 +587,8 @@ def _check_expert_lora(values: dict, spec: ModelSpec, errors: list[str]) -> None
     need a model that has them and no dropout (PEFT's adapters on parameters, which the fused expert tensors are,
     refuse it)."""
     targets = values.get("target_modules")
-    if spec.architecture.is_moe and isinstance(targets, list):
+    # (A hybrid MoE's gate/up/down are its shared expert's Linears, which LoRA targets as a dense MLP's.)
+    if spec.architecture.is_moe and not spec.architecture.is_hybrid and isinstance(targets, list):
         mlp = [t for t in targets if isinstance(t, str) and t in PROJECTIONS and t not in ATTENTION_PROJECTIONS]
         if mlp:
             errors.append(
@@ -615,15 +616,17 @@ def _check_expert_lora(values: dict, spec: ModelSpec, errors: list[str]) -> None
 def _check_consistency(values: dict, errors: list[str]) -> None:
     """Checks across keys, on the merged values (run even when some values are bad, so that every
     error of a file is reported at once)."""
+    spec = None
     if isinstance(values.get("model_name"), str):
         try:
-            _check_sizes(values, resolve_model(values["model_name"]), errors)
+            spec = resolve_model(values["model_name"])
+            _check_sizes(values, spec, errors)
         except UserError as exc:
             errors.append(f"key 'model_name': {exc}")
     targets = values.get("target_modules")
     if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         try:
-            check_target_modules(targets)
+            check_target_modules(targets, spec.architecture if spec else None)
         except UserError as exc:
             errors.append(f"key 'target_modules': {exc}")
     if values.get("fp16") is True and values.get("bf16") is True:

@@ -544,7 +544,7 @@ def _export_merged(
         weights, deltas, torch_dtype, tmp, tied=tied, max_shard_bytes=max_shard_bytes, progress=progress
     )
     # vLLM picks its implementation by this name.
-    hf_config.architectures = ["Qwen3MoeForCausalLM" if run.spec.architecture.is_moe else "Qwen3ForCausalLM"]
+    hf_config.architectures = [run.spec.architecture.causal_lm_class]
     hf_config.use_cache = True
     hf_config.dtype = torch_dtype
     for attr in ("_name_or_path", "name_or_path"):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from autotune import quiet, techniques
-from autotune.catalog import ModelSpec, check_target_modules, expert_lora_targets, lora_on_experts
+from autotune.catalog import Architecture, ModelSpec, check_target_modules, expert_lora_targets, lora_on_experts
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.errors import UserError
@@ -348,13 +348,20 @@ def prepare_for_training(model, quantized: bool, checkpointing: bool, checkpoint
 
 
 def attach_lora(
-    model, *, r: int, alpha: float, dropout: float, target_modules: list[str], target_parameters: Sequence[str] = ()
+    model,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    target_parameters: Sequence[str] = (),
+    arch: Architecture | None = None,
 ):
     """peft's LoRA on the `target_modules` Linears, and on the `target_parameters` tensors (an MoE model's fused
     experts: peft adds each expert's low-rank update to the stack, catalog.expert_lora_targets)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = check_target_modules(target_modules)
+    targets = check_target_modules(target_modules, arch)
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes any number
@@ -418,6 +425,7 @@ def build_model(
             dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules,
             target_parameters=expert_lora_targets(spec.architecture) if experts else (),
+            arch=spec.architecture,
         )
         built = BuiltModel(
             model=model,

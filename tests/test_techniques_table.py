@@ -26,6 +26,12 @@ from autotune.techniques import (
 
 UNTIED = resolve_model("Qwen3-8B")  # every technique applies to an untied model
 TIED = resolve_model("Qwen3-0.6B")
+# A model with each fact a row's model rule may name (catalog.Architecture's booleans).
+MODEL_WITH = {
+    "tie_word_embeddings": TIED,
+    "is_moe": resolve_model("Qwen3-30B-A3B"),
+    "is_hybrid": resolve_model("Qwen3.5-9B"),
+}
 
 
 @pytest.mark.parametrize("t", TECHNIQUES_TABLE, ids=lambda t: t.key)
@@ -55,9 +61,7 @@ def test_knobs_take_every_row_and_nothing_else():
         every.fused_loss = False  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(
-    "t", [t for t in TECHNIQUES_TABLE if t.needs or t.untied_only or t.dense_only], ids=lambda t: t.key
-)
+@pytest.mark.parametrize("t", [t for t in TECHNIQUES_TABLE if t.needs or t.refused_for], ids=lambda t: t.key)
 def test_a_rows_rules_refuse_what_it_cannot_do_saying_how_to_fix_it(t):
     with_needs = Knobs(**{n.knob: True for n in t.needs}, **{t.key: True})
     check(with_needs, UNTIED)  # everything it needs: accepted
@@ -65,16 +69,13 @@ def test_a_rows_rules_refuse_what_it_cannot_do_saying_how_to_fix_it(t):
         with pytest.raises(UserError, match=f'{t.key} "on" needs') as exc:
             check(with_needs.with_(**{need.knob: False}), UNTIED)
         assert need.why in str(exc.value) and '"auto"/"off"' in str(exc.value)
-    if t.untied_only:
-        with pytest.raises(UserError, match=TIED.name) as exc:
-            check(with_needs, TIED)
-        assert t.untied_only in str(exc.value)
-    if t.dense_only:
-        moe = resolve_model("Qwen3-30B-A3B")
-        with pytest.raises(UserError, match=moe.name) as exc:
-            check(with_needs, moe)
-        assert t.dense_only in str(exc.value)
-        assert not getattr(with_needs.applicable(tied=False, moe=True), t.key)  # the estimate drops it
+    for rule in t.refused_for:
+        refused = MODEL_WITH[rule.fact]
+        with pytest.raises(UserError, match=refused.name) as exc:
+            check(with_needs, refused)
+        assert rule.why in str(exc.value)
+        assert not getattr(with_needs.applicable(arch=refused.architecture), t.key)  # the estimate drops it
+        assert t.auto is False or not getattr(resolve(build_config({"model_name": refused.name}), refused), t.key)
 
 
 RULES = [(t, rule) for t in TECHNIQUES_TABLE for rule in t.refused_under]

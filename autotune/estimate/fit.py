@@ -117,11 +117,7 @@ def _with_every_technique(shape: StepShape, budget: Budget, found: dict) -> dict
     """What every memory technique the model and strategy take would buy over the shape's own: its answers and the
     config values that switch them on; None when they would buy nothing (same largest batch and sequence)."""
     lean = shape.knobs.leanest(
-        tied=shape.arch.tie_word_embeddings,
-        strategy=shape.strategy,
-        world_size=shape.world_size,
-        targets=shape.target_modules,
-        moe=shape.arch.is_moe,
+        arch=shape.arch, strategy=shape.strategy, world_size=shape.world_size, targets=shape.target_modules
     )
     if lean == shape.knobs:
         return None

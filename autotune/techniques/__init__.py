@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from autotune.catalog import ModelSpec
+from autotune.catalog import Architecture, ModelSpec
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
@@ -130,6 +130,18 @@ class StrategyRule:
 
 
 @dataclass(frozen=True)
+class ModelRule:
+    """Models that cannot take a technique: those whose architecture has `fact` (a boolean of catalog.Architecture:
+    "tie_word_embeddings", "is_moe", "is_hybrid"), and why (finishing the sentence "<model> ...")."""
+
+    fact: str
+    why: str
+
+    def refuses(self, arch: Architecture) -> bool:
+        return bool(getattr(arch, self.fact))
+
+
+@dataclass(frozen=True)
 class Technique:
     """One technique of the step, declared once."""
 
@@ -145,10 +157,8 @@ class Technique:
     # apply_knobs); None: the step applies it (step.py, trial.py).
     switch: str | None = None
     needs: tuple[Requirement, ...] = ()
-    # Why a model with tied embeddings cannot take it (None: any model can): finishes "<model> ...".
-    untied_only: str | None = None
-    # Why a mixture-of-experts model cannot take it (None: any model can): finishes "<model> ...".
-    dense_only: str | None = None
+    # The models that cannot take it (tied embeddings, experts, linear attention), and why.
+    refused_for: tuple[ModelRule, ...] = ()
     # The strategies of several ranks that refuse it (distributed_strategy ddp / fsdp), and why.
     refused_under: tuple[StrategyRule, ...] = ()
     # Whether solve measures it on and off when the config leaves it on auto (False: auto means the row's default).
@@ -162,6 +172,10 @@ class Technique:
     # The frozen table it keeps in host memory ("input": the input embedding, "output": lm_head), which the model
     # build therefore loads there, never on the device (modeling.load_base_model). None: it keeps none.
     host_table: str | None = None
+
+    def refuses(self, arch: Architecture) -> ModelRule | None:
+        """The first of its model rules that `arch` breaks (None: the model can take it)."""
+        return next((rule for rule in self.refused_for if rule.refuses(arch)), None)
 
     def config_doc(self) -> str:
         auto = "on" if self.auto else "the profile's choice, else off"
@@ -232,8 +246,13 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         # A gather on the CPU and a copy per forward.
         speed=_costs(0.97),
         switch="set_host_embedding",
-        untied_only="ties its input embeddings to lm_head, which the loss needs on the GPU; "
-        f"{_UNTIED} keep the table in CPU memory",
+        refused_for=(
+            ModelRule(
+                "tie_word_embeddings",
+                f"ties its input embeddings to lm_head, which the loss needs on the GPU; {_UNTIED} keep the table in "
+                "CPU memory",
+            ),
+        ),
         refused_under=(
             StrategyRule("fsdp", _FSDP_TABLE),
             StrategyRule(
@@ -261,7 +280,12 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
                 "the fused loss reads the 8-bit table a block at a time, the plain loss would rebuild it whole",
             ),
         ),
-        untied_only=f"ties lm_head to its input embeddings, which lookups need whole; {_UNTIED} keep lm_head in 8-bit",
+        refused_for=(
+            ModelRule(
+                "tie_word_embeddings",
+                f"ties lm_head to its input embeddings, which lookups need whole; {_UNTIED} keep lm_head in 8-bit",
+            ),
+        ),
         refused_under=(StrategyRule("fsdp", _FSDP_TABLE),),
         estimate=("weights.lm_head", "head.loss"),
         load=("weights.lm_head", "load.lm_head_8bit"),
@@ -280,7 +304,11 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         # Runs the MLP's forward twice without checkpointing, a third time with it.
         speed=_costs(0.9),
         switch="set_tiled_mlp",
-        dense_only="has experts, not a dense MLP, in its layers: a token's rows already go through them apart",
+        refused_for=(
+            ModelRule(
+                "is_moe", "has experts, not a dense MLP, in its layers: a token's rows already go through them apart"
+            ),
+        ),
         refused_under=(
             StrategyRule(
                 "ddp",
@@ -303,6 +331,14 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         # A trial's rows are all full length, so a trial cannot show packing's gain (no padding to drop), only its
         # cost: the solver keeps the config's choice.
         searched=False,
+        refused_for=(
+            ModelRule(
+                "is_hybrid",
+                "has Gated DeltaNet layers, whose recurrent state and causal convolution would run on from one packed "
+                "sample into the next (transformers' reference gated-delta path takes no sample boundaries); its "
+                "micro-batches are padded instead",
+            ),
+        ),
         estimate=("misc.inputs",),
     ),
 )
@@ -384,22 +420,16 @@ class Knobs:
     def applicable(
         self,
         *,
-        tied: bool,
+        arch: Architecture,
         strategy: str = "ddp",
         world_size: int = 1,
         targets: Iterable[str] = (),
-        moe: bool = False,
     ) -> Knobs:
-        """These knobs less what cannot take effect: what the strategy refuses, a row whose needs are off, one that
-        needs untied embeddings on a model that ties them, one for dense MLPs on a mixture of experts (the rows'
-        rules, in table order)."""
+        """These knobs less what cannot take effect: what the strategy refuses, a row whose needs are off, one whose
+        model rules refuse `arch` (tied embeddings, experts, linear attention; the rows' rules, in table order)."""
         knobs = self.allowed_under(strategy, world_size, targets)
         for t in TECHNIQUES_TABLE:
-            blocked = (
-                any(not getattr(knobs, n.knob) for n in t.needs)
-                or (t.untied_only is not None and tied)
-                or (t.dense_only is not None and moe)
-            )
+            blocked = any(not getattr(knobs, n.knob) for n in t.needs) or t.refuses(arch) is not None
             if getattr(knobs, t.key) and blocked:
                 knobs = knobs.with_(**{t.key: False})
         return knobs
@@ -428,7 +458,10 @@ def resolve(cfg: Config, spec: ModelSpec) -> Knobs:
     """The switches a config asks for, `auto` resolved to the row's default (a solved profile writes explicit
     on/off values, so `auto` here means no profile decided). A switch that cannot apply to this model or config
     is a UserError naming it."""
-    values = {t.key: _switch(getattr(cfg, t.key), t.auto) for t in TECHNIQUES_TABLE}
+    # `auto` is the row's default where the model can take it, off where a model rule refuses it (packing on a
+    # hybrid); only an explicit "on" the model cannot take is an error.
+    arch = spec.architecture
+    values = {t.key: _switch(getattr(cfg, t.key), t.auto and t.refuses(arch) is None) for t in TECHNIQUES_TABLE}
     knobs = Knobs(checkpointing=cfg.gradient_checkpointing, **values)
     check(knobs, spec)
     return knobs
@@ -447,10 +480,9 @@ def check(knobs: Knobs, spec: ModelSpec) -> None:
                 fix = "gradient_checkpointing true" if need.knob == "checkpointing" else f'{need.knob} "on" or "auto"'
                 name = "gradient_checkpointing" if need.knob == "checkpointing" else need.knob
                 raise UserError(f'{t.key} "on" needs {name}: {need.why}. Set {fix}, or {t.key} "auto"/"off"')
-        if t.untied_only and spec.architecture.tie_word_embeddings:
-            raise UserError(f'{t.key} "on": {spec.name} {t.untied_only}. Set it "auto" or "off"')
-        if t.dense_only and spec.architecture.is_moe:
-            raise UserError(f'{t.key} "on": {spec.name} {t.dense_only}. Set it "auto" or "off"')
+        rule = t.refuses(spec.architecture)
+        if rule is not None:
+            raise UserError(f'{t.key} "on": {spec.name} {rule.why}. Set it "auto" or "off"')
 
 
 def check_strategy(cfg: Config, strategy: str, world_size: int) -> None:

@@ -60,14 +60,15 @@ def _tiled_forward(self, x):
 
 
 def set_tiled_mlp(model, on: bool, place: Place) -> int:
-    """Tile (or stop tiling) the MLP of every decoder layer of `model` (a transformers Qwen3 model). The MLP
-    module stays where it is (its parameters keep their names, peft's adapters with them); only its forward
-    is wrapped. Returns the number of MLPs switched."""
+    """Tile (or stop tiling) the MLP of every decoder layer of `model` (a transformers Qwen3 or Qwen3.5/3.6 dense
+    model). The MLP module stays where it is (its parameters keep their names, peft's adapters with them); only its
+    forward is wrapped. Returns the number of MLPs switched."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5MLP
 
     switched = 0
     for module in model.modules():
-        if not isinstance(module, Qwen3MLP):
+        if not isinstance(module, (Qwen3MLP, Qwen3_5MLP)):
             continue
         tiled = "_plain_forward" in vars(module)
         if on and not tiled:

@@ -18,11 +18,15 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from autotune.catalog import Architecture
+from autotune.catalog import LINEAR_ATTENTION_PROJECTIONS, Architecture
 from autotune.estimate.shape import StepShape
 from autotune.techniques import tile_tokens
 
 NF4_BLOCK = 64  # elements per absmax of a 4-bit weight
+
+# transformers' reference gated-delta rule (torch_chunk_gated_delta_rule) works on chunks of this many tokens, a
+# row padded up to a whole number of them.
+DELTA_CHUNK = 64
 
 
 class LayerKind(Protocol):
@@ -109,6 +113,8 @@ def lora_saved_bytes_per_token(
         "v_proj": "attn_in",
         "gate_proj": "mlp_in",
         "up_proj": "mlp_in",
+        # a DeltaNet block's input projections read the normed hidden state as attention's do
+        **dict.fromkeys(LINEAR_ATTENTION_PROJECTIONS[:4], "attn_in"),
     }
     seen: set[str] = set()
     for t in targets:
@@ -223,6 +229,108 @@ class FullAttention(_Linears):
         norm's backward works in fp32 (two hidden-sized fp32 temporaries)."""
         h = s.arch.hidden_size
         return [s.tokens * (4 * h * len(self._targets(s)) + 8 * h)]
+
+
+class GatedAttention(FullAttention):
+    """Qwen3.5/3.6's full attention (transformers' Qwen3_5Attention): Qwen3's, with q_proj twice as wide, its second
+    half a gate on the attention's output (sigmoid(gate) * output before o_proj), RoPE on a quarter of each head."""
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        # The gate's sigmoid and the output made contiguous for the product, both kept by it.
+        q = s.arch.num_attention_heads * s.arch.head_dim
+        return super().saved(s, first=first) + 2 * q * s.act_bytes
+
+
+class LinearAttention(_Linears):
+    """A Qwen3.5/3.6 Gated DeltaNet block behind its input RMSNorm (transformers' Qwen3_5GatedDeltaNet), on
+    transformers' reference path (torch_chunk_gated_delta_rule and the causal convolution in PyTorch): q/k/v through
+    one projection and a depthwise causal convolution with SiLU, a gate z, per-head write strength b (sigmoid) and
+    decay a (softplus), the chunked delta rule in fp32 (queries and keys L2-normed, repeated to the value heads; the
+    within-chunk decays, the triangular systems and their solutions per chunk of DELTA_CHUNK tokens; a recurrent
+    state of key x value width per value head after every chunk, which the scan keeps for backward), then the gated
+    RMSNorm and out_proj. flash-linear-attention's kernels, where installed on a GPU, keep less: this is the bound."""
+
+    PROJECTIONS = LINEAR_ATTENTION_PROJECTIONS
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        shapes = arch.projection_shapes()
+        return {p: shapes[p] for p in self.PROJECTIONS}
+
+    def norm_elements(self, arch: Architecture) -> int:
+        return arch.hidden_size + arch.linear_value_head_dim  # input_layernorm, the gated norm
+
+    def unquantized_elements(self, arch: Architecture) -> int:
+        conv = 2 * arch.linear_key_width + arch.linear_value_width
+        return conv * arch.linear_conv_kernel_dim + 2 * arch.linear_num_value_heads  # conv1d, A_log and dt_bias
+
+    def _targets(self, s: StepShape) -> tuple[str, ...]:
+        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
+
+    def _groups(self, arch: Architecture) -> dict:
+        return {
+            "attn_in": (arch.hidden_size, self.PROJECTIONS[:4]),
+            "out_in": (arch.linear_value_width, ("out_proj",)),
+        }
+
+    @staticmethod
+    def _padded(s: StepShape) -> float:
+        """A row's tokens padded to whole chunks, per token of the row."""
+        return math.ceil(s.seq / DELTA_CHUNK) * DELTA_CHUNK / s.seq
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        arch, a = s.arch, s.act_bytes
+        nv = arch.linear_num_value_heads
+        value = arch.linear_value_width
+        conv = 2 * arch.linear_key_width + value
+        total: float = 0 if first else _norm_bytes_per_token(arch)
+        total += 2 * conv * a  # the convolution's input, SiLU's input
+        total += 4 * value + 4 * 4 * nv  # the gate z in fp32 (the gated norm's SiLU); beta, softplus in and out, decay
+        total += self._rule_saved(s) * self._padded(s)
+        # The gated norm: its fp32 input and rsqrt, the normed values and SiLU(z) it multiplies.
+        total += 4 * value + 4 * nv + value * a + 4 * value
+        total += _lora_saved(s, self._targets(s), first)
+        return total + self.int8_inputs(s, s.target_modules, first=first)
+
+    @staticmethod
+    def _rule_saved(s: StepShape) -> float:
+        """Bytes per (chunk-padded) token the gated-delta rule keeps for backward."""
+        arch, a = s.arch, s.act_bytes
+        nv, chunk = arch.linear_num_value_heads, DELTA_CHUNK
+        value = arch.linear_value_width
+        if s.delta_kernel == "fla":
+            # flash-linear-attention's ChunkGatedDeltaRuleFunction: q and k (their key heads, L2-normed) with their
+            # fp32 rstd, v, the fp32 decay, beta and the chunk-local WY matrix A; the states are recomputed.
+            k_heads = arch.linear_num_key_heads
+            return 2 * arch.linear_key_width * a + 8 * k_heads + value * a + 4 * nv + nv * a + nv * chunk * a
+        key = nv * arch.linear_key_head_dim  # queries and keys repeated to the value heads
+        # In fp32: q and k before and after their L2 norm (and its scale), k * beta, its decayed copy's solution, the
+        # decayed q and k of the scan; v, v * beta's solution, and each chunk's new values; the within-chunk decay
+        # matrix, the k.k and q.k products before and after it (chunk entries a head); then the recurrent state
+        # entering every chunk, which the scan's matmuls keep.
+        rule = 4 * (8 * key + 3 * value + 5 * nv * chunk + 8 * nv)
+        return rule + 4 * nv * arch.linear_key_head_dim * arch.linear_value_head_dim / chunk
+
+    def kept_through_checkpointing(self, s: StepShape) -> float:
+        if s.quantization != "8bit":
+            return 0.0
+        return s.act_bytes * (s.arch.hidden_size + s.arch.linear_value_width)
+
+    def int8_inputs(self, s: StepShape, targets: Sequence[str], *, first: bool = False) -> float:
+        return _int8_groups(s, self._groups(s.arch), targets, first)
+
+    def bursts(self, s: StepShape, biggest_weight: int) -> list[float]:
+        """The rule's backward, beside what it saved: the reference rule's gradients of its per-chunk fp32 tensors
+        alive at once; the kernel's recomputed states and their gradients (one of each per chunk), the new values,
+        w and u and the gradients of q, k, v."""
+        arch, a = s.arch, s.act_bytes
+        nv, value = arch.linear_num_value_heads, arch.linear_value_width
+        key = nv * arch.linear_key_head_dim
+        if s.delta_kernel == "fla":
+            states = 2 * nv * arch.linear_key_head_dim * arch.linear_value_head_dim * a / DELTA_CHUNK
+            per_token = states + (3 * value + 2 * key + 2 * arch.linear_key_width) * a
+        else:
+            per_token = 4 * (4 * key + 2 * value + 3 * nv * DELTA_CHUNK)
+        return [s.tokens * per_token * self._padded(s)]
 
 
 class DenseMlp(_Linears):
@@ -369,6 +477,22 @@ class MoeMlp:
         return out
 
 
+class SharedExpert(DenseMlp):
+    """A hybrid MoE's shared expert beside its routed ones (transformers' Qwen3_5MoeSparseMoeBlock): a dense SwiGLU
+    MLP of width intermediate_size (catalog: the shared expert's), scaled by a sigmoid gate (a hidden x 1 Linear) and
+    added to the experts' output. It reads the experts' normed input (their kind counts that norm)."""
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        return super().projections(arch) | {"shared_expert_gate": (arch.hidden_size, 1)}
+
+    def norm_elements(self, arch: Architecture) -> int:
+        return 0
+
+    def saved(self, s: StepShape, *, first: bool) -> float:
+        # Its MLP less the norm (MoeMlp's), plus the gate's sigmoid and the expert's output its product keeps.
+        return super().saved(s, first=first) - _norm_bytes_per_token(s.arch) + s.act_bytes * (s.arch.hidden_size + 1)
+
+
 def mlp_backward_bytes_per_token(arch: Architecture, targets: Sequence[str], act_bytes: int, autocast: bool) -> float:
     """The largest burst of intermediate-sized grads in the MLP's backward, per token, net of the MLP's
     saved tensors already released at that moment (the layer's saved tensors are counted elsewhere).
@@ -399,11 +523,17 @@ Layer = tuple[LayerKind, ...]
 
 @functools.cache
 def decoder_layers(arch: Architecture) -> tuple[Layer, ...]:
-    """The kinds of every decoder layer, in order: attention, then a dense MLP or (an MoE model's sparse layers)
-    the experts."""
-    dense: Layer = (FullAttention(), DenseMlp())
-    sparse: Layer = (FullAttention(), MoeMlp())
-    return tuple(sparse if arch.is_sparse(n) else dense for n in range(arch.num_hidden_layers))
+    """The kinds of every decoder layer, in order: attention (a hybrid's gated attention, or its Gated DeltaNet
+    block), then a dense MLP or (an MoE model's sparse layers) the experts."""
+    attention = GatedAttention() if arch.is_hybrid else FullAttention()
+    # A hybrid's sparse layer has a shared expert beside the routed ones.
+    sparse_mlp: tuple[LayerKind, ...] = (MoeMlp(), SharedExpert()) if arch.is_hybrid else (MoeMlp(),)
+    layers: dict[tuple[bool, bool], Layer] = {
+        (linear, sparse): (LinearAttention() if linear else attention, *(sparse_mlp if sparse else (DenseMlp(),)))
+        for linear in (False, True)
+        for sparse in (False, True)
+    }
+    return tuple(layers[arch.is_linear(n), arch.is_sparse(n)] for n in range(arch.num_hidden_layers))
 
 
 @functools.cache

@@ -26,7 +26,14 @@ from pathlib import Path
 
 from autotune.catalog import Architecture
 from autotune.estimate.head import cuda_logits, final_norm_saved, loss_head, step_inputs
-from autotune.estimate.layers import decoder_layers, layer_backward, layer_groups, layer_saved
+from autotune.estimate.layers import (
+    Layer,
+    decoder_layers,
+    layer_backward,
+    layer_groups,
+    layer_projections,
+    layer_saved,
+)
 from autotune.estimate.shape import StepShape, shape_of
 from autotune.estimate.state import (
     lora_param_tensors,
@@ -91,16 +98,36 @@ class Estimate:
         return asdict(self)
 
 
+def first_trained_layer(s: StepShape) -> int:
+    """The first decoder layer with adapters. Without checkpointing (whose input-grad hook makes the embeddings'
+    output need grad) nothing before it needs grad, so autograd keeps nothing there and no backward runs through
+    it: a hybrid with adapters on attention only starts at its first gated-attention layer."""
+    if s.knobs.checkpointing:
+        return 0
+    for n, layer in enumerate(decoder_layers(s.arch)):
+        if any(t in layer_projections(layer, s.arch) for t in s.target_modules):
+            return n
+        if s.lora_experts and s.arch.is_sparse(n):
+            return n
+    return 0
+
+
+def trained_layers(s: StepShape) -> list[Layer]:
+    """The distinct layers a backward runs through (from first_trained_layer on)."""
+    layers = decoder_layers(s.arch)[first_trained_layer(s) :]
+    return list({id(layer): layer for layer in layers}.values())
+
+
 def _layers_saved(s: StepShape) -> int:
     """Everything autograd holds when the forward ends (the loss head's log-probs excepted)."""
     groups = layer_groups(s.arch)
     if not s.knobs.checkpointing:
-        # Without the input-grad hook the first layer's input norm (and the k-bit inputs of q/k/v) keep nothing:
-        # the frozen embeddings' output needs no grad.
-        first = decoder_layers(s.arch)[0]
-        per_token = layer_saved(first, s, first=True) - layer_saved(first, s)
-        per_token += sum(count * layer_saved(layer, s) for layer, count in groups)
-        fixed = sum(count * kind.saved_fixed(s) for layer, count in groups for kind in layer)
+        # The first trained layer's input norm (and the k-bit inputs of q/k/v) keep nothing: its input, the
+        # frozen embeddings' output or a frozen layer's, needs no grad; the layers before it keep nothing at all.
+        layers, start = decoder_layers(s.arch), first_trained_layer(s)
+        per_token = layer_saved(layers[start], s, first=True)
+        per_token += sum(layer_saved(layer, s) for layer in layers[start + 1 :])
+        fixed = sum(kind.saved_fixed(s) for layer in layers[start:] for kind in layer)
         return int(s.tokens * per_token + fixed + final_norm_saved(s))
     # Each layer's input (the previous layer's output); offloaded, all but the one in use leave the device.
     kept = 1 if s.knobs.offload_activations else s.arch.num_hidden_layers
@@ -125,7 +152,7 @@ def estimate(s: StepShape) -> Estimate:
         "calibration.cuda_logits": cuda_logits(s),
         # The last decoder layer's backward, beside everything the layers saved (the final norm's input is gone).
         "layers.backward": int(
-            saved - final_norm_saved(s) + max(layer_backward(layer, s) for layer, _ in layer_groups(s.arch))
+            saved - final_norm_saved(s) + max(layer_backward(layer, s) for layer in trained_layers(s))
         ),
         "optimizer.step": optimizer_step_temporaries(lora_numels, s.device),
         "misc.inputs": step_inputs(s),

@@ -12,6 +12,7 @@ from typing import Any
 
 from autotune.catalog import Architecture, check_target_modules, lora_on_experts
 from autotune.config import DEFAULT_TARGET_MODULES, QUANTIZATIONS
+from autotune.kernels import DELTA_KERNELS, delta_kernel
 from autotune.techniques import KNOBS, TECHNIQUES_TABLE, Knobs, fused_kernel
 
 STRATEGY_NAMES = ("ddp", "fsdp")
@@ -58,18 +59,21 @@ class StepShape:
     cuda_overhead_bytes: int | None = None
     calibrated: bool = True
     lora_experts: bool | None = None  # adapters on an MoE model's experts (None: on for an MoE model)
+    delta_kernel: str = "reference"  # a hybrid's gated-delta rule: "fla" or "reference" (kernels.delta_kernel)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1 or self.rank < 1:
             raise ValueError(f"batch, seq and rank must be >= 1 (got {self.batch}, {self.seq}, {self.rank})")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.delta_kernel not in DELTA_KERNELS:
+            raise ValueError(f"delta_kernel must be one of {DELTA_KERNELS}, got {self.delta_kernel!r}")
         if self.world_size < 1 or self.strategy not in STRATEGY_NAMES:
             raise ValueError(
                 f"world_size must be >= 1 and strategy ddp or fsdp (got {self.world_size}, {self.strategy!r})"
             )
         settle = {
-            "target_modules": check_target_modules(self.target_modules),
+            "target_modules": check_target_modules(self.target_modules, self.arch),
             "kbit_prepare": self.kbit_prepare and self.quantization != "none",
             "autocast": self.dtype_bytes == 2 if self.autocast is None else self.autocast,
             "knobs": self._applicable(self.knobs),
@@ -84,11 +88,7 @@ class StepShape:
         techniques.check and check_strategy refuse such knobs where a run is configured; the estimate answers for
         any shape."""
         return knobs.applicable(
-            tied=self.arch.tie_word_embeddings,
-            moe=self.arch.is_moe,
-            strategy=self.strategy,
-            world_size=self.world_size,
-            targets=self.target_modules,
+            arch=self.arch, strategy=self.strategy, world_size=self.world_size, targets=self.target_modules
         )
 
     # ------------------------------------------------------------------ derived
@@ -141,6 +141,7 @@ class StepShape:
             world_size=self.world_size,
             strategy=self.strategy,
             **({"lora_experts": self.lora_experts} if self.arch.is_moe else {}),
+            **({"delta_kernel": self.delta_kernel} if self.arch.is_hybrid else {}),
         )
 
 
@@ -187,6 +188,7 @@ def shape_for(
         knobs=knobs,
         lora_experts=lora_on_experts(cfg.lora_experts, arch, cfg.model_name),
         fused_kernel=fused_kernel(device),
+        delta_kernel=delta_kernel(device),
         world_size=world_size,
         strategy=strategy,
     )

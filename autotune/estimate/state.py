@@ -53,7 +53,7 @@ def lora_param_tensors(
 ) -> list[int]:
     """Element counts of every LoRA tensor (A: r x in, B: out x r), all layers; `experts`: an MoE model's experts
     carry adapters too (None: whenever it has experts, as lora_experts "auto")."""
-    targets = check_target_modules(target_modules)
+    targets = check_target_modules(target_modules, arch)
     experts = arch.is_moe if experts is None else experts
     numels: list[int] = []
     for layer, count in layer_groups(arch):

@@ -546,6 +546,7 @@ def solve(
         req,
         max_memory_gb=max_memory_gb,
         budget_explicit="max_memory_gb" in explicit,
+        quantization_explicit="quantization" in explicit,
         margin=margin,
         data_required=bool(data_dir) or "data_dir" in explicit,
         output=output,

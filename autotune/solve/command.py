@@ -8,14 +8,19 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autotune.context import RunContext
 from autotune.errors import UserError
 from autotune.estimate import strategy_for
-from autotune.solve.plan import SolveRequest, SolveResult, plan_from_estimate, request_seq, solve
+from autotune.kernels import delta_kernel
+from autotune.solve.plan import NothingFits, SolveRequest, SolveResult, plan_from_estimate, request_seq, solve
 from autotune.solve.record import default_profile_path, profile_from_solve
 from autotune.techniques import liger_problem
 from autotune.units import Budget
+
+if TYPE_CHECKING:
+    from autotune.trial import TrialRunner
 
 Echo = Callable[[str], None]
 
@@ -98,11 +103,78 @@ def data_stats_for(ctx: RunContext, *, required: bool, echo: Echo) -> dict | Non
     return data_length_stats(ctx)
 
 
+def quantizations(req: SolveRequest, explicit: bool) -> tuple[str, ...]:
+    """The base-weight precisions to try in order (the first that fits wins): the config's when the user wrote it,
+    else the model's order (catalog.Architecture.quantization_order: bf16 first for the Qwen3.5/3.6 hybrids)."""
+    if explicit:
+        return (req.ctx.cfg.quantization,)
+    return req.ctx.architecture.quantization_order
+
+
+def _quantization_reason(req: SolveRequest, tried: list[str]) -> str:
+    cfg = req.ctx.cfg
+    if not tried:
+        return (
+            f"Quantization {cfg.quantization!r}: {cfg.model_name}'s first choice (bf16 LoRA for the Qwen3.5/3.6 "
+            "hybrids, whose 4-bit quantization error is larger than usual); set quantization to choose another."
+        )
+    return (
+        f"Quantization {cfg.quantization!r} because nothing fit before it ({'; '.join(tried)}); bf16 LoRA is "
+        f"{cfg.model_name}'s first choice."
+    )
+
+
+def _solve_once(
+    req: SolveRequest, budget: Budget, source: str, why: str, init: str, probe_doc: dict, device, echo: Echo
+) -> tuple[SolveResult, TrialRunner | None, str, str | None]:
+    """One solve at the request's config: FSDP's plan from the estimate, or the measured trials. Returns the
+    result, the trial runner (None for a plan), the device type and the compute dtype the trials ran in."""
+    import torch
+
+    from autotune.modeling import compute_dtype
+    from autotune.trial import TrialRunner
+
+    cfg = req.ctx.cfg
+    ranks = f", {req.world_size} ranks ({why})" if req.world_size > 1 else ""
+    if req.strategy == "fsdp":
+        echo(
+            f"planning {cfg.model_name} ({cfg.quantization}) for FSDP over {req.world_size} GPUs within "
+            f"{budget.describe()} per rank ({source}){ranks}: from the estimate, without trials"
+        )
+        result = plan_from_estimate(req, budget)
+        # The plan is for GPUs (FSDP trains on nothing else): their compute dtype, this one's if it has one.
+        planned = compute_dtype(cfg, device) if device.type == "cuda" else (torch.bfloat16 if cfg.bf16 else None)
+        dtype: str | None = str(planned or (torch.float16 if cfg.fp16 else torch.float32)).removeprefix("torch.")
+        echo("  " + result.best.describe(budget.total_bytes))
+        return result, None, "cuda", dtype
+    runner = TrialRunner(
+        req.ctx,
+        budget,
+        init=init,
+        device=device,
+        world_size=req.world_size,
+        host_ram_bytes=(probe_doc.get("host") or {}).get("ram_available_bytes"),
+        samples=req.samples,
+    )
+    kernel = f", Gated DeltaNet on {delta_kernel(runner.device_type)}" if req.ctx.architecture.is_hybrid else ""
+    echo(
+        f"solving {cfg.model_name} ({cfg.quantization}{kernel}) on {runner.device_type} within {budget.describe()} "
+        f"({source}), objective {req.objective}{ranks}"
+    )
+    try:
+        result = solve(req, runner, on_trial=lambda t: echo("  " + t.describe(budget.total_bytes)))
+    except NothingFits:
+        runner.release()
+        raise
+    return result, runner, runner.device_type, runner.dtype
+
+
 def run_solve(
     req: SolveRequest,
     *,
     max_memory_gb: float | None,
     budget_explicit: bool,
+    quantization_explicit: bool = True,
     margin: float,
     data_required: bool,
     output: str | None,
@@ -111,14 +183,12 @@ def run_solve(
     echo: Echo,
 ) -> tuple[dict, Path]:
     """`autotune solve`: probe, budget, data statistics, the trials, then the profile, written atomically
-    (and its plot). Returns the profile and where it was written."""
-    import torch
-
+    (and its plot). Returns the profile and where it was written. `quantization_explicit`: the user wrote the
+    config's quantization (else the model's order is tried, `quantizations`)."""
     from autotune.hardware import probe, training_gpu
-    from autotune.modeling import compute_dtype, pick_device
+    from autotune.modeling import pick_device
     from autotune.profile import hardware_fingerprint, save_profile
     from autotune.step import check_training_settings
-    from autotune.trial import TrialRunner
 
     started = time.monotonic()
     cfg = req.ctx.cfg
@@ -135,36 +205,19 @@ def run_solve(
         echo(f"note: {liger}")
     strategy, why = choose_strategy(req, budget, request_seq(req)[0], device.type)
     req = replace(req, strategy=strategy)
-    ranks = f", {req.world_size} ranks ({why})" if req.world_size > 1 else ""
-    runner = None
-    result: SolveResult
-    if strategy == "fsdp":
-        echo(
-            f"planning {cfg.model_name} ({cfg.quantization}) for FSDP over {req.world_size} GPUs within "
-            f"{budget.describe()} per rank ({source}){ranks}: from the estimate, without trials"
-        )
-        result = plan_from_estimate(req, budget)
-        # The plan is for GPUs (FSDP trains on nothing else): their compute dtype, this one's if it has one.
-        planned = compute_dtype(cfg, device) if device.type == "cuda" else (torch.bfloat16 if cfg.bf16 else None)
-        device_type = "cuda"
-        dtype: str | None = str(planned or (torch.float16 if cfg.fp16 else torch.float32)).removeprefix("torch.")
-        echo("  " + result.best.describe(budget.total_bytes))
-    else:
-        runner = TrialRunner(
-            req.ctx,
-            budget,
-            init=init,
-            device=device,
-            world_size=req.world_size,
-            host_ram_bytes=(probe_doc.get("host") or {}).get("ram_available_bytes"),
-            samples=req.samples,
-        )
-        echo(
-            f"solving {cfg.model_name} ({cfg.quantization}) on {runner.device_type} within {budget.describe()} "
-            f"({source}), objective {req.objective}{ranks}"
-        )
-        result = solve(req, runner, on_trial=lambda t: echo("  " + t.describe(budget.total_bytes)))
-        device_type, dtype = runner.device_type, runner.dtype
+    order, tried = quantizations(req, quantization_explicit), []
+    for quantization in order:
+        if quantization != cfg.quantization:
+            cfg = replace(cfg, quantization=quantization)
+            req = replace(req, ctx=RunContext(cfg))
+        try:
+            result, runner, device_type, dtype = _solve_once(req, budget, source, why, init, probe_doc, device, echo)
+            break
+        except NothingFits as exc:
+            if quantization == order[-1]:
+                raise
+            tried.append(f"quantization {quantization!r}: {exc}")
+            echo(f"note: nothing fits with quantization {quantization!r}; trying the next the model allows")
     profile = profile_from_solve(
         req,
         result,
@@ -174,6 +227,8 @@ def run_solve(
         device_type=device_type,
     )
     profile["constraints"]["strategy_reason"] = why
+    if len(order) > 1:
+        profile["reason"] += " " + _quantization_reason(req, tried)
     profile["solve_seconds"] = round(time.monotonic() - started, 2)
     profile["model_build_seconds"] = round(runner.build_seconds, 2) if runner else 0.0
     if runner is not None:

@@ -388,11 +388,15 @@ def _reason(
     return " ".join(parts)
 
 
+class NothingFits(UserError):
+    """No trial of the solve fit in the budget (the message says what to change)."""
+
+
 def _nothing_fits(req: SolveRequest, budget: Budget, seq: int, rank: int, trials: list[Trial], stopped: str | None):
     cfg = req.ctx.cfg
     peaks = [t.peak_bytes for t in trials if t.peak_bytes]
     smallest = f"{min(peaks) / GiB:.2f} GiB" if peaks else "unknown (every trial ran out of memory)"
-    return UserError(
+    return NothingFits(
         f"nothing fits in {budget.describe()} for {cfg.model_name} at sequence {seq}, rank {rank}: "
         f"{len(trials)} trial(s), smallest peak {smallest}. Lower max_sequence_length or lora_r, "
         + ("" if cfg.quantization == "4bit" else 'use quantization "4bit", ')
@@ -488,7 +492,7 @@ def plan_from_estimate(req: SolveRequest, budget: Budget) -> SolveResult:
         rank = (fitting[-1] if req.objective == "max-rank" else fitting[0]) if fitting else ranks[0]
         batch = fits[rank]
     if not batch or not seq:
-        raise UserError(
+        raise NothingFits(
             f"nothing fits in {budget.describe()} per rank for {cfg.model_name} with FSDP over {req.world_size} "
             f"processes at sequence {seq}, rank {rank} (the estimate's per-rank peak): lower max_sequence_length "
             "or lora_r, or use more GPUs"

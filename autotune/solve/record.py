@@ -8,6 +8,7 @@ from pathlib import Path
 
 from autotune.errors import UserError
 from autotune.estimate import RunPlan, plan_run
+from autotune.kernels import delta_kernel
 from autotune.measurement import Trial
 from autotune.profile import CHOICE_KEYS, architecture_hash, new_profile
 from autotune.solve.plan import SolveRequest, SolveResult
@@ -71,6 +72,8 @@ def profile_from_solve(
             "architecture_hash": architecture_hash(spec.architecture),
             "architecture": spec.architecture.facts(),
             "init": init,
+            # A hybrid's Gated DeltaNet layers ran on this kernel (kernels.delta_kernel): what the trials measured.
+            **({"delta_kernel": delta_kernel(device_type)} if spec.architecture.is_hybrid else {}),
         },
         data=req.data_stats,
         constraints={

@@ -7,7 +7,18 @@ import json
 
 import pytest
 
-from autotune.catalog import CATALOG, TINY, TINY_MOE, Architecture, ModelSpec, resolve_model
+from autotune.catalog import (
+    CATALOG,
+    FULL_ATTENTION,
+    LINEAR_ATTENTION,
+    TINY,
+    TINY_MOE,
+    TINY_QWEN3_5,
+    TINY_QWEN3_5_MOE,
+    Architecture,
+    ModelSpec,
+    resolve_model,
+)
 from autotune.errors import UserError
 
 # Published sizes (total parameters, embeddings counted once when tied), in billions.
@@ -31,6 +42,24 @@ PUBLISHED_B = {
 }
 
 
+# The Qwen3.5/3.6 releases' sizes as their names give them (billions: all parameters, and for the MoE ones those a
+# token goes through); the text models autotune trains are within 7% of them (the vision tower is not counted).
+HYBRID_PUBLISHED_B = {
+    "Qwen3.5-0.8B": (0.8, None),
+    "Qwen3.5-2B": (2, None),
+    "Qwen3.5-4B": (4, None),
+    "Qwen3.5-9B": (9, None),
+    "Qwen3.5-27B": (27, None),
+    "Qwen3.5-35B-A3B": (35, 3),
+    "Qwen3.5-122B-A10B": (122, 10),
+    "Qwen3.5-397B-A17B": (397, 17),
+    "Qwen3.6-27B": (27, None),
+    "Qwen3.6-35B-A3B": (35, 3),
+}
+BASES = ("Qwen3.5-0.8B-Base", "Qwen3.5-2B-Base", "Qwen3.5-4B-Base", "Qwen3.5-9B-Base", "Qwen3.5-35B-A3B-Base")
+TINIES = (TINY, TINY_MOE, TINY_QWEN3_5, TINY_QWEN3_5_MOE)
+
+
 def user_error(fn, *args) -> str:
     with pytest.raises(UserError) as info:
         fn(*args)
@@ -41,10 +70,10 @@ def user_error(fn, *args) -> str:
 
 
 def test_catalog_holds_the_qwen3_family():
-    assert set(PUBLISHED_B) | {TINY, TINY_MOE} == set(CATALOG)
+    assert set(PUBLISHED_B) | set(HYBRID_PUBLISHED_B) | set(BASES) | set(TINIES) == set(CATALOG)
     for name, spec in CATALOG.items():
         assert spec.name == name
-        if name not in (TINY, TINY_MOE):
+        if name not in TINIES:
             assert spec.hub_id == f"Qwen/{name}"
 
 
@@ -65,7 +94,51 @@ def test_known_architecture_facts():
     for spec in CATALOG.values():
         a = spec.architecture
         assert a.num_attention_heads % a.num_key_value_heads == 0
-        assert a.vocab_size == 151936
+        assert a.vocab_size == (248320 if a.is_hybrid else 151936)
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_PUBLISHED_B))
+def test_the_hybrids_text_models_are_their_releases_less_the_vision_tower(name):
+    """Every fourth layer gated attention, the rest Gated DeltaNet; the text model within 7% of the name's size, and
+    an MoE's active parameters within a billion of its name's."""
+    a = CATALOG[name].architecture
+    assert a.is_hybrid and a.model_type == ("qwen3_5_moe_text" if a.is_moe else "qwen3_5_text")
+    assert a.layer_types == tuple(
+        FULL_ATTENTION if (n + 1) % 4 == 0 else LINEAR_ATTENTION for n in range(a.num_hidden_layers)
+    )
+    total, active = HYBRID_PUBLISHED_B[name]
+    assert a.param_count() / 1e9 == pytest.approx(total, rel=0.07)
+    if active is not None:
+        assert abs(a.active_param_count() / 1e9 - active) < 1
+    assert a.quantization_order == ("none", "4bit")  # bf16 LoRA first
+
+
+@pytest.mark.parametrize("name", [*sorted(HYBRID_PUBLISHED_B), TINY_QWEN3_5, TINY_QWEN3_5_MOE])
+def test_a_hybrids_param_count_equals_transformers_on_the_meta_device(name):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    arch = CATALOG[name].architecture
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch.to_hf_config())
+    assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if arch.is_moe else "Qwen3_5ForCausalLM")
+    assert sum(p.numel() for p in model.parameters()) == arch.param_count()
+    assert Architecture.from_hf_config(arch.to_hf_config().to_dict()) == arch  # what a saved folder reads back
+    linear = {n.split(".")[-1] for n, _ in model.named_modules() if "linear_attn." in n and n.count(".") == 4}
+    assert set(arch.projection_names) >= linear - {"conv1d", "norm"}
+
+
+def test_a_released_unified_checkpoints_config_reads_as_its_text_model(tmp_path):
+    """The hub's config.json of a Qwen3.5 checkpoint is the vision-language model's (model_type qwen3_5), the text
+    model under text_config, layer_types possibly left to full_attention_interval."""
+    a = CATALOG["Qwen3.5-9B"].architecture
+    text = {k: v for k, v in a.to_hf_config().to_dict().items() if k != "layer_types"}
+    text["full_attention_interval"] = 4
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_5", "text_config": text, "vision_config": {"depth": 27}})
+    )
+    spec = resolve_model(str(tmp_path))
+    assert spec.architecture == a and spec.tokenizer == "qwen3.5-offline"
 
 
 @pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-14B", TINY])

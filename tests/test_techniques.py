@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers.models import assert_lora_a_gradients_nonzero, randomise_lora_b
 
-from autotune.catalog import TINY, resolve_model
+from autotune.catalog import TINY, TINY_QWEN3_5, resolve_model
 from autotune.config import build_config
 from autotune.context import RunContext
 from autotune.errors import UserError
@@ -127,10 +127,11 @@ def micro_batches(seed=0, vocab=151936):
     return batches
 
 
-def accumulated_grads(knobs: Knobs, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
+def accumulated_grads(knobs: Knobs, batches, **values) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One optimizer step's worth of micro-batches through the Trainer's own training_step (its
-    num_items_in_batch normalisation and accumulation scaling), the LoRA gradients it accumulates."""
-    cfg = tiny_cfg(gradient_accumulation_steps=len(batches))
+    num_items_in_batch normalisation and accumulation scaling), the LoRA gradients it accumulates; `values`: the
+    config's other values (another model)."""
+    cfg = tiny_cfg(gradient_accumulation_steps=len(batches), **values)
     built = build_model(RunContext(cfg), knobs=knobs)
     randomise_lora_b(built.model)
     args = training_arguments(
@@ -477,3 +478,79 @@ def test_the_tiled_mlp_keeps_the_mlp_activations_off_a_long_sequence(tmp_path, m
     mlp = 2048 * 3 * 4096 * 4  # gate, up and their product at every token, fp32
     assert plain.peak_bytes - tiled.peak_bytes >= mlp / 2, (plain.peak_bytes, tiled.peak_bytes)
     runner.release()
+
+
+# ------------------------------------------------------------------------- the Qwen3.5/3.6 hybrid layers
+
+HYBRID_ARCH = resolve_model(TINY_QWEN3_5).architecture
+# Adapters on every Linear of both layer kinds: the DeltaNet blocks', gated attention's and the MLPs'.
+HYBRID = dict(
+    model_name=TINY_QWEN3_5, tokenizer_name="qwen3.5-offline", target_modules=list(HYBRID_ARCH.projection_names)
+)
+
+
+@pytest.mark.parametrize("technique", ["fused_loss", "offload_activations", "tiled_mlp"])
+def test_a_technique_on_the_hybrid_layers_gives_the_plain_steps_losses_and_gradients(technique):
+    """Three Gated DeltaNet layers and a gated attention layer (transformers' reference gated-delta path on the CPU),
+    adapters on every projection of both kinds."""
+    batches = micro_batches(seed=21)
+    plain_losses, plain = accumulated_grads(Knobs(checkpointing=True), batches, **HYBRID)
+    losses, grads = accumulated_grads(Knobs(checkpointing=True, **{technique: True}), batches, **HYBRID)
+    # A and B of 8 projections in each of the 3 DeltaNet layers, 7 in the attention layer
+    assert plain.keys() == grads.keys() and len(plain) == 2 * (3 * 8 + 7)
+    assert any("linear_attn.in_proj_qkv" in k for k in plain) and any("self_attn.q_proj" in k for k in plain)
+    assert losses == pytest.approx(plain_losses, rel=1e-3)
+    worst = max(relative_error(grads[k], plain[k]) for k in plain)
+    assert worst <= 1e-3, worst
+
+
+def test_the_model_level_techniques_switch_every_hybrid_layer(tmp_path):
+    """Offloading wraps every decoder layer and the tiled MLP every MLP, DeltaNet layers' as attention layers'; the
+    host embedding and the 8-bit head leave an untied hybrid's tables off the device."""
+    from dataclasses import replace
+
+    from autotune.techniques import Place
+    from autotune.techniques.offload import set_offload
+    from autotune.techniques.tiled_mlp import set_tiled_mlp
+
+    built = build_model(RunContext(tiny_cfg(**HYBRID)), knobs=Knobs(checkpointing=True))
+    place = Place(device=torch.device("cpu"), dtype_bytes=4)
+    assert set_offload(built.model, True, place) == HYBRID_ARCH.num_hidden_layers
+    assert set_tiled_mlp(built.model, True, place) == HYBRID_ARCH.num_hidden_layers
+
+    replace(HYBRID_ARCH, tie_word_embeddings=False).to_hf_config().save_pretrained(tmp_path)
+    cfg = tiny_cfg(**{**HYBRID, "model_name": str(tmp_path)})
+    ctx = RunContext(cfg)
+    assert ctx.spec.tokenizer == "qwen3.5-offline"  # a hybrid's folder without tokenizer files: its family's
+    runner = TrialRunner(ctx, Budget(64 * GiB))
+    on_device = runner.measure(1, 32, 4, knobs=Knobs(checkpointing=True, fused_loss=True))
+    off = runner.measure(
+        1, 32, 4, knobs=Knobs(checkpointing=True, fused_loss=True, embedding_on_cpu=True, lm_head_8bit=True)
+    )
+    table = HYBRID_ARCH.vocab_size * HYBRID_ARCH.hidden_size * 4  # fp32
+    # the input table leaves whole, lm_head keeps a quarter (int8 of fp32) and its row scales
+    assert on_device.peak_bytes - off.peak_bytes >= 0.9 * (table + 0.75 * table - 4 * HYBRID_ARCH.vocab_size)
+    assert not off.oom and off.tokens_per_second
+    runner.release()
+
+
+def test_packing_is_refused_for_the_hybrids_because_their_layers_carry_state_across_a_packed_row():
+    """transformers' reference gated-delta rule and causal convolution take no sample boundaries: a sample packed
+    after another does not compute what it computes alone (which is why the row refuses it), and `auto` leaves a
+    hybrid's micro-batches padded."""
+    spec = resolve_model(TINY_QWEN3_5)
+    with pytest.raises(UserError, match=r"packing \"on\": tiny-qwen3\.5 has Gated DeltaNet layers"):
+        resolve(tiny_cfg(**HYBRID, packing="on"), spec)
+    assert resolve(tiny_cfg(**HYBRID), spec).packing is False
+    assert resolve(tiny_cfg(), resolve_model(TINY)).packing is True  # a Qwen3 model packs by default
+
+    built = build_model(RunContext(tiny_cfg(**HYBRID)), knobs=Knobs(checkpointing=False))
+    built.model.eval()
+    rows = micro_batches(seed=23)[0][:2]
+    packed = collator_for(True, 0, max_length=128)([{**r} for r in rows])
+    with torch.no_grad():
+        logits = built.model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        second = torch.tensor([rows[1]["input_ids"]])
+        alone = built.model(input_ids=second).logits[0]
+    first = len(rows[0]["input_ids"])
+    assert relative_error(logits[first:], alone) > 1e-3  # the first sample's state ran on into the second

@@ -349,9 +349,18 @@ FP32_PRECISION = dict(eval_ratio=0.0)
 # The tiny Qwen3-MoE: adapters on every expert (no dropout: PEFT's expert adapters take none), the router's
 # load-balancing loss in the loss; the data order and the routing must come back as they were.
 MOE = dict(eval_ratio=0.0, model_name="tiny-qwen3-moe", lora_dropout=0.0)
+# The tiny Qwen3.5 hybrid: adapters in its Gated DeltaNet and gated attention layers, its own tokenizer.
+HYBRID = dict(
+    eval_ratio=0.0,
+    model_name="tiny-qwen3.5",
+    tokenizer_name=None,
+    target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj"],
+)
 
 
-@pytest.mark.parametrize("precision", [DEFAULT_PRECISION, FP32_PRECISION, MOE], ids=["default", "fp32", "moe"])
+@pytest.mark.parametrize(
+    "precision", [DEFAULT_PRECISION, FP32_PRECISION, MOE, HYBRID], ids=["default", "fp32", "moe", "hybrid"]
+)
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, precision):
     # lora_dropout stays on where it can: resuming must restore the RNG state, not only weights and optimizer.
     common = {**dict(max_steps=6, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1), **precision}

@@ -22,6 +22,19 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 ATTENTION_PROJECTIONS = PROJECTIONS[:4]
 
 
+# PEFT's, TRL's and axolotl's word for "every Linear layer but the output head" (LLaMA-Factory says "all").
+ALL_LINEAR = "all-linear"
+
+
+def resolve_targets(targets):
+    """The LoRA targets spelled out: "all-linear", as a string or alone in a list, is every projection of a Qwen3
+    decoder layer (PROJECTIONS); anything else is returned as it is (check_target_modules judges it). The one place
+    the word is expanded, so that the config and every record of a run list the layers themselves."""
+    if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
+        return list(PROJECTIONS)
+    return targets
+
+
 def check_target_modules(target_modules) -> tuple[str, ...]:
     """The LoRA targets, deduplicated in order; a UserError unless a non-empty subset of PROJECTIONS."""
     targets = tuple(dict.fromkeys(target_modules))

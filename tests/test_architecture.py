@@ -170,6 +170,7 @@ def test_data_never_imports_the_model_build():
 
 LIGHT = (
     "autotune.cli",
+    "autotune.peers",
     "autotune.config",
     "autotune.catalog",
     "autotune.hardware",

@@ -504,9 +504,9 @@ SPELLINGS: dict[str, Spelling] = {row.key: row for row in _rows()}
 # has it), its `gradient_checkpointing: offload` (with the saved layer inputs in CPU memory), the HF Trainer's
 # `max_steps: -1` (not set).
 _PEER_VALUES: dict[tuple[str, Any], tuple[str, dict[str, Any], str]] = {
-    ("bf16", "auto"): (AXOLOTL, {"bf16": True}, "`autotune validate --hardware` checks that the GPU has bf16"),
+    ("bf16", "auto"): (f"{AXOLOTL}'s", {"bf16": True}, "`autotune validate --hardware` checks that the GPU has bf16"),
     ("gradient_checkpointing", "offload"): (
-        AXOLOTL,
+        f"{AXOLOTL}'s",
         {"gradient_checkpointing": True, "offload_activations": "on"},
         "checkpointing with the layer inputs in CPU memory",
     ),
@@ -559,8 +559,8 @@ def translate(values: dict, own_keys: Collection[str]) -> Translation:
             continue
         if became:
             out.notes.append(f"key {key!r} ({row.whose}): read as {_show(became)}")
-        elif not _is_empty(value):
-            out.notes.append(f"key {key!r} ({row.whose}): nothing to set: {row.why or 'an empty value'}")
+        elif not _is_empty(value) and value is not False:  # an empty or false value says nothing: no note
+            out.notes.append(f"key {key!r} ({row.whose}): nothing to set: {_reason(row)}")
         _merge(out, key, became)
     return out
 

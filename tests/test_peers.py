@@ -138,7 +138,8 @@ def test_a_peer_file_autotune_can_carry_whole_validates_as_it_is(capsys):
 
 def test_axolotl_peer_values_of_autotunes_own_keys(capsys, tmp_path):
     """axolotl writes `bf16: auto` and `gradient_checkpointing: offload`: read as what they mean, with a note."""
-    path = write(tmp_path / "c.yaml", "bf16: auto\ngradient_checkpointing: offload\nmax_steps: -1\n")
+    text = "bf16: auto\ngradient_checkpointing: offload\nmax_steps: -1\nload_in_8bit: false\nwandb_project:\n"
+    path = write(tmp_path / "c.yaml", text)  # a false or empty peer key says nothing: no note
     notes: list[str] = []
     cfg = load_config(path, notes=notes)
     assert cfg.bf16 is True and cfg.gradient_checkpointing is True and cfg.offload_activations == "on"

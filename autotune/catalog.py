@@ -32,6 +32,25 @@ FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 
 
+# PEFT's, TRL's and axolotl's word for "every Linear layer but the output head" (LLaMA-Factory says "all").
+ALL_LINEAR = "all-linear"
+
+
+def resolve_targets(targets, arch: Architecture | None = None):
+    """The LoRA targets spelled out: "all-linear", as a string or alone in a list, is every Linear of `arch`'s
+    decoder layers that LoRA can target (None: a Qwen3 model's, PROJECTIONS): a hybrid's DeltaNet projections too, an
+    MoE model's attention only (its experts get adapters through lora_experts). Anything else is returned as it is
+    (check_target_modules judges it). The one place the word is expanded, so that the config and every record of a
+    run list the layers themselves."""
+    if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
+        if arch is None:
+            return list(PROJECTIONS)
+        if arch.is_moe and not arch.is_hybrid:
+            return list(ATTENTION_PROJECTIONS)
+        return list(arch.projection_names)
+    return targets
+
+
 def check_target_modules(target_modules, arch: Architecture | None = None) -> tuple[str, ...]:
     """The LoRA targets, deduplicated in order; a UserError unless a non-empty subset of the projections of `arch`
     (None: a Qwen3 model's, PROJECTIONS)."""

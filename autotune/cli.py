@@ -22,6 +22,7 @@ from autotune.config import (
     STRATEGIES,
 )
 from autotune.errors import UserError
+from autotune.peers import TOOL_NAMES
 from autotune.run_files import INFERENCE_REPORT_MD, PROFILE
 from autotune.techniques import SWITCHES
 from autotune.units import DEFAULT_MARGIN, Budget, GiB
@@ -103,11 +104,21 @@ def probe(as_json, save, output_dir):
     "--hardware", is_flag=True, help="Also check it against this machine (the guide's --validate-hardware-only)."
 )
 def validate(config, sets, as_json, hardware):
-    """Check CONFIG (default: the built-in defaults) and print it fully resolved; exit 2 on errors."""
+    """Check CONFIG (default: the built-in defaults) and print it fully resolved; exit 2 on errors. A TRL,
+    LLaMA-Factory or axolotl key in the file is read as autotune's, with a note naming it."""
+    from autotune.config import load_config, parse_set, trainer_name_problems
     from autotune.preflight import check_run_config
 
-    cfg = _load(config, sets)
+    notes: list[str] = []
+    try:
+        cfg = load_config(config, parse_set(sets), notes=notes)
+    finally:
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
     check_run_config(cfg)  # what train refuses by the config, refused here too
+    problems = trainer_name_problems(cfg)  # what train refuses by transformers' names, without loading it
+    if problems:
+        raise UserError("\n".join(f"{config or 'config'}: {problem}" for problem in problems))
     findings = []
     if hardware:
         from autotune.hardware import probe as run_probe
@@ -125,6 +136,51 @@ def validate(config, sets, as_json, hardware):
     errors = [f for f in findings if f.level == "error"]
     if errors:
         raise UserError(f"{len(errors)} hardware problem(s): " + "; ".join(f.message for f in errors))
+
+
+# ---------------------------------------------------------------------------------- convert
+
+
+@cli.command()
+@click.argument("peer_config", type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the autotune config here, atomically: YAML for a .yaml/.yml name, else JSON (default: print JSON).",
+)
+@click.option(
+    "--from",
+    "tool",
+    type=click.Choice(sorted(TOOL_NAMES)),
+    help="The tool that wrote PEER_CONFIG (default: told by its keys).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out when it exists.")
+def convert(peer_config, out, tool, overwrite):
+    """Turn a TRL, LLaMA-Factory or axolotl SFT config into an autotune config: its keys in autotune's names, the
+    tool's own defaults for what the file leaves unset, and a list of what could not be carried over."""
+    from pathlib import Path
+
+    from autotune.config import config_text, convert_peer_file
+    from autotune.fsutil import atomic_write_text
+
+    if out is not None and Path(out).exists() and not overwrite:
+        raise UserError(f"--out {out}: the file exists; give another name, or --overwrite to replace it")
+    conversion = convert_peer_file(peer_config, TOOL_NAMES[tool] if tool else None)
+    for note in conversion.notes:
+        click.echo(f"note: {note}", err=True)
+    for item in conversion.left_out:
+        click.echo(f"left out: {item}", err=True)
+    values = {"description": f"converted by `autotune convert` from {conversion.tool}'s {Path(peer_config).name}"}
+    text = config_text(values | conversion.values, out)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    atomic_write_text(out, text)
+    click.echo(
+        f"{out}: the autotune config of {conversion.tool}'s {peer_config} ({len(conversion.left_out)} key(s) left "
+        f"out, above); check it with `autotune validate {out}`",
+        err=True,
+    )
 
 
 # --------------------------------------------------------------------------------- profiles

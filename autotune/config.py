@@ -18,14 +18,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from autotune import peers
 from autotune.batching import BatchPlan
 from autotune.catalog import (
+    ALL_LINEAR,
     ATTENTION_PROJECTIONS,
     PROJECTIONS,
     ModelSpec,
     check_target_modules,
     lora_on_experts,
     resolve_model,
+    resolve_targets,
 )
 from autotune.errors import UserError, brief
 from autotune.techniques import SWITCHES, TECHNIQUES_TABLE
@@ -76,6 +79,86 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def _choice(values: tuple[str, ...]) -> str:
     return "choice:" + "|".join(values)
+
+
+# The HF Trainer's names, as transformers 5.24 has them (training_args.OptimizerNames, trainer_utils.SchedulerType,
+# integrations.INTEGRATION_TO_CALLBACK): `autotune validate` checks the config's names against these copies without
+# importing transformers (which loads torch), and a test holds them to the installed transformers. `autotune train`
+# checks against transformers itself (step.check_training_settings).
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_torch_xla",
+    "adamw_torch_npu_fused",
+    "adafactor",
+    "adamw_anyprecision",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
+    "lomo",
+    "adalomo",
+    "grokadamw",
+    "schedule_free_radam",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+TRACKERS = (
+    "azure_ml",
+    "clearml",
+    "codecarbon",
+    "comet_ml",
+    "dagshub",
+    "dvclive",
+    "flyte",
+    "kubeflow",
+    "mlflow",
+    "neptune",
+    "swanlab",
+    "tensorboard",
+    "trackio",
+    "wandb",
+)
+NO_TRACKER = "none"  # the Trainer's report_to for none
 
 
 # Per key: (documentation, constraint). The constraint is checked by value_is.
@@ -509,10 +592,69 @@ def value_is(kind: str, value: Any) -> bool:
 
 
 def _closest(key, known) -> str:
+    """The did-you-mean of an unknown key: the peers' table's (peers.py: `lora_target` is target_modules, not the
+    lora_r its spelling is nearest), else the known key spelled most alike."""
     if not isinstance(key, str) or len(key) > 100:  # no config key is that long; difflib would take its time
         return ""
+    if known is KEY_DOCS and (hint := peers.hint(key)):
+        return hint
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def normalize_values(values: dict) -> dict:
+    """Values in the one form the checks and the run take, where a config may write them otherwise: `report_to` as
+    one name (`report_to: none`), `target_modules` as "all-linear" (every projection, catalog.resolve_targets: the
+    resolved config lists them), a true/false key as on/off (YAML 1.1's words for them, which autotune's YAML reads as
+    words) and an auto/on/off switch as true/false."""
+    out = dict(values)
+    if isinstance(out.get("report_to"), str):
+        out["report_to"] = [out["report_to"]]
+    if out.get("target_modules") == ALL_LINEAR:
+        out["target_modules"] = [ALL_LINEAR]  # spelled out for the model once the layers are merged (_finish)
+    for key, value in out.items():
+        kind = KEY_DOCS.get(key, ("", ""))[1] if isinstance(key, str) else ""
+        if kind == "bool" and value in ("on", "off"):
+            out[key] = value == "on"
+        elif kind == _choice(SWITCHES) and isinstance(value, bool):
+            out[key] = "on" if value else "off"
+    return out
+
+
+def from_peers(values: dict, where: str, notes: list[str], errors: list[str]) -> dict:
+    """One layer of a config file with the peers' keys (TRL's, LLaMA-Factory's, axolotl's: peers.py) in autotune's
+    terms: each one read said in `notes`, each one autotune cannot honour (and two keys that disagree) in `errors`."""
+    found = peers.translate(values, KEY_DOCS)
+    notes += [f"{where}: {note}" for note in found.notes]
+    errors += [f"{where}: {item}; `autotune convert` leaves it out" for item in found.left_out]
+    errors += [f"{where}: {conflict}" for conflict in found.conflicts]
+    return found.values
+
+
+def trainer_name_problems(cfg: Config) -> list[str]:
+    """The config's HF Trainer names that transformers does not have (optimizer, lr_scheduler_type, report_to), each
+    with the nearest name: what `autotune train` would refuse, said by `autotune validate` without loading torch."""
+    problems = []
+    for key, name, known in (
+        ("optimizer", cfg.optimizer, OPTIMIZERS),
+        ("lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS),
+    ):
+        if name not in known:
+            problems.append(
+                f"key {key!r}: {name!r} is not an HF Trainer name{_closest(name, known)}; use one of {', '.join(known)}"
+            )
+    trackers = (*TRACKERS, NO_TRACKER)
+    for name in dict.fromkeys(cfg.report_to):
+        if name not in trackers:
+            problems.append(
+                f"key 'report_to': {name!r} is not a tracker the HF Trainer knows{_closest(name, trackers)}; use any of "
+                f'{", ".join(TRACKERS)}, or "none"'
+            )
+    if NO_TRACKER in cfg.report_to and len(set(cfg.report_to)) > 1:
+        problems.append(
+            f'key \'report_to\': {cfg.report_to!r}: "none" cannot go with trackers; give "none" or trackers'
+        )
+    return problems
 
 
 def check_values(values: dict, where: str, errors: list[str]) -> None:
@@ -658,12 +800,14 @@ def merge_values(base: dict, top: dict) -> dict:
 def build_config(values: dict, where: str = "config") -> Config:
     """A Config from flat values over the defaults; every problem reported in one UserError."""
     errors: list[str] = []
+    values = normalize_values(values)
     check_values(values, where, errors)
     return _finish(values, where, errors)
 
 
 def _finish(values: dict, where: str, errors: list[str]) -> Config:
     full = merge_values(Config().to_dict(), values)
+    _spell_out_targets(full)
     consistency: list[str] = []
     _check_consistency(full, consistency)
     errors = errors + [f"{where}: {e}" for e in consistency]
@@ -676,6 +820,18 @@ def _finish(values: dict, where: str, errors: list[str]) -> Config:
         ).accumulation
     full["structured_logging"] = StructuredLogging(**full["structured_logging"])
     return Config(**full)
+
+
+def _spell_out_targets(full: dict) -> None:
+    """ "all-linear" as the model's own projections (catalog.resolve_targets); a model that does not resolve is
+    reported by the consistency checks."""
+    if full.get("target_modules") != [ALL_LINEAR] or not isinstance(full.get("model_name"), str):
+        return
+    try:
+        arch = resolve_model(full["model_name"]).architecture
+    except UserError:
+        return
+    full["target_modules"] = resolve_targets(ALL_LINEAR, arch)
 
 
 def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
@@ -711,16 +867,26 @@ def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
     return values
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
-    """Defaults < base chain < the file < CLI overrides. All errors of all layers reported together."""
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    *,
+    notes: list[str] | None = None,
+    overrides_from: str = "--set",
+) -> Config:
+    """Defaults < base chain < the file < CLI overrides. All errors of all layers reported together. A file may use
+    the peers' keys (from_peers): each one read is appended to `notes`. Overrides take autotune's names
+    (`overrides_from` names them in messages)."""
     errors: list[str] = []
     merged: dict = {}
     if path is not None:
         for layer_path, values in _layers(Path(path)):
+            values = normalize_values(from_peers(values, str(layer_path), notes if notes is not None else [], errors))
             check_values(values, str(layer_path), errors)
             merged = merge_values(merged, values)
     if overrides:
-        check_values(overrides, "--set", errors)
+        overrides = normalize_values(overrides)
+        check_values(overrides, overrides_from, errors)
         merged = merge_values(merged, overrides)
     # Values were checked per layer, so each message names the file that holds the bad value.
     return _finish(merged, str(path) if path else "config", errors)
@@ -730,8 +896,8 @@ def explicit_keys(path: str | os.PathLike | None, sets=()) -> set[str]:
     """Keys a user actually wrote (in the file, its base chain, or --set), as opposed to defaults."""
     keys: set[str] = set(parse_set(sets)) if sets else set()
     if path is not None:
-        for _, values in _layers(Path(path)):
-            keys.update(values)
+        for layer_path, values in _layers(Path(path)):
+            keys.update(from_peers(values, str(layer_path), [], []))
     return keys
 
 
@@ -751,3 +917,36 @@ def config_reference_markdown() -> str:
             f"| `{f.name}` | `{json.dumps(defaults[f.name])}` | {_describe(f.metadata['kind'])} | {f.metadata['doc']} |"
         )
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------- the peers' files
+
+
+def convert_peer_file(path: str | os.PathLike, tool: str | None = None) -> peers.Conversion:
+    """`autotune convert`: a TRL, LLaMA-Factory or axolotl config file as autotune's values (peers.convert), checked
+    as a config is; `tool` (peers.TOOLS) when its keys do not tell."""
+    path = Path(path)
+    doc = read_config_file(path)
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys, got {type(doc).__name__}")
+    if tool is None:
+        tool = peers.detect(doc)
+    if tool is None:
+        if all(key in KEY_DOCS or key in (*INHERITANCE_KEYS, "description") for key in doc):
+            raise UserError(f"{path}: already an autotune config (every key is autotune's): `autotune validate` it")
+        raise UserError(
+            f"{path}: cannot tell which tool wrote it from its keys; say it with --from ({', '.join(peers.TOOL_NAMES)})"
+        )
+    conversion = peers.convert(doc, tool, KEY_DOCS)
+    conversion.values = normalize_values(conversion.values)  # as the run reads them: report_to a list, packing on/off
+    build_config(conversion.values, f"{path} as converted from {tool}'s keys")
+    return conversion
+
+
+def config_text(values: dict, path: str | os.PathLike | None = None) -> str:
+    """A config document as a file holds it: YAML for a *.yaml / *.yml path, JSON otherwise."""
+    if path is not None and Path(path).suffix.lower() in YAML_SUFFIXES:
+        import yaml
+
+        return yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120)
+    return json.dumps(values, indent=2, ensure_ascii=False) + "\n"

@@ -580,7 +580,9 @@ def solve(
     flags = {"model_name": model_name, "data_dir": data_dir, "lora_r": rank, "distributed_strategy": strategy}
     if checkpointing != "auto":
         flags["gradient_checkpointing"] = checkpointing == "on"
-    cfg, _ = layered_config(config_path, sets, flags=flags)
+    cfg, notes = layered_config(config_path, sets, flags=flags)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     explicit = explicit_keys(config_path, sets)
     ctx = RunContext(cfg)
     rank_list = _rank_list(ranks, rank, objective)

@@ -259,18 +259,20 @@ def apply_profile(cfg: Config, profile: dict) -> Config:
 def layered_config(
     config_path: str | None, sets=(), *, profile: dict | None = None, flags: dict | None = None
 ) -> tuple[Config, list[str]]:
-    """The config a command runs with, and the warnings its layering raises. The one place train and solve
+    """The config a command runs with, and the warnings and notes its layering raises. The one place train and solve
     merge their inputs, in this order (later wins):
 
     defaults < the config file (its base chain first; with a profile and no file, the config the profile
     was solved with) < the profile's choice < `--set` < the command's own flags (solve --model, --rank ...).
     """
     overrides = parse_set(sets)
-    warnings: list[str] = []
+    warnings: list[str] = []  # and the notes of the peers' keys the file spells its way (config.from_peers)
     if profile is None:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides, notes=warnings)
     else:
-        cfg = apply_profile(load_config(config_path) if config_path else profile_config(profile), profile)
+        cfg = apply_profile(
+            load_config(config_path, notes=warnings) if config_path else profile_config(profile), profile
+        )
         if overrides:
             # What the user types on this command line wins over the profile, and is said aloud.
             cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")

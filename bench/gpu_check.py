@@ -49,7 +49,7 @@ from autotune.units import Budget, GiB  # noqa: E402
 
 # The guide's 16 GB tier, loaded from its preset file (never copied here): the real-data stage's baseline.
 GUIDE_PRESET = "hardware/16gb"
-STAGES = ("probe", "min_cap", "moe", "longseq", "costs", "real_data", "solve", "ddp")
+STAGES = ("probe", "min_cap", "moe", "hybrid", "longseq", "costs", "real_data", "solve", "ddp")
 
 
 def now() -> str:
@@ -174,6 +174,11 @@ class Plan:
         # cap and the sequences a step is measured at, adapters on the experts.
         self.moe_model, self.moe_layers, self.moe_cap, self.moe_seqs = (
             ("tiny-qwen3-moe", None, 1.0, [64]) if rehearse else ("Qwen3-30B-A3B", 2, 40.0, [2048, 4096])
+        )
+        # The hybrid stage: Qwen3.5-9B's widths with 4 of its 32 layers (three Gated DeltaNet, one gated attention;
+        # the rehearsal: the tiny Qwen3.5), a cap and the sequences a bf16 LoRA step is measured at.
+        self.hybrid_model, self.hybrid_layers, self.hybrid_cap, self.hybrid_seqs = (
+            ("tiny-qwen3.5", None, 1.0, [64]) if rehearse else ("Qwen3.5-9B", 4, 40.0, [2048, 4096])
         )
         # The ddp stage: a model, a per-rank cap and the steps its 1-process torchrun trains.
         self.ddp_model, self.ddp_cap, self.ddp_seq, self.ddp_steps = (
@@ -361,6 +366,66 @@ def stage_moe(plan: Plan, results: Results) -> None:
         )
         print(
             f"  {plan.moe_model} x {plan.moe_layers or 'all'} layers, seq {seq}: peak "
+            f"{(trial.peak_bytes or 0) / GiB:.2f} GiB (estimate {est / GiB:.2f}), {trial.tokens_per_second or 0:.0f} tok/s",
+            flush=True,
+        )
+    runner.release()
+
+
+def stage_hybrid(plan: Plan, results: Results) -> None:
+    """A Qwen3.5 hybrid: a bf16 LoRA step of Qwen3.5-9B's widths (4 of its layers: three Gated DeltaNet, one gated
+    attention; built from the architecture) with adapters on every projection of both kinds, checkpointing and the
+    fused loss, at each of the plan's sequences: the measured peak and tokens/s against the estimate, on the
+    gated-delta kernel this machine has (kernels.delta_kernel: flash-linear-attention where its wheel was carried,
+    else transformers' reference rule), named in the record. Packing stays off (the layers carry state)."""
+    import dataclasses
+
+    from autotune.catalog import resolve_model
+    from autotune.estimate import estimate
+    from autotune.kernels import delta_kernel
+
+    model = plan.hybrid_model
+    if plan.hybrid_layers is not None:  # its widths, with fewer layers
+        full = resolve_model(model).architecture
+        arch = dataclasses.replace(
+            full, num_hidden_layers=plan.hybrid_layers, layer_types=full.layer_types[: plan.hybrid_layers]
+        )
+        folder = Path(tempfile.mkdtemp(prefix="autotune-gpu-check-hybrid-"))
+        arch.to_hf_config().save_pretrained(folder)
+        model = str(folder)
+    targets = list(resolve_model(model).architecture.projection_names)
+    runner = runner_for(
+        base_config(
+            model, plan.rehearse, lora_dropout=0.0, quantization="none", target_modules=targets, tokenizer_name=None
+        ),
+        plan.hybrid_cap,
+    )
+    knobs = runner.knobs.with_(checkpointing=True, fused_loss=True, packing=False)
+    runner.knobs = knobs
+    kernel = delta_kernel(runner.device_type)
+    for seq in plan.hybrid_seqs:
+        if plan.left() < 60:
+            results.append("hybrid", {"seq": seq, "skipped": "out of time"})
+            continue
+        trial = runner.measure(1, seq, runner.cfg.lora_r, knobs=knobs)
+        record = results.trial("hybrid", runner, trial)
+        est = estimate(shape_of_run(runner, knobs, seq=seq, rank=runner.cfg.lora_r)).peak_bytes
+        results.append(
+            "hybrid",
+            {
+                "model": plan.hybrid_model,
+                "layers": plan.hybrid_layers,
+                "seq": seq,
+                "delta_kernel": kernel,
+                "peak_bytes": trial.peak_bytes,
+                "estimate_bytes": est,
+                "tokens_per_second": trial.tokens_per_second,
+                "fits": trial.fits,
+                "load_peak_bytes": record.get("load_peak_bytes"),
+            },
+        )
+        print(
+            f"  {plan.hybrid_model} x {plan.hybrid_layers or 'all'} layers ({kernel}), seq {seq}: peak "
             f"{(trial.peak_bytes or 0) / GiB:.2f} GiB (estimate {est / GiB:.2f}), {trial.tokens_per_second or 0:.0f} tok/s",
             flush=True,
         )
@@ -787,6 +852,7 @@ def main() -> int:
     for name, fn in [
         ("min_cap", lambda: stage_min_cap(plan, results)),
         ("moe", lambda: stage_moe(plan, results)),
+        ("hybrid", lambda: stage_hybrid(plan, results)),
         ("longseq", lambda: stage_longest_seq(plan, results)),
         ("costs", lambda: stage_costs(plan, results)),
         ("real_data", lambda: stage_real_data(plan, results, stats)),
@@ -829,6 +895,13 @@ def print_summary(doc: dict) -> None:
             print(
                 f"moe {m['model']} x {m['layers'] or 'all'} layers, seq {m['seq']}: {(m['peak_bytes'] or 0) / GiB:.2f} "
                 f"GiB (estimate {m['estimate_bytes'] / GiB:.2f}), {m['tokens_per_second'] or 0:.0f} tok/s"
+            )
+    for m in stages.get("hybrid", []):
+        if "peak_bytes" in m:
+            print(
+                f"hybrid {m['model']} x {m['layers'] or 'all'} layers ({m['delta_kernel']}), seq {m['seq']}: "
+                f"{(m['peak_bytes'] or 0) / GiB:.2f} GiB (estimate {m['estimate_bytes'] / GiB:.2f}), "
+                f"{m['tokens_per_second'] or 0:.0f} tok/s"
             )
     for m in stages.get("min_cap", []):
         print(f"min cap {m['model']}: {m.get('smallest_cap_gb', m.get('skipped'))} GB at seq {m.get('seq')}, batch 1")

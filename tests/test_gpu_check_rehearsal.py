@@ -33,6 +33,9 @@ def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     assert stages["longest_seq"]["with_every_technique"] >= 64
     (moe,) = stages["moe"]  # a mixture of experts' step beside its estimate (the tiny Qwen3-MoE here)
     assert moe["fits"] and moe["peak_bytes"] > 0 and abs(moe["estimate_bytes"] / moe["peak_bytes"] - 1) < 0.10
+    (hybrid,) = stages["hybrid"]  # a Qwen3.5 hybrid's bf16 LoRA step (the tiny one here), its kernel named
+    assert hybrid["fits"] and hybrid["delta_kernel"] == "reference"
+    assert abs(hybrid["estimate_bytes"] / hybrid["peak_bytes"] - 1) < 0.10
     assert {"plain", "fused_loss"} <= set(stages["costs"]["runs"])
     real = stages["real_data"]
     assert real["preset"] == "hardware/16gb" and real["guide"]["max_sequence_length"] == 512  # the preset file's
@@ -43,7 +46,7 @@ def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     assert entry["choice"]["batch_size"] >= 1 and entry["train"]["oom"] is False
     # Every trial of every stage, with what the estimate needs to predict it (bench/estimate_check.py).
     trials = doc["trials"]
-    assert len(trials) >= 10 and {t["stage"] for t in trials} >= {"min_cap", "moe", "longest_seq", "costs", "solve"}
+    assert len(trials) >= 10 and {t["stage"] for t in trials} >= {"min_cap", "moe", "hybrid", "longest_seq", "costs", "solve"}
     assert all({"batch", "seq", "rank", "knobs", "quantization", "optimizer", "peak_bytes"} <= set(t) for t in trials)
     # And the whole run's plan beside what the device showed of it: the phases, the host memory, the load's peak.
     planned = [t for t in trials if t["knobs"]]

@@ -13,7 +13,7 @@ from helpers.cli import run_cli
 
 from autotune.config import build_config
 from autotune.context import RunContext
-from autotune.data.encoding import encode_pairs, labelled_spans
+from autotune.data.encoding import cache_key, encode_pairs, labelled_spans
 from autotune.data.parsing import parse_data_dir, parse_jsonl, parse_markdown
 from autotune.data.prepare import data_length_stats, prepare_data
 from autotune.errors import UserError
@@ -271,6 +271,16 @@ def test_parts_marked_train_false_are_context_not_labels(tok):
     row, _ = encode(tok, pair)
     assert labelled(tok, row) == ["So I keep left.<|im_end|>"]
     assert "The rule says: keep left. So I keep left.<|im_end|>" in tok.decode(row["input_ids"])
+
+
+def test_a_train_flag_changes_the_cache_key(tok):
+    parts = [{"type": "text", "text": "Rule. "}, {"type": "text", "text": "Answer."}]
+    flagged = [dict(parts[0], train=False), parts[1]]
+    keys = set()
+    for content in (parts, flagged):
+        (pair,), _ = parse({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]})
+        keys.add(cache_key(tok, [pair], 256, system_prompt=None, thinking_model=False, overflow="truncate"))
+    assert len(keys) == 2  # same text, other labels: a cache of the one is no cache of the other
 
 
 def test_turns_marked_not_trained_are_context(tok):

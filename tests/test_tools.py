@@ -158,6 +158,17 @@ def test_openai_tool_calls_are_labelled_as_the_template_renders_them(tok):
     )
 
 
+def test_a_tool_call_with_a_trace_is_trained_inside_its_think_block(tok):
+    messages = json.loads(json.dumps(OPENAI["messages"]))
+    messages[1]["reasoning_content"] = "I need both cities' weather."
+    (pair,), _ = parse({"messages": messages, "tools": [WEATHER]})
+    row, report = encode(tok, pair, thinking_model=True)
+    first, last = labelled(tok, row)
+    assert first.startswith("<think>\nI need both cities' weather.\n</think>\n\n<tool_call>\n")
+    assert first.endswith('{"city": "Quito"}}\n</tool_call><|im_end|>') and last == "Lima 19 °C, Quito 14 °C.<|im_end|>"
+    assert (report.traces_trained, report.turns) == (1, 2)
+
+
 def test_glaive_function_call_and_observation_turns(tok):
     (pair,), report = parse(GLAIVE)
     assert report.skipped == [] and report.kinds == {"sharegpt": 1}

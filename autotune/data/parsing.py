@@ -158,7 +158,7 @@ def is_trained_turn(turn) -> bool:
     if not isinstance(turn, dict) or turn.get("role") != "assistant" or turn.get("train") is False:
         return False
     if turn.get("parts"):
-        return any(trained for _, trained in turn["parts"])
+        return any(trained for _, trained in turn["parts"]) or bool(turn.get("tool_calls"))
     return bool(str(turn.get("content") or "").strip() or turn.get("tool_calls"))
 
 

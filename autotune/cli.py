@@ -255,13 +255,15 @@ def _file_progress(label: str):
     "--json",
     "as_json",
     is_flag=True,
-    help="files (path, format, samples as pairs, assistant turns, traces, record kinds, skipped) and the samples "
-    "(question, answer, reasoning, history, source, line).",
+    help="files (path, format, samples as pairs, assistant turns, traces, record kinds, skipped, skip_reasons, "
+    "notes), the samples (question, answer, reasoning, history, after, tools, source, line) and the totals.",
 )
 def data_inspect(data_dir, config, sets, as_json):
     """Per file (or hub dataset): the format found, the samples, the assistant turns they train and how many carry
-    a reasoning trace, the record shapes (chat, sharegpt, alpaca, qa), and each skipped item with its reason."""
-    from autotune.data.parsing import parse_data
+    a reasoning trace, the record formats (chat, sharegpt, alpaca, qa, prompt-completion; dpo and kto, which train
+    refuses), each skipped item with its reason, and notes on what was left out of records used (keys not read,
+    turns after the last answer, reasoning markers mapped); then the counts over all files."""
+    from autotune.data.parsing import OTHER_MODES, parse_data
 
     cfg = _data_config(config, sets, data_dir)
     report = parse_data(cfg, progress=_file_progress("reading"))
@@ -277,8 +279,17 @@ def data_inspect(data_dir, config, sets, as_json):
         )
         for item in f.skipped:
             click.echo(f"    line {item['line']}: {item['reason']}")
+        for note, n in sorted(f.notes.items()):
+            click.echo(f"    note: {note} ({n} records)")
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
+    for line in report.summary():
+        click.echo(line)
+    counts = report.totals("kinds")
+    refused = [f"{counts[kind]} {what}" for kind, what in OTHER_MODES.items() if counts.get(kind)]
+    if refused:
+        shown = ", ".join(refused)
+        click.echo(f"train refuses this data: {shown} (autotune trains supervised fine-tuning only)")
     turns, traces = sum(p.turns for p in report.pairs), sum(p.traces for p in report.pairs)
     click.echo(
         f"{len(report.pairs)} samples ({turns} assistant turns, {traces} with a reasoning trace) "

@@ -59,6 +59,9 @@ DATA_FORMATS = ("auto", *MARKDOWN_FORMATS, "jsonl", "json", *TABLE_FORMATS)
 # Reasoning traces of the data (reasoning_content, or a <think> block opening an answer): trained inside the
 # model's think block, or dropped (the sample then trains the empty think block, like one without a trace).
 REASONING_TRACES = ("train", "drop")
+# Other reasoning-trace markers opening an answer (<|begin_of_thought|>...<|end_of_thought|>, <reasoning>...</reasoning>):
+# mapped into the think block (`think`), or left in the answer as written (`text`).
+REASONING_MARKERS = ("think", "text")
 OVERFLOW_POLICIES = ("truncate", "drop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # `autotune solve --objective`, and the ranks `--objective max-rank` tries when none are given.
@@ -278,6 +281,14 @@ class Config:
         "Reasoning traces in the data (reasoning_content, or a <think> block opening an answer): `train` them "
         "inside the model's think block, or `drop` them (the empty think block is trained instead).",
         _choice(REASONING_TRACES),
+    )
+    reasoning_markers: str = _key(
+        "think",
+        "Other reasoning-trace markers opening an answer (<|begin_of_thought|>...<|end_of_thought|>, "
+        "<reasoning>...</reasoning>): `think` maps the trace into the model's think block (then reasoning_traces "
+        "applies; a <|begin_of_solution|> wrapper around the answer is removed), `text` leaves them in the answer "
+        "as written.",
+        _choice(REASONING_MARKERS),
     )
     question_prefix: str = _key("Q", "Question marker in markdown (Q1:).", "str")
     answer_prefix: str = _key("A", "Answer marker in markdown (A1:).", "str")

@@ -58,6 +58,7 @@ NON_DEFAULT = {
     "dataset_name": "org/qa-set",
     "dataset_split": "validation",
     "reasoning_traces": "drop",
+    "reasoning_markers": "text",
     "question_prefix": "Question",
     "answer_prefix": "Answer",
     "separator": "-",

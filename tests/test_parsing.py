@@ -402,7 +402,7 @@ def test_chat_turns_after_the_last_answer_are_dropped_and_empty_assistant_turns_
     ("turn", "reason"),
     [
         ({"role": "robot", "content": "x"}, "turn 2 has role 'robot'; expected one of user, human"),
-        ({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}, "turn 2 calls tools"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}, 'turn 2 tool call 1 needs a "name" and'),
         ({"content": "x"}, "turn 2 is not an object with a 'role'"),
     ],
 )
@@ -544,6 +544,8 @@ def test_to_json(tmp_path):
         "traces": 0,
         "kinds": {},
         "skipped": [],
+        "skip_reasons": {},
+        "notes": {},
         "encoding": "utf-8",
         "encoding_guessed": False,
     }
@@ -763,4 +765,8 @@ def test_arbitrary_bytes_decode_or_user_error(tmp_path_factory, data):
 
 def test_data_report_is_a_plain_dataclass():
     report = DataReport(files=[], pairs=[])
-    assert report.warnings == [] and report.to_json() == {"files": [], "pairs": []}
+    assert report.warnings == [] and report.to_json() == {
+        "files": [],
+        "pairs": [],
+        "totals": {"kinds": {}, "skip_reasons": {}, "notes": {}},
+    }

@@ -23,8 +23,15 @@ think block, as Qwen3 generates them: `<think>\\n{trace}\\n</think>\\n\\n{answer
 (after the `<think>\\n` a thinking-only template puts in the prompt). Turns without a trace, and
 every turn with reasoning="drop", keep the empty think block in the prompt (unlabelled).
 
+Tools and tool calls are the template's too: a pair's `tools` go through the template's tools
+section, and an assistant turn's `tool_calls` are labelled as the template writes them after its
+content (the turn rendered with and without them; a template that writes nothing for them is an
+error, not a turn trained without its calls). Tool turns are context like user turns. Text an
+assistant turn marks `train: false` (a whole turn, or some of its parts) stays in the row, unlabelled.
+
 Pairs are duck-typed: anything with `question`, `answer`, `source`, `line`, `system` and
-`history` attributes, and optionally `reasoning` (autotune.data.parsing.QAPair).
+`history` attributes, and optionally `reasoning`, `after`, `tools`, `answer_calls` and
+`answer_parts` (autotune.data.parsing.QAPair).
 """
 
 from __future__ import annotations
@@ -40,12 +47,15 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config import OVERFLOW_POLICIES, REASONING_TRACES
+from autotune.data.parsing import is_trained_turn
+from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
 
 # Bump whenever the output of encode_pairs changes for the same inputs: invalidates caches.
 # 2: an open <think> left by a thinking-only template is closed. 3: every assistant turn of a conversation is
-# labelled; reasoning traces are trained inside the think block.
-ENCODING_VERSION = 3
+# labelled; reasoning traces are trained inside the think block. 4: tools and tool calls rendered by the template,
+# every assistant turn after the question labelled (tool flows, consecutive turns), per-part train flags.
+ENCODING_VERSION = 4
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
@@ -78,32 +88,31 @@ class EncodeReport:
 # Rendering
 
 
-def build_messages(pair, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """Chat messages for the prompt side of `pair` (everything before the answer).
+def build_messages(pair, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """Chat messages for the prompt side of `pair` (everything before the answer: the history, the question and
+    the turns after it, such as tool calls and their replies), as the chat template takes them.
 
     A pair's own `system` wins over the run-wide `system_prompt`: it is the more specific one.
     """
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     system = getattr(pair, "system", None)
     if system is None:
         system = system_prompt
     if system is not None:
         messages.append({"role": "system", "content": system})
-    messages.extend(_history_messages(getattr(pair, "history", ()) or ()))
+    messages.extend(_for_template(m) for m in _history_messages(getattr(pair, "history", ()) or ()))
     messages.append({"role": "user", "content": pair.question})
+    messages.extend(_for_template(m) for m in _history_messages(getattr(pair, "after", ()) or ()))
     return messages
 
 
-def _history_messages(history: Iterable[Any], reasoning: bool = False) -> list[dict[str, str]]:
-    """Earlier turns, accepted as role/content messages or as (question, answer) exchanges; with
-    `reasoning`, an assistant message keeps its "reasoning_content"."""
-    messages: list[dict[str, str]] = []
+def _history_messages(history: Iterable[Any]) -> list[dict[str, Any]]:
+    """Earlier turns, accepted as role/content messages (a copy of each, with every key it has) or as (question,
+    answer) exchanges."""
+    messages: list[dict[str, Any]] = []
     for turn in history:
         if isinstance(turn, Mapping):
-            message = {"role": turn["role"], "content": turn["content"]}
-            if reasoning and turn.get("reasoning_content"):
-                message["reasoning_content"] = turn["reasoning_content"]
-            messages.append(message)
+            messages.append(dict(turn))
         elif hasattr(turn, "role") and hasattr(turn, "content"):
             messages.append({"role": turn.role, "content": turn.content})
         elif hasattr(turn, "question") and hasattr(turn, "answer"):
@@ -115,15 +124,37 @@ def _history_messages(history: Iterable[Any], reasoning: bool = False) -> list[d
     return messages
 
 
-def _conversation(pair, system_prompt: str | None) -> list[dict[str, str]]:
-    """Every turn of a sample, its answer last; assistant turns carry their trace as "reasoning_content"."""
+# The keys of a turn the chat template reads; the others ("train", "parts") say what is labelled.
+_TEMPLATE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id")
+
+
+def _for_template(message: Mapping) -> dict[str, Any]:
+    """A turn as the chat template takes it (no trace: the template renders an earlier turn's trace in some places
+    and not in others, and the labels hold each trace where the model writes it)."""
+    out = {key: message[key] for key in _TEMPLATE_KEYS if message.get(key) is not None}
+    out.setdefault("content", "")
+    return out
+
+
+def _conversation(pair, system_prompt: str | None) -> list[dict[str, Any]]:
+    """Every turn of a sample, its answer last, with every key of each (see parsing.QAPair)."""
     messages = build_messages(pair, system_prompt)
-    history = _history_messages(getattr(pair, "history", ()) or (), reasoning=True)
-    messages[len(messages) - 1 - len(history) : -1] = history
-    answer = {"role": "assistant", "content": pair.answer}
+    before = [*_history_messages(getattr(pair, "history", ()) or ()), {"role": "user", "content": pair.question}]
+    before += _history_messages(getattr(pair, "after", ()) or ())
+    messages[len(messages) - len(before) :] = before
+    answer: dict[str, Any] = {"role": "assistant", "content": pair.answer}
     if getattr(pair, "reasoning", None):
         answer["reasoning_content"] = pair.reasoning
+    if getattr(pair, "answer_calls", ()):
+        answer["tool_calls"] = [dict(call) for call in pair.answer_calls]
+    if getattr(pair, "answer_parts", ()):
+        answer["parts"] = [list(part) for part in pair.answer_parts]
     return messages + [answer]
+
+
+def _tools(pair) -> list[dict] | None:
+    """The tool list the chat template renders in its tools section (None: no tools section)."""
+    return [dict(tool) for tool in getattr(pair, "tools", ()) or ()] or None
 
 
 def render_prompt(tokenizer, pair, system_prompt: str | None = None, thinking_model: bool = False) -> str:
@@ -139,12 +170,17 @@ def render_prompt(tokenizer, pair, system_prompt: str | None = None, thinking_mo
     A template with no think handling at all (Qwen3-*-Instruct-2507) is left alone, even with
     thinking_model=True: that model has no thinking mode to switch off.
     """
-    return _answer_prompt(tokenizer, build_messages(pair, system_prompt), thinking_model)
+    return _answer_prompt(tokenizer, build_messages(pair, system_prompt), thinking_model, _tools(pair))
 
 
-def _answer_prompt(tokenizer, messages: list[dict], thinking_model: bool) -> str:
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None, **options) -> str:
+    """The chat template's text of `messages`, with `tools` in its tools section (None: none)."""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **options)
+
+
+def _answer_prompt(tokenizer, messages: list[dict], thinking_model: bool, tools: list[dict] | None = None) -> str:
     extra = {"enable_thinking": False} if thinking_model else {}
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    prompt = _render(tokenizer, messages, tools, add_generation_prompt=True, **extra)
     return _close_open_think(prompt)
 
 
@@ -162,7 +198,9 @@ def _close_open_think(prompt: str) -> str:
     return prompt[: len(prompt) - len(tail)] + EMPTY_THINK
 
 
-def _generation_prompt(tokenizer, messages: list[dict], thinking_model: bool, reasoning: str | None):
+def _generation_prompt(
+    tokenizer, messages: list[dict], thinking_model: bool, reasoning: str | None, tools: list[dict] | None = None
+):
     """(prompt, label prefix, trace trained) for the assistant turn that follows `messages`.
 
     Without a trace to train: the answer prompt (empty think block for thinking models). With one: the
@@ -170,10 +208,10 @@ def _generation_prompt(tokenizer, messages: list[dict], thinking_model: bool, re
     already opened it in the prompt, with the trace itself. A template with no think block at all (no
     thinking mode) cannot hold a trace: it is dropped.
     """
-    answer_prompt = _answer_prompt(tokenizer, messages, thinking_model)
+    answer_prompt = _answer_prompt(tokenizer, messages, thinking_model, tools)
     if reasoning is None or not thinking_model or THINK_OPEN not in (_after_header(answer_prompt) or ""):
         return answer_prompt, "", False
-    thinking = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    thinking = _render(tokenizer, messages, tools, add_generation_prompt=True, enable_thinking=True)
     tail = (_after_header(thinking) or "").strip()
     body = reasoning.strip() + f"\n{THINK_CLOSE}\n\n"
     if tail == "":  # the hybrid template: the model opens the block itself
@@ -199,35 +237,41 @@ def end_of_turn_id(tokenizer) -> int:
 
 @dataclass
 class _Segments:
-    """A sample's text in order, each piece labelled or not; and what happened to its traces."""
+    """A sample's text in order, each piece labelled or not and ending an assistant turn or not; and what happened
+    to its traces."""
 
-    parts: list[tuple[str, bool]] = field(default_factory=list)
+    parts: list[tuple[str, bool, bool]] = field(default_factory=list)  # (text, labelled, ends a trained turn)
     turns: int = 0
     traces_trained: int = 0
     traces_dropped: int = 0
 
 
 def _segments(tokenizer, pair, system_prompt, thinking_model: bool, train_traces: bool, eot: str) -> _Segments:
-    """Unlabelled context and labelled assistant text, alternating, for every non-empty assistant turn.
+    """Unlabelled context and labelled assistant text, alternating, for every assistant turn with something to train.
 
     The context before the first answer is the template's own prompt for it. The context before a later answer
     is what the template adds after the previous answer's end-of-turn, up to and including this answer's
     generation prompt: the template renders the turns with the previous answer replaced by a sentinel, and the
     text after the sentinel's end-of-turn is taken. The previous answer itself stays as it was trained (with its
-    think block), so each answer is labelled exactly as the model generates it.
+    think block), so each answer is labelled exactly as the model generates it. A turn's tool calls are labelled
+    as the template writes them after its content (see _calls_text); its parts marked train: false are context.
     """
     messages = _conversation(pair, system_prompt)
+    tools = _tools(pair)
+    if tools:
+        _check_renders_tools(tokenizer, pair, tools)
     out = _Segments()
     previous = None
+    after_previous = eot  # what the template writes after the previous answer's content (the sentinel), to its end
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or not message["content"].strip():
+        if not is_trained_turn(message):
             continue
-        context = [{"role": m["role"], "content": m["content"]} for m in messages[:i]]
+        context = [_for_template(m) for m in messages[:i]]
         if previous is not None:
             context[previous]["content"] = _SENTINEL
         reasoning = message.get("reasoning_content")
         prompt, prefix, traced = _generation_prompt(
-            tokenizer, context, thinking_model, reasoning if train_traces else None
+            tokenizer, context, thinking_model, reasoning if train_traces else None, tools
         )
         if reasoning:
             out.traces_trained += traced
@@ -237,23 +281,75 @@ def _segments(tokenizer, pair, system_prompt, thinking_model: bool, train_traces
         else:
             at = prompt.find(_SENTINEL)
             text = prompt[at + len(_SENTINEL) :] if at >= 0 else ""
-            if at < 0 or not text.startswith(eot):
+            if at < 0 or not text.startswith(after_previous):
                 raise ValueError(
                     f"{_where(pair)}: the chat template does not write an earlier assistant turn as its content "
-                    f"followed by {eot!r}, so the turns of a conversation cannot be labelled one by one"
+                    f"followed by {after_previous!r}, so the turns of a conversation cannot be labelled one by one"
                 )
-            text = text[len(eot) :]
-        out.parts += [(text, False), (prefix + message["content"] + eot, True)]
+            text = text[len(after_previous) :]
+        calls = _calls_text(tokenizer, pair, context, message, tools)
+        pieces = [(text, False, False), (prefix, True, False)]
+        pieces += [
+            (piece, bool(trained), False) for piece, trained in message.get("parts") or [[message["content"], True]]
+        ]
+        out.parts += _merged([*pieces, (calls + eot, True, True)])
         out.turns += 1
         previous = i
+        after_previous = _calls_text(tokenizer, pair, context, {**message, "content": _SENTINEL}, tools) + eot
     return out
+
+
+def _merged(pieces: list[tuple[str, bool, bool]]) -> list[tuple[str, bool, bool]]:
+    """Adjacent pieces labelled alike joined into one (each piece is tokenized on its own), empty ones dropped."""
+    out: list[tuple[str, bool, bool]] = []
+    for text, labelled, ends in pieces:
+        if not text:
+            continue
+        if out and out[-1][1] == labelled:
+            out[-1] = (out[-1][0] + text, labelled, ends)
+        else:
+            out.append((text, labelled, ends))
+    return out
+
+
+def _calls_text(tokenizer, pair, context: list[dict], message: Mapping, tools: list[dict] | None) -> str:
+    """What the chat template writes for an assistant turn's tool calls, between its content and its end-of-turn
+    ("" for a turn without tool calls): the turn rendered with and without its calls, the difference taken. A
+    template that writes nothing for them would train the turn without its calls: a UserError says so."""
+    if not message.get("tool_calls"):
+        return ""
+    turn = _for_template(message)
+    plain = _render(tokenizer, [*context, {**turn, "tool_calls": None}], tools)
+    called = _render(tokenizer, [*context, turn], tools)
+    end = plain.rfind(END_OF_TURN)
+    tail = plain[end:]
+    if end < 0 or not called.startswith(plain[:end]) or not called.endswith(tail) or len(called) <= len(plain):
+        raise UserError(
+            f"{_where(pair)}: the tokenizer's chat template does not render an assistant turn's tool_calls (it "
+            "writes them nowhere between the turn's content and its end), so the calls would not be trained. Fix: use "
+            "the model's own tokenizer (tokenizer_name: null), whose Qwen3 template renders them, or write the calls "
+            "as <tool_call> text in the assistant's content."
+        )
+    return called[end : len(called) - len(tail)]
+
+
+def _check_renders_tools(tokenizer, pair, tools: list[dict]) -> None:
+    """A UserError where the chat template ignores a record's tools: the model would learn to call tools it was
+    never shown."""
+    question = [{"role": "user", "content": pair.question}]
+    if _render(tokenizer, question, tools) == _render(tokenizer, question, None):
+        raise UserError(
+            f"{_where(pair)}: the record has 'tools', but the tokenizer's chat template does not render a tools "
+            "section, so the model would not see them. Fix: use the model's own tokenizer (tokenizer_name: null), "
+            "whose Qwen3 template renders them, or remove 'tools' from the records."
+        )
 
 
 def _tokenize_pairs(
     tokenizer, pairs: Sequence, system_prompt, thinking_model, reasoning: str = "train"
-) -> list[tuple[list[tuple[list[int], bool]], _Segments]]:
-    """Per pair: its token parts [(ids, labelled), ...] (labelled parts end with the end-of-turn id) and its
-    segments.
+) -> list[tuple[list[tuple[list[int], bool, bool]], _Segments]]:
+    """Per pair: its token parts [(ids, labelled, ends a trained turn), ...] (a part that ends a turn ends with the
+    end-of-turn id) and its segments.
 
     Each part is tokenized on its own, batched over all pairs (one call into the Rust tokenizer is much faster
     than a loop of small ones). A context part is then exactly what inference encodes as the prompt; at a
@@ -263,12 +359,12 @@ def _tokenize_pairs(
     eot_id = end_of_turn_id(tokenizer)
     eot = tokenizer.convert_ids_to_tokens(eot_id)
     segments = [_segments(tokenizer, p, system_prompt, thinking_model, reasoning == "train", eot) for p in pairs]
-    ids = iter(_batch_ids(tokenizer, [text for seg in segments for text, _ in seg.parts]))
+    ids = iter(_batch_ids(tokenizer, [text for seg in segments for text, _, _ in seg.parts]))
     out = []
     for pair, seg in zip(pairs, segments):
-        parts = [(next(ids), labelled) for _, labelled in seg.parts]
-        for part, labelled in parts:
-            if labelled and (not part or part[-1] != eot_id):
+        parts = [(next(ids), labelled, ends) for _, labelled, ends in seg.parts]
+        for part, _, ends in parts:
+            if ends and (not part or part[-1] != eot_id):
                 raise ValueError(
                     f"{_where(pair)}: answer encoding does not end with {eot!r}; is it a ChatML tokenizer?"
                 )
@@ -286,39 +382,40 @@ def _where(pair) -> str:
     return f"{getattr(pair, 'source', '?')}:{getattr(pair, 'line', '?')}"
 
 
-def _fit(parts: list[tuple[list[int], bool]], max_length: int, overflow: str) -> dict | None:
+def _fit(parts: list[tuple[list[int], bool, bool]], max_length: int, overflow: str, eot_id: int) -> dict | None:
     """Apply the length policy to one tokenized sample; None means dropped.
 
-    Truncation cuts the labelled turn the limit falls in (keeping its end-of-turn, so the model still sees and
-    learns a terminated turn) and everything after it; context is never cut, so a sample whose first answer
-    has no room for one token and its end-of-turn is dropped. A row always ends with a labelled end-of-turn.
+    Truncation cuts the labelled turn the limit falls in (ending it with its end-of-turn, so the model still sees
+    and learns a terminated turn) and everything after it; where the limit falls in a turn's part that is not
+    trained (train: false), that turn goes whole. Context is never cut, so a sample whose first answer has no room
+    for one token and its end-of-turn is dropped. A row always ends with a labelled end-of-turn.
     """
-    truncated = sum(len(ids) for ids, _ in parts) > max_length
+    truncated = sum(len(ids) for ids, _, _ in parts) > max_length
     if truncated:
         if overflow == "drop":
             return None
-        kept: list[tuple[list[int], bool]] = []
+        kept: list[tuple[list[int], bool, bool]] = []
         used = 0
-        for ids, labelled in parts:
+        for ids, labelled, ends in parts:
             if used + len(ids) <= max_length:
-                kept.append((ids, labelled))
+                kept.append((ids, labelled, ends))
                 used += len(ids)
                 continue
             room = max_length - used - 1  # answer tokens that fit beside the end-of-turn
             if labelled and room >= 1:
-                kept.append((ids[:room] + ids[-1:], True))
+                kept.append((ids[:room] + [eot_id], True, True))
             break
-        while kept and not kept[-1][1]:
+        while kept and not kept[-1][2]:
             kept.pop()
         if not kept:
             return None
         parts = kept
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, labelled in parts:
+    for ids, labelled, _ in parts:
         input_ids += ids
         labels += ids if labelled else [IGNORE_INDEX] * len(ids)
-    answer_tokens = sum(len(ids) for ids, labelled in parts if labelled)
+    answer_tokens = sum(len(ids) for ids, labelled, _ in parts if labelled)
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -350,8 +447,9 @@ def encode_pairs(
     pairs = list(pairs)
     report = EncodeReport(total=len(pairs))
     examples = []
+    eot_id = end_of_turn_id(tokenizer)
     for pair, (parts, seg) in zip(pairs, _tokenize_pairs(tokenizer, pairs, system_prompt, thinking_model, reasoning)):
-        example = _fit(parts, max_length, overflow)
+        example = _fit(parts, max_length, overflow, eot_id)
         if example is None:
             report.dropped += 1
             report.dropped_sources.append(_where(pair))
@@ -388,7 +486,7 @@ def sample_lengths(
     """(unlabelled, labelled) untruncated token counts of each sample."""
     encoded = _tokenize_pairs(tokenizer, list(pairs), system_prompt, thinking_model, reasoning)
     return [
-        (sum(len(ids) for ids, lab in parts if not lab), sum(len(ids) for ids, lab in parts if lab))
+        (sum(len(ids) for ids, lab, _ in parts if not lab), sum(len(ids) for ids, lab, _ in parts if lab))
         for parts, _ in encoded
     ]
 
@@ -474,16 +572,14 @@ def cache_key(
     h.update(json.dumps(settings, sort_keys=True).encode())
     for pair in pairs:
         # source/line are in the key because the cached report names dropped pairs by them.
+        # Every turn with every key (tool calls, train flags, parts), and the tools: all of it shapes the row.
         record = [
-            pair.question,
-            pair.answer,
-            getattr(pair, "reasoning", None),
-            getattr(pair, "system", None),
-            _history_messages(getattr(pair, "history", ()) or (), reasoning=True),
+            _conversation(pair, None),
+            _tools(pair),
             str(getattr(pair, "source", "")),
             getattr(pair, "line", None),
         ]
-        h.update(json.dumps(record, ensure_ascii=False).encode())
+        h.update(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()
 

@@ -32,17 +32,25 @@ start of a line (``re.match``). Optional named groups: ``num`` (the pair number,
 Q and A numbers match) and ``text`` (the text on the marker line; without it, the rest of the line
 after the match is used).
 
-JSON Lines / JSON records: chat ``{"messages": [{"role": ..., "content": ...}]}`` (and ShareGPT
-``{"conversations": [{"from": "human"|"gpt"|"system"|"observation", "value": ...}]}``), alpaca
-``{"instruction", "input", "output"}`` (with LLaMA-Factory's ``history``) and ``{"question", "answer"}``.
-A JSON file holds a list of records or ``{"data": [...]}``. Parquet, arrow and CSV files hold the same
-records, one per row, read through the ``datasets`` library; so does a hub dataset (``dataset_name``).
+JSON Lines / JSON records: chat ``{"messages": [{"role": ..., "content": ...}]}`` (OpenAI, with ``tool_calls`` and
+``tool`` turns; content a string or text parts), ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system"|
+"function_call"|"observation"|"tool", "value": ...}]}``, alpaca ``{"instruction", "input", "output"}`` (with
+LLaMA-Factory's ``history``), ``{"question", "answer"}`` and TRL's ``{"prompt", "completion"}``; any of them with a
+``tools`` list. A JSON file holds a list of records or ``{"data": [...]}``. Parquet, arrow and CSV files hold the
+same records, one per row, read through the ``datasets`` library; so does a hub dataset (``dataset_name``).
 
-A record is one sample. A chat's sample is its last assistant turn that answers a user turn, with the
-turns before as history; every assistant turn of the history is trained on too (see encoding.py).
-An assistant turn's reasoning trace comes from its ``reasoning_content``, or from a ``<think>...</think>``
-block opening its text (the opening tag may be missing, as thinking-only models write it); the answer
-is the text after the block.
+Every key of a record is read or reported (FileReport: ``kinds``, ``skip_reasons``, ``notes``). Records of other
+training modes, DPO (``chosen``/``rejected``, LLaMA-Factory's ranking format) and KTO (a boolean ``label``,
+``kto_tag``), are recognised, counted and skipped here; ``refuse_other_modes`` turns them into one UserError for
+the commands that train. Records with images, video or audio are skipped (Qwen3 reads text).
+
+A record is one sample. A chat's sample is its last assistant turn with something to train (text or tool calls,
+not marked ``train: false``), the last user turn before it the question, the turns before that the history and the
+turns in between (tool calls, tool replies, earlier assistant turns) ``after``; every assistant turn among them is
+trained on too (see encoding.py). An assistant turn's reasoning trace comes from its ``reasoning_content``, or from
+a ``<think>...</think>`` block opening its text (the opening tag may be missing, as thinking-only models write it),
+or with ``reasoning_markers: think`` from a ``<|begin_of_thought|>`` or ``<reasoning>`` block; the answer is the
+text after the block.
 
 This module must stay cheap to import: no torch, no transformers, no datasets (imported when read).
 """
@@ -85,9 +93,14 @@ UTF8_BOM = b"\xef\xbb\xbf"
 class QAPair:
     """One training sample: a conversation whose last turn is `answer` to `question`.
 
-    `history` holds the turns before `question` ({"role", "content"} dicts, an assistant turn optionally with
-    "reasoning_content"); every assistant turn in it is trained on too, not only the last answer. `reasoning` is
-    the answer's reasoning trace (the text of its think block), None when it has none.
+    `history` holds the turns before `question` and `after` the turns between it and the answer (an agent's tool
+    calls, the tools' replies, earlier assistant turns of the same reply), each a {"role", "content"} dict; an
+    assistant turn may add "reasoning_content", "tool_calls" (OpenAI's shape, rendered by the chat template),
+    "train": False (context, not trained) or "parts" ([text, trained] pieces of its content, from per-part train
+    flags); a tool turn may add "name" and "tool_call_id". Every assistant turn with something to train is trained
+    on, not only the last answer. `reasoning` is the answer's reasoning trace (the text of its think block), None
+    when it has none; `answer_calls` and `answer_parts` are the answer's own tool calls and parts. `tools` is the
+    record's tool list, which the chat template renders in its tools section.
     """
 
     question: str
@@ -97,6 +110,10 @@ class QAPair:
     system: str | None = None
     history: tuple = ()  # earlier chat turns: ({"role": ..., "content": ...}, ...)
     reasoning: str | None = None
+    after: tuple = ()  # turns between the question and the answer
+    tools: tuple = ()  # tool schemas ({"type": "function", "function": {...}} or the function itself)
+    answer_calls: tuple = ()  # the answer's tool calls
+    answer_parts: tuple = ()  # the answer's content as (text, trained) pieces, where per-part flags split it
 
     def __hash__(self) -> int:
         # The generated hash would fail on the history dicts; equal pairs still hash equal without them.
@@ -104,14 +121,14 @@ class QAPair:
 
     @property
     def turns(self) -> int:
-        """Assistant turns trained on: the answer and each non-empty assistant turn of the history."""
-        return 1 + sum(1 for t in self.history if _is_trained_turn(t))
+        """Assistant turns trained on: the answer and each assistant turn before it with something to train."""
+        return 1 + sum(1 for t in (*self.history, *self.after) if is_trained_turn(t))
 
     @property
     def traces(self) -> int:
         """Assistant turns that carry a reasoning trace."""
         return (self.reasoning is not None) + sum(
-            1 for t in self.history if _is_trained_turn(t) and t.get("reasoning_content")
+            1 for t in (*self.history, *self.after) if is_trained_turn(t) and t.get("reasoning_content")
         )
 
     def to_json(self) -> dict:
@@ -127,11 +144,22 @@ class QAPair:
             out["system"] = self.system
         if self.history:
             out["history"] = [dict(turn) for turn in self.history]
+        for name in ("after", "tools", "answer_calls"):
+            if getattr(self, name):
+                out[name] = [dict(item) for item in getattr(self, name)]
+        if self.answer_parts:
+            out["answer_parts"] = [list(part) for part in self.answer_parts]
         return out
 
 
-def _is_trained_turn(turn) -> bool:
-    return isinstance(turn, dict) and turn.get("role") == "assistant" and bool(str(turn.get("content", "")).strip())
+def is_trained_turn(turn) -> bool:
+    """An assistant turn with something to train: text or tool calls, not marked train: false, and where per-part
+    flags split its content, at least one part trained."""
+    if not isinstance(turn, dict) or turn.get("role") != "assistant" or turn.get("train") is False:
+        return False
+    if turn.get("parts"):
+        return any(trained for _, trained in turn["parts"]) or bool(turn.get("tool_calls"))
+    return bool(str(turn.get("content") or "").strip() or turn.get("tool_calls"))
 
 
 @dataclass
@@ -142,9 +170,15 @@ class FileReport:
     skipped: list[dict] = field(default_factory=list)  # each {"line": int, "reason": str}
     encoding: str = "utf-8"
     encoding_guessed: bool = False  # no BOM, not UTF-8: read as GBK/GB18030 because it reads as Chinese
-    kinds: dict[str, int] = field(default_factory=dict)  # records by shape: chat, sharegpt, alpaca, qa
+    # Records by the format recognised, used or skipped: chat, sharegpt, alpaca, qa, prompt-completion (SFT), and
+    # dpo, kto (other training modes, never trained here).
+    kinds: dict[str, int] = field(default_factory=dict)
     turns: int = 0  # assistant turns trained on (a multi-turn record has several)
     traces: int = 0  # of which carry a reasoning trace
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # skipped items by kind of reason
+    # Records used whose reading changed or left out something, by what: a key not read, turns after the last
+    # answer, reasoning markers mapped into the think block (or left as text), a tool reply's own tags removed.
+    notes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -155,12 +189,16 @@ class FileReport:
             "traces": self.traces,
             "kinds": dict(self.kinds),
             "skipped": [dict(s) for s in self.skipped],
+            "skip_reasons": dict(self.skip_reasons),
+            "notes": dict(self.notes),
             "encoding": self.encoding,
             "encoding_guessed": self.encoding_guessed,
         }
 
 
-def _file_report(source: str, fmt: str, pairs: list[QAPair], skipped: list[dict], kinds=None) -> FileReport:
+def _file_report(
+    source: str, fmt: str, pairs: list[QAPair], skipped: list[dict], kinds=None, skip_reasons=None, notes=None
+) -> FileReport:
     return FileReport(
         source,
         fmt,
@@ -169,7 +207,13 @@ def _file_report(source: str, fmt: str, pairs: list[QAPair], skipped: list[dict]
         kinds=dict(kinds or {}),
         turns=sum(p.turns for p in pairs),
         traces=sum(p.traces for p in pairs),
+        skip_reasons=dict(skip_reasons or {}),
+        notes=dict(notes or {}),
     )
+
+
+def _count(counts: dict[str, int], key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
 
 
 @dataclass
@@ -179,7 +223,28 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"files": [f.to_json() for f in self.files], "pairs": [p.to_json() for p in self.pairs]}
+        return {
+            "files": [f.to_json() for f in self.files],
+            "pairs": [p.to_json() for p in self.pairs],
+            "totals": {name: self.totals(name) for name in ("kinds", "skip_reasons", "notes")},
+        }
+
+    def totals(self, name: str) -> dict[str, int]:
+        """One of the files' counts (kinds, skip_reasons, notes) summed over every file."""
+        out: dict[str, int] = {}
+        for f in self.files:
+            for key, n in getattr(f, name).items():
+                _count(out, key, n)
+        return out
+
+    def summary(self) -> list[str]:
+        """The counts `data inspect` and `train` print: records by format, skipped items by reason, notes."""
+        lines = []
+        for name, title in (("kinds", "records by format"), ("skip_reasons", "skipped"), ("notes", "notes")):
+            counts = self.totals(name)
+            if counts:
+                lines.append(f"{title}: " + ", ".join(f"{key} {n}" for key, n in sorted(counts.items())))
+        return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,6 +252,7 @@ class DataReport:
 
 # A think block opening the answer; the opening tag may be missing, as in the output of templates that put
 # `<think>` in the prompt (Qwen3-*-Thinking-2507), and as Qwen3's own template accepts.
+THINK_CLOSE_TAG = "</think>"
 _THINK_BLOCK = re.compile(r"\A\s*(?:<think>)?(?P<reasoning>.*?)</think>(?P<answer>.*)\Z", re.DOTALL)
 
 
@@ -213,6 +279,58 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
         raise BrokenThink("think blocks nested or repeated (a <think> or </think> after the first opens)")
     reasoning = m["reasoning"].strip()
     return (reasoning or None), m["answer"].strip()
+
+
+# Other common reasoning-trace markers, as (opening, closing) tags, and the wrapper some put around the answer after
+# them (Bespoke-Stratos / OpenThoughts: <|begin_of_solution|>...<|end_of_solution|>), removed with them.
+REASONING_MARKERS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
+    "<|begin_of_thought|>": (
+        "<|begin_of_thought|>",
+        "<|end_of_thought|>",
+        ("<|begin_of_solution|>", "<|end_of_solution|>"),
+    ),
+    "<reasoning>": ("<reasoning>", "</reasoning>", None),
+}
+
+
+def split_marked_reasoning(text: str) -> tuple[str | None, str | None, str]:
+    """(marker, reasoning trace, answer) of a text opening with one of REASONING_MARKERS' blocks; (None, None, text)
+    for a text that opens with none. BrokenThink for a block opened and never closed, or opened twice."""
+    stripped = text.lstrip()
+    for name, (opening, closing, wrapper) in REASONING_MARKERS.items():
+        if not stripped.startswith(opening):
+            continue
+        body, sep, answer = stripped[len(opening) :].partition(closing)
+        if not sep:
+            raise BrokenThink(f"reasoning block opened and never closed ({opening} without {closing})")
+        if opening in body or opening in answer or closing in answer:
+            raise BrokenThink(f"reasoning blocks nested or repeated (a second {opening} or {closing})")
+        answer = answer.strip()
+        if wrapper and answer.startswith(wrapper[0]) and answer.endswith(wrapper[1]):
+            answer = answer[len(wrapper[0]) : len(answer) - len(wrapper[1])].strip()
+        return name, body.strip() or None, answer
+    return None, None, text
+
+
+def reasoning_and_answer(text: str, markers: str, notes: dict[str, int]) -> tuple[str | None, str]:
+    """(reasoning trace or None, answer) of an assistant text: a <think> block, or with reasoning_markers "think" one
+    of the other markers' blocks; what was done with other markers is counted in `notes` (said by `data inspect`)."""
+    reasoning, answer = split_reasoning(text)
+    if reasoning is not None or THINK_CLOSE_TAG in text:
+        return reasoning, answer
+    marker, marked, rest = split_marked_reasoning(text) if markers == "think" else (_marker_in(text), None, text)
+    if marker is None:
+        return None, text
+    if markers == "think":
+        _count(notes, f"{marker} reasoning mapped into the think block")
+        return marked, rest
+    _count(notes, f"{marker} reasoning left as answer text (reasoning_markers: text)")
+    return None, text
+
+
+def _marker_in(text: str) -> str | None:
+    stripped = text.lstrip()
+    return next((name for name in REASONING_MARKERS if stripped.startswith(name)), None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,9 +648,12 @@ class _Open:
 
 
 class _MarkdownParser:
-    def __init__(self, source: str, matcher: _MarkerMatcher):
+    def __init__(self, source: str, matcher: _MarkerMatcher, reasoning_markers: str = "think"):
         self.source = source
         self.matcher = matcher
+        self.reasoning_markers = reasoning_markers
+        self.skip_reasons: dict[str, int] = {}
+        self.notes: dict[str, int] = {}
         self.pairs: list[QAPair] = []
         self.skipped: list[dict] = []
         self.styled_questions = 0
@@ -592,6 +713,7 @@ class _MarkdownParser:
             self._skip(
                 number,
                 f"answer number {answer.num} does not match question number {current.question.num} (line {current.line})",
+                "answer numbered unlike its question",
             )
             self.discarding = True
             return
@@ -623,9 +745,9 @@ class _MarkdownParser:
                 self._skip(current.line, "empty answer")
             else:
                 try:
-                    reasoning, answer = split_reasoning(answer)
+                    reasoning, answer = reasoning_and_answer(answer, self.reasoning_markers, self.notes)
                 except BrokenThink as exc:
-                    self._skip(current.line, str(exc))
+                    self._skip(current.line, str(exc), "broken reasoning block")
                     return
                 if not answer:
                     self._skip(current.line, "empty answer after its think block")
@@ -640,10 +762,12 @@ class _MarkdownParser:
                 found.line,
                 f"text after {found.kind} {found.marker!r} is outside any Q/A pair (a {found.kind} ends an answer): "
                 f"{found.text_lines} line(s) not used",
+                "text outside any Q/A pair",
             )
 
-    def _skip(self, line: int, reason: str) -> None:
+    def _skip(self, line: int, reason: str, kind: str | None = None) -> None:
         self.skipped.append({"line": line, "reason": reason})
+        _count(self.skip_reasons, kind or reason)
 
 
 def _trim_block(lines: list[str]) -> str:
@@ -657,23 +781,25 @@ def _trim_block(lines: list[str]) -> str:
 
 
 def parse_markdown(
-    text: str, source: str, fmt: str = "auto", markers: Markers = Markers()
+    text: str, source: str, fmt: str = "auto", markers: Markers = Markers(), reasoning_markers: str = "think"
 ) -> tuple[list[QAPair], FileReport]:
     """Parse one markdown text. `fmt` "auto" reports header_qa when questions are headings or bold."""
     _check_format(fmt, allowed=("auto", *MARKDOWN_FORMATS))
     matcher = _MarkerMatcher(markers)
-    parser = _MarkdownParser(source, matcher)
+    parser = _MarkdownParser(source, matcher, reasoning_markers)
     parser.parse(text)
     if fmt == "auto":
         fmt = "header_qa" if parser.styled_questions else "simple_qa"
-    return parser.pairs, _file_report(source, fmt, parser.pairs, parser.skipped)
+    return parser.pairs, _file_report(
+        source, fmt, parser.pairs, parser.skipped, skip_reasons=parser.skip_reasons, notes=parser.notes
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # JSON Lines / JSON records
 
 # Chat roles as the records spell them -> the roles chat templates know. ShareGPT: human/gpt, and observation for
-# a tool's answer (LLaMA-Factory's spelling).
+# a tool's answer (LLaMA-Factory's spelling); OpenAI's legacy `function` role is a tool's answer too.
 CHAT_ROLES = {
     "user": "user",
     "human": "user",
@@ -682,159 +808,463 @@ CHAT_ROLES = {
     "system": "system",
     "tool": "tool",
     "observation": "tool",
+    "function": "tool",
 }
+# ShareGPT's assistant turn that calls a function (LLaMA-Factory, glaive): its value is the call as JSON,
+# {"name", "arguments"} or a list of them.
+FUNCTION_CALL_ROLE = "function_call"
+# The formats autotune trains (supervised fine-tuning), and those of other training modes it recognises to refuse.
+SFT_KINDS = ("chat", "sharegpt", "alpaca", "qa", "prompt-completion")
+OTHER_MODES = {
+    "dpo": "preference (DPO) records (chosen/rejected)",
+    "kto": "KTO records (answers labelled desirable or not)",
+}
+# The skip reason's kind for a record of another mode, as `data inspect` counts it.
+OTHER_MODE_SKIPS = {"dpo": "preference record (DPO)", "kto": "KTO record"}
+# Keys that hold images, video or audio: Qwen3 is a text model, so such a record is skipped.
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
+MEDIA_PART_TYPES = ("image", "image_url", "video", "video_url", "audio", "input_audio")
+# Keys of a turn that the chat template reads besides role and content: passed to it as they are.
+TEMPLATE_TURN_KEYS = ("name", "tool_call_id")
+# A tool reply already wrapped in the tags Qwen's template wraps it in (Hermes data): the tags are removed.
+_TOOL_RESPONSE = re.compile(r"\A\s*<tool_response>\s*(?P<body>.*?)\s*</tool_response>\s*\Z", re.DOTALL)
 
 
 class _BadRecord(Exception):
-    """A record that yields no sample; the message is the skip reason."""
+    """A record that yields no sample; the message is the skip reason, `kind` the reason's kind (counted)."""
+
+    def __init__(self, reason: str, kind: str = "invalid record"):
+        super().__init__(reason)
+        self.kind = kind
 
 
-# (question, answer, system, history, reasoning) of the one sample a record makes.
-_Found = tuple[str, str, "str | None", tuple, "str | None"]
+class _Fields:
+    """A record or a turn whose keys are read through get(): the keys never read are reported, not dropped unseen."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def has(self, *keys: str) -> bool:
+        """Whether every one of `keys` holds a value (a table row holds None in the columns a record lacks)."""
+        return all(self.data.get(k) is not None for k in keys)
+
+    def unused(self) -> list[str]:
+        return [str(k) for k, v in self.data.items() if k not in self.read and v not in (None, "", [], {})]
 
 
-def _text(value: Any, what: str) -> str:
-    if value is None:  # e.g. an assistant turn that only calls tools
-        return ""
-    if isinstance(value, str):
-        return value
-    # OpenAI-style content parts: [{"type": "text", "text": ...}, ...]
-    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise _BadRecord(f"{what} must be a string, got {type(value).__name__}")
+@dataclass
+class _Sample:
+    """What a record makes, before it becomes a QAPair."""
+
+    question: str
+    answer: dict  # the answer turn
+    system: str | None = None
+    history: tuple = ()
+    after: tuple = ()
+    tools: tuple = ()
 
 
-def _chat_turns(record: dict, sharegpt: bool) -> list[dict]:
-    """The record's turns as {"role", "content"} (+ "reasoning_content" for an assistant turn with a trace)."""
-    key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
-    messages = record[key]
-    if not isinstance(messages, list):
-        raise _BadRecord(f"'{key}' must be a list of turns")
-    turns = []
-    for i, message in enumerate(messages, 1):
-        if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
-            raise _BadRecord(f"turn {i} is not an object with a '{role_key}'")
-        role = CHAT_ROLES.get(message[role_key])
-        if role is None:
-            raise _BadRecord(f"turn {i} has {role_key} {message[role_key]!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise _BadRecord(f"turn {i} calls tools, which autotune does not train (tool_calls are not rendered)")
-        turn = {"role": role, "content": _text(message.get(content_key), f"turn {i} {content_key}")}
-        if role == "assistant":
-            reasoning = _text(message.get("reasoning_content"), f"turn {i} reasoning_content").strip() or None
-            if reasoning is None:
-                reasoning, turn["content"] = split_reasoning(turn["content"])
-            if reasoning is not None:
-                turn["reasoning_content"] = reasoning
-        turns.append(turn)
-    return turns
+class _RecordReader:
+    """Reads one record into a sample: its format, its turns, and notes on what was done with it."""
 
+    def __init__(self, markers: str = "think"):
+        self.markers = markers
+        self.kind: str | None = None  # the record's format, once recognised
+        self.notes: dict[str, int] = {}
+        self.fields: list[tuple[str, _Fields]] = []  # (where, fields) of the record and each of its turns
 
-def _from_chat(record: dict, sharegpt: bool) -> _Found:
-    """One sample per conversation: its last assistant turn that answers a user turn is `answer`, the turns before
-    that user turn are the history (each assistant turn in it trained on too); turns after the answer are dropped
-    (nothing follows them to learn). System turns become the sample's system prompt (the last one wins)."""
-    system = _text(record["system"], "system") if isinstance(record.get("system"), (str, list)) else None
-    turns = []
-    for turn in _chat_turns(record, sharegpt):
-        if turn["role"] == "system":
-            system = turn["content"]
-        else:
-            turns.append(turn)
-    for k in range(len(turns) - 1, 0, -1):
-        answer, question = turns[k], turns[k - 1]
-        if (answer["role"], question["role"]) == ("assistant", "user") and (
-            question["content"].strip() and answer["content"].strip()
-        ):
-            history = tuple(turns[: k - 1])
-            return (
-                question["content"].strip(),
-                answer["content"].strip(),
-                system,
-                history,
-                answer.get("reasoning_content"),
+    def wrap(self, data: dict, where: str = "") -> _Fields:
+        fields = _Fields(data)
+        self.fields.append((where, fields))
+        return fields
+
+    def note_unused(self) -> None:
+        for where, read in self.fields:
+            for key in read.unused():
+                _count(self.notes, f"{where}key {key!r} not used")
+
+    # ---- text
+
+    def text(self, value: Any, what: str) -> str:
+        text, parts = self.content(value, what)
+        if parts is not None and not all(trained for _, trained in parts):
+            raise _BadRecord(
+                f"{what} has parts marked train: false, which only assistant turns can have", "train flags"
             )
-    raise _BadRecord("chat record has no non-empty user turn followed by an assistant turn")
+        return text
 
+    def content(self, value: Any, what: str) -> tuple[str, list | None]:
+        """(text, parts) of a turn's content: a string, or content parts (OpenAI's {"type": "text", "text"},
+        LLaMA-Factory's {"type": "text", "value"}, axolotl's with "train": false); `parts` is [(text, trained)]
+        where a part carries a train flag, else None. A part holding an image, video or audio skips the record."""
+        if value is None:  # e.g. an assistant turn that only calls tools
+            return "", None
+        if isinstance(value, str):
+            return value, None
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list):
+            raise _BadRecord(
+                f"{what} must be a string or a list of content parts, got {type(value).__name__}", "invalid record"
+            )
+        parts = []
+        flagged = False
+        for i, part in enumerate(value, 1):
+            if not isinstance(part, dict):
+                raise _BadRecord(f"{what} part {i} is a {type(part).__name__}, not an object", "invalid record")
+            kind = part.get("type", "text")
+            if kind in MEDIA_PART_TYPES:
+                raise _BadRecord(f"{what} holds a {kind} part: Qwen3 is a text model", "images, video or audio")
+            text = part.get("text", part.get("value"))
+            if kind != "text" or not isinstance(text, str):
+                raise _BadRecord(
+                    f"{what} part {i} is no text part (type {kind!r}; a text part is "
+                    '{"type": "text", "text": ...} or LLaMA-Factory\'s {"type": "text", "value": ...})',
+                    "invalid record",
+                )
+            train = part.get("train", part.get("training"))
+            if train is not None and not isinstance(train, bool):
+                raise _BadRecord(f"{what} part {i} has train {train!r}; it must be true or false", "train flags")
+            flagged |= train is not None
+            parts.append((text, train is not False))
+            unused = sorted(set(part) - {"type", "text", "value", "train", "training"})
+            for key in unused:
+                _count(self.notes, f"content part key {key!r} not used")
+        return "".join(t for t, _ in parts), (parts if flagged else None)
 
-def _from_alpaca(record: dict) -> _Found:
-    question = _text(record["instruction"], "instruction").strip()
-    extra = _text(record.get("input") or "", "input").strip()
-    if extra:
-        question = f"{question}\n\n{extra}" if question else extra
-    system = _text(record["system"], "system") if record.get("system") else None
-    history: list[dict] = []
-    for turn in record.get("history") or []:  # LLaMA-Factory style: [[question, answer], ...]
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            raise _BadRecord("'history' must be a list of [question, answer] pairs")
-        reasoning, answer = split_reasoning(_text(turn[1], "history"))
-        assistant = {"role": "assistant", "content": answer}
+    # ---- records
+
+    def sample(self, record: Any) -> tuple[str, _Sample]:
+        """(the record's format, its sample); _BadRecord says why there is none (a kind of SFT_KINDS or
+        OTHER_MODES is still counted then: see _Records.add)."""
+        if not isinstance(record, dict):
+            raise _BadRecord(f"record is a {type(record).__name__}, not an object", "invalid record")
+        fields = self.wrap(record)
+        kind = _kind_of(fields)
+        if kind is None:
+            keys = ", ".join(sorted(str(k) for k, v in record.items() if v is not None)[:8]) or "none"
+            raise _BadRecord(
+                f"unknown record shape (keys: {keys}); expected 'messages', 'conversations', 'instruction'+'output', "
+                "'question'+'answer' or 'prompt'+'completion'",
+                "unknown record shape",
+            )
+        self.kind = kind
+        if kind in OTHER_MODES:
+            raise _BadRecord(
+                f"a {OTHER_MODE_SKIPS[kind]}: another training mode than supervised fine-tuning (train refuses it)",
+                OTHER_MODE_SKIPS[kind],
+            )
+        media = [k for k in MEDIA_KEYS if fields.get(k)]
+        if media:
+            raise _BadRecord(f"the record has {', '.join(media)}: Qwen3 is a text model", "images, video or audio")
+        tools = self.tools(fields.get("tools"))
+        reader = {
+            "chat": lambda: self.chat(fields, "messages", "role", "content"),
+            "sharegpt": lambda: self.chat(fields, "conversations", "from", "value"),
+            "alpaca": lambda: self.alpaca(fields),
+            "qa": lambda: self.single(fields, "question", "answer"),
+            "prompt-completion": lambda: self.prompt_completion(fields),
+        }[kind]
+        sample = reader()
+        sample.tools = tools
+        self.note_unused()
+        return kind, sample
+
+    def tools(self, value: Any) -> tuple:
+        """A record's tool list: a list of tool schemas, or (LLaMA-Factory) that list as a JSON string."""
+        if value in (None, "", []):
+            return ()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise _BadRecord(f"'tools' is a string but not JSON ({_json_error(e)})", "invalid tools") from None
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+            raise _BadRecord("'tools' must be a list of tool schemas (objects)", "invalid tools")
+        return tuple(value)
+
+    def chat(self, fields: _Fields, key: str, role_key: str, content_key: str) -> _Sample:
+        """One sample per conversation: its last assistant turn with something to train is the answer, the last user
+        turn before it the question; the turns before the question are the history, those between it and the answer
+        (tool calls and replies, earlier assistant turns) `after`; every assistant turn among them is trained too.
+        A leading system turn (or the record's 'system') is the system prompt; a later one stays where it is, as
+        Qwen3's template renders it there. Turns after the answer have nothing to learn from: noted, not used."""
+        messages = fields.get(key)
+        if not isinstance(messages, list):
+            raise _BadRecord(f"'{key}' must be a list of turns", "invalid record")
+        turns = [self.turn(message, i, role_key, content_key) for i, message in enumerate(messages, 1)]
+        system = self.text(fields.get("system"), "system") if fields.get("system") else None
+        if system is None and turns and turns[0]["role"] == "system":
+            system = turns.pop(0)["content"]
+        answer_at = next((k for k in range(len(turns) - 1, -1, -1) if is_trained_turn(turns[k])), None)
+        question_at = None
+        if answer_at is not None:
+            question_at = next(
+                (q for q in range(answer_at - 1, -1, -1) if turns[q]["role"] == "user" and turns[q]["content"].strip()),
+                None,
+            )
+        if answer_at is None or question_at is None:
+            raise _BadRecord(
+                "chat record has no non-empty user turn followed by an assistant turn to train (turns marked "
+                "train: false are context)",
+                "no answer",
+            )
+        if answer_at + 1 < len(turns):
+            _count(self.notes, "turns after the last answer not used (nothing follows them to learn)")
+        return _Sample(
+            turns[question_at]["content"].strip(),
+            turns[answer_at],
+            system,
+            tuple(turns[:question_at]),
+            tuple(turns[question_at + 1 : answer_at]),
+        )
+
+    def turn(self, message: Any, i: int, role_key: str, content_key: str) -> dict:
+        """A turn as {"role", "content"}, with what its role adds (see QAPair)."""
+        if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
+            raise _BadRecord(f"turn {i} is not an object with a '{role_key}'", "invalid record")
+        fields = self.wrap(message, "turn ")
+        spelled = fields.get(role_key)
+        if spelled == FUNCTION_CALL_ROLE:
+            calls = self.function_call_value(fields.get(content_key), i)
+            return {"role": "assistant", "content": "", "tool_calls": calls}
+        role = CHAT_ROLES.get(spelled)
+        if role is None:
+            raise _BadRecord(
+                f"turn {i} has {role_key} {spelled!r}; expected one of {', '.join(CHAT_ROLES)}, or ShareGPT's "
+                f"{FUNCTION_CALL_ROLE} (a tool call). Fix: spell the role as one of these, or drop the turn",
+                "unknown role",
+            )
+        text, parts = self.content(fields.get(content_key), f"turn {i} {content_key}")
+        turn: dict[str, Any] = {"role": role, "content": text}
+        if role == "assistant":
+            return self.assistant(fields, turn, parts, i)
+        if parts is not None and not all(trained for _, trained in parts):
+            raise _BadRecord(
+                f"turn {i} ({role}) has parts marked train: false; only assistant turns are trained, so the flag "
+                "means nothing there",
+                "train flags",
+            )
+        if role == "tool":
+            match = _TOOL_RESPONSE.match(text)
+            if match:  # Hermes writes the tags Qwen's template adds: keep one pair
+                turn["content"] = match["body"]
+                _count(self.notes, "tool reply's own <tool_response> tags removed (the template adds them)")
+        for key in TEMPLATE_TURN_KEYS:
+            if fields.get(key) is not None:
+                turn[key] = fields.get(key)
+        return turn
+
+    def assistant(self, fields: _Fields, turn: dict, parts: list | None, i: int) -> dict:
+        train = _turn_train_flag(fields, i)
+        if train is False:
+            turn["train"] = False
+        calls = self.tool_calls(fields, i)
+        if calls:
+            turn["tool_calls"] = calls
+        reasoning = self.text(fields.get("reasoning_content"), f"turn {i} reasoning_content").strip() or None
+        if parts is not None:
+            # Per-part flags: the trace comes from reasoning_content only, the parts are trained as written.
+            turn["parts"] = [[text, trained] for text, trained in parts if text]
+        elif reasoning is None:
+            reasoning, turn["content"] = reasoning_and_answer(turn["content"], self.markers, self.notes)
         if reasoning is not None:
-            assistant["reasoning_content"] = reasoning
-        history += [{"role": "user", "content": _text(turn[0], "history")}, assistant]
-    return _checked(question, _text(record["output"], "output"), system, tuple(history), record)
+            turn["reasoning_content"] = reasoning
+        return turn
+
+    def tool_calls(self, fields: _Fields, i: int) -> list[dict]:
+        """OpenAI's tool_calls ([{"type": "function", "function": {"name", "arguments"}}]) or its legacy
+        function_call ({"name", "arguments"}), in the first shape; the chat template renders them."""
+        calls = fields.get("tool_calls")
+        legacy = fields.get("function_call")
+        if legacy is not None:
+            calls = [*(calls or []), legacy]
+        if calls is None:
+            return []
+        if not isinstance(calls, list):
+            raise _BadRecord(f"turn {i} tool_calls must be a list", "invalid tool call")
+        return [_tool_call(call, f"turn {i} tool call {n}") for n, call in enumerate(calls, 1)]
+
+    def function_call_value(self, value: Any, i: int) -> list[dict]:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise _BadRecord(
+                    f"turn {i} is a {FUNCTION_CALL_ROLE} whose value is not JSON ({_json_error(e)}); it must be "
+                    '{"name": ..., "arguments": {...}} or a list of them',
+                    "invalid tool call",
+                ) from None
+        calls = value if isinstance(value, list) else [value]
+        return [_tool_call(call, f"turn {i} ({FUNCTION_CALL_ROLE}) call {n}") for n, call in enumerate(calls, 1)]
+
+    def alpaca(self, fields: _Fields) -> _Sample:
+        question = self.text(fields.get("instruction"), "instruction").strip()
+        extra = self.text(fields.get("input", ""), "input").strip()
+        if extra:
+            question = f"{question}\n\n{extra}" if question else extra
+        history: list[dict] = []
+        for turn in fields.get("history") or []:  # LLaMA-Factory style: [[question, answer], ...]
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+                raise _BadRecord("'history' must be a list of [question, answer] pairs", "invalid record")
+            reasoning, answer = reasoning_and_answer(self.text(turn[1], "history"), self.markers, self.notes)
+            assistant = {"role": "assistant", "content": answer}
+            if reasoning is not None:
+                assistant["reasoning_content"] = reasoning
+            history += [{"role": "user", "content": self.text(turn[0], "history")}, assistant]
+        return self.checked(fields, question, self.text(fields.get("output"), "output"), tuple(history))
+
+    def single(self, fields: _Fields, question_key: str, answer_key: str) -> _Sample:
+        question = self.text(fields.get(question_key), question_key).strip()
+        return self.checked(fields, question, self.text(fields.get(answer_key), answer_key), ())
+
+    def prompt_completion(self, fields: _Fields) -> _Sample:
+        """TRL's prompt-completion shape: two strings, or two lists of turns (the conversation split where the
+        trained part starts)."""
+        prompt, completion = fields.get("prompt"), fields.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return self.chat(self.wrap({"messages": prompt + completion}), "messages", "role", "content")
+        return self.single(fields, "prompt", "completion")
+
+    def checked(self, fields: _Fields, question: str, answer: str, history: tuple) -> _Sample:
+        system = self.text(fields.get("system"), "system") if fields.get("system") else None
+        reasoning = self.text(fields.get("reasoning_content"), "reasoning_content").strip() or None
+        if reasoning is None:
+            reasoning, answer = reasoning_and_answer(answer, self.markers, self.notes)
+        answer = answer.strip()
+        if not question:
+            raise _BadRecord("empty question", "empty question or answer")
+        if not answer:
+            raise _BadRecord("empty answer", "empty question or answer")
+        turn: dict[str, Any] = {"role": "assistant", "content": answer}
+        if reasoning is not None:
+            turn["reasoning_content"] = reasoning
+        return _Sample(question, turn, system, history)
 
 
-def _from_qa(record: dict) -> _Found:
-    system = _text(record["system"], "system") if record.get("system") else None
-    question = _text(record["question"], "question").strip()
-    return _checked(question, _text(record["answer"], "answer"), system, (), record)
+def _kind_of(fields: _Fields) -> str | None:
+    """The format a record is in (SFT_KINDS or OTHER_MODES), None for none. Preference and KTO records are told by
+    their own keys first: they also carry the keys of an SFT format (a DPO record's conversations, a KTO record's
+    prompt and completion)."""
+    if fields.has("chosen", "rejected"):
+        return "dpo"  # TRL's prompt/chosen/rejected, LLaMA-Factory's ranking format (instruction or conversations)
+    if fields.has("instruction") and isinstance(fields.data.get("output"), list):
+        return "dpo"  # LLaMA-Factory's older ranking format: output [chosen, rejected]
+    if isinstance(fields.data.get("label"), bool) or fields.has("kto_tag"):
+        return "kto"  # TRL's prompt/completion/label, LLaMA-Factory's kto_tag
+    for kind, keys in (
+        ("chat", ("messages",)),
+        ("sharegpt", ("conversations",)),
+        ("alpaca", ("instruction", "output")),
+        ("qa", ("question", "answer")),
+        ("prompt-completion", ("prompt", "completion")),
+    ):
+        if fields.has(*keys):
+            return kind
+    return None
 
 
-def _checked(question: str, answer: str, system: str | None, history: tuple, record: dict) -> _Found:
-    reasoning = _text(record.get("reasoning_content"), "reasoning_content").strip() or None
-    if reasoning is None:
-        reasoning, answer = split_reasoning(answer)
-    answer = answer.strip()
-    if not question:
-        raise _BadRecord("empty question")
-    if not answer:
-        raise _BadRecord("empty answer")
-    return (question, answer, system, history, reasoning)
+def _turn_train_flag(fields: _Fields, i: int) -> bool | None:
+    """A turn's own train flag: axolotl's "training" / "train" (true/false), ShareGPT's "weight" (0 or 1)."""
+    for key in ("train", "training"):
+        value = fields.get(key)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise _BadRecord(f"turn {i} has {key} {value!r}; it must be true or false", "train flags")
+            return value
+    weight = fields.get("weight")
+    if weight is not None:
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise _BadRecord(f"turn {i} has weight {weight!r}; it must be 0 (not trained) or 1", "train flags")
+        return weight == 1
+    return None
 
 
-def _record_sample(record: Any) -> tuple[str, _Found]:
-    """(the record's shape, its sample); _BadRecord says why there is none."""
-    if not isinstance(record, dict):
-        raise _BadRecord(f"record is a {type(record).__name__}, not an object")
-    if record.get("messages") is not None:
-        return "chat", _from_chat(record, sharegpt=False)
-    if record.get("conversations") is not None:
-        return "sharegpt", _from_chat(record, sharegpt=True)
-    if record.get("instruction") is not None and record.get("output") is not None:
-        return "alpaca", _from_alpaca(record)
-    if record.get("question") is not None and record.get("answer") is not None:
-        return "qa", _from_qa(record)
-    keys = ", ".join(sorted(str(k) for k, v in record.items() if v is not None)[:8]) or "none"
-    raise _BadRecord(
-        f"unknown record shape (keys: {keys}); expected 'messages', 'conversations', 'instruction'+'output' "
-        "or 'question'+'answer'"
-    )
+def _tool_call(call: Any, what: str) -> dict:
+    """A tool call as {"type": "function", "function": {"name", "arguments"}} (arguments as given: an object, or
+    the JSON string OpenAI writes, which Qwen's template renders as it is)."""
+    if not isinstance(call, dict):
+        raise _BadRecord(f"{what} is a {type(call).__name__}, not an object", "invalid tool call")
+    function = call.get("function", call)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
+        raise _BadRecord(
+            f'{what} needs a "name" and "arguments" (OpenAI: {{"type": "function", "function": {{"name": ..., '
+            '"arguments": ...}}})',
+            "invalid tool call",
+        )
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": function["name"], "arguments": function["arguments"]},
+    }
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
 
 
 class _Records:
-    """Collects the samples, skips and record shapes of one file."""
+    """Collects the samples, skips, record formats and notes of one file."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, markers: str = "think"):
         self.source = source
+        self.markers = markers
         self.pairs: list[QAPair] = []
         self.skipped: list[dict] = []
         self.kinds: dict[str, int] = {}
+        self.skip_reasons: dict[str, int] = {}
+        self.notes: dict[str, int] = {}
 
     def add(self, record: Any, line: int) -> None:
+        reader = _RecordReader(self.markers)
         try:
-            kind, (question, answer, system, history, reasoning) = _record_sample(record)
+            kind, sample = reader.sample(record)
+            pair = _pair(sample, self.source, line)
         except (_BadRecord, BrokenThink) as e:
-            self.skip(line, str(e))
+            if reader.kind is not None:
+                _count(self.kinds, reader.kind)
+            self.skip(line, str(e), getattr(e, "kind", "broken reasoning block"))
             return
-        self.kinds[kind] = self.kinds.get(kind, 0) + 1
-        self.pairs.append(QAPair(question, answer, self.source, line, system, history, reasoning))
+        _count(self.kinds, kind)
+        for note in reader.notes:  # records, not turns: "key 'lang' not used" once for a record whose turns all have it
+            _count(self.notes, note)
+        self.pairs.append(pair)
 
-    def skip(self, line: int, reason: str) -> None:
+    def skip(self, line: int, reason: str, kind: str | None = None) -> None:
         self.skipped.append({"line": line, "reason": reason})
+        _count(self.skip_reasons, kind or reason)
 
     def result(self, fmt: str) -> tuple[list[QAPair], FileReport]:
-        return self.pairs, _file_report(self.source, fmt, self.pairs, self.skipped, self.kinds)
+        return self.pairs, _file_report(
+            self.source, fmt, self.pairs, self.skipped, self.kinds, self.skip_reasons, self.notes
+        )
+
+
+def _pair(sample: _Sample, source: str, line: int) -> QAPair:
+    answer = sample.answer
+    if answer.get("train") is False:  # pragma: no cover - the answer is chosen among trained turns
+        raise _BadRecord("the answer is marked train: false")
+    parts = tuple((text, trained) for text, trained in answer.get("parts") or ())
+    text = answer["content"].strip() if not parts else answer["content"]
+    return QAPair(
+        sample.question,
+        text,
+        source,
+        line,
+        sample.system,
+        sample.history,
+        answer.get("reasoning_content"),
+        after=sample.after,
+        tools=sample.tools,
+        answer_calls=tuple(answer.get("tool_calls") or ()),
+        answer_parts=parts,
+    )
 
 
 def _loads(text: str) -> Any:
@@ -845,26 +1275,26 @@ def _loads(text: str) -> Any:
         raise ValueError("nested too deeply") from e
 
 
-def parse_jsonl(text: str, source: str) -> tuple[list[QAPair], FileReport]:
-    records = _Records(source)
+def parse_jsonl(text: str, source: str, reasoning_markers: str = "think") -> tuple[list[QAPair], FileReport]:
+    records = _Records(source, reasoning_markers)
     for number, line in enumerate(_split_lines(text), start=1):
         if not line.strip():
             continue
         try:
             record = _loads(line)
         except ValueError as e:
-            records.skip(number, f"invalid JSON: {_json_error(e)}")
+            records.skip(number, f"invalid JSON: {_json_error(e)}", "invalid JSON")
             continue
         records.add(record, number)
     return records.result("jsonl")
 
 
-def parse_json(text: str, source: str) -> tuple[list[QAPair], FileReport]:
-    records = _Records(source)
+def parse_json(text: str, source: str, reasoning_markers: str = "think") -> tuple[list[QAPair], FileReport]:
+    records = _Records(source, reasoning_markers)
     try:
         data = _loads(text.lstrip("\ufeff")) if text.strip() else []
     except ValueError as e:
-        records.skip(getattr(e, "lineno", 1), f"invalid JSON: {_json_error(e)}")
+        records.skip(getattr(e, "lineno", 1), f"invalid JSON: {_json_error(e)}", "invalid JSON")
         return records.result("json")
     found = _json_records(data)
     if found is None:
@@ -880,7 +1310,7 @@ def _json_records(data: Any) -> list | None:
         return data
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         return data["data"]
-    if isinstance(data, dict) and any(k in data for k in ("messages", "conversations", "instruction", "question")):
+    if isinstance(data, dict) and _kind_of(_Fields(data)) is not None:
         return [data]  # a file holding a single record
     return None
 
@@ -903,8 +1333,10 @@ def parse_data_dir(
     markers: Markers = Markers(),
     progress: FileProgress | None = None,
     encoding: str | None = None,
+    reasoning_markers: str = "think",
 ) -> DataReport:
-    """Parse every data file under `data_dir` (recursively, in sorted order) into one report."""
+    """Parse every data file under `data_dir` (recursively, in sorted order) into one report. `reasoning_markers`
+    is the config's: other reasoning markers mapped into the think block ("think") or left as text."""
     _check_format(data_format, allowed=DATA_FORMATS)
     root = Path(data_dir)
     if not root.exists():
@@ -921,14 +1353,32 @@ def parse_data_dir(
     files = _data_files(root, EXTENSIONS[data_format])
     for relative in progress(files) if progress else files:
         shown = _display(data_dir, relative)
-        pairs, file_report = _parse_file(root / relative, relative, data_format, markers, encoding)
+        pairs, file_report = _parse_file(root / relative, relative, data_format, markers, encoding, reasoning_markers)
         report.files.append(file_report)
         report.pairs.extend(pairs)
         report.warnings.extend(_file_warnings(shown, file_report))
     if not report.pairs:
+        refuse_other_modes(report, f"data_dir {str(data_dir)!r}")
         raise UserError(_no_pairs_message(data_dir, data_format, report, markers))
     report.warnings.extend(_duplicate_warnings(report.pairs))
     return report
+
+
+def refuse_other_modes(report: DataReport, where: str) -> None:
+    """A UserError when the data holds records of another training mode (DPO preference pairs, KTO labels): an SFT
+    run would train their answers as if all were good, or train half of them. `data inspect` shows them, counted;
+    train, solve and `data stats` stop here with one message naming every such file."""
+    found = [
+        f"{f.path}: {n} {OTHER_MODES[kind]}" for f in report.files for kind, n in f.kinds.items() if kind in OTHER_MODES
+    ]
+    if found:
+        raise UserError(
+            f"{where} holds data of another training mode, which autotune (supervised LoRA fine-tuning) cannot train: "
+            + "; ".join(found)
+            + ". Fix: move these files out of the data folder, or convert them to SFT records (a DPO record's prompt "
+            "and its chosen answer as a chat; a KTO record's prompt and completion where its label is true); "
+            "`autotune data inspect` counts every record by format."
+        )
 
 
 def _check_format(fmt: str, allowed: Iterable[str]) -> None:
@@ -970,18 +1420,23 @@ def _format_of(path: Path, data_format: str) -> str:
 
 
 def _parse_file(
-    path: Path, relative: str, data_format: str, markers: Markers, encoding: str | None = None
+    path: Path,
+    relative: str,
+    data_format: str,
+    markers: Markers,
+    encoding: str | None = None,
+    reasoning_markers: str = "think",
 ) -> tuple[list[QAPair], FileReport]:
     fmt = _format_of(path, data_format)
     if fmt in TABLE_FORMATS:
-        return parse_table(path, relative, fmt)
+        return parse_table(path, relative, fmt, reasoning_markers)
     decoded = read_text(path, encoding)
     if fmt == "jsonl":
-        pairs, report = parse_jsonl(decoded.text, relative)
+        pairs, report = parse_jsonl(decoded.text, relative, reasoning_markers)
     elif fmt == "json":
-        pairs, report = parse_json(decoded.text, relative)
+        pairs, report = parse_json(decoded.text, relative, reasoning_markers)
     else:
-        pairs, report = parse_markdown(decoded.text, relative, fmt, markers)
+        pairs, report = parse_markdown(decoded.text, relative, fmt, markers, reasoning_markers)
     report.encoding, report.encoding_guessed = decoded.encoding, decoded.guessed
     return pairs, report
 
@@ -1010,15 +1465,17 @@ def _table_rows(path: Path, fmt: str) -> Iterable[dict]:
     return datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
 
 
-def parse_table(path: str | os.PathLike, source: str, fmt: str) -> tuple[list[QAPair], FileReport]:
+def parse_table(
+    path: str | os.PathLike, source: str, fmt: str, reasoning_markers: str = "think"
+) -> tuple[list[QAPair], FileReport]:
     """A parquet, arrow or CSV file: one record per row, in the shapes JSON records take (a CSV has flat columns:
     question/answer or instruction/input/output). A file that cannot be read is reported as skipped."""
-    records = _Records(source)
+    records = _Records(source, reasoning_markers)
     try:
         for index, row in enumerate(_table_rows(Path(path), fmt)):
             records.add(row, index + 1)
     except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets each raise their own types
-        records.skip(1, f"cannot read it as {fmt}: {_first_line(exc)}")
+        records.skip(1, f"cannot read it as {fmt}: {_first_line(exc)}", f"unreadable {fmt} file")
     pairs, report = records.result(fmt)
     report.encoding = "utf-8" if fmt == "csv" else "binary"
     return pairs, report
@@ -1029,7 +1486,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
-def parse_hub_dataset(name: str, split: str = "train") -> DataReport:
+def parse_hub_dataset(name: str, split: str = "train", reasoning_markers: str = "think") -> DataReport:
     """A dataset from the Hugging Face hub (or the local cache of it), one sample per row."""
     import datasets
 
@@ -1055,18 +1512,19 @@ def parse_hub_dataset(name: str, split: str = "train") -> DataReport:
             )
         raise UserError(f"dataset_name {name!r} (split {split!r}): cannot load it ({reason}). {fix}") from None
     source = f"{name}[{split}]"
-    records = _Records(source)
+    records = _Records(source, reasoning_markers)
     for index, row in enumerate(rows):
         records.add(row, index + 1)
     pairs, file_report = records.result("hub")
     file_report.encoding = "binary"
     report = DataReport(files=[file_report], pairs=pairs, warnings=_file_warnings(source, file_report))
     if not pairs:
+        refuse_other_modes(report, f"dataset_name {name!r}")
         columns = ", ".join(rows.column_names) if hasattr(rows, "column_names") else "?"
         raise UserError(
             f"dataset_name {name!r} (split {split!r}): no usable rows (columns: {columns}); rows need 'messages', "
-            "'conversations', 'instruction'+'output' or 'question'+'answer'. Fix: pick a dataset in one of those "
-            "shapes, or convert it to JSONL in data_dir."
+            "'conversations', 'instruction'+'output', 'question'+'answer' or 'prompt'+'completion'. Fix: pick a "
+            "dataset in one of those shapes, or convert it to JSONL in data_dir."
         )
     report.warnings.extend(_duplicate_warnings(pairs))
     return report
@@ -1121,7 +1579,7 @@ def _no_pairs_message(data_dir, data_format: str, report: DataReport, markers: M
     return (
         f"no QA pairs found in data_dir {str(data_dir)!r} (data_format {data_format!r}; looked for {patterns} files): {found}. "
         f"Markdown pairs look like '{q}' (or '### {q}') followed by '{a}'; JSONL/JSON records and table rows need "
-        "'messages', 'conversations', 'instruction'+'output' or 'question'+'answer'. "
+        "'messages', 'conversations', 'instruction'+'output', 'question'+'answer' or 'prompt'+'completion'. "
         "Fix: point data_dir at a folder with *.md files of Q1:/A1: pairs (e.g. data/raw), "
         "or set data_format / question_prefix / answer_prefix / separator to match your files."
     )
@@ -1194,6 +1652,7 @@ def split_pairs(pairs: Iterable[QAPair], eval_ratio: float = 0.1, seed: int = 42
 def parse_data(cfg, progress: FileProgress | None = None) -> DataReport:
     """A config's data (autotune.config.Config in practice): its hub dataset when dataset_name is set, else
     data_dir parsed with its data_format and markers."""
+    markers = getattr(cfg, "reasoning_markers", "think")
     if getattr(cfg, "dataset_name", None):
-        return parse_hub_dataset(cfg.dataset_name, cfg.dataset_split)
-    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg), progress, cfg.data_encoding)
+        return parse_hub_dataset(cfg.dataset_name, cfg.dataset_split, markers)
+    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg), progress, cfg.data_encoding, markers)

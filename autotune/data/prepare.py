@@ -9,7 +9,7 @@ from typing import Any
 
 from autotune.context import RunContext
 from autotune.data.encoding import load_or_encode, sample_lengths, summarize_lengths
-from autotune.data.parsing import FileProgress, QAPair, parse_data, split_pairs
+from autotune.data.parsing import DataReport, FileProgress, QAPair, parse_data, refuse_other_modes, split_pairs
 from autotune.errors import UserError
 
 
@@ -23,9 +23,11 @@ class PreparedData:
 
 def prepare_data(ctx: RunContext, echo: Callable[[str], None] = print) -> PreparedData:
     cfg, tokenizer = ctx.cfg, ctx.tokenizer
-    parsed = parse_data(cfg)
+    parsed = _sft_data(cfg)
     for warning in parsed.warnings:
         echo(f"warning: {warning}")
+    for line in parsed.summary():
+        echo(f"data: {line}")
     train_pairs, eval_pairs = split_pairs(parsed.pairs, cfg.eval_ratio, cfg.seed)
     if eval_pairs and len(train_pairs) < len(eval_pairs):
         # A valid but lopsided split (eval_ratio 0.99 left one sample to train on): the user meant something else.
@@ -83,7 +85,7 @@ def data_length_stats(ctx: RunContext, progress: FileProgress | None = None) -> 
     """Token-length statistics of the run's data with the model's chat template (the solver sizes the
     sequence from them). `progress` wraps the files as they are tokenized (a progress bar, in the CLI)."""
     cfg = ctx.cfg
-    parsed = parse_data(cfg)
+    parsed = _sft_data(cfg)
     by_file: dict[str, list[QAPair]] = {}
     for pair in parsed.pairs:
         by_file.setdefault(pair.source, []).append(pair)
@@ -96,3 +98,12 @@ def data_length_stats(ctx: RunContext, progress: FileProgress | None = None) -> 
     stats["turns"] = sum(p.turns for p in parsed.pairs)
     stats["traces"] = sum(p.traces for p in parsed.pairs)
     return stats
+
+
+def _sft_data(cfg) -> DataReport:
+    """The config's data, refused (one UserError naming each file) where it holds records of another training mode
+    (DPO, KTO): training them as SFT would teach the rejected answers too."""
+    parsed = parse_data(cfg)
+    where = f"dataset_name {cfg.dataset_name!r}" if cfg.dataset_name else f"data_dir {cfg.data_dir!r}"
+    refuse_other_modes(parsed, where)
+    return parsed

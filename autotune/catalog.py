@@ -37,18 +37,21 @@ ALL_LINEAR = "all-linear"
 
 
 def resolve_targets(targets, arch: Architecture | None = None):
-    """The LoRA targets spelled out: "all-linear", as a string or alone in a list, is every Linear of `arch`'s
-    decoder layers that LoRA can target (None: a Qwen3 model's, PROJECTIONS): a hybrid's DeltaNet projections too, an
-    MoE model's attention only (its experts get adapters through lora_experts). Anything else is returned as it is
-    (check_target_modules judges it). The one place the word is expanded, so that the config and every record of a
-    run list the layers themselves."""
-    if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
-        if arch is None:
-            return list(PROJECTIONS)
-        if arch.is_moe and not arch.is_hybrid:
-            return list(ATTENTION_PROJECTIONS)
-        return list(arch.projection_names)
-    return targets
+    """The LoRA targets spelled out: "all-linear", as a string or in a list, is every Linear of `arch`'s decoder
+    layers that LoRA can target (None: a Qwen3 model's, PROJECTIONS): a hybrid's DeltaNet projections too, an MoE
+    model's attention only (its experts get adapters through lora_experts); names beside it stay. Anything else is
+    returned as it is (check_target_modules judges it). The one place the word is expanded, so that the config and
+    every record of a run list the layers themselves."""
+    listed = [targets] if isinstance(targets, str) else targets
+    if not isinstance(listed, list) or ALL_LINEAR not in listed:
+        return targets
+    if arch is None:
+        every = list(PROJECTIONS)
+    elif arch.is_moe and not arch.is_hybrid:
+        every = list(ATTENTION_PROJECTIONS)
+    else:
+        every = list(arch.projection_names)
+    return list(dict.fromkeys([*every, *(t for t in listed if t != ALL_LINEAR)]))
 
 
 def check_target_modules(target_modules, arch: Architecture | None = None) -> tuple[str, ...]:

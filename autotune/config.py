@@ -622,7 +622,9 @@ def normalize_values(values: dict) -> dict:
     if isinstance(out.get("report_to"), str):
         out["report_to"] = [out["report_to"]]
     if out.get("target_modules") == ALL_LINEAR:
-        out["target_modules"] = [ALL_LINEAR]  # spelled out for the model once the layers are merged (_finish)
+        out["target_modules"] = [ALL_LINEAR]
+    if "model_name" in out:  # else spelled out for the model once the layers are merged (_finish)
+        _spell_out_targets(out)
     for key, value in out.items():
         kind = KEY_DOCS.get(key, ("", ""))[1] if isinstance(key, str) else ""
         if kind == "bool" and value in ("on", "off"):
@@ -834,15 +836,16 @@ def _finish(values: dict, where: str, errors: list[str]) -> Config:
 
 
 def _spell_out_targets(full: dict) -> None:
-    """ "all-linear" as the model's own projections (catalog.resolve_targets); a model that does not resolve is
-    reported by the consistency checks."""
-    if full.get("target_modules") != [ALL_LINEAR] or not isinstance(full.get("model_name"), str):
+    """ "all-linear" as the model's own projections (catalog.resolve_targets; a model that does not resolve, which
+    the consistency checks report, as a Qwen3 model's)."""
+    targets = full.get("target_modules")
+    if not isinstance(targets, list) or ALL_LINEAR not in targets:
         return
     try:
-        arch = resolve_model(full["model_name"]).architecture
+        arch = resolve_model(full["model_name"]).architecture if isinstance(full.get("model_name"), str) else None
     except UserError:
-        return
-    full["target_modules"] = resolve_targets(ALL_LINEAR, arch)
+        arch = None
+    full["target_modules"] = resolve_targets(targets, arch)
 
 
 def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:

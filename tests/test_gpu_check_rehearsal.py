@@ -46,7 +46,14 @@ def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     assert entry["choice"]["batch_size"] >= 1 and entry["train"]["oom"] is False
     # Every trial of every stage, with what the estimate needs to predict it (bench/estimate_check.py).
     trials = doc["trials"]
-    assert len(trials) >= 10 and {t["stage"] for t in trials} >= {"min_cap", "moe", "hybrid", "longest_seq", "costs", "solve"}
+    assert len(trials) >= 10 and {t["stage"] for t in trials} >= {
+        "min_cap",
+        "moe",
+        "hybrid",
+        "longest_seq",
+        "costs",
+        "solve",
+    }
     assert all({"batch", "seq", "rank", "knobs", "quantization", "optimizer", "peak_bytes"} <= set(t) for t in trials)
     # And the whole run's plan beside what the device showed of it: the phases, the host memory, the load's peak.
     planned = [t for t in trials if t["knobs"]]

@@ -12,7 +12,7 @@ import yaml
 from helpers import REPO
 from helpers.cli import run_cli
 
-from autotune.catalog import PROJECTIONS, resolve_targets
+from autotune.catalog import PROJECTIONS, resolve_model, resolve_targets
 from autotune.config import OPTIMIZERS, SCHEDULERS, TRACKERS, load_config, parse_set
 from autotune.errors import UserError
 from autotune.peers import SPELLINGS, reference_markdown
@@ -113,7 +113,7 @@ def test_validating_a_peer_file_names_autotunes_keys_not_a_spelling_guess(capsys
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
     for peer_key, autotune in [
         ("lora_rank", "lora_r 16"),
-        ("lora_target", 'target_modules ["q_proj"'),
+        ("lora_target", 'target_modules ["all-linear"]'),  # spelled out for the model the config names
         ("cutoff_len", "max_sequence_length 1024"),
         ("save_steps", "save_every_n_steps 250"),
         ("per_device_train_batch_size", "batch_size 2"),
@@ -230,9 +230,17 @@ def test_all_linear_is_every_projection_listed(tmp_path, targets):
     assert resolve_targets(["q_proj"]) == ["q_proj"]
 
 
-def test_all_linear_stands_alone(tmp_path):
-    with pytest.raises(UserError, match=r"'all-linear'\] are not layers of a Qwen3 model"):
-        load_config(write(tmp_path / "c.yaml", "target_modules: [all-linear, q_proj]\n"))
+def test_all_linear_is_the_models_own_projections_and_adds_up_with_names_beside_it(tmp_path):
+    assert load_config(write(tmp_path / "c.yaml", "target_modules: [all-linear, q_proj]\n")).target_modules == list(
+        PROJECTIONS
+    )
+    hybrid = load_config(write(tmp_path / "h.yaml", "model_name: Qwen3.5-9B\ntarget_modules: all-linear\n"))
+    assert hybrid.target_modules == list(resolve_model("Qwen3.5-9B").architecture.projection_names)
+    assert "in_proj_qkv" in hybrid.target_modules
+    moe = load_config(
+        write(tmp_path / "m.yaml", "model_name: Qwen3-30B-A3B\nlora_dropout: 0\ntarget_modules: all-linear\n")
+    )
+    assert moe.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]  # its experts get adapters by lora_experts
 
 
 def test_on_and_off_for_switches_and_true_false_keys(tmp_path):

@@ -12,6 +12,7 @@ import difflib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from autotune.errors import UserError
 
@@ -142,6 +143,12 @@ class Architecture:
         return ("none", "4bit") if self.is_hybrid else ("4bit",)
 
     @property
+    def norm_weight_offset(self) -> float:
+        """What a hybrid's RMSNorms add to their stored weight (transformers' Qwen3_5RMSNorm: x * (1 + weight), so an
+        identity norm stores zeros); its DeltaNet blocks' gated norm stores the weight itself. Qwen3's: nothing."""
+        return 1.0 if self.is_hybrid else 0.0
+
+    @property
     def causal_lm_class(self) -> str:
         """transformers' class of the text model (config.json's architectures of an exported model)."""
         return {
@@ -181,6 +188,17 @@ class Architecture:
             if not self.is_moe:
                 facts.pop("shared_expert_intermediate_size")
         return facts
+
+    @classmethod
+    def from_facts(cls, facts: dict) -> Architecture:
+        """The architecture a record's facts() describe (a profile's model.architecture); a UserError if they do not
+        describe one."""
+        fields = cls.__dataclass_fields__
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in facts.items() if k in fields}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise UserError(f"the recorded architecture is incomplete ({exc})") from None
 
     def to_hf_config(self, **extra):
         """transformers' config for this architecture (Qwen3Config, Qwen3MoeConfig, Qwen3_5TextConfig,

@@ -300,7 +300,37 @@ def _base_weights(run: FinishedRun):
     generation = None
     if (folder / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
-    return _SafetensorsWeights(folder), hf_config, generation
+    weights: _BaseWeights = _SafetensorsWeights(folder)
+    if run.spec.architecture.is_hybrid and getattr(hf_config, "text_config", None) is not None:
+        # A Qwen3.5/3.6 release is a vision-language checkpoint; the run trained its language model, which is what
+        # the merged model is (catalog.TEXT_ONLY_NOTE).
+        hf_config, weights = hf_config.text_config, _LanguageModelWeights(weights)
+    return weights, hf_config, generation
+
+
+class _LanguageModelWeights:
+    """A unified vision-language checkpoint's language model under the names its causal LM has (transformers'
+    Qwen3_5ForCausalLM: `model.language_model.X` is `model.X`; lm_head as it is); the vision tower and the
+    multi-token-prediction layer are left out."""
+
+    PREFIX, TEXT = "model.language_model.", "model."
+
+    def __init__(self, inner: _BaseWeights):
+        self.inner = inner
+        self._source = {
+            (self.TEXT + n.removeprefix(self.PREFIX) if n.startswith(self.PREFIX) else n): n
+            for n in inner.names()
+            if n.startswith(self.PREFIX) or n == "lm_head.weight"
+        }
+
+    def names(self) -> list[str]:
+        return list(self._source)
+
+    def numel(self, name: str) -> int:
+        return self.inner.numel(self._source[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(self._source[name])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -112,13 +112,16 @@ def _learnable_state_dict(shapes: dict, hf_config, dtype: torch.dtype, seed: int
     """Random weights a small model can learn from: every tensor drawn on its own (no weights shared between
     layers or projections), each linear layer at std 1/sqrt(fan_in) so that every layer passes its input on at
     its scale (and a LoRA update anywhere reaches the output), the embedding (tied to lm_head) at
-    EMBEDDING_LOGIT_SPREAD / sqrt(hidden_size), norms at one."""
+    EMBEDDING_LOGIT_SPREAD / sqrt(hidden_size), norms at identity (a hybrid's RMSNorms store their weight less one:
+    catalog.Architecture.norm_weight_offset; its DeltaNet blocks' gated norm does not)."""
     gen = torch.Generator().manual_seed(seed)
     embedding_std = EMBEDDING_LOGIT_SPREAD / hf_config.hidden_size**0.5
+    offset = Architecture.from_hf_config(hf_config.to_dict()).norm_weight_offset
     state, embedding = {}, None
     for name, shape in shapes.items():
         if "norm" in name:
-            state[name] = torch.ones(shape, dtype=dtype)
+            identity = 1.0 if name.endswith("linear_attn.norm.weight") else 1.0 - offset
+            state[name] = torch.full(shape, identity, dtype=dtype)
         elif "embed_tokens" in name or "lm_head" in name:
             if embedding is None:  # tied: one table for both names
                 embedding = torch.randn(shape, generator=gen).mul_(embedding_std).to(dtype)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import __version__
-from autotune.catalog import Architecture
+from autotune.catalog import Architecture, check_target_modules
 from autotune.config import STRATEGIES, Config, build_config, load_config, merge_values, parse_set, value_is
 from autotune.errors import UserError
 from autotune.fsutil import atomic_write_json
@@ -170,7 +170,10 @@ def load_profile(path: str | Path, notes: list[str] | None = None) -> dict:
         )
     _fill_missing_techniques(doc, path, notes)
     try:
-        build_config({k: choice[k] for k in CHOICE_KEYS})
+        # The targets are the recorded model's layers (a hybrid's DeltaNet projections), the rest the config's.
+        build_config({k: choice[k] for k in CHOICE_KEYS if k != "target_modules"})
+        facts = doc["model"].get("architecture")
+        check_target_modules(choice["target_modules"], Architecture.from_facts(facts) if facts else None)
         if doc.get("config") is not None:
             build_config(doc["config"], f"{path} (its config)")
     except UserError as exc:
@@ -267,20 +270,19 @@ def layered_config(
     """
     overrides = parse_set(sets)
     warnings: list[str] = []  # and the notes of the peers' keys the file spells its way (config.from_peers)
-    if profile is None:
-        cfg = load_config(config_path, overrides, notes=warnings)
-    else:
-        cfg = apply_profile(
-            load_config(config_path, notes=warnings) if config_path else profile_config(profile), profile
-        )
-        if overrides:
-            # What the user types on this command line wins over the profile, and is said aloud.
-            cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")
-            warnings += [
-                f"--set {key} overrides the profile's solved {key}: the profile's memory figures no longer apply"
-                for key in sorted(set(overrides) & set(CHOICE_KEYS))
-            ]
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if profile is None:
+        # The flags are the last layer: checked with the --set values, so that a value that depends on the model
+        # (target_modules all-linear, a hybrid's projections) is read for the model the flags name.
+        return load_config(config_path, {**overrides, **flags}, notes=warnings), warnings
+    cfg = apply_profile(load_config(config_path, notes=warnings) if config_path else profile_config(profile), profile)
+    if overrides:
+        # What the user types on this command line wins over the profile, and is said aloud.
+        cfg = build_config(merge_values(cfg.to_dict(), overrides), "config + profile + --set")
+        warnings += [
+            f"--set {key} overrides the profile's solved {key}: the profile's memory figures no longer apply"
+            for key in sorted(set(overrides) & set(CHOICE_KEYS))
+        ]
     if flags:
         cfg = build_config(merge_values(cfg.to_dict(), flags), "command-line options")
     return cfg, warnings

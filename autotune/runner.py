@@ -35,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from autotune import distributed, hub, techniques
 from autotune.batching import BatchPlan
+from autotune.catalog import TEXT_ONLY_NOTE
 from autotune.checkpoint import (
     MEANING_KEYS,
     TRAINER_STATE,
@@ -692,6 +693,8 @@ def train(
         echo(f"note: {note}")
     if device.type == "cuda" and (liger := techniques.liger_problem()):
         echo(f"note: {liger}")
+    if ctx.architecture.is_hybrid and cfg.init != "random":
+        echo(f"note: {ctx.spec.name}: {TEXT_ONLY_NOTE}")
     distributed.join(device)
     with _holding(cfg.output_dir, w, echo):
         return _run(ctx, profile, resume, overwrite, tuple(extra_callbacks), echo, decisions, evaluate)

@@ -270,6 +270,32 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in e["components"].items() if v)
                 out.append(f"- The estimate, {label}: {e['peak_bytes'] / 2**30:.2f} GiB ({parts}). A prediction.")
             out.append("")
+        elif doc.get("kind") == "hybrid_bench":
+            out += [
+                f"### Qwen3.5 hybrid, CPU ({doc['date']}; `bench/hybrid_bench.py`: Qwen3.5-9B's widths with 4 of its 32 "
+                "layers (three Gated DeltaNet, one gated attention), a 16,384-token vocabulary, fp32 LoRA r16 on every "
+                "projection, the fused loss, transformers' reference gated-delta rule)",
+                "",
+                *_columns("| seq | checkpointing | tracked GiB | estimate GiB | error | at |"),
+            ]
+            out += [
+                f"| {r['seq']} | {'on' if r['checkpointing'] else 'off'} | {r['measured_bytes'] / 2**30:.3f} | "
+                f"{r['estimate_bytes'] / 2**30:.3f} | {r['error']:+.1%} | {r['estimate_phase']} |"
+                for r in doc["tracked"]
+            ]
+            out += [
+                "",
+                "The estimate's answers for bf16 LoRA r16 at 2,048 tokens on a GPU (predictions; the kernel's figures "
+                "are read off flash-linear-attention's saved tensors, not measured):",
+                "",
+                *_columns("| model | with flash-linear-attention GiB | with the reference rule GiB | Unsloth GB |"),
+            ]
+            out += [
+                f"| {name} | {a['fla']['peak_bytes'] / 2**30:.2f} | {a['reference']['peak_bytes'] / 2**30:.2f} | "
+                f"{a['unsloth_gb']} |"
+                for name, a in doc["answers"].items()
+            ]
+            out.append("")
         elif doc.get("kind") == "distributed_bench":
             shape = doc["shape"]
             out += [

@@ -5,6 +5,7 @@ test_techniques.py, their architecture facts in test_catalog.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from autotune.errors import UserError
 from autotune.estimate import StepShape, estimate
 from autotune.run_files import CONFIG_FILE
 from autotune.techniques import Knobs
-from tests.helpers import REPO
 from tests.helpers.runs import QUIET, loss_by_step, read_jsonl, tiny_values
 
 # Adapters on every Linear of both layer kinds, as a user fine-tuning a hybrid would put them.
@@ -64,42 +64,56 @@ def test_a_hybrids_targets_are_its_own_layers_and_a_qwen3_name_is_refused_with_t
         build_config({"model_name": "Qwen3.5-9B", "target_modules": ["qkv_proj"]})
 
 
-@pytest.mark.parametrize("model", [TINY_QWEN3_5, TINY_QWEN3_5_MOE])
-def test_a_tiny_hybrid_learns_the_demo_data(tmp_path, autotune_cache, model):
-    """`autotune train` on the demo's data (data/raw) with adapters on both layer kinds: the loss falls by half;
-    the MoE hybrid logs its router's auxiliary loss. Packing stays off (auto): the layers carry state."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, autotune_cache):
+    """One `autotune train` of the tiny Qwen3.5 on the tests' QA pairs, adapters on both layer kinds, which the tests
+    below read (the demo's data, data/raw, takes the demo's hundreds of steps to show a fall: the README's command)."""
     from autotune.runner import train
 
-    cfg = build_config(
-        hybrid_values(tmp_path, model, data_dir=str(REPO / "data" / "raw"), max_steps=24, max_sequence_length=48)
-    )
+    tmp = tmp_path_factory.mktemp("hybrid")
+    cfg = build_config(hybrid_values(tmp, max_steps=12, max_sequence_length=48))
     summary = train(cfg, **QUIET)
+    return cfg, summary, tmp
+
+
+def test_a_tiny_hybrid_learns(trained):
+    """The loss falls by half; packing stays off (auto): the layers carry state; the resolved config lists the
+    adapters' layers of both kinds."""
+    cfg, summary, _ = trained
     assert summary["status"] == "succeeded"
-    records = read_jsonl(cfg)
-    losses = loss_by_step(records)
+    losses = loss_by_step(read_jsonl(cfg))
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < first / 2, losses
-    if model == TINY_QWEN3_5_MOE:
-        metrics = [r["metrics"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
-        assert all(m["aux_loss"] > 0 for m in metrics)
     resolved = json.loads((Path(cfg.output_dir) / CONFIG_FILE).read_text())
-    assert resolved["packing"] in ("off", "auto") and resolved["target_modules"] == ALL_LINEAR
+    assert resolved["packing"] == "auto" and resolved["target_modules"] == ALL_LINEAR
 
 
-def test_a_hybrid_run_exports_merged_as_base_plus_adapter(tmp_path, autotune_cache):
-    """`autotune export --merge` of a tiny Qwen3.5 run: the merged model (Qwen3_5ForCausalLM) computes what the base
-    with the adapter computes, and not what the base alone does."""
+def test_a_tiny_hybrid_moe_learns_and_logs_its_router_loss(tmp_path, autotune_cache):
+    """The MoE hybrid (8 experts, 2 a token, and a shared expert): adapters on attention, the DeltaNet blocks, the
+    shared expert and every routed expert; the loss falls and the router's auxiliary loss is logged."""
+    from autotune.runner import train
+
+    cfg = build_config(hybrid_values(tmp_path, TINY_QWEN3_5_MOE, max_steps=12, max_sequence_length=48))
+    train(cfg, **QUIET)
+    records = read_jsonl(cfg)
+    losses = loss_by_step(records)
+    assert losses[max(losses)] < losses[min(losses)] / 2, losses
+    metrics = [r["metrics"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
+    assert metrics and all(m["aux_loss"] > 0 for m in metrics)
+
+
+def test_a_hybrid_run_exports_merged_as_base_plus_adapter(trained):
+    """`autotune export --merge` of the tiny Qwen3.5 run: the merged model (Qwen3_5ForCausalLM) computes what the
+    base with the adapter computes, and not what the base alone does."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from autotune.export import export_run, read_run
     from autotune.modeling import load_base_model
-    from autotune.runner import train
 
-    cfg = build_config(hybrid_values(tmp_path, max_steps=4))
-    train(cfg, **QUIET)
-    merged = export_run(cfg.output_dir, tmp_path / "merged", merge=True)
-    adapter = export_run(cfg.output_dir, tmp_path / "adapter")
+    cfg, _, tmp = trained
+    merged = export_run(cfg.output_dir, tmp / "merged", merge=True)
+    adapter = export_run(cfg.output_dir, tmp / "adapter")
     run = read_run(cfg.output_dir)
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 
@@ -168,6 +182,8 @@ def solve_args(model: str, tmp_path: Path, budget_gb: float, *sets: str) -> list
         "64",
         "--output",
         str(tmp_path / "p.json"),
+        "--max-trials",
+        "3",
         "--set",
         "bf16=false",  # fp32: a bf16 matmul on a CPU without AVX512-BF16 takes torch's slow reference GEMM
         "--set",
@@ -223,3 +239,96 @@ def test_a_hybrid_that_fits_only_in_4bit_falls_back_to_it_saying_why(tmp_path, c
         capsys, *solve_args(str(folder), tmp_path, budget, 'target_modules=["q_proj"]', "quantization=none")
     )
     assert code == 2 and "nothing fits" in err and "4bit" in err
+
+
+# The hybrid's layer kinds at widths a CPU steps through in seconds: Qwen3.5's structure (3 DeltaNet layers, then
+# gated attention; 2 key heads to 4 value heads, head_dim 64) with a small vocabulary, so that the layers set the
+# peak. bench/hybrid_bench.py measures Qwen3.5-9B's full widths at 2,048 and 4,096 tokens (bench/RESULTS.md).
+MID = dataclasses.replace(
+    CATALOG[TINY_QWEN3_5].architecture,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    vocab_size=4096,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.mark.parametrize(
+    "gc, targets, seq",
+    [(False, "all", 96), (True, "all", 96), (False, ("q_proj", "v_proj"), 256)],
+    ids=["every-projection", "every-projection-gc", "attention-only"],
+)
+def test_the_estimate_of_a_hybrid_step_is_within_10_percent_of_the_tracked_real_step(tmp_path, gc, targets, seq):
+    """The solver's own trial (trial.TrialRunner, the CPU tracker) against estimate/'s layer kinds, on
+    transformers' reference gated-delta rule: with and without checkpointing, a row padded to whole chunks (96 to 128),
+    and adapters on attention only (the DeltaNet layers before it then keep nothing)."""
+    from autotune.context import RunContext
+    from autotune.estimate import shape_for
+    from autotune.trial import TrialRunner
+    from autotune.units import Budget
+
+    MID.to_hf_config().save_pretrained(tmp_path / "mid")
+    targets = list(MID.projection_names) if targets == "all" else list(targets)
+    cfg = build_config(
+        {
+            "model_name": str(tmp_path / "mid"),
+            "init": "random",
+            "quantization": "none",
+            "bf16": False,
+            "optimizer": "adamw_torch",
+            "lora_r": 8,
+            "lora_dropout": 0.0,
+            "target_modules": targets,
+            "gradient_checkpointing": gc,
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
+    runner = TrialRunner(RunContext(cfg), Budget(2**50), device=torch.device("cpu"))
+    knobs = Knobs(checkpointing=gc, fused_loss=True)
+    try:
+        trial = runner.measure(1, seq, 8, knobs=knobs)
+    finally:
+        runner.release()
+    predicted = estimate(shape_for(cfg, MID, batch=1, seq=seq, rank=8, device="cpu", knobs=knobs))
+    error = predicted.peak_bytes / trial.peak_bytes - 1
+    assert abs(error) < 0.10, f"estimate {predicted.peak_bytes} vs tracked {trial.peak_bytes}: {error:+.1%}"
+
+
+def test_a_released_vision_language_checkpoint_trains_its_language_model_and_exports_it(tmp_path, autotune_cache):
+    """The real-weights path on a checkpoint shaped like the Qwen3.5 releases (Qwen3_5ForConditionalGeneration with
+    a vision tower, its language model under model.language_model.): `autotune train` loads and trains the language
+    model only, says so, and `export --merge` writes that language model with the adapter folded in, as the base
+    plus the adapter computes it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from autotune.catalog import TEXT_ONLY_NOTE
+    from autotune.export import export_run
+    from autotune.runner import train
+
+    text = CATALOG[TINY_QWEN3_5].architecture.to_hf_config().to_dict()
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+    torch.manual_seed(0)
+    release = tmp_path / "release"
+    Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision)).save_pretrained(release)
+    said: list[str] = []
+    cfg = build_config(hybrid_values(tmp_path, model_name=str(release), init="pretrained", max_steps=2))
+    train(cfg, echo=said.append)
+    assert any(TEXT_ONLY_NOTE in line for line in said)
+    merged = export_run(cfg.output_dir, tmp_path / "merged", merge=True)
+    adapter = export_run(cfg.output_dir, tmp_path / "adapter")
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.float32).eval()
+        tuned = PeftModel.from_pretrained(base, str(adapter.out)).eval()(ids).logits
+        folded = AutoModelForCausalLM.from_pretrained(str(merged.out), dtype=torch.float32).eval()(ids).logits
+    written = json.loads((merged.out / "config.json").read_text())
+    assert written["architectures"] == ["Qwen3_5ForCausalLM"] and written["model_type"] == "qwen3_5_text"
+    torch.testing.assert_close(folded, tuned, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,24 @@ reuse_freed_host_memory()
 WORKER_HOST_MEMORY_BYTES = 4 * 2**30
 
 
+def pytest_collection_finish(session) -> None:
+    """The training stack imported once, then every object alive so far (modules, classes, the collected tests:
+    none of them ever garbage) moved out of the cycle collector's sight (gc.freeze). memory.free_memory collects
+    before and after every trial and training attempt; with the ~500k objects of torch, transformers and peft to
+    walk, each collection cost ~0.4 s of CPU, several per test (the estimate's real steps, the solver's trials).
+    What a test builds afterwards (models, trainers, their cycles) is collected as before."""
+    import gc
+
+    import peft  # noqa: F401
+    import transformers.trainer  # noqa: F401
+
+    import autotune.runner
+    import autotune.trial  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: a worker per core, as many as the host memory holds (at most 8: the longest tests run alone)."""
     try:

@@ -32,6 +32,29 @@ reuse_freed_host_memory()
 WORKER_HOST_MEMORY_BYTES = 4 * 2**30
 
 
+# The longest modules (seconds, a worker each on two AVX2 cores), handed to the xdist workers first and longest
+# first, so that no worker is left running one of them alone at the end: xdist's own order (pyproject.toml turns it
+# off) is by number of tests, which put the one-test GPU-check rehearsal last. The rest follow in collection order.
+LONGEST_MODULES = (
+    "test_runs.py",  # ~340 s: the demo, runs as real processes
+    "test_distributed.py",  # ~270 s: torchrun processes
+    "test_train.py",  # ~250 s: the resume tests' killed processes
+    "test_estimate.py",  # ~250 s: real steps of ~40 shapes
+    "test_techniques.py",  # ~90 s
+    "test_gpu_check_rehearsal.py",  # ~90 s: one test
+    "test_solver.py",  # ~70 s
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Under xdist (each worker collects, and the collections must agree): the longest modules first, each module's
+    tests in their own order (a stable sort)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    first = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
 def pytest_collection_finish(session) -> None:
     """The training stack imported once, then every object alive so far (modules, classes, the collected tests:
     none of them ever garbage) moved out of the cycle collector's sight (gc.freeze). memory.free_memory collects

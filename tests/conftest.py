@@ -60,14 +60,17 @@ def pytest_collection_finish(session) -> None:
     none of them ever garbage) moved out of the cycle collector's sight (gc.freeze). memory.free_memory collects
     before and after every trial and training attempt; with the ~500k objects of torch, transformers and peft to
     walk, each collection cost ~0.4 s of CPU, several per test (the estimate's real steps, the solver's trials).
-    What a test builds afterwards (models, trainers, their cycles) is collected as before."""
+    What a test builds afterwards (models, trainers, their cycles) is collected as before. Where no collected module
+    trains (a run of the config tests alone), nothing more is imported for it."""
     import gc
+    import sys
 
-    import peft  # noqa: F401
-    import transformers.trainer  # noqa: F401
+    if "autotune.trial" in sys.modules or "autotune.runner" in sys.modules:
+        import peft  # noqa: F401
+        import transformers.trainer  # noqa: F401
 
-    import autotune.runner
-    import autotune.trial  # noqa: F401
+        import autotune.runner
+        import autotune.trial  # noqa: F401
 
     gc.collect()
     gc.freeze()

@@ -38,8 +38,8 @@ WORKER_HOST_MEMORY_BYTES = 4 * 2**30
 LONGEST_MODULES = (
     "test_runs.py",  # ~340 s: the demo, runs as real processes
     "test_distributed.py",  # ~270 s: torchrun processes
-    "test_train.py",  # ~250 s: the resume tests' killed processes
     "test_estimate.py",  # ~250 s: real steps of ~40 shapes
+    "test_train.py",  # ~230 s: the resume tests' killed processes
     "test_techniques.py",  # ~90 s
     "test_gpu_check_rehearsal.py",  # ~90 s: one test
     "test_solver.py",  # ~70 s

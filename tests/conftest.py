@@ -32,6 +32,50 @@ reuse_freed_host_memory()
 WORKER_HOST_MEMORY_BYTES = 4 * 2**30
 
 
+# The longest modules (seconds, a worker each on two AVX2 cores), handed to the xdist workers first and longest
+# first, so that no worker is left running one of them alone at the end: xdist's own order (pyproject.toml turns it
+# off) is by number of tests, which put the one-test GPU-check rehearsal last. The rest follow in collection order.
+LONGEST_MODULES = (
+    "test_runs.py",  # ~340 s: the demo, runs as real processes
+    "test_distributed.py",  # ~270 s: torchrun processes
+    "test_estimate.py",  # ~250 s: real steps of ~40 shapes
+    "test_train.py",  # ~230 s: the resume tests' killed processes
+    "test_techniques.py",  # ~90 s
+    "test_gpu_check_rehearsal.py",  # ~90 s: one test
+    "test_solver.py",  # ~70 s
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Under xdist (each worker collects, and the collections must agree): the longest modules first, each module's
+    tests in their own order (a stable sort)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    first = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
+def pytest_collection_finish(session) -> None:
+    """The training stack imported once, then every object alive so far (modules, classes, the collected tests:
+    none of them ever garbage) moved out of the cycle collector's sight (gc.freeze). memory.free_memory collects
+    before and after every trial and training attempt; with the ~500k objects of torch, transformers and peft to
+    walk, each collection cost ~0.4 s of CPU, several per test (the estimate's real steps, the solver's trials).
+    What a test builds afterwards (models, trainers, their cycles) is collected as before. Where no collected module
+    trains (a run of the config tests alone), nothing more is imported for it."""
+    import gc
+    import sys
+
+    if "autotune.trial" in sys.modules or "autotune.runner" in sys.modules:
+        import peft  # noqa: F401
+        import transformers.trainer  # noqa: F401
+
+        import autotune.runner
+        import autotune.trial  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: a worker per core, as many as the host memory holds (at most 8: the longest tests run alone)."""
     try:

@@ -363,7 +363,8 @@ HYBRID = dict(
 )
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, precision):
     # lora_dropout stays on where it can: resuming must restore the RNG state, not only weights and optimizer.
-    common = {**dict(max_steps=6, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1), **precision}
+    # 5 steps, checkpoints at 2 and 4: killed at checkpoint-2, the resume trains 3 steps (1 if checkpoint-4 slipped in).
+    common = {**dict(max_steps=5, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1), **precision}
     values = config_values(tmp_path / "killed", enable_tensorboard=True, **common)
     config_path = tmp_path / "killed.json"
     config_path.write_text(json.dumps(values), encoding="utf-8")
@@ -400,7 +401,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     cfg = build_config(values)
     got = summary_file(cfg)
     assert got["status"] == "succeeded"
-    assert got["final"]["global_step"] == expected["final"]["global_step"] == 6
+    assert got["final"]["global_step"] == expected["final"]["global_step"] == 5
     # Same arithmetic in both processes: a resume reproduces the run bit for bit (README, "Resume").
     assert got["final"]["last_loss"] == expected["final"]["last_loss"]
     records = read_jsonl(cfg)  # both processes appended to it
@@ -409,7 +410,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     assert len(starts) == 2 and starts[0] == 0 and starts[1] in (2, 4), starts
     # Each step logged once: the killed attempt's records of the steps re-run after the resume are gone.
     steps = [r["global_step"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
-    assert steps == list(range(1, 7)), steps
+    assert steps == list(range(1, 6)), steps
     assert {r["run_id"] for r in records} == {got["run_id"]}  # one run, resumed
     # Every step, including those re-run after the resume, matches the uninterrupted run.
     assert loss_by_step(records) == loss_by_step(read_jsonl(baseline))
@@ -421,9 +422,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
 
     acc = EventAccumulator(str(tensorboard_dir(cfg, got["run_id"])))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 6))
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(
-        [loss_by_step(records)[s] for s in range(1, 7)]
+        [loss_by_step(records)[s] for s in range(1, 6)]
     )
 
 

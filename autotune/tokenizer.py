@@ -67,20 +67,26 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 
 
-# A compact equivalent of Qwen3's template for plain system/user/assistant chats (no tools,
-# no reasoning_content handling). `enable_thinking=false` adds the empty think block after the
-# generation prompt, which is how Qwen3 marks "answer directly".
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+def _chat_template(opens_think_block: bool) -> str:
+    """A compact equivalent of the Qwen templates for plain system/user/assistant chats (no tools, no
+    reasoning_content handling). `enable_thinking=false` adds the closed empty think block after the generation
+    prompt, which is how Qwen3 and Qwen3.5 mark "answer directly"; otherwise Qwen3's prompt ends there (thinking or
+    not is the model's to choose) and Qwen3.5's opens the think block (`opens_think_block`)."""
+    return (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}"
+        "{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}"
+        + ("{%- else %}{{- '<think>\\n' }}" if opens_think_block else "")
+        + "{%- endif %}"
+        "{%- endif %}"
+    )
+
+
+QWEN3_CHAT_TEMPLATE = _chat_template(opens_think_block=False)
 
 
 OFFLINE_QWEN3_5 = "qwen3.5-offline"
@@ -104,22 +110,7 @@ QWEN3_5_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|audio_pad|>", True),
 )
 
-# A compact equivalent of the Qwen3.5 template for plain system/user/assistant chats: thinking is on unless
-# enable_thinking is false (the generation prompt opens the think block), and off it carries the closed empty block,
-# as Qwen3's does.
-QWEN3_5_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}"
-    "{{- '<think>\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+QWEN3_5_CHAT_TEMPLATE = _chat_template(opens_think_block=True)
 
 
 def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None):

@@ -324,115 +324,89 @@ def stage_min_cap(plan: Plan, results: Results) -> None:
         runner.release()
 
 
+def widths_model(model: str, layers: int | None, prefix: str) -> str:
+    """`model` as the stage steps it: the catalog name, or (a model the card cannot hold) a folder holding its
+    architecture with its first `layers` layers (their kinds, for a hybrid), built from random weights."""
+    import dataclasses
+
+    from autotune.catalog import resolve_model
+
+    if layers is None:
+        return model
+    full = resolve_model(model).architecture
+    arch = dataclasses.replace(full, num_hidden_layers=layers, layer_types=full.layer_types[:layers])
+    folder = Path(tempfile.mkdtemp(prefix=f"autotune-gpu-check-{prefix}-"))
+    arch.to_hf_config().save_pretrained(folder)
+    return str(folder)
+
+
+def measure_widths(
+    plan: Plan, results: Results, stage: str, spec: tuple, knobs_on: dict, label: str = "", **config
+) -> None:
+    """A step of one model's widths at each of its sequences (`spec`: model, layers, cap, sequences), with these
+    knobs on: the measured peak and tokens/s against the estimate, one record per sequence in `stage`."""
+    from autotune.estimate import estimate
+
+    name, layers, cap, seqs = spec
+    runner = runner_for(base_config(widths_model(name, layers, stage), plan.rehearse, **config), cap)
+    knobs = runner.knobs.with_(**knobs_on)
+    runner.knobs = knobs
+    for seq in seqs:
+        if plan.left() < 60:
+            results.append(stage, {"seq": seq, "skipped": "out of time"})
+            continue
+        trial = runner.measure(1, seq, runner.cfg.lora_r, knobs=knobs)
+        record = results.trial(stage, runner, trial)
+        est = estimate(shape_of_run(runner, knobs, seq=seq, rank=runner.cfg.lora_r)).peak_bytes
+        row = {"model": name, "layers": layers, "seq": seq}
+        if label:
+            row["delta_kernel"] = label
+        row |= {
+            "peak_bytes": trial.peak_bytes,
+            "estimate_bytes": est,
+            "tokens_per_second": trial.tokens_per_second,
+            "fits": trial.fits,
+            "load_peak_bytes": record.get("load_peak_bytes"),
+        }
+        results.append(stage, row)
+        print(
+            f"  {name} x {layers or 'all'} layers{f' ({label})' if label else ''}, seq {seq}: peak "
+            f"{(trial.peak_bytes or 0) / GiB:.2f} GiB (estimate {est / GiB:.2f}), {trial.tokens_per_second or 0:.0f} tok/s",
+            flush=True,
+        )
+    runner.release()
+
+
 def stage_moe(plan: Plan, results: Results) -> None:
     """A mixture of experts: a step of Qwen3-30B-A3B's widths (128 experts of width 768, 8 per token; 2 of its
     layers, built from the architecture) with adapters on attention and on every expert, checkpointing and the
     fused loss, at each of the plan's sequences: the measured peak and tokens/s against the estimate's sparse-layer
     kind (the CPU tracker agrees within 1% at 2,048 tokens; bench/moe_bench.py). The experts are bf16: bitsandbytes
     quantizes only the attention."""
-    import dataclasses
-
-    from autotune.catalog import resolve_model
-    from autotune.estimate import estimate
-
-    model = plan.moe_model
-    if plan.moe_layers is not None:  # the full model does not fit the card: its widths, with fewer layers
-        arch = dataclasses.replace(resolve_model(model).architecture, num_hidden_layers=plan.moe_layers)
-        folder = Path(tempfile.mkdtemp(prefix="autotune-gpu-check-moe-"))
-        arch.to_hf_config().save_pretrained(folder)
-        model = str(folder)
-    runner = runner_for(
-        base_config(model, plan.rehearse, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        plan.moe_cap,
-    )
-    knobs = runner.knobs.with_(checkpointing=True, fused_loss=True)
-    runner.knobs = knobs
-    for seq in plan.moe_seqs:
-        if plan.left() < 60:
-            results.append("moe", {"seq": seq, "skipped": "out of time"})
-            continue
-        trial = runner.measure(1, seq, runner.cfg.lora_r, knobs=knobs)
-        record = results.trial("moe", runner, trial)
-        est = estimate(shape_of_run(runner, knobs, seq=seq, rank=runner.cfg.lora_r)).peak_bytes
-        results.append(
-            "moe",
-            {
-                "model": plan.moe_model,
-                "layers": plan.moe_layers,
-                "seq": seq,
-                "peak_bytes": trial.peak_bytes,
-                "estimate_bytes": est,
-                "tokens_per_second": trial.tokens_per_second,
-                "fits": trial.fits,
-                "load_peak_bytes": record.get("load_peak_bytes"),
-            },
-        )
-        print(
-            f"  {plan.moe_model} x {plan.moe_layers or 'all'} layers, seq {seq}: peak "
-            f"{(trial.peak_bytes or 0) / GiB:.2f} GiB (estimate {est / GiB:.2f}), {trial.tokens_per_second or 0:.0f} tok/s",
-            flush=True,
-        )
-    runner.release()
+    spec = (plan.moe_model, plan.moe_layers, plan.moe_cap, plan.moe_seqs)
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    knobs = dict(checkpointing=True, fused_loss=True)
+    measure_widths(plan, results, "moe", spec, knobs, lora_dropout=0.0, target_modules=attention)
 
 
 def stage_hybrid(plan: Plan, results: Results) -> None:
     """A Qwen3.5 hybrid: a bf16 LoRA step of Qwen3.5-9B's widths (4 of its layers: three Gated DeltaNet, one gated
     attention; built from the architecture) with adapters on every projection of both kinds, checkpointing and the
-    fused loss, at each of the plan's sequences: the measured peak and tokens/s against the estimate, on the
-    gated-delta kernel this machine has (kernels.delta_kernel: flash-linear-attention where its wheel was carried,
-    else transformers' reference rule), named in the record. Packing stays off (the layers carry state)."""
-    import dataclasses
+    fused loss, at each of the plan's sequences: the measured peak and tokens/s against the estimate (the CPU tracker
+    agrees within 1% at 2,048 tokens; bench/hybrid_bench.py), on the gated-delta kernel this machine has
+    (kernels.delta_kernel: flash-linear-attention where its wheel was carried, else transformers' reference rule),
+    named in the record. Packing stays off (the layers carry state)."""
+    import torch
 
     from autotune.catalog import resolve_model
-    from autotune.estimate import estimate
     from autotune.kernels import delta_kernel
 
-    model = plan.hybrid_model
-    if plan.hybrid_layers is not None:  # its widths, with fewer layers
-        full = resolve_model(model).architecture
-        arch = dataclasses.replace(
-            full, num_hidden_layers=plan.hybrid_layers, layer_types=full.layer_types[: plan.hybrid_layers]
-        )
-        folder = Path(tempfile.mkdtemp(prefix="autotune-gpu-check-hybrid-"))
-        arch.to_hf_config().save_pretrained(folder)
-        model = str(folder)
-    targets = list(resolve_model(model).architecture.projection_names)
-    runner = runner_for(
-        base_config(
-            model, plan.rehearse, lora_dropout=0.0, quantization="none", target_modules=targets, tokenizer_name=None
-        ),
-        plan.hybrid_cap,
-    )
-    knobs = runner.knobs.with_(checkpointing=True, fused_loss=True, packing=False)
-    runner.knobs = knobs
-    kernel = delta_kernel(runner.device_type)
-    for seq in plan.hybrid_seqs:
-        if plan.left() < 60:
-            results.append("hybrid", {"seq": seq, "skipped": "out of time"})
-            continue
-        trial = runner.measure(1, seq, runner.cfg.lora_r, knobs=knobs)
-        record = results.trial("hybrid", runner, trial)
-        est = estimate(shape_of_run(runner, knobs, seq=seq, rank=runner.cfg.lora_r)).peak_bytes
-        results.append(
-            "hybrid",
-            {
-                "model": plan.hybrid_model,
-                "layers": plan.hybrid_layers,
-                "seq": seq,
-                "delta_kernel": kernel,
-                "peak_bytes": trial.peak_bytes,
-                "estimate_bytes": est,
-                "tokens_per_second": trial.tokens_per_second,
-                "fits": trial.fits,
-                "load_peak_bytes": record.get("load_peak_bytes"),
-            },
-        )
-        print(
-            f"  {plan.hybrid_model} x {plan.hybrid_layers or 'all'} layers ({kernel}), seq {seq}: peak "
-            f"{(trial.peak_bytes or 0) / GiB:.2f} GiB (estimate {est / GiB:.2f}), {trial.tokens_per_second or 0:.0f} tok/s",
-            flush=True,
-        )
-    runner.release()
+    spec = (plan.hybrid_model, plan.hybrid_layers, plan.hybrid_cap, plan.hybrid_seqs)
+    targets = list(resolve_model(plan.hybrid_model).architecture.projection_names)
+    kernel = delta_kernel("cuda" if torch.cuda.is_available() else "cpu")
+    knobs = dict(checkpointing=True, fused_loss=True, packing=False)
+    config = dict(lora_dropout=0.0, quantization="none", target_modules=targets, tokenizer_name=None)
+    measure_widths(plan, results, "hybrid", spec, knobs, kernel, **config)
 
 
 def stage_longest_seq(plan: Plan, results: Results) -> None:

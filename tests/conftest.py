@@ -40,6 +40,7 @@ LONGEST_MODULES = (
     "test_distributed.py",  # ~270 s: torchrun processes
     "test_estimate.py",  # ~250 s: real steps of ~40 shapes
     "test_train.py",  # ~230 s: the resume tests' killed processes
+    "test_hybrid.py",  # ~200 s: the Qwen3.5 hybrids on the reference gated-delta rule, the solve, the VL checkpoint
     "test_techniques.py",  # ~90 s
     "test_gpu_check_rehearsal.py",  # ~90 s: one test
     "test_solver.py",  # ~70 s

@@ -105,28 +105,12 @@ def test_a_tiny_hybrid_moe_learns_and_logs_its_router_loss(tmp_path, autotune_ca
 def test_a_hybrid_run_exports_merged_as_base_plus_adapter(trained):
     """`autotune export --merge` of the tiny Qwen3.5 run: the merged model (Qwen3_5ForCausalLM) computes what the
     base with the adapter computes, and not what the base alone does."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from autotune.export import export_run, read_run
-    from autotune.modeling import load_base_model
+    from tests.helpers.exports import exported_logits, random_base
 
     cfg, _, tmp = trained
-    merged = export_run(cfg.output_dir, tmp / "merged", merge=True)
-    adapter = export_run(cfg.output_dir, tmp / "adapter")
-    run = read_run(cfg.output_dir)
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-
-    def base():
-        return load_base_model(
-            run.spec, init="random", quantization="none", dtype=torch.float32, device=torch.device("cpu"), seed=cfg.seed
-        ).eval()
-
-    with torch.no_grad():
-        plain = base()(ids).logits
-        tuned = PeftModel.from_pretrained(base(), str(adapter.out)).eval()(ids).logits
-        folded = AutoModelForCausalLM.from_pretrained(str(merged.out), dtype=torch.float32).eval()(ids).logits
-    assert json.loads((merged.out / "config.json").read_text())["architectures"] == ["Qwen3_5ForCausalLM"]
+    got = exported_logits(cfg, tmp, random_base(cfg))
+    plain, tuned, folded = got["plain"], got["tuned"], got["folded"]
+    assert json.loads((got["merged"] / "config.json").read_text())["architectures"] == ["Qwen3_5ForCausalLM"]
     torch.testing.assert_close(folded, tuned, rtol=1e-4, atol=1e-4)
     assert (tuned - plain).abs().max() > 1e-3  # the adapter changed the model
 
@@ -306,12 +290,11 @@ def test_a_released_vision_language_checkpoint_trains_its_language_model_and_exp
     a vision tower, its language model under model.language_model.): `autotune train` loads and trains the language
     model only, says so, and `export --merge` writes that language model with the adapter folded in, as the base
     plus the adapter computes it."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     from autotune.catalog import TEXT_ONLY_NOTE
-    from autotune.export import export_run
     from autotune.runner import train
+    from tests.helpers.exports import exported_logits
 
     text = CATALOG[TINY_QWEN3_5].architecture.to_hf_config().to_dict()
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
@@ -322,13 +305,10 @@ def test_a_released_vision_language_checkpoint_trains_its_language_model_and_exp
     cfg = build_config(hybrid_values(tmp_path, model_name=str(release), init="pretrained", max_steps=2))
     train(cfg, echo=said.append)
     assert any(TEXT_ONLY_NOTE in line for line in said)
-    merged = export_run(cfg.output_dir, tmp_path / "merged", merge=True)
-    adapter = export_run(cfg.output_dir, tmp_path / "adapter")
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.float32).eval()
-        tuned = PeftModel.from_pretrained(base, str(adapter.out)).eval()(ids).logits
-        folded = AutoModelForCausalLM.from_pretrained(str(merged.out), dtype=torch.float32).eval()(ids).logits
-    written = json.loads((merged.out / "config.json").read_text())
+    got = exported_logits(
+        cfg, tmp_path, lambda: AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.float32).eval()
+    )
+    folded, tuned = got["folded"], got["tuned"]
+    written = json.loads((got["merged"] / "config.json").read_text())
     assert written["architectures"] == ["Qwen3_5ForCausalLM"] and written["model_type"] == "qwen3_5_text"
     torch.testing.assert_close(folded, tuned, rtol=1e-4, atol=1e-4)

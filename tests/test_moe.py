@@ -144,32 +144,16 @@ def test_an_moe_run_exports_merged_with_the_experts_updates_and_as_an_adapter_pe
     """`autotune export --merge` folds each expert's LoRA update into the fused expert tensors (PEFT's delta: expert
     e's B[:, :, e] @ A[e]): the merged model computes what the base with the adapter (PeftModel.from_pretrained)
     computes, and not what the base alone does. The adapter folder loads in PEFT as is."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from autotune.export import export_run, read_run
-    from autotune.modeling import load_base_model
     from autotune.runner import train
+    from tests.helpers.exports import exported_logits, random_base
     from tests.helpers.runs import QUIET
 
     cfg = build_config(
         tiny_values(tmp_path, model_name=TINY_MOE, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], max_steps=6)
     )
     train(cfg, **QUIET)
-    merged = export_run(cfg.output_dir, tmp_path / "merged", merge=True)
-    adapter = export_run(cfg.output_dir, tmp_path / "adapter")
-    run = read_run(cfg.output_dir)
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-
-    def base():
-        return load_base_model(
-            run.spec, init="random", quantization="none", dtype=torch.float32, device=torch.device("cpu"), seed=cfg.seed
-        ).eval()
-
-    with torch.no_grad():
-        plain = base()(ids).logits
-        tuned = PeftModel.from_pretrained(base(), str(adapter.out)).eval()(ids).logits
-        folded = AutoModelForCausalLM.from_pretrained(str(merged.out), dtype=torch.float32).eval()(ids).logits
-    assert json.loads((merged.out / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+    got = exported_logits(cfg, tmp_path, random_base(cfg))
+    plain, tuned, folded = got["plain"], got["tuned"], got["folded"]
+    assert json.loads((got["merged"] / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
     torch.testing.assert_close(folded, tuned, rtol=1e-4, atol=1e-4)
     assert (tuned - plain).abs().max() > 1e-2  # the adapter changed the model, the experts' updates included

@@ -217,6 +217,7 @@ def solve(
         request,
         max_memory_gb=keys.get("max_memory_gb"),
         budget_explicit="max_memory_gb" in explicit,
+        quantization_explicit="quantization" in explicit,
         margin=margin,
         data_required="data_dir" in explicit,
         output=None if output is None else str(output),

@@ -212,6 +212,7 @@ def test_a_solve_on_a_host_short_of_ram_for_offloading_says_so_and_trains_withou
         SolveRequest(ctx, objective="max-seq", max_seq=64, max_trials=6),
         max_memory_gb=0.5,
         budget_explicit=True,
+        quantization_explicit=True,
         margin=0.05,
         data_required=False,
         output=str(tmp_path / "profile.json"),

@@ -174,7 +174,7 @@ def run_solve(
     *,
     max_memory_gb: float | None,
     budget_explicit: bool,
-    quantization_explicit: bool = True,
+    quantization_explicit: bool,
     margin: float,
     data_required: bool,
     output: str | None,

@@ -176,6 +176,8 @@ def solve_args(model: str, tmp_path: Path, budget_gb: float, *sets: str) -> list
         f"output_dir={tmp_path / 'out'}",
         "--set",
         "lora_dropout=0.0",
+        "--set",
+        "init=random",  # the tiny models have no weights but random ones
         *(a for s in sets for a in ("--set", s)),
     ]
 
@@ -300,9 +302,11 @@ def test_a_released_vision_language_checkpoint_trains_its_language_model_and_exp
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
     torch.manual_seed(0)
     release = tmp_path / "release"
-    Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision)).save_pretrained(release)
+    # Tied as the small releases are, in the text config and the model's alike.
+    vl = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+    Qwen3_5ForConditionalGeneration(vl).save_pretrained(release)
     said: list[str] = []
-    cfg = build_config(hybrid_values(tmp_path, model_name=str(release), init="pretrained", max_steps=2))
+    cfg = build_config(hybrid_values(tmp_path, str(release), init="pretrained", max_steps=2))
     train(cfg, echo=said.append)
     assert any(TEXT_ONLY_NOTE in line for line in said)
     got = exported_logits(

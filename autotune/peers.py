@@ -131,7 +131,7 @@ def _adapter(value: Any) -> dict[str, Any]:
 def _dtype(value: Any) -> dict[str, Any]:
     """TRL's model dtype: the mixed precision autotune trains in."""
     precision = {"bfloat16": (True, False), "float16": (False, True), "float32": (False, False)}
-    if value in precision:
+    if isinstance(value, str) and value in precision:
         bf16, fp16 = precision[value]
         return {"bf16": bf16, "fp16": fp16}
     if value == "auto" or _is_empty(value):

@@ -759,6 +759,9 @@ def _fsdp_worker(out: str) -> None:
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(doc), encoding="utf-8")
+    # Both ranks done with every collective before either tears gloo down: a rank that destroys the group while the
+    # other's gather to rank 0 is still in flight aborts it ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -178,6 +178,10 @@ def solve_args(model: str, tmp_path: Path, budget_gb: float, *sets: str) -> list
         "lora_dropout=0.0",
         "--set",
         "init=random",  # the tiny models have no weights but random ones
+        "--set",
+        "batch_size=1",  # an effective batch of 2: the search measures micro-batches 1 and 2, no larger
+        "--set",
+        "effective_batch_size=2",
         *(a for s in sets for a in ("--set", s)),
     ]
 

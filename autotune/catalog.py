@@ -242,9 +242,9 @@ class Architecture:
             "o_proj": (q, h),
         }
         if self.is_hybrid:
-            key, value = self.linear_key_width, self.linear_value_width
+            value = self.linear_value_width
             shapes |= {
-                "in_proj_qkv": (h, 2 * key + value),
+                "in_proj_qkv": (h, self.linear_conv_width),
                 "in_proj_z": (h, value),
                 "in_proj_b": (h, self.linear_num_value_heads),
                 "in_proj_a": (h, self.linear_num_value_heads),
@@ -262,6 +262,11 @@ class Architecture:
         """A DeltaNet block's value (and output) width."""
         return self.linear_num_value_heads * self.linear_value_head_dim
 
+    @property
+    def linear_conv_width(self) -> int:
+        """A DeltaNet block's q, k and v side by side: in_proj_qkv's output, the causal convolution's channels."""
+        return 2 * self.linear_key_width + self.linear_value_width
+
     def expert_shapes(self) -> dict[str, tuple[int, int, int]]:
         """(experts, out_features, in_features) of a sparse layer's fused expert tensors (transformers' Qwen3MoeExperts:
         gate and up stacked in one, then down). The router's weight beside them is (experts, hidden)."""
@@ -277,9 +282,8 @@ class Architecture:
             return sum(i * o for p, (i, o) in shapes.items() if p in names)
 
         attention = linears(ATTENTION_PROJECTIONS) + 2 * self.head_dim  # + the QK-norms
-        conv = 2 * self.linear_key_width + self.linear_value_width
         # + the depthwise convolution, the per-head decay (A_log) and its bias (dt_bias), the gated output norm
-        linear = linears(LINEAR_ATTENTION_PROJECTIONS) + conv * self.linear_conv_kernel_dim
+        linear = linears(LINEAR_ATTENTION_PROJECTIONS) + self.linear_conv_width * self.linear_conv_kernel_dim
         linear += 2 * self.linear_num_value_heads + self.linear_value_head_dim
         dense_mlp = linears(MLP_PROJECTIONS)
         experts = sum(e * o * i for e, o, i in self.expert_shapes().values()) + self.num_experts * h  # + the router

@@ -622,9 +622,7 @@ def normalize_values(values: dict) -> dict:
     if isinstance(out.get("report_to"), str):
         out["report_to"] = [out["report_to"]]
     if out.get("target_modules") == ALL_LINEAR:
-        out["target_modules"] = [ALL_LINEAR]
-    if "model_name" in out:  # else spelled out for the model once the layers are merged (_finish)
-        _spell_out_targets(out)
+        out["target_modules"] = [ALL_LINEAR]  # spelled out for the model once the layers are merged (_finish)
     for key, value in out.items():
         kind = KEY_DOCS.get(key, ("", ""))[1] if isinstance(key, str) else ""
         if kind == "bool" and value in ("on", "off"):
@@ -953,6 +951,7 @@ def convert_peer_file(path: str | os.PathLike, tool: str | None = None) -> peers
         )
     conversion = peers.convert(doc, tool, KEY_DOCS)
     conversion.values = normalize_values(conversion.values)  # as the run reads them: report_to a list, packing on/off
+    _spell_out_targets(conversion.values)  # the file lists the layers of the model it names
     build_config(conversion.values, f"{path} as converted from {tool}'s keys")
     return conversion
 

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from autotune.catalog import LINEAR_ATTENTION_PROJECTIONS, Architecture
+from autotune.catalog import ATTENTION_PROJECTIONS, LINEAR_ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Architecture
 from autotune.estimate.shape import StepShape
 from autotune.techniques import tile_tokens
 
@@ -175,7 +175,17 @@ def _norm_bytes_per_token(arch: Architecture) -> int:
 
 
 class _Linears:
-    """A kind whose weights are Linears (projections and norms) and nothing else."""
+    """A kind whose weights are Linears (projections and norms) and nothing else: its PROJECTIONS, by name."""
+
+    PROJECTIONS: tuple[str, ...] = ()
+
+    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
+        shapes = arch.projection_shapes()
+        return {p: shapes[p] for p in self.PROJECTIONS}
+
+    def _targets(self, s: StepShape) -> tuple[str, ...]:
+        """Its projections that carry adapters."""
+        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
 
     def unquantized_elements(self, arch: Architecture) -> int:
         return 0
@@ -190,17 +200,10 @@ class _Linears:
 class FullAttention(_Linears):
     """Qwen3's attention behind its input RMSNorm: q/k/v/o, per-head QK-norms, RoPE, SDPA."""
 
-    PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
-        shapes = arch.projection_shapes()
-        return {p: shapes[p] for p in self.PROJECTIONS}
+    PROJECTIONS = ATTENTION_PROJECTIONS
 
     def norm_elements(self, arch: Architecture) -> int:
         return 2 * arch.head_dim + arch.hidden_size  # q_norm, k_norm, input_layernorm
-
-    def _targets(self, s: StepShape) -> tuple[str, ...]:
-        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
 
     def _groups(self, arch: Architecture) -> dict:
         q = arch.num_attention_heads * arch.head_dim
@@ -252,19 +255,13 @@ class LinearAttention(_Linears):
 
     PROJECTIONS = LINEAR_ATTENTION_PROJECTIONS
 
-    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
-        shapes = arch.projection_shapes()
-        return {p: shapes[p] for p in self.PROJECTIONS}
-
     def norm_elements(self, arch: Architecture) -> int:
         return arch.hidden_size + arch.linear_value_head_dim  # input_layernorm, the gated norm
 
     def unquantized_elements(self, arch: Architecture) -> int:
-        conv = 2 * arch.linear_key_width + arch.linear_value_width
-        return conv * arch.linear_conv_kernel_dim + 2 * arch.linear_num_value_heads  # conv1d, A_log and dt_bias
-
-    def _targets(self, s: StepShape) -> tuple[str, ...]:
-        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
+        return (
+            arch.linear_conv_width * arch.linear_conv_kernel_dim + 2 * arch.linear_num_value_heads
+        )  # conv1d, A_log and dt_bias
 
     def _groups(self, arch: Architecture) -> dict:
         return {
@@ -281,9 +278,8 @@ class LinearAttention(_Linears):
         arch, a = s.arch, s.act_bytes
         nv = arch.linear_num_value_heads
         value = arch.linear_value_width
-        conv = 2 * arch.linear_key_width + value
         total: float = 0 if first else _norm_bytes_per_token(arch)
-        total += 2 * conv * a  # the convolution's input, SiLU's input
+        total += 2 * arch.linear_conv_width * a  # the convolution's input, SiLU's input
         total += 4 * value + 4 * 4 * nv  # the gate z in fp32 (the gated norm's SiLU); beta, softplus in and out, decay
         total += self._rule_saved(s) * self._padded(s)
         # The gated norm: its fp32 input and rsqrt, the normed values and SiLU(z) it multiplies.
@@ -337,17 +333,10 @@ class DenseMlp(_Linears):
     """Qwen3's SwiGLU MLP behind its post-attention RMSNorm: gate, up, down; tiled a slice of tokens at a time when
     the tiled MLP is on (techniques/tiled_mlp.py)."""
 
-    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-    def projections(self, arch: Architecture) -> dict[str, tuple[int, int]]:
-        shapes = arch.projection_shapes()
-        return {p: shapes[p] for p in self.PROJECTIONS}
+    PROJECTIONS = MLP_PROJECTIONS
 
     def norm_elements(self, arch: Architecture) -> int:
         return arch.hidden_size  # post_attention_layernorm
-
-    def _targets(self, s: StepShape) -> tuple[str, ...]:
-        return tuple(t for t in s.target_modules if t in self.PROJECTIONS)
 
     def _groups(self, arch: Architecture) -> dict:
         return {

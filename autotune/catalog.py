@@ -117,6 +117,11 @@ class Architecture:
         return self.num_experts > 0
 
     @property
+    def is_dense(self) -> bool:
+        """No experts: every layer's MLP is Linears (what bitsandbytes quantizes)."""
+        return not self.is_moe
+
+    @property
     def is_hybrid(self) -> bool:
         """Qwen3.5/3.6: Gated DeltaNet layers beside gated full attention."""
         return bool(self.layer_types)

@@ -248,7 +248,11 @@ class Config:
     # --- LoRA ---
     lora_r: int = _key(6, "LoRA rank.", "int>=1")
     lora_alpha: float = _key(12, "LoRA scaling numerator (scale = alpha / r).", "float>0")
-    lora_dropout: float = _key(0.1, "Dropout on the LoRA path.", "ratio")
+    lora_dropout: float = _key(
+        0.1,
+        "Dropout on the LoRA path (unset: 0 where adapters sit on an MoE model's experts, which take none).",
+        "ratio",
+    )
     target_modules: list[str] = _key(list(DEFAULT_TARGET_MODULES), "Linear layers that get adapters.", "list[str]")
     lora_experts: str = _key(
         "auto",
@@ -819,6 +823,7 @@ def build_config(values: dict, where: str = "config") -> Config:
 def _finish(values: dict, where: str, errors: list[str]) -> Config:
     full = merge_values(Config().to_dict(), values)
     _spell_out_targets(full)
+    _expert_dropout_default(values, full)
     consistency: list[str] = []
     _check_consistency(full, consistency)
     errors = errors + [f"{where}: {e}" for e in consistency]
@@ -831,6 +836,25 @@ def _finish(values: dict, where: str, errors: list[str]) -> Config:
         ).accumulation
     full["structured_logging"] = StructuredLogging(**full["structured_logging"])
     return Config(**full)
+
+
+def _expert_dropout_default(given: dict, full: dict) -> None:
+    """lora_dropout's default is 0 where the adapters sit on an MoE model's experts, which take no dropout (PEFT's
+    adapters on parameters): a user who never set it gets a run, not a refusal of a value they did not write. A
+    value they wrote stays theirs (_check_expert_lora refuses one above 0)."""
+    if (
+        "lora_dropout" in given
+        or not isinstance(full.get("model_name"), str)
+        or full.get("lora_experts") not in SWITCHES
+    ):
+        return
+    try:
+        spec = resolve_model(full["model_name"])
+        experts = lora_on_experts(full["lora_experts"], spec.architecture, spec.name)
+    except UserError:
+        return  # the consistency checks say what is wrong
+    if experts:
+        full["lora_dropout"] = 0.0
 
 
 def _spell_out_targets(full: dict) -> None:

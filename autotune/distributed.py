@@ -259,6 +259,10 @@ def strategy_arguments(strategy: str, on_cpu: bool) -> dict:
         # A PeftModel is not a PreTrainedModel, so the Trainer would default to find_unused_parameters=True:
         # an extra graph traversal per step and a warning per run. LoRA uses every adapter in every step.
         "ddp_find_unused_parameters": False,
+        # Every rank computes its buffers alike from the same config and weights (RoPE's frequencies, the 4-bit
+        # experts' NF4 tables: experts_4bit.py); DDP's default re-broadcasts them from rank 0 before every forward,
+        # gigabytes a step for an MoE model's experts.
+        "ddp_broadcast_buffers": False,
     }
     if on_cpu:
         extra["ddp_backend"] = "gloo"

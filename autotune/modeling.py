@@ -168,14 +168,25 @@ def _causal_lm_class(hf_config) -> type[PreTrainedModel]:
     return cast("type[PreTrainedModel]", AutoModelForCausalLM._model_mapping[type(hf_config)])
 
 
-def table_modules(hf_config) -> dict[str, str]:
-    """Where the model class transformers builds for `hf_config` keeps its frozen tables: {"input": the input
-    embedding's module name, "output": lm_head's} (the keys of techniques.Technique.host_table). Read off the
-    model built on the meta device, so nothing is allocated."""
+def table_modules(hf_config) -> dict[str, list[str]]:
+    """Where the model class transformers builds for `hf_config` keeps its frozen tables, by the keys of
+    techniques.Technique.host_table: "input" the input embedding's module, "output" lm_head's, "experts" every
+    fused experts module (an MoE model's). Read off the model built on the meta device, so nothing is allocated."""
+    from autotune.techniques.experts_4bit import EXPERT_TENSORS
+
     with torch.device("meta"):
         meta = _causal_lm_class(hf_config)(hf_config)
     names = {id(module): name for name, module in meta.named_modules()}
-    return {"input": names[id(meta.get_input_embeddings())], "output": names[id(meta.get_output_embeddings())]}
+    experts = [
+        name
+        for name, module in meta.named_modules()
+        if all(getattr(getattr(module, t, None), "dim", lambda: 0)() == 3 for t in EXPERT_TENSORS)
+    ]
+    return {
+        "input": [names[id(meta.get_input_embeddings())]],
+        "output": [names[id(meta.get_output_embeddings())]],
+        "experts": experts,
+    }
 
 
 def _map_value(device: torch.device) -> int | str:
@@ -223,15 +234,15 @@ def load_base_model(
     host_tables: Sequence[str] = (),
 ) -> PreTrainedModel:
     """Real weights (hub id or local path; safetensors only, no remote code) or random init. `sharded`: the model
-    will be sharded by FSDP (quantization_config). `host_tables` ("input", "output"; techniques.host_tables): the
-    frozen tables that the techniques keep in host memory, loaded there and never on the device, so that loading
-    does not hold more than training (a 6 GB card that trains Qwen3-8B with both tables off the device could not
+    will be sharded by FSDP (quantization_config). `host_tables` ("input", "output", "experts"; techniques.
+    host_tables): the frozen tables that the techniques keep in host memory or quantize from there, loaded there and
+    never on the device, so that loading does not hold more than training (a 6 GB card that trains Qwen3-8B with both tables off the device could not
     load it otherwise)."""
     from transformers import AutoModelForCausalLM
 
     hf_config = spec.architecture.to_hf_config(attn_implementation="sdpa")
     names = table_modules(hf_config) if host_tables else {}
-    host_modules = [names[t] for t in host_tables]
+    host_modules = [module for t in host_tables for module in names[t]]
     device_map = load_device_map(device, host_modules)
     dispatched = len(set(device_map.values())) > 1
     qcfg = quantization_config(quantization, dtype, sharded=sharded, host_modules=dispatched)

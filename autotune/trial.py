@@ -302,7 +302,16 @@ class TrialRunner:
                 note=note, knobs=knobs, kind=kind, host_bytes=host, over_host_ram=True,
             )  # fmt: skip
         built = self.model_for(rank)
-        apply_knobs(built, knobs, self.cfg.gradient_checkpointing_kwargs)
+        try:
+            apply_knobs(built, knobs, self.cfg.gradient_checkpointing_kwargs)
+        except torch.OutOfMemoryError as exc:
+            # A switch that builds a table on the device (the experts dequantized back to bf16, the bf16 head) can
+            # itself run out: a trial that does not fit, and the next trial's switch puts the model right.
+            free_memory()
+            note = f"switching to {knobs.describe()}: {str(exc).splitlines()[0][:200]}"
+            return Trial(
+                batch, seq, rank, False, True, None, 0.0, None, None, note=note, knobs=knobs, kind=kind, host_bytes=host
+            )
         # What the switch let go (a table moved to the host, the bf16 head the 8-bit one replaced) is freed now,
         # not left in CUDA's cache, where the peak reset below would count it as this trial's.
         free_memory()

@@ -105,6 +105,7 @@ NON_DEFAULT = {
     "lm_head_8bit": "on",
     "tiled_mlp": "on",
     "packing": "off",
+    "experts_4bit": "off",
 }
 
 

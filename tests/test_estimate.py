@@ -30,6 +30,7 @@ from autotune.estimate import (
     pick_strategy,
     weight_bytes,
 )
+from autotune.estimate.state import expert_table_bytes
 from autotune.modeling import apply_knobs, build_model
 from autotune.techniques import Knobs
 from autotune.trial import TrialRunner
@@ -488,9 +489,9 @@ A3B_WIDTHS = Architecture(
 )
 
 
-def _moe_case(a, seq, gc, experts, quantization="none", id=""):
+def _moe_case(a, seq, gc, experts, quantization="none", id="", nf4=False):
     values = step_values(8, ("q_proj", "v_proj"), quantization, False, gc, 0.0, "adamw_torch")
-    return pytest.param(a, seq, gc, experts, values, id=id)
+    return pytest.param(a, seq, gc, experts, {**values, "experts_4bit": "on" if nf4 else "off"}, id=id)
 
 
 @pytest.mark.parametrize(
@@ -501,6 +502,8 @@ def _moe_case(a, seq, gc, experts, quantization="none", id=""):
         _moe_case(MOE, 128, True, True, id="experts-lora-gc"),
         _moe_case(MOE, 256, True, False, id="experts-frozen-gc"),
         _moe_case(A3B_WIDTHS, 256, True, True, "4bit", id="30b-a3b-widths-4bit-gc"),
+        _moe_case(A3B_WIDTHS, 256, True, True, "4bit", id="30b-a3b-widths-nf4-experts-gc", nf4=True),
+        _moe_case(MOE, 256, False, True, id="nf4-experts-lora", nf4=True),
     ],
 )
 def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path, a, seq, gc, experts, values):
@@ -508,7 +511,11 @@ def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path
     through the grouped matmuls, and with adapters on the experts PEFT's whole folded copy of each expert tensor per
     layer and its gradient; within 10% (measured here: -1.6% to +6.2%; the 30B-A3B widths +0.6%)."""
     values = {**values, "lora_experts": "on" if experts else "off"}
-    real = measure_real_step(model_name(a, models_dir), tmp_path, batch=2 if a is MOE else 1, seq=seq, **values)
+    nf4 = values["experts_4bit"] == "on"
+    knobs = plain(gc).with_(experts_4bit=nf4)
+    real = measure_real_step(
+        model_name(a, models_dir), tmp_path, batch=2 if a is MOE else 1, seq=seq, knobs=knobs, **values
+    )
     shape = StepShape(
         a,
         batch=2 if a is MOE else 1,
@@ -516,7 +523,7 @@ def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path
         rank=8,
         target_modules=("q_proj", "v_proj"),
         quantization=values["quantization"],
-        knobs=plain(gc),
+        knobs=knobs,
         dtype_bytes=4,
         optimizer="adamw_torch",
         device="cpu",
@@ -534,6 +541,10 @@ def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path
     )
     error = relative_error(predicted.peak_bytes, real["peak_bytes"])
     assert abs(error) < 0.10, f"estimate {predicted.peak_bytes / GIB:.3f} vs real {real['peak_bytes'] / GIB:.3f} GiB"
+    if nf4 and a is A3B_WIDTHS:
+        # The 4-bit experts hold no full-precision copy of the expert table (PEFT's path folds one per layer, and
+        # its gradient): beyond the stored weights the step holds less than a quarter of the fp32 table.
+        assert real["peak_bytes"] - real["weights"] < expert_table_bytes(a, 4) / 4
 
 
 def test_the_moe_estimate_says_what_unsloth_measured():

@@ -42,7 +42,9 @@ def test_an_moe_config_json_reads_back_into_the_same_architecture(tmp_path):
 
 def test_expert_adapters_need_a_model_with_experts_and_no_dropout():
     with pytest.raises(UserError, match=r'lora_dropout.*take no dropout.*lora_experts "off"'):
-        build_config({"model_name": "Qwen3-30B-A3B"})  # the default dropout, 0.1
+        build_config({"model_name": "Qwen3-30B-A3B", "lora_dropout": 0.1})  # written by the user
+    assert build_config({"model_name": "Qwen3-30B-A3B"}).lora_dropout == 0.0  # unset: 0 there, not a refusal
+    assert build_config({"model_name": "Qwen3-30B-A3B", "lora_experts": "off"}).lora_dropout == 0.1
     with pytest.raises(UserError, match="dense model without any"):
         build_config({"model_name": "Qwen3-8B", "lora_experts": "on"})
     build_config({"model_name": "Qwen3-30B-A3B", "lora_dropout": 0.0})
@@ -157,3 +159,68 @@ def test_an_moe_run_exports_merged_with_the_experts_updates_and_as_an_adapter_pe
     assert json.loads((got["merged"] / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
     torch.testing.assert_close(folded, tuned, rtol=1e-4, atol=1e-4)
     assert (tuned - plain).abs().max() > 1e-2  # the adapter changed the model, the experts' updates included
+
+
+# --------------------------------------------------------------------------- the experts in 4 bits (experts_4bit)
+
+
+def _expert_grads(built, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    built.model.zero_grad(set_to_none=True)
+    out = built.model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def test_the_4bit_experts_compute_what_the_experts_dequantized_up_front_compute():
+    """experts_4bit on: every expert tensor is NF4 (no 3-D parameter left, about half a byte a weight), each routed
+    expert dequantized for its product and the adapters applied as their two factors. Switched off, the same NF4
+    values dequantized up front run through PEFT's own path (the folded tensor): the same loss and the same gradient
+    of every adapter, to fp32's rounding."""
+    from autotune.modeling import apply_knobs
+    from autotune.techniques.experts_4bit import Nf4Experts
+
+    built = _tiny_moe(experts_4bit="on")
+    arch = built.spec.architecture
+    assert built.knobs.experts_4bit
+    base = built.model.get_base_model()
+    nf4 = [m for m in base.modules() if isinstance(m, Nf4Experts)]
+    assert len(nf4) == arch.num_hidden_layers
+    assert not [n for n, p in base.named_parameters() if p.dim() == 3]  # the full-precision tables are gone
+    weights = sum(e * o * i for e, o, i in arch.expert_shapes().values())
+    stored = sum(b.numel() * b.element_size() for b in nf4[0].buffers())
+    assert 0.5 * weights < stored < 0.6 * weights  # 4 bits a weight and its block statistics, not fp32's 4 bytes
+    with torch.no_grad():
+        for n, p in built.model.named_parameters():
+            if "lora_B" in n:  # B starts at zero: give the adapters an update to apply
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    built.model.train()
+    loss, grads = _expert_grads(built, ids)
+
+    apply_knobs(built, built.knobs.with_(experts_4bit=False))
+    assert not [m for m in base.modules() if isinstance(m, Nf4Experts)]
+    assert len([p for p in base.parameters() if p.dim() == 3]) == 2 * arch.num_hidden_layers
+    loss_up_front, grads_up_front = _expert_grads(built, ids)
+    torch.testing.assert_close(loss, loss_up_front, rtol=1e-5, atol=1e-6)
+    experts = [n for n in grads if ".mlp.experts." in n]
+    assert len(experts) == 4 * arch.num_hidden_layers and set(grads) == set(grads_up_front)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_up_front[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(grads[n].abs().sum() > 0 for n in experts)
+
+
+def test_the_4bit_experts_need_experts_and_are_on_by_default_with_4bit_quantization():
+    """auto means on for an MoE model loaded in 4 bits (a QLoRA of it stores the experts in 4 bits too), off in
+    bf16; a dense model refuses "on" (its MLP Linears are bitsandbytes' to quantize); FSDP refuses it."""
+    from autotune.techniques import check_strategy, resolve
+
+    moe = resolve_model(TINY_MOE)
+    for quantization, expected in (("4bit", True), ("none", False)):
+        cfg = build_config({"model_name": TINY_MOE, "quantization": quantization})
+        assert cfg.lora_dropout == 0.0  # unset: 0 for adapters on experts
+        assert resolve(cfg, moe).experts_4bit is expected
+    with pytest.raises(UserError, match='experts_4bit "on": tiny-qwen3 has no experts'):
+        resolve(build_config({"model_name": "tiny-qwen3", "experts_4bit": "on"}), resolve_model("tiny-qwen3"))
+    with pytest.raises(UserError, match=r"experts_4bit.*fsdp: FSDP shards parameters"):
+        check_strategy(build_config({"model_name": TINY_MOE, "experts_4bit": "on"}), "fsdp", 2)

@@ -237,8 +237,12 @@ def test_the_device_map_keeps_the_host_tables_on_the_host_on_a_gpu_only():
     from autotune.modeling import load_device_map, table_modules
 
     names = table_modules(QWEN3_8B.to_hf_config())
-    assert names == {"input": "model.embed_tokens", "output": "lm_head"}
-    host = [names["input"], names["output"]]
+    assert names == {"input": ["model.embed_tokens"], "output": ["lm_head"], "experts": []}
+    host = [*names["input"], *names["output"]]
+    moe = table_modules(resolve_model("tiny-qwen3-moe").architecture.to_hf_config())["experts"]
+    assert moe == [
+        f"model.layers.{n}.mlp.experts" for n in range(resolve_model("tiny-qwen3-moe").architecture.num_hidden_layers)
+    ]
     assert load_device_map(torch.device("cuda", 1), host) == {"": 1, "model.embed_tokens": "cpu", "lm_head": "cpu"}
     assert load_device_map(torch.device("cuda", 0), []) == {"": 0}
     assert load_device_map(torch.device("cpu"), host) == {"": "cpu"}

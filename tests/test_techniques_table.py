@@ -24,14 +24,21 @@ from autotune.techniques import (
     resolve,
 )
 
-UNTIED = resolve_model("Qwen3-8B")  # every technique applies to an untied model
+UNTIED = resolve_model("Qwen3-8B")  # every technique but the MoE one applies to an untied dense model
+MOE = resolve_model("Qwen3-30B-A3B")  # untied too, with experts
 TIED = resolve_model("Qwen3-0.6B")
 # A model with each fact a row's model rule may name (catalog.Architecture's booleans).
 MODEL_WITH = {
     "tie_word_embeddings": TIED,
-    "is_moe": resolve_model("Qwen3-30B-A3B"),
+    "is_moe": MOE,
+    "is_dense": UNTIED,
     "is_hybrid": resolve_model("Qwen3.5-9B"),
 }
+
+
+def takes(t):
+    """A model the row applies to: the untied dense one, else the MoE one."""
+    return next(spec for spec in (UNTIED, MOE) if t.refuses(spec.architecture) is None)
 
 
 @pytest.mark.parametrize("t", TECHNIQUES_TABLE, ids=lambda t: t.key)
@@ -41,11 +48,14 @@ def test_a_row_is_a_config_key_a_knob_and_a_profile_choice(t):
     assert field.metadata["doc"] == t.config_doc() and t.doc in field.metadata["doc"]
     assert getattr(Config(), t.key) == "auto"
     assert t.key in KNOBS and t.key in CHOICE_KEYS
-    # `auto` without a profile means the row's default; on/off force it.
-    for value, expected in (("auto", t.auto), ("on", True), ("off", False)):
-        needs = {n.knob: "on" for n in t.needs if n.knob != "checkpointing"}
-        cfg = build_config({"model_name": UNTIED.name, t.key: value, **needs})
-        assert getattr(resolve(cfg, UNTIED), t.key) is expected
+    # `auto` without a profile means the row's default (or on with a base quantization it names); on/off force it.
+    spec = takes(t)
+    for quantization in ("4bit", "none"):
+        auto = t.auto or quantization in t.auto_with
+        for value, expected in (("auto", auto), ("on", True), ("off", False)):
+            needs = {n.knob: "on" for n in t.needs if n.knob != "checkpointing"}
+            cfg = build_config({"model_name": spec.name, t.key: value, "quantization": quantization, **needs})
+            assert getattr(resolve(cfg, spec), t.key) is expected
     assert t.label in Knobs(**{t.key: True}).describe()
     assert as_config_values(Knobs(**{t.key: True}))[t.key] == "on"
 
@@ -64,10 +74,10 @@ def test_knobs_take_every_row_and_nothing_else():
 @pytest.mark.parametrize("t", [t for t in TECHNIQUES_TABLE if t.needs or t.refused_for], ids=lambda t: t.key)
 def test_a_rows_rules_refuse_what_it_cannot_do_saying_how_to_fix_it(t):
     with_needs = Knobs(**{n.knob: True for n in t.needs}, **{t.key: True})
-    check(with_needs, UNTIED)  # everything it needs: accepted
+    check(with_needs, takes(t))  # everything it needs: accepted
     for need in t.needs:
         with pytest.raises(UserError, match=f'{t.key} "on" needs') as exc:
-            check(with_needs.with_(**{need.knob: False}), UNTIED)
+            check(with_needs.with_(**{need.knob: False}), takes(t))
         assert need.why in str(exc.value) and '"auto"/"off"' in str(exc.value)
     for rule in t.refused_for:
         refused = MODEL_WITH[rule.fact]
@@ -84,7 +94,7 @@ RULES = [(t, rule) for t in TECHNIQUES_TABLE for rule in t.refused_under]
 @pytest.mark.parametrize("t, rule", RULES, ids=lambda x: getattr(x, "key", None) or getattr(x, "strategy", ""))
 def test_a_strategy_that_refuses_a_row_refuses_it_before_anything_starts_and_its_estimate_drops_it(t, rule):
     targets = list(rule.only_with) or ["q_proj", "v_proj"]
-    cfg = build_config({"model_name": UNTIED.name, t.key: "on", "fused_loss": "on", "target_modules": targets})
+    cfg = build_config({"model_name": takes(t).name, t.key: "on", "fused_loss": "on", "target_modules": targets})
     check_strategy(cfg, rule.strategy, 1)  # one process: nothing wraps or shards it
     other = "ddp" if rule.strategy == "fsdp" else "fsdp"
     if not any(r.strategy == other for r in t.refused_under):
@@ -95,7 +105,7 @@ def test_a_strategy_that_refuses_a_row_refuses_it_before_anything_starts_and_its
     knobs = Knobs(fused_loss=True, **{t.key: True})
     assert getattr(knobs.allowed_under(rule.strategy, 2, targets), t.key) is False
     assert getattr(knobs.allowed_under(rule.strategy, 1, targets), t.key) is True
-    shape = StepShape(UNTIED.architecture, 1, 512, 16, target_modules=tuple(targets), knobs=knobs, world_size=2,
+    shape = StepShape(takes(t).architecture, 1, 512, 16, target_modules=tuple(targets), knobs=knobs, world_size=2,
                       strategy=rule.strategy)  # fmt: skip
     assert getattr(shape.knobs, t.key) is False
 
@@ -123,7 +133,7 @@ def test_the_solver_never_proposes_what_its_strategy_refuses():
 
 
 def _shapes():
-    """Shapes of an untied model where every technique applies, across what the terms depend on."""
+    """Shapes across what the terms depend on (of a model the technique applies to: _toggled)."""
     for device, checkpointing, (batch, seq), quantization in itertools.product(
         ("cuda", "cpu"), (True, False), ((1, 512), (2, 4096)), ("4bit", "none")
     ):
@@ -149,9 +159,10 @@ def _toggled(t):
         if not checkpointing and "checkpointing" in needs:
             continue
         base = Knobs(**{"checkpointing": checkpointing, **needs})
+        arch = takes(t).architecture
         yield (
-            StepShape(UNTIED.architecture, rank=16, knobs=base, **values),
-            StepShape(UNTIED.architecture, rank=16, knobs=base.with_(**{t.key: True}), **values),
+            StepShape(arch, rank=16, knobs=base, **values),
+            StepShape(arch, rank=16, knobs=base.with_(**{t.key: True}), **values),
         )
 
 

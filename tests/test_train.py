@@ -347,8 +347,9 @@ def test_oom_gives_up_after_max_oom_retries(make_cfg):
 DEFAULT_PRECISION = dict(eval_ratio=0.1, quantization="4bit", bf16=True, optimizer="paged_adamw_8bit")
 FP32_PRECISION = dict(eval_ratio=0.0)
 # The tiny Qwen3-MoE: adapters on every expert (no dropout: PEFT's expert adapters take none), the router's
-# load-balancing loss in the loss; the data order and the routing must come back as they were.
-MOE = dict(eval_ratio=0.0, model_name="tiny-qwen3-moe", lora_dropout=0.0)
+# load-balancing loss in the loss, the experts in NF4 (experts_4bit: the adapters applied per routed expert); the data
+# order and the routing must come back as they were.
+MOE = dict(eval_ratio=0.0, model_name="tiny-qwen3-moe", lora_dropout=0.0, experts_4bit="on")
 # The tiny Qwen3.5 hybrid: adapters in its Gated DeltaNet and gated attention layers, its own tokenizer.
 HYBRID = dict(
     eval_ratio=0.0,

@@ -406,7 +406,12 @@ class MoeMlp:
     With adapters on the experts (StepShape.lora_experts) PEFT folds each tensor's low-rank update into a whole
     copy of it every forward (W + B @ A, one baddbmm), which the grouped matmul keeps for backward: a copy of the
     layer's experts per layer, whatever the tokens, and in backward the gradient of that copy, as large.
-    The router's load-balancing loss (output_router_logits) keeps a softmax of its logits per layer."""
+    The router's load-balancing loss (output_router_logits) keeps a softmax of its logits per layer.
+
+    With the 4-bit experts (knobs.experts_4bit) the experts are NF4 (their bytes: state.weight_terms), each routed
+    expert's matrix dequantized for its product and again for its backward (bitsandbytes' matmul_4bit keeps the
+    packed bytes), and the adapters applied as two thin products per expert: no folded copy, no gradient of one;
+    one expert's dequantized matrix at a time."""
 
     PROJECTIONS: tuple[str, ...] = ()
 
@@ -440,6 +445,8 @@ class MoeMlp:
         total += k * ((h + 3 * i) * a + 8 + 8 + a)
         if s.lora_experts:
             total += k * (h + i) * a
+            if s.knobs.experts_4bit:  # the thin products' rank-wide middles, kept for lora_B's gradient
+                total += k * 2 * s.rank * a
         total += e * a + 8 * k  # the load-balancing loss: its softmax of the router logits, its top-k indices
         return total
 
@@ -450,7 +457,7 @@ class MoeMlp:
         return 0.0
 
     def saved_fixed(self, s: StepShape) -> float:
-        if not s.lora_experts:
+        if not s.lora_experts or s.knobs.experts_4bit:
             return 0.0
         return sum(e * o * i for e, o, i in s.arch.expert_shapes().values()) * s.dtype_bytes
 
@@ -459,7 +466,11 @@ class MoeMlp:
         h, i = arch.hidden_size, arch.moe_intermediate_size
         # The gradients of the routed rows: gate/up's output and the product's factors, beside down's input grad.
         out: list[float] = [tokens * k * (4 * i + h) * a]
-        if s.lora_experts:
+        largest = max(o * i for _, o, i in arch.expert_shapes().values())
+        if s.knobs.experts_4bit:
+            # One routed expert's matrix dequantized for its input's gradient, beside that gradient.
+            out.append(largest * s.dtype_bytes)
+        elif s.lora_experts:
             # The gradient of the folded copy of the largest expert tensor, twice: the grouped matmul's, for the
             # transposed weight it multiplied by, and its transpose made contiguous for the adapters' gradients.
             out.append(2 * max(e * o * i for e, o, i in arch.expert_shapes().values()) * s.dtype_bytes)

@@ -154,7 +154,7 @@ def estimate(s: StepShape) -> Estimate:
         "layers.backward": int(
             saved - final_norm_saved(s) + max(layer_backward(layer, s) for layer in trained_layers(s))
         ),
-        "optimizer.step": optimizer_step_temporaries(lora_numels, s.device),
+        "optimizer.step": optimizer_step_temporaries(lora_numels, s.device, s.optimizer),
         "misc.inputs": step_inputs(s),
         "cuda.overhead": overhead_bytes(s),
     }

@@ -17,7 +17,7 @@ A run that fits its step can still fail around it. `plan_run(shape)` answers for
 
 And the host (`host`): the process (torch, transformers, the CUDA context's host side), a tensor staged on its
 way to the device while loading, the tables the techniques keep there (the host embedding; the 8-bit head keeps
-the table it replaced, to switch back), the offloaded layer inputs (pinned on CUDA: torch's caching host
+the table it replaced, to switch back; the 4-bit experts' full-precision experts while they are quantized), the offloaded layer inputs (pinned on CUDA: torch's caching host
 allocator rounds each block up to a power of two and keeps it for the next step), the host embedding's pinned
 rows, a checkpoint's copy of the adapters and optimizer state, the dataset. `autotune export` runs on the CPU:
 `export_host` is its own figure.
@@ -34,7 +34,7 @@ from autotune.estimate.head import cuda_logits, loss_head, step_inputs
 from autotune.estimate.layers import layer_groups, layer_projections
 from autotune.estimate.peak import Estimate, estimate, overhead_bytes
 from autotune.estimate.shape import StepShape
-from autotune.estimate.state import lora_param_tensors, weight_terms
+from autotune.estimate.state import expert_table_bytes, lora_param_tensors, weight_terms
 from autotune.techniques import QUANTIZE_ROWS
 from autotune.units import GiB
 
@@ -98,11 +98,15 @@ def load_terms(s: StepShape) -> dict[str, int]:
     largest = max(i * o for layer, _ in layer_groups(s.arch) for i, o in layer_projections(layer, s.arch).values())
     # int8_head.Int8Head, while it quantizes a block of rows: their fp32 copy and its absolute values.
     int8_head = 2 * 4 * QUANTIZE_ROWS * s.arch.hidden_size if s.knobs.lm_head_8bit else 0
+    # experts_4bit.Nf4Table, while it quantizes an expert: its matrix copied to the device in the compute dtype, and
+    # bitsandbytes' packed bytes and block statistics of it.
+    expert = max((o * i for _, o, i in s.arch.expert_shapes().values()), default=0) if s.arch.is_moe else 0
     return {
         **weights,
         "lora.params": lora,
         "load.quantize": largest * s.dtype_bytes if s.quantization != "none" and not s.sharded else 0,
         "load.lm_head_8bit": int8_head,
+        "load.experts_4bit": expert * (s.dtype_bytes + 1) if s.knobs.experts_4bit else 0,
         "cuda.overhead": overhead_bytes(s),
     }
 
@@ -157,6 +161,9 @@ def host_terms(s: StepShape, step: Estimate, *, samples: int | None = None) -> d
         "host.embedding": table if s.knobs.embedding_on_cpu else 0,
         "host.lm_head_copy": table if s.knobs.lm_head_8bit else 0,
         "host.offload": offload,
+        # The experts in the compute dtype, loaded on the host for experts_4bit to quantize onto the device, freed
+        # as it does: the host's peak while the model loads (counted with the rest, to the safe side).
+        "host.experts": expert_table_bytes(arch, s.dtype_bytes) if s.knobs.experts_4bit else 0,
         "host.embedding_rows": (pinned_block(rows) if on_cuda else 0) if s.knobs.embedding_on_cpu else 0,
         "host.checkpoint": 4 * sum(lora_numels) + step.terms["optimizer.state"],
         "host.dataset": (samples or 0) * s.seq * DATASET_BYTES_PER_TOKEN,

@@ -83,6 +83,32 @@ def _unquantized_elements(arch: Architecture) -> int:
     return sum(kind.unquantized_elements(arch) * count for layer, count in layer_groups(arch) for kind in layer)
 
 
+@functools.cache
+def _expert_elements(arch: Architecture) -> tuple[int, ...]:
+    """Every expert matrix's elements, all sparse layers (the fused tensors (experts, out, in) one expert at a
+    time, as experts_4bit quantizes them)."""
+    per_layer = [o * i for e, o, i in arch.expert_shapes().values() for _ in range(e)] if arch.is_moe else []
+    sparse = sum(1 for n in range(arch.num_hidden_layers) if arch.is_sparse(n))
+    return tuple(per_layer * sparse)
+
+
+def expert_table_bytes(arch: Architecture, dtype_bytes: int) -> int:
+    """An MoE model's experts, all sparse layers, at `dtype_bytes` an element."""
+    return sum(_expert_elements(arch)) * dtype_bytes
+
+
+def experts_nf4_bytes(arch: Architecture) -> int:
+    """The experts as experts_4bit stores them: each expert matrix packed two values a byte, a byte per 64-element
+    block's absmax, an fp32 absmax per 256 of those and an fp32 offset (double quantization, per expert); per fused
+    tensor the two code books (16 and 256 fp32)."""
+    tensors = len(arch.expert_shapes()) * sum(1 for n in range(arch.num_hidden_layers) if arch.is_sparse(n))
+    per_expert = (
+        math.ceil(n / 2) + math.ceil(n / NF4_BLOCK) + math.ceil(n / NF4_BLOCK / NESTED_BLOCK) * 4 + 4
+        for n in _expert_elements(arch)
+    )
+    return sum(per_expert) + tensors * (16 + 256) * 4
+
+
 def _quantized_bytes(numels: Sequence[int], quantization: str, rows: int, dtype_bytes: int, double_quant: bool) -> int:
     """Bytes of the projection weights as stored.
 
@@ -109,7 +135,8 @@ def _quantized_bytes(numels: Sequence[int], quantization: str, rows: int, dtype_
 def weight_terms(s: StepShape) -> dict[str, int]:
     """The base model's weights on the device, by part. Embeddings, lm_head and norms are never quantized by
     bitsandbytes (`table_bytes`: the compute dtype, fp32 after peft's k-bit preparation). The host embedding
-    keeps the input table off the device; the 8-bit head stores lm_head as int8 rows and an fp32 scale a row."""
+    keeps the input table off the device; the 8-bit head stores lm_head as int8 rows and an fp32 scale a row; the
+    4-bit experts store an MoE model's experts in NF4."""
     arch = s.arch
     numels, rows, norms = _projection_totals(arch)
     table_bytes = s.table_bytes
@@ -120,10 +147,13 @@ def weight_terms(s: StepShape) -> dict[str, int]:
         lm_head = arch.vocab_size * (arch.hidden_size + 4)
     else:
         lm_head = table * table_bytes
+    unquantized = _unquantized_elements(arch) * s.dtype_bytes
+    if s.knobs.experts_4bit:  # the experts in NF4 (experts_4bit.py), the routers as they were
+        unquantized += experts_nf4_bytes(arch) - sum(_expert_elements(arch)) * s.dtype_bytes
     return {
         "weights.layers": _quantized_bytes(numels, s.quantization, rows, s.dtype_bytes, s.double_quant)
         + norms * table_bytes
-        + _unquantized_elements(arch) * s.dtype_bytes,
+        + unquantized,
         "weights.embedding": 0 if s.knobs.embedding_on_cpu else table * table_bytes,
         "weights.lm_head": lm_head,
         # the final norm, and RoPE's inv_freq buffers (fp32)
@@ -162,12 +192,15 @@ def optimizer_state_bytes(tensor_numels: Sequence[int], optimizer: str) -> int:
     return total
 
 
-def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str) -> int:
-    """Extra bytes while the optimizer steps: the foreach implementation (CUDA default) materialises
-    sqrt(exp_avg_sq) for all tensors at once; the per-tensor loop (CPU default) one tensor at a time."""
+def optimizer_step_temporaries(tensor_numels: Sequence[int], device: str, optimizer: str = "adamw_torch") -> int:
+    """Extra bytes while the optimizer steps: torch's foreach implementation (CUDA default) materialises
+    sqrt(exp_avg_sq) for all tensors at once; the per-tensor loop (CPU default) one tensor at a time; bitsandbytes'
+    8-bit optimizers update each tensor in place with one kernel (counted as one tensor's fp32 scratch). An MoE
+    model's expert adapters (600M elements for Qwen3-30B-A3B at rank 16) make the difference gigabytes."""
     if not tensor_numels:
         return 0
-    return 4 * (sum(tensor_numels) if device != "cpu" else max(tensor_numels))
+    one_at_a_time = device == "cpu" or _OPTIMIZER_STATE.get(optimizer.lower(), (8, 8)) is None
+    return 4 * (max(tensor_numels) if one_at_a_time else sum(tensor_numels))
 
 
 # ------------------------------------------------------------------------------------------ ranks

@@ -14,6 +14,7 @@ shape, FSDP's refusals. Adding a technique is its file and its row (docs/archite
 - int8_head.py: the frozen lm_head of an untied model in 8-bit, read a block of rows at a time by the fused loss.
 - tiled_mlp.py: each layer's MLP a slice of tokens at a time, keeping only its input for backward.
 - packing.py: padding-free packing, a micro-batch's samples in one row with attention blocked at boundaries.
+- experts_4bit.py: an MoE model's fused expert tensors in NF4, dequantized one routed expert at a time.
 
 Gradient checkpointing is a knob too (`Knobs.checkpointing`, the config's boolean gradient_checkpointing; it
 predates this table and modeling.py switches it). Importing this module must not import torch.
@@ -132,7 +133,7 @@ class StrategyRule:
 @dataclass(frozen=True)
 class ModelRule:
     """Models that cannot take a technique: those whose architecture has `fact` (a boolean of catalog.Architecture:
-    "tie_word_embeddings", "is_moe", "is_hybrid"), and why (finishing the sentence "<model> ...")."""
+    "tie_word_embeddings", "is_moe", "is_dense", "is_hybrid"), and why (finishing the sentence "<model> ...")."""
 
     fact: str
     why: str
@@ -172,6 +173,14 @@ class Technique:
     # The frozen table it keeps in host memory ("input": the input embedding, "output": lm_head), which the model
     # build therefore loads there, never on the device (modeling.load_base_model). None: it keeps none.
     host_table: str | None = None
+    # The base quantizations with which `auto` means on without a solved profile, whatever `auto` says otherwise
+    # (the 4-bit experts: a QLoRA of an MoE model stores its experts in 4 bits too).
+    auto_with: tuple[str, ...] = ()
+
+    def default(self, arch: Architecture, quantization: str) -> bool:
+        """What `auto` means without a solved profile for this model and base quantization: the row's default (or
+        on with one of `auto_with`), off where a model rule refuses it."""
+        return (self.auto or quantization in self.auto_with) and self.refuses(arch) is None
 
     def refuses(self, arch: Architecture) -> ModelRule | None:
         """The first of its model rules that `arch` breaks (None: the model can take it)."""
@@ -179,6 +188,8 @@ class Technique:
 
     def config_doc(self) -> str:
         auto = "on" if self.auto else "the profile's choice, else off"
+        if self.auto_with:
+            auto = f"the profile's choice, else on with quantization {' or '.join(map(repr, self.auto_with))}"
         return f"{self.doc} auto: {auto}."
 
 
@@ -341,6 +352,36 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         ),
         estimate=("misc.inputs",),
     ),
+    Technique(
+        key="experts_4bit",
+        module="experts_4bit",
+        label="nf4-experts",
+        doc="MoE models (Qwen3-30B-A3B, 235B-A22B): the fused expert tensors, which bitsandbytes' 4-bit loading leaves "
+        "in bf16 (53 of Qwen3-30B-A3B's 57 GiB), stored in NF4 and dequantized one routed expert at a time; the "
+        "experts' adapters stay PEFT's.",
+        auto=False,
+        auto_with=("4bit",),
+        # Each routed expert's two matrices dequantized per forward and again in backward (and the recompute).
+        speed=_costs(0.85),
+        switch="set_experts_4bit",
+        refused_for=(
+            ModelRule(
+                "is_dense",
+                'has no experts: its MLPs are Linears, which quantization "4bit" already stores in NF4',
+            ),
+        ),
+        refused_under=(
+            StrategyRule(
+                "fsdp",
+                "FSDP shards parameters, and the NF4 experts are buffers each rank would hold whole; under FSDP the "
+                "experts are sharded in bf16",
+            ),
+        ),
+        estimate=("weights.layers", "layers.saved", "layers.backward"),
+        load=("weights.layers", "load.experts_4bit"),
+        host=("host.experts",),
+        host_table="experts",
+    ),
 )
 
 TECHNIQUES = tuple(t.key for t in TECHNIQUES_TABLE)  # the config keys, one per technique, in table order
@@ -461,14 +502,15 @@ def resolve(cfg: Config, spec: ModelSpec) -> Knobs:
     # `auto` is the row's default where the model can take it, off where a model rule refuses it (packing on a
     # hybrid); only an explicit "on" the model cannot take is an error.
     arch = spec.architecture
-    values = {t.key: _switch(getattr(cfg, t.key), t.auto and t.refuses(arch) is None) for t in TECHNIQUES_TABLE}
+    values = {t.key: _switch(getattr(cfg, t.key), t.default(arch, cfg.quantization)) for t in TECHNIQUES_TABLE}
     knobs = Knobs(checkpointing=cfg.gradient_checkpointing, **values)
     check(knobs, spec)
     return knobs
 
 
 def host_tables(knobs: Knobs) -> tuple[str, ...]:
-    """The frozen tables ("input", "output") that the techniques on in `knobs` keep in host memory."""
+    """The frozen tables ("input", "output", "experts") that the techniques on in `knobs` keep in host memory (or
+    quantize from there)."""
     return tuple(t.host_table for t in knobs.on() if t.host_table is not None)
 
 

@@ -1,0 +1,294 @@
+"""An MoE model's fused expert tensors stored in NF4, dequantized one routed expert at a time.
+
+bitsandbytes quantizes the Linears of a model it loads in 4-bit; a Qwen3-MoE's experts are two 3-D parameters
+(transformers' Qwen3MoeExperts: gate/up (experts, 2 x width, hidden) and down (experts, hidden, width)), which it
+leaves in bf16: about 53 of Qwen3-30B-A3B's 57 GiB. This technique stores each expert's two matrices as
+bitsandbytes NF4 (its quantize_4bit with double quantization, as its 4-bit loading stores the Linears: about 4.13
+bits a weight), and runs the
+experts a token is routed to through bitsandbytes' matmul_4bit, which dequantizes the expert's matrix for the
+product and again for the backward (it keeps the packed bytes, not the dequantized matrix): the bf16 table never
+exists on the device, one expert's matrix at a time does.
+
+The adapters stay PEFT's. LoRA on the experts (lora_experts) is PEFT's ParamWrapper around the experts module,
+whose forward folds its low-rank update into a whole copy of the fused tensor (W + B @ A) before the experts run.
+Here the wrappers' forward hands the input straight to `Nf4Experts`, which reads their factors and adds each routed
+expert's update as two thin products (x @ A_e^T @ B_e^T, scaled), what the folded tensor computes without building
+it. The wrappers, their names and their saved adapter are PEFT's own, so the adapter a run saves loads with
+`PeftModel.from_pretrained` on the bf16 model (and `autotune export --merge` folds it into the released tensors).
+
+`set_experts_4bit` switches a built model in and out (modeling.apply_knobs): a solver trial measures both on one
+build. Switching on frees the experts' full-precision tensors (a 30B-A3B's would not fit beside the NF4 ones on a
+24 GB card, nor wait in host memory at 57 GiB); switching back dequantizes the NF4 values into them (what a trial
+measures is the memory, which is the same). Real weights are loaded with the experts in host memory
+(modeling.load_base_model, the row's host_table) and quantized onto the device an expert at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from autotune.techniques import Place
+
+# bitsandbytes' NF4 block: 64 elements share an absmax (the estimate's NF4_BLOCK); with double quantization 256
+# absmaxes share an fp32 one (the estimate's NESTED_BLOCK).
+BLOCK = 64
+NESTED_BLOCK = 256
+# The fused tensors of transformers' expert modules (Qwen3MoeExperts, Qwen3_5MoeExperts), as (experts, out, in).
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+
+
+class Nf4Table(nn.Module):
+    """One fused expert tensor (experts, out, in) in NF4 with double quantization, the QLoRA recipe bitsandbytes'
+    4-bit loading uses for the Linears: per expert, bitsandbytes' quantize_4bit of its (out, in) matrix (packed two
+    values a byte; a 64-element block's absmax as one byte, itself quantized in blocks of 256 with an fp32 absmax
+    and an offset), laid out expert after expert so that one expert's state is a slice of each buffer."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax2: torch.Tensor
+    offset: torch.Tensor
+    code: torch.Tensor
+    code2: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        import bitsandbytes.functional as bnbf
+
+        super().__init__()
+        experts, out, inp = weight.shape
+        if (out * inp) % BLOCK:
+            raise ValueError(f"an expert's {out} x {inp} matrix is not a whole number of {BLOCK}-element blocks")
+        self.experts, self.out_features, self.in_features, self.dtype = experts, out, inp, dtype
+        self.blocks = out * inp // BLOCK
+        self.blocks2 = -(-self.blocks // NESTED_BLOCK)
+        buffers = {
+            "packed": torch.empty(experts * out * inp // 2, dtype=torch.uint8, device=device),
+            "absmax": torch.empty(experts * self.blocks, dtype=torch.uint8, device=device),
+            "absmax2": torch.empty(experts * self.blocks2, dtype=torch.float32, device=device),
+            "offset": torch.empty(experts, dtype=torch.float32, device=device),
+        }
+        state = None
+        # One expert at a time, on the device: only that expert's matrix crosses from the host (or is copied).
+        for e in range(experts):
+            matrix = weight[e].to(device, dtype, copy=True)
+            q, state = bnbf.quantize_4bit(matrix, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
+            buffers["packed"][self._slice(e, out * inp // 2)] = q.view(-1)
+            buffers["absmax"][self._slice(e, self.blocks)] = state.absmax
+            buffers["absmax2"][self._slice(e, self.blocks2)] = state.state2.absmax
+            buffers["offset"][e] = state.offset
+            del matrix, q
+        assert state is not None and state.state2 is not None
+        buffers |= {"code": state.code, "code2": state.state2.code}
+        # Buffers, so that .to() and the memory meters see them; not persistent: the adapter is what a run saves.
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    @staticmethod
+    def _slice(e: int, per: int) -> slice:
+        return slice(e * per, (e + 1) * per)
+
+    def state(self, e: int):
+        """Expert e's bitsandbytes QuantState (views of this table's buffers)."""
+        import bitsandbytes.functional as bnbf
+
+        nested = bnbf.QuantState(
+            absmax=self.absmax2[self._slice(e, self.blocks2)],
+            code=self.code2,
+            blocksize=NESTED_BLOCK,
+            dtype=torch.float32,
+        )
+        return bnbf.QuantState(
+            absmax=self.absmax[self._slice(e, self.blocks)],
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.code,
+            blocksize=BLOCK,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset[e],
+            state2=nested,
+        )
+
+    def expert_bytes(self, e: int) -> torch.Tensor:
+        """Expert e's packed bytes, as bitsandbytes' Params4bit holds them ((n / 2, 1) uint8)."""
+        return self.packed[self._slice(e, self.out_features * self.in_features // 2)].view(-1, 1)
+
+    def matmul(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x @ W_e^T through bitsandbytes' matmul_4bit: W_e dequantized for the product and again in backward."""
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, self.expert_bytes(e).t(), quant_state=self.state(e))
+
+    def dequantized(self) -> torch.Tensor:
+        """The whole table in its compute dtype (switching the technique off; the equality test's reference)."""
+        import bitsandbytes.functional as bnbf
+
+        return torch.stack([bnbf.dequantize_4bit(self.expert_bytes(e), self.state(e)) for e in range(self.experts)]).to(
+            self.dtype
+        )
+
+
+class Nf4Experts(nn.Module):
+    """An experts module (transformers' Qwen3MoeExperts and its Qwen3.5 twin) with its fused tensors in NF4: the same
+    call (hidden_states, top_k_index, top_k_weights) and the same eager loop over the experts hit, each expert's
+    matrices through Nf4Table.matmul, and the LoRA update of PEFT's wrappers around it added per routed expert."""
+
+    num_experts: int
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    _wrappers: dict[str, Any]  # peft's ParamWrappers (typed loosely: peft is imported lazily)
+
+    def __init__(self, experts: nn.Module, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.num_experts = int(experts.num_experts)  # type: ignore[arg-type]
+        self.act_fn = experts.act_fn  # type: ignore[assignment]
+        self.tables = nn.ModuleDict({name: Nf4Table(getattr(experts, name), device, dtype) for name in EXPERT_TENSORS})
+        # The full-precision module this replaces, its tensors deleted once quantized: switching back sets them.
+        # A plain attribute (a list): a registered one would be a second module tree in the model.
+        self._original = [experts]
+        self._wrappers = {}  # PEFT's ParamWrapper of each tensor (attach_wrappers)
+
+    def attach_wrappers(self, wrappers: dict[str, Any]) -> None:
+        """PEFT's wrappers of this module's tensors (by tensor name), whose factors forward applies. A plain dict: the
+        wrappers hold this module, it must not hold them as submodules."""
+        self._wrappers = dict(wrappers)
+
+    def _lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The tensor's adapter as (A: (experts, r, in), B: (experts, out, r), scaling), the layout of PEFT's
+        ParamWrapper.get_delta_factors; None where no adapter is active."""
+        wrapper = self._wrappers.get(name)
+        if wrapper is None or wrapper.disable_adapters or wrapper.merged:
+            return None
+        active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+        if not active:
+            return None
+        if len(active) > 1:
+            raise NotImplementedError("4-bit experts apply one adapter at a time")
+        adapter = active[0]
+        weight_a, weight_b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
+        a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])  # (experts, r, in)
+        b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)  # (experts, out, r)
+        return a, b, wrapper.scaling[adapter]
+
+    def _linear(self, name: str, x: torch.Tensor, e: int) -> torch.Tensor:
+        table: Nf4Table = self.tables[name]  # type: ignore[assignment]
+        out = table.matmul(x, e)
+        lora = self._lora(name)
+        if lora is not None:
+            a, b, scaling = lora
+            # PEFT's folded tensor W + scaling * B_e @ A_e, applied as its two thin factors.
+            update = (x.to(a.dtype) @ a[e].t()) @ b[e].t()
+            out = out + (update * scaling).to(out.dtype)
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for row in hit.tolist():
+            e = row[0]
+            top_k_pos, token_idx = torch.where(mask[e])
+            current = hidden_states[token_idx]
+            gate, up = self._linear("gate_up_proj", current, e).chunk(2, dim=-1)
+            current = self._linear("down_proj", self.act_fn(gate) * up, e)
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """transformers' fused experts module: both tensors as 3-D parameters."""
+    return all(
+        isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in EXPERT_TENSORS
+    )
+
+
+def _experts_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, experts module) for every fused experts module of `model`, bare or already NF4, wherever
+    PEFT's wrappers put it (an innermost ParamWrapper's base_layer)."""
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, Nf4Experts) or _is_experts(child):
+                yield parent, attr, child
+
+
+def _wrappers_around(model: nn.Module, experts: nn.Module) -> dict[str, Any]:
+    """PEFT's ParamWrappers whose innermost base layer is `experts`, by the tensor each adapts."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    found: dict[str, Any] = {}
+    for module in model.modules():
+        if isinstance(module, ParamWrapper) and module.get_base_layer() is experts:
+            found[module.parameter_name] = module
+    return found
+
+
+class _FactorsOnly:
+    """Marks a PEFT ParamWrapper whose base layer is an Nf4Experts: its forward passes the input on, since the NF4
+    experts apply its factors per routed expert (folding them into the tensor, PEFT's way, needs the full tensor)."""
+
+
+def _defer_to_nf4(wrapper: nn.Module) -> None:
+    """Make a ParamWrapper's forward hand its input to its base layer (switched back by _restore_peft)."""
+    cls = type(wrapper)
+    if issubclass(cls, _FactorsOnly):
+        return
+    deferring = type(f"Nf4{cls.__name__}", (_FactorsOnly, cls), {"forward": _pass_through, "_peft_class": cls})
+    wrapper.__class__ = deferring
+
+
+def _pass_through(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return self.base_layer(x, *args, **kwargs)
+
+
+def _restore_peft(wrapper: nn.Module) -> None:
+    if isinstance(wrapper, _FactorsOnly):
+        wrapper.__class__ = type(wrapper)._peft_class  # type: ignore[attr-defined]
+
+
+def set_experts_4bit(model: nn.Module, on: bool, place: Place) -> bool:
+    """Swap every fused experts module of `model` (the transformers model inside peft's) for its NF4 form on
+    `place.device`, or back. Returns whether anything changed."""
+    changed = False
+    dtype = _compute_dtype(model, place)
+    for parent, attr, experts in list(_experts_slots(model)):
+        wrappers = _wrappers_around(model, experts)
+        if on and not isinstance(experts, Nf4Experts):
+            nf4 = Nf4Experts(experts, place.device, dtype)
+            for name in EXPERT_TENSORS:  # the full-precision tensors go (their storage freed); switching back
+                delattr(experts, name)  # sets them again
+            setattr(parent, attr, nf4)
+            for wrapper in wrappers.values():
+                _defer_to_nf4(wrapper)
+                _move_adapter(wrapper, place.device)
+            nf4.attach_wrappers(wrappers)
+            changed = True
+        elif not on and isinstance(experts, Nf4Experts):
+            original = experts._original[0]
+            for name in EXPERT_TENSORS:
+                table: Nf4Table = experts.tables[name]  # type: ignore[assignment]
+                setattr(original, name, nn.Parameter(table.dequantized().to(place.device), requires_grad=False))
+            setattr(parent, attr, original)
+            for wrapper in wrappers.values():
+                _restore_peft(wrapper)
+            changed = True
+    return changed
+
+
+def _compute_dtype(model: nn.Module, place: Place) -> torch.dtype:
+    """The dtype the experts compute in: the model's (its config's dtype), as its bf16 tensors did."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.bfloat16 if place.dtype_bytes == 2 else torch.float32
+
+
+def _move_adapter(wrapper: nn.Module, device: torch.device) -> None:
+    """PEFT put the wrapper's adapter where the experts were loaded (on the host, where this technique loads them):
+    the adapter trains on the device."""
+    for name in ("lora_A", "lora_B"):
+        for layer in getattr(wrapper, name).values():
+            if layer.weight.device != device:
+                layer.to(device)

@@ -588,7 +588,21 @@ def _export_merged(
             f"the run trained a {run.cfg.quantization} (QLoRA) base: the adapter is merged into the unquantized "
             "base weights, as is usual"
         )
+    if _trained_nf4_experts(run):
+        notes.append(
+            "the run trained on experts stored in NF4 (experts_4bit): the experts' adapters are merged into the "
+            "unquantized expert tensors"
+        )
     return files
+
+
+def _trained_nf4_experts(run: FinishedRun) -> bool:
+    """Whether the run's experts were NF4 (experts_4bit): its summary says so (runner._build)."""
+    try:
+        model = json.loads((run.path / SUMMARY).read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(model, dict) and model.get("experts_4bit") is True
 
 
 # --------------------------------------------------------------------------------------------------

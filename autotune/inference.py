@@ -85,6 +85,9 @@ def run_inference_test(built, tokenizer, trained_pairs, held_out_pairs, cfg: Con
     report = {
         "model": built.spec.name,
         "init": cfg.init,
+        # How the base the answers come from was stored: both models run on it (the tuned one adds the adapter).
+        "base_quantization": built.quantization,
+        "experts_4bit": bool(getattr(built.knobs, "experts_4bit", False)),
         "max_new_tokens": cfg.inference_max_new_tokens,
         "greedy": True,
         "trained_token_match": {
@@ -154,6 +157,15 @@ def render_markdown(report: dict) -> str:
         f"| held out | {_pct(held['base'])} | {_pct(held['tuned'])} |",
         "",
     ]
+    stored = (
+        [f"its projections in {report['base_quantization']}"]
+        if report.get("base_quantization", "none") != "none"
+        else []
+    )
+    if report.get("experts_4bit"):
+        stored.append("its experts in NF4 (experts_4bit)")
+    if stored:
+        lines += [f"Both models ran on the quantized base the run trained with: {' and '.join(stored)}.", ""]
     if report.get("init") == "random":
         lines += [
             "The base model here has random weights: whatever the tuned model gets right on the questions it was "

@@ -870,6 +870,7 @@ def _build(ctx: RunContext, summary: dict) -> BuiltModel:
         "device": str(built.device),
         "dtype": str(built.dtype),
         "quantization": built.quantization,
+        **({"experts_4bit": True} if built.knobs.experts_4bit else {}),
         **built.parameter_counts(),
     }
     return built

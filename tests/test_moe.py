@@ -142,16 +142,27 @@ def test_a_tiny_moe_learns_and_logs_its_router_loss(tmp_path, autotune_cache, fu
     assert metrics and all(m["aux_loss"] > 0 for m in metrics)
 
 
-def test_an_moe_run_exports_merged_with_the_experts_updates_and_as_an_adapter_peft_loads(tmp_path, autotune_cache):
+@pytest.mark.parametrize("experts_4bit", ["off", "on"])
+def test_an_moe_run_exports_merged_with_the_experts_updates_and_as_an_adapter_peft_loads(
+    tmp_path, autotune_cache, experts_4bit
+):
     """`autotune export --merge` folds each expert's LoRA update into the fused expert tensors (PEFT's delta: expert
     e's B[:, :, e] @ A[e]): the merged model computes what the base with the adapter (PeftModel.from_pretrained)
-    computes, and not what the base alone does. The adapter folder loads in PEFT as is."""
+    computes, and not what the base alone does. The adapter folder loads in PEFT as is, also when the run trained
+    on NF4 experts (experts_4bit: the adapter is PEFT's own), and the export says the experts were NF4."""
     from autotune.runner import train
     from tests.helpers.exports import exported_logits, random_base
     from tests.helpers.runs import QUIET
 
     cfg = build_config(
-        tiny_values(tmp_path, model_name=TINY_MOE, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], max_steps=6)
+        tiny_values(
+            tmp_path,
+            model_name=TINY_MOE,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            max_steps=6,
+            experts_4bit=experts_4bit,
+        )
     )
     train(cfg, **QUIET)
     got = exported_logits(cfg, tmp_path, random_base(cfg))
@@ -159,6 +170,7 @@ def test_an_moe_run_exports_merged_with_the_experts_updates_and_as_an_adapter_pe
     assert json.loads((got["merged"] / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
     torch.testing.assert_close(folded, tuned, rtol=1e-4, atol=1e-4)
     assert (tuned - plain).abs().max() > 1e-2  # the adapter changed the model, the experts' updates included
+    assert any("NF4 (experts_4bit)" in note for note in got["notes"]) is (experts_4bit == "on")
 
 
 # --------------------------------------------------------------------------- the experts in 4 bits (experts_4bit)

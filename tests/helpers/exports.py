@@ -39,4 +39,4 @@ def exported_logits(cfg, out: Path, base: Callable[[], torch.nn.Module]) -> dict
         plain = base()(ids).logits
         tuned = PeftModel.from_pretrained(base(), str(adapter.out)).eval()(ids).logits
         folded = AutoModelForCausalLM.from_pretrained(str(merged.out), dtype=torch.float32).eval()(ids).logits
-    return {"plain": plain, "tuned": tuned, "folded": folded, "merged": merged.out}
+    return {"plain": plain, "tuned": tuned, "folded": folded, "merged": merged.out, "notes": merged.notes}

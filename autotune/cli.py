@@ -744,9 +744,14 @@ def estimate(
     click.echo(f"the whole run, GiB: {phases}; its peak at the {GPU_PHASES[run['phase']]}")
     host = ", ".join(f"{k.removeprefix('host.').replace('_', ' ')} {v / GiB:.2f}" for k, v in run["host"].items() if v)
     room = "" if doc.get("host_fits", True) else ": MORE than"
+    # The techniques whose rows keep something in host memory in this plan (their `host` terms).
+    from autotune.techniques import TECHNIQUES_TABLE
+
+    holders = [t.key for t in TECHNIQUES_TABLE if any(run["host"].get(term) for term in t.host)]
+    advice = "; free host memory" + (f" or switch off {' / '.join(holders)}" if holders else "")
     click.echo(
         f"host memory {doc['host_gb']:.2f} GiB ({host}){room or ' of'} {doc['host_ram_gb']:.1f} GiB available"
-        + ("; free host memory or leave offload_activations / embedding_on_cpu off" if room else "")
+        + (advice if room else "")
     )
     band = doc.get("error_band")
     if band:

@@ -359,6 +359,8 @@ def measure_widths(
         record = results.trial(stage, runner, trial)
         est = estimate(shape_of_run(runner, knobs, seq=seq, rank=runner.cfg.lora_r)).peak_bytes
         row = {"model": name, "layers": layers, "seq": seq}
+        if runner.ctx.spec.architecture.is_moe:
+            row["experts_4bit"] = knobs.experts_4bit
         if label:
             row["delta_kernel"] = label
         row |= {
@@ -381,12 +383,14 @@ def stage_moe(plan: Plan, results: Results) -> None:
     """A mixture of experts: a step of Qwen3-30B-A3B's widths (128 experts of width 768, 8 per token; 2 of its
     layers, built from the architecture) with adapters on attention and on every expert, checkpointing and the
     fused loss, at each of the plan's sequences: the measured peak and tokens/s against the estimate's sparse-layer
-    kind (the CPU tracker agrees within 1% at 2,048 tokens; bench/moe_bench.py). The experts are bf16: bitsandbytes
-    quantizes only the attention."""
+    kind (the CPU tracker agrees within 1% at 2,048 tokens; bench/moe_bench.py). Twice: the experts in NF4
+    (experts_4bit, what a QLoRA of the model runs by default) and in bf16 (bitsandbytes quantizes only the
+    attention), the row's experts_4bit says which."""
     spec = (plan.moe_model, plan.moe_layers, plan.moe_cap, plan.moe_seqs)
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    knobs = dict(checkpointing=True, fused_loss=True)
-    measure_widths(plan, results, "moe", spec, knobs, lora_dropout=0.0, target_modules=attention)
+    for nf4 in (True, False):
+        knobs = dict(checkpointing=True, fused_loss=True, experts_4bit=nf4)
+        measure_widths(plan, results, "moe", spec, knobs, lora_dropout=0.0, target_modules=attention)
 
 
 def stage_hybrid(plan: Plan, results: Results) -> None:
@@ -885,7 +889,8 @@ def print_summary(doc: dict) -> None:
     for m in stages.get("moe", []):
         if "peak_bytes" in m:
             print(
-                f"moe {m['model']} x {m['layers'] or 'all'} layers, seq {m['seq']}: {(m['peak_bytes'] or 0) / GiB:.2f} "
+                f"moe {m['model']} x {m['layers'] or 'all'} layers, seq {m['seq']}"
+                f"{' (nf4 experts)' if m.get('experts_4bit') else ''}: {(m['peak_bytes'] or 0) / GiB:.2f} "
                 f"GiB (estimate {m['estimate_bytes'] / GiB:.2f}), {m['tokens_per_second'] or 0:.0f} tok/s"
             )
     for m in stages.get("hybrid", []):

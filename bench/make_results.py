@@ -254,18 +254,25 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 f"### Mixture of experts, CPU ({doc['date']}; `bench/moe_bench.py`: Qwen3-30B-A3B's widths with 2 of its "
                 "48 layers, Qwen3's vocabulary, QLoRA with adapters on every expert, checkpointing and the fused loss)",
                 "",
-                *_columns("| seq | tracked GiB | estimate GiB | error | at |"),
+                *_columns("| experts | seq | tracked GiB | estimate GiB | error | at |"),
             ]
             out += [
-                f"| {r['seq']} | {r['measured_bytes'] / 2**30:.3f} | {r['estimate_bytes'] / 2**30:.3f} | "
+                f"| {'NF4' if r.get('experts_4bit') else 'bf16'} | {r['seq']} | {r['measured_bytes'] / 2**30:.3f} | {r['estimate_bytes'] / 2**30:.3f} | "
                 f"{r['error']:+.1%} | {r['estimate_phase']} |"
                 for r in doc["tracked"]
             ]
             out.append("")
             for key, label in (
                 ("30b_a3b_seq2048_r16", "Qwen3-30B-A3B, 4-bit attention and bf16 experts, seq 2048, r 16, one GPU"),
+                ("30b_a3b_nf4_experts_seq2048_r16", "Qwen3-30B-A3B, 4-bit attention and NF4 experts, seq 2048, r 16"),
+                (
+                    "30b_a3b_nf4_experts_lean_seq2048_r16",
+                    "Qwen3-30B-A3B, NF4 experts, host embedding and 8-bit head, seq 2048, r 16",
+                ),
                 ("235b_a22b_fsdp8_seq4096_r16", "Qwen3-235B-A22B over 8 GPUs (FSDP), seq 4096, r 16, per rank"),
             ):
+                if key not in answers:  # a record from before the row existed
+                    continue
                 e = answers[key]
                 parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in e["components"].items() if v)
                 out.append(f"- The estimate, {label}: {e['peak_bytes'] / 2**30:.2f} GiB ({parts}). A prediction.")

@@ -33,7 +33,7 @@ from autotune.units import GiB  # noqa: E402  (after the path insert above)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def measured_against_estimate(layers: int, vocab: int, seqs: list[int]) -> list[dict]:
+def measured_against_estimate(layers: int, vocab: int, seqs: list[int], experts_4bit: bool) -> list[dict]:
     import torch
 
     from autotune.catalog import CATALOG
@@ -57,6 +57,7 @@ def measured_against_estimate(layers: int, vocab: int, seqs: list[int]) -> list[
             "target_modules": ATTENTION,
             "gradient_checkpointing": True,
             "fused_loss": "on",
+            "experts_4bit": "on" if experts_4bit else "off",
             "output_dir": str(folder / "out"),
         }
     )
@@ -74,6 +75,7 @@ def measured_against_estimate(layers: int, vocab: int, seqs: list[int]) -> list[
                 "layers": layers,
                 "vocab": vocab,
                 "seq": seq,
+                "experts_4bit": experts_4bit,
                 "measured_bytes": trial.peak_bytes,
                 "estimate_bytes": predicted.peak_bytes,
                 "estimate_phase": predicted.phase,
@@ -82,7 +84,7 @@ def measured_against_estimate(layers: int, vocab: int, seqs: list[int]) -> list[
             }
             rows.append(row)
             print(
-                f"  30B-A3B x {layers} layers, vocab {vocab}, seq {seq}: tracked {trial.peak_bytes / GiB:.3f} GiB, "
+                f"  30B-A3B x {layers} layers, vocab {vocab}, {'nf4' if experts_4bit else 'bf16'} experts, seq {seq}: tracked {trial.peak_bytes / GiB:.3f} GiB, "
                 f"estimate {predicted.peak_bytes / GiB:.3f} ({row['error']:+.1%}, at the {predicted.phase}) "
                 f"[{row['seconds']} s]",
                 flush=True,
@@ -98,15 +100,26 @@ def gpu_answers() -> dict:
     from autotune.techniques import Knobs
 
     knobs = Knobs(checkpointing=True, fused_loss=True)
-    a3b = estimate(StepShape(CATALOG["Qwen3-30B-A3B"].architecture, 1, 2048, 16, knobs=knobs))
+    a3b_arch = CATALOG["Qwen3-30B-A3B"].architecture
+    a3b = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=knobs))
+    nf4 = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=knobs.with_(experts_4bit=True)))
+    lean = knobs.with_(experts_4bit=True, embedding_on_cpu=True, lm_head_8bit=True)
+    nf4_lean = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=lean))
     a22b = estimate(
         StepShape(CATALOG["Qwen3-235B-A22B"].architecture, 1, 4096, 16, knobs=knobs, world_size=8, strategy="fsdp")
     )
     for label, e in (("Qwen3-30B-A3B, 4-bit attention, bf16 experts, seq 2048, r16", a3b),
+                     ("Qwen3-30B-A3B, NF4 experts, seq 2048, r16", nf4),
+                     ("Qwen3-30B-A3B, NF4 experts, host embedding, 8-bit head, seq 2048, r16", nf4_lean),
                      ("Qwen3-235B-A22B, 8 GPUs FSDP, seq 4096, r16, per rank", a22b)):  # fmt: skip
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in e.components.items() if v)
         print(f"  {label}: {e.peak_bytes / GiB:.2f} GiB ({parts})")
-    return {"30b_a3b_seq2048_r16": a3b.to_dict(), "235b_a22b_fsdp8_seq4096_r16": a22b.to_dict()}
+    return {
+        "30b_a3b_seq2048_r16": a3b.to_dict(),
+        "30b_a3b_nf4_experts_seq2048_r16": nf4.to_dict(),
+        "30b_a3b_nf4_experts_lean_seq2048_r16": nf4_lean.to_dict(),
+        "235b_a22b_fsdp8_seq4096_r16": a22b.to_dict(),
+    }
 
 
 def main() -> None:
@@ -114,12 +127,18 @@ def main() -> None:
     ap.add_argument("--seqs", default="2048,4096")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--experts", default="nf4,bf16", help="the experts' storage to track: nf4 (experts_4bit), bf16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     print("the estimate's answers for GPUs:")
     answers = gpu_answers()
     print("the CPU tracker against the estimate:")
-    rows = measured_against_estimate(args.layers, args.vocab, [int(s) for s in args.seqs.split(",")])
+    seqs = [int(s) for s in args.seqs.split(",")]
+    rows = [
+        row
+        for kind in args.experts.split(",")
+        for row in measured_against_estimate(args.layers, args.vocab, seqs, kind == "nf4")
+    ]
     if args.json:
         import platform
         from datetime import date

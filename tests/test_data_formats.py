@@ -135,6 +135,43 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
     assert "HF_HUB_OFFLINE" in message and "data_dir" in message
 
 
+def test_an_unreachable_hub_reads_the_dataset_cache_only_without_retrying(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, and a hub that does not answer (a closed local port): the one connection check (hub.py)
+    puts the datasets library offline for the load, so it reads its cache at once instead of retrying each request
+    (26 s here before), and the error says why; the library's switch is put back afterwards."""
+    import datasets
+    import datasets.config
+
+    from autotune import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    hub.unreachable_reason.cache_clear()
+    seen = []
+    load = datasets.load_dataset
+
+    def recording(*args, **kwargs):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    import huggingface_hub.constants
+
+    # As in a process started without HF_HUB_OFFLINE (the suite sets it for every test: conftest.py).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    try:
+        with pytest.raises(UserError, match="the hub cannot be reached .127.0.0.1:9"):
+            parse_hub_dataset("autotune-tests/no-such-dataset", "train")
+    finally:
+        hub.unreachable_reason.cache_clear()
+    assert (
+        seen == [True] and datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    )
+
+
 def test_dataset_name_is_read_through_datasets_and_wins_over_data_dir(tmp_path):
     # A local folder is what the hub cache holds for an id: the same datasets.load_dataset path reads it.
     write_parquet(tmp_path / "ds" / "data" / "train-00000.parquet", MULTI_TURN[:3])

@@ -57,6 +57,7 @@ This module must stay cheap to import: no torch, no transformers, no datasets (i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -1486,15 +1487,37 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
+@contextlib.contextmanager
+def _datasets_offline(offline: bool):
+    """The datasets library (and huggingface_hub under it) in offline mode for a moment: both read the switch from
+    their config modules at call time (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are read at import, too late here)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def parse_hub_dataset(name: str, split: str = "train", reasoning_markers: str = "think") -> DataReport:
     """A dataset from the Hugging Face hub (or the local cache of it), one sample per row."""
     import datasets
 
-    try:
-        rows = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline, not found, bad split, gated: each a different type
-        from autotune import hub
+    from autotune import hub
 
+    # The hub asked once (hub.py): unreachable, the datasets library reads its local cache only, at once, instead of
+    # retrying every request for half a minute before it says the same.
+    unreachable = hub.local_only()[0]
+    try:
+        with _datasets_offline(unreachable):
+            rows = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, not found, bad split, gated: each a different type
         reason = _first_line(exc)
         local, why = hub.local_only()
         if os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):

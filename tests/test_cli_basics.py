@@ -226,3 +226,30 @@ def test_validate_refuses_what_train_refuses_by_the_config(capsys, sets, message
     argv = [a for s in sets for a in ("--set", s)]
     code, out, err = run_cli(capsys, "validate", *argv)
     assert code == 2 and "config OK" not in out and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "values, says",
+    [
+        ({"optimizer": "adamw_nope"}, "is not an HF Trainer name"),
+        ({"model_name": "Qwen3-8B", "lm_head_8bit": "on", "fused_loss": "off"}, 'lm_head_8bit "on" needs fused_loss'),
+    ],
+)
+def test_train_refuses_what_validate_refuses_before_importing_the_training_stack(tmp_path, values, says):
+    """A config train refuses by its values alone is refused before transformers, peft or the model load (in a third
+    of a second, where it took 11-13 s of imports), with validate's message, and nothing is written."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model_name": "tiny-qwen3", "output_dir": str(tmp_path / "out"), **values}))
+    probe = (
+        "import sys\nfrom autotune.cli import main\n"
+        "try:\n    main(['train', '--config', sys.argv[1]])\n"
+        "except SystemExit as exc:\n"
+        "    heavy = [m for m in ('transformers', 'peft', 'autotune.runner') if m in sys.modules]\n"
+        "    print('exit', exc.code, 'heavy', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(config)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "exit 2 heavy []" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert says in done.stderr
+    assert not (tmp_path / "out").exists()

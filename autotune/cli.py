@@ -98,11 +98,14 @@ def probe(as_json, save, output_dir):
 
 def _refuse_what_train_refuses(cfg, where: str | None) -> None:
     """The refusals of a run's config that need neither a model nor torch (preflight.check_run_config, the Trainer's
-    names without loading transformers): validate says them, and train says them before it imports anything heavy
-    (a refusal in a third of a second, not after 12 s of imports)."""
+    names without loading transformers): validate says them, and train in one process says them before it imports
+    anything heavy (a refusal in a third of a second, not after 12 s of imports)."""
     from autotune.config import trainer_name_problems
+    from autotune.distributed import world
     from autotune.preflight import check_run_config
 
+    if world().size > 1:
+        return  # a rank of several: the runner refuses in its order, its strategy's refusals first
     check_run_config(cfg)
     problems = trainer_name_problems(cfg)
     if problems:
@@ -368,9 +371,9 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
     profile = load_profile(profile_path, notes) if profile_path else None
     cfg, warnings = layered_config(config_path, sets, profile=profile, flags={"distributed_strategy": strategy})
     warnings = notes + warnings
-    _refuse_what_train_refuses(cfg, config_path)
     if nproc is not None:
-        _launch(nproc, cfg, profile)  # does not return: this process becomes torchrun
+        _launch(nproc, cfg, profile)  # does not return: this process becomes torchrun (its checks come first)
+    _refuse_what_train_refuses(cfg, config_path)
     from autotune.distributed import oom_decisions, world
 
     if world().restart and not oom_decisions(cfg.output_dir):

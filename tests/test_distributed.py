@@ -140,7 +140,7 @@ def test_strategy_arguments_per_strategy(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     ddp = distributed.strategy_arguments("ddp", on_cpu=True)
-    assert ddp == {"ddp_find_unused_parameters": False, "ddp_backend": "gloo"}
+    assert ddp == {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False, "ddp_backend": "gloo"}
     fsdp = distributed.strategy_arguments("fsdp", on_cpu=False)
     # What transformers turns it into is what accelerate's FSDP2 plugin gets: one unit per decoder layer.
     from accelerate.utils import FullyShardedDataParallelPlugin

@@ -31,8 +31,10 @@ def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     (cap,) = stages["min_cap"]
     assert cap["resolved"] and 0 < cap["smallest_cap_gb"] <= 0.5
     assert stages["longest_seq"]["with_every_technique"] >= 64
-    (moe,) = stages["moe"]  # a mixture of experts' step beside its estimate (the tiny Qwen3-MoE here)
-    assert moe["fits"] and moe["peak_bytes"] > 0 and abs(moe["estimate_bytes"] / moe["peak_bytes"] - 1) < 0.10
+    # A mixture of experts' step beside its estimate (the tiny Qwen3-MoE here), with NF4 and with bf16 experts.
+    assert sorted(m["experts_4bit"] for m in stages["moe"]) == [False, True]
+    for moe in stages["moe"]:
+        assert moe["fits"] and moe["peak_bytes"] > 0 and abs(moe["estimate_bytes"] / moe["peak_bytes"] - 1) < 0.10
     (hybrid,) = stages["hybrid"]  # a Qwen3.5 hybrid's bf16 LoRA step (the tiny one here), its kernel named
     assert hybrid["fits"] and hybrid["delta_kernel"] == "reference"
     assert abs(hybrid["estimate_bytes"] / hybrid["peak_bytes"] - 1) < 0.10

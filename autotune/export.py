@@ -175,12 +175,8 @@ def _check_adapter_config(doc: Any, where: Path) -> None:
 
 def _train_dtype(path: Path, cfg: Config) -> str:
     """The dtype training held the base weights in: the run summary says; else what the config asked for."""
-    summary = path / SUMMARY
-    if summary.is_file():
-        try:
-            recorded = json.loads(summary.read_text(encoding="utf-8")).get("model", {}).get("dtype")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
+    recorded = _recorded_model(path).get("dtype")
+    if recorded is not None:
         by_name = {str(v): k for k, v in TORCH_DTYPES.items()}
         if recorded in by_name:
             return by_name[recorded]
@@ -598,11 +594,16 @@ def _export_merged(
 
 def _trained_nf4_experts(run: FinishedRun) -> bool:
     """Whether the run's experts were NF4 (experts_4bit): its summary says so (runner._build)."""
+    return _recorded_model(run.path).get("experts_4bit") is True
+
+
+def _recorded_model(path: Path) -> dict:
+    """The run summary's record of the model it trained (runner._build); empty where there is none to read."""
     try:
-        model = json.loads((run.path / SUMMARY).read_text(encoding="utf-8")).get("model", {})
+        model = json.loads((path / SUMMARY).read_text(encoding="utf-8")).get("model", {})
     except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(model, dict) and model.get("experts_4bit") is True
+        return {}
+    return model if isinstance(model, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -172,16 +172,12 @@ def table_modules(hf_config) -> dict[str, list[str]]:
     """Where the model class transformers builds for `hf_config` keeps its frozen tables, by the keys of
     techniques.Technique.host_table: "input" the input embedding's module, "output" lm_head's, "experts" every
     fused experts module (an MoE model's). Read off the model built on the meta device, so nothing is allocated."""
-    from autotune.techniques.experts_4bit import EXPERT_TENSORS
+    from autotune.techniques.experts_4bit import is_experts
 
     with torch.device("meta"):
         meta = _causal_lm_class(hf_config)(hf_config)
     names = {id(module): name for name, module in meta.named_modules()}
-    experts = [
-        name
-        for name, module in meta.named_modules()
-        if all(getattr(getattr(module, t, None), "dim", lambda: 0)() == 3 for t in EXPERT_TENSORS)
-    ]
+    experts = [name for name, module in meta.named_modules() if is_experts(module)]
     return {
         "input": [names[id(meta.get_input_embeddings())]],
         "output": [names[id(meta.get_output_embeddings())]],

@@ -88,8 +88,11 @@ def _expert_elements(arch: Architecture) -> tuple[int, ...]:
     """Every expert matrix's elements, all sparse layers (the fused tensors (experts, out, in) one expert at a
     time, as experts_4bit quantizes them)."""
     per_layer = [o * i for e, o, i in arch.expert_shapes().values() for _ in range(e)] if arch.is_moe else []
-    sparse = sum(1 for n in range(arch.num_hidden_layers) if arch.is_sparse(n))
-    return tuple(per_layer * sparse)
+    return tuple(per_layer * _sparse_layers(arch))
+
+
+def _sparse_layers(arch: Architecture) -> int:
+    return sum(1 for n in range(arch.num_hidden_layers) if arch.is_sparse(n))
 
 
 def expert_table_bytes(arch: Architecture, dtype_bytes: int) -> int:
@@ -101,7 +104,7 @@ def experts_nf4_bytes(arch: Architecture) -> int:
     """The experts as experts_4bit stores them: each expert matrix packed two values a byte, a byte per 64-element
     block's absmax, an fp32 absmax per 256 of those and an fp32 offset (double quantization, per expert); per fused
     tensor the two code books (16 and 256 fp32)."""
-    tensors = len(arch.expert_shapes()) * sum(1 for n in range(arch.num_hidden_layers) if arch.is_sparse(n))
+    tensors = len(arch.expert_shapes()) * _sparse_layers(arch)
     per_expert = (
         math.ceil(n / 2) + math.ceil(n / NF4_BLOCK) + math.ceil(n / NF4_BLOCK / NESTED_BLOCK) * 4 + 4
         for n in _expert_elements(arch)

@@ -31,12 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from autotune.estimate.layers import NF4_BLOCK as BLOCK  # bitsandbytes' NF4 block: elements per absmax
+from autotune.estimate.state import NESTED_BLOCK  # absmaxes per fp32 absmax with double quantization
 from autotune.techniques import Place
 
-# bitsandbytes' NF4 block: 64 elements share an absmax (the estimate's NF4_BLOCK); with double quantization 256
-# absmaxes share an fp32 one (the estimate's NESTED_BLOCK).
-BLOCK = 64
-NESTED_BLOCK = 256
 # The fused tensors of transformers' expert modules (Qwen3MoeExperts, Qwen3_5MoeExperts), as (experts, out, in).
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -198,7 +196,7 @@ class Nf4Experts(nn.Module):
         return final
 
 
-def _is_experts(module: nn.Module) -> bool:
+def is_experts(module: nn.Module) -> bool:
     """transformers' fused experts module: both tensors as 3-D parameters."""
     return all(
         isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in EXPERT_TENSORS
@@ -210,7 +208,7 @@ def _experts_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module
     PEFT's wrappers put it (an innermost ParamWrapper's base_layer)."""
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
-            if isinstance(child, Nf4Experts) or _is_experts(child):
+            if isinstance(child, Nf4Experts) or is_experts(child):
                 yield parent, attr, child
 
 
@@ -235,8 +233,14 @@ def _defer_to_nf4(wrapper: nn.Module) -> None:
     cls = type(wrapper)
     if issubclass(cls, _FactorsOnly):
         return
-    deferring = type(f"Nf4{cls.__name__}", (_FactorsOnly, cls), {"forward": _pass_through, "_peft_class": cls})
-    wrapper.__class__ = deferring
+    if cls not in _DEFERRING:  # one subclass per PEFT class, not one per wrapper switched
+        _DEFERRING[cls] = type(
+            f"Nf4{cls.__name__}", (_FactorsOnly, cls), {"forward": _pass_through, "_peft_class": cls}
+        )
+    wrapper.__class__ = _DEFERRING[cls]
+
+
+_DEFERRING: dict[type, type] = {}
 
 
 def _pass_through(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

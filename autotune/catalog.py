@@ -163,6 +163,17 @@ class Architecture:
             "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
         }[self.model_type]
 
+    @property
+    def decoder_layer_class(self) -> str:
+        """transformers' class of one decoder layer (the model's `_no_split_modules`): the unit FSDP shards, one
+        layer's parameters gathered at a time."""
+        return {
+            "qwen3": "Qwen3DecoderLayer",
+            "qwen3_moe": "Qwen3MoeDecoderLayer",
+            "qwen3_5_text": "Qwen3_5DecoderLayer",
+            "qwen3_5_moe_text": "Qwen3_5MoeDecoderLayer",
+        }[self.model_type]
+
     def is_linear(self, layer: int) -> bool:
         """Whether decoder layer `layer` (from 0) mixes tokens with a Gated DeltaNet block (linear attention)."""
         return self.is_hybrid and self.layer_types[layer] == LINEAR_ATTENTION

@@ -684,7 +684,12 @@ def profiles_plot(profile_path, output):
 @set_option
 @click.option("--max-memory-gb", type=FiniteRange(min=0.01), help="Budget to compare with (default: the config's).")
 @click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default: the config's max_sequence_length).")
-@click.option("--batch", type=click.IntRange(min=1), help="Micro-batch (default: the config's batch_size).")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    help="Micro-batch (default: the config's batch_size; with a budget it does not fit, the largest micro-batch "
+    "predicted to, gradient accumulation keeping the effective batch, as solve does).",
+)
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (default: the config's lora_r).")
 @click.option("--margin", type=FiniteRange(0, 0.5), default=DEFAULT_MARGIN, show_default=True)
 @click.option(
@@ -709,8 +714,9 @@ def estimate(
     step, evaluation, checkpoint), the host memory, and the largest shapes that fit."""
     from dataclasses import replace
 
+    from autotune.batching import BatchPlan
     from autotune.context import RunContext
-    from autotune.estimate import GPU_PHASES, report, shape_for, strategy_for
+    from autotune.estimate import GPU_PHASES, fit, report, shape_for, strategy_for
     from autotune.hardware import available_ram_bytes
 
     # The shape's flags go through the config, so the bounds a run is held to hold here too (a sequence within the
@@ -726,6 +732,7 @@ def estimate(
     )
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
     budget = Budget.from_gib(budget_gb, margin) if budget_gb is not None else None
+    batch_given = batch is not None
     seq, batch, rank = cfg.max_sequence_length, cfg.batch_size, cfg.lora_r
     ctx = RunContext(cfg)
     shape = shape_for(cfg, ctx.architecture, batch=batch, seq=seq, rank=rank, device=device, world_size=gpus)
@@ -735,10 +742,26 @@ def estimate(
             strategy = "ddp"
         else:
             strategy, why = strategy_for(shape, budget)
+    shape = replace(shape, strategy=strategy)
+    smaller = ""
+    if budget is not None and not batch_given:
+        # The question solve answers: the config's micro-batch if it fits, else the largest that does, accumulation
+        # keeping the effective batch (the one batch plan; the largest is on the safe side of the error band).
+        largest = fit(shape, budget, max_batch=batch)["batch"]
+        if 0 < largest < batch:
+            try:
+                plan = BatchPlan.largest(cfg.effective_batch, gpus, largest)
+                micro, kept = plan.micro, plan.describe()
+            except UserError:  # an effective batch the ranks cannot share: train says so; here, the largest
+                micro, kept = largest, f"micro-batch {largest}"
+            smaller = f"the config's micro-batch {batch} is predicted not to fit: {kept}"
+            batch, shape = micro, replace(shape, batch=micro)
     host_ram = int(host_ram_gb * GiB) if host_ram_gb is not None else available_ram_bytes()
-    est, doc = report(ctx.spec.name, replace(shape, strategy=strategy), budget, host_ram_bytes=host_ram)
+    est, doc = report(ctx.spec.name, shape, budget, host_ram_bytes=host_ram)
     if why:
         doc["strategy_reason"] = why
+    if smaller:
+        doc["batch_reason"] = smaller
     if as_json:
         _echo_json(doc)
         return
@@ -747,8 +770,9 @@ def estimate(
         f"{doc['model']}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device}){ranks}"
     )
-    if why:
-        click.echo(f"  {why}")
+    for reason in (why, smaller):
+        if reason:
+            click.echo(f"  {reason}")
     for name, gb in doc["components_gb"].items():
         click.echo(f"  {name:18} {gb:9.3f} GiB")
     click.echo(f"  {'step peak':18} {doc['peak_gb']:9.3f} GiB (at the {est.phase.replace('_', ' ')})")
@@ -789,8 +813,9 @@ def estimate(
         if lean:
             sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in lean["set"].items())
             lean_batch, lean_seq = lean["largest_batch_at_seq"], lean["largest_seq_at_batch"]
+            verdict = "fits" if lean["fits"] else "does NOT fit"
             click.echo(
-                f"with every memory technique this model takes ({sets}): "
+                f"with every memory technique this model takes ({sets}): {lean['peak_gb']:.2f} GiB, {verdict}; "
                 + (f"batch {lean_batch} at seq {seq}" if lean_batch else f"no batch at seq {seq}")
                 + ", "
                 + (f"seq {lean_seq} at batch {batch}" if lean_seq else f"no sequence at batch {batch}")

@@ -36,8 +36,6 @@ from autotune.fsutil import atomic_write_json
 if TYPE_CHECKING:
     import torch
 
-# The decoder layer FSDP shards as one unit (Qwen3's `_no_split_modules`): one layer is all-gathered at a time.
-DECODER_LAYER = "Qwen3DecoderLayer"
 # Where the rank that ran out of memory leaves the smaller micro-batch for the restarted group (in output_dir).
 OOM_DECISIONS = ".autotune-oom.json"
 # The one testing hook of this module, and nothing else reads it: "RANK:STEP" raises a CUDA-style OOM on that
@@ -250,8 +248,9 @@ def check_fsdp(cfg: Config, device_type: str) -> None:
         )
 
 
-def strategy_arguments(strategy: str, on_cpu: bool) -> dict:
-    """What TrainingArguments needs for this strategy, beyond one process's arguments."""
+def strategy_arguments(strategy: str, on_cpu: bool, layer_class: str) -> dict:
+    """What TrainingArguments needs for this strategy, beyond one process's arguments. `layer_class`: the model's
+    decoder layer (catalog.Architecture.decoder_layer_class), which FSDP shards as one unit."""
     w = world()
     if not w.distributed:
         return {}
@@ -271,7 +270,9 @@ def strategy_arguments(strategy: str, on_cpu: bool) -> dict:
         extra["fsdp_config"] = {
             "version": 2,
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": [DECODER_LAYER],
+            # One layer all-gathered at a time; a class the model lacks would leave the model one unit, gathered
+            # whole (accelerate refuses it).
+            "transformer_layer_cls_to_wrap": [layer_class],
             "reshard_after_forward": True,
             # Every rank saves its own shard (peft's FSDP-QLoRA recipe); the adapter alone is gathered at the
             # end (full_trainable_state).

@@ -172,7 +172,7 @@ def table_modules(hf_config) -> dict[str, list[str]]:
     """Where the model class transformers builds for `hf_config` keeps its frozen tables, by the keys of
     techniques.Technique.host_table: "input" the input embedding's module, "output" lm_head's, "experts" every
     fused experts module (an MoE model's). Read off the model built on the meta device, so nothing is allocated."""
-    from autotune.techniques.experts_4bit import is_experts
+    from autotune.techniques.split_lora import is_experts
 
     with torch.device("meta"):
         meta = _causal_lm_class(hf_config)(hf_config)

@@ -121,7 +121,7 @@ def training_arguments(
     on_cpu = built.device.type == "cpu"
     steps = max_steps if max_steps is not None else (cfg.max_steps or -1)
     # Under torchrun: DDP's or FSDP's arguments (one process: none).
-    ranks = strategy_arguments(cfg.distributed_strategy, on_cpu)
+    ranks = strategy_arguments(cfg.distributed_strategy, on_cpu, built.spec.architecture.decoder_layer_class)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size or cfg.batch_size,

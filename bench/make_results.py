@@ -29,6 +29,13 @@ def load() -> tuple[list[dict], list[dict]]:
     return sorted(gpu, key=key, reverse=True), sorted(cpu, key=key, reverse=True)
 
 
+def _experts_form(row: dict) -> str:
+    """A tracked MoE row's experts: NF4, bf16 split, or bf16 folded by PEFT (records before the split LoRA say only
+    whether they were NF4; their bf16 experts were folded)."""
+    form = row.get("experts") or ("nf4" if row.get("experts_4bit") else "folded")
+    return {"nf4": "NF4", "split": "bf16, split LoRA", "folded": "bf16, folded by PEFT"}[form]
+
+
 def _columns(header: str) -> list[str]:
     """A markdown table's header row and its separator, which must have as many cells."""
     return [header, "|---" * (header.count("|") - 1) + "|"]
@@ -257,19 +264,33 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 *_columns("| experts | seq | tracked GiB | estimate GiB | error | at |"),
             ]
             out += [
-                f"| {'NF4' if r.get('experts_4bit') else 'bf16'} | {r['seq']} | {r['measured_bytes'] / 2**30:.3f} | {r['estimate_bytes'] / 2**30:.3f} | "
+                f"| {_experts_form(r)} | {r['seq']} | {r['measured_bytes'] / 2**30:.3f} | {r['estimate_bytes'] / 2**30:.3f} | "
                 f"{r['error']:+.1%} | {r['estimate_phase']} |"
                 for r in doc["tracked"]
             ]
             out.append("")
             for key, label in (
-                ("30b_a3b_seq2048_r16", "Qwen3-30B-A3B, 4-bit attention and bf16 experts, seq 2048, r 16, one GPU"),
+                (
+                    "30b_a3b_seq2048_r16",
+                    "Qwen3-30B-A3B, 4-bit attention and bf16 experts folded by PEFT, seq 2048, r 16, one GPU",
+                ),
+                (
+                    "30b_a3b_split_seq2048_r16",
+                    "Qwen3-30B-A3B, 4-bit attention and bf16 experts, split LoRA, seq 2048, r 16, one GPU",
+                ),
                 ("30b_a3b_nf4_experts_seq2048_r16", "Qwen3-30B-A3B, 4-bit attention and NF4 experts, seq 2048, r 16"),
                 (
                     "30b_a3b_nf4_experts_lean_seq2048_r16",
                     "Qwen3-30B-A3B, NF4 experts, host embedding and 8-bit head, seq 2048, r 16",
                 ),
-                ("235b_a22b_fsdp8_seq4096_r16", "Qwen3-235B-A22B over 8 GPUs (FSDP), seq 4096, r 16, per rank"),
+                (
+                    "235b_a22b_fsdp8_seq4096_r16",
+                    "Qwen3-235B-A22B over 8 GPUs (FSDP), seq 4096, r 16, folded by PEFT, per rank",
+                ),
+                (
+                    "235b_a22b_split_fsdp8_seq4096_r16",
+                    "Qwen3-235B-A22B over 8 GPUs (FSDP), seq 4096, r 16, split LoRA, per rank",
+                ),
             ):
                 if key not in answers:  # a record from before the row existed
                     continue

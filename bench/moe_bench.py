@@ -7,7 +7,7 @@
    experts, checkpointing and the fused loss, measured by trial.TrialRunner (the solver's own trial, the tracked
    meter) against estimate/'s prediction, at each sequence.
 2. The estimate's answers (no GPU needed): Qwen3-30B-A3B at 2,048 tokens, rank 16, 4-bit, on a 24 GB card, and
-   Qwen3-235B-A22B over 8 GPUs with FSDP at 4,096 tokens under 80 GB. Predictions; a GPU run measures them.
+   Qwen3-235B-A22B over 8 GPUs with FSDP at 4,096 tokens under 80 GB, the experts' adapters folded by PEFT or split. Predictions; a GPU run measures them.
 
 Figures, not asserts. A step at 4,096 tokens through Qwen3's full vocabulary takes minutes on two cores.
 """
@@ -33,7 +33,12 @@ from autotune.units import GiB  # noqa: E402  (after the path insert above)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def measured_against_estimate(layers: int, vocab: int, seqs: list[int], experts_4bit: bool) -> list[dict]:
+# The experts' forms a run can take: NF4 (experts_4bit, always split), bf16 split (experts_split_lora), bf16 folded
+# by PEFT (both off).
+EXPERTS = {"nf4": ("on", "off"), "split": ("off", "on"), "folded": ("off", "off")}
+
+
+def measured_against_estimate(layers: int, vocab: int, seqs: list[int], experts: str) -> list[dict]:
     import torch
 
     from autotune.catalog import CATALOG
@@ -57,7 +62,8 @@ def measured_against_estimate(layers: int, vocab: int, seqs: list[int], experts_
             "target_modules": ATTENTION,
             "gradient_checkpointing": True,
             "fused_loss": "on",
-            "experts_4bit": "on" if experts_4bit else "off",
+            "experts_4bit": EXPERTS[experts][0],
+            "experts_split_lora": EXPERTS[experts][1],
             "output_dir": str(folder / "out"),
         }
     )
@@ -75,7 +81,8 @@ def measured_against_estimate(layers: int, vocab: int, seqs: list[int], experts_
                 "layers": layers,
                 "vocab": vocab,
                 "seq": seq,
-                "experts_4bit": experts_4bit,
+                "experts": experts,
+                "experts_4bit": experts == "nf4",
                 "measured_bytes": trial.peak_bytes,
                 "estimate_bytes": predicted.peak_bytes,
                 "estimate_phase": predicted.phase,
@@ -84,7 +91,7 @@ def measured_against_estimate(layers: int, vocab: int, seqs: list[int], experts_
             }
             rows.append(row)
             print(
-                f"  30B-A3B x {layers} layers, vocab {vocab}, {'nf4' if experts_4bit else 'bf16'} experts, seq {seq}: tracked {trial.peak_bytes / GiB:.3f} GiB, "
+                f"  30B-A3B x {layers} layers, vocab {vocab}, {experts} experts, seq {seq}: tracked {trial.peak_bytes / GiB:.3f} GiB, "
                 f"estimate {predicted.peak_bytes / GiB:.3f} ({row['error']:+.1%}, at the {predicted.phase}) "
                 f"[{row['seconds']} s]",
                 flush=True,
@@ -102,23 +109,30 @@ def gpu_answers() -> dict:
     knobs = Knobs(checkpointing=True, fused_loss=True)
     a3b_arch = CATALOG["Qwen3-30B-A3B"].architecture
     a3b = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=knobs))
+    split = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=knobs.with_(experts_split_lora=True)))
     nf4 = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=knobs.with_(experts_4bit=True)))
     lean = knobs.with_(experts_4bit=True, embedding_on_cpu=True, lm_head_8bit=True)
     nf4_lean = estimate(StepShape(a3b_arch, 1, 2048, 16, knobs=lean))
-    a22b = estimate(
-        StepShape(CATALOG["Qwen3-235B-A22B"].architecture, 1, 4096, 16, knobs=knobs, world_size=8, strategy="fsdp")
+    a22b_arch = CATALOG["Qwen3-235B-A22B"].architecture
+    a22b = estimate(StepShape(a22b_arch, 1, 4096, 16, knobs=knobs, world_size=8, strategy="fsdp"))
+    a22b_split = estimate(
+        StepShape(a22b_arch, 1, 4096, 16, knobs=knobs.with_(experts_split_lora=True), world_size=8, strategy="fsdp")
     )
-    for label, e in (("Qwen3-30B-A3B, 4-bit attention, bf16 experts, seq 2048, r16", a3b),
+    for label, e in (("Qwen3-30B-A3B, 4-bit attention, bf16 experts folded by PEFT, seq 2048, r16", a3b),
+                     ("Qwen3-30B-A3B, 4-bit attention, bf16 experts, split LoRA, seq 2048, r16", split),
                      ("Qwen3-30B-A3B, NF4 experts, seq 2048, r16", nf4),
                      ("Qwen3-30B-A3B, NF4 experts, host embedding, 8-bit head, seq 2048, r16", nf4_lean),
-                     ("Qwen3-235B-A22B, 8 GPUs FSDP, seq 4096, r16, per rank", a22b)):  # fmt: skip
+                     ("Qwen3-235B-A22B, 8 GPUs FSDP, seq 4096, r16, folded by PEFT, per rank", a22b),
+                     ("Qwen3-235B-A22B, 8 GPUs FSDP, seq 4096, r16, split LoRA, per rank", a22b_split)):  # fmt: skip
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in e.components.items() if v)
         print(f"  {label}: {e.peak_bytes / GiB:.2f} GiB ({parts})")
     return {
         "30b_a3b_seq2048_r16": a3b.to_dict(),
+        "30b_a3b_split_seq2048_r16": split.to_dict(),
         "30b_a3b_nf4_experts_seq2048_r16": nf4.to_dict(),
         "30b_a3b_nf4_experts_lean_seq2048_r16": nf4_lean.to_dict(),
         "235b_a22b_fsdp8_seq4096_r16": a22b.to_dict(),
+        "235b_a22b_split_fsdp8_seq4096_r16": a22b_split.to_dict(),
     }
 
 
@@ -127,7 +141,7 @@ def main() -> None:
     ap.add_argument("--seqs", default="2048,4096")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--experts", default="nf4,bf16", help="the experts' storage to track: nf4 (experts_4bit), bf16")
+    ap.add_argument("--experts", default="nf4,split,folded", help=f"the experts' forms to track: {', '.join(EXPERTS)}")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     print("the estimate's answers for GPUs:")
@@ -137,7 +151,7 @@ def main() -> None:
     rows = [
         row
         for kind in args.experts.split(",")
-        for row in measured_against_estimate(args.layers, args.vocab, seqs, kind == "nf4")
+        for row in measured_against_estimate(args.layers, args.vocab, seqs, kind)
     ]
     if args.json:
         import platform

@@ -106,6 +106,7 @@ NON_DEFAULT = {
     "tiled_mlp": "on",
     "packing": "off",
     "experts_4bit": "off",
+    "experts_split_lora": "off",
 }
 
 

@@ -136,12 +136,13 @@ def test_what_fsdp_cannot_do_is_one_clear_error(values, device, needle):
 
 
 def test_strategy_arguments_per_strategy(monkeypatch):
-    assert distributed.strategy_arguments("ddp", on_cpu=True) == {}  # one process: nothing to add
+    layer = "Qwen3DecoderLayer"
+    assert distributed.strategy_arguments("ddp", on_cpu=True, layer_class=layer) == {}  # one process: nothing to add
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    ddp = distributed.strategy_arguments("ddp", on_cpu=True)
+    ddp = distributed.strategy_arguments("ddp", on_cpu=True, layer_class=layer)
     assert ddp == {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False, "ddp_backend": "gloo"}
-    fsdp = distributed.strategy_arguments("fsdp", on_cpu=False)
+    fsdp = distributed.strategy_arguments("fsdp", on_cpu=False, layer_class=layer)
     # What transformers turns it into is what accelerate's FSDP2 plugin gets: one unit per decoder layer.
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import TrainingArguments
@@ -152,6 +153,20 @@ def test_strategy_arguments_per_strategy(monkeypatch):
     plugin = FullyShardedDataParallelPlugin(**args._process_fsdp_args())
     assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["Qwen3DecoderLayer"]
     assert plugin.reshard_after_forward is True and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def test_fsdp_wraps_each_models_own_decoder_layer():
+    """FSDP's unit is the model's decoder layer: Qwen3's class named for an MoE or hybrid model is a class the model
+    lacks (accelerate refuses it; the whole model would be one unit). The catalog's name is transformers' own."""
+    import transformers
+
+    from autotune.catalog import CATALOG
+
+    kinds = {spec.architecture.model_type: spec.architecture for spec in CATALOG.values()}
+    assert {"qwen3", "qwen3_moe", "qwen3_5_text", "qwen3_5_moe_text"} <= set(kinds)
+    for arch in kinds.values():
+        model_class = getattr(transformers, arch.causal_lm_class)
+        assert arch.decoder_layer_class == model_class._no_split_modules[0], arch.model_type
 
 
 def test_nproc_becomes_a_torchrun_command_line():
@@ -610,7 +625,8 @@ def test_two_nodes_meet_through_torchruns_rendezvous(run_dir):
     assert sum(a.stdout.count("training succeeded") for a in agents) == 1  # global rank 0 alone says it
 
 
-def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, autotune_cache):
+@pytest.mark.parametrize("model,quantization", [("tiny-qwen3", "4bit"), ("tiny-qwen3-moe", "none")])
+def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, autotune_cache, model, quantization):
     """FSDP2 on CPU/gloo, two real processes: the QLoRA model autotune builds for FSDP (4-bit data stored as bf16)
     prepared by accelerate's own fsdp2_prepare_model, with the plugin transformers builds from autotune's
     TrainingArguments. Only the Accelerator around the plugin is a stand-in: accelerate drops the FSDP plugin on
@@ -619,16 +635,21 @@ def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, a
 
     Shows: one unit per decoder layer; each rank holds exactly the estimate's per-rank weights and adapters;
     the LoRA gradients of two ranks on half a batch each are the gradients of one process on the whole batch;
-    the adapter gathered for saving is whole on rank 0."""
+    the adapter gathered for saving is whole on rank 0. The tiny MoE in bf16: its decoder layer is the unit (not
+    Qwen3's, which it lacks), its experts sharded as parameters, their adapters applied by the split LoRA (auto's
+    default) from the layer's gathered parameters."""
     out = tmp_path / "fsdp"
-    result = _run(
-        _torchrun("--standalone", "--nproc-per-node=2", __file__, "fsdp-worker", str(out)), tmp_path, timeout=240
-    )
+    worker = [__file__, "fsdp-worker", str(out), model, quantization]
+    result = _run(_torchrun("--standalone", "--nproc-per-node=2", *worker), tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
+    layer = "FSDPQwen3MoeDecoderLayer" if model.endswith("moe") else "FSDPQwen3DecoderLayer"
     for r, doc in enumerate(ranks):
-        assert doc["units"].count("FSDPQwen3DecoderLayer") == 2  # tiny-qwen3's two layers, one unit each
-        assert "Params4bit:torch.bfloat16" in doc["kinds"]  # bnb_4bit_quant_storage: flat, uniform shards
+        assert doc["units"].count(layer) == 2  # the tiny models' two layers, one unit each
+        if quantization == "4bit":
+            assert "Params4bit:torch.bfloat16" in doc["kinds"]  # bnb_4bit_quant_storage: flat, uniform shards
+        else:
+            assert doc["split_experts"] == 2  # both layers' experts apply their adapters split
         assert doc["weights_bytes"] == doc["estimate"]["weights"], r  # 1/2 of the stored weights + quant state
         assert doc["lora_bytes"] == doc["estimate"]["lora_params"], r
         assert doc["grad_error"] <= 1e-5, r  # relative to the largest gradient; measured ~1e-7
@@ -636,7 +657,7 @@ def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, a
     assert ranks[1]["gathered"] == 0  # only rank 0 receives the whole adapter (it alone writes it)
 
 
-def _fsdp_worker(out: str) -> None:
+def _fsdp_worker(out: str, model_name: str, quantization: str) -> None:
     """One rank of test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would (run by torchrun)."""
     from types import SimpleNamespace
 
@@ -651,21 +672,22 @@ def _fsdp_worker(out: str) -> None:
     from autotune.context import RunContext
     from autotune.estimate import estimate_peak
     from autotune.modeling import build_model
+    from autotune.techniques.split_lora import ThinFactorExperts
 
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     cfg = build_config(
         dict(
-            model_name="tiny-qwen3",
+            model_name=model_name,
             init="random",
             tokenizer_name="qwen3-offline",
-            quantization="4bit",
+            quantization=quantization,
             bf16=True,
             distributed_strategy="fsdp",
             lora_r=8,
             lora_alpha=16,
             lora_dropout=0.0,
-            target_modules=["q_proj", "v_proj", "up_proj"],
+            target_modules=["q_proj", "v_proj"] if model_name.endswith("moe") else ["q_proj", "v_proj", "up_proj"],
         )
     )
     ctx = RunContext(cfg)
@@ -681,8 +703,12 @@ def _fsdp_worker(out: str) -> None:
         built.model.train()
         return built
 
-    reference = build().model  # one process, the whole batch
-    reference(input_ids=ids, labels=ids).loss.backward()
+    # One process, the ranks' halves of the batch in turn: the mean gradient FSDP's reduction computes. (For a dense
+    # model that is the whole batch's gradient; an MoE's load-balancing loss is not a mean over samples, so there
+    # each rank's own half is what its loss counts, as in every data-parallel MoE run.)
+    reference = build().model
+    for half in ids.chunk(size):
+        (reference(input_ids=half, labels=half).loss / size).backward()
     expected = {n: p.grad.float().clone() for n, p in reference.named_parameters() if p.requires_grad}
 
     model = build().model
@@ -691,7 +717,7 @@ def _fsdp_worker(out: str) -> None:
         output_dir=str(Path(out) / "unused"),
         report_to="none",
         use_cpu=True,
-        **distributed.strategy_arguments("fsdp", False),
+        **distributed.strategy_arguments("fsdp", False, ctx.architecture.decoder_layer_class),
     )
     plugin = FullyShardedDataParallelPlugin(**args._process_fsdp_args())
     stand_in = SimpleNamespace(  # the Accelerator accelerate would have built on GPUs, holding the plugin
@@ -726,7 +752,7 @@ def _fsdp_worker(out: str) -> None:
         seq=32,
         rank=8,
         target_modules=cfg.target_modules,
-        quantization="4bit",
+        quantization=quantization,
         dtype_bytes=2,
         device="cpu",
         world_size=size,
@@ -756,6 +782,7 @@ def _fsdp_worker(out: str) -> None:
         "gathered": len(adapter),
         "adapter_tensors": sum(1 for n, p in reference.named_parameters() if p.requires_grad),
         "gather_error": gather_error,
+        "split_experts": sum(isinstance(m, ThinFactorExperts) for m in model.modules()),
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(doc), encoding="utf-8")
@@ -766,4 +793,4 @@ def _fsdp_worker(out: str) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "fsdp-worker":
-    _fsdp_worker(sys.argv[2])
+    _fsdp_worker(*sys.argv[2:5])

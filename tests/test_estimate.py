@@ -489,9 +489,10 @@ A3B_WIDTHS = Architecture(
 )
 
 
-def _moe_case(a, seq, gc, experts, quantization="none", id="", nf4=False):
+def _moe_case(a, seq, gc, experts, quantization="none", id="", nf4=False, split=False):
     values = step_values(8, ("q_proj", "v_proj"), quantization, False, gc, 0.0, "adamw_torch")
-    return pytest.param(a, seq, gc, experts, {**values, "experts_4bit": "on" if nf4 else "off"}, id=id)
+    switches = {"experts_4bit": "on" if nf4 else "off", "experts_split_lora": "on" if split else "off"}
+    return pytest.param(a, seq, gc, experts, {**values, **switches}, id=id)
 
 
 @pytest.mark.parametrize(
@@ -504,6 +505,8 @@ def _moe_case(a, seq, gc, experts, quantization="none", id="", nf4=False):
         _moe_case(A3B_WIDTHS, 256, True, True, "4bit", id="30b-a3b-widths-4bit-gc"),
         _moe_case(A3B_WIDTHS, 256, True, True, "4bit", id="30b-a3b-widths-nf4-experts-gc", nf4=True),
         _moe_case(MOE, 256, False, True, id="nf4-experts-lora", nf4=True),
+        _moe_case(MOE, 256, False, True, id="split-lora", split=True),
+        _moe_case(A3B_WIDTHS, 256, True, True, "4bit", id="30b-a3b-widths-split-lora-gc", split=True),
     ],
 )
 def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path, a, seq, gc, experts, values):
@@ -512,7 +515,7 @@ def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path
     layer and its gradient; within 10% (measured here: -1.6% to +6.2%; the 30B-A3B widths +0.6%)."""
     values = {**values, "lora_experts": "on" if experts else "off"}
     nf4 = values["experts_4bit"] == "on"
-    knobs = plain(gc).with_(experts_4bit=nf4)
+    knobs = plain(gc).with_(experts_4bit=nf4, experts_split_lora=values["experts_split_lora"] == "on")
     real = measure_real_step(
         model_name(a, models_dir), tmp_path, batch=2 if a is MOE else 1, seq=seq, knobs=knobs, **values
     )
@@ -541,6 +544,10 @@ def test_the_estimate_matches_the_real_step_of_an_moe_model(models_dir, tmp_path
     )
     error = relative_error(predicted.peak_bytes, real["peak_bytes"])
     assert abs(error) < 0.10, f"estimate {predicted.peak_bytes / GIB:.3f} vs real {real['peak_bytes'] / GIB:.3f} GiB"
+    if knobs.experts_split_lora and a is A3B_WIDTHS:
+        # Split, the step holds no folded copy of a layer's experts (PEFT's path keeps one per layer, and builds its
+        # gradient): beyond the weights, less than one layer's fp32 expert tensors.
+        assert real["peak_bytes"] - real["weights"] < expert_table_bytes(a, 4) / a.num_hidden_layers
     if nf4 and a is A3B_WIDTHS:
         # The 4-bit experts hold no full-precision copy of the expert table (PEFT's path folds one per layer, and
         # its gradient): beyond the stored weights the step holds less than a quarter of the fp32 table.
@@ -562,6 +569,10 @@ def test_the_moe_estimate_says_what_unsloth_measured():
     )
     without = estimate(StepShape(a3b, 1, 2048, 16, knobs=Knobs(fused_loss=True), lora_experts=False))
     assert without.peak_bytes < est.peak_bytes - 4 * GIB  # the experts' adapters, their state and folded copies
+    # The split LoRA (auto's default) drops the folded copy and its gradient: still the range Unsloth measured with
+    # its own split-LoRA kernels.
+    split = estimate(StepShape(a3b, 1, 2048, 16, knobs=Knobs(fused_loss=True, experts_split_lora=True)))
+    assert 60 * GIB < split.peak_bytes < est.peak_bytes - GIB
 
 
 # --------------------------------------------------------------------------- against FakeTensor traces

@@ -111,6 +111,33 @@ def test_estimate_says_what_every_technique_would_buy_and_how_to_ask_for_it(caps
     assert "with every memory technique" not in out and f"seq {lean.group(2)} at batch 1" in out
 
 
+def test_the_every_technique_line_says_when_they_turn_the_verdict(capsys):
+    """Qwen3-30B-A3B at rank 16 with NF4 experts: 23.3 GiB, over a 24 GB card less the margin; every technique it
+    takes brings it under (though not on the safe side of the error band, so the largest shapes do not change): the
+    line says so, with its peak, where it once said nothing."""
+    args = ["estimate", "--model", "Qwen3-30B-A3B", "--seq", "2048", "--batch", "1", "--rank", "16"]
+    out = run_ok(capsys, *args, "--max-memory-gb", "24").out
+    assert "does NOT fit 24 GiB" in out
+    line = re.search(r"with every memory technique this model takes \((.*)\): ([\d.]+) GiB, fits; no batch", out)
+    assert line and "embedding_on_cpu=on" in line.group(1) and float(line.group(2)) < 24 * 0.95, out
+
+
+def test_without_batch_the_estimate_plans_the_largest_micro_batch_that_fits_keeping_the_effective_batch(capsys):
+    """Qwen3-235B-A22B over 8 x 80 GB cards with FSDP at 4,096 tokens: the config's micro-batch 4 does not fit a
+    rank; micro-batch 1 does, accumulation keeping the effective batch (the one batch plan, as solve does). --batch
+    asks for one shape and gets that one. The split LoRA (auto's default) is what makes batch 1 fit: PEFT's folded
+    copy of a layer's experts and its gradient are 4.5 GiB each at this width."""
+    args = ["estimate", "--model", "Qwen3-235B-A22B", "--gpus", "8", "--strategy", "fsdp", "--max-memory-gb", "80"]
+    args += ["--seq", "4096", "--json"]
+    doc = json.loads(run_ok(capsys, *args).out)
+    assert doc["shape"]["batch"] == 1 and doc["fits"] and doc["per_rank"] and doc["largest_batch_at_seq"] >= 1
+    assert "micro-batch 1 x accumulation 8 x 8 processes = effective batch 64" in doc["batch_reason"]
+    four = json.loads(run_ok(capsys, *args, "--batch", "4").out)
+    assert four["shape"]["batch"] == 4 and not four["fits"] and "batch_reason" not in four
+    folded = json.loads(run_ok(capsys, *args, "--set", "experts_split_lora=off").out)
+    assert folded["peak_gb"] > doc["peak_gb"] + 4
+
+
 @pytest.mark.parametrize(
     "flag,value,message",
     [

@@ -210,7 +210,7 @@ def test_the_4bit_experts_compute_what_the_experts_dequantized_up_front_compute(
     built.model.train()
     loss, grads = _expert_grads(built, ids)
 
-    apply_knobs(built, built.knobs.with_(experts_4bit=False))
+    apply_knobs(built, built.knobs.with_(experts_4bit=False, experts_split_lora=False))
     assert not [m for m in base.modules() if isinstance(m, Nf4Experts)]
     assert len([p for p in base.parameters() if p.dim() == 3]) == 2 * arch.num_hidden_layers
     loss_up_front, grads_up_front = _expert_grads(built, ids)
@@ -220,6 +220,60 @@ def test_the_4bit_experts_compute_what_the_experts_dequantized_up_front_compute(
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_up_front[name], rtol=1e-4, atol=1e-6, msg=name)
     assert all(grads[n].abs().sum() > 0 for n in experts)
+
+
+def _randomise_b(built) -> None:
+    with torch.no_grad():
+        for n, p in built.model.named_parameters():
+            if "lora_B" in n:  # B starts at zero: give the adapters an update to apply
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+
+
+def test_the_split_lora_computes_what_peft_folding_the_experts_computes():
+    """experts_split_lora on (auto's default for an MoE model): PEFT's wrappers pass their input on and the experts
+    add each routed expert's update as two thin products. Off: PEFT folds B @ A into the fused tensors, its own path.
+    The same loss and the same gradient of every adapter, to fp32's rounding; the experts stay the module's
+    parameters (FSDP shards them as before), and the saved adapter is PEFT's either way."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from autotune.modeling import apply_knobs
+    from autotune.techniques.split_lora import ThinFactorExperts
+
+    built = _tiny_moe()
+    arch = built.spec.architecture
+    assert built.knobs.experts_split_lora and not built.knobs.experts_4bit
+    base = built.model.get_base_model()
+    split = [m for m in base.modules() if isinstance(m, ThinFactorExperts)]
+    assert len(split) == arch.num_hidden_layers
+    assert len([p for p in base.parameters() if p.dim() == 3]) == 2 * arch.num_hidden_layers
+    _randomise_b(built)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    built.model.train()
+    loss, grads = _expert_grads(built, ids)
+    saved = {k: v.clone() for k, v in built.model.state_dict().items()}
+
+    apply_knobs(built, built.knobs.with_(experts_split_lora=False))
+    assert not [m for m in base.modules() if isinstance(m, ThinFactorExperts)]
+    wrappers = [m for m in base.modules() if isinstance(m, ParamWrapper)]
+    assert wrappers and all(type(w) is ParamWrapper for w in wrappers)  # PEFT's own forward again
+    folded_loss, folded_grads = _expert_grads(built, ids)
+    torch.testing.assert_close(loss, folded_loss, rtol=1e-5, atol=1e-6)
+    experts = [n for n in grads if ".mlp.experts." in n]
+    assert len(experts) == 4 * arch.num_hidden_layers and set(grads) == set(folded_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, folded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(grads[n].abs().sum() > 0 for n in experts)
+    assert built.model.state_dict().keys() == saved.keys()  # the same names: PEFT's adapter, whichever path
+
+    # Back on, then the NF4 experts on and off over it: the split form survives the round trip, never folded twice.
+    apply_knobs(built, built.knobs.with_(experts_split_lora=True))
+    apply_knobs(built, built.knobs.with_(experts_4bit=True))
+    apply_knobs(built, built.knobs.with_(experts_4bit=False))
+    assert len([m for m in base.modules() if isinstance(m, ThinFactorExperts)]) == arch.num_hidden_layers
+    again, _ = _expert_grads(built, ids)
+    apply_knobs(built, built.knobs.with_(experts_split_lora=False))  # the NF4-rounded weights, folded by PEFT alone
+    folded_again, _ = _expert_grads(built, ids)
+    torch.testing.assert_close(again, folded_again, rtol=1e-5, atol=1e-6)
 
 
 def test_the_4bit_experts_need_experts_and_are_on_by_default_with_4bit_quantization():

@@ -115,21 +115,26 @@ def pick_strategy(
 
 def _with_every_technique(shape: StepShape, budget: Budget, found: dict) -> dict | None:
     """What every memory technique the model and strategy take would buy over the shape's own: its answers and the
-    config values that switch them on; None when they would buy nothing (same largest batch and sequence)."""
+    config values that switch them on; None when they would buy nothing (the same largest batch and sequence, and
+    the same verdict on the shape itself)."""
     lean = shape.knobs.leanest(
         arch=shape.arch, strategy=shape.strategy, world_size=shape.world_size, targets=shape.target_modules
     )
     if lean == shape.knobs:
         return None
     better = fit(replace(shape, knobs=lean), budget)
-    if (better["batch"], better["seq"]) == (found["batch"], found["seq"]):
+    plan = plan_run(replace(shape, knobs=lean))
+    fits = plan.peak_bytes <= budget.usable_bytes
+    if (better["batch"], better["seq"]) == (found["batch"], found["seq"]) and fits == found["fits"]:
         return None
     values: dict[str, str | bool] = {t.key: "on" for t in lean.on() if not getattr(shape.knobs, t.key)}
     if lean.checkpointing and not shape.knobs.checkpointing:
         values["gradient_checkpointing"] = True
     return {
         "set": values,
-        "peak_bytes": estimate(replace(shape, knobs=lean)).peak_bytes,
+        "peak_bytes": plan.peak_bytes,
+        "peak_gb": round(plan.peak_bytes / GiB, 3),
+        "fits": fits,
         "largest_batch_at_seq": better["batch"],
         "largest_seq_at_batch": better["seq"],
     }
@@ -164,10 +169,11 @@ def report(
         doc.update(host_ram_gb=round(host_ram_bytes / GiB, 3), host_fits=run.host_bytes <= host_ram_bytes)
     if budget is not None:
         found = fit(shape, budget)
+        found["fits"] = run.peak_bytes <= budget.usable_bytes
         doc.update(
             max_memory_gb=budget.gb,
             margin=budget.margin,
-            fits=run.peak_bytes <= budget.usable_bytes,
+            fits=found["fits"],
             largest_batch_at_seq=found["batch"],
             largest_seq_at_batch=found["seq"],
         )

@@ -408,10 +408,11 @@ class MoeMlp:
     layer's experts per layer, whatever the tokens, and in backward the gradient of that copy, as large.
     The router's load-balancing loss (output_router_logits) keeps a softmax of its logits per layer.
 
-    With the 4-bit experts (knobs.experts_4bit) the experts are NF4 (their bytes: state.weight_terms), each routed
-    expert's matrix dequantized for its product and again for its backward (bitsandbytes' matmul_4bit keeps the
-    packed bytes), and the adapters applied as two thin products per expert: no folded copy, no gradient of one;
-    one expert's dequantized matrix at a time."""
+    With the split LoRA (knobs.experts_split_lora, and always with the 4-bit experts) the adapters are applied as two
+    thin products per routed expert: no folded copy, no gradient of one; their rank-wide middles are kept. With the
+    4-bit experts (knobs.experts_4bit) the experts are NF4 (their bytes: state.weight_terms), each routed expert's
+    matrix dequantized for its product and again for its backward (bitsandbytes' matmul_4bit keeps the packed
+    bytes): one expert's dequantized matrix at a time."""
 
     PROJECTIONS: tuple[str, ...] = ()
 
@@ -445,7 +446,7 @@ class MoeMlp:
         total += k * ((h + 3 * i) * a + 8 + 8 + a)
         if s.lora_experts:
             total += k * (h + i) * a
-            if s.knobs.experts_4bit:  # the thin products' rank-wide middles, kept for lora_B's gradient
+            if _split(s):  # the thin products' rank-wide middles, kept for lora_B's gradient
                 total += k * 2 * s.rank * a
         total += e * a + 8 * k  # the load-balancing loss: its softmax of the router logits, its top-k indices
         return total
@@ -457,7 +458,7 @@ class MoeMlp:
         return 0.0
 
     def saved_fixed(self, s: StepShape) -> float:
-        if not s.lora_experts or s.knobs.experts_4bit:
+        if not s.lora_experts or _split(s):
             return 0.0
         return sum(e * o * i for e, o, i in s.arch.expert_shapes().values()) * s.dtype_bytes
 
@@ -470,11 +471,16 @@ class MoeMlp:
         if s.knobs.experts_4bit:
             # One routed expert's matrix dequantized for its input's gradient, beside that gradient.
             out.append(largest * s.dtype_bytes)
-        elif s.lora_experts:
+        elif s.lora_experts and not _split(s):
             # The gradient of the folded copy of the largest expert tensor, twice: the grouped matmul's, for the
             # transposed weight it multiplied by, and its transpose made contiguous for the adapters' gradients.
             out.append(2 * max(e * o * i for e, o, i in arch.expert_shapes().values()) * s.dtype_bytes)
         return out
+
+
+def _split(s: StepShape) -> bool:
+    """Whether the experts' adapters are applied as thin products (split_lora.py), never folded into the experts."""
+    return s.knobs.experts_split_lora or s.knobs.experts_4bit
 
 
 class SharedExpert(DenseMlp):

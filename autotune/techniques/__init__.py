@@ -15,6 +15,7 @@ shape, FSDP's refusals. Adding a technique is its file and its row (docs/archite
 - tiled_mlp.py: each layer's MLP a slice of tokens at a time, keeping only its input for backward.
 - packing.py: padding-free packing, a micro-batch's samples in one row with attention blocked at boundaries.
 - experts_4bit.py: an MoE model's fused expert tensors in NF4, dequantized one routed expert at a time.
+- split_lora.py: an MoE model's expert adapters applied as two thin products per routed expert, never folded.
 
 Gradient checkpointing is a knob too (`Knobs.checkpointing`, the config's boolean gradient_checkpointing; it
 predates this table and modeling.py switches it). Importing this module must not import torch.
@@ -381,6 +382,25 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
         load=("weights.layers", "load.experts_4bit"),
         host=("host.experts",),
         host_table="experts",
+    ),
+    # After experts_4bit: its switch, run first (table order), settles which module the experts are; this one then
+    # swaps a bf16 one's class.
+    Technique(
+        key="experts_split_lora",
+        module="split_lora",
+        label="split-lora",
+        doc="MoE models with adapters on their experts (lora_experts): each routed expert's update applied as two "
+        "thin products (Unsloth's split LoRA), where PEFT folds every expert's update into a whole copy of the fused "
+        "expert tensors each forward and builds that copy's gradient in backward (two to three copies of a layer's "
+        "experts; 4.5 GiB each for Qwen3-235B-A22B). The NF4 experts (experts_4bit) always run this way.",
+        auto=True,
+        # transformers' eager loop over the experts hit, where the folded tensor runs its grouped matmul.
+        speed=_costs(0.85),
+        switch="set_experts_split_lora",
+        refused_for=(
+            ModelRule("is_dense", "has no experts: the adapters of its MLPs' Linears are never folded into them"),
+        ),
+        estimate=("layers.saved", "layers.backward"),
     ),
 )
 

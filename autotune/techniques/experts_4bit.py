@@ -13,7 +13,7 @@ The adapters stay PEFT's. LoRA on the experts (lora_experts) is PEFT's ParamWrap
 whose forward folds its low-rank update into a whole copy of the fused tensor (W + B @ A) before the experts run.
 Here the wrappers' forward hands the input straight to `Nf4Experts`, which reads their factors and adds each routed
 expert's update as two thin products (x @ A_e^T @ B_e^T, scaled), what the folded tensor computes without building
-it. The wrappers, their names and their saved adapter are PEFT's own, so the adapter a run saves loads with
+it: the split LoRA of split_lora.py, whose forward it shares. The wrappers, their names and their saved adapter are PEFT's own, so the adapter a run saves loads with
 `PeftModel.from_pretrained` on the bf16 model (and `autotune export --merge` folds it into the released tensors).
 
 `set_experts_4bit` switches a built model in and out (modeling.apply_knobs): a solver trial measures both on one
@@ -25,18 +25,19 @@ measures is the memory, which is the same). Real weights are loaded with the exp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
-
 import torch
 from torch import nn
 
 from autotune.estimate.layers import NF4_BLOCK as BLOCK  # bitsandbytes' NF4 block: elements per absmax
 from autotune.estimate.state import NESTED_BLOCK  # absmaxes per fp32 absmax with double quantization
 from autotune.techniques import Place
-
-# The fused tensors of transformers' expert modules (Qwen3MoeExperts, Qwen3_5MoeExperts), as (experts, out, in).
-EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+from autotune.techniques.split_lora import (
+    EXPERT_TENSORS,
+    ThinFactorExperts,
+    attach,
+    experts_slots,
+    wrappers_around,
+)
 
 
 class Nf4Table(nn.Module):
@@ -128,14 +129,10 @@ class Nf4Table(nn.Module):
         )
 
 
-class Nf4Experts(nn.Module):
-    """An experts module (transformers' Qwen3MoeExperts and its Qwen3.5 twin) with its fused tensors in NF4: the same
-    call (hidden_states, top_k_index, top_k_weights) and the same eager loop over the experts hit, each expert's
-    matrices through Nf4Table.matmul, and the LoRA update of PEFT's wrappers around it added per routed expert."""
-
-    num_experts: int
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
-    _wrappers: dict[str, Any]  # peft's ParamWrappers (typed loosely: peft is imported lazily)
+class Nf4Experts(ThinFactorExperts, nn.Module):
+    """An experts module (transformers' Qwen3MoeExperts and its Qwen3.5 twin) with its fused tensors in NF4: the
+    split-LoRA forward (split_lora.ThinFactorExperts: transformers' eager loop over the experts hit, the adapters of
+    PEFT's wrappers added per routed expert) with each expert's matrices through Nf4Table.matmul."""
 
     def __init__(self, experts: nn.Module, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -145,111 +142,11 @@ class Nf4Experts(nn.Module):
         # The full-precision module this replaces, its tensors deleted once quantized: switching back sets them.
         # A plain attribute (a list): a registered one would be a second module tree in the model.
         self._original = [experts]
-        self._wrappers = {}  # PEFT's ParamWrapper of each tensor (attach_wrappers)
+        self._wrappers = {}  # PEFT's ParamWrapper of each tensor (split_lora.attach)
 
-    def attach_wrappers(self, wrappers: dict[str, Any]) -> None:
-        """PEFT's wrappers of this module's tensors (by tensor name), whose factors forward applies. A plain dict: the
-        wrappers hold this module, it must not hold them as submodules."""
-        self._wrappers = dict(wrappers)
-
-    def _lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """The tensor's adapter as (A: (experts, r, in), B: (experts, out, r), scaling), the layout of PEFT's
-        ParamWrapper.get_delta_factors; None where no adapter is active."""
-        wrapper = self._wrappers.get(name)
-        if wrapper is None or wrapper.disable_adapters or wrapper.merged:
-            return None
-        active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
-        if not active:
-            return None
-        if len(active) > 1:
-            raise NotImplementedError("4-bit experts apply one adapter at a time")
-        adapter = active[0]
-        weight_a, weight_b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
-        a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])  # (experts, r, in)
-        b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)  # (experts, out, r)
-        return a, b, wrapper.scaling[adapter]
-
-    def _linear(self, name: str, x: torch.Tensor, e: int) -> torch.Tensor:
+    def _matmul(self, name: str, x: torch.Tensor, e: int) -> torch.Tensor:
         table: Nf4Table = self.tables[name]  # type: ignore[assignment]
-        out = table.matmul(x, e)
-        lora = self._lora(name)
-        if lora is not None:
-            a, b, scaling = lora
-            # PEFT's folded tensor W + scaling * B_e @ A_e, applied as its two thin factors.
-            update = (x.to(a.dtype) @ a[e].t()) @ b[e].t()
-            out = out + (update * scaling).to(out.dtype)
-        return out
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for row in hit.tolist():
-            e = row[0]
-            top_k_pos, token_idx = torch.where(mask[e])
-            current = hidden_states[token_idx]
-            gate, up = self._linear("gate_up_proj", current, e).chunk(2, dim=-1)
-            current = self._linear("down_proj", self.act_fn(gate) * up, e)
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, current.to(final.dtype))
-        return final
-
-
-def is_experts(module: nn.Module) -> bool:
-    """transformers' fused experts module: both tensors as 3-D parameters."""
-    return all(
-        isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in EXPERT_TENSORS
-    )
-
-
-def _experts_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, experts module) for every fused experts module of `model`, bare or already NF4, wherever
-    PEFT's wrappers put it (an innermost ParamWrapper's base_layer)."""
-    for parent in list(model.modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, Nf4Experts) or is_experts(child):
-                yield parent, attr, child
-
-
-def _wrappers_around(model: nn.Module, experts: nn.Module) -> dict[str, Any]:
-    """PEFT's ParamWrappers whose innermost base layer is `experts`, by the tensor each adapts."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    found: dict[str, Any] = {}
-    for module in model.modules():
-        if isinstance(module, ParamWrapper) and module.get_base_layer() is experts:
-            found[module.parameter_name] = module
-    return found
-
-
-class _FactorsOnly:
-    """Marks a PEFT ParamWrapper whose base layer is an Nf4Experts: its forward passes the input on, since the NF4
-    experts apply its factors per routed expert (folding them into the tensor, PEFT's way, needs the full tensor)."""
-
-
-def _defer_to_nf4(wrapper: nn.Module) -> None:
-    """Make a ParamWrapper's forward hand its input to its base layer (switched back by _restore_peft)."""
-    cls = type(wrapper)
-    if issubclass(cls, _FactorsOnly):
-        return
-    if cls not in _DEFERRING:  # one subclass per PEFT class, not one per wrapper switched
-        _DEFERRING[cls] = type(
-            f"Nf4{cls.__name__}", (_FactorsOnly, cls), {"forward": _pass_through, "_peft_class": cls}
-        )
-    wrapper.__class__ = _DEFERRING[cls]
-
-
-_DEFERRING: dict[type, type] = {}
-
-
-def _pass_through(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return self.base_layer(x, *args, **kwargs)
-
-
-def _restore_peft(wrapper: nn.Module) -> None:
-    if isinstance(wrapper, _FactorsOnly):
-        wrapper.__class__ = type(wrapper)._peft_class  # type: ignore[attr-defined]
+        return table.matmul(x, e)
 
 
 def set_experts_4bit(model: nn.Module, on: bool, place: Place) -> bool:
@@ -257,17 +154,16 @@ def set_experts_4bit(model: nn.Module, on: bool, place: Place) -> bool:
     `place.device`, or back. Returns whether anything changed."""
     changed = False
     dtype = _compute_dtype(model, place)
-    for parent, attr, experts in list(_experts_slots(model)):
-        wrappers = _wrappers_around(model, experts)
+    for parent, attr, experts in list(experts_slots(model)):
+        wrappers = wrappers_around(model, experts)
         if on and not isinstance(experts, Nf4Experts):
             nf4 = Nf4Experts(experts, place.device, dtype)
             for name in EXPERT_TENSORS:  # the full-precision tensors go (their storage freed); switching back
                 delattr(experts, name)  # sets them again
             setattr(parent, attr, nf4)
             for wrapper in wrappers.values():
-                _defer_to_nf4(wrapper)
                 _move_adapter(wrapper, place.device)
-            nf4.attach_wrappers(wrappers)
+            attach(nf4, wrappers)
             changed = True
         elif not on and isinstance(experts, Nf4Experts):
             original = experts._original[0]
@@ -275,8 +171,7 @@ def set_experts_4bit(model: nn.Module, on: bool, place: Place) -> bool:
                 table: Nf4Table = experts.tables[name]  # type: ignore[assignment]
                 setattr(original, name, nn.Parameter(table.dequantized().to(place.device), requires_grad=False))
             setattr(parent, attr, original)
-            for wrapper in wrappers.values():
-                _restore_peft(wrapper)
+            attach(original, wrappers)  # PEFT's folding again, or the split forward if it had one (split_lora.py)
             changed = True
     return changed
 

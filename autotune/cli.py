@@ -488,6 +488,9 @@ def _progressbar(length: int, label: str):
 def export(run_dir, merge, dtype, out, overwrite):
     """Export a finished run: a clean adapter folder (PEFT, vLLM LoRA), or with --merge a full model
     (transformers, vLLM), merged on the CPU a layer at a time."""
+    from autotune.run_files import require_run_files
+
+    require_run_files(run_dir)  # a wrong folder refused before the imports of the export itself (seconds)
     from autotune.export import export_run
 
     result = export_run(run_dir, out, merge=merge, dtype=dtype, overwrite=overwrite, progress=_progressbar)

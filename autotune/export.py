@@ -48,6 +48,7 @@ from autotune.run_files import (
     EXPORT_MANIFEST,
     SUCCEEDED,
     SUMMARY,
+    require_run_files,
 )
 
 # An output shard is held in memory until it is written: this bounds the merge's memory (plus one layer).
@@ -104,23 +105,7 @@ class FinishedRun:
 
 def read_run(run_dir: str | os.PathLike) -> FinishedRun:
     """A finished `autotune train` output_dir; a UserError saying what is missing otherwise."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise UserError(
-            f"{run_dir}: no such run folder. Fix: give the output_dir of a finished `autotune train` "
-            "(it holds adapter_model.safetensors and autotune_config.json)."
-        )
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        other = (path / "adapter_model.bin").is_file()
-        raise UserError(
-            f"{path}: no {ADAPTER_WEIGHTS}"
-            + (" (only a pickled adapter_model.bin, which autotune never loads: safetensors only)" if other else "")
-            + ". Fix: give the output_dir of a finished `autotune train`; a run that failed or is still running "
-            "has not written its adapter yet."
-        )
-    for name in (ADAPTER_CONFIG, CONFIG_FILE):
-        if not (path / name).is_file():
-            raise UserError(f"{path}: no {name}. Fix: give the output_dir of a finished `autotune train`.")
+    path = require_run_files(run_dir)
     _check_finished(path)
     cfg = load_config(path / CONFIG_FILE)
     adapter_config = _read_json(path / ADAPTER_CONFIG)

@@ -3,6 +3,11 @@ what export reads. Importing this module must not import torch."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from autotune.errors import UserError
+
 CHECKPOINTS = "checkpoints"  # the folder of checkpoint-N folders
 SUMMARY = "run_summary.json"  # the run's status and figures ("running" while it lives)
 CONFIG_FILE = "autotune_config.json"  # the resolved config, in output_dir and in every checkpoint
@@ -35,3 +40,27 @@ RUN_FILES = (
     INFERENCE_REPORT_MD,
     SUMMARY,
 )
+
+
+def require_run_files(run_dir: str | os.PathLike) -> Path:
+    """The folder of a finished `autotune train`, as far as its file names tell: a UserError naming what is missing
+    otherwise. Light (no torch), so that `autotune export` refuses a wrong folder before importing what it exports
+    with."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(
+            f"{run_dir}: no such run folder. Fix: give the output_dir of a finished `autotune train` "
+            f"(it holds {ADAPTER_WEIGHTS} and {CONFIG_FILE})."
+        )
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        other = (path / "adapter_model.bin").is_file()
+        raise UserError(
+            f"{path}: no {ADAPTER_WEIGHTS}"
+            + (" (only a pickled adapter_model.bin, which autotune never loads: safetensors only)" if other else "")
+            + ". Fix: give the output_dir of a finished `autotune train`; a run that failed or is still running "
+            "has not written its adapter yet."
+        )
+    for name in (ADAPTER_CONFIG, CONFIG_FILE):
+        if not (path / name).is_file():
+            raise UserError(f"{path}: no {name}. Fix: give the output_dir of a finished `autotune train`.")
+    return path

@@ -361,6 +361,7 @@ def measure_widths(
         row = {"model": name, "layers": layers, "seq": seq}
         if runner.ctx.spec.architecture.is_moe:
             row["experts_4bit"] = knobs.experts_4bit
+            row["experts_split_lora"] = knobs.experts_split_lora
         if label:
             row["delta_kernel"] = label
         row |= {
@@ -383,13 +384,14 @@ def stage_moe(plan: Plan, results: Results) -> None:
     """A mixture of experts: a step of Qwen3-30B-A3B's widths (128 experts of width 768, 8 per token; 2 of its
     layers, built from the architecture) with adapters on attention and on every expert, checkpointing and the
     fused loss, at each of the plan's sequences: the measured peak and tokens/s against the estimate's sparse-layer
-    kind (the CPU tracker agrees within 1% at 2,048 tokens; bench/moe_bench.py). Twice: the experts in NF4
-    (experts_4bit, what a QLoRA of the model runs by default) and in bf16 (bitsandbytes quantizes only the
-    attention), the row's experts_4bit says which."""
+    kind (the CPU tracker agrees within 1% at 2,048 tokens; bench/moe_bench.py). Three times: the experts in NF4
+    (experts_4bit, what a QLoRA of the model runs by default), in bf16 with the split LoRA (experts_split_lora, a
+    bf16 LoRA's default) and in bf16 folded by PEFT (grouped matmuls: what the split LoRA's eager loop costs in
+    tokens/s); the row's experts_4bit and experts_split_lora say which."""
     spec = (plan.moe_model, plan.moe_layers, plan.moe_cap, plan.moe_seqs)
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    for nf4 in (True, False):
-        knobs = dict(checkpointing=True, fused_loss=True, experts_4bit=nf4)
+    for nf4, split in ((True, False), (False, True), (False, False)):
+        knobs = dict(checkpointing=True, fused_loss=True, experts_4bit=nf4, experts_split_lora=split)
         measure_widths(plan, results, "moe", spec, knobs, lora_dropout=0.0, target_modules=attention)
 
 
@@ -890,7 +892,8 @@ def print_summary(doc: dict) -> None:
         if "peak_bytes" in m:
             print(
                 f"moe {m['model']} x {m['layers'] or 'all'} layers, seq {m['seq']}"
-                f"{' (nf4 experts)' if m.get('experts_4bit') else ''}: {(m['peak_bytes'] or 0) / GiB:.2f} "
+                f"{' (nf4 experts)' if m.get('experts_4bit') else ' (split)' if m.get('experts_split_lora') else ''}: "
+                f"{(m['peak_bytes'] or 0) / GiB:.2f} "
                 f"GiB (estimate {m['estimate_bytes'] / GiB:.2f}), {m['tokens_per_second'] or 0:.0f} tok/s"
             )
     for m in stages.get("hybrid", []):

@@ -253,3 +253,27 @@ def test_train_refuses_what_validate_refuses_before_importing_the_training_stack
     assert "exit 2 heavy []" in done.stdout, (done.stdout, done.stderr[-2000:])
     assert says in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("made", ["nothing", "empty folder", "config only"])
+def test_export_refuses_a_folder_that_is_no_run_before_importing_the_export_stack(tmp_path, made):
+    """`autotune export` of a wrong folder took 9 s of torch and bitsandbytes imports to say so; its file checks now
+    run first (run_files.require_run_files), and the message names what is missing."""
+    run = tmp_path / "run"
+    if made != "nothing":
+        run.mkdir()
+    if made == "config only":
+        (run / "autotune_config.json").write_text("{}")
+    probe = (
+        "import sys\nfrom autotune.cli import main\n"
+        "try:\n    main(['export', sys.argv[1]])\n"
+        "except SystemExit as exc:\n"
+        "    heavy = [m for m in ('torch', 'transformers', 'autotune.export') if m in sys.modules]\n"
+        "    print('exit', exc.code, 'heavy', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(run)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "exit 2 heavy []" in done.stdout, (done.stdout, done.stderr[-2000:])
+    said = "no such run folder" if made == "nothing" else "no adapter_model.safetensors"
+    assert said in done.stderr and "Traceback" not in done.stderr

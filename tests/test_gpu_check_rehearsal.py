@@ -32,7 +32,8 @@ def test_rehearsal_runs_every_stage_and_records_every_trial(tmp_path):
     assert cap["resolved"] and 0 < cap["smallest_cap_gb"] <= 0.5
     assert stages["longest_seq"]["with_every_technique"] >= 64
     # A mixture of experts' step beside its estimate (the tiny Qwen3-MoE here), with NF4 and with bf16 experts.
-    assert sorted(m["experts_4bit"] for m in stages["moe"]) == [False, True]
+    forms = sorted((m["experts_4bit"], m["experts_split_lora"]) for m in stages["moe"])
+    assert forms == [(False, False), (False, True), (True, False)]  # bf16 folded, bf16 split, NF4
     for moe in stages["moe"]:
         assert moe["fits"] and moe["peak_bytes"] > 0 and abs(moe["estimate_bytes"] / moe["peak_bytes"] - 1) < 0.10
     (hybrid,) = stages["hybrid"]  # a Qwen3.5 hybrid's bf16 LoRA step (the tiny one here), its kernel named

@@ -125,7 +125,7 @@ def attach(experts: nn.Module, wrappers: dict[str, Any]) -> None:
     for wrapper in wrappers.values():
         (_defer if thin else _restore_peft)(wrapper)
     if thin:
-        experts._wrappers = dict(wrappers)
+        experts._wrappers = dict(wrappers)  # type: ignore[assignment]
     elif "_wrappers" in vars(experts):
         del experts._wrappers
 

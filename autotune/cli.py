@@ -847,13 +847,8 @@ DEMO_CONFIG = "configs/demo"
     help="The simulated card the tiny model is solved for.",
 )
 @click.option("--output-dir", default="outputs/demo", show_default=True)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    help="Optimizer steps to train (default: the demo config's 300, about 45 s on 2 CPU cores); fewer learn less.",
-)
 @click.pass_context
-def demo(ctx, max_memory_gb, output_dir, steps):
+def demo(ctx, max_memory_gb, output_dir):
     """The whole pipeline offline on the embedded default: probe, solve the tiny model under a
     simulated cap, train it with the solved profile on data/raw, show the inference report."""
     from pathlib import Path
@@ -873,7 +868,6 @@ def demo(ctx, max_memory_gb, output_dir, steps):
         f"log_dir={output_dir}/logs",
         f"data_dir={sample_data}",
         f"structured_logging.log_file={output_dir}/logs/training.jsonl",
-        *((f"max_steps={steps}",) if steps else ()),
     )
     profile = str(Path(output_dir) / PROFILE)
     replace = _demo_may_replace(Path(output_dir))

@@ -18,18 +18,33 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, folder_bytes, free_bytes, fsync_dir
-from autotune.run_files import ADAPTER_CONFIG, CONFIG_FILE
+from autotune.run_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS,
+    CONFIG_FILE,
+    FAILED,
+    INTERRUPTED,
+    REPLACED,
+    RUNNING,
+    SUCCEEDED,
+    SUMMARY,
+    check_start_flags,
+)
+from autotune.runlock import in_use
 from autotune.units import MiB
+
+if TYPE_CHECKING:
+    from autotune.config import Config
 
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
 # A save in progress (or cut short by a kill): hidden, so neither autotune nor the Trainer takes it for a checkpoint.
-STAGING_PREFIX = f".{PREFIX_CHECKPOINT_DIR}-"
+STAGING_PREFIX = f".{CHECKPOINT_PREFIX}-"
 STAGING_SUFFIX = ".partial"
 
 # The settings that decide the shapes (and meaning) of a checkpoint's adapter and optimizer state: a resume
@@ -54,8 +69,8 @@ def complete_checkpoints(folder: str | os.PathLike) -> list[str]:
     if not folder.is_dir():
         return []
     steps = {}
-    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}-*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX) + 1 :]
         if suffix.isdigit() and (path / TRAINER_STATE).is_file():
             steps[int(suffix)] = path
     return [str(steps[step]) for step in sorted(steps, reverse=True)]
@@ -68,15 +83,32 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
-    return int(Path(path).name[len(PREFIX_CHECKPOINT_DIR) + 1 :])
+    return int(Path(path).name[len(CHECKPOINT_PREFIX) + 1 :])
+
+
+# What a resume reads from a checkpoint (peft's adapter, transformers' Trainer state, autotune's config), each by the
+# names it may have (one process, DDP's per-rank RNG state, FSDP's sharded folders). A missing one is damage:
+# transformers stops with a traceback without the adapter, and without the optimizer or scheduler state it goes on
+# with fresh ones, in silence, and the resume is no longer exact.
+RESUME_FILES = (
+    ("the adapter", (ADAPTER_WEIGHTS, "pytorch_model_fsdp_*")),
+    ("the adapter's config", (ADAPTER_CONFIG,)),
+    ("the optimizer's state", ("optimizer.pt", "optimizer_*")),
+    ("the learning-rate schedule", ("scheduler.pt",)),
+    ("the random-number state", ("rng_state.pth", "rng_state_*.pth")),
+    ("the run's config", (CONFIG_FILE,)),
+)
 
 
 def checkpoint_damage(path: str | os.PathLike) -> str | None:
-    """What is wrong with a checkpoint's files, read without loading them (None: every file a resume reads opens):
-    the JSON files parse, torch's zip archives (optimizer, scheduler, RNG state) have every member intact, the
-    safetensors files hold every tensor their header lists. A checkpoint is renamed into place whole, so damage
-    comes from outside: a copy cut short, a disk error, a hand edit."""
+    """What is wrong with a checkpoint's files, read without loading them (None: every file a resume reads is there
+    and opens): none of RESUME_FILES missing, the JSON files parse, torch's zip archives (optimizer, scheduler, RNG
+    state) have every member intact, the safetensors files hold every tensor their header lists. A checkpoint is
+    renamed into place whole, so damage comes from outside: a copy cut short, a disk error, a hand edit."""
     folder = Path(path)
+    for what, names in RESUME_FILES:
+        if not any(next(folder.glob(name), None) for name in names):
+            return f"{names[0]}: missing ({what})"
     for file in sorted(folder.iterdir()):
         if not file.is_file():
             continue
@@ -219,7 +251,7 @@ def save_checkpoint(trainer, save: Callable[[Any, Any], None], model, trial, ext
     `extra_files` (name -> JSON document) are written into the checkpoint before it becomes visible."""
     run_dir = Path(trainer._get_output_dir(trial=trial))
     step = trainer.state.global_step
-    final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    final = run_dir / f"{CHECKPOINT_PREFIX}-{step}"
     run_dir.mkdir(parents=True, exist_ok=True)
     need = int(estimate_checkpoint_bytes(run_dir, model) * SAVE_HEADROOM) + FREE_FLOOR_BYTES
     check_free_space(run_dir, step, need, last_complete_checkpoint(run_dir))
@@ -243,6 +275,8 @@ def save_checkpoint(trainer, save: Callable[[Any, Any], None], model, trial, ext
     if trainer.args.should_save:
         # As the Trainer would have, on the real folder. Step order, not mtime: a checkpoint re-saved after a
         # resume is no newer than the steps it follows.
+        from transformers.trainer_utils import rotate_checkpoints
+
         rotate_checkpoints(
             output_dir=str(run_dir),
             save_total_limit=trainer.args.save_total_limit,
@@ -284,3 +318,123 @@ def resume_changes(checkpoint: str | os.PathLike, config: dict, keys: tuple[str,
         for key in keys
         if key in then and then[key] is not None and not _same(key, then[key], config.get(key))
     ]
+
+
+def require_finished(path: Path) -> None:
+    """The adapter of a run whose summary does not say it succeeded is an earlier run's (a run killed after
+    --overwrite... started, or resumed and stopped): exporting it would pass off old weights as the run's."""
+    summary_path = path / SUMMARY
+    if not summary_path.is_file():
+        return  # a folder written by hand, or by an autotune before run summaries: nothing says otherwise
+    status = _summary_status(summary_path)
+    if status == SUCCEEDED:
+        return
+    last = last_complete_checkpoint(path / CHECKPOINTS)  # what `train --resume` would go on from
+    newest = f"; its newest checkpoint is at step {checkpoint_step(last)}" if last else ""
+    raise UserError(
+        f"{path}: the run there has not finished (its {SUMMARY} says {status!r}){newest}, so its "
+        f"{ADAPTER_WEIGHTS} is not that run's result. Fix: finish it (`autotune train --resume` with its config), "
+        "then export."
+    )
+
+
+def _summary_status(path: Path) -> object:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read it as JSON ({exc}). Fix: re-run `autotune train`.") from None
+    return doc.get("status") if isinstance(doc, dict) else None
+
+
+# ------------------------------------------------------------------- where a run starts in its folder
+#
+# Light (no torch): `autotune train` asks them before it imports the training stack, so that a refusal answers in a
+# third of a second; the runner asks them again holding the folder's lock (runner._start), which is what counts.
+
+
+def read_summary(output_dir: Path) -> dict | None:
+    """The run summary in output_dir, or None (absent or unreadable)."""
+    try:
+        doc = json.loads((output_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def existing_run(output_dir: Path, previous: dict | None) -> str | None:
+    """What run output_dir holds that a new run would destroy (trained weights, or a finished run), described
+    for the message; None when it holds none (a run that failed before its first checkpoint leaves nothing
+    to lose)."""
+    checkpoints = sorted(
+        checkpoint_step(p)
+        for p in (output_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}-*")
+        if p.name[len(CHECKPOINT_PREFIX) + 1 :].isdigit()
+    )
+    adapter = (output_dir / ADAPTER_WEIGHTS).is_file()
+    status = (previous or {}).get("status")
+    if not checkpoints and not adapter and status != SUCCEEDED:
+        return None
+    steps = ((previous or {}).get("final") or {}).get("global_step")
+    if status == SUCCEEDED:
+        what = f"a finished run ({steps} steps)" if steps else "a finished run"
+    elif status == INTERRUPTED:
+        what = "an interrupted run"
+    elif status in (RUNNING, FAILED):
+        what = "a run that stopped before finishing" if status == RUNNING else "a failed run"
+    else:
+        what = "a run's adapter" if adapter else "a run"
+    if checkpoints:
+        what += f" with checkpoints up to step {checkpoints[-1]}"
+    return what
+
+
+def holds_a_run(out: Path, held: str) -> UserError:
+    return UserError(
+        f"output_dir {out} already holds {held}, and a new run would replace it. To continue it, run "
+        "the same command with --resume; to keep it, give this run another folder (--set output_dir=...); "
+        "to replace it, add --overwrite"
+    )
+
+
+def resume_point(cfg: Config) -> str:
+    """The checkpoint a --resume goes on from; a UserError when there is none, or when the config changed a
+    setting the checkpoint's tensors were shaped by."""
+    folder = Path(cfg.output_dir) / CHECKPOINTS
+    checkpoint = last_complete_checkpoint(folder)
+    if checkpoint is None:
+        raise UserError(f"--resume: no complete checkpoint under {folder}; start without --resume")
+    damage = checkpoint_damage(checkpoint)
+    if damage is not None:
+        earlier = [c for c in complete_checkpoints(folder)[1:] if checkpoint_damage(c) is None]
+        way = (
+            f"the newest intact one is {Path(earlier[0]).name}: move {Path(checkpoint).name} out of {folder} and "
+            f"--resume again (the steps after {checkpoint_step(earlier[0])} are trained again)"
+            if earlier
+            else "no earlier checkpoint is intact: start again with --overwrite"
+        )
+        raise UserError(f"--resume: {checkpoint} is damaged ({damage}); {way}")
+    changed = resume_changes(checkpoint, cfg.to_dict())
+    if changed:
+        raise UserError(
+            f"--resume: {checkpoint} was trained with other settings ({'; '.join(changed)}). Its adapter and "
+            "optimizer state fit only the settings they were trained with: resume with those (--set key=old value), "
+            "or start a new run (another output_dir, or --overwrite)"
+        )
+    return checkpoint
+
+
+def check_start(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """What `autotune train` refuses of its folder before anything starts: --resume and --overwrite together, a
+    resume without an intact checkpoint of the same shapes, a new run over one the folder holds without
+    --overwrite. A folder where a killed --overwrite left the run it replaced aside is the runner's to settle
+    first (runner._tidy_folder), and one another run holds now is that run's: neither is judged here."""
+    check_start_flags(resume, overwrite)
+    out = Path(cfg.output_dir)
+    if (out / REPLACED).exists() or in_use(out):  # a run holds the folder now: the runner says which
+        return
+    if resume:
+        resume_point(cfg)
+        return
+    held = existing_run(out, read_summary(out))
+    if held is not None and not overwrite:
+        raise holds_a_run(out, held)

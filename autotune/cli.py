@@ -96,20 +96,40 @@ def probe(as_json, save, output_dir):
 # --------------------------------------------------------------------------------- validate
 
 
-def _refuse_what_train_refuses(cfg, where: str | None) -> None:
+def _refuse_what_train_refuses(cfg, where: str | None, *, machine: bool = True) -> None:
     """The refusals of a run's config that need neither a model nor torch (preflight.check_run_config, the Trainer's
     names without loading transformers): validate says them, and train in one process says them before it imports
-    anything heavy (a refusal in a third of a second, not after 12 s of imports)."""
+    anything heavy (a refusal in a third of a second, not after 12 s of imports). `machine`: also what this machine
+    cannot run (FSDP without a GPU)."""
     from autotune.config import trainer_name_problems
-    from autotune.distributed import world
+    from autotune.distributed import check_fsdp, world
+    from autotune.hardware import probe_gpus
     from autotune.preflight import check_run_config
 
     if world().size > 1:
         return  # a rank of several: the runner refuses in its order, its strategy's refusals first
     check_run_config(cfg)
+    if machine and cfg.distributed_strategy == "fsdp" and not probe_gpus()[0]:
+        # No GPU that NVML sees: the runner's device would be the CPU, which it refuses. (validate: with --hardware,
+        # as it checks the config against this machine only then.)
+        check_fsdp(cfg, "cpu")
     problems = trainer_name_problems(cfg)
     if problems:
         raise UserError("\n".join(f"{where or 'config'}: {problem}" for problem in problems))
+
+
+def _refuse_unreachable_downloads(cfg) -> None:
+    """The model weights and tokenizer a run would fetch from the hub: with the hub unreachable (one attempt of at
+    most 3 s) and no copy in the local cache, refused now, as the runner would after its imports and the data."""
+    from autotune import hub
+    from autotune.context import RunContext
+    from autotune.tokenizer import from_the_hub
+
+    ctx = RunContext(cfg)
+    if cfg.init == "pretrained" and ctx.spec.hub_id and not ctx.spec.local_path:
+        hub.require_reachable("model", ctx.spec.hub_id)
+    if from_the_hub(ctx.tokenizer_name):
+        hub.require_reachable("tokenizer", ctx.tokenizer_name, "tokenizer_config.json")
 
 
 @cli.command()
@@ -130,7 +150,7 @@ def validate(config, sets, as_json, hardware):
     finally:
         for note in notes:
             click.echo(f"note: {note}", err=True)
-    _refuse_what_train_refuses(cfg, config)
+    _refuse_what_train_refuses(cfg, config, machine=hardware)
     findings = []
     if hardware:
         from autotune.hardware import probe as run_probe
@@ -366,6 +386,9 @@ def data_stats(data_dir, config, sets, as_json):
 def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
     """Fine-tune with LoRA/QLoRA on the HF Trainer: TensorBoard, JSONL log, checkpoints, resume."""
     from autotune.profile import layered_config, load_profile
+    from autotune.run_files import check_start_flags
+
+    check_start_flags(resume, overwrite)  # before the profile and config are read: the flags alone say it
 
     notes: list[str] = []
     profile = load_profile(profile_path, notes) if profile_path else None
@@ -374,7 +397,12 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
     if nproc is not None:
         _launch(nproc, cfg, profile)  # does not return: this process becomes torchrun (its checks come first)
     _refuse_what_train_refuses(cfg, config_path)
+    from autotune.checkpoint import check_start
     from autotune.distributed import oom_decisions, world
+
+    if world().size == 1:  # (several ranks: the runner refuses in its order, holding the folder)
+        check_start(cfg, resume, overwrite)
+        _refuse_unreachable_downloads(cfg)
 
     if world().restart and not oom_decisions(cfg.output_dir):
         # torchrun restarts the whole group whatever failed; only an OOM's restart has something new to try.
@@ -488,9 +516,11 @@ def _progressbar(length: int, label: str):
 def export(run_dir, merge, dtype, out, overwrite):
     """Export a finished run: a clean adapter folder (PEFT, vLLM LoRA), or with --merge a full model
     (transformers, vLLM), merged on the CPU a layer at a time."""
+    from autotune.checkpoint import require_finished
     from autotune.run_files import require_run_files
 
-    require_run_files(run_dir)  # a wrong folder refused before the imports of the export itself (seconds)
+    # A folder that is no finished run refused before the imports of the export itself (seconds of them).
+    require_finished(require_run_files(run_dir))
     from autotune.export import export_run
 
     result = export_run(run_dir, out, merge=merge, dtype=dtype, overwrite=overwrite, progress=_progressbar)
@@ -898,8 +928,8 @@ def _demo_may_replace(output_dir) -> bool:
     """Whether the demo may replace what output_dir holds: nothing, or an earlier demo's run (the tiny random
     model). Any other run there is refused before the demo writes anything (its solve writes profile.json)."""
     from autotune.catalog import TINY
+    from autotune.checkpoint import existing_run, read_summary
     from autotune.run_files import CONFIG_FILE
-    from autotune.runner import existing_run, read_summary
 
     held = existing_run(output_dir, read_summary(output_dir))
     if held is None:

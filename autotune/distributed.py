@@ -447,15 +447,16 @@ def save_checkpoint_collectively(trainer, save: Callable[[Any, Any], None], mode
     optimizer and trainer state; each rank its RNG state; under FSDP each its shard) into one staging folder
     rank 0 made, and rank 0 alone renames it into place once all have written (barriers between): a
     checkpoint-N folder is whole, and written once."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+    from transformers.trainer_utils import rotate_checkpoints
 
     from autotune import checkpoint as ckpt
     from autotune.fsutil import apply_umask, fsync_dir
+    from autotune.run_files import CHECKPOINT_PREFIX
 
     w = world()
     run_dir = Path(trainer._get_output_dir(trial=trial))
     step = trainer.state.global_step
-    final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    final = run_dir / f"{CHECKPOINT_PREFIX}-{step}"
     # One name every rank computes alike (remove_partial_saves's pattern: a kill leaves it to the next run).
     staging = run_dir / f"{ckpt.STAGING_PREFIX}{step}.ranks{ckpt.STAGING_SUFFIX}"
     problem = None

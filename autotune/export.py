@@ -36,17 +36,15 @@ from typing import Any, Protocol
 import torch
 
 from autotune.catalog import ModelSpec, resolve_model
-from autotune.checkpoint import checkpoint_step, last_complete_checkpoint
+from autotune.checkpoint import require_finished
 from autotune.config import EXPORT_DTYPES, Config, load_config
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, fsync_dir
 from autotune.run_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    CHECKPOINTS,
     CONFIG_FILE,
     EXPORT_MANIFEST,
-    SUCCEEDED,
     SUMMARY,
     require_run_files,
 )
@@ -106,29 +104,11 @@ class FinishedRun:
 def read_run(run_dir: str | os.PathLike) -> FinishedRun:
     """A finished `autotune train` output_dir; a UserError saying what is missing otherwise."""
     path = require_run_files(run_dir)
-    _check_finished(path)
+    require_finished(path)
     cfg = load_config(path / CONFIG_FILE)
     adapter_config = _read_json(path / ADAPTER_CONFIG)
     _check_adapter_config(adapter_config, path / ADAPTER_CONFIG)
     return FinishedRun(path, cfg, resolve_model(cfg.model_name), _train_dtype(path, cfg), adapter_config)
-
-
-def _check_finished(path: Path) -> None:
-    """The adapter of a run whose summary does not say it succeeded is an earlier run's (a run killed after
-    --overwrite... started, or resumed and stopped): exporting it would pass off old weights as the run's."""
-    summary_path = path / SUMMARY
-    if not summary_path.is_file():
-        return  # a folder written by hand, or by an autotune before run summaries: nothing says otherwise
-    status = (_read_json(summary_path) or {}).get("status")
-    if status == SUCCEEDED:
-        return
-    last = last_complete_checkpoint(path / CHECKPOINTS)  # what `train --resume` would go on from
-    newest = f"; its newest checkpoint is at step {checkpoint_step(last)}" if last else ""
-    raise UserError(
-        f"{path}: the run there has not finished (its {SUMMARY} says {status!r}){newest}, so its "
-        f"{ADAPTER_WEIGHTS} is not that run's result. Fix: finish it (`autotune train --resume` with its config), "
-        "then export."
-    )
 
 
 def _read_json(path: Path) -> Any:
@@ -621,6 +601,15 @@ def _check_destination(out: Path, run: FinishedRun, overwrite: bool) -> None:
                 f"--out {out}: the folder holds files that are not an autotune export ({shown}); --overwrite "
                 f"replaces only an earlier export (a folder with {EXPORT_MANIFEST}). Fix: choose another --out."
             )
+        listed = (_read_json(out / EXPORT_MANIFEST) or {}).get("files")
+        if isinstance(listed, list):  # (an export from before the manifest listed its files: all of it was its own)
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in {*map(str, listed), EXPORT_MANIFEST})
+            if foreign:
+                raise UserError(
+                    f"--out {out}: beside the earlier export it holds files the export did not write "
+                    f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), which --overwrite would delete. "
+                    "Fix: move them out of the folder, or choose another --out."
+                )
 
 
 @dataclass
@@ -707,9 +696,11 @@ def export_run(
         else:
             files, resolved = _export_adapter(run, staging.tmp, resolved, notes)
         base = base_description(run)
+        written = sorted(p.name for p in staging.tmp.iterdir())
         atomic_write_json(
             staging.tmp / EXPORT_MANIFEST,
             {
+                "files": written,  # what --overwrite may replace later, and nothing else (_check_destination)
                 "run": str(run.path.resolve()),
                 "merged": merge,
                 "dtype": resolved,

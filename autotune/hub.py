@@ -57,13 +57,14 @@ def not_cached_error(what: str, name: str, why: str, detail: str = "") -> UserEr
     )
 
 
-def require_reachable(what: str, repo_id: str) -> None:
+def require_reachable(what: str, repo_id: str, filename: str = "config.json") -> None:
     """Fail now, before the data is prepared, when `repo_id` cannot be loaded: the hub does not answer (or the
-    environment says offline) and the local cache has no copy of it. One cache lookup, no download."""
+    environment says offline) and the local cache has no copy of it (its `filename`). One cache lookup, no
+    download."""
     local, why = local_only()
     if not local:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+    if not isinstance(try_to_load_from_cache(repo_id, filename), str):
         raise not_cached_error(what, repo_id, why or "the hub is not used")

@@ -27,17 +27,45 @@ class Finding:
 
 def check_run_config(cfg: Config) -> None:
     """The refusals of a run's config that need neither a model nor torch, as one UserError: the techniques this
-    model takes (techniques.resolve) and the data's question/answer markers (an empty separator, a regex that does
-    not compile). `autotune train` runs it before anything starts and `autotune validate` runs it too, so what
+    model takes (techniques.resolve), the data folder and a tokenizer folder that must exist, and the data's
+    question/answer markers (an empty separator, a regex that does not compile). `autotune train` runs it before anything starts and `autotune validate` runs it too, so what
     train refuses by these, validate refuses. (The Trainer's names, optimizer, scheduler and report_to, are checked
     by train before it starts: their lists live in transformers, which validate does not import.)"""
     from autotune.catalog import resolve_model
-    from autotune.data.parsing import Markers, check_markers
+    from autotune.data.parsing import Markers, check_data_dir, check_markers
     from autotune.techniques import resolve
+    from autotune.tokenizer import check_tokenizer_dir
 
     if not cfg.dataset_name:
+        check_data_dir(cfg.data_dir)
         check_markers(Markers.of(cfg))
+    if cfg.tokenizer_name:
+        check_tokenizer_dir(cfg.tokenizer_name)
+    check_run_folders(cfg)
     resolve(cfg, resolve_model(cfg.model_name))
+
+
+def check_run_folders(cfg: Config) -> None:
+    """The folders a run writes into (output_dir, its logs, TensorBoard's, the JSONL log's, the data cache) must be
+    folders or not exist yet: a file at one of them, or above one, is a UserError naming it, said before anything
+    starts (the run would stop with "Not a directory" once set up)."""
+    from pathlib import Path
+
+    from autotune.trackers import reports_to_tensorboard
+
+    folders = {"output_dir": cfg.output_dir, "log_dir": cfg.log_dir, "data_cache_dir": cfg.data_cache_dir}
+    if reports_to_tensorboard(cfg):
+        folders["tensorboard_log_dir"] = cfg.tensorboard_log_dir or str(Path(cfg.log_dir) / "tensorboard")
+    if cfg.structured_logging.enabled:
+        folders["structured_logging.log_file's folder"] = str(Path(cfg.structured_logging.log_file).parent)
+    for key, folder in folders.items():
+        path = Path(folder).expanduser()
+        for at in (path, *path.parents):
+            if at.exists():
+                if not at.is_dir():
+                    where = "is a file" if at == path else f"is under {at}, which is a file"
+                    raise UserError(f"{key} {folder!r} {where}, not a folder. Fix: point {key} at a folder.")
+                break
 
 
 def check_hardware(cfg: Config, probe: dict) -> list[Finding]:

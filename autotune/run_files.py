@@ -9,6 +9,9 @@ from pathlib import Path
 from autotune.errors import UserError
 
 CHECKPOINTS = "checkpoints"  # the folder of checkpoint-N folders
+# A checkpoint folder's name before its step: transformers' PREFIX_CHECKPOINT_DIR, named here so that finding a run's
+# checkpoints needs no transformers import (tests/test_architecture.py holds the two equal).
+CHECKPOINT_PREFIX = "checkpoint"
 SUMMARY = "run_summary.json"  # the run's status and figures ("running" while it lives)
 CONFIG_FILE = "autotune_config.json"  # the resolved config, in output_dir and in every checkpoint
 PROFILE = "profile.json"  # the profile the run trained with
@@ -17,6 +20,9 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's, beside the adapter and in ever
 INFERENCE_REPORT_JSON = "inference_report.json"
 INFERENCE_REPORT_MD = "inference_report.md"
 EXPORT_MANIFEST = "autotune_export.json"  # what `autotune export` wrote into its folder
+# The run --overwrite replaces, moved aside (renamed, never copied) until the new run has its first checkpoint: a
+# new run that fails or is killed before then leaves the old one whole (runner.py puts it back).
+REPLACED = ".autotune-replaced"
 
 # A run summary's statuses ("running" while it lives: a killed run's summary still says so).
 RUNNING, SUCCEEDED, FAILED, INTERRUPTED = "running", "succeeded", "failed", "interrupted"
@@ -64,3 +70,11 @@ def require_run_files(run_dir: str | os.PathLike) -> Path:
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}. Fix: give the output_dir of a finished `autotune train`.")
     return path
+
+
+def check_start_flags(resume: bool, overwrite: bool) -> None:
+    """--resume continues the run a folder holds, --overwrite replaces it: never both."""
+    if resume and overwrite:
+        raise UserError(
+            "--resume and --overwrite contradict each other: --resume continues the run, --overwrite replaces it"
+        )

@@ -40,6 +40,25 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}, since {since}"
 
 
+def in_use(folder: str | os.PathLike) -> bool:
+    """Whether another process holds `folder` now (its lock file is locked), asked without taking the lock or
+    creating the file: what a check before the run takes the lock leaves to the run (RunLock says who holds it)."""
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None:
+        return path.exists()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing lets go of a shared lock taken here
+    return False
+
+
 class RunLock:
     """`with RunLock(folder):` holds the folder for this process; a UserError when another process holds it.
 

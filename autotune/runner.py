@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from autotune import distributed, hub, techniques
 from autotune.batching import BatchPlan
@@ -39,33 +38,38 @@ from autotune.catalog import TEXT_ONLY_NOTE
 from autotune.checkpoint import (
     MEANING_KEYS,
     TRAINER_STATE,
-    checkpoint_damage,
     checkpoint_step,
-    complete_checkpoints,
     disk_full_is_a_user_error,
+    existing_run,
+    holds_a_run,
     last_complete_checkpoint,
+    read_summary,
     remove_partial_saves,
     resume_changes,
+    resume_point,
 )
 from autotune.config import Config
 from autotune.context import RunContext
 from autotune.data.prepare import PreparedData, prepare_data
 from autotune.errors import UserError
-from autotune.fsutil import apply_umask, atomic_write_json
+from autotune.fsutil import apply_umask, atomic_write_json, fsync_dir
 from autotune.memory import free_memory
 from autotune.modeling import BuiltModel, build_model, pick_device, quiet_libraries
 from autotune.preflight import check_run_config
 from autotune.run_files import (
     ADAPTER_WEIGHTS,
+    CHECKPOINT_PREFIX,
     CHECKPOINTS,
     CONFIG_FILE,
     FAILED,
     INTERRUPTED,
     PROFILE,
+    REPLACED,
     RUN_FILES,
     RUNNING,
     SUCCEEDED,
     SUMMARY,
+    check_start_flags,
 )
 from autotune.runlock import RunLock
 from autotune.runlog import RunLog, drop_records
@@ -308,7 +312,7 @@ def _recover_from_oom(
     resume_from = None
     if step > 0:
         trainer._save_checkpoint(trainer.model, trial=None)
-        resume_from = str(run.checkpoint_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        resume_from = str(run.checkpoint_dir / f"{CHECKPOINT_PREFIX}-{step}")
     smaller = BatchPlan(batch, accumulation).smaller()
     assert smaller is not None  # batch > 1 here
     new_batch, new_accumulation = smaller.micro, smaller.accumulation
@@ -457,44 +461,6 @@ def _check_environment(ctx: RunContext, profile: dict | None, echo: Echo) -> Non
         raise UserError("environment check failed (verify_environment): " + "; ".join(errors))
 
 
-def read_summary(output_dir: Path) -> dict | None:
-    """The run summary in output_dir, or None (absent or unreadable)."""
-    import json
-
-    try:
-        doc = json.loads((output_dir / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def existing_run(output_dir: Path, previous: dict | None) -> str | None:
-    """What run output_dir holds that a new run would destroy (trained weights, or a finished run), described
-    for the message; None when it holds none (a run that failed before its first checkpoint leaves nothing
-    to lose)."""
-    checkpoints = sorted(
-        checkpoint_step(p)
-        for p in (output_dir / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if p.name[len(PREFIX_CHECKPOINT_DIR) + 1 :].isdigit()
-    )
-    adapter = (output_dir / ADAPTER_WEIGHTS).is_file()
-    status = (previous or {}).get("status")
-    if not checkpoints and not adapter and status != SUCCEEDED:
-        return None
-    steps = ((previous or {}).get("final") or {}).get("global_step")
-    if status == SUCCEEDED:
-        what = f"a finished run ({steps} steps)" if steps else "a finished run"
-    elif status == INTERRUPTED:
-        what = "an interrupted run"
-    elif status in (RUNNING, FAILED):
-        what = "a run that stopped before finishing" if status == RUNNING else "a failed run"
-    else:
-        what = "a run's adapter" if adapter else "a run"
-    if checkpoints:
-        what += f" with checkpoints up to step {checkpoints[-1]}"
-    return what
-
-
 def _finished_at(checkpoint: str, cfg: Config) -> int | None:
     """The checkpoint's step when it holds every step the run plans under `cfg` (None: there is more to train):
     max_steps when the config sets it, else the steps the checkpoint's own run planned (trainer_state.json), if the
@@ -519,33 +485,6 @@ def _finished_at(checkpoint: str, cfg: Config) -> int | None:
 def _outputs_whole(out: Path, previous: dict | None) -> bool:
     """Whether a finished run's outputs were all written: its summary says it succeeded, its adapter is there."""
     return previous is not None and previous.get("status") == SUCCEEDED and (out / ADAPTER_WEIGHTS).is_file()
-
-
-def _resume_point(cfg: Config) -> str:
-    """The checkpoint a --resume goes on from; a UserError when there is none, or when the config changed a
-    setting the checkpoint's tensors were shaped by."""
-    folder = Path(cfg.output_dir) / CHECKPOINTS
-    checkpoint = last_complete_checkpoint(folder)
-    if checkpoint is None:
-        raise UserError(f"--resume: no complete checkpoint under {folder}; start without --resume")
-    damage = checkpoint_damage(checkpoint)
-    if damage is not None:
-        earlier = [c for c in complete_checkpoints(folder)[1:] if checkpoint_damage(c) is None]
-        way = (
-            f"the newest intact one is {Path(earlier[0]).name}: move {Path(checkpoint).name} out of {folder} and "
-            f"--resume again (the steps after {checkpoint_step(earlier[0])} are trained again)"
-            if earlier
-            else "no earlier checkpoint is intact: start again with --overwrite"
-        )
-        raise UserError(f"--resume: {checkpoint} is damaged ({damage}); {way}")
-    changed = resume_changes(checkpoint, cfg.to_dict())
-    if changed:
-        raise UserError(
-            f"--resume: {checkpoint} was trained with other settings ({'; '.join(changed)}). Its adapter and "
-            "optimizer state fit only the settings they were trained with: resume with those (--set key=old value), "
-            "or start a new run (another output_dir, or --overwrite)"
-        )
-    return checkpoint
 
 
 def _callbacks(cfg: Config, built: BuiltModel, runlog: RunLog, extra, *, run_id: str, resume_from: str | None) -> list:
@@ -611,22 +550,79 @@ def _finish_summary(summary: dict, runlog: RunLog, echo: Echo, write: bool) -> N
         echo(f"warning: could not write {SUMMARY}: {exc}")
 
 
-def _clear_previous_run(cfg: Config, previous: dict | None, runlog: RunLog, echo: Echo) -> None:
-    """--overwrite: remove the previous run's checkpoints, the files a run writes, its TensorBoard events and
-    its JSONL records."""
+def _move_previous_aside(out: Path, echo: Echo) -> None:
+    """--overwrite: the previous run's checkpoints and the files a run writes renamed into out/REPLACED, where they
+    wait until this run has its first checkpoint (_discard_replaced) or stops before it (_restore_replaced). The
+    user's own files in the folder stay where they are."""
+    aside = out / REPLACED
+    aside.mkdir()  # _tidy_folder settled any earlier one: an existing one here is a bug, not something to delete
+    for name in (CHECKPOINTS, *RUN_FILES):
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+    fsync_dir(out)
+    echo(f"--overwrite: the previous run in {out} is moved aside ({REPLACED}) until this run's first checkpoint")
+
+
+def _replaced_id(out: Path) -> str | None:
+    return (read_summary(out / REPLACED) or {}).get("run_id")
+
+
+def _discard_replaced(cfg: Config, runlog: RunLog | None, echo: Echo) -> None:
+    """This run has a checkpoint: the run it replaced goes for good (its folder aside, its TensorBoard events, its
+    JSONL records)."""
     out = Path(cfg.output_dir)
+    if not (out / REPLACED).is_dir():
+        return
+    old_id = _replaced_id(out)
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
+    if old_id:
+        shutil.rmtree(tensorboard_dir(cfg, old_id), ignore_errors=True)
+        dropped = _drop_run_records(cfg, runlog, old_id)
+        if dropped is None:
+            echo(f"note: the previous run's records stay in {cfg.structured_logging.log_file} (another run has it "
+                 f"open); run_id {old_id}")  # fmt: skip
+    echo(f"--overwrite: the previous run in {out} is removed (this run has its first checkpoint)")
+
+
+def _restore_replaced(cfg: Config, runlog: RunLog | None, new_id: str | None) -> bool:
+    """This run stopped before its first checkpoint: its files go and the run it was to replace comes back whole.
+    Returns whether there was one to put back."""
+    out = Path(cfg.output_dir)
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return False
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    old_id = (previous or {}).get("run_id")
-    if old_id:
-        shutil.rmtree(tensorboard_dir(cfg, old_id), ignore_errors=True)
-    if old_id and runlog.path is not None:
-        with runlog.paused():
-            dropped = drop_records(runlog.path, lambda r: r.get("run_id") == old_id)
-        if dropped is None:
-            echo(f"note: the previous run's records stay in {runlog.path} (another run has it open); run_id {old_id}")
-    echo(f"--overwrite: removed the previous run in {out}")
+    for path in aside.iterdir():
+        os.replace(path, out / path.name)
+    aside.rmdir()
+    fsync_dir(out)
+    if new_id:
+        shutil.rmtree(tensorboard_dir(cfg, new_id), ignore_errors=True)
+        _drop_run_records(cfg, runlog, new_id)
+    return True
+
+
+def _drop_run_records(cfg: Config, runlog: RunLog | None, run_id: str) -> int | None:
+    if not cfg.structured_logging.enabled:
+        return 0
+    drop = lambda record: record.get("run_id") == run_id  # noqa: E731
+    if runlog is None or runlog.path is None:
+        return drop_records(cfg.structured_logging.log_file, drop)
+    with runlog.paused():
+        return drop_records(runlog.path, drop)
+
+
+class DiscardReplaced(TrainerCallback):
+    """The first checkpoint of a run started with --overwrite: the run it replaces, waiting aside, goes."""
+
+    def __init__(self, cfg: Config, runlog: RunLog, echo: Echo):
+        self.cfg, self.runlog, self.echo = cfg, runlog, echo
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            _discard_replaced(self.cfg, self.runlog, self.echo)
 
 
 def _forget_rerun_steps(cfg: Config, run_id: str | None, resumed_step: int, echo: Echo) -> None:
@@ -668,10 +664,7 @@ def train(
     "succeeded", or "interrupted" after a Ctrl-C (resume with resume=True). Bad inputs raise a UserError
     before anything is written."""
     quiet_libraries()
-    if resume and overwrite:
-        raise UserError(
-            "--resume and --overwrite contradict each other: --resume continues the run, --overwrite replaces it"
-        )
+    check_start_flags(resume, overwrite)
     check_training_settings(cfg)  # a bad name is a config error: nothing is started or written
     w = distributed.world()
     device = pick_device()
@@ -728,7 +721,7 @@ def _run(
     cfg, out = ctx.cfg, Path(ctx.cfg.output_dir)
     main = distributed.world().is_main  # under torchrun, rank 0 alone writes; the others read
     if main:
-        _tidy_folder(out, decisions)
+        _tidy_folder(cfg, decisions, echo)
     start = _start(cfg, resume, overwrite, main, echo)
     if start.finished_at is not None and _outputs_whole(out, start.previous):
         # A finished run resumed: nothing to train, nothing written (transformers' loop would run one more step).
@@ -753,8 +746,10 @@ def _run(
         # --overwrite removes the previous one: a bad input leaves that run whole.
         run, interrupt = _setup_run(ctx, built, data, runlog, profile, start, summary, decisions, extra_callbacks, echo)
         if start.replaces is not None and main:
-            _clear_previous_run(cfg, start.previous, runlog, echo)
+            _move_previous_aside(out, echo)
             owns_summary = True
+        if main:
+            run.callbacks.append(DiscardReplaced(cfg, runlog, echo))
         if main:
             atomic_write_json(out / SUMMARY, {**summary, "status": RUNNING})  # a killed run says it never finished
         distributed.wait_for_everyone()  # no rank trains before rank 0 has cleared and claimed the folder
@@ -775,6 +770,7 @@ def _run(
                 _inference_test(run, summary)
         summary["status"] = SUCCEEDED
         if main:
+            _discard_replaced(cfg, runlog, echo)  # a run shorter than its first checkpoint: its outputs count
             distributed.forget_oom_decisions(out)
         return summary
     except UserError as exc:
@@ -796,18 +792,37 @@ def _run(
             ) from None
         raise
     finally:
+        # Stopped before its first checkpoint: the run --overwrite was to replace comes back whole (several ranks:
+        # torchrun may restart the group after an OOM, which goes on from the folder as it is; the next launch's
+        # _tidy_folder settles it).
+        stopped = main and summary["status"] != SUCCEEDED and not distributed.world().distributed
+        if stopped and _restore_replaced(cfg, runlog, start.run_id):
+            owns_summary = False
+            echo(f"the previous run in {out} is back in place: this run stopped before its first checkpoint")
         _finish_summary(summary, runlog, echo, write=owns_summary)
 
 
 # ------------------------------------------------------------------------- setup helpers
 
 
-def _tidy_folder(out: Path, decisions: list[dict]) -> None:
-    """What a killed run left: a save it cut short (we hold the folder, so none is running), and an earlier
-    launch's OOM decisions (this launch starts from the config)."""
+def _tidy_folder(cfg: Config, decisions: list[dict], echo: Echo) -> None:
+    """What a killed run left: a save it cut short (we hold the folder, so none is running), an earlier launch's
+    OOM decisions (this launch starts from the config), and a run --overwrite moved aside: discarded if the killed
+    run had reached a checkpoint, else put back (a restart of this launch after an OOM goes on as it was)."""
+    out = Path(cfg.output_dir)
     remove_partial_saves(out / CHECKPOINTS)
-    if not decisions:
-        distributed.forget_oom_decisions(out)
+    if decisions:
+        return
+    distributed.forget_oom_decisions(out)
+    if not (out / REPLACED).is_dir():
+        return
+    if last_complete_checkpoint(out / CHECKPOINTS):
+        _discard_replaced(cfg, None, echo)
+    elif _restore_replaced(cfg, None, (read_summary(out) or {}).get("run_id")):
+        echo(
+            f"note: {out}: the run started there with --overwrite was stopped before its first checkpoint; the run "
+            "it was to replace is back in place"
+        )
 
 
 def _start(cfg: Config, resume: bool, overwrite: bool, main: bool, echo: Echo) -> Start:
@@ -816,7 +831,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, main: bool, echo: Echo) -
     out = Path(cfg.output_dir)
     previous = read_summary(out)
     if resume:
-        resume_from = _resume_point(cfg)
+        resume_from = resume_point(cfg)
         changed = resume_changes(resume_from, cfg.to_dict(), MEANING_KEYS)
         if changed and main:
             echo(
@@ -830,11 +845,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, main: bool, echo: Echo) -
         return Start(run_id, resume_from=resume_from, previous=previous, finished_at=finished_at)
     held = existing_run(out, previous)
     if held is not None and not overwrite:
-        raise UserError(
-            f"output_dir {out} already holds {held}, and a new run would replace it. To continue it, run "
-            "the same command with --resume; to keep it, give this run another folder (--set output_dir=...); "
-            "to replace it, add --overwrite"
-        )
+        raise holds_a_run(out, held)
     return Start(uuid.uuid4().hex[:12], replaces=held, previous=previous)
 
 

@@ -125,19 +125,34 @@ def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None
     return _load_pretrained(name_or_path)
 
 
+_HINT = (
+    f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
+    f"({OFFLINE_QWEN3_5!r} for Qwen3.5/3.6) for the bundled tokenizer."
+)
+
+
+def from_the_hub(name_or_path: str) -> bool:
+    """Whether a tokenizer name is a hub id (neither a bundled offline tokenizer nor a path)."""
+    return name_or_path not in OFFLINE_TOKENIZERS and not _looks_like_path(name_or_path)
+
+
+def check_tokenizer_dir(name_or_path: str) -> None:
+    """A tokenizer_name that is a path must be a folder (a UserError otherwise): checked without transformers, so
+    that `autotune validate` and train's first checks say it (transformers would call it a malformed hub id)."""
+    if name_or_path in OFFLINE_TOKENIZERS:
+        return
+    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise UserError(f"tokenizer directory {name_or_path!r} does not exist. {_HINT}")
+
+
 def _load_pretrained(name_or_path: str):
     from transformers import AutoTokenizer
 
     from autotune import hub
 
-    hint = (
-        f"Point at a local directory containing the tokenizer files, or use {OFFLINE_QWEN3!r} "
-        f"({OFFLINE_QWEN3_5!r} for Qwen3.5/3.6) for the bundled tokenizer."
-    )
+    hint = _HINT
+    check_tokenizer_dir(name_or_path)
     is_path = _looks_like_path(name_or_path)
-    if is_path and not Path(name_or_path).expanduser().is_dir():
-        # Otherwise transformers reports it as a malformed hub repo id, which misleads.
-        raise UserError(f"tokenizer directory {name_or_path!r} does not exist. {hint}")
     # A hub id is fetched like its weights are (the user asked for that model); HF_HUB_OFFLINE=1, or a hub
     # that does not answer (asked once, in seconds, instead of a minute of retries), keeps everything local,
     # and a local directory never touches the network.

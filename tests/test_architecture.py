@@ -254,3 +254,13 @@ def test_no_test_module_imports_another():
             elif isinstance(node, ast.ImportFrom) and node.module in names:
                 offenders.append((path.name, node.module))
     assert offenders == []
+
+
+def test_the_checkpoint_folder_prefix_is_transformers_own():
+    """run_files names checkpoint-N folders without importing transformers (export's and train's refusals answer in a
+    third of a second); the Trainer writes them under its own prefix, which must be the same."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from autotune.run_files import CHECKPOINT_PREFIX
+
+    assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR

@@ -217,12 +217,29 @@ def test_a_float_flag_that_is_not_a_finite_number_is_one_clear_error(capsys, arg
         (["question_pattern=(["], "question_pattern: invalid regular expression"),
         (["model_name=Qwen3-8B", "lm_head_8bit=on", "fused_loss=off"], 'lm_head_8bit "on" needs fused_loss'),
         (["model_name=Qwen3-0.6B", "embedding_on_cpu=on"], "ties its input embeddings to lm_head"),
+        (["data_dir=/no/such/folder"], "data_dir '/no/such/folder' does not exist"),
+        (["tokenizer_name=/no/such/tokenizer"], "tokenizer directory '/no/such/tokenizer' does not exist"),
+        (["tensorboard_log_dir={file}"], "tensorboard_log_dir '{file}' is a file, not a folder"),
+        (["output_dir={file}/run"], "output_dir '{file}/run' is under {file}, which is a file"),
     ],
-    ids=["empty-separator", "bad-regex", "int8-head-without-fused-loss", "host-embedding-on-a-tied-model"],
+    ids=[
+        "empty-separator",
+        "bad-regex",
+        "int8-head-without-fused-loss",
+        "host-embedding-on-a-tied-model",
+        "no-data-folder",
+        "no-tokenizer-folder",
+        "tensorboard-folder-a-file",
+        "output-under-a-file",
+    ],
 )
-def test_validate_refuses_what_train_refuses_by_the_config(capsys, sets, message):
-    """`validate` said "config OK" to values train refused after 12-19 s of preparation; both run the same checks
-    (preflight.check_run_config) now, validate without importing torch."""
+def test_validate_refuses_what_train_refuses_by_the_config(capsys, tmp_path, sets, message):
+    """`validate` said "config OK" to values train refused after 12-19 s of preparation (and a missing data or
+    tokenizer folder, or a folder that is a file, after 9-13 s, leaving a failed run summary); both run the same
+    checks (preflight.check_run_config) now, validate without importing torch."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    sets, message = [s.format(file=file) for s in sets], message.format(file=file)
     argv = [a for s in sets for a in ("--set", s)]
     code, out, err = run_cli(capsys, "validate", *argv)
     assert code == 2 and "config OK" not in out and message in err and "Traceback" not in err
@@ -240,22 +257,27 @@ def test_train_refuses_what_validate_refuses_before_importing_the_training_stack
     of a second, where it took 11-13 s of imports), with validate's message, and nothing is written."""
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model_name": "tiny-qwen3", "output_dir": str(tmp_path / "out"), **values}))
-    probe = (
-        "import sys\nfrom autotune.cli import main\n"
-        "try:\n    main(['train', '--config', sys.argv[1]])\n"
-        "except SystemExit as exc:\n"
-        "    heavy = [m for m in ('transformers', 'peft', 'autotune.runner') if m in sys.modules]\n"
-        "    print('exit', exc.code, 'heavy', heavy)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, str(config)], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert "exit 2 heavy []" in done.stdout, (done.stdout, done.stderr[-2000:])
+    done = _refused_in_a_fresh_process(["train", "--config", str(config)], ("transformers", "peft", "autotune.runner"))
     assert says in done.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("made", ["nothing", "empty folder", "config only"])
+def _refused_in_a_fresh_process(argv: list[str], heavy: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`autotune ARGV` in a fresh interpreter, asserted to exit 2 without having imported any of `heavy`."""
+    probe = (
+        "import json, sys\nfrom autotune.cli import main\n"
+        "try:\n    main(json.loads(sys.argv[1]))\n"
+        "except SystemExit as exc:\n"
+        "    loaded = [m for m in json.loads(sys.argv[2]) if m in sys.modules]\n"
+        "    print('exit', exc.code, 'heavy', loaded)\n"
+    )
+    args = [sys.executable, "-c", probe, json.dumps(argv), json.dumps(heavy)]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "exit 2 heavy []" in done.stdout, (done.stdout, done.stderr[-2000:])
+    return done
+
+
+@pytest.mark.parametrize("made", ["nothing", "empty folder", "config only", "unfinished run"])
 def test_export_refuses_a_folder_that_is_no_run_before_importing_the_export_stack(tmp_path, made):
     """`autotune export` of a wrong folder took 9 s of torch and bitsandbytes imports to say so; its file checks now
     run first (run_files.require_run_files), and the message names what is missing."""
@@ -264,16 +286,33 @@ def test_export_refuses_a_folder_that_is_no_run_before_importing_the_export_stac
         run.mkdir()
     if made == "config only":
         (run / "autotune_config.json").write_text("{}")
-    probe = (
-        "import sys\nfrom autotune.cli import main\n"
-        "try:\n    main(['export', sys.argv[1]])\n"
-        "except SystemExit as exc:\n"
-        "    heavy = [m for m in ('torch', 'transformers', 'autotune.export') if m in sys.modules]\n"
-        "    print('exit', exc.code, 'heavy', heavy)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, str(run)], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert "exit 2 heavy []" in done.stdout, (done.stdout, done.stderr[-2000:])
-    said = "no such run folder" if made == "nothing" else "no adapter_model.safetensors"
+    if made == "unfinished run":  # a killed run's files, its summary still "running", a checkpoint at step 8
+        for name in ("adapter_model.safetensors", "adapter_config.json", "autotune_config.json"):
+            (run / name).write_text("{}")
+        (run / "run_summary.json").write_text('{"status": "running"}')
+        (run / "checkpoints" / "checkpoint-8").mkdir(parents=True)
+        (run / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text("{}")
+    done = _refused_in_a_fresh_process(["export", str(run)], ("torch", "transformers", "autotune.export"))
+    said = {
+        "nothing": "no such run folder",
+        "unfinished run": "has not finished (its run_summary.json says 'running'); its newest checkpoint is at step 8",
+    }.get(made, "no adapter_model.safetensors")
     assert said in done.stderr and "Traceback" not in done.stderr
+
+
+def test_fsdp_on_a_machine_without_a_gpu_is_refused_by_train_at_once_and_by_validate_with_hardware(tmp_path, capsys):
+    """This machine has no GPU that NVML sees (the tests' premise; GPU machines skip): `train --strategy fsdp` was
+    refused after 9 s of imports, leaving a failed run summary; now before anything, and `validate --hardware` says
+    it (plain validate judges the config, not the machine)."""
+    from autotune.hardware import probe_gpus
+
+    if probe_gpus()[0]:
+        pytest.skip("a GPU is visible: FSDP can run here")
+    out = tmp_path / "out"
+    sets = ["--set", "distributed_strategy=fsdp", "--set", f"output_dir={out}"]
+    code, _, err = run_cli(capsys, "train", *sets)
+    assert code == 2 and "distributed_strategy fsdp needs CUDA GPUs" in err and not out.exists()
+    code, out_text, _ = run_cli(capsys, "validate", *sets)
+    assert code == 0 and "config OK" in out_text
+    code, _, err = run_cli(capsys, "validate", "--hardware", *sets)
+    assert code == 2 and "distributed_strategy fsdp needs CUDA GPUs" in err

@@ -259,7 +259,8 @@ def test_a_run_that_has_not_finished_is_not_exported(run_dir, tmp_path):
 
 def test_overwrite_replaces_an_earlier_export_and_nothing_else(run_dir, tmp_path):
     """A folder of one's own (or another run's checkpoints) is never an export's to replace: --overwrite used to
-    wipe any folder. An earlier export is replaced whole."""
+    wipe any folder. An earlier export is replaced whole, and only what it wrote: a file the user put beside it is
+    named and refused, not deleted."""
     out = tmp_path / "taken"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
@@ -270,9 +271,16 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(run_dir, tmp_path
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
     earlier = tmp_path / "export"
     export_run(run_dir, earlier)
-    (earlier / "stale.txt").write_text("from the earlier export's day")
+    assert "adapter_model.safetensors" in json.loads((earlier / "autotune_export.json").read_text())["files"]
+    (earlier / "notes.txt").write_text("the user's own")
+    with pytest.raises(
+        UserError, match=r"files the export did not write \(notes.txt\), which --overwrite would delete"
+    ):
+        export_run(run_dir, earlier, dtype="bf16", overwrite=True)
+    assert (earlier / "notes.txt").read_text() == "the user's own"
+    (earlier / "notes.txt").unlink()
     export_run(run_dir, earlier, dtype="bf16", overwrite=True)
-    assert not (earlier / "stale.txt").exists() and (earlier / "adapter_model.safetensors").is_file()
+    assert (earlier / "adapter_model.safetensors").is_file()
     assert no_leftovers(tmp_path) == []
 
 

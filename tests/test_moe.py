@@ -202,10 +202,7 @@ def test_the_4bit_experts_compute_what_the_experts_dequantized_up_front_compute(
     weights = sum(e * o * i for e, o, i in arch.expert_shapes().values())
     stored = sum(b.numel() * b.element_size() for b in nf4[0].buffers())
     assert 0.5 * weights < stored < 0.6 * weights  # 4 bits a weight and its block statistics, not fp32's 4 bytes
-    with torch.no_grad():
-        for n, p in built.model.named_parameters():
-            if "lora_B" in n:  # B starts at zero: give the adapters an update to apply
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    _randomise_b(built)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     built.model.train()
     loss, grads = _expert_grads(built, ids)
@@ -214,11 +211,17 @@ def test_the_4bit_experts_compute_what_the_experts_dequantized_up_front_compute(
     assert not [m for m in base.modules() if isinstance(m, Nf4Experts)]
     assert len([p for p in base.parameters() if p.dim() == 3]) == 2 * arch.num_hidden_layers
     loss_up_front, grads_up_front = _expert_grads(built, ids)
-    torch.testing.assert_close(loss, loss_up_front, rtol=1e-5, atol=1e-6)
+    _assert_the_same_step(arch, (loss, grads), (loss_up_front, grads_up_front))
+
+
+def _assert_the_same_step(arch, got: tuple, want: tuple) -> None:
+    """The same loss and the same gradient of every adapter, to fp32's rounding; every expert adapter has one."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     experts = [n for n in grads if ".mlp.experts." in n]
-    assert len(experts) == 4 * arch.num_hidden_layers and set(grads) == set(grads_up_front)
+    assert len(experts) == 4 * arch.num_hidden_layers and set(grads) == set(want_grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, grads_up_front[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert all(grads[n].abs().sum() > 0 for n in experts)
 
 
@@ -257,12 +260,7 @@ def test_the_split_lora_computes_what_peft_folding_the_experts_computes():
     wrappers = [m for m in base.modules() if isinstance(m, ParamWrapper)]
     assert wrappers and all(type(w) is ParamWrapper for w in wrappers)  # PEFT's own forward again
     folded_loss, folded_grads = _expert_grads(built, ids)
-    torch.testing.assert_close(loss, folded_loss, rtol=1e-5, atol=1e-6)
-    experts = [n for n in grads if ".mlp.experts." in n]
-    assert len(experts) == 4 * arch.num_hidden_layers and set(grads) == set(folded_grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, folded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert all(grads[n].abs().sum() > 0 for n in experts)
+    _assert_the_same_step(arch, (loss, grads), (folded_loss, folded_grads))
     assert built.model.state_dict().keys() == saved.keys()  # the same names: PEFT's adapter, whichever path
 
     # Back on, then the NF4 experts on and off over it: the split form survives the round trip, never folded twice.

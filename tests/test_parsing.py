@@ -597,6 +597,19 @@ def test_missing_data_dir_is_user_error(tmp_path):
         parse_data_dir(tmp_path / "nope")
 
 
+def test_the_data_cache_inside_data_dir_is_never_read_as_data(tmp_path):
+    """data_cache_dir defaults to data/processed: with data_dir=./data the next run read autotune's own cache files
+    back as data ("no QA pairs found" warnings, or worse, records). The cache folder is skipped, and said once."""
+    data = tmp_path / "data"
+    (data / "processed").mkdir(parents=True)
+    (data / "qa.jsonl").write_text(json.dumps({"question": "Q?", "answer": "A."}) + "\n")
+    (data / "processed" / "cache.jsonl").write_text(json.dumps({"question": "cached?", "answer": "no."}) + "\n")
+    report = parse_data_dir(data, cache_dir=data / "processed")
+    assert [p.question for p in report.pairs] == ["Q?"] and [f.path for f in report.files] == ["qa.jsonl"]
+    assert any("data_cache_dir" in w and "not read as data" in w for w in report.warnings)
+    assert len(parse_data_dir(data).pairs) == 2  # without the cache named, it is a folder like any other
+
+
 def test_unknown_data_format_is_user_error(tmp_path):
     with pytest.raises(UserError, match="data_format: unknown value 'xlsx'"):
         parse_data_dir(tmp_path, data_format="xlsx")

@@ -137,6 +137,26 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     )
     assert code != 0 and tree(out) == first, stderr[-2000:]
 
+    # --overwrite killed while it trains, before its first checkpoint: the previous run waits whole, moved aside,
+    # and the next command holding the folder puts it back (the killed run's files and records go).
+    killed = cli_process(
+        "train", "--config", str(config), "--set", "max_steps=400", "--set", "save_every_n_steps=300", "--overwrite"
+    )
+    try:
+        wait_for(lambda: _training_run_id(values) not in (None, first_id), killed, "the new run's first step")
+        killed_id = _training_run_id(values)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    finally:
+        stop(killed)
+    aside = out / ".autotune-replaced"
+    assert (aside / "adapter_model.safetensors").read_bytes() == first["adapter_model.safetensors"]
+    assert tree(aside / "checkpoints") == {k.removeprefix("checkpoints/"): v for k, v in first.items() if "/" in k}
+    code, _, stderr = run_cli(capsys, "train", "--config", str(config), "--set", "max_steps=3")
+    assert code == 2 and "the run it was to replace is back in place" in stderr, stderr[-2000:]
+    assert tree(out) == first
+    assert killed_id not in {r["run_id"] for r in read_jsonl(build_config(values))}
+
     code, stdout, stderr = run_cli(capsys, "train", "--config", str(config), "--set", "max_steps=3", "--overwrite")
     assert code == 0, stderr[-3000:]
     assert "training succeeded" in stdout
@@ -151,6 +171,26 @@ def test_a_second_run_is_refused_and_keeps_the_first_until_asked_to_overwrite(tm
     assert sorted(loss_by_step([r for r in records if r["run_id"] == summary["run_id"]])) == [1, 2, 3]
     # and its TensorBoard events: only the new run's curve is left to see
     assert [p.name for p in tensorboard.iterdir()] == [summary["run_id"]] != [first_id]
+
+
+def _training_run_id(values: dict) -> str | None:
+    """The run_id of the run that has logged a training step under the folder's running summary (None: none yet)."""
+    try:
+        summary = json.loads((Path(values["output_dir"]) / "run_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") != "running":
+        return None
+    log = Path(values["structured_logging"]["log_file"])
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("run_id") == summary["run_id"] and record.get("message") == "metrics":
+            return summary["run_id"]
+    return None
 
 
 def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, autotune_cache, capsys):

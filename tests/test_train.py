@@ -483,11 +483,15 @@ def _truncate(path: Path) -> None:
         (_truncate, "optimizer.pt"),
         (_truncate, "adapter_model.safetensors"),
         (lambda p: p.write_text('{"global_step": 4,'), "trainer_state.json"),
+        (Path.unlink, "adapter_model.safetensors"),
+        (Path.unlink, "optimizer.pt"),
     ],
-    ids=["optimizer-truncated", "adapter-truncated", "state-malformed"],
+    ids=["optimizer-truncated", "adapter-truncated", "state-malformed", "adapter-missing", "optimizer-missing"],
 )
 def test_a_damaged_checkpoint_is_one_clear_error_naming_the_intact_one(two_checkpoints, tmp_path, capsys, damage, file):
-    """A truncated optimizer.pt or adapter, or a malformed trainer_state.json, was a raw traceback on --resume."""
+    """A truncated optimizer.pt or adapter, or a malformed trainer_state.json, was a raw traceback on --resume; a
+    missing adapter a traceback that marked the finished run failed, a missing optimizer.pt a resume with a fresh
+    optimizer, said nowhere."""
     import shutil
 
     values = two_checkpoints
@@ -499,6 +503,7 @@ def test_a_damaged_checkpoint_is_one_clear_error_naming_the_intact_one(two_check
     code, _out, err = run_cli(capsys, "train", "--config", str(config), "--resume")
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert f"checkpoint-4 is damaged ({file}:" in err and "the newest intact one is checkpoint-2" in err
+    assert json.loads((out / "run_summary.json").read_text(encoding="utf-8"))["status"] == "succeeded"  # untouched
 
 
 def test_resuming_with_another_alpha_or_data_says_so(two_checkpoints, tmp_path):

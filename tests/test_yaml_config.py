@@ -161,3 +161,19 @@ def test_an_error_quotes_a_huge_value_briefly(tmp_path):
     message = str(info.value)
     assert "key 'lora_r'" in message and "unknown key 'a0'" in message
     assert all(len(line) < 400 for line in message.splitlines()), max(len(line) for line in message.splitlines())
+
+
+def test_every_error_message_is_bounded_whatever_the_value_it_quotes(tmp_path, capsys):
+    """A 51 KB YAML file whose anchor repeats a 50,000-character string 400 times in target_modules made a 20 MB
+    message; a 100 KB --set value a 100 KB one. Every UserError is held to a bounded size where it is made, each
+    over-long word cut to its ends and said so, whichever check quoted it."""
+    long = "x" * 50_000
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f'model_name: tiny-qwen3\nq: &s "{long}"\ntarget_modules: [' + ", ".join(["*s"] * 400) + "]\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "target_modules" in message and "unknown key 'q'" in message
+    assert len(message) < 5000 and "characters left out" in message
+    code, _, err = run_cli(capsys, "validate", "--set", "optimizer=" + "y" * 100_000)
+    assert code == 2 and "key 'optimizer'" in err and "is not an HF Trainer name" in err and len(err) < 5000

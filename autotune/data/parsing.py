@@ -1328,17 +1328,9 @@ def _json_error(e: ValueError) -> str:
 FileProgress = Callable[[list[str]], Iterable[str]]
 
 
-def parse_data_dir(
-    data_dir: str | os.PathLike,
-    data_format: str = "auto",
-    markers: Markers = Markers(),
-    progress: FileProgress | None = None,
-    encoding: str | None = None,
-    reasoning_markers: str = "think",
-) -> DataReport:
-    """Parse every data file under `data_dir` (recursively, in sorted order) into one report. `reasoning_markers`
-    is the config's: other reasoning markers mapped into the think block ("think") or left as text."""
-    _check_format(data_format, allowed=DATA_FORMATS)
+def check_data_dir(data_dir: str | os.PathLike) -> Path:
+    """data_dir as a folder that exists (a UserError saying how to fix it otherwise): what parse_data_dir reads first,
+    and `autotune validate` checks without reading a file."""
     root = Path(data_dir)
     if not root.exists():
         raise UserError(
@@ -1348,10 +1340,33 @@ def parse_data_dir(
         raise UserError(
             f"data_dir {str(data_dir)!r} is a file, not a folder. Fix: set data_dir to the folder that contains it."
         )
+    return root
+
+
+def parse_data_dir(
+    data_dir: str | os.PathLike,
+    data_format: str = "auto",
+    markers: Markers = Markers(),
+    progress: FileProgress | None = None,
+    encoding: str | None = None,
+    reasoning_markers: str = "think",
+    cache_dir: str | os.PathLike | None = None,
+) -> DataReport:
+    """Parse every data file under `data_dir` (recursively, in sorted order) into one report. `reasoning_markers`
+    is the config's: other reasoning markers mapped into the think block ("think") or left as text. `cache_dir`:
+    autotune's tokenized cache (data_cache_dir), never read as data where it lies inside data_dir."""
+    _check_format(data_format, allowed=DATA_FORMATS)
+    root = check_data_dir(data_dir)
     _MarkerMatcher(markers)  # validate the markers once, before any file is read
 
     report = DataReport(files=[], pairs=[])
-    files = _data_files(root, EXTENSIONS[data_format])
+    cache = os.path.realpath(cache_dir) if cache_dir is not None else None
+    if cache is not None and Path(cache).is_relative_to(os.path.realpath(root)) and os.path.isdir(cache):
+        report.warnings.append(
+            f"data_cache_dir {str(cache_dir)!r} lies inside data_dir: its files are autotune's tokenized cache, not "
+            "read as data (set data_cache_dir outside data_dir to keep them apart)"
+        )
+    files = _data_files(root, EXTENSIONS[data_format], skip=cache)
     for relative in progress(files) if progress else files:
         shown = _display(data_dir, relative)
         pairs, file_report = _parse_file(root / relative, relative, data_format, markers, encoding, reasoning_markers)
@@ -1388,12 +1403,12 @@ def _check_format(fmt: str, allowed: Iterable[str]) -> None:
         raise UserError(f"data_format: unknown value {fmt!r}. Fix: use one of {', '.join(allowed)}.")
 
 
-def _data_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
-    """Relative posix paths of data files, sorted; hidden entries, README files and the metadata that
-    `datasets` saves beside its arrow files are skipped. Symlinked folders are followed (a data folder is often
-    assembled from links), each real folder once: a link back into the tree is not a loop."""
+def _data_files(root: Path, extensions: tuple[str, ...], skip: str | None = None) -> list[str]:
+    """Relative posix paths of data files, sorted; hidden entries, README files, the metadata that `datasets`
+    saves beside its arrow files and the folder `skip` (a real path) are skipped. Symlinked folders are followed (a
+    data folder is often assembled from links), each real folder once: a link back into the tree is not a loop."""
     found = []
-    seen = {os.path.realpath(root)}
+    seen = {os.path.realpath(root), *((skip,) if skip else ())}
     for folder, dirs, files in os.walk(root, followlinks=True):
         keep = []
         for name in sorted(d for d in dirs if not d.startswith(".")):
@@ -1678,4 +1693,12 @@ def parse_data(cfg, progress: FileProgress | None = None) -> DataReport:
     markers = getattr(cfg, "reasoning_markers", "think")
     if getattr(cfg, "dataset_name", None):
         return parse_hub_dataset(cfg.dataset_name, cfg.dataset_split, markers)
-    return parse_data_dir(cfg.data_dir, cfg.data_format, Markers.of(cfg), progress, cfg.data_encoding, markers)
+    return parse_data_dir(
+        cfg.data_dir,
+        cfg.data_format,
+        Markers.of(cfg),
+        progress,
+        cfg.data_encoding,
+        markers,
+        cache_dir=getattr(cfg, "data_cache_dir", None),
+    )

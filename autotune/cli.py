@@ -400,6 +400,9 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
     from autotune.checkpoint import check_start
     from autotune.distributed import oom_decisions, world
 
+    if world().is_main:  # torchrun's other ranks run the same command: one copy of each message
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
     if world().size == 1:  # (several ranks: the runner refuses in its order, holding the folder)
         check_start(cfg, resume, overwrite)
         _refuse_unreachable_downloads(cfg)
@@ -412,9 +415,6 @@ def train(config_path, profile_path, sets, resume, overwrite, nproc, strategy):
         )
     from autotune.runner import train as run_training
 
-    if world().is_main:  # torchrun's other ranks run the same command: one copy of each message
-        for warning in warnings:
-            click.echo(f"warning: {warning}", err=True)
     summary = run_training(
         cfg, profile=profile, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True)
     )

@@ -625,8 +625,11 @@ def test_two_nodes_meet_through_torchruns_rendezvous(run_dir):
     assert sum(a.stdout.count("training succeeded") for a in agents) == 1  # global rank 0 alone says it
 
 
-@pytest.mark.parametrize("model,quantization", [("tiny-qwen3", "4bit"), ("tiny-qwen3-moe", "none")])
-def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, autotune_cache, model, quantization):
+# The models the FSDP test shards, each as (model, quantization): both in one torchrun launch.
+FSDP_MODELS = (("tiny-qwen3", "4bit"), ("tiny-qwen3-moe", "none"))
+
+
+def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, autotune_cache):
     """FSDP2 on CPU/gloo, two real processes: the QLoRA model autotune builds for FSDP (4-bit data stored as bf16)
     prepared by accelerate's own fsdp2_prepare_model, with the plugin transformers builds from autotune's
     TrainingArguments. Only the Accelerator around the plugin is a stand-in: accelerate drops the FSDP plugin on
@@ -638,10 +641,14 @@ def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, a
     the adapter gathered for saving is whole on rank 0. The tiny MoE in bf16: its decoder layer is the unit (not
     Qwen3's, which it lacks), its experts sharded as parameters, their adapters applied by the split LoRA (auto's
     default) from the layer's gathered parameters."""
-    out = tmp_path / "fsdp"
-    worker = [__file__, "fsdp-worker", str(out), model, quantization]
-    result = _run(_torchrun("--standalone", "--nproc-per-node=2", *worker), tmp_path, timeout=240)
+    root = tmp_path / "fsdp"
+    result = _run(_torchrun("--standalone", "--nproc-per-node=2", __file__, "fsdp-worker", str(root)), tmp_path, 300)
     assert result.returncode == 0, result.stderr[-4000:]
+    for model, quantization in FSDP_MODELS:
+        _check_fsdp_ranks(root / model, model, quantization)
+
+
+def _check_fsdp_ranks(out: Path, model: str, quantization: str) -> None:
     ranks = [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
     layer = "FSDPQwen3MoeDecoderLayer" if model.endswith("moe") else "FSDPQwen3DecoderLayer"
     for r, doc in enumerate(ranks):
@@ -655,6 +662,19 @@ def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, a
         assert doc["grad_error"] <= 1e-5, r  # relative to the largest gradient; measured ~1e-7
     assert ranks[0]["gathered"] == ranks[0]["adapter_tensors"] > 0 and ranks[0]["gather_error"] == 0.0
     assert ranks[1]["gathered"] == 0  # only rank 0 receives the whole adapter (it alone writes it)
+
+
+def _fsdp_workers(root: str) -> None:
+    """One rank of the FSDP test (run by torchrun): each of FSDP_MODELS in turn, its record under root/<model>."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    for model, quantization in FSDP_MODELS:
+        _fsdp_worker(str(Path(root) / model), model, quantization)
+    # Both ranks done with every collective before either tears gloo down: a rank that destroys the group while the
+    # other's gather to rank 0 is still in flight aborts it ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _fsdp_worker(out: str, model_name: str, quantization: str) -> None:
@@ -674,7 +694,6 @@ def _fsdp_worker(out: str, model_name: str, quantization: str) -> None:
     from autotune.modeling import build_model
     from autotune.techniques.split_lora import ThinFactorExperts
 
-    dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     cfg = build_config(
         dict(
@@ -786,11 +805,8 @@ def _fsdp_worker(out: str, model_name: str, quantization: str) -> None:
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(doc), encoding="utf-8")
-    # Both ranks done with every collective before either tears gloo down: a rank that destroys the group while the
-    # other's gather to rank 0 is still in flight aborts it ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # the next model's collectives start together
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "fsdp-worker":
-    _fsdp_worker(*sys.argv[2:5])
+    _fsdp_workers(sys.argv[2])

@@ -567,12 +567,12 @@ def test_the_watchdog_limit_comes_from_the_profile_else_the_budget():
 # ------------------------------------------------------------------------------------ the demo
 
 
-def test_the_demo_refuses_a_folder_holding_someone_elses_run(tmp_path):
+def test_the_demo_refuses_a_folder_holding_someone_elses_run(tmp_path, capsys):
     out = tmp_path / "real-run"
     (out / "checkpoints" / "checkpoint-100").mkdir(parents=True)
     (out / "autotune_config.json").write_text(json.dumps({"model_name": "Qwen3-8B", "init": "pretrained"}))
     before = tree(out)
-    code, _, stderr = run_cli_process("demo", "--output-dir", str(out), timeout=300)
+    code, _, stderr = run_cli(capsys, "demo", "--output-dir", str(out))
     assert code == 2
     error = clean_error(stderr)
     assert f"--output-dir {out} already holds a run with checkpoints up to step 100, not a demo's" in error

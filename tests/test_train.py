@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import cli_process, run_cli, run_cli_process
+from helpers.cli import cli_process, run_cli
 from helpers.faults import InjectOOM, stop
 from helpers.runs import (
     PAIRS,
@@ -362,7 +362,7 @@ HYBRID = dict(
 @pytest.mark.parametrize(
     "precision", [DEFAULT_PRECISION, FP32_PRECISION, MOE, HYBRID], ids=["default", "fp32", "moe", "hybrid"]
 )
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, precision):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_cache, capsys, precision):
     # lora_dropout stays on where it can: resuming must restore the RNG state, not only weights and optimizer.
     # 5 steps, checkpoints at 2 and 4: killed at checkpoint-2, the resume trains 3 steps (1 if checkpoint-4 slipped in).
     common = {**dict(max_steps=5, save_every_n_steps=2, log_every_n_steps=1, lora_dropout=0.1), **precision}
@@ -392,7 +392,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, autotune_ca
     # A save is renamed into place whole: checkpoint-2 exists, so it is complete.
     assert (checkpoint / "trainer_state.json").is_file()
 
-    code, stdout, stderr = run_cli_process("train", "--config", str(config_path), "--resume", timeout=300)
+    # The resume runs in this process (the kill is what needs a process of its own): the command as a user runs it.
+    code, stdout, stderr = run_cli(capsys, "train", "--config", str(config_path), "--resume")
     assert code == 0, stderr[-3000:]
     assert "training succeeded" in stdout
 

@@ -516,11 +516,16 @@ def _progressbar(length: int, label: str):
 def export(run_dir, merge, dtype, out, overwrite):
     """Export a finished run: a clean adapter folder (PEFT, vLLM LoRA), or with --merge a full model
     (transformers, vLLM), merged on the CPU a layer at a time."""
-    from autotune.checkpoint import require_finished
-    from autotune.run_files import require_run_files
+    from pathlib import Path
 
-    # A folder that is no finished run refused before the imports of the export itself (seconds of them).
-    require_finished(require_run_files(run_dir))
+    from autotune.checkpoint import require_finished
+    from autotune.run_files import check_export_destination, default_export_dir, require_run_files
+
+    # A folder that is no finished run, or an --out that cannot take the export, refused before the imports of the
+    # export itself (seconds of them); export_run checks the same again.
+    run_path = require_run_files(run_dir)
+    require_finished(run_path)
+    check_export_destination(Path(out) if out else default_export_dir(run_dir, merge), run_path, overwrite)
     from autotune.export import export_run
 
     result = export_run(run_dir, out, merge=merge, dtype=dtype, overwrite=overwrite, progress=_progressbar)

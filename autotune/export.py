@@ -46,6 +46,8 @@ from autotune.run_files import (
     CONFIG_FILE,
     EXPORT_MANIFEST,
     SUMMARY,
+    check_export_destination,
+    default_export_dir,
     require_run_files,
 )
 
@@ -575,43 +577,6 @@ def _recorded_model(path: Path) -> dict:
 # The command
 
 
-def default_out(run_dir: str | os.PathLike, merge: bool) -> Path:
-    return Path(run_dir) / ("merged" if merge else "adapter")
-
-
-def _check_destination(out: Path, run: FinishedRun, overwrite: bool) -> None:
-    run_path, target = run.path.resolve(), out.resolve()
-    if target == run_path or target in run_path.parents:
-        raise UserError(
-            f"--out {out}: that is the run folder or holds it, and an export there would replace the run. "
-            "Fix: choose another folder (default: RUN_DIR/merged or RUN_DIR/adapter)."
-        )
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is a file. Fix: choose a folder name.")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"--out {out}: the folder exists and is not empty. Fix: choose another --out, or pass --overwrite "
-                "to replace an earlier export there."
-            )
-        if not (out / EXPORT_MANIFEST).is_file():
-            # --overwrite replaces what an export wrote, never a run's checkpoints or a user's own files.
-            shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-            raise UserError(
-                f"--out {out}: the folder holds files that are not an autotune export ({shown}); --overwrite "
-                f"replaces only an earlier export (a folder with {EXPORT_MANIFEST}). Fix: choose another --out."
-            )
-        listed = (_read_json(out / EXPORT_MANIFEST) or {}).get("files")
-        if isinstance(listed, list):  # (an export from before the manifest listed its files: all of it was its own)
-            foreign = sorted(p.name for p in out.iterdir() if p.name not in {*map(str, listed), EXPORT_MANIFEST})
-            if foreign:
-                raise UserError(
-                    f"--out {out}: beside the earlier export it holds files the export did not write "
-                    f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), which --overwrite would delete. "
-                    "Fix: move them out of the folder, or choose another --out."
-                )
-
-
 @dataclass
 class _Staging:
     """A temporary folder beside `out` that becomes `out` on commit, or disappears."""
@@ -685,8 +650,8 @@ def export_run(
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
     run = read_run(run_dir)
-    target = Path(out) if out is not None else default_out(run_dir, merge)
-    _check_destination(target, run, overwrite)
+    target = Path(out) if out is not None else default_export_dir(run_dir, merge)
+    check_export_destination(target, run.path, overwrite)
     resolved = run.train_dtype if dtype == "auto" and merge else dtype
     notes: list[str] = []
     staging = _Staging(target)
@@ -700,7 +665,7 @@ def export_run(
         atomic_write_json(
             staging.tmp / EXPORT_MANIFEST,
             {
-                "files": written,  # what --overwrite may replace later, and nothing else (_check_destination)
+                "files": written,  # what --overwrite may replace later, and nothing else (run_files.check_export_destination)
                 "run": str(run.path.resolve()),
                 "merged": merge,
                 "dtype": resolved,

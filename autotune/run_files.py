@@ -78,3 +78,55 @@ def check_start_flags(resume: bool, overwrite: bool) -> None:
         raise UserError(
             "--resume and --overwrite contradict each other: --resume continues the run, --overwrite replaces it"
         )
+
+
+def default_export_dir(run_dir: str | os.PathLike, merge: bool) -> Path:
+    """Where `autotune export` writes without --out: beside the run's files, in the run folder."""
+    return Path(run_dir) / ("merged" if merge else "adapter")
+
+
+def check_export_destination(out: Path, run_path: Path, overwrite: bool) -> None:
+    """Where an export may go: not the run folder or above it; a new or empty folder, or with --overwrite an
+    earlier export holding only what it wrote (its manifest's list). A UserError naming the fix otherwise."""
+    run_path, target = run_path.resolve(), out.resolve()
+    if target == run_path or target in run_path.parents:
+        raise UserError(
+            f"--out {out}: that is the run folder or holds it, and an export there would replace the run. "
+            "Fix: choose another folder (default: RUN_DIR/merged or RUN_DIR/adapter)."
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is a file. Fix: choose a folder name.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"--out {out}: the folder exists and is not empty. Fix: choose another --out, or pass --overwrite "
+                "to replace an earlier export there."
+            )
+        if not (out / EXPORT_MANIFEST).is_file():
+            # --overwrite replaces what an export wrote, never a run's checkpoints or a user's own files.
+            shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+            raise UserError(
+                f"--out {out}: the folder holds files that are not an autotune export ({shown}); --overwrite "
+                f"replaces only an earlier export (a folder with {EXPORT_MANIFEST}). Fix: choose another --out."
+            )
+        listed = _manifest_files(out / EXPORT_MANIFEST)
+        if isinstance(listed, list):  # (an export from before the manifest listed its files: all of it was its own)
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in {*map(str, listed), EXPORT_MANIFEST})
+            if foreign:
+                raise UserError(
+                    f"--out {out}: beside the earlier export it holds files the export did not write "
+                    f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), which --overwrite would delete. "
+                    "Fix: move them out of the folder, or choose another --out."
+                )
+
+
+def _manifest_files(path: Path) -> object:
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{path}: cannot read it as JSON ({exc}). Fix: remove the folder, or choose another --out."
+        ) from None
+    return doc.get("files") if isinstance(doc, dict) else None

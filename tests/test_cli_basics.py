@@ -277,25 +277,32 @@ def _refused_in_a_fresh_process(argv: list[str], heavy: tuple[str, ...]) -> subp
     return done
 
 
-@pytest.mark.parametrize("made", ["nothing", "empty folder", "config only", "unfinished run"])
+@pytest.mark.parametrize("made", ["nothing", "empty folder", "config only", "unfinished run", "finished, --out taken"])
 def test_export_refuses_a_folder_that_is_no_run_before_importing_the_export_stack(tmp_path, made):
-    """`autotune export` of a wrong folder took 9 s of torch and bitsandbytes imports to say so; its file checks now
-    run first (run_files.require_run_files), and the message names what is missing."""
+    """`autotune export` of a wrong folder, an unfinished run or to an --out it may not replace took 6-9 s of torch
+    and bitsandbytes imports to say so; its checks of files now run first (run_files, checkpoint.require_finished),
+    and the message names what is wrong."""
     run = tmp_path / "run"
     if made != "nothing":
         run.mkdir()
     if made == "config only":
         (run / "autotune_config.json").write_text("{}")
-    if made == "unfinished run":  # a killed run's files, its summary still "running", a checkpoint at step 8
+    if made in ("unfinished run", "finished, --out taken"):  # a run's files; killed: its summary says "running"
         for name in ("adapter_model.safetensors", "adapter_config.json", "autotune_config.json"):
             (run / name).write_text("{}")
-        (run / "run_summary.json").write_text('{"status": "running"}')
+        status = "running" if made == "unfinished run" else "succeeded"
+        (run / "run_summary.json").write_text(json.dumps({"status": status}))
         (run / "checkpoints" / "checkpoint-8").mkdir(parents=True)
         (run / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text("{}")
-    done = _refused_in_a_fresh_process(["export", str(run)], ("torch", "transformers", "autotune.export"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("the user's")
+    argv = ["export", str(run), *(["--out", str(taken), "--overwrite"] if made == "finished, --out taken" else [])]
+    done = _refused_in_a_fresh_process(argv, ("torch", "transformers", "autotune.export"))
     said = {
         "nothing": "no such run folder",
         "unfinished run": "has not finished (its run_summary.json says 'running'); its newest checkpoint is at step 8",
+        "finished, --out taken": "the folder holds files that are not an autotune export (mine.txt)",
     }.get(made, "no adapter_model.safetensors")
     assert said in done.stderr and "Traceback" not in done.stderr
 

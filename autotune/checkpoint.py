@@ -35,6 +35,7 @@ from autotune.run_files import (
     SUCCEEDED,
     SUMMARY,
     check_start_flags,
+    read_json_doc,
 )
 from autotune.runlock import in_use
 from autotune.units import MiB
@@ -326,7 +327,7 @@ def require_finished(path: Path) -> None:
     summary_path = path / SUMMARY
     if not summary_path.is_file():
         return  # a folder written by hand, or by an autotune before run summaries: nothing says otherwise
-    status = _summary_status(summary_path)
+    status = read_json_doc(summary_path, "re-run `autotune train`").get("status")
     if status == SUCCEEDED:
         return
     last = last_complete_checkpoint(path / CHECKPOINTS)  # what `train --resume` would go on from
@@ -336,14 +337,6 @@ def require_finished(path: Path) -> None:
         f"{ADAPTER_WEIGHTS} is not that run's result. Fix: finish it (`autotune train --resume` with its config), "
         "then export."
     )
-
-
-def _summary_status(path: Path) -> object:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read it as JSON ({exc}). Fix: re-run `autotune train`.") from None
-    return doc.get("status") if isinstance(doc, dict) else None
 
 
 # ------------------------------------------------------------------- where a run starts in its folder

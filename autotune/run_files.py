@@ -109,7 +109,7 @@ def check_export_destination(out: Path, run_path: Path, overwrite: bool) -> None
                 f"--out {out}: the folder holds files that are not an autotune export ({shown}); --overwrite "
                 f"replaces only an earlier export (a folder with {EXPORT_MANIFEST}). Fix: choose another --out."
             )
-        listed = _manifest_files(out / EXPORT_MANIFEST)
+        listed = read_json_doc(out / EXPORT_MANIFEST, "remove the folder, or choose another --out").get("files")
         if isinstance(listed, list):  # (an export from before the manifest listed its files: all of it was its own)
             foreign = sorted(p.name for p in out.iterdir() if p.name not in {*map(str, listed), EXPORT_MANIFEST})
             if foreign:
@@ -120,13 +120,13 @@ def check_export_destination(out: Path, run_path: Path, overwrite: bool) -> None
                 )
 
 
-def _manifest_files(path: Path) -> object:
+def read_json_doc(path: Path, fix: str) -> dict:
+    """A run folder's JSON file as a dict ({} for another JSON value); a UserError naming it and `fix` when it does
+    not parse."""
     import json
 
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(
-            f"{path}: cannot read it as JSON ({exc}). Fix: remove the folder, or choose another --out."
-        ) from None
-    return doc.get("files") if isinstance(doc, dict) else None
+        raise UserError(f"{path}: cannot read it as JSON ({exc}). Fix: {fix}.") from None
+    return doc if isinstance(doc, dict) else {}

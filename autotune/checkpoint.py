@@ -66,15 +66,18 @@ FIRST_SAVE_FIXED_BYTES = 32 * MiB
 def complete_checkpoints(folder: str | os.PathLike) -> list[str]:
     """The checkpoint-N folders that were written to the end, newest first (trainer_state.json is the last file in
     one; a folder from before atomic saves, cut short by a kill, lacks it and cannot be resumed)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    steps = {}
-    for path in folder.glob(f"{CHECKPOINT_PREFIX}-*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX) + 1 :]
-        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
-            steps[int(suffix)] = path
+    steps = {step: path for step, path in checkpoint_folders(folder).items() if (path / TRAINER_STATE).is_file()}
     return [str(steps[step]) for step in sorted(steps, reverse=True)]
+
+
+def checkpoint_folders(folder: str | os.PathLike) -> dict[int, Path]:
+    """Every checkpoint-N under `folder` by its step, complete or not (hidden staging folders are not named so)."""
+    found = {}
+    for path in Path(folder).glob(f"{CHECKPOINT_PREFIX}-*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX) + 1 :]
+        if suffix.isdigit():
+            found[int(suffix)] = path
+    return found
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -358,11 +361,7 @@ def existing_run(output_dir: Path, previous: dict | None) -> str | None:
     """What run output_dir holds that a new run would destroy (trained weights, or a finished run), described
     for the message; None when it holds none (a run that failed before its first checkpoint leaves nothing
     to lose)."""
-    checkpoints = sorted(
-        checkpoint_step(p)
-        for p in (output_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}-*")
-        if p.name[len(CHECKPOINT_PREFIX) + 1 :].isdigit()
-    )
+    checkpoints = sorted(checkpoint_folders(output_dir / CHECKPOINTS))
     adapter = (output_dir / ADAPTER_WEIGHTS).is_file()
     status = (previous or {}).get("status")
     if not checkpoints and not adapter and status != SUCCEEDED:

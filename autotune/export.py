@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from autotune.catalog import ModelSpec, resolve_model
-from autotune.checkpoint import require_finished
+from autotune.checkpoint import read_summary, require_finished
 from autotune.config import EXPORT_DTYPES, Config, load_config
 from autotune.errors import UserError
 from autotune.fsutil import apply_umask, atomic_write_json, fsync_dir
@@ -45,7 +45,6 @@ from autotune.run_files import (
     ADAPTER_WEIGHTS,
     CONFIG_FILE,
     EXPORT_MANIFEST,
-    SUMMARY,
     check_export_destination,
     default_export_dir,
     require_run_files,
@@ -566,10 +565,7 @@ def _trained_nf4_experts(run: FinishedRun) -> bool:
 
 def _recorded_model(path: Path) -> dict:
     """The run summary's record of the model it trained (runner._build); empty where there is none to read."""
-    try:
-        model = json.loads((path / SUMMARY).read_text(encoding="utf-8")).get("model", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+    model = (read_summary(path) or {}).get("model")
     return model if isinstance(model, dict) else {}
 
 

@@ -339,8 +339,10 @@ def _cli(*args: str) -> list[str]:
 
 
 def _losses(log: Path) -> dict[int, float]:
-    """The training loss of each step in a JSONL log; each step must be logged exactly once."""
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    """The training loss of each step in a JSONL log; each step must be logged exactly once. A line is whole once
+    its newline is written: read while a rank appends, the last line may not be yet, and is left for the next read."""
+    text = log.read_text(encoding="utf-8")
+    records = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
     steps = [r["global_step"] for r in records if r["message"] == "metrics" and "loss" in r["metrics"]]
     assert len(steps) == len(set(steps)), f"a step logged twice (two writers?): {steps}"
     return {

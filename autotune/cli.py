@@ -754,8 +754,9 @@ def estimate(
 
     from autotune.batching import BatchPlan
     from autotune.context import RunContext
-    from autotune.estimate import GPU_PHASES, fit, report, shape_for, strategy_for
+    from autotune.estimate import GPU_PHASES, fit, plan_techniques, report, shape_for, strategy_for
     from autotune.hardware import available_ram_bytes
+    from autotune.techniques import as_config_values, open_values, valid_combinations
 
     # The shape's flags go through the config, so the bounds a run is held to hold here too (a sequence within the
     # model's positions, a rank within its width, a micro-batch a step can hold): one set of checks.
@@ -781,7 +782,15 @@ def estimate(
         else:
             strategy, why = strategy_for(shape, budget)
     shape = replace(shape, strategy=strategy)
-    smaller = ""
+    smaller = chosen = ""
+    if budget is not None:
+        # What solve would do with the switches left on "auto" when the config's own techniques leave nothing that
+        # fits: the fastest combination that does (at the micro-batch asked for, else at micro-batch 1, the plan
+        # below then growing it).
+        allowed = open_values(cfg, ctx.spec, checkpointing="on" if cfg.gradient_checkpointing else "off")
+        candidates = valid_combinations(allowed, ctx.spec, strategy, gpus, cfg.target_modules)
+        planned, chosen = plan_techniques(shape if batch_given else replace(shape, batch=1), budget, candidates)
+        shape = replace(shape, knobs=planned.knobs)
     if budget is not None and not batch_given:
         # The question solve answers: the config's micro-batch if it fits, else the largest that does, accumulation
         # keeping the effective batch (the one batch plan; the largest is on the safe side of the error band).
@@ -800,6 +809,9 @@ def estimate(
         doc["strategy_reason"] = why
     if smaller:
         doc["batch_reason"] = smaller
+    if chosen:
+        doc["techniques_reason"] = chosen
+    doc["techniques"] = as_config_values(shape.knobs)
     if as_json:
         _echo_json(doc)
         return
@@ -808,7 +820,7 @@ def estimate(
         f"{doc['model']}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device}){ranks}"
     )
-    for reason in (why, smaller):
+    for reason in (why, chosen, smaller):
         if reason:
             click.echo(f"  {reason}")
     for name, gb in doc["components_gb"].items():
@@ -859,7 +871,9 @@ def estimate(
                 + (f"seq {lean_seq} at batch {batch}" if lean_seq else f"no sequence at batch {batch}")
                 + ("; `autotune solve` measures which of them pay" if lean_seq or lean_batch else "")
             )
-        if not fits_batch and not fits_seq:
+        if doc["fits"] and not fits_batch and not fits_seq:
+            click.echo("  within the estimate's expected error of the limit: `autotune solve` measures whether it fits")
+        elif not fits_batch and not fits_seq:
             quantize = "" if cfg.quantization == "4bit" else "--set quantization=4bit, "
             click.echo(
                 f"  nothing of this shape is predicted to fit: lower --rank, {quantize}shard it with --gpus N "

@@ -152,6 +152,26 @@ def test_a_row_changes_exactly_the_estimate_terms_it_names(t):
     assert changed == set(t.estimate)
 
 
+@pytest.mark.parametrize("t", [t for t in TECHNIQUES_TABLE if t.subsumed_by], ids=lambda t: t.key)
+def test_a_subsumed_row_changes_nothing_while_the_row_that_subsumes_it_is_on(t):
+    """With the row that subsumes it on (the NF4 experts apply the adapters as thin factors themselves), toggling
+    the row changes neither the estimate nor the speed the solver and the estimate's plan rank by; with it off, the
+    row does change the estimate (the subsumption is real, not a row that never matters)."""
+    subsumer = next(row for row in TECHNIQUES_TABLE if row.key == t.subsumed_by)
+    for values, checkpointing in _shapes():
+        for outer in (True, False):
+            base = Knobs(checkpointing=checkpointing, **{subsumer.key: outer})
+            pair = [
+                StepShape(takes(t).architecture, rank=16, knobs=base.with_(**{t.key: on}), **values) for on in (0, 1)
+            ]
+            terms = [estimate(shape).terms for shape in pair]
+            if outer:
+                assert terms[0] == terms[1], values
+                assert pair[0].knobs.speed(values["device"]) == pair[1].knobs.speed(values["device"])
+            else:
+                assert terms[0] != terms[1] and pair[0].knobs.speed("cuda") > pair[1].knobs.speed("cuda"), values
+
+
 def _toggled(t):
     """Pairs of shapes (the technique off, on) over _shapes(), with the knobs it needs on in both."""
     for values, checkpointing in _shapes():

@@ -17,7 +17,15 @@ as `autotune train` runs it: bf16 autocast for a bf16 model, full-length rows as
 - fit.py: what fits (largest micro-batch, longest sequence), the strategy, `autotune estimate`'s report.
 """
 
-from autotune.estimate.fit import fit, largest_fitting, pick_strategy, report, safe_limit, strategy_for
+from autotune.estimate.fit import (
+    fit,
+    largest_fitting,
+    pick_strategy,
+    plan_techniques,
+    report,
+    safe_limit,
+    strategy_for,
+)
 from autotune.estimate.peak import (
     CALIBRATION_PATH,
     COMPONENTS,
@@ -48,6 +56,7 @@ __all__ = [
     "optimizer_state_bytes",
     "pick_strategy",
     "plan_run",
+    "plan_techniques",
     "report",
     "safe_limit",
     "shape_for",

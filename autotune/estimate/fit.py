@@ -3,13 +3,14 @@ ranks, and `autotune estimate`'s report."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from autotune.catalog import Architecture
 from autotune.estimate.peak import Estimate, calibration, error_band, estimate
 from autotune.estimate.run import load_terms, plan_run
 from autotune.estimate.shape import StepShape, shape_of
+from autotune.techniques import Knobs
 from autotune.units import Budget, GiB
 
 
@@ -111,6 +112,50 @@ def pick_strategy(
 ) -> tuple[str, str]:
     """strategy_for() of the shape these keywords describe."""
     return strategy_for(shape_of(arch, batch=1, seq=seq, rank=rank, world_size=world_size, **options), budget)
+
+
+def plan_techniques(shape: StepShape, budget: Budget, candidates: Iterable[Knobs]) -> tuple[StepShape, str]:
+    """The shape with the techniques its run needs to fit the budget (the whole run's peak within the usable
+    budget, the verdict `autotune estimate` prints): its own knobs when they fit; else, of the candidate
+    combinations (techniques.valid_combinations of what the config leaves on "auto"), the fastest that fits on the
+    safe side of the error band (the rows' speed priors, as solve ranks what it measures first; of equally fast
+    ones the fewest changes), and where none does, the leanest that fits at all (the most room within the error).
+    Returns the shape and why it changed ("" when it did not, or when no candidate fits either: the report then
+    says what does not fit)."""
+    own = plan_run(shape).peak_bytes
+    if own <= budget.usable_bytes:
+        return shape, ""
+    device = "cpu" if shape.device == "cpu" else "cuda"
+
+    def changes(knobs: Knobs) -> int:
+        return sum(a != b for a, b in zip(knobs.lean_key(), shape.knobs.lean_key(), strict=True))
+
+    fitting = []
+    for knobs in candidates:
+        planned = replace(shape, knobs=knobs)
+        peak = plan_run(planned).peak_bytes
+        if planned.knobs != shape.knobs and peak <= budget.usable_bytes:
+            fitting.append((peak, planned))
+    if not fitting:
+        return shape, ""
+    safe = [planned for peak, planned in fitting if peak <= safe_limit(budget, shape.device)]
+    if safe:
+        planned = min(safe, key=lambda p: (-p.knobs.speed(device), changes(p.knobs)))
+        why = "the fastest combination predicted to fit, as solve would measure first"
+    else:
+        planned = min(fitting, key=lambda f: (f[0], -f[1].knobs.speed(device), changes(f[1].knobs)))[1]
+        why = "the leanest combination, the one with the most room: none fits on the safe side of the error band"
+    on = [t.key for t in planned.knobs.on() if not getattr(shape.knobs, t.key)]
+    off = [t.key for t in shape.knobs.on() if not getattr(planned.knobs, t.key)]
+    if planned.knobs.checkpointing != shape.knobs.checkpointing:
+        (on if planned.knobs.checkpointing else off).append("gradient_checkpointing")
+    switched = "; ".join(
+        part for part in (f"on {', '.join(on)}" if on else "", f"off {', '.join(off)}" if off else "") if part
+    )
+    return planned, (
+        f"the config's techniques are predicted not to fit ({own / GiB:.2f} GiB at micro-batch {shape.batch}): "
+        f'"auto" switches {switched}, {why}'
+    )
 
 
 def _with_every_technique(shape: StepShape, budget: Budget, found: dict) -> dict | None:

@@ -9,7 +9,6 @@ Both return a SolveResult, which solve/record.py writes into the profile. No tor
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,7 +17,7 @@ from autotune.batching import BatchPlan, divisors_up_to, share_of
 from autotune.config import DEFAULT_MAX_TRIALS
 from autotune.context import RunContext
 from autotune.errors import UserError
-from autotune.estimate import StepShape, estimate, fit, shape_for
+from autotune.estimate import StepShape, estimate, fit, plan_techniques, shape_for
 from autotune.measurement import Trial
 from autotune.solve.search import (
     SearchLog,
@@ -29,7 +28,7 @@ from autotune.solve.search import (
     largest_seq,
     measure_divisor,
 )
-from autotune.techniques import KNOBS, TECHNIQUES_TABLE, Knobs, resolve, valid
+from autotune.techniques import TECHNIQUES_TABLE, Knobs, open_values, resolve, valid_combinations
 from autotune.units import Budget, GiB
 
 # Technique combinations a throughput solve measures besides the config's own (the estimate ranks them).
@@ -155,32 +154,17 @@ def request_seq(req: SolveRequest) -> tuple[int, str]:
 
 
 def allowed_values(req: SolveRequest) -> dict[str, tuple[bool, ...]]:
-    """The values each knob may take: a config switch on "auto" leaves both open where the row is searched,
-    "on"/"off" fixes it; so does --checkpointing. A row that is not searched keeps its default (packing: a trial's
-    rows are all full length, so it cannot show packing's gain, only its cost)."""
-    cfg, default = req.ctx.cfg, resolve(req.ctx.cfg, req.ctx.spec)
-    allowed: dict[str, tuple[bool, ...]] = {
-        "checkpointing": {"auto": (False, True), "on": (True,), "off": (False,)}[req.checkpointing]
-    }
-    for t in TECHNIQUES_TABLE:
-        open_ = t.searched and getattr(cfg, t.key) == "auto"
-        if open_ and t.key in req.keep_off:
-            allowed[t.key] = (False,)
-        else:
-            allowed[t.key] = (False, True) if open_ else (getattr(default, t.key),)
-    return allowed
+    """The values each knob may take in this solve (techniques.open_values: the config's "auto" switches open,
+    --checkpointing, the techniques the host cannot hold kept off)."""
+    return open_values(req.ctx.cfg, req.ctx.spec, checkpointing=req.checkpointing, keep_off=req.keep_off)
 
 
 def combinations(req: SolveRequest) -> list[Knobs]:
     """Every valid combination of the knobs the request leaves open: for this model, and for the strategy its
-    ranks will run under (a combination the strategy refuses is never proposed)."""
-    allowed = allowed_values(req)
-    out = []
-    for values in itertools.product(*(allowed[k] for k in KNOBS)):
-        knobs = Knobs(**dict(zip(KNOBS, values)))
-        if valid(knobs, req.ctx.spec, req.strategy, req.world_size, req.ctx.cfg.target_modules):
-            out.append(knobs)
-    return out
+    ranks will run under (techniques.valid_combinations)."""
+    return valid_combinations(
+        allowed_values(req), req.ctx.spec, req.strategy, req.world_size, req.ctx.cfg.target_modules
+    )
 
 
 def lean_knobs(req: SolveRequest) -> Knobs:
@@ -476,6 +460,11 @@ def plan_from_estimate(req: SolveRequest, budget: Budget) -> SolveResult:
     ranks = sorted(set(req.ranks or [cfg.lora_r]))
     knobs = lean_knobs(req) if req.objective != "throughput" else resolve(cfg, req.ctx.spec)
     knobs = knobs.allowed_under("fsdp", req.world_size, cfg.target_modules)  # FSDP shards both tables already
+    # Throughput keeps the config's techniques where they fit, else what `autotune estimate` plans (one rule).
+    planned, techniques_reason = plan_techniques(
+        req.shape("cuda", knobs, seq=seq, rank=ranks[0]), budget, combinations(req)
+    )
+    knobs = planned.knobs
     fits: dict[int, int] = {}
     for rank in ranks:
         largest = fit(req.shape("cuda", knobs, seq=seq, rank=rank), budget, max_batch=share, max_seq=0)["batch"]
@@ -512,6 +501,7 @@ def plan_from_estimate(req: SolveRequest, budget: Budget) -> SolveResult:
         seq_reason=seq_reason,
         eval_batch=batch,
         reason=reason
+        + (f" Techniques: {techniques_reason}." if techniques_reason else "")
         + f" FSDP per rank, from the estimate ({est.peak_gib:.2f} GiB at the {est.phase.replace('_', ' ')}): not"
         " measured; the first training steps are the measurement (the memory watchdog warns past it).",
         trials=[best],

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -177,6 +178,9 @@ class Technique:
     # The base quantizations with which `auto` means on without a solved profile, whatever `auto` says otherwise
     # (the 4-bit experts: a QLoRA of an MoE model stores its experts in 4 bits too).
     auto_with: tuple[str, ...] = ()
+    # Another row that, when on, already computes the way this one does (the NF4 experts apply the adapters as thin
+    # factors themselves): with it on, this row changes neither the step's memory nor its speed.
+    subsumed_by: str | None = None
 
     def default(self, arch: Architecture, quantization: str) -> bool:
         """What `auto` means without a solved profile for this model and base quantization: the row's default (or
@@ -401,6 +405,7 @@ TECHNIQUES_TABLE: tuple[Technique, ...] = (
             ModelRule("is_dense", "has no experts: the adapters of its MLPs' Linears are never folded into them"),
         ),
         estimate=("layers.saved", "layers.backward"),
+        subsumed_by="experts_4bit",
     ),
 )
 
@@ -470,7 +475,8 @@ class Knobs:
         """The step's relative speed with these knobs (1.0: none of them): the product of the rows' priors."""
         prior = CHECKPOINTING_SPEED if self.checkpointing else 1.0
         for t in self.on():
-            prior *= t.speed(device_type)
+            if t.subsumed_by is None or not self._values[t.subsumed_by]:  # a subsumed row costs nothing more
+                prior *= t.speed(device_type)
         return prior
 
     def lean_key(self) -> tuple[bool, ...]:
@@ -571,6 +577,44 @@ def valid(
     except UserError:
         return False
     return knobs.allowed_under(strategy, world_size, targets) == knobs
+
+
+def open_values(
+    cfg: Config, spec: ModelSpec, *, checkpointing: str = "auto", keep_off: Iterable[str] = ()
+) -> dict[str, tuple[bool, ...]]:
+    """The values each knob may take when the techniques are chosen (by solve's measurements, or the estimate's
+    plan): a config switch on "auto" leaves both open where the row is searched, "on"/"off" fixes it; so does
+    `checkpointing` ("auto" | "on" | "off"). A row that is not searched keeps its default (packing: a trial's rows
+    are all full length, so it cannot show packing's gain, only its cost); a row in `keep_off` stays off."""
+    default = resolve(cfg, spec)
+    allowed: dict[str, tuple[bool, ...]] = {
+        "checkpointing": {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
+    }
+    for t in TECHNIQUES_TABLE:
+        open_ = t.searched and getattr(cfg, t.key) == "auto"
+        if open_ and t.key in keep_off:
+            allowed[t.key] = (False,)
+        else:
+            allowed[t.key] = (False, True) if open_ else (getattr(default, t.key),)
+    return allowed
+
+
+def valid_combinations(
+    allowed: dict[str, tuple[bool, ...]],
+    spec: ModelSpec,
+    strategy: str = "ddp",
+    world_size: int = 1,
+    targets: Iterable[str] = (),
+) -> list[Knobs]:
+    """Every combination of the `allowed` values (open_values) that this model takes and `strategy` over
+    `world_size` ranks allows (a combination the strategy refuses is never proposed), fewest switches first."""
+    targets = tuple(targets)
+    out = []
+    for values in itertools.product(*(allowed[k] for k in KNOBS)):
+        knobs = Knobs(**dict(zip(KNOBS, values, strict=True)))
+        if valid(knobs, spec, strategy, world_size, targets):
+            out.append(knobs)
+    return out
 
 
 def _switch(value: str, default: bool) -> bool:

@@ -146,7 +146,11 @@ def test_the_planned_techniques_are_the_fastest_that_fit_on_the_safe_side(capsys
     assert doc["techniques"]["offload_activations"] == "off" and doc["techniques"]["embedding_on_cpu"] == "on"
     assert doc["with_every_technique"]["set"]["offload_activations"] == "on"
     unplanned = json.loads(run_ok(capsys, *args, "--max-memory-gb", "24").out)  # its own fit: nothing planned
-    assert unplanned["fits"] and "techniques_reason" not in unplanned and unplanned["techniques"]["embedding_on_cpu"] == "off"
+    assert (
+        unplanned["fits"]
+        and "techniques_reason" not in unplanned
+        and unplanned["techniques"]["embedding_on_cpu"] == "off"
+    )
 
 
 def test_without_batch_the_estimate_plans_the_largest_micro_batch_that_fits_keeping_the_effective_batch(capsys):

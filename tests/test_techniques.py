@@ -86,6 +86,20 @@ def test_no_labelled_token_gives_nan_like_the_plain_loss():
     assert math.isnan(plain_loss(hidden, weight, labels).item())
 
 
+def test_only_the_labelled_tokens_reach_the_head(monkeypatch):
+    """A prompt's tokens (and padding) have no label: the fused loss never multiplies them by lm_head, which at
+    Qwen3's vocabulary is most of a step's compute. The loss and gradients stay those of the full logits (above)."""
+    rows = []
+    apply = ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(ChunkedLinearCrossEntropy, "apply", lambda h, *rest: rows.append(h.shape[0]) or apply(h, *rest))
+    labels = torch.randint(0, 64, (2, 10))
+    labels[:, :6] = IGNORE  # six prompt tokens per row: with the shift, positions 5 to 8 predict a label
+    hidden = torch.randn(2, 10, 8, requires_grad=True)
+    linear_cross_entropy(hidden, torch.randn(64, 8), labels).backward()
+    assert rows == [8] and hidden.grad[:, 5:9].abs().sum() > 0
+    assert hidden.grad[:, :5].abs().sum() == 0 and hidden.grad[:, 9].abs().sum() == 0
+
+
 def test_the_chunked_function_keeps_no_logits_for_backward():
     hidden = torch.randn(64, 16, requires_grad=True)
     weight = torch.randn(4096, 16)

@@ -118,11 +118,11 @@ def estimate(
     **keys: Any,
 ) -> Estimated:
     """`autotune estimate`: the predicted peak of a step and of the whole run, without a GPU, for the config's shape
-    (max_sequence_length, batch_size, lora_r, its techniques) within its max_memory_gb less `margin`."""
-    from dataclasses import replace
-
+    (max_sequence_length, batch_size, lora_r, its techniques) within its max_memory_gb less `margin`; where the
+    config's own techniques are predicted not to fit, those it leaves on "auto" planned as the command plans them
+    (estimate.answer, its "techniques_reason")."""
     from autotune.context import RunContext
-    from autotune.estimate import report, shape_for, strategy_for
+    from autotune.estimate import answer
     from autotune.hardware import available_ram_bytes
     from autotune.units import Budget, GiB
 
@@ -130,23 +130,8 @@ def estimate(
         raise UserError(f"device {device!r}: use cuda (a GPU's step, with its context) or cpu (the CPU tracker's)")
     cfg = _config(config, keys, [])
     budget = Budget.from_gib(cfg.max_memory_gb, margin) if cfg.max_memory_gb is not None else None
-    ctx = RunContext(cfg)
-    shape = shape_for(
-        cfg,
-        ctx.architecture,
-        batch=cfg.batch_size,
-        seq=cfg.max_sequence_length,
-        rank=cfg.lora_r,
-        device=device,
-        world_size=gpus,
-    )
-    strategy, why = cfg.distributed_strategy, ""
-    if strategy == "auto":
-        strategy, why = ("ddp", "") if budget is None or gpus == 1 else strategy_for(shape, budget)
     host_ram = int(host_ram_gb * GiB) if host_ram_gb is not None else available_ram_bytes()
-    step, doc = report(ctx.spec.name, replace(shape, strategy=strategy), budget, host_ram_bytes=host_ram)
-    if why:
-        doc["strategy_reason"] = why
+    step, doc, _ = answer(cfg, RunContext(cfg).spec, budget, device=device, gpus=gpus, host_ram_bytes=host_ram)
     return Estimated(step, doc)
 
 

@@ -750,13 +750,9 @@ def estimate(
 ):
     """Predict a training run's peak memory without a GPU: the step by component, each phase of the run (load,
     step, evaluation, checkpoint), the host memory, and the largest shapes that fit."""
-    from dataclasses import replace
-
-    from autotune.batching import BatchPlan
     from autotune.context import RunContext
-    from autotune.estimate import GPU_PHASES, fit, plan_techniques, report, shape_for, strategy_for
+    from autotune.estimate import GPU_PHASES, answer
     from autotune.hardware import available_ram_bytes
-    from autotune.techniques import as_config_values, open_values, valid_combinations
 
     # The shape's flags go through the config, so the bounds a run is held to hold here too (a sequence within the
     # model's positions, a rank within its width, a micro-batch a step can hold): one set of checks.
@@ -771,47 +767,12 @@ def estimate(
     )
     budget_gb = max_memory_gb if max_memory_gb is not None else cfg.max_memory_gb
     budget = Budget.from_gib(budget_gb, margin) if budget_gb is not None else None
-    batch_given = batch is not None
-    seq, batch, rank = cfg.max_sequence_length, cfg.batch_size, cfg.lora_r
-    ctx = RunContext(cfg)
-    shape = shape_for(cfg, ctx.architecture, batch=batch, seq=seq, rank=rank, device=device, world_size=gpus)
-    strategy, why = cfg.distributed_strategy, ""
-    if strategy == "auto":
-        if budget is None or gpus == 1:
-            strategy = "ddp"
-        else:
-            strategy, why = strategy_for(shape, budget)
-    shape = replace(shape, strategy=strategy)
-    smaller = chosen = ""
-    if budget is not None:
-        # What solve would do with the switches left on "auto" when the config's own techniques leave nothing that
-        # fits: the fastest combination that does (at the micro-batch asked for, else at micro-batch 1, the plan
-        # below then growing it).
-        allowed = open_values(cfg, ctx.spec, checkpointing="on" if cfg.gradient_checkpointing else "off")
-        candidates = valid_combinations(allowed, ctx.spec, strategy, gpus, cfg.target_modules)
-        planned, chosen = plan_techniques(shape if batch_given else replace(shape, batch=1), budget, candidates)
-        shape = replace(shape, knobs=planned.knobs)
-    if budget is not None and not batch_given:
-        # The question solve answers: the config's micro-batch if it fits, else the largest that does, accumulation
-        # keeping the effective batch (the one batch plan; the largest is on the safe side of the error band).
-        largest = fit(shape, budget, max_batch=batch)["batch"]
-        if 0 < largest < batch:
-            try:
-                plan = BatchPlan.largest(cfg.effective_batch, gpus, largest)
-                micro, kept = plan.micro, plan.describe()
-            except UserError:  # an effective batch the ranks cannot share: train says so; here, the largest
-                micro, kept = largest, f"micro-batch {largest}"
-            smaller = f"the config's micro-batch {batch} is predicted not to fit: {kept}"
-            batch, shape = micro, replace(shape, batch=micro)
     host_ram = int(host_ram_gb * GiB) if host_ram_gb is not None else available_ram_bytes()
-    est, doc = report(ctx.spec.name, shape, budget, host_ram_bytes=host_ram)
-    if why:
-        doc["strategy_reason"] = why
-    if smaller:
-        doc["batch_reason"] = smaller
-    if chosen:
-        doc["techniques_reason"] = chosen
-    doc["techniques"] = as_config_values(shape.knobs)
+    # Without --batch, the question solve answers: the config's micro-batch if it fits, else the largest that does.
+    est, doc, shape = answer(
+        cfg, RunContext(cfg).spec, budget, device=device, gpus=gpus, host_ram_bytes=host_ram, plan_batch=batch is None
+    )
+    seq, batch, rank, strategy = shape.seq, shape.batch, shape.rank, shape.strategy
     if as_json:
         _echo_json(doc)
         return
@@ -820,7 +781,7 @@ def estimate(
         f"{doc['model']}, {cfg.quantization}, batch {batch} x seq {seq}, r={rank}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer} ({device}){ranks}"
     )
-    for reason in (why, chosen, smaller):
+    for reason in (doc.get(key) for key in ("strategy_reason", "techniques_reason", "batch_reason")):
         if reason:
             click.echo(f"  {reason}")
     for name, gb in doc["components_gb"].items():

@@ -263,6 +263,11 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 "",
                 *_columns("| experts | seq | tracked GiB | estimate GiB | error | at |"),
             ]
+            if not doc["tracked"]:  # --experts none: the estimate's answers alone, nothing tracked
+                out[-4:] = [
+                    f"### Mixture of experts, the estimate's answers ({doc['date']}; `bench/moe_bench.py --experts none`)",
+                    "",
+                ]
             out += [
                 f"| {_experts_form(r)} | {r['seq']} | {r['measured_bytes'] / 2**30:.3f} | {r['estimate_bytes'] / 2**30:.3f} | "
                 f"{r['error']:+.1%} | {r['estimate_phase']} |"
@@ -282,6 +287,11 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
                 (
                     "30b_a3b_nf4_experts_lean_seq2048_r16",
                     "Qwen3-30B-A3B, NF4 experts, host embedding and 8-bit head, seq 2048, r 16",
+                ),
+                (
+                    "30b_a3b_nf4_experts_every_technique_seq2048_r16",
+                    "Qwen3-30B-A3B, NF4 experts, activation offload, host embedding and 8-bit head (what `autotune "
+                    "estimate --max-memory-gb 24 --set experts_4bit=on` plans at r 16), seq 2048, r 16",
                 ),
                 (
                     "235b_a22b_fsdp8_seq4096_r16",

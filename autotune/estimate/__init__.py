@@ -18,6 +18,7 @@ as `autotune train` runs it: bf16 autocast for a bf16 model, full-length rows as
 """
 
 from autotune.estimate.fit import (
+    answer,
     fit,
     largest_fitting,
     pick_strategy,
@@ -46,6 +47,7 @@ __all__ = [
     "Estimate",
     "RunPlan",
     "StepShape",
+    "answer",
     "calibration",
     "error_band",
     "estimate",

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from autotune.catalog import Architecture
+from autotune.batching import BatchPlan
+from autotune.catalog import Architecture, ModelSpec
+from autotune.errors import UserError
 from autotune.estimate.peak import Estimate, calibration, error_band, estimate
 from autotune.estimate.run import load_terms, plan_run
-from autotune.estimate.shape import StepShape, shape_of
-from autotune.techniques import Knobs
+from autotune.estimate.shape import StepShape, shape_for, shape_of
+from autotune.techniques import Knobs, as_config_values, open_values, valid_combinations
 from autotune.units import Budget, GiB
 
 
@@ -209,6 +211,7 @@ def report(
         "phases_gb": {k: round(v / GiB, 3) for k, v in run.phases.items()},
         "host_gb": round(run.host_bytes / GiB, 3),
         "export_host_gb": round(run.export_host_bytes / GiB, 3),
+        "techniques": as_config_values(shape.knobs),
     }
     if host_ram_bytes is not None:
         doc.update(host_ram_gb=round(host_ram_bytes / GiB, 3), host_fits=run.host_bytes <= host_ram_bytes)
@@ -227,3 +230,58 @@ def report(
     if band:
         doc["error_band"] = {"low": band[0], "high": band[1], "trials": calibration().get("trials")}
     return est, doc
+
+
+def answer(
+    cfg,
+    spec: ModelSpec,
+    budget: Budget | None,
+    *,
+    device: str = "cuda",
+    gpus: int = 1,
+    host_ram_bytes: int | None = None,
+    plan_batch: bool = False,
+) -> tuple[Estimate, dict, StepShape]:
+    """`autotune estimate`'s answer for a config (an autotune.config.Config), the command's and the Python API's
+    alike: the shape of one rank's step, planned where the config leaves it open, then report() of it.
+
+    With a budget: the strategy `auto` resolved (strategy_for), and the techniques left on "auto" planned where the
+    config's own are predicted not to fit (plan_techniques: at the config's micro-batch, or with `plan_batch` at
+    micro-batch 1); with `plan_batch` too, the config's micro-batch if it fits, else the largest that does (on the
+    safe side of the error band), accumulation keeping the effective batch (the one batch plan, as solve does).
+    Each choice made says why in the report ("strategy_reason", "techniques_reason", "batch_reason")."""
+    shape = shape_for(
+        cfg,
+        spec.architecture,
+        batch=cfg.batch_size,
+        seq=cfg.max_sequence_length,
+        rank=cfg.lora_r,
+        device=device,
+        world_size=gpus,
+    )
+    strategy, reasons = cfg.distributed_strategy, {}
+    if strategy == "auto":
+        strategy = "ddp"
+        if budget is not None and gpus > 1:
+            strategy, reasons["strategy_reason"] = strategy_for(shape, budget)
+    shape = replace(shape, strategy=strategy)
+    if budget is not None:
+        allowed = open_values(cfg, spec, checkpointing="on" if cfg.gradient_checkpointing else "off")
+        candidates = valid_combinations(allowed, spec, strategy, gpus, cfg.target_modules)
+        planned, reasons["techniques_reason"] = plan_techniques(
+            replace(shape, batch=1) if plan_batch else shape, budget, candidates
+        )
+        shape = replace(shape, knobs=planned.knobs)
+    if budget is not None and plan_batch:
+        largest = fit(shape, budget, max_batch=shape.batch)["batch"]
+        if 0 < largest < shape.batch:
+            try:
+                plan = BatchPlan.largest(cfg.effective_batch, gpus, largest)
+                micro, kept = plan.micro, plan.describe()
+            except UserError:  # an effective batch the ranks cannot share: train says so; here, the largest
+                micro, kept = largest, f"micro-batch {largest}"
+            reasons["batch_reason"] = f"the config's micro-batch {shape.batch} is predicted not to fit: {kept}"
+            shape = replace(shape, batch=micro)
+    est, doc = report(spec.name, shape, budget, host_ram_bytes=host_ram_bytes)
+    doc.update((key, why) for key, why in reasons.items() if why)
+    return est, doc, shape

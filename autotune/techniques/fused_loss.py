@@ -23,6 +23,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from autotune.data.encoding import IGNORE_INDEX
 from autotune.errors import UserError
@@ -192,7 +193,8 @@ def linear_cross_entropy(
     targets = labels.reshape(-1).to(flat_hidden.device)
     labelled = targets != IGNORE_INDEX
     count = labelled.sum()
-    if 0 < int(count) < targets.numel():
+    # A traced step (fake tensors: estimate tests' traces of full-width models) has no values to select by.
+    if not is_fake(targets) and 0 < int(count) < targets.numel():
         # Only the labelled tokens reach the head: an ignored one (a prompt's, the padding's) adds nothing to the
         # loss or to any gradient, and in supervised fine-tuning with the answers alone as labels it is often half
         # the tokens or more, while the head is most of a step's compute at Qwen3's 151,936-token vocabulary. (The

@@ -400,49 +400,46 @@ def _where(root: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
-def test_two_ddp_processes_train_the_one_process_loss_curve_and_write_everything_once(run_dir):
+def test_two_ddp_processes_train_the_one_process_curve_through_an_oom_on_one_rank_and_write_everything_once(run_dir):
+    """`train --nproc 2`: two DDP processes train the loss curve of one process at the same effective batch, before
+    and after an out-of-memory error on one of them, and write every file once. (One launch for both: each launch is
+    four processes importing the training stack; this one runs the plain DDP path for steps 1-2, then the recovery.)
+
+    Rank 1 alone runs out of memory at step 3 (injected: distributed.INJECT_OOM_ENV); rank 0 is then waiting in the
+    gradient all-reduce. torchrun restarts both, and both go on from checkpoint-2 with micro-batch 1 x accumulation
+    2: the effective batch, and so the loss curve, unchanged."""
     root, reference = run_dir
-    result = _run(_cli("train", *_where(root, "ddp"), "--nproc", "2"), root, timeout=300)
+    env = {distributed.INJECT_OOM_ENV: "1:3"}
+    result = _run(_cli("train", *_where(root, "ddp"), "--nproc", "2"), root, timeout=400, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc-per-node=2" in result.stderr  # --nproc became torchrun
+    assert "out of memory on rank 1 at step 3: every rank restarts with batch_size 2 -> 1" in result.stderr
+    assert "another rank stopped mid-step" in result.stderr  # rank 0's one line, not a gloo traceback
+    assert "restart 1 of this launch after an out-of-memory on rank 1 at step 3" in result.stderr
     _same_curve(_losses(root / "ddp" / "log.jsonl"), reference)
     out = root / "ddp" / "out"
+    summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "succeeded" and summary["final"]["global_step"] == STEPS
+    (change,) = summary["oom_recoveries"]
+    assert (change["rank"], change["at_step"]) == (1, 3)
+    assert change["batch_size"] == [2, 1] and change["gradient_accumulation_steps"] == [1, 2]
+    assert change["resume_from"].endswith("checkpoint-2") and summary["resumed_from"] == change["resume_from"]
+    assert not (out / distributed.OOM_DECISIONS).exists()  # the decision ends with the run
     # One writer: the console's summary once, the run summary by rank 0, every checkpoint whole and written once
     # (the adapter, optimizer and trainer state by rank 0, each rank's RNG state), no staging folder left.
     assert result.stdout.count("training succeeded") == 1
-    summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
-    assert summary["status"] == "succeeded" and summary["final"]["global_step"] == STEPS
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     for name in checkpoints:
         files = {p.name for p in (out / "checkpoints" / name).iterdir()}
         assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "autotune_config.json"} <= files
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= files and "rng_state.pth" not in files
-    saved = json.loads((out / "checkpoints" / "checkpoint-2" / "autotune_config.json").read_text(encoding="utf-8"))
-    # Each of the 2 ranks: micro-batch 2 x accumulation 1 = the effective batch of 4 (the config's 2 x 2).
-    assert (saved["batch_size"], saved["gradient_accumulation_steps"], saved["effective_batch_size"]) == (2, 1, 4)
+    # Each of the 2 ranks: micro-batch 2 x accumulation 1 = the effective batch of 4 (the config's 2 x 2), then
+    # after the out-of-memory error 1 x 2.
+    for name, shape in (("checkpoint-2", (2, 1, 4)), ("checkpoint-6", (1, 2, 4))):
+        saved = json.loads((out / "checkpoints" / name / "autotune_config.json").read_text(encoding="utf-8"))
+        assert (saved["batch_size"], saved["gradient_accumulation_steps"], saved["effective_batch_size"]) == shape
     assert (out / "adapter_model.safetensors").is_file()
-
-
-def test_an_oom_on_one_rank_is_recovered_by_every_rank_together(run_dir):
-    """Rank 1 alone runs out of memory at step 3 (injected: distributed.INJECT_OOM_ENV); rank 0 is then waiting in
-    the gradient all-reduce. torchrun restarts both, and both go on from checkpoint-2 with micro-batch 1 x
-    accumulation 2: the effective batch, and so the loss curve, unchanged."""
-    root, reference = run_dir
-    env = {distributed.INJECT_OOM_ENV: "1:3"}
-    result = _run(_cli("train", *_where(root, "oom"), "--nproc", "2"), root, timeout=400, **env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "out of memory on rank 1 at step 3: every rank restarts with batch_size 2 -> 1" in result.stderr
-    assert "another rank stopped mid-step" in result.stderr  # rank 0's one line, not a gloo traceback
-    assert "restart 1 of this launch after an out-of-memory on rank 1 at step 3" in result.stderr
-    summary = json.loads((root / "oom" / "out" / "run_summary.json").read_text(encoding="utf-8"))
-    assert summary["status"] == "succeeded" and summary["final"]["global_step"] == STEPS
-    (change,) = summary["oom_recoveries"]
-    assert (change["rank"], change["at_step"]) == (1, 3)
-    assert change["batch_size"] == [2, 1] and change["gradient_accumulation_steps"] == [1, 2]
-    assert change["resume_from"].endswith("checkpoint-2") and summary["resumed_from"] == change["resume_from"]
-    _same_curve(_losses(root / "oom" / "log.jsonl"), reference)
-    assert not (root / "oom" / "out" / distributed.OOM_DECISIONS).exists()  # the decision ends with the run
 
 
 def test_a_profile_solved_for_two_gpus_trains_on_two_processes(run_dir):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.cli import run_cli
 from helpers.runs import config_values
 
 from autotune import distributed
@@ -442,31 +443,14 @@ def test_two_ddp_processes_train_the_one_process_curve_through_an_oom_on_one_ran
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_a_profile_solved_for_two_gpus_trains_on_two_processes(run_dir):
+def test_a_profile_solved_for_two_gpus_trains_on_two_processes(run_dir, capsys):
     """`solve --gpus 2` measures one rank's step with DDP's buckets and writes a profile for 2 DDP ranks;
-    `train --profile P --nproc 2` runs it."""
+    `train --profile P --nproc 2` runs it. The solve is one process, this one: only the training has two."""
     root, _ = run_dir
     profile = root / "solved" / "p.json"
-    solve = _run(
-        _cli(
-            "solve",
-            "--config",
-            str(root / "c.json"),
-            "--gpus",
-            "2",
-            "--max-memory-gb",
-            "0.15",
-            "--seq",
-            "32",
-            "--max-trials",
-            "4",
-            "--output",
-            str(profile),
-        ),
-        root,
-        timeout=300,
-    )
-    assert solve.returncode == 0, solve.stderr[-3000:]
+    args = ["--config", root / "c.json", "--gpus", 2, "--max-memory-gb", 0.15, "--seq", 32, "--max-trials", 4]
+    code, stdout, stderr = run_cli(capsys, "solve", *args, "--output", profile)
+    assert code == 0, stderr[-3000:]
     doc = json.loads(profile.read_text(encoding="utf-8"))
     assert (doc["constraints"]["world_size"], doc["constraints"]["strategy"]) == (2, "ddp")
     assert doc["measurement"]["source"] == "trials" and doc["measurement"]["per_rank"] is True
@@ -474,7 +458,7 @@ def test_a_profile_solved_for_two_gpus_trains_on_two_processes(run_dir):
     assert choice["batch_size"] * choice["gradient_accumulation_steps"] * 2 == choice["effective_batch_size"] == 4
     buckets = doc["measurement"]["ddp_bucket_bytes"]
     assert buckets > 0 and all(t["memory"].get("ddp_bucket_bytes") == buckets for t in doc["trials"] if t["peak_bytes"])
-    assert f"--profile {profile} --nproc 2" in solve.stdout  # the next command, as solve prints it
+    assert f"--profile {profile} --nproc 2" in stdout  # the next command, as solve prints it
     train = _run(
         _cli("train", *_where(root, "solved"), "--profile", str(profile), "--set", "max_steps=2", "--nproc", "2"),
         root,
@@ -516,7 +500,6 @@ def test_a_technique_ddp_refuses_is_refused_before_any_rank_trains(tmp_path, cap
     embedding (DDP cannot wrap a module with a table in CPU memory) under DDP: refused before torchrun starts
     (`--nproc 2`), and by each rank torchrun started before it trains (its environment set as torchrun sets it;
     the refusal needs no collective), with the reason and nothing written."""
-    from helpers.cli import run_cli
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps(config_values(tmp_path, target_modules=targets, **{technique: "on"})))

@@ -265,8 +265,7 @@ def cpu_tables(cpu: list[dict]) -> list[str]:
             ]
             if not doc["tracked"]:  # --experts none: the estimate's answers alone, nothing tracked
                 out[-4:] = [
-                    f"### Mixture of experts, the estimate's answers ({doc['date']}; `bench/moe_bench.py --experts none`)",
-                    "",
+                    f"### Mixture of experts, the estimate's answers ({doc['date']}; `bench/moe_bench.py --experts none`)"
                 ]
             out += [
                 f"| {_experts_form(r)} | {r['seq']} | {r['measured_bytes'] / 2**30:.3f} | {r['estimate_bytes'] / 2**30:.3f} | "

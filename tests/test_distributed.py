@@ -609,6 +609,14 @@ def test_two_nodes_meet_through_torchruns_rendezvous(run_dir):
 
 # The models the FSDP test shards, each as (model, quantization): both in one torchrun launch.
 FSDP_MODELS = (("tiny-qwen3", "4bit"), ("tiny-qwen3-moe", "none"))
+# ...each with a vocabulary of this size instead of Qwen3's 151,936 (a local folder holding the architecture): the
+# sharding, the per-rank bytes and the gradients do not depend on it, and a bf16 lm_head over the full vocabulary
+# is most of the ranks' time on a CPU without AVX512-BF16 (torch's reference bf16 GEMM).
+FSDP_VOCAB = 2048
+
+
+def _fsdp_model_dir(root: Path, model: str) -> Path:
+    return root / "models" / model
 
 
 def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, autotune_cache):
@@ -623,7 +631,15 @@ def test_fsdp_on_the_cpu_shards_the_qlora_model_as_the_trainer_would(tmp_path, a
     the adapter gathered for saving is whole on rank 0. The tiny MoE in bf16: its decoder layer is the unit (not
     Qwen3's, which it lacks), its experts sharded as parameters, their adapters applied by the split LoRA (auto's
     default) from the layer's gathered parameters."""
+    from dataclasses import replace
+
+    from autotune.catalog import resolve_model
+
     root = tmp_path / "fsdp"
+    for model, _ in FSDP_MODELS:
+        small = replace(resolve_model(model).architecture, vocab_size=FSDP_VOCAB)
+        small.to_hf_config().save_pretrained(_fsdp_model_dir(root, model))
+        assert resolve_model(str(_fsdp_model_dir(root, model))).architecture == small
     result = _run(_torchrun("--standalone", "--nproc-per-node=2", __file__, "fsdp-worker", str(root)), tmp_path, 300)
     assert result.returncode == 0, result.stderr[-4000:]
     for model, quantization in FSDP_MODELS:
@@ -652,7 +668,7 @@ def _fsdp_workers(root: str) -> None:
 
     dist.init_process_group("gloo")
     for model, quantization in FSDP_MODELS:
-        _fsdp_worker(str(Path(root) / model), model, quantization)
+        _fsdp_worker(str(Path(root) / model), str(_fsdp_model_dir(Path(root), model)), quantization)
     # Both ranks done with every collective before either tears gloo down: a rank that destroys the group while the
     # other's gather to rank 0 is still in flight aborts it ("terminate called without an active exception").
     dist.barrier()

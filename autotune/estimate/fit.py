@@ -127,7 +127,7 @@ def plan_techniques(shape: StepShape, budget: Budget, candidates: Iterable[Knobs
     own = plan_run(shape).peak_bytes
     if own <= budget.usable_bytes:
         return shape, ""
-    device = "cpu" if shape.device == "cpu" else "cuda"
+    device = shape.device
 
     def changes(knobs: Knobs) -> int:
         return sum(a != b for a, b in zip(knobs.lean_key(), shape.knobs.lean_key(), strict=True))
@@ -140,7 +140,8 @@ def plan_techniques(shape: StepShape, budget: Budget, candidates: Iterable[Knobs
             fitting.append((peak, planned))
     if not fitting:
         return shape, ""
-    safe = [planned for peak, planned in fitting if peak <= safe_limit(budget, shape.device)]
+    limit = safe_limit(budget, shape.device)
+    safe = [planned for peak, planned in fitting if peak <= limit]
     if safe:
         planned = min(safe, key=lambda p: (-p.knobs.speed(device), changes(p.knobs)))
         why = "the fastest combination predicted to fit, as solve would measure first"

@@ -460,11 +460,14 @@ def plan_from_estimate(req: SolveRequest, budget: Budget) -> SolveResult:
     ranks = sorted(set(req.ranks or [cfg.lora_r]))
     knobs = lean_knobs(req) if req.objective != "throughput" else resolve(cfg, req.ctx.spec)
     knobs = knobs.allowed_under("fsdp", req.world_size, cfg.target_modules)  # FSDP shards both tables already
-    # Throughput keeps the config's techniques where they fit, else what `autotune estimate` plans (one rule).
-    planned, techniques_reason = plan_techniques(
-        req.shape("cuda", knobs, seq=seq, rank=ranks[0]), budget, combinations(req)
-    )
-    knobs = planned.knobs
+    techniques_reason = ""
+    if req.objective == "throughput":
+        # The config's techniques where they fit, else what `autotune estimate` plans (one rule); max-seq and
+        # max-rank run with the leanest already.
+        planned, techniques_reason = plan_techniques(
+            req.shape("cuda", knobs, seq=seq, rank=ranks[0]), budget, combinations(req)
+        )
+        knobs = planned.knobs
     fits: dict[int, int] = {}
     for rank in ranks:
         largest = fit(req.shape("cuda", knobs, seq=seq, rank=rank), budget, max_batch=share, max_seq=0)["batch"]
